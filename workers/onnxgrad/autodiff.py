@@ -1,0 +1,201 @@
+"""Reverse-mode differentiation of an ONNX graph into standard ONNX operators.
+
+One driver: mark the float tensors that depend on the inputs we differentiate with
+respect to (activity), keep the nodes that also lie on a path to the target output,
+name every node on that path that has no rule, then walk those nodes in reverse,
+calling one rule per operator and summing gradients where a tensor fans out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import UnsupportedNode, UnsupportedOperatorError
+from .graph import FLOAT_TYPES, GraphBuilder, Shape, static_shape, tensor_types
+
+# A rule takes the context, the node and one incoming gradient per output (None where
+# no gradient flows) and returns one gradient per input (None where it has none).
+RuleFn = Callable[["Context", onnx.NodeProto, list[str | None]], Sequence[str | None]]
+ALL_INPUTS = "all"
+
+
+@dataclass(frozen=True)
+class Rule:
+    fn: RuleFn | None
+    inputs: tuple[int, ...] | str  # differentiable input positions, or ALL_INPUTS
+    refusal: str | None = None  # set for operators that must not be differentiated silently
+
+    def differentiates(self, position: int) -> bool:
+        return self.inputs == ALL_INPUTS or position in self.inputs
+
+
+REGISTRY: dict[str, Rule] = {}
+
+
+def register(*op_types: str, inputs: tuple[int, ...] | str = (0,)):
+    """Register ``fn`` as the VJP rule of ``op_types``; ``inputs`` are the differentiable positions."""
+
+    def decorate(fn: RuleFn) -> RuleFn:
+        for op_type in op_types:
+            REGISTRY[op_type] = Rule(fn, inputs)
+        return fn
+
+    return decorate
+
+
+def refuse(reason: str, *op_types: str) -> None:
+    """Operators whose gradient exists but is useless (zero almost everywhere)."""
+    for op_type in op_types:
+        REGISTRY[op_type] = Rule(None, (), refusal=reason)
+
+
+class Context:
+    """What a rule may ask about the forward graph, plus the builder it emits into."""
+
+    def __init__(self, graph: onnx.GraphProto, builder: GraphBuilder, active: set[str]):
+        self.g = builder
+        self.graph = graph
+        self._types = tensor_types(graph)
+        self._active = active
+        self._constants: dict[str, np.ndarray] = {
+            init.name: numpy_helper.to_array(init) for init in graph.initializer
+        }
+        for node in graph.node:
+            if node.op_type == "Constant" and len(node.output) == 1:
+                value = _constant_node_value(node)
+                if value is not None:
+                    self._constants[node.output[0]] = value
+
+    def shape(self, name: str) -> Shape | None:
+        return static_shape(self._types.get(name))
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def require_rank(self, name: str, node: onnx.NodeProto) -> int:
+        rank = self.rank(name)
+        if rank is None:
+            raise UnsupportedOperatorError(
+                [UnsupportedNode(node.op_type, node.name, f"the rank of {name!r} is unknown")]
+            )
+        return rank
+
+    def elem_type(self, name: str) -> int | None:
+        tp = self._types.get(name)
+        return tp.tensor_type.elem_type if tp is not None else None
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant output, else None."""
+        return self._constants.get(name)
+
+    def needs(self, name: str) -> bool:
+        return bool(name) and name in self._active
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.asarray(attr.f, np.float32)
+        if attr.name == "value_floats":
+            return np.asarray(list(attr.floats), np.float32)
+        if attr.name == "value_int":
+            return np.asarray(attr.i, np.int64)
+        if attr.name == "value_ints":
+            return np.asarray(list(attr.ints), np.int64)
+    return None
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def unsupported(node: onnx.NodeProto, reason: str) -> UnsupportedOperatorError:
+    return UnsupportedOperatorError([UnsupportedNode(node.op_type, node.name or "?", reason)])
+
+
+def _is_float(types: dict[str, onnx.TypeProto], name: str) -> bool:
+    tp = types.get(name)
+    return tp is None or tp.tensor_type.elem_type in FLOAT_TYPES
+
+
+def differentiate(
+    graph: onnx.GraphProto,
+    builder: GraphBuilder,
+    wrt: Sequence[str],
+    target: str,
+    seed: str,
+) -> dict[str, str | None]:
+    """Emit into ``builder`` the gradient of <seed, target> with respect to each of ``wrt``.
+
+    ``graph`` is shape-inferred and is modified in place only where a rule asks the forward
+    node for an extra output (MaxPool indices, LayerNormalization statistics). Returns the
+    gradient tensor name per ``wrt`` entry, or None where ``target`` does not depend on it.
+    """
+    types = tensor_types(graph)
+    active = set(wrt)
+    for node in graph.node:
+        if any(name in active for name in node.input if name):
+            active.update(o for o in node.output if o and _is_float(types, o))
+
+    relevant = {target}
+    for node in reversed(graph.node):
+        if any(o in relevant for o in node.output):
+            relevant.update(i for i in node.input if i)
+
+    on_path = [
+        node
+        for node in graph.node
+        if any(o in active and o in relevant for o in node.output)
+        and any(i in active for i in node.input if i)
+    ]
+    problems: list[UnsupportedNode] = []
+    for node in on_path:
+        name = node.name or node.output[0]
+        rule = REGISTRY.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rule is None:
+            domain = f"{node.domain}:" if node.domain not in ("", "ai.onnx") else ""
+            problems.append(UnsupportedNode(domain + node.op_type, name))
+        elif rule.refusal:
+            problems.append(UnsupportedNode(node.op_type, name, rule.refusal))
+        else:
+            for position, input_name in enumerate(node.input):
+                if input_name in active and not rule.differentiates(position):
+                    problems.append(UnsupportedNode(
+                        node.op_type, name,
+                        f"input {position} ({input_name!r}) depends on the image input, "
+                        "but only the data inputs of this operator are differentiated",
+                    ))
+    if problems:
+        raise UnsupportedOperatorError(problems)
+
+    ctx = Context(graph, builder, active)
+    grads: dict[str, list[str]] = {target: [seed]}
+
+    def total(name: str) -> str | None:
+        terms = grads.get(name)
+        if not terms:
+            return None
+        if len(terms) > 1:
+            grads[name] = [builder.add_all(terms)]
+        return grads[name][0]
+
+    for node in reversed(on_path):
+        incoming = [total(o) if o in active else None for o in node.output]
+        if all(g is None for g in incoming):
+            continue
+        outgoing = REGISTRY[node.op_type].fn(ctx, node, incoming)
+        for input_name, grad in zip(node.input, outgoing, strict=False):
+            if grad is not None and input_name in active:
+                grads.setdefault(input_name, []).append(grad)
+    return {name: total(name) for name in wrt}

@@ -1,0 +1,158 @@
+"""Assembling gradient models: the forward graph, a loss seed, and its reverse pass."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from . import rules  # noqa: F401  (fills the registry)
+from .autodiff import differentiate
+from .errors import InvalidModelError
+from .graph import GraphBuilder, opset_of, tensor_types
+from .losses import LOSSES, emit_loss
+from .prepare import BATCH_DIM, infer_shapes, load_model, normalise_opset, prepare_classifier
+
+RESERVED = ("labels", "logits", "loss", "grad")
+
+
+def _names(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.input} | {o.name for o in graph.output}
+    names |= {i.name for i in graph.initializer} | {v.name for v in graph.value_info}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+    return names
+
+
+def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for seq in (node.input, node.output):
+            for i, name in enumerate(seq):
+                if name == old:
+                    seq[i] = new
+    for seq in (graph.input, graph.output, graph.value_info, graph.initializer):
+        for item in seq:
+            if item.name == old:
+                item.name = new
+
+
+def _prune(nodes: list[onnx.NodeProto], initializers, outputs: list[str]):
+    """Keep the nodes (and initializers) that the outputs need."""
+    needed = set(outputs)
+    kept = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    return kept, [i for i in initializers if i.name in needed]
+
+
+def _assemble(
+    source: onnx.ModelProto,
+    graph: onnx.GraphProto,
+    builder: GraphBuilder,
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[tuple[str, str, onnx.ValueInfoProto]],
+    name: str,
+) -> onnx.ModelProto:
+    """``outputs``: (tensor, public name, value info); Identity nodes give the public names."""
+    nodes = list(graph.node) + builder.nodes
+    for tensor, public, _ in outputs:
+        if tensor != public:
+            nodes.append(helper.make_node("Identity", [tensor], [public], name=f"output/{public}"))
+    nodes, initializers = _prune(
+        nodes, list(graph.initializer) + builder.initializers, [p for _, p, _ in outputs]
+    )
+    new_graph = helper.make_graph(
+        nodes, name, inputs, [vi for _, _, vi in outputs], initializers
+    )
+    model = helper.make_model(
+        new_graph, opset_imports=list(source.opset_import), ir_version=source.ir_version,
+        producer_name="robustness-service.onnxgrad",
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
+def _value_info(name: str, elem_type: int, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem_type, list(shape) if shape is not None else None)
+
+
+def _typed_like(name: str, tensor_type: onnx.TypeProto) -> onnx.ValueInfoProto:
+    info = onnx.ValueInfoProto(name=name)
+    info.type.CopyFrom(tensor_type)
+    return info
+
+
+def build_gradient_model(
+    model: onnx.ModelProto | bytes,
+    loss: str = "cross_entropy",
+    output_name: str | None = None,
+) -> onnx.ModelProto:
+    """The gradient graph of a classifier, made only of default-domain ONNX operators.
+
+    Inputs: the model's image input (same name) and ``labels`` (int64 [N]).
+    Outputs: ``logits`` [N, K], ``loss`` [N] (per sample) and ``grad`` (shaped like the image
+    input: d loss[i] / d x[i]). The batch axis is symbolic. For a model that ends in Softmax
+    the pre-softmax scores are differentiated and returned as ``logits``.
+    ``loss`` is one of cross_entropy, margin, dlr, logit. The caller's model is not mutated.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    prepared = prepare_classifier(model, output_name)
+    graph = prepared.model.graph
+    x = prepared.input_name
+    if x in RESERVED:
+        raise InvalidModelError(
+            f"the image input is named {x!r}, a name the gradient model needs for itself; "
+            "rename the input"
+        )
+    logits = prepared.logits_name
+    taken = _names(graph)
+    for reserved in RESERVED:
+        if reserved in taken and reserved != logits:
+            replacement = f"model/{reserved}"
+            while replacement in taken:
+                replacement += "_"
+            _rename(graph, reserved, replacement)
+            taken.add(replacement)
+    builder = GraphBuilder(prepared.opset, _names(graph) | set(RESERVED))
+    loss_name, seed = emit_loss(builder, loss, logits, "labels", prepared.num_classes)
+    grads = differentiate(graph, builder, [x], logits, seed)
+    if grads[x] is None:
+        raise InvalidModelError("the logits do not depend on the image input")
+
+    batch = prepared.input_shape[0] if prepared.input_shape else BATCH_DIM
+    inputs = [
+        _value_info(x, TensorProto.FLOAT, prepared.input_shape or None),
+        _value_info("labels", TensorProto.INT64, [batch]),
+    ]
+    outputs = [
+        (logits, "logits", _value_info("logits", TensorProto.FLOAT, [batch, prepared.num_classes])),
+        (loss_name, "loss", _value_info("loss", TensorProto.FLOAT, [batch])),
+        (grads[x], "grad", _value_info("grad", TensorProto.FLOAT, prepared.input_shape or None)),
+    ]
+    return _assemble(prepared.model, graph, builder, inputs, outputs, f"gradient_{loss}")
+
+
+def build_vjp_model(model: onnx.ModelProto | bytes, wrt: list[str], output: str) -> onnx.ModelProto:
+    """The vector-Jacobian product of any graph: d <cotangent, output> / d wrt.
+
+    Inputs: the model's inputs plus ``cotangent`` (shaped like ``output``); outputs:
+    ``output`` and ``grad_<name>`` for each name in ``wrt`` (zeros if it has no influence).
+    Used to check rules operator by operator.
+    """
+    source = infer_shapes(normalise_opset(load_model(model)))
+    graph = source.graph
+    types = tensor_types(graph)
+    builder = GraphBuilder(opset_of(source), _names(graph) | {"cotangent"})
+    grads = differentiate(graph, builder, wrt, output, "cotangent")
+    cotangent = _typed_like("cotangent", types[output])
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers] + [cotangent]
+    outputs = [(output, output, next(o for o in graph.output if o.name == output))]
+    for name in wrt:
+        grad = grads[name] if grads[name] is not None else builder.zeros_like(name)
+        outputs.append((grad, f"grad_{name}", _typed_like(f"grad_{name}", types[name])))
+    return _assemble(source, graph, builder, inputs, outputs, "vjp")

@@ -1,0 +1,104 @@
+"""Per-sample losses on logits z [N, K] and labels y [N], with their gradient d loss / d z.
+
+Each loss is emitted together with its closed-form gradient, so the gradient graph starts
+from an exact seed without differentiating through TopK or ArgMax.
+
+- cross_entropy: -log softmax(z)_y; gradient softmax(z) - onehot(y).
+- margin (Carlini-Wagner): max_{j != y} z_j - z_y; gradient onehot(j*) - onehot(y).
+- dlr (Croce and Hein 2020, untargeted): -(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3 + 1e-12),
+  pi the classes sorted by logit, descending. Needs K >= 3.
+- logit: z_y; gradient onehot(y) (targeted attacks, DeepFool).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .errors import InvalidModelError
+from .graph import GraphBuilder
+
+LOSSES = ("cross_entropy", "margin", "dlr", "logit")
+_LOWEST = float(np.finfo(np.float32).min)
+
+
+class _Logits:
+    def __init__(self, g: GraphBuilder, z: str, labels: str, num_classes: int | None):
+        self.g, self.z, self.labels = g, z, labels
+        depth = g.const(num_classes, np.int64) if num_classes else g.op(
+            "Gather", g.shape(z), g.const(1, np.int64))
+        self._depth = depth
+        self.onehot = self.one_hot(labels)
+
+    def one_hot(self, indices: str) -> str:
+        return self.g.op("OneHot", indices, self._depth, self.g.const([0.0, 1.0]), axis=-1)
+
+    def at_label(self) -> str:
+        return self.g.reduce("ReduceSum", self.g.op("Mul", self.z, self.onehot), [1], False)
+
+    def best_other(self) -> tuple[str, str]:
+        """max_{j != y} z_j and the one-hot of its argmax."""
+        g = self.g
+        masked = g.op("Where", g.op("Cast", self.onehot, to=9), g.const(_LOWEST), self.z)
+        value = g.reduce("ReduceMax", masked, [1], False)
+        index = g.op("ArgMax", masked, axis=1, keepdims=0)
+        return value, self.one_hot(index)
+
+
+def _cross_entropy(t: _Logits) -> tuple[str, str]:
+    g = t.g
+    shifted = g.op("Sub", t.z, g.reduce("ReduceMax", t.z, [1], True))
+    log_norm = g.op("Log", g.reduce("ReduceSum", g.op("Exp", shifted), [1], True))
+    log_probs = g.op("Sub", shifted, log_norm)
+    loss = g.op("Neg", g.reduce("ReduceSum", g.op("Mul", log_probs, t.onehot), [1], False))
+    return loss, g.op("Sub", g.op("Exp", log_probs), t.onehot)
+
+
+def _margin(t: _Logits) -> tuple[str, str]:
+    g = t.g
+    other, other_hot = t.best_other()
+    return g.op("Sub", other, t.at_label()), g.op("Sub", other_hot, t.onehot)
+
+
+def _dlr(t: _Logits) -> tuple[str, str]:
+    g = t.g
+    other, other_hot = t.best_other()
+    top_values, top_indices = g.op("TopK", t.z, g.ints([3]), axis=1, outputs=2)
+    first = g.op("Gather", top_values, g.const(0, np.int64), axis=1)
+    third = g.op("Gather", top_values, g.const(2, np.int64), axis=1)
+    gap = g.op("Sub", t.at_label(), other)  # a = z_y - max_{j != y} z_j
+    spread = g.op("Add", g.op("Sub", first, third), g.const(1e-12))  # d
+    loss = g.op("Neg", g.op("Div", gap, spread))
+    # d(-a/d) = -da/d + a/d^2 dd,  da = e_y - e_j*,  dd = e_pi1 - e_pi3
+    d_gap = g.op("Sub", t.onehot, other_hot)
+    d_spread = g.op("Sub", t.one_hot(g.op("Gather", top_indices, g.const(0, np.int64), axis=1)),
+                    t.one_hot(g.op("Gather", top_indices, g.const(2, np.int64), axis=1)))
+    column = [-1, 1]
+    inv_spread = g.op("Reshape", g.op("Reciprocal", spread), g.ints(column))
+    ratio = g.op("Reshape", g.op("Div", gap, g.op("Mul", spread, spread)), g.ints(column))
+    grad = g.op("Add", g.op("Neg", g.op("Mul", d_gap, inv_spread)), g.op("Mul", d_spread, ratio))
+    return loss, grad
+
+
+def _logit(t: _Logits) -> tuple[str, str]:
+    return t.at_label(), t.onehot
+
+
+_EMITTERS: dict[str, Callable[[_Logits], tuple[str, str]]] = {
+    "cross_entropy": _cross_entropy,
+    "margin": _margin,
+    "dlr": _dlr,
+    "logit": _logit,
+}
+
+
+def emit_loss(
+    g: GraphBuilder, loss: str, logits: str, labels: str, num_classes: int | None
+) -> tuple[str, str]:
+    """Emit ``loss`` on ``logits``; returns (per-sample loss [N], d loss / d logits [N, K])."""
+    if loss not in _EMITTERS:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if loss == "dlr" and num_classes is not None and num_classes < 3:
+        raise InvalidModelError(f"the dlr loss needs at least 3 classes; the model has {num_classes}")
+    return _EMITTERS[loss](_Logits(g, logits, labels, num_classes))

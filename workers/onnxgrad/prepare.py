@@ -1,0 +1,207 @@
+"""Checking an uploaded classifier and putting it in the form the differentiator expects.
+
+Refuses what cannot be used (not a protobuf, external data, no single float input, logits
+that are not [N, K]) with a message that says how to fix it; converts opsets below 17;
+makes the batch dimension symbolic; runs shape inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, numpy_helper, shape_inference, version_converter
+
+from .autodiff import attr
+from .errors import InvalidModelError
+from .fold import fold_constants, fold_static_shape_reads
+from .graph import Shape, opset_of, static_shape, tensor_types
+
+MIN_OPSET = 17
+BATCH_DIM = "N"
+
+
+@dataclass
+class PreparedClassifier:
+    model: onnx.ModelProto  # opset >= 17, symbolic batch, shape-inferred; a private copy
+    input_name: str
+    input_shape: Shape  # (N, C, H, W) or (N, D) with N symbolic
+    logits_name: str  # the tensor differentiated (before a final Softmax, if any)
+    num_classes: int | None
+    ends_in_softmax: bool
+    opset: int
+
+
+def load_model(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
+    """A private copy of ``model``; bytes are parsed, never a path (so no file is ever named)."""
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    if not isinstance(model, bytes | bytearray | memoryview):
+        raise InvalidModelError(f"expected an onnx.ModelProto or bytes, got {type(model).__name__}")
+    try:
+        parsed = onnx.load_from_string(bytes(model))
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise InvalidModelError(
+            f"the file is not a valid ONNX protobuf ({exc}); upload the .onnx file itself"
+        ) from None
+    if not parsed.graph.node and not parsed.graph.output:
+        raise InvalidModelError("the file parsed as ONNX but holds no graph; upload an .onnx model")
+    return parsed
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
+            yield from a.tensors
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(a.g)
+            for sub in a.graphs:
+                yield from _all_tensors(sub)
+
+
+def refuse_external_data(model: onnx.ModelProto) -> None:
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location == TensorProto.EXTERNAL or tensor.external_data:
+            raise InvalidModelError(
+                f"tensor {tensor.name!r} refers to external data; external data is refused. "
+                "Save the model with all tensors inside the file "
+                "(onnx.save_model(model, path, save_as_external_data=False))"
+            )
+
+
+def normalise_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        opset = opset_of(model)
+    except ValueError as exc:
+        raise InvalidModelError(str(exc)) from None
+    if opset >= MIN_OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeErrors from C++
+        raise InvalidModelError(
+            f"the model uses opset {opset} and could not be converted to opset {MIN_OPSET} "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            f"export it with opset >= {MIN_OPSET}"
+        ) from None
+
+
+def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        names = ", ".join(repr(i.name) for i in inputs) or "none"
+        raise InvalidModelError(
+            f"expected exactly one image input, found {len(inputs)} ({names}); "
+            "export the classifier with a single image tensor as input"
+        )
+    tensor_type = inputs[0].type.tensor_type
+    if tensor_type.elem_type != TensorProto.FLOAT:
+        got = TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "no"
+        raise InvalidModelError(
+            f"input {inputs[0].name!r} has {got} element type; a float32 image input is required"
+        )
+    if tensor_type.HasField("shape") and len(tensor_type.shape.dim) < 2:
+        raise InvalidModelError(
+            f"input {inputs[0].name!r} has rank {len(tensor_type.shape.dim)}; expected a batch "
+            "axis followed by the image axes, e.g. [N, C, H, W]"
+        )
+    return inputs[0]
+
+
+def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> None:
+    """Give the input a symbolic batch axis; Reshapes that hard-code it get -1 (or 0) there."""
+    graph = model.graph
+    value_info = next(i for i in graph.input if i.name == input_name)
+    dims = value_info.type.tensor_type.shape.dim
+    if not dims:
+        return
+    fixed = dims[0].dim_value if dims[0].HasField("dim_value") else None
+    if fixed is None:
+        return
+    dims[0].Clear()
+    dims[0].dim_param = BATCH_DIM
+    for output in graph.output:
+        out_dims = output.type.tensor_type.shape.dim
+        if out_dims and out_dims[0].HasField("dim_value") and out_dims[0].dim_value == fixed:
+            out_dims[0].Clear()
+            out_dims[0].dim_param = BATCH_DIM
+    del graph.value_info[:]
+    initializers = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.input[1] not in initializers:
+            continue
+        shape = numpy_helper.to_array(initializers[node.input[1]]).copy()
+        if shape.size == 0 or shape[0] != fixed:
+            continue
+        shape[0] = -1 if -1 not in shape[1:] else 0
+        if shape[0] == 0 and attr(node, "allowzero", 0):
+            continue
+        name = f"{node.input[1]}/dynamic_batch/{node.name or id(node)}"
+        graph.initializer.append(numpy_helper.from_array(shape.astype(np.int64), name))
+        node.input[1] = name
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:  # shape inference raises InferenceError and bare C++ errors
+        raise InvalidModelError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+
+
+def prepare_classifier(
+    model: onnx.ModelProto | bytes, output_name: str | None = None
+) -> PreparedClassifier:
+    model = load_model(model)
+    refuse_external_data(model)
+    model = normalise_opset(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise InvalidModelError(f"the model is not valid ONNX: {str(exc).splitlines()[0]}") from None
+    x = image_input(model)
+    model = fold_constants(model)
+    make_batch_dynamic(model, x.name)
+    model = infer_shapes(model)
+    for _ in range(8):  # each round can expose more static sizes to the next
+        if not fold_static_shape_reads(model):
+            break
+        model = infer_shapes(fold_constants(model))
+
+    outputs = [o.name for o in model.graph.output]
+    if output_name is None:
+        if not outputs:
+            raise InvalidModelError("the model has no outputs")
+        output_name = outputs[0]
+    elif output_name not in outputs:
+        raise InvalidModelError(f"the model has no output {output_name!r}; outputs: {outputs}")
+    types = tensor_types(model.graph)
+    out_shape = static_shape(types.get(output_name))
+    if out_shape is not None and len(out_shape) != 2:
+        raise InvalidModelError(
+            f"output {output_name!r} has shape {list(out_shape)}; expected logits of shape [N, K]"
+        )
+    num_classes = out_shape[1] if out_shape is not None and isinstance(out_shape[1], int) else None
+
+    logits, ends_in_softmax = output_name, False
+    producer = next((n for n in model.graph.node if output_name in n.output), None)
+    if producer is not None and producer.op_type == "Softmax":
+        if attr(producer, "axis", -1) not in (-1, 1):
+            raise InvalidModelError(
+                f"the model ends in Softmax over axis {attr(producer, 'axis')}; "
+                "expected the class axis (1 or -1)"
+            )
+        logits, ends_in_softmax = producer.input[0], True
+
+    input_shape = static_shape(types.get(x.name)) or ()
+    return PreparedClassifier(
+        model=model, input_name=x.name, input_shape=input_shape, logits_name=logits,
+        num_classes=num_classes, ends_in_softmax=ends_in_softmax, opset=opset_of(model),
+    )

@@ -1,0 +1,3 @@
+"""VJP rules, one per operator; importing this package fills the registry."""
+
+from . import linear, normalization, pointwise, pooling, reduce, resize, shape  # noqa: F401

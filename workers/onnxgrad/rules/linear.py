@@ -1,0 +1,176 @@
+"""MatMul, Gemm, Conv and ConvTranspose: the gradient of a linear map is its adjoint."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..autodiff import Context, attr, register, unsupported
+from .broadcast import unbroadcast
+
+
+def _swap_last_two(ctx: Context, name: str, rank: int) -> str:
+    value = ctx.constant(name)
+    if value is not None:
+        return ctx.g.const(np.swapaxes(value, -1, -2), value.dtype)
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    return ctx.g.op("Transpose", name, perm=perm)
+
+
+@register("MatMul", inputs=(0, 1))
+def matmul(ctx, node, dy):
+    g = ctx.g
+    a, b = node.input
+    y = node.output[0]
+    ra, rb = ctx.require_rank(a, node), ctx.require_rank(b, node)
+    if ra == 1:
+        raise unsupported(node, "a 1-D left operand is not supported")
+    grads: list[str | None] = [None, None]
+    if rb == 1:  # y[..., m] = a[..., m, k] @ b[k]
+        dy_col = g.unsqueeze(dy[0], [-1])
+        if ctx.needs(a):
+            grads[0] = g.op("Mul", dy_col, b)
+        if ctx.needs(b):
+            grads[1] = unbroadcast(ctx, g.op("Mul", dy_col, a), b, out_shape=ctx.shape(a))
+        return grads
+    y_shape = ctx.shape(y)
+    if ctx.needs(a):
+        da = g.op("MatMul", dy[0], _swap_last_two(ctx, b, rb))
+        a_shape = ctx.shape(a)
+        out_shape = None if y_shape is None or a_shape is None else y_shape[:-2] + a_shape[-2:]
+        grads[0] = unbroadcast(ctx, da, a, out_shape=out_shape)
+    if ctx.needs(b):
+        db = g.op("MatMul", _swap_last_two(ctx, a, ra), dy[0])
+        b_shape = ctx.shape(b)
+        out_shape = None if y_shape is None or b_shape is None else y_shape[:-2] + b_shape[-2:]
+        grads[1] = unbroadcast(ctx, db, b, out_shape=out_shape)
+    return grads
+
+
+@register("Gemm", inputs=(0, 1, 2))
+def gemm(ctx, node, dy):
+    """Y = alpha op(A) op(B) + beta C."""
+    g = ctx.g
+    a, b = node.input[0], node.input[1]
+    c = node.input[2] if len(node.input) > 2 else ""
+    alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+    trans_a, trans_b = attr(node, "transA", 0), attr(node, "transB", 0)
+    grads: list[str | None] = [None, None, None]
+    if ctx.needs(a):
+        if trans_a:
+            grads[0] = g.op("Gemm", b, dy[0], alpha=alpha, transA=trans_b, transB=1)
+        else:
+            grads[0] = g.op("Gemm", dy[0], b, alpha=alpha, transB=1 - trans_b)
+    if ctx.needs(b):
+        if trans_b:
+            grads[1] = g.op("Gemm", dy[0], a, alpha=alpha, transA=1, transB=trans_a)
+        else:
+            grads[1] = g.op("Gemm", a, dy[0], alpha=alpha, transA=1 - trans_a)
+    if c and ctx.needs(c):
+        scaled = g.op("Mul", dy[0], g.const(beta)) if beta != 1.0 else dy[0]
+        grads[2] = unbroadcast(ctx, scaled, c, node.output[0])
+    return grads
+
+
+def spatial_shapes(ctx: Context, node, x: str, y: str) -> tuple[list[int], list[int]]:
+    """Static spatial sizes of the input and output of a windowed operator."""
+    xs, ys = ctx.shape(x), ctx.shape(y)
+    if xs is None or ys is None:
+        raise unsupported(node, "input and output shapes must be known")
+    spatial_in, spatial_out = list(xs[2:]), list(ys[2:])
+    if not all(isinstance(d, int) for d in spatial_in + spatial_out):
+        raise unsupported(
+            node, f"needs static spatial sizes, got input {xs} and output {ys}; "
+            "export the model with a fixed image size"
+        )
+    return spatial_in, spatial_out
+
+
+def resolve_pads(node, spatial_in, kernel, strides, dilations) -> list[int]:
+    """Explicit [begin..., end...] pads, resolving auto_pad SAME_UPPER / SAME_LOWER / VALID."""
+    rank = len(spatial_in)
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("NOTSET", ""):
+        return list(attr(node, "pads", [0] * (2 * rank)))
+    if auto_pad == "VALID":
+        return [0] * (2 * rank)
+    begins, ends = [], []
+    for length, k, s, d in zip(spatial_in, kernel, strides, dilations, strict=True):
+        total = max(0, (-(-length // s) - 1) * s + d * (k - 1) + 1 - length)
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(total - begins[-1])
+    return begins + ends
+
+
+def window_params(node, rank: int, kernel: list[int]):
+    strides = list(attr(node, "strides", [1] * rank))
+    dilations = list(attr(node, "dilations", [1] * rank))
+    return strides, dilations
+
+
+def transpose_output_padding(spatial_in, spatial_out, kernel, strides, dilations, pads):
+    rank = len(spatial_in)
+    return [
+        spatial_in[i]
+        - (strides[i] * (spatial_out[i] - 1) + dilations[i] * (kernel[i] - 1) + 1
+           - pads[i] - pads[rank + i])
+        for i in range(rank)
+    ]
+
+
+def kernel_shape(ctx: Context, node, weight: str) -> list[int]:
+    shape = attr(node, "kernel_shape")
+    if shape:
+        return list(shape)
+    w = ctx.shape(weight)
+    if w is None or not all(isinstance(d, int) for d in w[2:]):
+        raise unsupported(node, "the kernel shape is unknown")
+    return list(w[2:])
+
+
+@register("Conv", inputs=(0, 2))
+def conv(ctx, node, dy):
+    """dx = ConvTranspose(dy, W) with the conv's geometry; output_padding restores the size."""
+    g = ctx.g
+    x, w = node.input[0], node.input[1]
+    bias = node.input[2] if len(node.input) > 2 else ""
+    spatial_in, spatial_out = spatial_shapes(ctx, node, x, node.output[0])
+    kernel = kernel_shape(ctx, node, w)
+    strides, dilations = window_params(node, len(kernel), kernel)
+    pads = resolve_pads(node, spatial_in, kernel, strides, dilations)
+    grads: list[str | None] = [None, None, None]
+    if ctx.needs(x):
+        grads[0] = g.op(
+            "ConvTranspose", dy[0], w,
+            strides=strides, dilations=dilations, pads=pads, group=attr(node, "group", 1),
+            kernel_shape=kernel,
+            output_padding=transpose_output_padding(
+                spatial_in, spatial_out, kernel, strides, dilations, pads),
+        )
+    if bias and ctx.needs(bias):
+        grads[2] = g.reduce("ReduceSum", dy[0], [0] + list(range(2, 2 + len(kernel))), False)
+    return grads
+
+
+@register("ConvTranspose", inputs=(0, 2))
+def conv_transpose(ctx, node, dy):
+    """ConvTranspose is the adjoint of Conv with the same geometry: dx = Conv(dy, W)."""
+    g = ctx.g
+    x, w = node.input[0], node.input[1]
+    bias = node.input[2] if len(node.input) > 2 else ""
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    if auto_pad not in (b"NOTSET", "NOTSET", b"", "") or attr(node, "output_shape"):
+        raise unsupported(node, "auto_pad and output_shape are not supported; give explicit pads")
+    kernel = kernel_shape(ctx, node, w)
+    strides, dilations = window_params(node, len(kernel), kernel)
+    pads = list(attr(node, "pads", [0] * (2 * len(kernel))))
+    grads: list[str | None] = [None, None, None]
+    if ctx.needs(x):
+        grads[0] = g.op(
+            "Conv", dy[0], w, strides=strides, dilations=dilations, pads=pads,
+            group=attr(node, "group", 1), kernel_shape=kernel,
+        )
+    if bias and ctx.needs(bias):
+        grads[2] = g.reduce("ReduceSum", dy[0], [0] + list(range(2, 2 + len(kernel))), False)
+    return grads

@@ -1,0 +1,349 @@
+"""Elementwise operators: arithmetic with broadcasting, activations, casts.
+
+Masks are taken from the forward *output* where that is equivalent (Relu, HardSigmoid),
+so ONNX Runtime can still fuse the producing Conv with its activation.
+Kink conventions follow PyTorch: Relu'(0) = 0, LeakyRelu'(0) = alpha, Clip is inclusive
+(like torch.clamp, so pixels sitting on the box bounds still get a gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..autodiff import ALL_INPUTS, Context, attr, refuse, register
+from .broadcast import unbroadcast
+
+refuse(
+    "its gradient is zero almost everywhere, so gradient attacks would be masked; "
+    "use black-box attacks, or export the model with a straight-through estimator",
+    "Sign", "Floor", "Ceil", "Round",
+)
+
+
+def _where(ctx: Context, condition: str, if_true: str, if_false: str) -> str:
+    return ctx.g.op("Where", condition, if_true, if_false)
+
+
+@register("Identity", "Dropout")
+def identity(ctx, node, dy):
+    return [dy[0]]
+
+
+@register("Neg")
+def neg(ctx, node, dy):
+    return [ctx.g.op("Neg", dy[0])]
+
+
+@register("Add", inputs=(0, 1))
+def add(ctx, node, dy):
+    a, b = node.input
+    y = node.output[0]
+    return [
+        unbroadcast(ctx, dy[0], a, y) if ctx.needs(a) else None,
+        unbroadcast(ctx, dy[0], b, y) if ctx.needs(b) else None,
+    ]
+
+
+@register("Sub", inputs=(0, 1))
+def sub(ctx, node, dy):
+    a, b = node.input
+    y = node.output[0]
+    return [
+        unbroadcast(ctx, dy[0], a, y) if ctx.needs(a) else None,
+        unbroadcast(ctx, ctx.g.op("Neg", dy[0]), b, y) if ctx.needs(b) else None,
+    ]
+
+
+@register("Mul", inputs=(0, 1))
+def mul(ctx, node, dy):
+    g = ctx.g
+    a, b = node.input
+    y = node.output[0]
+    return [
+        unbroadcast(ctx, g.op("Mul", dy[0], b), a, y) if ctx.needs(a) else None,
+        unbroadcast(ctx, g.op("Mul", dy[0], a), b, y) if ctx.needs(b) else None,
+    ]
+
+
+@register("Div", inputs=(0, 1))
+def div(ctx, node, dy):
+    g = ctx.g
+    a, b = node.input
+    y = node.output[0]
+    da = g.op("Div", dy[0], b)
+    return [
+        unbroadcast(ctx, da, a, y) if ctx.needs(a) else None,
+        # d(a/b)/db = -a/b^2 = -y/b
+        unbroadcast(ctx, g.op("Neg", g.op("Mul", da, y)), b, y) if ctx.needs(b) else None,
+    ]
+
+
+@register("Pow", inputs=(0, 1))
+def pow_(ctx, node, dy):
+    g = ctx.g
+    a, b = node.input
+    y = node.output[0]
+    grads = [None, None]
+    if ctx.needs(a):
+        exponent = g.op("CastLike", b, a)
+        exponent_value = ctx.constant(b)
+        if exponent_value is not None and exponent_value.size == 1 and float(exponent_value) == 2.0:
+            local = g.op("Mul", a, g.const(2.0))
+        else:
+            local = g.op("Mul", exponent, g.op("Pow", a, g.op("Sub", exponent, g.const(1.0))))
+        grads[0] = unbroadcast(ctx, g.op("Mul", dy[0], local), a, y)
+    if ctx.needs(b):
+        grads[1] = unbroadcast(ctx, g.op("Mul", dy[0], g.op("Mul", y, g.op("Log", a))), b, y)
+    return grads
+
+
+@register("Sum", inputs=ALL_INPUTS)
+def sum_(ctx, node, dy):
+    y = node.output[0]
+    return [unbroadcast(ctx, dy[0], x, y) if ctx.needs(x) else None for x in node.input]
+
+
+@register("Mean", inputs=ALL_INPUTS)
+def mean(ctx, node, dy):
+    y = node.output[0]
+    scaled = ctx.g.op("Mul", dy[0], ctx.g.const(1.0 / len(node.input)))
+    return [unbroadcast(ctx, scaled, x, y) if ctx.needs(x) else None for x in node.input]
+
+
+@register("Max", "Min", inputs=ALL_INPUTS)
+def max_min(ctx, node, dy):
+    """The gradient goes to the input(s) equal to the result, split evenly between ties."""
+    g = ctx.g
+    y = node.output[0]
+    masks = [g.op("CastLike", g.op("Equal", x, y), dy[0]) for x in node.input]
+    share = g.op("Div", dy[0], g.add_all(masks)) if len(masks) > 1 else dy[0]
+    return [
+        unbroadcast(ctx, g.op("Mul", share, m), x, y) if ctx.needs(x) else None
+        for x, m in zip(node.input, masks, strict=True)
+    ]
+
+
+@register("Where", inputs=(1, 2))
+def where(ctx, node, dy):
+    g = ctx.g
+    cond, a, b = node.input
+    y = node.output[0]
+    zero = g.const(0.0)
+    return [
+        None,
+        unbroadcast(ctx, _where(ctx, cond, dy[0], zero), a, y) if ctx.needs(a) else None,
+        unbroadcast(ctx, _where(ctx, cond, zero, dy[0]), b, y) if ctx.needs(b) else None,
+    ]
+
+
+@register("Relu")
+def relu(ctx, node, dy):
+    g = ctx.g
+    return [_where(ctx, g.op("Greater", node.output[0], g.const(0.0)), dy[0], g.const(0.0))]
+
+
+@register("LeakyRelu")
+def leaky_relu(ctx, node, dy):
+    g = ctx.g
+    alpha = attr(node, "alpha", 0.01)
+    positive = g.op("Greater", node.input[0], g.const(0.0))
+    return [_where(ctx, positive, dy[0], g.op("Mul", dy[0], g.const(alpha)))]
+
+
+@register("PRelu", inputs=(0, 1))
+def prelu(ctx, node, dy):
+    g = ctx.g
+    x, slope = node.input
+    y = node.output[0]
+    positive = g.op("Greater", x, g.const(0.0))
+    zero = g.const(0.0)
+    return [
+        _where(ctx, positive, dy[0], g.op("Mul", dy[0], slope)) if ctx.needs(x) else None,
+        unbroadcast(ctx, _where(ctx, positive, zero, g.op("Mul", dy[0], x)), slope, y)
+        if ctx.needs(slope) else None,
+    ]
+
+
+@register("Elu")
+def elu(ctx, node, dy):
+    g = ctx.g
+    alpha = attr(node, "alpha", 1.0)
+    positive = g.op("Greater", node.input[0], g.const(0.0))
+    negative_slope = g.op("Add", node.output[0], g.const(alpha))  # d/dx alpha(e^x - 1) = y + alpha
+    return [_where(ctx, positive, dy[0], g.op("Mul", dy[0], negative_slope))]
+
+
+@register("Selu")
+def selu(ctx, node, dy):
+    g = ctx.g
+    alpha = attr(node, "alpha", 1.67326319217681884765625)
+    gamma = attr(node, "gamma", 1.05070102214813232421875)
+    positive = g.op("Greater", node.input[0], g.const(0.0))
+    negative_slope = g.op("Add", node.output[0], g.const(alpha * gamma))
+    return [_where(ctx, positive, g.op("Mul", dy[0], g.const(gamma)),
+                   g.op("Mul", dy[0], negative_slope))]
+
+
+@register("Celu")
+def celu(ctx, node, dy):
+    g = ctx.g
+    alpha = attr(node, "alpha", 1.0)
+    positive = g.op("Greater", node.input[0], g.const(0.0))
+    # for x <= 0, y = alpha (e^(x/alpha) - 1), so dy/dx = y / alpha + 1
+    negative_slope = g.op("Add", g.op("Mul", node.output[0], g.const(1.0 / alpha)), g.const(1.0))
+    return [_where(ctx, positive, dy[0], g.op("Mul", dy[0], negative_slope))]
+
+
+@register("ThresholdedRelu")
+def thresholded_relu(ctx, node, dy):
+    g = ctx.g
+    above = g.op("Greater", node.input[0], g.const(attr(node, "alpha", 1.0)))
+    return [_where(ctx, above, dy[0], g.const(0.0))]
+
+
+@register("Sigmoid")
+def sigmoid(ctx, node, dy):
+    g = ctx.g
+    y = node.output[0]
+    return [g.op("Mul", dy[0], g.op("Mul", y, g.op("Sub", g.const(1.0), y)))]
+
+
+@register("HardSigmoid")
+def hard_sigmoid(ctx, node, dy):
+    g = ctx.g
+    y = node.output[0]
+    alpha = attr(node, "alpha", 0.2)
+    inside = g.op("And", g.op("Greater", y, g.const(0.0)), g.op("Less", y, g.const(1.0)))
+    return [_where(ctx, inside, g.op("Mul", dy[0], g.const(alpha)), g.const(0.0))]
+
+
+@register("HardSwish")
+def hard_swish(ctx, node, dy):
+    g = ctx.g
+    x = node.input[0]
+    ramp = g.op("Add", g.op("Mul", x, g.const(1.0 / 3.0)), g.const(0.5))
+    inner = _where(ctx, g.op("Greater", x, g.const(3.0)), dy[0], g.op("Mul", dy[0], ramp))
+    return [_where(ctx, g.op("Less", x, g.const(-3.0)), g.const(0.0), inner)]
+
+
+@register("Tanh")
+def tanh(ctx, node, dy):
+    g = ctx.g
+    y = node.output[0]
+    return [g.op("Mul", dy[0], g.op("Sub", g.const(1.0), g.op("Mul", y, y)))]
+
+
+@register("Softplus")
+def softplus(ctx, node, dy):
+    return [ctx.g.op("Mul", dy[0], ctx.g.op("Sigmoid", node.input[0]))]
+
+
+@register("Softsign")
+def softsign(ctx, node, dy):
+    g = ctx.g
+    denominator = g.op("Add", g.const(1.0), g.op("Abs", node.input[0]))
+    return [g.op("Div", dy[0], g.op("Mul", denominator, denominator))]
+
+
+@register("Exp")
+def exp(ctx, node, dy):
+    return [ctx.g.op("Mul", dy[0], node.output[0])]
+
+
+@register("Log")
+def log(ctx, node, dy):
+    return [ctx.g.op("Div", dy[0], node.input[0])]
+
+
+@register("Sqrt")
+def sqrt(ctx, node, dy):
+    g = ctx.g
+    return [g.op("Div", g.op("Mul", dy[0], g.const(0.5)), node.output[0])]
+
+
+@register("Reciprocal")
+def reciprocal(ctx, node, dy):
+    g = ctx.g
+    y = node.output[0]
+    return [g.op("Neg", g.op("Mul", dy[0], g.op("Mul", y, y)))]
+
+
+@register("Abs")
+def abs_(ctx, node, dy):
+    return [ctx.g.op("Mul", dy[0], ctx.g.op("Sign", node.input[0]))]
+
+
+@register("Sin")
+def sin(ctx, node, dy):
+    return [ctx.g.op("Mul", dy[0], ctx.g.op("Cos", node.input[0]))]
+
+
+@register("Cos")
+def cos(ctx, node, dy):
+    return [ctx.g.op("Neg", ctx.g.op("Mul", dy[0], ctx.g.op("Sin", node.input[0])))]
+
+
+@register("Erf")
+def erf(ctx, node, dy):
+    g = ctx.g
+    x = node.input[0]
+    bell = g.op("Exp", g.op("Neg", g.op("Mul", x, x)))
+    return [g.op("Mul", dy[0], g.op("Mul", bell, g.const(2.0 / math.sqrt(math.pi))))]
+
+
+@register("Gelu")
+def gelu(ctx, node, dy):
+    g = ctx.g
+    x = node.input[0]
+    if attr(node, "approximate", "none") == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        x2 = g.op("Mul", x, x)
+        inner = g.op("Mul", g.op("Add", x, g.op("Mul", g.op("Mul", x2, x), g.const(0.044715))),
+                     g.const(c))
+        t = g.op("Tanh", inner)
+        d_inner = g.op("Mul", g.op("Add", g.const(1.0), g.op("Mul", x2, g.const(3 * 0.044715))),
+                       g.const(c))
+        local = g.op("Add", g.op("Mul", g.const(0.5), g.op("Add", g.const(1.0), t)),
+                     g.op("Mul", g.op("Mul", g.op("Mul", g.const(0.5), x),
+                                      g.op("Sub", g.const(1.0), g.op("Mul", t, t))), d_inner))
+    else:
+        cdf = g.op("Mul", g.const(0.5),
+                   g.op("Add", g.const(1.0), g.op("Erf", g.op("Mul", x, g.const(1 / math.sqrt(2))))))
+        pdf = g.op("Mul", g.op("Exp", g.op("Mul", g.op("Mul", x, x), g.const(-0.5))),
+                   g.const(1 / math.sqrt(2 * math.pi)))
+        local = g.op("Add", cdf, g.op("Mul", x, pdf))
+    return [g.op("Mul", dy[0], local)]
+
+
+@register("Clip")
+def clip(ctx, node, dy):
+    g = ctx.g
+    x = node.input[0]
+    bounds = [
+        g.op(op, x, bound)
+        for op, bound in (("GreaterOrEqual", _input(node, 1)), ("LessOrEqual", _input(node, 2)))
+        if bound
+    ]
+    if not bounds:
+        return [dy[0]]
+    inside = bounds[0] if len(bounds) == 1 else g.op("And", *bounds)
+    return [_where(ctx, inside, dy[0], g.const(0.0))]
+
+
+@register("Cast", "CastLike")
+def cast(ctx, node, dy):
+    source_type = ctx.elem_type(node.input[0])
+    if source_type is None:
+        return [ctx.g.op("CastLike", dy[0], node.input[0])]
+    return [ctx.g.op("Cast", dy[0], to=int(source_type))]
+
+
+@register("RandomNormalLike", "RandomUniformLike", "EyeLike")
+def independent_of_values(ctx, node, dy):
+    """The output depends on the input's shape only."""
+    return [None]
+
+
+def _input(node, position: int) -> str:
+    return node.input[position] if len(node.input) > position else ""
+

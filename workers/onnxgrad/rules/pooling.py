@@ -1,0 +1,115 @@
+"""Pooling: MaxPool scatters through its own argmax indices, AveragePool is a transposed conv."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import numpy_helper
+
+from ..autodiff import Context, attr, register, unsupported
+from .linear import resolve_pads, spatial_shapes, transpose_output_padding
+
+
+def scatter_add_flat(ctx: Context, like: str, flat_indices: str, values: str, extra: int = 0) -> str:
+    """zeros(numel(like) + extra), add ``values`` at ``flat_indices``; returns the flat sum."""
+    g = ctx.g
+    numel = g.op("Size", like)
+    length = g.op("Add", numel, g.const(extra, np.int64)) if extra else numel
+    zeros = g.op("ConstantOfShape", g.op("Reshape", length, g.ints([1])),
+                 value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    flat_values = g.op("Reshape", values, g.ints([-1]))
+    return g.op("ScatterElements", zeros, g.op("Reshape", flat_indices, g.ints([-1])),
+                flat_values, axis=0, reduction="add")
+
+
+@register("MaxPool")
+def max_pool(ctx, node, dy):
+    """Route each output gradient to the input cell MaxPool picked (its Indices output).
+
+    The forward node is asked for its Indices (flat over N*C*H*W of the unpadded input,
+    so pads, ceil_mode and dilations are already accounted for); overlapping windows
+    add up through ScatterElements(reduction="add").
+    """
+    if attr(node, "storage_order", 0) != 0:
+        raise unsupported(node, "storage_order=1 (column-major indices) is not supported")
+    if len(node.output) > 1 and node.output[1]:
+        indices = node.output[1]
+    else:
+        indices = ctx.g.fresh("maxpool_indices")
+        del node.output[1:]
+        node.output.append(indices)
+    flat = scatter_add_flat(ctx, node.input[0], indices, dy[0])
+    return [ctx.g.reshape_like(flat, node.input[0])]
+
+
+def _window_counts(length, out_len, k, s, d, pad_begin, lo, hi) -> np.ndarray:
+    """How many taps of each output window fall inside [lo, hi) along one axis."""
+    counts = np.zeros(out_len)
+    for o in range(out_len):
+        taps = o * s - pad_begin + d * np.arange(k)
+        counts[o] = np.count_nonzero((taps >= lo) & (taps < hi))
+    return counts
+
+
+@register("AveragePool")
+def average_pool(ctx, node, dy):
+    """dx = ConvTranspose(dy / D, ones, group=C) with the pool's geometry.
+
+    D is the divisor ONNX Runtime used for each output cell: with count_include_pad=1 the
+    taps inside [-pad_begin, L + pad_end), otherwise the taps inside [0, L). With
+    ceil_mode the last window can overhang; the transposed conv's end padding grows by
+    the overhang so its output is exactly the input size.
+    """
+    g = ctx.g
+    x = node.input[0]
+    spatial_in, spatial_out = spatial_shapes(ctx, node, x, node.output[0])
+    rank = len(spatial_in)
+    kernel = list(attr(node, "kernel_shape"))
+    strides = list(attr(node, "strides", [1] * rank))
+    dilations = list(attr(node, "dilations", [1] * rank))
+    pads = resolve_pads(node, spatial_in, kernel, strides, dilations)
+    include_pad = attr(node, "count_include_pad", 0)
+    channels = ctx.shape(x)[1]
+    if not isinstance(channels, int):
+        raise unsupported(node, "the channel count must be static")
+
+    divisor = np.ones([1] * (2 + rank))
+    transposed_pads = list(pads)
+    for i in range(rank):
+        lo, hi = (-pads[i], spatial_in[i] + pads[rank + i]) if include_pad else (0, spatial_in[i])
+        counts = _window_counts(spatial_in[i], spatial_out[i], kernel[i], strides[i],
+                                dilations[i], pads[i], lo, hi)
+        divisor = divisor * counts.reshape([1] * (2 + i) + [-1] + [1] * (rank - 1 - i))
+        reach = strides[i] * (spatial_out[i] - 1) + dilations[i] * (kernel[i] - 1) + 1 - pads[i]
+        transposed_pads[rank + i] = max(pads[rank + i], reach - spatial_in[i])
+    scaled = g.op("Mul", dy[0], g.const((1.0 / divisor).astype(np.float32)))
+    ones = g.const(np.ones([channels, 1] + kernel, np.float32))
+    return [g.op(
+        "ConvTranspose", scaled, ones, group=channels, kernel_shape=kernel,
+        strides=strides, dilations=dilations, pads=transposed_pads,
+        output_padding=transpose_output_padding(
+            spatial_in, spatial_out, kernel, strides, dilations, transposed_pads),
+    )]
+
+
+@register("GlobalAveragePool")
+def global_average_pool(ctx, node, dy):
+    g = ctx.g
+    x = node.input[0]
+    spatial = (ctx.shape(x) or (None,))[2:]
+    if spatial and all(isinstance(d, int) for d in spatial):
+        scale = g.const(1.0 / float(np.prod(spatial)))
+    else:
+        count = g.op("Div", g.op("Size", x), g.op("Size", node.output[0]))
+        scale = g.op("CastLike", g.op("Reciprocal", g.op("Cast", count, to=1)), dy[0])
+    return [g.op("Mul", g.op("Expand", dy[0], g.shape(x)), scale)]
+
+
+@register("GlobalMaxPool")
+def global_max_pool(ctx, node, dy):
+    """The gradient is split evenly between the cells equal to the maximum."""
+    g = ctx.g
+    x = node.input[0]
+    rank = ctx.require_rank(x, node)
+    mask = g.op("CastLike", g.op("Equal", x, node.output[0]), dy[0])
+    ties = g.reduce("ReduceSum", mask, list(range(2, rank)), keepdims=True)
+    return [g.op("Mul", mask, g.op("Div", dy[0], ties))]

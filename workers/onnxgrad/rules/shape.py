@@ -1,0 +1,109 @@
+"""Operators that only move, copy or select elements.
+
+Reshapes and transposes invert directly. Selections (Slice, Gather, Tile, Pad, ...) use one
+shared rule: replay the operator on a tensor of flat element numbers shaped like the input,
+which says where every output element came from, then scatter-add the gradient there.
+Repeated elements (Tile, reflect padding) add up; padding cells point at a discarded slot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from ..autodiff import Context, attr, register, unsupported
+from .broadcast import unbroadcast
+from .pooling import scatter_add_flat
+
+
+@register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def reshape(ctx, node, dy):
+    return [ctx.g.reshape_like(dy[0], node.input[0])]
+
+
+@register("Transpose")
+def transpose(ctx, node, dy):
+    perm = attr(node, "perm")
+    if perm is None:
+        rank = ctx.require_rank(node.input[0], node)
+        perm = list(reversed(range(rank)))
+    inverse = list(np.argsort(perm))
+    return [ctx.g.op("Transpose", dy[0], perm=[int(p) for p in inverse])]
+
+
+@register("Expand")
+def expand(ctx, node, dy):
+    return [unbroadcast(ctx, dy[0], node.input[0], node.output[0])]
+
+
+def _axis_sizes(ctx: Context, names: list[str], axis: int) -> str:
+    g = ctx.g
+    static = []
+    for name in names:
+        shape = ctx.shape(name)
+        static.append(shape[axis] if shape is not None and len(shape) > axis else None)
+    if all(isinstance(d, int) for d in static):
+        return g.ints(static)
+    pieces = [g.op("Gather", g.shape(name), g.ints([axis])) for name in names]
+    return g.op("Concat", *pieces, axis=0)
+
+
+@register("Concat", inputs="all")
+def concat(ctx, node, dy):
+    g = ctx.g
+    rank = ctx.require_rank(node.output[0], node)
+    axis = attr(node, "axis")
+    axis = axis + rank if axis < 0 else axis
+    inputs = list(node.input)
+    pieces = g.op("Split", dy[0], _axis_sizes(ctx, inputs, axis), axis=axis, outputs=len(inputs))
+    pieces = pieces if isinstance(pieces, list) else [pieces]
+    return [piece if ctx.needs(name) else None for name, piece in zip(inputs, pieces, strict=True)]
+
+
+@register("Split")
+def split(ctx, node, dy):
+    g = ctx.g
+    rank = ctx.require_rank(node.input[0], node)
+    axis = attr(node, "axis", 0)
+    axis = axis + rank if axis < 0 else axis
+    parts = [grad if grad is not None else g.zeros_like(out)
+             for out, grad in zip(node.output, dy, strict=True)]
+    return [g.op("Concat", *parts, axis=axis)]
+
+
+def replay_on_positions(ctx: Context, node, dy: str, sink_value: bool = False) -> str:
+    """Gradient of a pure selection: scatter-add dy to where each output element came from."""
+    g = ctx.g
+    x = node.input[0]
+    numel = g.op("Size", x)
+    positions = g.op("Reshape", g.op("Range", g.const(0, np.int64), numel, g.const(1, np.int64)),
+                     g.shape(x))
+    replay_inputs = [positions] + list(node.input[1:])
+    if node.op_type == "Pad":  # padding cells read position `numel`, a slot cut off below
+        rest = list(node.input[3:])
+        replay_inputs = [positions, node.input[1], numel if sink_value else ""] + rest
+        while replay_inputs[-1] == "":
+            replay_inputs.pop()
+    replayed = g.fresh("positions")
+    g.nodes.append(helper.make_node(
+        node.op_type, replay_inputs, [replayed], name=g.fresh(node.op_type),
+        **{a.name: helper.get_attribute_value(a) for a in node.attribute},
+    ))
+    flat = scatter_add_flat(ctx, x, replayed, dy, extra=1 if sink_value else 0)
+    if sink_value:
+        flat = g.op("Slice", flat, g.ints([0]), g.op("Reshape", numel, g.ints([1])))
+    return g.reshape_like(flat, x)
+
+
+@register("Slice", "Gather", "GatherElements", "GatherND", "Tile", "ReverseSequence")
+def selection(ctx, node, dy):
+    return [replay_on_positions(ctx, node, dy[0])]
+
+
+@register("Pad")
+def pad(ctx, node, dy):
+    mode = attr(node, "mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode == "wrap":
+        raise unsupported(node, "wrap padding is not supported")
+    return [replay_on_positions(ctx, node, dy[0], sink_value=(mode == "constant"))]
