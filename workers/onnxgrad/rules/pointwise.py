@@ -317,16 +317,11 @@ def gelu(ctx, node, dy):
 
 @register("Clip")
 def clip(ctx, node, dy):
+    """Inclusive bounds: the output equals the input exactly where the input is inside."""
     g = ctx.g
-    x = node.input[0]
-    bounds = [
-        g.op(op, x, bound)
-        for op, bound in (("GreaterOrEqual", _input(node, 1)), ("LessOrEqual", _input(node, 2)))
-        if bound
-    ]
-    if not bounds:
+    if not (_input(node, 1) or _input(node, 2)):
         return [dy[0]]
-    inside = bounds[0] if len(bounds) == 1 else g.op("And", *bounds)
+    inside = g.op("Equal", node.input[0], node.output[0])
     return [_where(ctx, inside, dy[0], g.const(0.0))]
 
 

@@ -50,6 +50,24 @@ def _window_counts(length, out_len, k, s, d, pad_begin, lo, hi) -> np.ndarray:
     return counts
 
 
+def pool_output_sizes(node, spatial_in, kernel, strides, dilations, pads) -> list[int]:
+    """Output sizes as ONNX Runtime computes them.
+
+    ONNX shape inference below opset 22 keeps a ceil_mode window that would start inside
+    the end padding; ONNX Runtime (and PyTorch) drop it, so the sizes are computed here.
+    """
+    rank = len(spatial_in)
+    ceil_mode = attr(node, "ceil_mode", 0)
+    sizes = []
+    for i in range(rank):
+        span = spatial_in[i] + pads[i] + pads[rank + i] - dilations[i] * (kernel[i] - 1) - 1
+        out = (-(-span // strides[i]) if ceil_mode else span // strides[i]) + 1
+        if ceil_mode and (out - 1) * strides[i] >= spatial_in[i] + pads[i]:
+            out -= 1
+        sizes.append(out)
+    return sizes
+
+
 @register("AveragePool")
 def average_pool(ctx, node, dy):
     """dx = ConvTranspose(dy / D, ones, group=C) with the pool's geometry.
@@ -61,12 +79,13 @@ def average_pool(ctx, node, dy):
     """
     g = ctx.g
     x = node.input[0]
-    spatial_in, spatial_out = spatial_shapes(ctx, node, x, node.output[0])
+    spatial_in, _ = spatial_shapes(ctx, node, x, node.output[0])
     rank = len(spatial_in)
     kernel = list(attr(node, "kernel_shape"))
     strides = list(attr(node, "strides", [1] * rank))
     dilations = list(attr(node, "dilations", [1] * rank))
     pads = resolve_pads(node, spatial_in, kernel, strides, dilations)
+    spatial_out = pool_output_sizes(node, spatial_in, kernel, strides, dilations, pads)
     include_pad = attr(node, "count_include_pad", 0)
     channels = ctx.shape(x)[1]
     if not isinstance(channels, int):
