@@ -32,6 +32,7 @@ class PreparedClassifier:
     num_classes: int | None
     ends_in_softmax: bool
     opset: int
+    fixed_batch: int | None = None  # the batch size the upload declared, if it was not symbolic
 
 
 def load_model(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
@@ -116,16 +117,19 @@ def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     return inputs[0]
 
 
-def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> None:
-    """Give the input a symbolic batch axis; Reshapes that hard-code it get -1 (or 0) there."""
+def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> int | None:
+    """Give the input a symbolic batch axis; Reshapes that hard-code it get -1 (or 0) there.
+
+    Returns the fixed batch size it replaced, if any.
+    """
     graph = model.graph
     value_info = next(i for i in graph.input if i.name == input_name)
     dims = value_info.type.tensor_type.shape.dim
     if not dims:
-        return
+        return None
     fixed = dims[0].dim_value if dims[0].HasField("dim_value") else None
     if fixed is None:
-        return
+        return None
     dims[0].Clear()
     dims[0].dim_param = BATCH_DIM
     for output in graph.output:
@@ -147,6 +151,7 @@ def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> None:
         name = f"{node.input[1]}/dynamic_batch/{node.name or id(node)}"
         graph.initializer.append(numpy_helper.from_array(shape.astype(np.int64), name))
         node.input[1] = name
+    return fixed
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -168,7 +173,7 @@ def prepare_classifier(
         raise InvalidModelError(f"the model is not valid ONNX: {str(exc).splitlines()[0]}") from None
     x = image_input(model)
     model = fold_constants(model)
-    make_batch_dynamic(model, x.name)
+    fixed_batch = make_batch_dynamic(model, x.name)
     model = infer_shapes(model)
     for _ in range(8):  # each round can expose more static sizes to the next
         if not fold_static_shape_reads(model):
@@ -204,4 +209,5 @@ def prepare_classifier(
     return PreparedClassifier(
         model=model, input_name=x.name, input_shape=input_shape, logits_name=logits,
         num_classes=num_classes, ends_in_softmax=ends_in_softmax, opset=opset_of(model),
+        fixed_batch=fixed_batch,
     )

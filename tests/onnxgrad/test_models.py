@@ -1,0 +1,138 @@
+"""End to end: gradient graphs of PyTorch-exported models against torch.autograd, per loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from tests import zoo
+from workers.onnxgrad import LOSSES, build_gradient_model
+
+TOLERANCE = 1e-4  # norm-wise relative error in float32; the worst seen is reported by the test ids
+BATCH = 5
+SHIFT_INVARIANT = ("cross_entropy", "margin", "dlr")  # unchanged by log-softmax, for Softmax models
+
+
+def torch_loss(z: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    at_label = z.gather(1, y[:, None])[:, 0]
+    others = z.masked_fill(torch.nn.functional.one_hot(y, z.shape[1]).bool(), float("-inf"))
+    best_other = others.max(dim=1).values
+    if loss == "cross_entropy":
+        return torch.nn.functional.cross_entropy(z, y, reduction="none")
+    if loss == "margin":
+        return best_other - at_label
+    if loss == "dlr":
+        ordered = z.sort(dim=1, descending=True).values
+        return -(at_label - best_other) / (ordered[:, 0] - ordered[:, 2] + 1e-12)
+    if loss == "logit":
+        return at_label
+    raise ValueError(loss)
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def reference(name: str, x: np.ndarray, y: np.ndarray, loss: str):
+    model = zoo.make_model(name)
+    xt = torch.tensor(x, requires_grad=True)
+    z = model(xt)
+    if name == "softmax_mlp":
+        z = torch.log(z)  # shift of the pre-softmax scores; SHIFT_INVARIANT losses agree
+    per_sample = torch_loss(z, torch.tensor(y), loss)
+    (grad,) = torch.autograd.grad(per_sample.sum(), xt)
+    return per_sample.detach().numpy(), grad.numpy()
+
+
+def cases():
+    for name in zoo.MODEL_NAMES:
+        for loss in LOSSES:
+            if name == "softmax_mlp" and loss not in SHIFT_INVARIANT:
+                continue
+            yield pytest.param(name, loss, id=f"{name}-{loss}")
+
+
+@pytest.fixture(scope="module")
+def gradient_sessions():
+    cache = {}
+
+    def get(name, loss):
+        if (name, loss) not in cache:
+            model = build_gradient_model(zoo.export(name), loss=loss)
+            cache[(name, loss)] = ort.InferenceSession(
+                model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return cache[(name, loss)]
+
+    return get
+
+
+@pytest.mark.parametrize(("name", "loss"), list(cases()))
+def test_gradient_matches_torch_autograd(name, loss, gradient_sessions):
+    rng = np.random.default_rng(0)
+    x = rng.random((BATCH, *zoo.input_shape(name)), dtype=np.float32)
+    y = rng.integers(0, 10, BATCH)
+    session = gradient_sessions(name, loss)
+    input_name = session.get_inputs()[0].name
+    logits, per_sample, grad = session.run(["logits", "loss", "grad"], {input_name: x, "labels": y})
+
+    want_loss, want_grad = reference(name, x, y, loss)
+    assert logits.shape == (BATCH, 10)
+    assert per_sample.shape == (BATCH,)
+    assert grad.shape == x.shape
+    assert relative_error(per_sample, want_loss) < TOLERANCE
+    assert relative_error(grad, want_grad) < TOLERANCE, relative_error(grad, want_grad)
+
+
+def test_per_sample_gradients_are_independent_of_the_batch():
+    """loss[i] depends on x[i] only: one batch of 6 equals six batches of 1."""
+    session = ort.InferenceSession(build_gradient_model(zoo.export("resnet18")).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    x = rng.random((6, 3, 32, 32), dtype=np.float32)
+    y = rng.integers(0, 10, 6)
+    (whole,) = session.run(["grad"], {"input": x, "labels": y})
+    singles = np.concatenate([session.run(["grad"], {"input": x[i:i + 1], "labels": y[i:i + 1]})[0]
+                              for i in range(6)])
+    np.testing.assert_allclose(whole, singles, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_other_opsets_are_converted_or_handled(opset):
+    model = zoo.export("lenet", opset=opset)
+    session = ort.InferenceSession(build_gradient_model(model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).random((3, 1, 28, 28), dtype=np.float32)
+    y = np.array([0, 4, 9])
+    (grad,) = session.run(["grad"], {"input": x, "labels": y})
+    _, want = reference("lenet", x, y, "cross_entropy")
+    assert relative_error(grad, want) < TOLERANCE
+
+
+def test_fixed_batch_export_gets_a_dynamic_batch():
+    model = zoo.export("vgg", dynamic_batch=False)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    grad_model = build_gradient_model(model)
+    session = ort.InferenceSession(grad_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).random((7, 3, 32, 32), dtype=np.float32)
+    y = np.arange(7)
+    (grad,) = session.run(["grad"], {"input": x, "labels": y})
+    _, want = reference("vgg", x, y, "cross_entropy")
+    assert relative_error(grad, want) < TOLERANCE
+
+
+def test_gradient_model_uses_only_default_domain_operators():
+    for name in zoo.MODEL_NAMES:
+        model = build_gradient_model(zoo.export(name), loss="dlr")
+        domains = {node.domain for node in model.graph.node}
+        assert domains <= {"", "ai.onnx"}, (name, domains)
+        assert [i.name for i in model.graph.input] == ["input", "labels"]
+        assert [o.name for o in model.graph.output] == ["logits", "loss", "grad"]
+
+
+def test_callers_model_is_not_mutated():
+    model = zoo.export("mobilenet_v3_small")
+    before = model.SerializeToString()
+    build_gradient_model(model, loss="margin")
+    assert model.SerializeToString() == before

@@ -1,0 +1,107 @@
+"""The Classifier runtime: batching, providers, caching and input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from tests import zoo
+from workers import runtime
+from workers.onnxgrad import InvalidModelError
+from workers.runtime import Classifier, RuntimeOptions
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    return Classifier(zoo.export("lenet"), RuntimeOptions(batch_size=4, intra_op_threads=1))
+
+
+def test_batched_results_equal_one_call(lenet):
+    x = np.random.default_rng(0).random((11, 1, 28, 28), dtype=np.float32)
+    y = np.arange(11) % 10
+    logits, loss, grad = lenet.loss_and_grad(x, y)
+    whole = Classifier(zoo.export("lenet"), RuntimeOptions(batch_size=64))
+    logits2, loss2, grad2 = whole.loss_and_grad(x, y)
+    np.testing.assert_allclose(logits, logits2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss, loss2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, grad2, rtol=1e-5, atol=1e-7)
+    assert logits.shape == (11, 10) and grad.shape == x.shape
+
+
+def test_logits_match_torch_and_predict_is_their_argmax(lenet):
+    x = np.random.default_rng(1).random((6, 1, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        want = zoo.make_model("lenet")(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(lenet.logits(x), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(lenet.predict(x), want.argmax(1))
+
+
+def test_every_loss_is_available(lenet):
+    x = np.random.default_rng(2).random((3, 1, 28, 28), dtype=np.float32)
+    y = np.array([1, 2, 3])
+    z = lenet.logits(x)
+    _, logit_loss, _ = lenet.loss_and_grad(x, y, loss="logit")
+    np.testing.assert_allclose(logit_loss, z[np.arange(3), y], rtol=1e-5)
+    _, margin, _ = lenet.loss_and_grad(x, y, loss="margin")
+    others = np.where(np.eye(10, dtype=bool)[y], -np.inf, z).max(1)
+    np.testing.assert_allclose(margin, others - z[np.arange(3), y], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="`loss` must be one of"):
+        lenet.loss_and_grad(x, y, loss="hinge")
+
+
+def test_device_is_what_the_session_got(lenet):
+    assert lenet.device == "cpu"
+    assert runtime.choose_providers(None)[-1] == runtime.CPU
+    with pytest.raises(ValueError, match="not available"):
+        runtime.choose_providers(("NoSuchExecutionProvider",))
+
+
+def test_sessions_are_shared_per_model_hash():
+    runtime.clear_caches()
+    first = Classifier(zoo.export("mlp"))
+    second = Classifier(zoo.export("mlp"))
+    assert first._forward is second._forward
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    first.loss_and_grad(x, np.array([0, 1]))
+    assert first._gradient_session("cross_entropy") is second._gradient_session("cross_entropy")
+
+
+def test_bad_inputs_are_refused_with_the_expected_shape(lenet):
+    with pytest.raises(InvalidModelError, match=r"expects \[N, 1, 28, 28\]"):
+        lenet.logits(np.zeros((2, 3, 28, 28), np.float32))
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\]"):
+        lenet.loss_and_grad(x, np.array([0, 10]))
+    with pytest.raises(ValueError, match="labels must be integers of shape"):
+        lenet.loss_and_grad(x, np.array([0.5, 1.0]))
+
+
+def test_empty_input_gives_empty_results(lenet):
+    x = np.zeros((0, 1, 28, 28), np.float32)
+    logits, loss, grad = lenet.loss_and_grad(x, np.zeros(0, np.int64))
+    assert logits.shape == (0, 10) and loss.shape == (0,) and grad.shape == x.shape
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="`batch_size` must be a positive integer"):
+        RuntimeOptions(batch_size=0)
+
+
+def test_model_that_hard_codes_its_batch_is_refused_clearly():
+    """Expand to a constant batch of 2 cannot be made dynamic: say so instead of failing later."""
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    shape = numpy_helper.from_array(np.array([2, 3], np.int64), "shape")
+    bias = numpy_helper.from_array(np.zeros((1, 3), np.float32), "bias")
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["bias", "shape"], ["b2"]),
+         helper.make_node("MatMul", ["x", "W"], ["h"]),
+         helper.make_node("Add", ["h", "b2"], ["z"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])], [w, shape, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    with pytest.raises(InvalidModelError, match="fixed batch size of 2"):
+        Classifier(model)

@@ -1,0 +1,219 @@
+"""ONNX Runtime sessions for one classifier: logits, and losses with input gradients, in batches.
+
+The execution provider is what a session actually got (CUDA when onnxruntime-gpu finds a
+usable GPU, else CPU), not what the provider list promises. Gradient graphs and sessions are
+built once per model hash, loss and options and shared by every Classifier in the process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from workers.onnxgrad import InvalidModelError, build_gradient_model, prepare_classifier
+from workers.onnxgrad.losses import LOSSES
+
+log = logging.getLogger("robustness.runtime")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    batch_size: int = 64  # samples per ONNX Runtime call
+    providers: tuple[str, ...] | None = None  # None: CUDA when available, else CPU
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    allow_spinning: bool = False  # spinning threads compete with Python loops on small machines
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {self.batch_size}")
+        if self.intra_op_threads < 0:
+            raise ValueError(f"`intra_op_threads` must be >= 0, got {self.intra_op_threads}")
+
+
+def choose_providers(requested: tuple[str, ...] | None) -> list[str]:
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise ValueError(f"execution provider(s) {missing} not available; available: {available}")
+        return list(requested)
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+class _LruCache:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_create(self, key, create: Callable):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = create()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_GRADIENT_MODELS = _LruCache(32)
+_SESSIONS = _LruCache(16)
+_logged_devices: set[str] = set()
+
+
+def _session(key: tuple, model_bytes: Callable[[], bytes], options: RuntimeOptions):
+    def create():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning",
+                                    "1" if options.allow_spinning else "0")
+        so.log_severity_level = 3
+        session = ort.InferenceSession(model_bytes(), so, providers=choose_providers(options.providers))
+        device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
+        if device not in _logged_devices:
+            _logged_devices.add(device)
+            log.info("runtime.device %s providers=%s", device, session.get_providers())
+        return session
+
+    return _SESSIONS.get_or_create(key + (options,), create)
+
+
+def clear_caches() -> None:
+    _GRADIENT_MODELS.clear()
+    _SESSIONS.clear()
+
+
+class Classifier:
+    """An ONNX image classifier on ONNX Runtime, with exact input gradients.
+
+    ``x`` arrays are float32 in the model's input layout, labels int64 [N]. Every method
+    works in batches of ``options.batch_size`` and returns arrays for the whole input.
+    """
+
+    def __init__(self, model: bytes | onnx.ModelProto, options: RuntimeOptions | None = None,
+                 output_name: str | None = None):
+        self.options = options or RuntimeOptions()
+        raw = model if isinstance(model, bytes) else model.SerializeToString()
+        self.model_hash = hashlib.sha256(raw).hexdigest()
+        self._output_name = output_name
+        prepared = prepare_classifier(raw, output_name)
+        self.input_name = prepared.input_name
+        self.input_shape = prepared.input_shape
+        self.ends_in_softmax = prepared.ends_in_softmax
+        self._raw = raw
+        self._forward_bytes = self._forward_model(prepared).SerializeToString()
+        self._forward = _session((self.model_hash, output_name, "forward"),
+                                 lambda: self._forward_bytes, self.options)
+        if prepared.fixed_batch is not None:
+            self._check_batch_is_free(prepared.fixed_batch)
+        self.num_classes = prepared.num_classes or int(self.logits(self._probe(1)).shape[1])
+        self.device = "cuda" if self._forward.get_providers()[0] == CUDA else "cpu"
+
+    @staticmethod
+    def _forward_model(prepared) -> onnx.ModelProto:
+        """The prepared model with the differentiated scores as its only output."""
+        model = prepared.model
+        if prepared.ends_in_softmax or model.graph.output[0].name != prepared.logits_name:
+            model = onnx.ModelProto()
+            model.CopyFrom(prepared.model)
+            del model.graph.output[:]
+            model.graph.output.append(onnx.helper.make_tensor_value_info(
+                prepared.logits_name, onnx.TensorProto.FLOAT, None))
+        return model
+
+    def _check_batch_is_free(self, fixed: int) -> None:
+        probe = self._probe(fixed + 1)
+        try:
+            outputs = self._forward.run(None, {self.input_name: probe})[0]
+        except Exception as exc:  # ONNX Runtime raises its own exception types
+            outputs, reason = None, str(exc).splitlines()[0]
+        if outputs is None or outputs.shape[0] != fixed + 1:
+            detail = reason if outputs is None else f"got {outputs.shape[0]} rows"
+            raise InvalidModelError(
+                f"the model was exported with a fixed batch size of {fixed} and its graph depends "
+                f"on it ({detail}); export it with a dynamic batch axis "
+                "(torch.onnx.export(..., dynamic_axes={'input': {0: 'N'}}))"
+            )
+
+    def _probe(self, n: int) -> np.ndarray:
+        dims = [d if isinstance(d, int) else 1 for d in self.input_shape[1:]]
+        return np.zeros([n] + dims, np.float32)
+
+    def _gradient_session(self, loss: str):
+        if loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {', '.join(LOSSES)}, got {loss!r}")
+        key = (self.model_hash, self._output_name, loss)
+        grad_bytes = _GRADIENT_MODELS.get_or_create(
+            key, lambda: build_gradient_model(self._raw, loss, self._output_name).SerializeToString())
+        return _session(key + ("gradient",), lambda: grad_bytes, self.options)
+
+    def check_inputs(self, x: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        x = np.asarray(x)
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        expected = self.input_shape[1:]
+        if x.ndim != len(self.input_shape) or any(
+            isinstance(d, int) and d != got for d, got in zip(expected, x.shape[1:], strict=True)
+        ):
+            raise InvalidModelError(
+                f"inputs have shape {list(x.shape)}; the model expects [N, {', '.join(map(str, expected))}]"
+            )
+        if labels is None:
+            return (x,)
+        labels = np.asarray(labels)
+        if labels.shape != (x.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers of shape [{x.shape[0]}], got {labels.dtype} "
+                             f"{list(labels.shape)}")
+        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes - 1}], "
+                             f"got [{labels.min()}, {labels.max()}]")
+        return x, labels.astype(np.int64)
+
+    def _batches(self, n: int) -> Iterator[slice]:
+        step = self.options.batch_size
+        for start in range(0, n, step):
+            yield slice(start, min(start + step, n))
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        (x,) = self.check_inputs(x)
+        parts = [self._forward.run(None, {self.input_name: x[s]})[0] for s in self._batches(len(x))]
+        return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), np.float32)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.logits(x).argmax(axis=1)
+
+    def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, loss: str = "cross_entropy"
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits [N, K], per-sample loss [N], d loss[i] / d x[i] shaped like x)."""
+        session = self._gradient_session(loss)
+        x, labels = self.check_inputs(x, labels)
+        logits, losses, grads = [], [], []
+        for s in self._batches(len(x)):
+            z, value, grad = session.run(["logits", "loss", "grad"],
+                                         {self.input_name: x[s], "labels": labels[s]})
+            logits.append(z)
+            losses.append(value)
+            grads.append(grad)
+        if not logits:
+            return (np.zeros((0, self.num_classes), np.float32), np.zeros(0, np.float32),
+                    np.zeros_like(x))
+        return np.concatenate(logits), np.concatenate(losses), np.concatenate(grads)
