@@ -1,0 +1,173 @@
+"""The `robustness` command line.
+
+    robustness inspect MODEL.onnx [--check] [--json]
+    robustness gradient-model MODEL.onnx --out GRAD.onnx [--loss cross_entropy]
+
+Exit codes: 0 success, 2 bad input (the message says what is wrong and how to fix it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from workers.onnxgrad import (
+    LOSSES,
+    GradientBuildError,
+    UnsupportedOperatorError,
+    build_gradient_model,
+    prepare_classifier,
+)
+
+MAX_MODEL_BYTES = 2 << 30
+
+
+class UsageError(Exception):
+    """Bad input from the command line: exit 2 with the message."""
+
+
+def read_model(path: str) -> bytes:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{path}: no such file")
+    if file.stat().st_size > MAX_MODEL_BYTES:
+        raise UsageError(f"{path}: larger than 2 GiB; models with external data are not accepted")
+    return file.read_bytes()
+
+
+def inspect_model(data: bytes, loss: str) -> dict:
+    prepared = prepare_classifier(data)
+    ops = Counter(node.op_type for node in prepared.model.graph.node)
+    report = {
+        "input": {"name": prepared.input_name, "shape": list(prepared.input_shape)},
+        "classes": prepared.num_classes,
+        "opset": prepared.opset,
+        "ends_in_softmax": prepared.ends_in_softmax,
+        "operators": dict(sorted(ops.items())),
+    }
+    try:
+        build_gradient_model(data, loss=loss)
+        report["gradients"] = {"available": True, "unsupported": []}
+    except UnsupportedOperatorError as exc:
+        report["gradients"] = {
+            "available": False,
+            "unsupported": [{"op_type": n.op_type, "node": n.node_name, "reason": n.reason}
+                            for n in exc.nodes],
+        }
+    return report
+
+
+def check_gradients(data: bytes, loss: str, batch: int) -> dict:
+    """Time a forward and a gradient call on a random batch (images/s on this machine)."""
+    from workers.runtime import Classifier, RuntimeOptions
+
+    classifier = Classifier(data, RuntimeOptions(batch_size=batch))
+    dims = [d if isinstance(d, int) else 1 for d in classifier.input_shape[1:]]
+    rng = np.random.default_rng(0)
+    x = rng.random([batch] + dims, dtype=np.float32)
+    labels = rng.integers(0, classifier.num_classes, batch)
+    classifier.loss_and_grad(x, labels, loss)  # builds the gradient session
+    timings = {}
+    for name, call in (("forward", lambda: classifier.logits(x)),
+                       ("gradient", lambda: classifier.loss_and_grad(x, labels, loss))):
+        call()
+        start = time.perf_counter()
+        repeats = 5
+        for _ in range(repeats):
+            result = call()
+        timings[name] = (time.perf_counter() - start) / repeats
+    _, losses, grad = result
+    return {
+        "device": classifier.device,
+        "batch": batch,
+        "forward_images_per_s": round(batch / timings["forward"], 1),
+        "gradient_images_per_s": round(batch / timings["gradient"], 1),
+        "gradient_over_forward_time": round(timings["gradient"] / timings["forward"], 2),
+        "mean_loss": float(losses.mean()),
+        "mean_gradient_l2": float(np.linalg.norm(grad.reshape(batch, -1), axis=1).mean()),
+        "gradient_finite": bool(np.isfinite(grad).all()),
+    }
+
+
+def print_report(report: dict) -> None:
+    shape = " x ".join(str(d) for d in report["input"]["shape"])
+    print(f"input      {report['input']['name']}  [{shape}]")
+    print(f"classes    {report['classes']}")
+    print(f"opset      {report['opset']}" + ("  (ends in Softmax: differentiated before it)"
+                                             if report["ends_in_softmax"] else ""))
+    print(f"operators  {', '.join(f'{k} x{v}' for k, v in report['operators'].items())}")
+    grads = report["gradients"]
+    if grads["available"]:
+        print("gradients  available: every operator on the input -> logits path has a rule")
+    else:
+        print("gradients  unavailable; only black-box attacks can evaluate this model:")
+        for item in grads["unsupported"]:
+            print(f"           - {item['op_type']} (node {item['node']}): {item['reason']}")
+    check = report.get("check")
+    if check:
+        print(f"check      {check['device']}, batch {check['batch']}: forward "
+              f"{check['forward_images_per_s']} images/s, gradient {check['gradient_images_per_s']} "
+              f"images/s ({check['gradient_over_forward_time']}x the forward time); "
+              f"mean |grad| {check['mean_gradient_l2']:.4g}, finite: {check['gradient_finite']}")
+
+
+def cmd_inspect(args) -> int:
+    data = read_model(args.model)
+    report = inspect_model(data, args.loss)
+    if args.check and report["gradients"]["available"]:
+        report["check"] = check_gradients(data, args.loss, args.batch)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    return 0
+
+
+def cmd_gradient_model(args) -> int:
+    grad_model = build_gradient_model(read_model(args.model), loss=args.loss)
+    onnx.save_model(grad_model, args.out)
+    print(f"wrote {args.out}: inputs {[i.name for i in grad_model.graph.input]}, "
+          f"outputs {[o.name for o in grad_model.graph.output]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robustness", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="what the service sees in a model, and its gradients")
+    inspect.add_argument("model", help="an .onnx image classifier")
+    inspect.add_argument("--loss", choices=LOSSES, default="cross_entropy")
+    inspect.add_argument("--check", action="store_true",
+                         help="also run and time a gradient on a random batch")
+    inspect.add_argument("--batch", type=int, default=64)
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.set_defaults(run=cmd_inspect)
+    grad = sub.add_parser("gradient-model", help="write the gradient ONNX graph of a model")
+    grad.add_argument("model")
+    grad.add_argument("--out", required=True)
+    grad.add_argument("--loss", choices=LOSSES, default="cross_entropy")
+    grad.set_defaults(run=cmd_gradient_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch", 1) < 1:
+        print("robustness: error: --batch must be a positive integer", file=sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except (UsageError, GradientBuildError, ValueError) as exc:
+        print(f"robustness: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
