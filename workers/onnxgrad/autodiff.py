@@ -94,6 +94,9 @@ class Context:
         """The value of an initializer or Constant output, else None."""
         return self._constants.get(name)
 
+    def is_graph_input(self, name: str) -> bool:
+        return any(i.name == name for i in self.graph.input)
+
     def needs(self, name: str) -> bool:
         return bool(name) and name in self._active
 

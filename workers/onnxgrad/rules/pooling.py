@@ -23,14 +23,20 @@ def scatter_add_flat(ctx: Context, like: str, flat_indices: str, values: str, ex
 
 @register("MaxPool")
 def max_pool(ctx, node, dy):
-    """Route each output gradient to the input cell MaxPool picked (its Indices output).
+    """Route each output gradient to the input cell(s) holding the window's maximum.
 
-    The forward node is asked for its Indices (flat over N*C*H*W of the unpadded input,
-    so pads, ceil_mode and dilations are already accounted for); overlapping windows
-    add up through ScatterElements(reduction="add").
+    Windows that tile the input exactly (kernel = stride, no padding or dilation) compare
+    the input with the broadcast maximum; tied maxima share the gradient equally (like
+    ReduceMax). This keeps ONNX Runtime's fast pooling kernel in the forward pass. Other
+    windows ask the forward node for its Indices (flat over N*C*H*W of the unpadded input,
+    so pads, ceil_mode and dilations are accounted for; ties go to the first maximum) and
+    scatter-add, which sums overlapping windows.
     """
     if attr(node, "storage_order", 0) != 0:
         raise unsupported(node, "storage_order=1 (column-major indices) is not supported")
+    tiles = _tiling_blocks(ctx, node)
+    if tiles is not None and not (len(node.output) > 1 and node.output[1]):
+        return [_max_pool_tiled(ctx, node, dy[0], tiles)]
     if len(node.output) > 1 and node.output[1]:
         indices = node.output[1]
     else:
@@ -39,6 +45,46 @@ def max_pool(ctx, node, dy):
         node.output.append(indices)
     flat = scatter_add_flat(ctx, node.input[0], indices, dy[0])
     return [ctx.g.reshape_like(flat, node.input[0])]
+
+
+def _tiling_blocks(ctx: Context, node) -> list[tuple[int, int]] | None:
+    """(output length, window) per spatial axis when the windows tile the input exactly."""
+    shape = ctx.shape(node.input[0])
+    if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        return None
+    spatial = list(shape[2:])
+    rank = len(spatial)
+    kernel = list(attr(node, "kernel_shape"))
+    strides = list(attr(node, "strides", [1] * rank))
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    if (kernel != strides or any(attr(node, "pads", [0] * 2 * rank))
+            or any(d != 1 for d in attr(node, "dilations", [1] * rank))
+            or auto_pad not in (b"NOTSET", "NOTSET", b"VALID", "VALID")
+            or any(length % k for length, k in zip(spatial, kernel, strict=True))):
+        return None
+    return [(length // k, k) for length, k in zip(spatial, kernel, strict=True)]
+
+
+def _max_pool_tiled(ctx: Context, node, dy: str, tiles: list[tuple[int, int]]) -> str:
+    """Nearest upsampling, equality with the input, ties counted by a pooled sum.
+
+    Every op here keeps to ONNX Runtime's fast same-shape kernels (a MaxPool asked for
+    Indices is about 15x slower than one that is not, and broadcasting over 6-D window
+    views is slower still).
+    """
+    g = ctx.g
+    x, y = node.input[0], node.output[0]
+    window = [k for _, k in tiles]
+    scales = g.const([1.0, 1.0] + [float(k) for k in window])
+
+    def upsample(t: str) -> str:
+        return g.op("Resize", t, "", scales, mode="nearest",
+                    coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
+    at_max = g.op("CastLike", g.op("Equal", x, upsample(y)), dy)
+    mean_at_max = g.op("AveragePool", at_max, kernel_shape=window, strides=window)
+    ties = g.op("Mul", mean_at_max, g.const(float(np.prod(window))))
+    return g.op("Mul", upsample(g.op("Div", dy, ties)), at_max)
 
 
 def _window_counts(length, out_len, k, s, d, pad_begin, lo, hi) -> np.ndarray:
