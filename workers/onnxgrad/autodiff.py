@@ -16,7 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import UnsupportedNode, UnsupportedOperatorError
-from .graph import FLOAT_TYPES, GraphBuilder, Shape, static_shape, tensor_types
+from .graph import FLOAT_TYPES, NUMPY_FLOATS, GraphBuilder, Shape, static_shape, tensor_types
 
 # A rule takes the context, the node and one incoming gradient per output (None where
 # no gradient flows) and returns one gradient per input (None where it has none).
@@ -117,9 +117,11 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
+    """An attribute's value; strings come back as str (ONNX stores them as bytes)."""
     for a in node.attribute:
         if a.name == name:
-            return onnx.helper.get_attribute_value(a)
+            value = onnx.helper.get_attribute_value(a)
+            return value.decode() if isinstance(value, bytes) else value
     return default
 
 
@@ -197,8 +199,10 @@ def differentiate(
         incoming = [total(o) if o in active else None for o in node.output]
         if all(g is None for g in incoming):
             continue
+        builder.float_dtype = np.dtype(NUMPY_FLOATS.get(ctx.elem_type(node.output[0]), np.float32))
         outgoing = REGISTRY[node.op_type].fn(ctx, node, incoming)
         for input_name, grad in zip(node.input, outgoing, strict=False):
             if grad is not None and input_name in active:
                 grads.setdefault(input_name, []).append(grad)
+    builder.float_dtype = np.dtype(np.float32)
     return {name: total(name) for name in wrt}

@@ -34,6 +34,9 @@ class GraphBuilder:
         self._counter = 0
         self._constants: dict[tuple, str] = {}
         self._shapes: dict[str, str] = {}
+        # dtype of float constants: set by the driver to the dtype of the node being
+        # differentiated, so float16 and float64 sections get constants of their own type
+        self.float_dtype = np.dtype(np.float32)
 
     def fresh(self, hint: str) -> str:
         while True:
@@ -52,8 +55,14 @@ class GraphBuilder:
         )
         return names[0] if outputs == 1 else names
 
-    def const(self, value, dtype=np.float32) -> str:
-        """An initializer holding ``value``; equal constants share one initializer."""
+    def const(self, value, dtype=None) -> str:
+        """An initializer holding ``value``; equal constants share one initializer.
+
+        Without ``dtype``, floats take ``float_dtype`` and integers stay int64.
+        """
+        if dtype is None:
+            raw = np.asarray(value)
+            dtype = np.int64 if raw.dtype.kind in "iub" else self.float_dtype
         array = np.asarray(value, dtype=dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
         name = self._constants.get(key)
@@ -75,8 +84,13 @@ class GraphBuilder:
     def reshape_like(self, x: str, like: str) -> str:
         return self.op("Reshape", x, self.shape(like))
 
-    def zeros_like(self, like: str, dtype=np.float32) -> str:
-        return self.op("ConstantOfShape", self.shape(like), value=numpy_helper.from_array(np.zeros(1, dtype)))
+    def zeros(self, shape: str) -> str:
+        """Float zeros of a run-time shape, in ``float_dtype``."""
+        return self.op("ConstantOfShape", shape,
+                       value=numpy_helper.from_array(np.zeros(1, self.float_dtype)))
+
+    def zeros_like(self, like: str) -> str:
+        return self.zeros(self.shape(like))
 
     def reduce(self, op_type: str, x: str, axes: Sequence[int] | None, keepdims: bool) -> str:
         """A reduction over ``axes`` (None: every axis) in the form this opset expects."""
@@ -124,6 +138,10 @@ def static_shape(tp: onnx.TypeProto | None) -> Shape | None:
 def same_dim(a: Dim, b: Dim) -> bool:
     """True only when the two dims are provably equal."""
     return a is not None and a == b
+
+
+NUMPY_FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
+                TensorProto.FLOAT16: np.float16}
 
 
 def opset_of(model: onnx.ModelProto) -> int:

@@ -88,8 +88,7 @@ def spatial_shapes(ctx: Context, node, x: str, y: str) -> tuple[list[int], list[
 def resolve_pads(node, spatial_in, kernel, strides, dilations) -> list[int]:
     """Explicit [begin..., end...] pads, resolving auto_pad SAME_UPPER / SAME_LOWER / VALID."""
     rank = len(spatial_in)
-    auto_pad = attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = attr(node, "auto_pad", "NOTSET")
     if auto_pad in ("NOTSET", ""):
         return list(attr(node, "pads", [0] * (2 * rank)))
     if auto_pad == "VALID":
@@ -153,10 +152,9 @@ def _insert_zeros(ctx: Context, dy: str, spatial_out: list[int], strides: list[i
     scales = g.const([1.0, 1.0] + [float(s) for s in strides])
     upsampled = g.op("Resize", dy, "", scales, mode="nearest",
                      coordinate_transformation_mode="asymmetric", nearest_mode="floor")
-    lattice = np.ones([1, 1] + [lo * s for lo, s in zip(spatial_out, strides, strict=True)],
-                      np.float32)
+    lattice = np.ones([1, 1] + [lo * s for lo, s in zip(spatial_out, strides, strict=True)])
     for axis, s in enumerate(strides):
-        keep = (np.arange(lattice.shape[2 + axis]) % s == 0).astype(np.float32)
+        keep = (np.arange(lattice.shape[2 + axis]) % s == 0).astype(np.float64)
         lattice *= keep.reshape([1] * (2 + axis) + [-1] + [1] * (rank - 1 - axis))
     return g.op("Mul", upsampled, g.const(lattice))
 
@@ -183,7 +181,7 @@ def conv_input_grad_as_conv(ctx: Context, dy: str, weight: np.ndarray, group: in
     if any(crop_start) or crop_end != upsampled:
         axes = list(range(2, 2 + rank))
         dy = g.op("Slice", dy, g.ints(crop_start), g.ints(crop_end), g.ints(axes))
-    return g.op("Conv", dy, g.const(adjoint_kernel(weight, group), weight.dtype),
+    return g.op("Conv", dy, g.const(adjoint_kernel(weight, group)),
                 dilations=dilations, group=group, kernel_shape=kernel, pads=begins + ends)
 
 
@@ -236,8 +234,7 @@ def conv_transpose(ctx, node, dy):
     g = ctx.g
     x, w = node.input[0], node.input[1]
     bias = node.input[2] if len(node.input) > 2 else ""
-    auto_pad = attr(node, "auto_pad", b"NOTSET")
-    if auto_pad not in (b"NOTSET", "NOTSET", b"", "") or attr(node, "output_shape"):
+    if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "") or attr(node, "output_shape"):
         raise unsupported(node, "auto_pad and output_shape are not supported; give explicit pads")
     kernel = kernel_shape(ctx, node, w)
     strides, dilations = window_params(node, len(kernel), kernel)

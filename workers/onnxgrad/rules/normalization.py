@@ -26,7 +26,7 @@ def batch_normalization(ctx, node, dy):
     scale_v, var_v = ctx.constant(scale), ctx.constant(var)
     if scale_v is not None and var_v is not None:
         factor = (scale_v.astype(np.float64) / np.sqrt(var_v.astype(np.float64) + eps))
-        factor_name = g.const(factor.astype(np.float32).reshape(broadcast_shape))
+        factor_name = g.const(factor.reshape(broadcast_shape))
     else:
         std = g.op("Sqrt", g.op("Add", var, g.const(eps)))
         factor_name = g.op("Reshape", g.op("Div", scale, std), g.ints(broadcast_shape))
@@ -49,6 +49,8 @@ def layer_normalization(ctx, node, dy):
     del node.output[:]
     node.output.extend(outputs)
     mean, inv_std = outputs[1], outputs[2]
+    if ctx.elem_type(x) != ctx.elem_type(mean):  # statistics are kept in stash_type (float32)
+        mean, inv_std = g.op("CastLike", mean, x), g.op("CastLike", inv_std, x)
     xhat = g.op("Mul", g.op("Sub", x, mean), inv_std)
     gs = g.op("Mul", dy[0], scale)
     mean_gs = g.reduce("ReduceMean", gs, axes, keepdims=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 
-from ..autodiff import ALL_INPUTS, Context, attr, refuse, register
+import numpy as np
+
+from ..autodiff import ALL_INPUTS, Context, attr, refuse, register, unsupported
 from .broadcast import unbroadcast
 
 refuse(
@@ -30,8 +32,20 @@ def masked(ctx: Context, condition: str, grad: str) -> str:
     return ctx.g.op("Mul", grad, ctx.g.op("CastLike", condition, grad))
 
 
-@register("Identity", "Dropout")
+@register("Identity")
 def identity(ctx, node, dy):
+    return [dy[0]]
+
+
+@register("Dropout")
+def dropout(ctx, node, dy):
+    """Inference Dropout is the identity; training-mode Dropout is random and refused."""
+    training = node.input[2] if len(node.input) > 2 else ""
+    if training:
+        value = ctx.constant(training)
+        if value is None or bool(np.asarray(value).reshape(-1)[0]):
+            raise unsupported(node, "training-mode Dropout drops random units; export the model "
+                                    "in eval mode")
     return [dy[0]]
 
 
@@ -93,13 +107,17 @@ def pow_(ctx, node, dy):
     if ctx.needs(a):
         exponent = g.op("CastLike", b, a)
         exponent_value = ctx.constant(b)
-        if exponent_value is not None and exponent_value.size == 1 and float(exponent_value) == 2.0:
+        if exponent_value is not None and exponent_value.size == 1 and \
+                float(exponent_value.reshape(-1)[0]) == 2.0:
             local = g.op("Mul", a, g.const(2.0))
         else:
             local = g.op("Mul", exponent, g.op("Pow", a, g.op("Sub", exponent, g.const(1.0))))
         grads[0] = unbroadcast(ctx, g.op("Mul", dy[0], local), a, y)
     if ctx.needs(b):
-        grads[1] = unbroadcast(ctx, g.op("Mul", dy[0], g.op("Mul", y, g.op("Log", a))), b, y)
+        # d(a^b)/db = a^b log a, taken as 0 where a = 0 (PyTorch's convention; 0 * log 0)
+        local = g.op("Where", g.op("Equal", a, g.const(0.0)), g.const(0.0),
+                     g.op("Mul", y, g.op("Log", a)))
+        grads[1] = unbroadcast(ctx, g.op("Mul", dy[0], local), b, y)
     return grads
 
 

@@ -15,8 +15,13 @@ def scatter_add_flat(ctx: Context, like: str, flat_indices: str, values: str, ex
     numel = g.op("Size", like)
     length = g.op("Add", numel, g.const(extra, np.int64)) if extra else numel
     zeros = g.op("ConstantOfShape", g.op("Reshape", length, g.ints([1])),
-                 value=numpy_helper.from_array(np.zeros(1, np.float32)))
+                 value=numpy_helper.from_array(np.zeros(1, g.float_dtype)))
     flat_values = g.op("Reshape", values, g.ints([-1]))
+    if g.float_dtype == np.float16:  # ONNX Runtime has no float16 scatter-add: sum in float32
+        summed = g.op("ScatterElements", g.op("Cast", zeros, to=1),
+                      g.op("Reshape", flat_indices, g.ints([-1])), g.op("Cast", flat_values, to=1),
+                      axis=0, reduction="add")
+        return g.op("Cast", summed, to=10)
     return g.op("ScatterElements", zeros, g.op("Reshape", flat_indices, g.ints([-1])),
                 flat_values, axis=0, reduction="add")
 
@@ -56,10 +61,10 @@ def _tiling_blocks(ctx: Context, node) -> list[tuple[int, int]] | None:
     rank = len(spatial)
     kernel = list(attr(node, "kernel_shape"))
     strides = list(attr(node, "strides", [1] * rank))
-    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = attr(node, "auto_pad", "NOTSET")
     if (kernel != strides or any(attr(node, "pads", [0] * 2 * rank))
             or any(d != 1 for d in attr(node, "dilations", [1] * rank))
-            or auto_pad not in (b"NOTSET", "NOTSET", b"VALID", "VALID")
+            or auto_pad not in ("NOTSET", "VALID")
             or any(length % k for length, k in zip(spatial, kernel, strict=True))):
         return None
     return [(length // k, k) for length, k in zip(spatial, kernel, strict=True)]
@@ -146,8 +151,8 @@ def average_pool(ctx, node, dy):
         divisor = divisor * counts.reshape([1] * (2 + i) + [-1] + [1] * (rank - 1 - i))
         reach = strides[i] * (spatial_out[i] - 1) + dilations[i] * (kernel[i] - 1) + 1 - pads[i]
         transposed_pads[rank + i] = max(pads[rank + i], reach - spatial_in[i])
-    scaled = g.op("Mul", dy[0], g.const((1.0 / divisor).astype(np.float32)))
-    ones = g.const(np.ones([channels, 1] + kernel, np.float32))
+    scaled = g.op("Mul", dy[0], g.const(1.0 / divisor))
+    ones = g.const(np.ones([channels, 1] + kernel))
     return [g.op(
         "ConvTranspose", scaled, ones, group=channels, kernel_shape=kernel,
         strides=strides, dilations=dilations, pads=transposed_pads,

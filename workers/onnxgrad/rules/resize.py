@@ -12,6 +12,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from ..autodiff import Context, attr, register, unsupported
+from ..graph import same_dim
 
 _COPIED = ("mode", "coordinate_transformation_mode", "nearest_mode", "cubic_coeff_a",
            "exclude_outside", "antialias")
@@ -70,11 +71,9 @@ def resize(ctx: Context, node, dy):
     x_shape, y_shape = ctx.shape(x), ctx.shape(y)
     if x_shape is None or y_shape is None:
         raise unsupported(node, "input and output shapes must be known")
-    mode = attr(node, "coordinate_transformation_mode", b"half_pixel")
-    if mode in (b"tf_crop_and_resize", "tf_crop_and_resize"):
+    if attr(node, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
         raise unsupported(node, "tf_crop_and_resize is not supported")
-    policy = attr(node, "keep_aspect_ratio_policy", b"stretch")
-    if policy not in (b"stretch", "stretch"):
+    if attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
         raise unsupported(node, "only keep_aspect_ratio_policy=stretch is supported")
     rank = len(x_shape)
     axes = attr(node, "axes")
@@ -84,14 +83,12 @@ def resize(ctx: Context, node, dy):
     if scales_in and scales is None and not sizes_in:
         raise unsupported(node, "scales computed at run time are not supported")
     grad = dy[0]
-    for axis in range(rank):
+    for axis in sorted(a % rank for a in axes) if axes else range(rank):
         length, out_length = x_shape[axis], y_shape[axis]
         scale = scales[axis] if scales is not None else None
-        if length == out_length and (scale is None or scale == 1.0) and isinstance(length, int):
+        if scale == 1.0 or (scale is None and same_dim(length, out_length)):
             continue
         if not isinstance(length, int) or not isinstance(out_length, int):
-            if scale == 1.0:
-                continue
             raise unsupported(node, f"axis {axis} is resized but its size is not static")
         matrix = _axis_matrix(node, axis, rank, length, out_length, scale)
         if axis == rank - 1:

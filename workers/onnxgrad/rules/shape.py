@@ -102,8 +102,7 @@ def selection(ctx, node, dy):
 
 @register("Pad")
 def pad(ctx, node, dy):
-    mode = attr(node, "mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = attr(node, "mode", "constant")
     if mode == "wrap":
         raise unsupported(node, "wrap padding is not supported")
     return [replay_on_positions(ctx, node, dy[0], sink_value=(mode == "constant"))]

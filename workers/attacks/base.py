@@ -1,0 +1,179 @@
+"""What every attack shares: the model it needs, the result it returns, norms, validation.
+
+Call shape (after Foolbox 3): ``attack(model, x, y, eps=[...], targets=None, bounds=(0, 1),
+seed=0)`` returns one :class:`AttackRun` per budget, so one call yields a whole robustness
+curve; minimal-perturbation attacks take no budget and return a single run.
+Arrays: ``x`` float32 [N, ...] in pixel space within ``bounds``; ``y`` int64 [N] true labels;
+``targets`` int64 [N] target classes for targeted attacks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import numpy as np
+
+
+class AttackModel(Protocol):
+    """The model interface attacks use (``workers.runtime.Classifier`` implements it)."""
+
+    num_classes: int
+
+    def logits(self, x: np.ndarray) -> np.ndarray: ...
+
+    def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, loss: str = "cross_entropy"
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+# progress(done, total): called by long attacks between batches of work
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class AttackRun:
+    """The outcome of one attack at one budget (``eps`` None for minimal attacks)."""
+
+    eps: float | None
+    x_adv: np.ndarray  # [N, ...], inside the bounds and (for budgeted attacks) the eps ball
+    success: np.ndarray  # bool [N]: misclassified (untargeted) or classified as the target
+    queries: np.ndarray | None = None  # int [N] model calls per sample (score-based attacks)
+    extra: dict = field(default_factory=dict)  # attack-specific arrays (e.g. a universal delta)
+
+
+def check(condition: bool, message: str) -> None:
+    """Parameter validation: raise ValueError naming the parameter."""
+    if not condition:
+        raise ValueError(message)
+
+
+def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False) -> None:
+    kind = "integer" if integer else "number"
+    ok = isinstance(value, int | np.integer) if integer else isinstance(value, int | float | np.number)
+    ok = ok and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    check(ok, f"`{name}` must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}")
+
+
+class Norm:
+    """The Lp geometry of a budget: random start, steepest-ascent direction, projection."""
+
+    name: ClassVar[str]
+
+    @staticmethod
+    def _flat(a: np.ndarray) -> np.ndarray:
+        return a.reshape(len(a), -1)
+
+    def size(self, delta: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def random_start(self, rng: np.random.Generator, shape, eps: float) -> np.ndarray:
+        raise NotImplementedError
+
+    def ascent_direction(self, grad: np.ndarray) -> np.ndarray:
+        """The unit-norm direction of steepest ascent for this norm."""
+        raise NotImplementedError
+
+    def project(self, delta: np.ndarray, eps: float) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Linf(Norm):
+    name = "linf"
+
+    def size(self, delta):
+        return np.abs(self._flat(delta)).max(axis=1) if delta.size else np.zeros(len(delta))
+
+    def random_start(self, rng, shape, eps):
+        return rng.uniform(-eps, eps, size=shape).astype(np.float32)
+
+    def ascent_direction(self, grad):
+        return np.sign(grad).astype(np.float32)
+
+    def project(self, delta, eps):
+        return np.clip(delta, -eps, eps)
+
+
+class L2(Norm):
+    name = "l2"
+
+    def size(self, delta):
+        return np.linalg.norm(self._flat(delta), axis=1)
+
+    def random_start(self, rng, shape, eps):
+        direction = rng.standard_normal(size=shape).astype(np.float32)
+        direction /= np.maximum(self.size(direction), 1e-12).reshape((-1,) + (1,) * (len(shape) - 1))
+        radius = rng.uniform(0, 1, size=(shape[0],) + (1,) * (len(shape) - 1)).astype(np.float32)
+        return direction * radius * eps
+
+    def ascent_direction(self, grad):
+        norms = np.maximum(self.size(grad), 1e-12).reshape((-1,) + (1,) * (grad.ndim - 1))
+        return (grad / norms).astype(np.float32)
+
+    def project(self, delta, eps):
+        norms = np.maximum(self.size(delta), 1e-12).reshape((-1,) + (1,) * (delta.ndim - 1))
+        return (delta * np.minimum(1.0, eps / norms)).astype(np.float32)
+
+
+NORMS: dict[str, Norm] = {"linf": Linf(), "l2": L2()}
+
+
+def get_norm(name: str) -> Norm:
+    check(name in NORMS, f"`norm` must be one of {', '.join(NORMS)}, got {name!r}")
+    return NORMS[name]
+
+
+def clip_to_box(x: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    return np.clip(x, bounds[0], bounds[1]).astype(np.float32, copy=False)
+
+
+def is_adversarial(logits: np.ndarray, y: np.ndarray, targets: np.ndarray | None) -> np.ndarray:
+    predicted = logits.argmax(axis=1)
+    return predicted == targets if targets is not None else predicted != y
+
+
+class Attack(ABC):
+    """Base class: subclasses validate keyword-only parameters in ``__init__``."""
+
+    name: ClassVar[str]
+    norm: ClassVar[str | None] = None
+    minimal: ClassVar[bool] = False  # True: finds minimal perturbations, takes no eps
+    targeted_capable: ClassVar[bool] = False
+
+    def __call__(
+        self,
+        model: AttackModel,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        eps: Sequence[float] | float | None = None,
+        targets: np.ndarray | None = None,
+        bounds: tuple[float, float] = (0.0, 1.0),
+        seed: int = 0,
+        progress: Progress | None = None,
+    ) -> list[AttackRun]:
+        x = np.asarray(x, np.float32)
+        y = np.asarray(y, np.int64)
+        check(x.ndim >= 2 and len(x) == len(y), f"x [N, ...] and y [N] disagree: {x.shape} vs {y.shape}")
+        check(bounds[0] < bounds[1], f"`bounds` must satisfy low < high, got {bounds}")
+        if targets is not None:
+            check(self.targeted_capable, f"{self.name} does not support targeted attacks")
+            targets = np.asarray(targets, np.int64)
+            check(targets.shape == y.shape, "`targets` must have one class per sample")
+        if self.minimal:
+            check(eps is None, f"{self.name} finds minimal perturbations and takes no `eps`")
+            budgets: list[float | None] = [None]
+        else:
+            check(eps is not None, f"{self.name} needs `eps`, the perturbation budget(s)")
+            budgets = [float(e) for e in np.atleast_1d(eps)]
+            for e in budgets:
+                check(e >= 0 and np.isfinite(e), f"`eps` values must be finite and >= 0, got {e}")
+        rng = np.random.default_rng(seed)
+        return [self.run(model, x, y, e, targets, bounds, rng, progress) for e in budgets]
+
+    @abstractmethod
+    def run(self, model: AttackModel, x: np.ndarray, y: np.ndarray, eps: float | None,
+            targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
+            progress: Progress | None) -> AttackRun:
+        """Attack every sample at one budget."""
