@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from workers.onnxgrad import InvalidModelError, build_gradient_model, prepare_classifier
-from workers.onnxgrad.losses import LOSSES
+from workers.onnxgrad.losses import LOSS_INPUTS, LOSSES
 
 log = logging.getLogger("robustness.runtime")
 
@@ -159,8 +159,7 @@ class Classifier:
         return np.zeros([n] + dims, np.float32)
 
     def _gradient_session(self, loss: str):
-        if loss not in LOSSES:
-            raise ValueError(f"`loss` must be one of {', '.join(LOSSES)}, got {loss!r}")
+        check_loss(loss)
         key = (self.model_hash, self._output_name, loss)
         grad_bytes = _GRADIENT_MODELS.get_or_create(
             key, lambda: build_gradient_model(self._raw, loss, self._output_name).SerializeToString())
@@ -201,15 +200,40 @@ class Classifier:
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.logits(x).argmax(axis=1)
 
-    def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, loss: str = "cross_entropy"
+    def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, loss: str = "cross_entropy",
+                      targets: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(logits [N, K], per-sample loss [N], d loss[i] / d x[i] shaped like x)."""
-        session = self._gradient_session(loss)
+        """(logits [N, K], per-sample loss [N], d loss[i] / d x[i] shaped like x).
+
+        ``targets`` (int [N]) is required by ``dlr_targeted`` and ignored otherwise.
+        """
+        check_loss(loss)
+        if loss == "cotangent":
+            raise ValueError("use logits_vjp() for cotangent gradients")
         x, labels = self.check_inputs(x, labels)
+        feeds = {"labels": labels}
+        if "targets" in LOSS_INPUTS[loss]:
+            if targets is None:
+                raise ValueError(f"the {loss} loss needs `targets`")
+            feeds["targets"] = self.check_inputs(x, targets)[1]
+        return self._run_gradient(loss, x, feeds)
+
+    def logits_vjp(self, x: np.ndarray, dlogits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits [N, K], J^T dlogits shaped like x): the gradient of <dlogits[i], z(x[i])>."""
+        (x,) = self.check_inputs(x)
+        dlogits = np.asarray(dlogits, np.float32)
+        if dlogits.shape != (len(x), self.num_classes):
+            raise ValueError(f"dlogits must have shape [{len(x)}, {self.num_classes}], "
+                             f"got {list(dlogits.shape)}")
+        logits, _, grad = self._run_gradient("cotangent", x, {"dlogits": dlogits})
+        return logits, grad
+
+    def _run_gradient(self, loss: str, x: np.ndarray, feeds: dict[str, np.ndarray]):
+        session = self._gradient_session(loss)
         logits, losses, grads = [], [], []
         for s in self._batches(len(x)):
-            z, value, grad = session.run(["logits", "loss", "grad"],
-                                         {self.input_name: x[s], "labels": labels[s]})
+            batch = {self.input_name: x[s], **{k: v[s] for k, v in feeds.items()}}
+            z, value, grad = session.run(["logits", "loss", "grad"], batch)
             logits.append(z)
             losses.append(value)
             grads.append(grad)
@@ -217,3 +241,8 @@ class Classifier:
             return (np.zeros((0, self.num_classes), np.float32), np.zeros(0, np.float32),
                     np.zeros_like(x))
         return np.concatenate(logits), np.concatenate(losses), np.concatenate(grads)
+
+
+def check_loss(loss: str) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"`loss` must be one of {', '.join(LOSSES)}, got {loss!r}")

@@ -15,7 +15,7 @@ BATCH = 5
 SHIFT_INVARIANT = ("cross_entropy", "margin", "dlr")  # unchanged by log-softmax, for Softmax models
 
 
-def torch_loss(z: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+def torch_loss(z: torch.Tensor, y: torch.Tensor, loss: str, targets=None, dlogits=None) -> torch.Tensor:
     at_label = z.gather(1, y[:, None])[:, 0]
     others = z.masked_fill(torch.nn.functional.one_hot(y, z.shape[1]).bool(), float("-inf"))
     best_other = others.max(dim=1).values
@@ -28,6 +28,12 @@ def torch_loss(z: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
         return -(at_label - best_other) / (ordered[:, 0] - ordered[:, 2] + 1e-12)
     if loss == "logit":
         return at_label
+    if loss == "dlr_targeted":
+        ordered = z.sort(dim=1, descending=True).values
+        at_target = z.gather(1, targets[:, None])[:, 0]
+        return -(at_label - at_target) / (ordered[:, 0] - (ordered[:, 2] + ordered[:, 3]) / 2 + 1e-12)
+    if loss == "cotangent":
+        return (z * dlogits).sum(1)
     raise ValueError(loss)
 
 
@@ -35,13 +41,24 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def reference(name: str, x: np.ndarray, y: np.ndarray, loss: str):
+def extra_inputs(loss: str, y: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if loss == "dlr_targeted":
+        return {"labels": y, "targets": (y + 1 + rng.integers(0, 9, len(y))) % 10}
+    if loss == "cotangent":
+        return {"dlogits": rng.standard_normal((len(y), 10)).astype(np.float32)}
+    return {"labels": y}
+
+
+def reference(name: str, x: np.ndarray, y: np.ndarray, loss: str, extra: dict | None = None):
     model = zoo.make_model(name)
     xt = torch.tensor(x, requires_grad=True)
     z = model(xt)
     if name == "softmax_mlp":
         z = torch.log(z)  # shift of the pre-softmax scores; SHIFT_INVARIANT losses agree
-    per_sample = torch_loss(z, torch.tensor(y), loss)
+    extra = extra or {}
+    per_sample = torch_loss(z, torch.tensor(y), loss,
+                            targets=torch.tensor(extra["targets"]) if "targets" in extra else None,
+                            dlogits=torch.tensor(extra["dlogits"]) if "dlogits" in extra else None)
     (grad,) = torch.autograd.grad(per_sample.sum(), xt)
     return per_sample.detach().numpy(), grad.numpy()
 
@@ -75,9 +92,10 @@ def test_gradient_matches_torch_autograd(name, loss, gradient_sessions):
     y = rng.integers(0, 10, BATCH)
     session = gradient_sessions(name, loss)
     input_name = session.get_inputs()[0].name
-    logits, per_sample, grad = session.run(["logits", "loss", "grad"], {input_name: x, "labels": y})
+    extra = extra_inputs(loss, y, rng)
+    logits, per_sample, grad = session.run(["logits", "loss", "grad"], {input_name: x, **extra})
 
-    want_loss, want_grad = reference(name, x, y, loss)
+    want_loss, want_grad = reference(name, x, y, loss, extra)
     assert logits.shape == (BATCH, 10)
     assert per_sample.shape == (BATCH,)
     assert grad.shape == x.shape

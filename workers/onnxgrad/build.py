@@ -9,10 +9,10 @@ from . import rules  # noqa: F401  (fills the registry)
 from .autodiff import differentiate
 from .errors import InvalidModelError
 from .graph import GraphBuilder, opset_of, tensor_types
-from .losses import LOSSES, emit_loss
+from .losses import LOSS_INPUTS, LOSSES, emit_loss
 from .prepare import BATCH_DIM, infer_shapes, load_model, normalise_opset, prepare_classifier
 
-RESERVED = ("labels", "logits", "loss", "grad")
+RESERVED = ("labels", "targets", "dlogits", "logits", "loss", "grad")
 
 
 def _names(graph: onnx.GraphProto) -> set[str]:
@@ -92,11 +92,13 @@ def build_gradient_model(
 ) -> onnx.ModelProto:
     """The gradient graph of a classifier, made only of default-domain ONNX operators.
 
-    Inputs: the model's image input (same name) and ``labels`` (int64 [N]).
+    Inputs: the model's image input (same name) and ``labels`` (int64 [N]); the
+    ``dlr_targeted`` loss also takes ``targets`` (int64 [N]), and ``cotangent`` takes
+    ``dlogits`` (float32 [N, K]) instead of labels.
     Outputs: ``logits`` [N, K], ``loss`` [N] (per sample) and ``grad`` (shaped like the image
     input: d loss[i] / d x[i]). The batch axis is symbolic. For a model that ends in Softmax
     the pre-softmax scores are differentiated and returned as ``logits``.
-    ``loss`` is one of cross_entropy, margin, dlr, logit. The caller's model is not mutated.
+    ``loss`` is one of ``LOSSES`` (see losses.py). The caller's model is not mutated.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
@@ -118,16 +120,19 @@ def build_gradient_model(
             _rename(graph, reserved, replacement)
             taken.add(replacement)
     builder = GraphBuilder(prepared.opset, _names(graph) | set(RESERVED))
-    loss_name, seed = emit_loss(builder, loss, logits, "labels", prepared.num_classes)
+    extra = {name: name for name in LOSS_INPUTS[loss]}
+    loss_name, seed = emit_loss(builder, loss, logits, prepared.num_classes, extra)
     grads = differentiate(graph, builder, [x], logits, seed)
     if grads[x] is None:
         raise InvalidModelError("the logits do not depend on the image input")
 
     batch = prepared.input_shape[0] if prepared.input_shape else BATCH_DIM
-    inputs = [
-        _value_info(x, TensorProto.FLOAT, prepared.input_shape or None),
-        _value_info("labels", TensorProto.INT64, [batch]),
-    ]
+    inputs = [_value_info(x, TensorProto.FLOAT, prepared.input_shape or None)]
+    for name in LOSS_INPUTS[loss]:
+        if name == "dlogits":
+            inputs.append(_value_info(name, TensorProto.FLOAT, [batch, prepared.num_classes]))
+        else:
+            inputs.append(_value_info(name, TensorProto.INT64, [batch]))
     outputs = [
         (logits, "logits", _value_info("logits", TensorProto.FLOAT, [batch, prepared.num_classes])),
         (loss_name, "loss", _value_info("loss", TensorProto.FLOAT, [batch])),

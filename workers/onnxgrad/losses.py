@@ -8,6 +8,10 @@ from an exact seed without differentiating through TopK or ArgMax.
 - dlr (Croce and Hein 2020, untargeted): -(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3 + 1e-12),
   pi the classes sorted by logit, descending. Needs K >= 3.
 - logit: z_y; gradient onehot(y) (targeted attacks, DeepFool).
+- dlr_targeted (APGD-T): -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12), with a second
+  input ``targets``. Needs K >= 4.
+- cotangent: <c, z> for a given cotangent c [N, K] (input ``dlogits``), whose gradient is
+  J^T c: any linear combination of logits, e.g. z_t - z_y for FAB and DeepFool.
 """
 
 from __future__ import annotations
@@ -19,13 +23,20 @@ import numpy as np
 from .errors import InvalidModelError
 from .graph import GraphBuilder
 
-LOSSES = ("cross_entropy", "margin", "dlr", "logit")
+LOSSES = ("cross_entropy", "margin", "dlr", "logit", "dlr_targeted", "cotangent")
+# the extra inputs each loss reads besides the image: name -> (dtype, shape suffix after N)
+LOSS_INPUTS = {
+    "cross_entropy": ("labels",), "margin": ("labels",), "dlr": ("labels",), "logit": ("labels",),
+    "dlr_targeted": ("labels", "targets"), "cotangent": ("dlogits",),
+}
+MIN_CLASSES = {"dlr": 3, "dlr_targeted": 4}
 _LOWEST = float(np.finfo(np.float32).min)
 
 
 class _Logits:
-    def __init__(self, g: GraphBuilder, z: str, labels: str, num_classes: int | None):
-        self.g, self.z, self.labels = g, z, labels
+    def __init__(self, g: GraphBuilder, z: str, labels: str, num_classes: int | None,
+                 targets: str | None = None):
+        self.g, self.z, self.labels, self.targets = g, z, labels, targets
         depth = g.const(num_classes, np.int64) if num_classes else g.op(
             "Gather", g.shape(z), g.const(1, np.int64))
         self._depth = depth
@@ -85,20 +96,54 @@ def _logit(t: _Logits) -> tuple[str, str]:
     return t.at_label(), t.onehot
 
 
+def _dlr_targeted(t: _Logits) -> tuple[str, str]:
+    g = t.g
+    target_hot = t.one_hot(t.targets)
+    at_target = g.reduce("ReduceSum", g.op("Mul", t.z, target_hot), [1], False)
+    top_values, top_indices = g.op("TopK", t.z, g.ints([4]), axis=1, outputs=2)
+
+    def pick(tensor: str, k: int) -> str:
+        return g.op("Gather", tensor, g.const(k, np.int64), axis=1)
+
+    gap = g.op("Sub", t.at_label(), at_target)  # a = z_y - z_t
+    spread = g.op("Add", g.op("Sub", pick(top_values, 0),
+                              g.op("Mul", g.op("Add", pick(top_values, 2), pick(top_values, 3)),
+                                   g.const(0.5))), g.const(1e-12))  # d
+    loss = g.op("Neg", g.op("Div", gap, spread))
+    d_gap = g.op("Sub", t.onehot, target_hot)
+    half_rest = g.op("Mul", g.op("Add", t.one_hot(pick(top_indices, 2)),
+                                 t.one_hot(pick(top_indices, 3))), g.const(0.5))
+    d_spread = g.op("Sub", t.one_hot(pick(top_indices, 0)), half_rest)
+    column = [-1, 1]
+    inv_spread = g.op("Reshape", g.op("Reciprocal", spread), g.ints(column))
+    ratio = g.op("Reshape", g.op("Div", gap, g.op("Mul", spread, spread)), g.ints(column))
+    grad = g.op("Add", g.op("Neg", g.op("Mul", d_gap, inv_spread)), g.op("Mul", d_spread, ratio))
+    return loss, grad
+
+
 _EMITTERS: dict[str, Callable[[_Logits], tuple[str, str]]] = {
     "cross_entropy": _cross_entropy,
     "margin": _margin,
     "dlr": _dlr,
     "logit": _logit,
+    "dlr_targeted": _dlr_targeted,
 }
 
 
 def emit_loss(
-    g: GraphBuilder, loss: str, logits: str, labels: str, num_classes: int | None
+    g: GraphBuilder, loss: str, logits: str, num_classes: int | None, inputs: dict[str, str]
 ) -> tuple[str, str]:
-    """Emit ``loss`` on ``logits``; returns (per-sample loss [N], d loss / d logits [N, K])."""
-    if loss not in _EMITTERS:
+    """Emit ``loss`` on ``logits``; returns (per-sample loss [N], d loss / d logits [N, K]).
+
+    ``inputs`` maps the loss's extra input names (``LOSS_INPUTS[loss]``) to graph tensors.
+    """
+    if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if loss == "dlr" and num_classes is not None and num_classes < 3:
-        raise InvalidModelError(f"the dlr loss needs at least 3 classes; the model has {num_classes}")
-    return _EMITTERS[loss](_Logits(g, logits, labels, num_classes))
+    needed = MIN_CLASSES.get(loss, 0)
+    if num_classes is not None and num_classes < needed:
+        raise InvalidModelError(
+            f"the {loss} loss needs at least {needed} classes; the model has {num_classes}")
+    if loss == "cotangent":
+        cotangent = inputs["dlogits"]
+        return g.reduce("ReduceSum", g.op("Mul", logits, cotangent), [1], False), cotangent
+    return _EMITTERS[loss](_Logits(g, logits, inputs["labels"], num_classes, inputs.get("targets")))
