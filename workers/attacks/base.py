@@ -177,3 +177,13 @@ class Attack(ABC):
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
             progress: Progress | None) -> AttackRun:
         """Attack every sample at one budget."""
+
+
+ATTACKS: dict[str, type[Attack]] = {}
+
+
+def register_attack(cls: type[Attack]) -> type[Attack]:
+    """Class decorator: make ``cls`` available by its ``name`` to specs and the CLI."""
+    check(cls.name not in ATTACKS, f"attack name {cls.name!r} registered twice")
+    ATTACKS[cls.name] = cls
+    return cls
