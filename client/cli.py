@@ -1,9 +1,11 @@
 """The `robustness` command line.
 
+    robustness evaluate MODEL.onnx DATA.npz --spec SPEC.yaml [--out result.json]
     robustness inspect MODEL.onnx [--check] [--json]
     robustness gradient-model MODEL.onnx --out GRAD.onnx [--loss cross_entropy]
 
-Exit codes: 0 success, 2 bad input (the message says what is wrong and how to fix it).
+Exit codes: 0 success, 1 a gate failed (evaluate), 2 bad input (the message says what is
+wrong and how to fix it).
 """
 
 from __future__ import annotations
@@ -138,6 +140,12 @@ def cmd_gradient_model(args) -> int:
     return 0
 
 
+def _run_evaluate(args) -> int:
+    from client.evaluate_cli import run_evaluate
+
+    return run_evaluate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robustness", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--batch", type=int, default=64)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(run=cmd_inspect)
+    evaluate = sub.add_parser("evaluate", help="run an evaluation spec on a model and a dataset")
+    evaluate.add_argument("model", help="an .onnx image classifier")
+    evaluate.add_argument("data", help="an .npz with x (images) and y (labels)")
+    evaluate.add_argument("--spec", required=True, help="evaluation spec, YAML or JSON")
+    evaluate.add_argument("--out", help="write the result document (JSON) here")
+    evaluate.add_argument("--artifacts", help="write arrays (e.g. universal perturbations) to this .npz")
+    evaluate.set_defaults(run=_run_evaluate)
     grad = sub.add_parser("gradient-model", help="write the gradient ONNX graph of a model")
     grad.add_argument("model")
     grad.add_argument("--out", required=True)
@@ -164,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (UsageError, GradientBuildError, ValueError) as exc:
+    except (UsageError, GradientBuildError, ValueError, OSError) as exc:
         print(f"robustness: error: {exc}", file=sys.stderr)
         return 2
 

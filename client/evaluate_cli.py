@@ -1,0 +1,135 @@
+"""`robustness evaluate MODEL.onnx DATA.npz --spec SPEC.yaml`: a local evaluation.
+
+Progress on stderr, a summary table on stdout, the result document as JSON (--out), exit 1
+when a gate fails and 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydantic import ValidationError
+
+from schemas.evaluation import EvaluationResult, EvaluationSpec
+
+
+class ProgressBar:
+    """One line on stderr: stage, samples done, ETA; redrawn at most 5 times a second."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.stage = None
+        self.stage_started = 0.0
+        self.last_draw = 0.0
+        self.interactive = stream.isatty()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage != self.stage:
+            if self.stage is not None and self.interactive:
+                self.stream.write("\n")
+            self.stage, self.stage_started = stage, now
+        finished = done >= total
+        if not finished and now - self.last_draw < 0.2:
+            return
+        self.last_draw = now
+        elapsed = now - self.stage_started
+        eta = elapsed / done * (total - done) if done else float("nan")
+        width = 24
+        filled = int(width * done / total) if total else width
+        line = (f"{stage:<18} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+                f"elapsed {elapsed:5.1f}s ETA {eta:5.1f}s")
+        if self.interactive:
+            self.stream.write("\r" + line)
+        elif finished:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.interactive and self.stage is not None:
+            self.stream.write("\n")
+
+
+def load_spec(path: str) -> EvaluationSpec:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"{path}: no such spec file")
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML or JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the spec must be a mapping (input, samples, attacks, gates)")
+    try:
+        return EvaluationSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError("invalid spec: " + format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        location = ".".join(str(p) for p in error["loc"]) or "spec"
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{location}: {message}")
+    return "; ".join(parts)
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def summary_table(result: EvaluationResult) -> str:
+    lines = [f"clean accuracy {result.clean_accuracy:.4f} on {result.dataset['samples']} samples "
+             f"({result.device}, {result.timing.get('total', 0):.1f}s)", ""]
+    header = f"{'attack':<18} {'norm':<5} {'eps':>7} {'robust acc':>10} {'success':>8} " \
+             f"{'mean L2':>8} {'mean Linf':>9} {'median L2':>9}"
+    lines += [header, "-" * len(header)]
+    for e in result.attacks:
+        lines.append(f"{e.attack:<18} {e.norm or '-':<5} {_fmt(e.eps, 4):>7} "
+                     f"{_fmt(e.robust_accuracy, 4):>10} {_fmt(e.success_rate, 4):>8} "
+                     f"{_fmt(e.mean_l2):>8} {_fmt(e.mean_linf):>9} {_fmt(e.median_l2):>9}")
+    for warning in result.warnings:
+        lines.append(f"warning: {warning}")
+    if result.gates:
+        lines.append("")
+        for g in result.gates:
+            bound = " and ".join(x for x in (f">= {g.min}" if g.min is not None else "",
+                                             f"<= {g.max}" if g.max is not None else "") if x)
+            where = f" {g.attack}" + (f" eps={g.eps:g}" if g.eps is not None else "") if g.attack else ""
+            status = "PASS" if g.passed else "FAIL"
+            got = _fmt(g.value, 4) if g.value is not None else (g.reason or "-")
+            lines.append(f"gate {status}: {g.metric}{where} {bound} (got {got})")
+    return "\n".join(lines)
+
+
+def run_evaluate(args) -> int:
+    from client.cli import read_model
+    from workers.datasets import load_npz
+    from workers.evaluate import evaluate
+
+    spec = load_spec(args.spec)
+    model = read_model(args.model)
+    data_path = Path(args.data)
+    if not data_path.is_file():
+        raise ValueError(f"{args.data}: no such file")
+    dataset = load_npz(data_path.read_bytes(), tuple(spec.input.range))
+    bar = ProgressBar()
+    try:
+        evaluation = evaluate(model, dataset, spec, progress=bar)
+    finally:
+        bar.close()
+    result = evaluation.result
+    print(summary_table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result.model_dump(mode="json"), indent=2))
+    if args.artifacts and evaluation.artifacts:
+        np.savez_compressed(args.artifacts, **evaluation.artifacts)
+    return 0 if result.passed else 1

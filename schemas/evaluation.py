@@ -1,0 +1,221 @@
+"""The evaluation spec and the result document: the contract shared by the CLI, the service
+and its clients. ``python -m schemas`` writes their JSON Schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Layout = Literal["NCHW", "NHWC"]
+Norm = Literal["linf", "l2"]
+GateMetric = Literal[
+    "clean_accuracy", "robust_accuracy", "success_rate", "mean_l2", "median_l2",
+    "mean_linf", "median_linf", "distortion", "rho",
+]
+
+
+class InputSpec(BaseModel):
+    """How the dataset's pixels relate to what the model expects."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    range: tuple[float, float] = (0.0, 1.0)  # pixel range attacks work in (budgets are in it)
+    mean: list[float] | None = None  # normalisation composed into the graph: (x - mean) / std
+    std: list[float] | None = None
+    layout: Layout = "NCHW"  # of the dataset; the model input is NCHW after the composed transpose
+
+    @field_validator("range")
+    @classmethod
+    def _ordered(cls, value):
+        if not value[0] < value[1]:
+            raise ValueError(f"range must be [low, high] with low < high, got {list(value)}")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, value):
+        if value is not None and any(v <= 0 for v in value):
+            raise ValueError("std values must be positive")
+        return value
+
+
+class AttackSpec(BaseModel):
+    """One attack: ``name``, its budgets and its own parameters (checked by the attack)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(description="attack name, e.g. fgsm, pgd, deepfool, autoattack")
+    eps: list[float] | None = Field(None, description="budgets in pixel units (one or a list)")
+    norm: Norm | None = None
+    targeted: bool = False  # with random target classes != label, from the seed
+    label: str | None = Field(None, description="a name for this entry in results and gates")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scalars_to_lists(cls, data):
+        if isinstance(data, dict):
+            data = dict(data)
+            if "std" in data and "eps" not in data:  # noise baselines are budgeted by their std
+                data["eps"] = data.pop("std")
+            if isinstance(data.get("eps"), int | float):
+                data["eps"] = [data["eps"]]
+        return data
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_valid(cls, value):
+        if value is not None:
+            if not value:
+                raise ValueError("eps must not be empty")
+            if any(not (v >= 0) or v != v or v == float("inf") for v in value):
+                raise ValueError("eps values must be finite and >= 0")
+        return value
+
+    def params(self) -> dict[str, Any]:
+        """The attack-specific parameters (everything but the common fields)."""
+        return dict(self.model_extra or {})
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class GateSpec(BaseModel):
+    """A pass/fail condition on one metric of the result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: GateMetric
+    attack: str | None = None  # attack name or label; None only for clean_accuracy
+    eps: float | None = None
+    norm: Norm | None = None
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self):
+        if self.min is None and self.max is None:
+            raise ValueError("a gate needs `min` or `max`")
+        if self.metric != "clean_accuracy" and self.attack is None:
+            raise ValueError(f"a gate on {self.metric} must name its `attack`")
+        return self
+
+
+class EvaluationSpec(BaseModel):
+    """What to evaluate: input conventions, how many samples, which attacks, which gates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: InputSpec = Field(default_factory=InputSpec)
+    samples: int | Literal["all"] = Field("all", description="the first N samples, or all")
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(64, ge=1, le=4096)
+    attacks: list[AttackSpec] = Field(default_factory=list, max_length=64)
+    gates: list[GateSpec] = Field(default_factory=list, max_length=256)
+
+    @field_validator("samples")
+    @classmethod
+    def _positive_samples(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("samples must be a positive integer or 'all'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_attacks_and_gates(self):
+        from workers.attacks import ATTACKS  # the registry fills when the attack modules import
+
+        keys = [a.key for a in self.attacks]
+        duplicates = {k for k in keys if keys.count(k) > 1}
+        if duplicates:
+            raise ValueError(f"attacks {sorted(duplicates)} appear twice; give each a distinct `label`")
+        for index, attack in enumerate(self.attacks):
+            if attack.name not in ATTACKS:
+                raise ValueError(f"attacks[{index}].name: unknown attack {attack.name!r}; "
+                                 f"choose one of {', '.join(sorted(ATTACKS))}")
+            try:
+                build_attack(attack)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"attacks[{index}] ({attack.name}): {exc}") from None
+        for index, gate in enumerate(self.gates):
+            if gate.attack is not None and gate.attack not in keys:
+                raise ValueError(f"gates[{index}].attack: {gate.attack!r} is not among the attacks "
+                                 f"{keys}")
+        return self
+
+
+def build_attack(spec: AttackSpec):
+    """The attack object a spec entry describes; its constructor validates the parameters."""
+    from workers.attacks import ATTACKS
+
+    cls = ATTACKS[spec.name]
+    params = spec.params()
+    if spec.norm is not None:
+        params["norm"] = spec.norm
+    if spec.targeted and not cls.targeted_capable:
+        raise ValueError(f"{spec.name} has no targeted variant; remove `targeted`")
+    if not cls.minimal and spec.eps is None:
+        raise ValueError(f"{spec.name} needs `eps`, its budget(s)")
+    if cls.minimal and spec.eps is not None:
+        raise ValueError(f"{spec.name} finds minimal perturbations and takes no `eps`")
+    try:
+        return cls(**params)
+    except TypeError as exc:  # an unknown keyword
+        raise ValueError(str(exc).replace("__init__()", spec.name)) from None
+
+
+# ---------------------------------------------------------------------------- results
+
+
+class AttackResult(BaseModel):
+    """Metrics of one attack at one budget."""
+
+    attack: str
+    name: str
+    kind: str  # single_step, iterative, black_box, noise, minimal, universal
+    norm: str | None = None
+    eps: float | None = None
+    samples: int
+    robust_accuracy: float
+    success_rate: float | None = None
+    mean_l2: float | None = None
+    median_l2: float | None = None
+    mean_linf: float | None = None
+    median_linf: float | None = None
+    distortion: float | None = None
+    rho: float | None = None
+    mean_adv_confidence: float | None = None
+    per_class_robust_accuracy: list[float | None] | None = None
+    mean_queries: float | None = None
+    median_queries: float | None = None
+    minimal: dict[str, Any] | None = None  # quantiles and the accuracy-versus-eps curve
+    details: dict[str, Any] | None = None  # attack-specific extras (e.g. per-component results)
+
+
+class GateResult(BaseModel):
+    metric: str
+    attack: str | None
+    eps: float | None
+    norm: str | None
+    min: float | None
+    max: float | None
+    value: float | None
+    passed: bool
+    reason: str | None = None
+
+
+class EvaluationResult(BaseModel):
+    """The result document. Everything but ``timing`` is a deterministic function of the
+    model, the data, the spec and the seed (on a given device)."""
+
+    model: dict[str, Any]
+    dataset: dict[str, Any]
+    spec: EvaluationSpec
+    device: str
+    clean_accuracy: float
+    attacks: list[AttackResult]
+    warnings: list[str]
+    gates: list[GateResult]
+    passed: bool
+    timing: dict[str, float]  # seconds: "total" and one entry per attack key

@@ -1,0 +1,112 @@
+"""Loading labelled image datasets safely: .npz with ``x`` and ``y``, never with pickle.
+
+Sizes are checked from the archive's headers before anything is allocated, so a file that
+declares a huge array is refused without reading it.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_SAMPLES = 1_000_000
+MAX_BYTES = 4 << 30  # decoded size of x and y together
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used; the message says why and how to fix it."""
+
+
+@dataclass
+class Dataset:
+    x: np.ndarray  # float32, in the declared pixel range, layout as given
+    y: np.ndarray  # int64 [N]
+    source_dtype: str
+
+
+def _member_headers(archive: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    headers = {}
+    for info in archive.infolist():
+        if not info.filename.endswith(".npy"):
+            continue
+        with archive.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            try:
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            except ValueError as exc:
+                raise DatasetError(f"{info.filename}: unreadable array header ({exc})") from None
+        if dtype.hasobject:
+            raise DatasetError(f"{info.filename[:-4]!r} holds Python objects; store plain numeric "
+                               "arrays (no pickles are ever loaded)")
+        headers[info.filename[:-4]] = (tuple(shape), dtype)
+    return headers
+
+
+def load_npz(data: bytes, value_range: tuple[float, float] = (0.0, 1.0)) -> Dataset:
+    """Parse an .npz holding ``x`` (N,C,H,W or N,H,W,C; float in ``value_range`` or uint8
+    0..255) and ``y`` (N,) integer labels."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise DatasetError("the file is not an .npz archive; save it with "
+                           "numpy.savez(path, x=images, y=labels)") from None
+    with archive:
+        headers = _member_headers(archive)
+        missing = [k for k in ("x", "y") if k not in headers]
+        if missing:
+            raise DatasetError(f"the .npz lacks {missing}; it needs arrays 'x' (images) and "
+                               f"'y' (labels), found {sorted(headers)}")
+        (x_shape, x_dtype), (y_shape, y_dtype) = headers["x"], headers["y"]
+        if len(y_shape) != 1:
+            raise DatasetError(f"'y' must be 1-D (one label per image), got shape {list(y_shape)}")
+        if len(x_shape) not in (3, 4) or x_shape[0] != y_shape[0]:
+            raise DatasetError(f"'x' must be [N, C, H, W] or [N, H, W, C] with N = len(y) = "
+                               f"{y_shape[0]}, got {list(x_shape)}")
+        if x_shape[0] > MAX_SAMPLES:
+            raise DatasetError(f"{x_shape[0]} samples exceed the limit of {MAX_SAMPLES}")
+        size = int(np.prod(x_shape)) * x_dtype.itemsize + int(np.prod(y_shape)) * y_dtype.itemsize
+        if size > MAX_BYTES:
+            raise DatasetError(f"the arrays would take {size / 2**30:.1f} GiB; the limit is "
+                               f"{MAX_BYTES / 2**30:.0f} GiB")
+        if not (np.issubdtype(x_dtype, np.floating) or x_dtype == np.uint8):
+            raise DatasetError(f"'x' has dtype {x_dtype}; use float32 in the declared range or uint8")
+        if not np.issubdtype(y_dtype, np.integer):
+            raise DatasetError(f"'y' has dtype {y_dtype}; labels must be integers")
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            x, y = arrays["x"], arrays["y"]
+    if len(x_shape) == 3:  # [N, H, W]: one channel
+        x = x[:, None]
+    low, high = value_range
+    if x.dtype == np.uint8:
+        x = (x.astype(np.float32) / 255.0) * (high - low) + low
+    else:
+        x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise DatasetError(f"'x' holds {int((~np.isfinite(x)).sum())} NaN or infinite values")
+        if x.size and (x.min() < low - 1e-6 or x.max() > high + 1e-6):
+            raise DatasetError(f"'x' values span [{x.min():.4g}, {x.max():.4g}] but the declared "
+                               f"range is [{low}, {high}]; set input.range or rescale the data")
+    if y.size and y.min() < 0:
+        raise DatasetError(f"labels must be >= 0, found {int(y.min())}")
+    return Dataset(x=x, y=y.astype(np.int64), source_dtype=str(x_dtype))
+
+
+def check_against_model(dataset: Dataset, input_shape: tuple, num_classes: int, layout: str) -> None:
+    """The images fit the model's input (after the layout change) and the labels its classes."""
+    x = dataset.x
+    image = x.shape[1:] if layout == "NCHW" else (x.shape[3], x.shape[1], x.shape[2])
+    expected = tuple(input_shape[1:])
+    if len(image) != len(expected) or any(
+        isinstance(e, int) and e != g for e, g in zip(expected, image, strict=True)
+    ):
+        raise DatasetError(f"images are {list(x.shape[1:])} ({layout}) but the model expects "
+                           f"[{', '.join(map(str, expected))}] (NCHW); check input.layout")
+    if dataset.y.size and dataset.y.max() >= num_classes:
+        raise DatasetError(f"labels go up to {int(dataset.y.max())} but the model has "
+                           f"{num_classes} classes")
