@@ -21,12 +21,12 @@ from schemas.evaluation import EvaluationResult, EvaluationSpec
 class ProgressBar:
     """One line on stderr: stage, samples done, ETA; redrawn at most 5 times a second."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
         self.stage = None
         self.stage_started = 0.0
         self.last_draw = 0.0
-        self.interactive = stream.isatty()
+        self.interactive = self.stream.isatty()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         now = time.monotonic()

@@ -171,6 +171,8 @@ def build_attack(spec: AttackSpec):
 class AttackResult(BaseModel):
     """Metrics of one attack at one budget."""
 
+    model_config = ConfigDict(ser_json_inf_nan="strings")  # an unbroken sample: "Infinity"
+
     attack: str
     name: str
     kind: str  # single_step, iterative, black_box, noise, minimal, universal

@@ -1,0 +1,147 @@
+"""The evaluation engine and `robustness evaluate`: specs, results, gates, reproducibility."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from client.cli import main
+from schemas.__main__ import render
+from schemas.evaluation import EvaluationSpec
+from tests import digits
+from workers.datasets import load_npz
+from workers.evaluate import evaluate
+
+SAMPLES = 120
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    model = folder / "cnn.onnx"
+    model.write_bytes(digits.onnx_bytes("cnn"))
+    _, _, x, y = digits.digits()
+    data = folder / "digits.npz"
+    np.savez(data, x=np.round(x * 255).astype(np.uint8), y=y)
+    return model, data
+
+
+def spec_dict(**overrides) -> dict:
+    spec = {
+        "samples": SAMPLES,
+        "seed": 3,
+        "attacks": [
+            {"name": "fgsm", "eps": [0.05, 0.1, 0.2]},
+            {"name": "pgd", "norm": "linf", "eps": [0.1], "steps": 10, "rel_step_size": 0.25},
+            {"name": "deepfool", "max_iter": 20},
+            {"name": "gaussian_noise", "std": [0.1, 0.3]},
+        ],
+        "gates": [{"metric": "robust_accuracy", "attack": "pgd", "eps": 0.1, "min": 0.0}],
+    }
+    spec.update(overrides)
+    return spec
+
+
+def run(model_path, data_path, spec: dict):
+    data = load_npz(data_path.read_bytes())
+    return evaluate(model_path.read_bytes(), data, EvaluationSpec.model_validate(spec)).result
+
+
+def test_result_document_has_every_attack_and_budget(demo):
+    result = run(*demo, spec_dict())
+    assert result.dataset["samples"] == SAMPLES
+    assert result.clean_accuracy > 0.9
+    entries = [(e.attack, e.eps) for e in result.attacks]
+    assert entries == [("fgsm", 0.05), ("fgsm", 0.1), ("fgsm", 0.2), ("pgd", 0.1), ("deepfool", None),
+                       ("gaussian_noise", 0.1), ("gaussian_noise", 0.3)]
+    fgsm = [e.robust_accuracy for e in result.attacks if e.attack == "fgsm"]
+    assert fgsm[0] >= fgsm[1] >= fgsm[2] and fgsm[2] < result.clean_accuracy
+    pgd = next(e for e in result.attacks if e.attack == "pgd")
+    assert pgd.robust_accuracy <= fgsm[1] + 0.02  # iterative at least as strong as one step
+    assert pgd.mean_linf is None or pgd.mean_linf <= 0.1 + 1e-6
+    deepfool = next(e for e in result.attacks if e.attack == "deepfool")
+    assert deepfool.kind == "minimal" and deepfool.minimal["quantiles"]["p50"] > 0
+    noise = [e for e in result.attacks if e.kind == "noise"]
+    assert noise[0].robust_accuracy >= pgd.robust_accuracy
+    assert result.gates[0].passed and result.passed
+
+
+def test_same_spec_and_seed_give_an_identical_document(demo):
+    spec = spec_dict(attacks=[{"name": "pgd", "norm": "l2", "eps": [1.0], "steps": 5,
+                               "rel_step_size": 0.3, "random_start": True},
+                              {"name": "gaussian_noise", "std": [0.2]}])
+    first = run(*demo, spec).model_dump(mode="json")
+    second = run(*demo, spec).model_dump(mode="json")
+    first.pop("timing"), second.pop("timing")
+    assert first == second
+
+
+def test_a_failing_gate_fails_the_result(demo):
+    result = run(*demo, spec_dict(gates=[
+        {"metric": "robust_accuracy", "attack": "fgsm", "eps": 0.2, "min": 0.99},
+        {"metric": "clean_accuracy", "min": 0.5},
+        {"metric": "robust_accuracy", "attack": "fgsm", "eps": 0.42, "min": 0.1},
+    ]))
+    assert [g.passed for g in result.gates] == [False, True, False]
+    assert "no result of fgsm at eps=0.42" in result.gates[2].reason
+    assert not result.passed
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"attacks": [{"name": "fgsmm", "eps": 0.1}]}, "unknown attack 'fgsmm'"),
+    ({"attacks": [{"name": "pgd", "eps": 0.1, "steps": 0}]}, "`steps`"),
+    ({"attacks": [{"name": "pgd", "steps": 10}]}, "needs `eps`"),
+    ({"attacks": [{"name": "deepfool", "eps": 0.1}]}, "takes no `eps`"),
+    ({"attacks": [{"name": "fgsm", "eps": -0.1}]}, "eps values must be finite and >= 0"),
+    ({"attacks": [{"name": "fgsm", "eps": 0.1, "norm": "l3"}]}, "attacks.0.norm"),
+    ({"samples": 0}, "samples must be a positive integer"),
+    ({"input": {"range": [1, 0]}}, "low < high"),
+    ({"gates": [{"metric": "robust_accuracy", "attack": "pgd", "min": 0.5}]}, "not among the attacks"),
+    ({"gates": [{"metric": "robust_accuracy", "attack": "fgsm"}]}, "needs `min` or `max`"),
+    ({"attack": []}, "attack: Extra inputs are not permitted"),
+])
+def test_bad_specs_name_the_field(spec, message, demo, tmp_path, capsys):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    model, data = demo
+    assert main(["evaluate", str(model), str(data), "--spec", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_prints_a_summary_writes_json_and_exits_1_on_a_failed_gate(demo, tmp_path, capsys):
+    model, data = demo
+    spec = spec_dict(attacks=[{"name": "fgsm", "eps": [0.1]}],
+                     gates=[{"metric": "robust_accuracy", "attack": "fgsm", "min": 0.999}])
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "result.json"
+    assert main(["evaluate", str(model), str(data), "--spec", str(spec_path), "--out", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert "clean accuracy" in printed.out and "gate FAIL: robust_accuracy fgsm" in printed.out
+    assert "fgsm" in printed.err  # the progress line
+    document = json.loads(out.read_text())
+    assert document["passed"] is False and document["attacks"][0]["attack"] == "fgsm"
+
+
+def test_bad_data_exits_2(demo, tmp_path, capsys):
+    model, _ = demo
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({"attacks": [{"name": "fgsm", "eps": 0.1}]}))
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.zeros((3, 3, 32, 32), np.float32), y=np.zeros(3, np.int64))
+    wrong = tmp_path / "wrong.npz"
+    wrong.write_bytes(buffer.getvalue())
+    assert main(["evaluate", str(model), str(wrong), "--spec", str(spec_path)]) == 2
+    assert "expects [1, 28, 28]" in capsys.readouterr().err
+
+
+def test_committed_json_schemas_are_current():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "schemas" / "json"
+    for filename, text in render().items():
+        assert (folder / filename).read_text() == text, f"run `python -m schemas` ({filename})"
