@@ -27,6 +27,7 @@ class ProgressBar:
         self.stage_started = 0.0
         self.last_draw = 0.0
         self.interactive = self.stream.isatty()
+        self.reported_done: set[str] = set()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         now = time.monotonic()
@@ -35,8 +36,10 @@ class ProgressBar:
                 self.stream.write("\n")
             self.stage, self.stage_started = stage, now
         finished = done >= total
-        if not finished and now - self.last_draw < 0.2:
+        if (not finished and now - self.last_draw < 0.2) or (finished and stage in self.reported_done):
             return
+        if finished:
+            self.reported_done.add(stage)
         self.last_draw = now
         elapsed = now - self.stage_started
         eta = elapsed / done * (total - done) if done else float("nan")
