@@ -1,0 +1,609 @@
+"""Benchmark input-gradient graphs on ONNX Runtime against torch and onnx-ad.
+
+    .venv/bin/python bench/gradients.py [--models mlp,lenet,resnet18,mobilenet_v2]
+        [--batch 64] [--threads 2] [--repeats N] [--warmup N] [--json PATH] [--no-memory]
+
+Per model (from tests.zoo, exported with a symbolic batch axis) it measures images/s of
+
+  ort_fwd           the exported model on an ORT CPU session
+  ort_fwd_nospin    the same with session.intra_op.allow_spinning = "0"
+  ort_grad          workers.onnxgrad.build_gradient_model(model, loss="cross_entropy"),
+                    feeding (input, labels), fetching grad and loss
+  ort_grad_nospin   the same without spinning
+  torch_fwd         torch eager forward under no_grad
+  torch_fwd_bwd     torch forward + torch.autograd.grad of the summed cross-entropy w.r.t.
+                    the input only (parameters frozen)
+  onnx_ad           onnx-ad 0.3.0's reverse-mode graph of the model with the same
+                    cross-entropy appended (batch pinned, opset 17), seeded with ones
+
+and the ratios ORT grad time / ORT forward time, ORT grad / torch fwd+bwd throughput and
+ORT grad / onnx-ad throughput. Before timing, each gradient is checked against torch's on
+one batch, per sample (a float32 gradient may legitimately differ on a sample whose ReLU
+pre-activation sits within rounding of zero; float64 torch differs there too).
+
+Peak memory: every variant is run again in a fresh subprocess, which records its resident
+set after the imports and inputs are ready, resets the kernel's high-water mark there
+(/proc/self/clear_refs), builds the session or model, runs it, and reports the peak
+increase in MB. All timings are taken in this one process: warm-up runs, then the median
+of --repeats runs, timed with time.perf_counter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tests import zoo  # noqa: E402
+from tests.onnx_ad_reference import build_onnx_ad_gradient  # noqa: E402
+
+DEFAULT_MODELS = ("mlp", "lenet", "resnet18", "mobilenet_v2")
+VARIANTS = (
+    "ort_fwd",
+    "ort_fwd_nospin",
+    "ort_grad",
+    "ort_grad_nospin",
+    "torch_fwd",
+    "torch_fwd_bwd",
+    "onnx_ad",
+)
+SAMPLE_RTOL = 1e-4  # per-sample max |diff| / max |torch grad| for a sample to count as a match
+CHECK_MIN_FRACTION = 0.9  # of the samples, for a gradient check to pass
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and graphs
+
+
+def make_batch(name: str, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.random((batch, *zoo.input_shape(name)), dtype=np.float32)
+    labels = rng.integers(0, zoo.NUM_CLASSES, size=batch, dtype=np.int64)
+    return x, labels
+
+
+def build_ort_gradient(model: onnx.ModelProto) -> onnx.ModelProto:
+    from workers.onnxgrad import build_gradient_model
+
+    return build_gradient_model(model, loss="cross_entropy")
+
+
+def _refusal(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+# --------------------------------------------------------------------------------------------
+# Runners: each returns a zero-argument callable running one batch, and the expected outputs
+
+
+def ort_session(model_bytes: bytes, threads: int, spinning: bool) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+class Prepared:
+    """Everything a variant needs before its session or model is built (serialized graphs,
+    inputs), so the memory probe can take its baseline after this."""
+
+    def __init__(self, name: str, batch: int, threads: int, need: set[str]) -> None:
+        self.name = name
+        self.batch = batch
+        self.threads = threads
+        self.x, self.labels = make_batch(name, batch)
+        model = zoo.export(name)
+        self.input_name = model.graph.input[0].name
+        self.forward_bytes = model.SerializeToString()
+        self.grad_bytes: bytes | None = None
+        self.grad_error: str | None = None
+        self.onnx_ad_bytes: bytes | None = None
+        self.onnx_ad_error: str | None = None
+        self.build_seconds: dict[str, float] = {}
+        if need & {"ort_grad", "ort_grad_nospin"}:
+            start = time.perf_counter()
+            try:
+                self.grad_bytes = build_ort_gradient(model).SerializeToString()
+                self.build_seconds["ort_grad"] = time.perf_counter() - start
+            except Exception as exc:  # the builder may not exist yet, or refuse the model
+                self.grad_error = "error: " + _refusal(exc)
+        if "onnx_ad" in need:
+            start = time.perf_counter()
+            try:
+                self.onnx_ad_bytes = build_onnx_ad_gradient(model, batch).SerializeToString()
+                self.build_seconds["onnx_ad"] = time.perf_counter() - start
+            except Exception as exc:
+                self.onnx_ad_error = "refused: " + _refusal(exc)
+        del model
+        gc.collect()
+
+    def error(self, variant: str) -> str | None:
+        if variant.startswith("ort_grad"):
+            return self.grad_error
+        if variant == "onnx_ad":
+            return self.onnx_ad_error
+        return None
+
+    def runner(self, variant: str):
+        """(run, fetch): run() executes one batch; fetch() returns (loss, grad) or logits."""
+        threads = self.threads
+        if variant in ("ort_fwd", "ort_fwd_nospin"):
+            session = ort_session(self.forward_bytes, threads, variant == "ort_fwd")
+            feeds = {self.input_name: self.x}
+            return lambda: session.run(None, feeds)
+        if variant in ("ort_grad", "ort_grad_nospin"):
+            session = ort_session(self.grad_bytes, threads, variant == "ort_grad")
+            feeds = {self.input_name: self.x, "labels": self.labels}
+            return lambda: session.run(["grad", "loss"], feeds)
+        if variant == "onnx_ad":
+            session = ort_session(self.onnx_ad_bytes, threads, True)
+            feeds = {
+                self.input_name: self.x,
+                "labels": self.labels,
+                "adj_loss": np.ones((self.batch, 1), np.float32),
+            }
+            adjoint = "adj_" + self.input_name
+            return lambda: session.run([adjoint, "loss"], feeds)
+        if variant in ("torch_fwd", "torch_fwd_bwd"):
+            torch.set_num_threads(threads)
+            model = zoo.make_model(self.name)
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
+            x = torch.from_numpy(self.x)
+            labels = torch.from_numpy(self.labels)
+            if variant == "torch_fwd":
+
+                def forward():
+                    with torch.no_grad():
+                        return model(x)
+
+                return forward
+
+            def forward_backward():
+                xg = x.detach().requires_grad_(True)
+                losses = F.cross_entropy(model(xg), labels, reduction="none")
+                (grad,) = torch.autograd.grad(losses.sum(), xg)
+                return grad, losses.detach()
+
+            return forward_backward
+        raise ValueError(f"unknown variant {variant!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Checks and timing
+
+
+def torch_reference(name: str, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
+    model = zoo.make_model(name)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    xg = torch.from_numpy(x).requires_grad_(True)
+    logits = model(xg)
+    losses = F.cross_entropy(logits, torch.from_numpy(labels), reduction="none")
+    (grad,) = torch.autograd.grad(losses.sum(), xg)
+    return logits.detach().numpy(), losses.detach().numpy(), grad.numpy()
+
+
+def compare_gradient(grad: np.ndarray, loss: np.ndarray, reference: tuple) -> dict:
+    _, ref_loss, ref_grad = reference
+    grad = grad.reshape(ref_grad.shape)
+    scale = float(np.abs(ref_grad).max()) or 1.0
+    per_sample = np.abs(grad - ref_grad).reshape(len(ref_grad), -1).max(axis=1) / scale
+    matched = int((per_sample <= SAMPLE_RTOL).sum())
+    loss_err = float(np.abs(np.asarray(loss).reshape(-1) - ref_loss).max())
+    return {
+        "ok": bool(matched >= CHECK_MIN_FRACTION * len(per_sample) and loss_err < 1e-3),
+        "samples_matched": matched,
+        "samples": len(per_sample),
+        "median_rel_err": float(np.median(per_sample)),
+        "max_rel_err": float(per_sample.max()),
+        "max_loss_err": loss_err,
+    }
+
+
+def check(prepared: Prepared, variant: str, run, reference: tuple) -> dict:
+    outputs = run()
+    if variant.startswith("ort_fwd") or variant == "torch_fwd":
+        logits = outputs[0] if isinstance(outputs, list) else outputs.numpy()
+        err = float(np.abs(logits - reference[0]).max() / (np.abs(reference[0]).max() or 1.0))
+        return {"ok": bool(err < 1e-4), "max_rel_err": err}
+    grad, loss = outputs
+    grad = grad.numpy() if isinstance(grad, torch.Tensor) else grad
+    loss = loss.numpy() if isinstance(loss, torch.Tensor) else loss
+    if variant == "onnx_ad":
+        grad = grad[..., 0]  # trailing seed axis
+    return compare_gradient(grad, loss, reference)
+
+
+MIN_REPEAT_SECONDS = 0.05  # a fast model is called several times per timed repeat
+
+
+def _busy_seconds() -> tuple[float, float]:
+    """(CPU seconds busy on the whole machine, CPU seconds used by this process)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        machine = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        machine = float("nan")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return machine, usage.ru_utime + usage.ru_stime
+
+
+class ForeignLoad:
+    """How busy other processes kept the machine's CPUs, as a fraction of all of them."""
+
+    def __enter__(self) -> ForeignLoad:
+        self.start = time.perf_counter()
+        self.machine, self.own = _busy_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self.start
+        machine, own = _busy_seconds()
+        foreign = (machine - self.machine) - (own - self.own)
+        self.fraction = max(0.0, foreign) / (wall * (os.cpu_count() or 1))
+
+
+def median_seconds(run, warmup: int, repeats: int) -> float:
+    """Median seconds per call: warm-up calls, then `repeats` timed repeats, each of enough
+    back-to-back calls to last MIN_REPEAT_SECONDS (one call for anything slower)."""
+    start = time.perf_counter()
+    for _ in range(max(1, warmup)):
+        run()
+    per_call = (time.perf_counter() - start) / max(1, warmup)
+    calls = max(1, int(MIN_REPEAT_SECONDS / max(per_call, 1e-9)))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+BUSY = 0.05  # foreign CPU share above which a timing counts as disturbed
+
+
+def measure(run, args: argparse.Namespace) -> tuple[float, float]:
+    """(median seconds, foreign CPU share) of the least disturbed of up to 1 + --retries
+    attempts: on a shared machine another process's burst is re-measured, not reported."""
+    best: tuple[float, float] | None = None
+    for attempt in range(1 + max(0, args.retries)):
+        if attempt:
+            time.sleep(args.retry_pause)
+        with ForeignLoad() as load:
+            seconds = median_seconds(run, args.warmup, args.repeats)
+        if best is None or load.fraction < best[1]:
+            best = (seconds, load.fraction)
+        if load.fraction <= BUSY:
+            break
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# Memory probe (child process)
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _peak_kb() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def memory_child(name: str, variant: str, batch: int, threads: int, runs: int) -> dict:
+    prepared = Prepared(name, batch, threads, {variant})
+    if prepared.error(variant):
+        return {"error": prepared.error(variant)}
+    gc.collect()
+    baseline = _rss_kb()
+    reset = _reset_peak()
+    before = _peak_kb()
+    run = prepared.runner(variant)
+    for _ in range(runs):
+        run()
+    peak = _peak_kb()
+    # without a reset the high-water mark may predate the baseline (imports): report it anyway
+    return {
+        "baseline_mb": baseline / 1024,
+        "peak_mb": peak / 1024,
+        "increase_mb": (peak - (baseline if reset else before)) / 1024,
+        "peak_reset": reset,
+    }
+
+
+def measure_memory(name: str, variant: str, batch: int, threads: int) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--_memory-child",
+        f"{name}:{variant}",
+        "--batch",
+        str(batch),
+        "--threads",
+        str(threads),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"child exited {done.returncode}: {tail[0][:200]}"}
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+def bench_model(name: str, args: argparse.Namespace) -> dict:
+    prepared = Prepared(name, args.batch, args.threads, set(VARIANTS))
+    reference = torch_reference(name, prepared.x, prepared.labels)
+    result: dict = {
+        "model": name,
+        "batch": args.batch,
+        "threads": args.threads,
+        "onnx_bytes": len(prepared.forward_bytes),
+        "build_seconds": prepared.build_seconds,
+        "variants": {},
+    }
+    for variant in VARIANTS:
+        entry: dict = {}
+        result["variants"][variant] = entry
+        if prepared.error(variant):
+            entry["error"] = prepared.error(variant)
+            continue
+        try:
+            run = prepared.runner(variant)
+            entry["check"] = check(prepared, variant, run, reference)
+            seconds, foreign = measure(run, args)
+            entry["foreign_cpu"] = foreign
+            entry["seconds"] = seconds
+            entry["images_per_s"] = args.batch / seconds
+        except Exception as exc:
+            entry["error"] = "error: " + _refusal(exc)
+            if args.verbose:
+                traceback.print_exc()
+        run = None
+        gc.collect()
+        if args.verbose:
+            print(f"  {name:>14} {variant:<16} {entry}", file=sys.stderr, flush=True)
+
+    v = result["variants"]
+
+    def ratio(numerator: str, denominator: str) -> float | None:
+        a, b = v[numerator].get("seconds"), v[denominator].get("seconds")
+        return None if a is None or b is None else a / b
+
+    # time ratio: grad / forward (lower is better); throughput ratios: denominator / numerator
+    result["ratios"] = {
+        "ort_grad_over_fwd_time": ratio("ort_grad", "ort_fwd"),
+        "ort_grad_over_fwd_time_nospin": ratio("ort_grad_nospin", "ort_fwd_nospin"),
+        "ort_grad_vs_torch_fwd_bwd_throughput": ratio("torch_fwd_bwd", "ort_grad"),
+        "ort_grad_vs_onnx_ad_throughput": ratio("onnx_ad", "ort_grad"),
+    }
+    if args.memory:
+        for variant in VARIANTS:
+            if "error" in v[variant]:
+                continue
+            v[variant]["memory"] = measure_memory(name, variant, args.batch, args.threads)
+            if args.verbose:
+                print(f"  {name:>14} {variant:<16} memory {v[variant]['memory']}", file=sys.stderr)
+    return result
+
+
+def _cell(entry: dict, key: str = "images_per_s", fmt: str = "{:.0f}") -> str:
+    if "error" in entry:
+        return entry["error"].split(":")[0]  # "refused" / "error"
+    value = entry.get(key)
+    if value is None:
+        return "-"
+    return fmt.format(value) + ("*" if entry.get("foreign_cpu", 0.0) > BUSY else "")
+
+
+def _check_cell(entry: dict) -> str:
+    c = entry.get("check")
+    if c is None:
+        return "-"
+    if "samples" in c:
+        flag = "ok" if c["ok"] else "MISMATCH"
+        return f"{flag} {c['samples_matched']}/{c['samples']} {c['median_rel_err']:.0e}"
+    return ("ok " if c["ok"] else "MISMATCH ") + f"{c['max_rel_err']:.0e}"
+
+
+def print_report(results: list[dict], args: argparse.Namespace) -> None:
+    short = {
+        "ort_fwd": "ort fwd",
+        "ort_fwd_nospin": "fwd nospin",
+        "ort_grad": "ort grad",
+        "ort_grad_nospin": "grad nospin",
+        "torch_fwd": "torch fwd",
+        "torch_fwd_bwd": "torch f+b",
+        "onnx_ad": "onnx-ad",
+    }
+    print(f"\nimages/s, batch {args.batch}, {args.threads} threads, median of {args.repeats}")
+    header = f"{'model':<14}" + "".join(f"{short[v]:>13}" for v in VARIANTS)
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['model']:<14}" + "".join(f"{_cell(r['variants'][v]):>13}" for v in VARIANTS))
+
+    if any(r["variants"][v].get("foreign_cpu", 0.0) > BUSY for r in results for v in VARIANTS):
+        print(f"* other processes used over {BUSY:.0%} of the CPUs during that timing")
+
+    print("\nratios (targets: grad/fwd time <= 2.5, grad vs torch >= 1.0)")
+    header = f"{'model':<14}{'grad/fwd t':>12}{'(nospin)':>10}{'vs torch':>10}{'vs onnx-ad':>12}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        q = r["ratios"]
+
+        def fmt(value: float | None) -> str:
+            return "-" if value is None else f"{value:.2f}"
+
+        print(
+            f"{r['model']:<14}{fmt(q['ort_grad_over_fwd_time']):>12}"
+            f"{fmt(q['ort_grad_over_fwd_time_nospin']):>10}"
+            f"{fmt(q['ort_grad_vs_torch_fwd_bwd_throughput']):>10}"
+            f"{fmt(q['ort_grad_vs_onnx_ad_throughput']):>12}"
+        )
+
+    print("\ngradient/forward checks against torch (grads: samples matched, median rel err)")
+    for r in results:
+        cells = [f"{short[v]}: {_check_cell(r['variants'][v])}" for v in VARIANTS]
+        print(f"{r['model']:<14}" + "; ".join(cells))
+
+    if args.memory:
+        print("\npeak resident-set increase, MB (fresh subprocess per variant)")
+        header = f"{'model':<14}" + "".join(f"{short[v]:>13}" for v in VARIANTS)
+        print(header)
+        print("-" * len(header))
+        for r in results:
+            cells = []
+            for v in VARIANTS:
+                entry = r["variants"][v]
+                memory = entry.get("memory", {})
+                if "error" in entry or "error" in memory:
+                    cells.append((entry.get("error") or memory.get("error")).split(":")[0])
+                else:
+                    cells.append(f"{memory.get('increase_mb', float('nan')):.0f}")
+            print(f"{r['model']:<14}" + "".join(f"{c:>13}" for c in cells))
+
+    problems = [
+        (r["model"], v, r["variants"][v]["error"])
+        for r in results
+        for v in VARIANTS
+        if "error" in r["variants"][v]
+    ]
+    if problems:
+        print("\nnot measured:")
+        seen = set()
+        for model, variant, error in problems:
+            key = (model, variant.removesuffix("_nospin"), error)
+            if key not in seen:
+                seen.add(key)
+                print(f"  {model} {variant.removesuffix('_nospin')}: {error}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="re-time a variant when other processes used over 5%% of the CPUs meanwhile",
+    )
+    parser.add_argument("--retry-pause", type=float, default=10.0, help="seconds between tries")
+    parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--memory-runs", type=int, default=3, help=argparse.SUPPRESS)
+    parser.add_argument("--verbose", "-v", action="store_true")
+    parser.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for model in args.models:
+        if model not in zoo.MODEL_NAMES:
+            parser.error(f"unknown model {model!r}; choose from {', '.join(zoo.MODEL_NAMES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.simplefilter("ignore")
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        name, variant = args.memory_child.split(":")
+        result = memory_child(name, variant, args.batch, args.threads, args.memory_runs)
+        print(json.dumps(result))
+        return 0
+    info = {
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import onnx_ad
+
+        info["onnx_ad"] = onnx_ad.__version__
+    except ImportError:
+        info["onnx_ad"] = None
+    info["loadavg_start"] = os.getloadavg()
+    if info["loadavg_start"][0] > 0.5:
+        print(
+            f"warning: load average {info['loadavg_start'][0]:.2f} before starting; "
+            "other processes on this machine will skew the timings",
+            file=sys.stderr,
+        )
+    results = []
+    for name in args.models:
+        print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+        results.append(bench_model(name, args))
+    info["loadavg_end"] = os.getloadavg()
+    print_report(results, args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"info": info, "args": _jsonable(vars(args)), "results": results}
+        args.json.write_text(json.dumps(payload, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _jsonable(mapping: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in mapping.items()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
