@@ -53,6 +53,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench.load import ForeignLoad  # noqa: E402
 from tests import zoo  # noqa: E402
 from tests.onnx_ad_reference import build_onnx_ad_gradient  # noqa: E402
 
@@ -240,34 +241,6 @@ def check(prepared: Prepared, variant: str, run, reference: tuple) -> dict:
 
 
 MIN_REPEAT_SECONDS = 0.05  # a fast model is called several times per timed repeat
-
-
-def _busy_seconds() -> tuple[float, float]:
-    """(CPU seconds busy on the whole machine, CPU seconds used by this process)."""
-    try:
-        with open("/proc/stat") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        machine = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        machine = float("nan")
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return machine, usage.ru_utime + usage.ru_stime
-
-
-class ForeignLoad:
-    """How busy other processes kept the machine's CPUs, as a fraction of all of them."""
-
-    def __enter__(self) -> ForeignLoad:
-        self.start = time.perf_counter()
-        self.machine, self.own = _busy_seconds()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        wall = time.perf_counter() - self.start
-        machine, own = _busy_seconds()
-        foreign = (machine - self.machine) - (own - self.own)
-        self.fraction = max(0.0, foreign) / (wall * (os.cpu_count() or 1))
 
 
 def median_seconds(run, warmup: int, repeats: int) -> float:
