@@ -233,9 +233,7 @@ class SqueezeExcite(nn.Module):
 
 
 class V3Block(nn.Module):
-    def __init__(
-        self, cin: int, k: int, hidden: int, cout: int, se: bool, hs: bool, stride: int
-    ) -> None:
+    def __init__(self, cin: int, k: int, hidden: int, cout: int, se: bool, hs: bool, stride: int) -> None:
         super().__init__()
 
         def act() -> nn.Module:
@@ -357,9 +355,7 @@ class EncoderBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim)
-        )
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))

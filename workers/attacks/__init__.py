@@ -1,6 +1,6 @@
 """Attacks, registered by name; importing this package fills ``ATTACKS``."""
 
-from . import apgd, autoattack, cw, deepfool, fab, gradient, noise, square  # noqa: F401
+from . import apgd, autoattack, cw, deepfool, fab, gradient, lbfgs, noise, square, universal  # noqa: F401
 from .base import ATTACKS, Attack, AttackModel, AttackRun
 
 __all__ = ["ATTACKS", "Attack", "AttackModel", "AttackRun"]
