@@ -80,6 +80,15 @@ def test_same_spec_and_seed_give_an_identical_document(demo):
     assert first == second
 
 
+def test_targeted_entries_aim_at_reproducible_random_targets(demo):
+    spec = spec_dict(attacks=[{"name": "pgd", "eps": [0.3], "steps": 20, "targeted": True}], gates=[])
+    first, second = run(*demo, spec), run(*demo, spec)
+    entry = first.attacks[0]
+    assert entry.success_rate > 0.8  # success: classified as the drawn target
+    assert entry.robust_accuracy < 0.2
+    assert entry.model_dump() == second.attacks[0].model_dump()
+
+
 def test_a_failing_gate_fails_the_result(demo):
     result = run(*demo, spec_dict(gates=[
         {"metric": "robust_accuracy", "attack": "fgsm", "eps": 0.2, "min": 0.99},
@@ -103,6 +112,7 @@ def test_a_failing_gate_fails_the_result(demo):
     ({"gates": [{"metric": "robust_accuracy", "attack": "pgd", "min": 0.5}]}, "not among the attacks"),
     ({"gates": [{"metric": "robust_accuracy", "attack": "fgsm"}]}, "needs `min` or `max`"),
     ({"attack": []}, "attack: Extra inputs are not permitted"),
+    ({"attacks": [{"name": "deepfool", "targeted": True}]}, "has no targeted variant"),
 ])
 def test_bad_specs_name_the_field(spec, message, demo, tmp_path, capsys):
     path = tmp_path / "spec.yaml"

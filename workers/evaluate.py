@@ -24,6 +24,7 @@ from schemas.evaluation import (
 )
 from workers import metrics
 from workers.attacks import Attack
+from workers.attacks.base import random_targets
 from workers.datasets import Dataset, DatasetError
 from workers.preprocess import compose_preprocessing
 from workers.runtime import Classifier, RuntimeOptions
@@ -46,12 +47,6 @@ def attack_kind(attack: Attack) -> str:
     if attack.minimal:
         return "minimal"
     return _KINDS.get(attack.name, "iterative")
-
-
-def _random_targets(y: np.ndarray, num_classes: int, seed: int, index: int) -> np.ndarray:
-    """A class != y per sample, reproducible from the seed and the attack's position."""
-    rng = np.random.default_rng([seed, index])
-    return (y + rng.integers(1, num_classes, size=len(y))) % num_classes
 
 
 def _select(x: np.ndarray, y: np.ndarray, samples) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +85,8 @@ def evaluate(
     timing: dict[str, float] = {}
     for index, attack_spec in enumerate(spec.attacks):
         attack = build_attack(attack_spec)
-        targets = (_random_targets(y, classifier.num_classes, spec.seed, index)
+        # reproducible from the seed and the attack's position in the spec
+        targets = (random_targets(np.random.default_rng([spec.seed, index]), y, classifier.num_classes)
                    if attack_spec.targeted else None)
         runs = _run_attack(attack, attack_spec, classifier, x, y, targets, spec, report, timing)
         for run in runs:

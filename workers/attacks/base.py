@@ -128,6 +128,11 @@ def clip_to_box(x: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
     return np.clip(x, bounds[0], bounds[1]).astype(np.float32, copy=False)
 
 
+def random_targets(rng: np.random.Generator, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """One class != y per sample, uniformly among the other classes."""
+    return ((y + rng.integers(1, num_classes, size=len(y))) % num_classes).astype(np.int64)
+
+
 def is_adversarial(logits: np.ndarray, y: np.ndarray, targets: np.ndarray | None) -> np.ndarray:
     predicted = logits.argmax(axis=1)
     return predicted == targets if targets is not None else predicted != y

@@ -42,6 +42,7 @@ from .base import (
     clip_to_box,
     get_norm,
     is_adversarial,
+    random_targets,
     register_attack,
 )
 
@@ -60,11 +61,6 @@ def objective_from_logits(logits: np.ndarray, labels: np.ndarray, loss: str, tar
         others[rows, labels] = -np.inf
         value = others.max(axis=1) - at_label
     return -value if targeted else value
-
-
-def random_targets(rng: np.random.Generator, y: np.ndarray, num_classes: int) -> np.ndarray:
-    """One class != y per sample, uniformly among the other classes."""
-    return ((y + rng.integers(1, num_classes, size=len(y))) % num_classes).astype(np.int64)
 
 
 @register_attack
