@@ -99,6 +99,14 @@ def summary_table(result: EvaluationResult) -> str:
         lines.append(f"{e.attack:<18} {e.norm or '-':<5} {_fmt(e.eps, 4):>7} "
                      f"{_fmt(e.robust_accuracy, 4):>10} {_fmt(e.success_rate, 4):>8} "
                      f"{_fmt(e.mean_l2):>8} {_fmt(e.mean_linf):>9} {_fmt(e.median_l2):>9}")
+    if result.fooling:
+        noise = result.fooling["noise"]
+        lines.append(f"\nfooling images: {noise['fooling_rate']:.1%} of {noise['samples']} uniform-noise "
+                     f"images labelled with confidence >= {noise['threshold']}")
+        ascent = result.fooling.get("gradient_ascent")
+        if ascent:
+            lines.append(f"gradient ascent from noise reached that confidence for "
+                         f"{ascent['share_reached']:.0%} of the classes (mean {ascent['mean_steps']:.1f} steps)")
     for warning in result.warnings:
         lines.append(f"warning: {warning}")
     if result.gates:

@@ -103,6 +103,18 @@ class GateSpec(BaseModel):
         return self
 
 
+class FoolingSpec(BaseModel):
+    """Fooling images (Nguyen et al. 2015, the "rubbish class"): how confidently the model
+    labels uniform noise, and how fast gradient ascent from noise reaches each class."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    samples: int = Field(1000, ge=1, le=100_000)  # noise images to label
+    threshold: float = Field(0.9, gt=0, lt=1)  # max softmax probability that counts as fooled
+    steps: int = Field(20, ge=0, le=1000)  # gradient-ascent steps per class (0: skip)
+    step_size: float = Field(0.02, gt=0)  # L-inf step, in pixel units
+
+
 class EvaluationSpec(BaseModel):
     """What to evaluate: input conventions, how many samples, which attacks, which gates."""
 
@@ -114,6 +126,7 @@ class EvaluationSpec(BaseModel):
     batch_size: int = Field(64, ge=1, le=4096)
     attacks: list[AttackSpec] = Field(default_factory=list, max_length=64)
     gates: list[GateSpec] = Field(default_factory=list, max_length=256)
+    fooling: FoolingSpec | None = None
 
     @field_validator("samples")
     @classmethod
@@ -220,4 +233,5 @@ class EvaluationResult(BaseModel):
     warnings: list[str]
     gates: list[GateResult]
     passed: bool
+    fooling: dict[str, Any] | None = None  # noise fooling rate and gradient-ascent summary
     timing: dict[str, float]  # seconds: "total" and one entry per attack key

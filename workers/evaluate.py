@@ -25,6 +25,7 @@ from schemas.evaluation import (
 from workers import metrics
 from workers.attacks import Attack
 from workers.attacks.base import random_targets
+from workers.attacks.fooling import fooling_rate_of_noise, gradient_ascent_fooling
 from workers.datasets import Dataset, DatasetError
 from workers.preprocess import compose_preprocessing
 from workers.runtime import Classifier, RuntimeOptions
@@ -104,6 +105,13 @@ def evaluate(
     ])
     clean_accuracy = metrics.accuracy(clean_pred, y)
     gates = [evaluate_gate(gate, clean_accuracy, entries) for gate in spec.gates]
+    fooling = None
+    if spec.fooling is not None:
+        report("fooling", 0, 1)
+        started_fooling = time.perf_counter()
+        fooling = fooling_summary(classifier, spec, x.shape[1:])
+        timing["fooling"] = time.perf_counter() - started_fooling
+        report("fooling", 1, 1)
     timing["total"] = time.perf_counter() - started
     result = EvaluationResult(
         model={"sha256": hashlib.sha256(model).hexdigest(), "input_shape": list(classifier.input_shape),
@@ -111,10 +119,25 @@ def evaluate(
         dataset={"samples": len(x), "source_dtype": dataset.source_dtype,
                  "sha256": _array_digest(x, y)},
         spec=spec, device=classifier.device, clean_accuracy=clean_accuracy, attacks=entries,
-        warnings=warnings, gates=gates, passed=all(g.passed for g in gates),
+        warnings=warnings, gates=gates, passed=all(g.passed for g in gates), fooling=fooling,
         timing={k: round(v, 3) for k, v in timing.items()},
     )
     return Evaluation(result=result, artifacts=artifacts)
+
+
+def fooling_summary(classifier: Classifier, spec: EvaluationSpec, shape) -> dict:
+    """Noise labelled with confidence, and gradient ascent from noise to every class."""
+    options = spec.fooling
+    bounds = tuple(spec.input.range)
+    noise = fooling_rate_of_noise(classifier, shape, options.samples, options.threshold,
+                                  np.random.default_rng([spec.seed, 1]), bounds)
+    summary = {"noise": noise}
+    if options.steps:
+        ascent = gradient_ascent_fooling(
+            classifier, np.arange(classifier.num_classes), shape, options.steps, options.step_size,
+            options.threshold, np.random.default_rng([spec.seed, 2]), bounds)
+        summary["gradient_ascent"] = ascent.summary()
+    return summary
 
 
 def _check_fit(x: np.ndarray, y: np.ndarray, classifier: Classifier) -> None:
