@@ -106,7 +106,8 @@ def summary_table(result: EvaluationResult) -> str:
         ascent = result.fooling.get("gradient_ascent")
         if ascent:
             lines.append(f"gradient ascent from noise reached that confidence for "
-                         f"{ascent['share_reached']:.0%} of the classes (mean {ascent['mean_steps']:.1f} steps)")
+                         f"{ascent['share_reached']:.0%} of the classes "
+                         f"(mean {ascent['mean_steps']:.1f} steps)")
     for warning in result.warnings:
         lines.append(f"warning: {warning}")
     if result.gates:
