@@ -165,3 +165,17 @@ def test_committed_json_schemas_are_current():
     folder = Path(__file__).resolve().parents[1] / "schemas" / "json"
     for filename, text in render().items():
         assert (folder / filename).read_text() == text, f"run `python -m schemas` ({filename})"
+
+
+def test_the_readme_demo_spec_runs_on_the_shipped_files():
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    spec = yaml.safe_load((examples / "spec.yaml").read_text())
+    spec["samples"] = 30  # the demo's attacks and gates, on fewer images
+    spec["fooling"]["samples"] = 50
+    data = load_npz((examples / "digits-test.npz").read_bytes())
+    result = evaluate((examples / "digits-cnn.onnx").read_bytes(), data,
+                      EvaluationSpec.model_validate(spec)).result
+    assert result.clean_accuracy > 0.9
+    assert {e.attack for e in result.attacks} == {a.get("label", a["name"]) for a in spec["attacks"]}
