@@ -12,47 +12,14 @@ import torch
 from scipy.optimize import linprog, minimize
 
 from tests import digits
+from tests.attacks.conftest import N, robust_accuracy
 from workers.attacks.apgd import APGD, APGDT
 from workers.attacks.autoattack import AutoAttack
 from workers.attacks.base import ATTACKS, get_norm
 from workers.attacks.fab import FAB, project_onto_hyperplane
 from workers.attacks.square import Square
-from workers.runtime import Classifier, RuntimeOptions
 
-OPTIONS = RuntimeOptions(intra_op_threads=1)
-N = 200
 TOLERANCE = 0.01  # robust accuracy, ours vs torchattacks
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The references run beside other jobs on two cores: keep PyTorch to one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data():
-    _, _, x, y = digits.digits()
-    return x[:N], y[:N]
-
-
-@pytest.fixture(scope="module")
-def classifiers():
-    cache = {}
-
-    def get(name: str) -> Classifier:
-        if name not in cache:
-            cache[name] = Classifier(digits.onnx_bytes(name), OPTIONS)
-        return cache[name]
-
-    return get
-
-
-def robust_accuracy(run) -> float:
-    return float(1 - run.success.mean())
 
 
 def torchattacks_robust_accuracy(name: str, attack_class, x, y, **kwargs) -> float:
