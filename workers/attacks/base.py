@@ -56,7 +56,7 @@ def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool 
     check(ok, f"`{name}` must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}")
 
 
-class Norm:
+class Norm(ABC):
     """The Lp geometry of a budget: random start, steepest-ascent direction, projection."""
 
     name: ClassVar[str]
@@ -65,18 +65,21 @@ class Norm:
     def _flat(a: np.ndarray) -> np.ndarray:
         return a.reshape(len(a), -1)
 
+    @abstractmethod
     def size(self, delta: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Per-sample size of ``delta`` in this norm."""
 
+    @abstractmethod
     def random_start(self, rng: np.random.Generator, shape, eps: float) -> np.ndarray:
-        raise NotImplementedError
+        """A random point of the eps ball."""
 
+    @abstractmethod
     def ascent_direction(self, grad: np.ndarray) -> np.ndarray:
         """The unit-norm direction of steepest ascent for this norm."""
-        raise NotImplementedError
 
+    @abstractmethod
     def project(self, delta: np.ndarray, eps: float) -> np.ndarray:
-        raise NotImplementedError
+        """The nearest point of the eps ball."""
 
 
 class Linf(Norm):

@@ -58,7 +58,7 @@ def _single_threaded_blas():
     threads (measured on 2 shared cores); threadpoolctl, where installed, limits them."""
     try:
         from threadpoolctl import threadpool_limits
-    except ImportError:  # not a dependency of the service: run with the default threads
+    except ImportError:  # a dependency, but the attack still works without it, only slower
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
 

@@ -18,6 +18,8 @@ baselines matched to the distortion of an attack's adversarial examples.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import numpy as np
 
 from .base import (
@@ -41,8 +43,9 @@ class _Noise(Attack):
         check_positive("repeats", repeats, integer=True)
         self.repeats = int(repeats)
 
+    @abstractmethod
     def draw(self, rng: np.random.Generator, shape: tuple[int, ...], eps: float) -> np.ndarray:
-        raise NotImplementedError
+        """Noise of the given shape at budget ``eps``."""
 
     def run(self, model: AttackModel, x: np.ndarray, y: np.ndarray, eps: float | None,
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
