@@ -14,7 +14,7 @@ from schemas.__main__ import render
 from schemas.evaluation import EvaluationSpec
 from tests import digits
 from workers.datasets import load_npz
-from workers.evaluate import evaluate
+from workers.evaluate import EvaluationCancelled, evaluate
 
 SAMPLES = 120
 
@@ -179,3 +179,18 @@ def test_the_readme_demo_spec_runs_on_the_shipped_files():
                       EvaluationSpec.model_validate(spec)).result
     assert result.clean_accuracy > 0.9
     assert {e.attack for e in result.attacks} == {a.get("label", a["name"]) for a in spec["attacks"]}
+
+
+def test_a_progress_callback_can_stop_an_evaluation_between_batches(demo):
+    model, data_path = demo
+    seen = []
+
+    def cancel_during_pgd(stage, done, total):
+        seen.append(stage)
+        if stage == "pgd":
+            raise EvaluationCancelled
+
+    spec = EvaluationSpec.model_validate(spec_dict())
+    with pytest.raises(EvaluationCancelled):
+        evaluate(model.read_bytes(), load_npz(data_path.read_bytes()), spec, progress=cancel_during_pgd)
+    assert seen[-1] == "pgd" and "deepfool" not in seen

@@ -30,8 +30,13 @@ from workers.datasets import Dataset, DatasetError
 from workers.preprocess import compose_preprocessing
 from workers.runtime import Classifier, RuntimeOptions
 
-# progress(stage, done, total)
+# progress(stage, done, total): attacks report between batches of work, so a callback that
+# raises EvaluationCancelled (on a cancel request or a deadline) stops the evaluation there.
 StageProgress = Callable[[str, int, int], None]
+
+
+class EvaluationCancelled(Exception):
+    """Raised by a progress callback to stop an evaluation between batches."""
 
 _KINDS = {"fgsm": "single_step", "square": "black_box", "gaussian_noise": "noise",
           "uniform_noise": "noise", "universal": "universal"}
