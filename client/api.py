@@ -1,0 +1,314 @@
+"""A small synchronous client for the robustness service's HTTP API (everything under /v1).
+
+    with RobustnessClient("http://localhost:8000", api_key="...") as api:
+        model, _ = api.ensure_model("model.onnx")
+        data, _ = api.ensure_dataset("test.npz")
+        evaluation = api.submit(spec, model["id"], data["id"], idempotency_key="ci-1234")
+        final = api.wait(evaluation["id"], on_progress=print)
+        document = api.result(final["id"])
+
+Every method returns the JSON the server sent (ModelPublic, DatasetPublic, EvaluationPublic,
+the EvaluationResult document) as plain dicts. A 4xx/5xx answer raises `ApiError` with the
+server's ``type`` and ``detail``; a server that cannot be reached raises `ServerUnreachable`
+(an `ApiError` with status 0).
+
+Retries: requests that are safe to repeat (GETs, uploads - the server deduplicates them by
+sha256 -, cancel, and a submit that carries an Idempotency-Key) are retried on connection
+errors and on 502/503/504, with backoff 0.5 s, 1 s, 2 s, ... Any request answered 429 is
+retried after the server's Retry-After. Other requests are sent once.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+RETRY_STATUSES = frozenset({502, 503, 504})
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+CHUNK = 1 << 20
+
+
+class ApiError(Exception):
+    """The server answered with an error: ``status`` (0: no answer), ``type``, ``detail``."""
+
+    def __init__(self, status: int, type: str, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.type = type
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.detail} (HTTP {self.status} {self.type})"
+
+
+class ServerUnreachable(ApiError):
+    """No HTTP answer at all: refused connection, DNS failure, timeout."""
+
+    def __init__(self, url: str, reason: str):
+        super().__init__(0, "unreachable", f"cannot reach the robustness server at {url} ({reason})")
+        self.url = url
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class WaitTimeout(TimeoutError):
+    """`RobustnessClient.wait` gave up; the evaluation keeps running on the server."""
+
+    def __init__(self, evaluation: dict, timeout: float):
+        self.evaluation = evaluation
+        self.timeout = timeout
+        progress = evaluation.get("progress") or {}
+        stage = f", stage {progress['stage']} {progress.get('done', 0)}/{progress.get('total', 0)}" \
+            if progress.get("stage") else ""
+        super().__init__(f"evaluation {evaluation['id']} did not finish within {timeout:g}s "
+                         f"(state {evaluation['state']}{stage}); it keeps running on the server")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_error(response: httpx.Response) -> ApiError:
+    """The `ApiError` for an error response: the contract's {"type", "detail"} body when there
+    is one, else the status line and the start of the body (a proxy's HTML page, say)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "detail" in body:
+        detail = body["detail"]
+        if isinstance(detail, list):  # a framework-level validation error: [{"loc", "msg"}, ...]
+            detail = "; ".join(f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}"
+                               if isinstance(d, dict) else str(d) for d in detail)
+        kind = body.get("type") or response.reason_phrase.lower().replace(" ", "_") or "http_error"
+        return ApiError(response.status_code, str(kind), str(detail))
+    text = " ".join(response.text.split())[:200] if response.content else ""
+    kind = response.reason_phrase.lower().replace(" ", "_") or "http_error"
+    return ApiError(response.status_code, kind,
+                    f"HTTP {response.status_code} {response.reason_phrase}" + (f": {text}" if text else ""))
+
+
+def retry_after_seconds(response: httpx.Response, default: float) -> float:
+    """Retry-After as seconds: either a number or an HTTP date."""
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return default
+    return max(0.0, when.timestamp() - time.time())
+
+
+class RobustnessClient:
+    """The /v1 API over one `httpx.Client`. ``transport`` replaces the network (tests pass an
+    `httpx.MockTransport`, an `httpx.WSGITransport` or Starlette's TestClient transport)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None,
+                 timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+                 transport: httpx.BaseTransport | None = None, *, retries: int = 4, backoff: float = 0.5,
+                 max_retry_after: float = 120.0):
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.retries = retries  # extra attempts after the first, for requests safe to repeat
+        self.backoff = backoff  # seconds before the first retry, doubled each time
+        self.max_retry_after = max_retry_after  # a longer Retry-After is cut to this
+        headers = {"User-Agent": "robustness-client/0.1", "Accept": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
+                                  transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> RobustnessClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------ transport
+
+    def _send(self, method: str, path: str, *, retry: bool, stream: bool = False,
+              rewind: IO[bytes] | None = None, **kwargs) -> httpx.Response:
+        """One request, retried per the policy in the module docstring; raises `ApiError` on
+        an error status. With ``stream`` the caller reads and closes a successful response."""
+        attempt = 0
+        while True:
+            if rewind is not None:
+                rewind.seek(0)
+            delay = self.backoff * 2 ** attempt
+            try:
+                request = self._http.build_request(method, path, **kwargs)
+                response = self._http.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                if retry and attempt < self.retries:
+                    attempt += 1
+                    time.sleep(delay)
+                    continue
+                raise ServerUnreachable(self.base_url, _describe(exc)) from None
+            if response.is_success:
+                return response
+            if stream:
+                response.read()
+                response.close()
+            if attempt < self.retries and (response.status_code == 429
+                                           or (retry and response.status_code in RETRY_STATUSES)):
+                attempt += 1
+                if response.status_code == 429:
+                    delay = min(retry_after_seconds(response, delay), self.max_retry_after)
+                time.sleep(delay)
+                continue
+            raise parse_error(response)
+
+    def _json(self, method: str, path: str, *, retry: bool, **kwargs) -> Any:
+        response = self._send(method, path, retry=retry, **kwargs)
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise ApiError(response.status_code, "invalid_response",
+                           f"{method} {path}: the server did not answer with JSON") from None
+
+    def _get(self, path: str, params: dict | None = None) -> Any:
+        return self._json("GET", path, retry=True,
+                          params={k: v for k, v in (params or {}).items() if v is not None})
+
+    def _upload(self, path: str, file: str | os.PathLike, name: str | None) -> dict:
+        file = Path(file)
+        with file.open("rb") as handle:  # httpx streams the handle in chunks
+            return self._json("POST", path, retry=True, rewind=handle,
+                              files={"file": (file.name, handle, "application/octet-stream")},
+                              data={"name": name} if name is not None else None)
+
+    # ------------------------------------------------------------------------ models
+
+    def upload_model(self, path: str | os.PathLike, name: str | None = None) -> dict:
+        """Upload an .onnx file -> ModelPublic (the existing record if the sha256 is known)."""
+        return self._upload("/v1/models", path, name)
+
+    def find_model(self, sha256: str) -> dict | None:
+        items = self._get("/v1/models", {"sha256": sha256})["items"]
+        return items[0] if items else None
+
+    def get_model(self, model_id: str) -> dict:
+        return self._get(f"/v1/models/{model_id}")
+
+    def ensure_model(self, path: str | os.PathLike, name: str | None = None,
+                     sha256: str | None = None) -> tuple[dict, bool]:
+        """The server's record of this file, uploading it only if the server lacks its sha256;
+        returns (ModelPublic, uploaded)."""
+        found = self.find_model(sha256 or sha256_file(path))
+        return (found, False) if found else (self.upload_model(path, name), True)
+
+    # ------------------------------------------------------------------------ datasets
+
+    def upload_dataset(self, path: str | os.PathLike, name: str | None = None) -> dict:
+        """Upload an .npz (x, y) or a .zip of PNG class folders -> DatasetPublic."""
+        return self._upload("/v1/datasets", path, name)
+
+    def find_dataset(self, sha256: str) -> dict | None:
+        items = self._get("/v1/datasets", {"sha256": sha256})["items"]
+        return items[0] if items else None
+
+    def get_dataset(self, dataset_id: str) -> dict:
+        return self._get(f"/v1/datasets/{dataset_id}")
+
+    def ensure_dataset(self, path: str | os.PathLike, name: str | None = None,
+                       sha256: str | None = None) -> tuple[dict, bool]:
+        """Like `ensure_model`: (DatasetPublic, uploaded)."""
+        found = self.find_dataset(sha256 or sha256_file(path))
+        return (found, False) if found else (self.upload_dataset(path, name), True)
+
+    # ------------------------------------------------------------------------ evaluations
+
+    def submit(self, spec: dict, model_id: str, dataset_id: str, idempotency_key: str | None = None) -> dict:
+        """Start an evaluation -> EvaluationPublic. With an ``idempotency_key`` the same key and
+        body return the same evaluation, so the request is retried like a GET."""
+        if hasattr(spec, "model_dump"):  # an EvaluationSpec
+            spec = spec.model_dump(mode="json")
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return self._json("POST", "/v1/evaluations", retry=idempotency_key is not None, headers=headers,
+                          json={**spec, "model_id": model_id, "dataset_id": dataset_id})
+
+    def get_evaluation(self, evaluation_id: str) -> dict:
+        return self._get(f"/v1/evaluations/{evaluation_id}")
+
+    def list_evaluations(self, state: str | None = None, model_id: str | None = None) -> list[dict]:
+        return self._get("/v1/evaluations", {"state": state, "model_id": model_id})["items"]
+
+    def result(self, evaluation_id: str) -> dict:
+        """The EvaluationResult document; `ApiError` 409 until the evaluation succeeded."""
+        return self._get(f"/v1/evaluations/{evaluation_id}/result")
+
+    def cancel(self, evaluation_id: str) -> dict:
+        return self._json("POST", f"/v1/evaluations/{evaluation_id}/cancel", retry=True)
+
+    def artifacts(self, evaluation_id: str) -> list[dict]:
+        """[{"name", "size"}] of the arrays an evaluation wrote (e.g. universal perturbations)."""
+        return self._get(f"/v1/evaluations/{evaluation_id}/artifacts")["items"]
+
+    def download_artifact(self, evaluation_id: str, name: str, dest_path: str | os.PathLike) -> Path:
+        """Stream one artifact (.npz) to ``dest_path``; a partial download leaves no file."""
+        dest = Path(dest_path)
+        partial = dest.with_name(dest.name + ".part")
+        response = self._send("GET", f"/v1/evaluations/{evaluation_id}/artifacts/{name}", retry=True,
+                              stream=True)
+        try:
+            with partial.open("wb") as out:
+                for chunk in response.iter_bytes(CHUNK):
+                    out.write(chunk)
+            partial.replace(dest)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(self.base_url, _describe(exc)) from None
+        finally:
+            response.close()
+            partial.unlink(missing_ok=True)
+        return dest
+
+    def wait(self, evaluation_id: str, poll_interval: float = 1.0, timeout: float | None = None,
+             on_progress: Callable[[dict], None] | None = None) -> dict:
+        """Poll until the evaluation succeeded, failed or was cancelled and return its final
+        EvaluationPublic; ``on_progress`` sees every polled one. `WaitTimeout` after ``timeout``
+        seconds (the evaluation is not cancelled)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            evaluation = self.get_evaluation(evaluation_id)
+            if on_progress is not None:
+                on_progress(evaluation)
+            if evaluation["state"] in TERMINAL_STATES:
+                return evaluation
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WaitTimeout(evaluation, timeout)
+                time.sleep(min(poll_interval, left))
+            else:
+                time.sleep(poll_interval)
+
+
+def _describe(exc: httpx.TransportError) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out: {exc}" if str(exc) else "timed out"
+    if isinstance(exc, httpx.ConnectError):
+        return f"connection failed: {exc}" if str(exc) else "connection failed"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

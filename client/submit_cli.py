@@ -1,0 +1,168 @@
+"""`robustness submit MODEL.onnx DATA.npz --spec SPEC.yaml --server URL`: evaluate on a server.
+
+The spec is validated locally first. The model and the data are hashed (sha256) and uploaded
+only when the server does not have them yet. The evaluation is submitted with an
+Idempotency-Key derived from the two hashes, the server's ids for them, the canonical spec
+JSON and a run id: ``--idempotency-key``, else $GITHUB_RUN_ID (GitHub Actions) or
+$CI_PIPELINE_ID (GitLab CI). A retried CI job therefore gets the evaluation its first
+attempt started, and so does a repeated local command (pass a new --idempotency-key to force
+a fresh evaluation).
+
+Without --wait the evaluation id is printed and the command exits 0. With --wait (implied by
+--json and --junit) progress goes to stderr, the summary table to stdout, and the exit code
+is 0 when every gate passed, 1 when a gate failed, 2 when the evaluation failed, was
+cancelled or did not finish within --timeout, and 2 on any bad input or server error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from client.api import ApiError, RobustnessClient, WaitTimeout, sha256_file
+from client.evaluate_cli import ProgressBar, load_spec, summary_table
+from client.junit import write_junit
+from schemas.evaluation import EvaluationResult
+
+RUN_ID_VARIABLES = ("GITHUB_RUN_ID", "CI_PIPELINE_ID")  # stable across retries of one CI run
+
+
+class EvaluationFailed(Exception):
+    """The evaluation ended failed or cancelled: exit 2 with the server's error."""
+
+
+def add_submit_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("submit", help="run an evaluation spec on a robustness server",
+                                   description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="an .onnx image classifier")
+    parser.add_argument("data", help="an .npz with x (images) and y (labels), or a .zip of PNG class folders")
+    parser.add_argument("--spec", required=True, help="evaluation spec, YAML or JSON")
+    parser.add_argument("--server", metavar="URL", default=os.environ.get("ROBUSTNESS_SERVER"),
+                        help="the server's base URL (default: $ROBUSTNESS_SERVER)")
+    parser.add_argument("--api-key", metavar="KEY", help="API key (default: $ROBUSTNESS_API_KEY)")
+    parser.add_argument("--name", help="name for the uploaded model (default: its file name)")
+    parser.add_argument("--wait", action="store_true", help="wait for the result and exit 1 if a gate fails")
+    parser.add_argument("--json", metavar="OUT.json", help="write the result document here (implies --wait)")
+    parser.add_argument("--junit", metavar="OUT.xml", help="write a JUnit XML report of the gates "
+                                                          "(implies --wait)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="with --wait: give up (exit 2) after this long; the evaluation keeps running")
+    parser.add_argument("--poll", type=float, default=2.0, metavar="SECONDS",
+                        help="with --wait: seconds between status requests (default 2)")
+    parser.add_argument("--idempotency-key", metavar="KEY",
+                        help="run id mixed into the Idempotency-Key (default: $GITHUB_RUN_ID or "
+                             "$CI_PIPELINE_ID); a new value forces a new evaluation")
+    parser.set_defaults(run=run_submit)
+    return parser
+
+
+def idempotency_key(model: dict, dataset: dict, spec_json: dict, run_id: str | None = None) -> str:
+    """A key that is the same whenever the inputs and the run id are (see the module docstring)."""
+    if run_id is None:
+        run_id = next((os.environ[v] for v in RUN_ID_VARIABLES if os.environ.get(v)), "")
+    material = {"model": [model["sha256"], model["id"]], "dataset": [dataset["sha256"], dataset["id"]],
+                "spec": spec_json, "run": run_id}
+    canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "submit-" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def run_submit(args, transport=None) -> int:
+    """The `submit` command; ``transport`` replaces the network (tests)."""
+    try:
+        return _submit(args, transport)
+    except (ApiError, EvaluationFailed, WaitTimeout, ValueError, OSError) as exc:
+        message = " ".join(str(exc).split())
+        if isinstance(exc, ApiError) and exc.status == 401:
+            message += "; pass --api-key or set ROBUSTNESS_API_KEY"
+        if isinstance(exc, WaitTimeout):
+            message += " (the same command, run again, waits for this evaluation)"
+        print(f"robustness: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _submit(args, transport) -> int:
+    if not args.server:
+        raise ValueError("--server URL is required (or set ROBUSTNESS_SERVER)")
+    if args.poll <= 0 or (args.timeout is not None and args.timeout <= 0):
+        raise ValueError("--poll and --timeout must be positive numbers of seconds")
+    spec = load_spec(args.spec)
+    for path in (args.model, args.data):
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such file")
+    spec_json = spec.model_dump(mode="json")
+    api_key = args.api_key or os.environ.get("ROBUSTNESS_API_KEY")
+    with RobustnessClient(args.server, api_key=api_key, transport=transport) as api:
+        model = _ensure(api.ensure_model, args.model, args.name, "model")
+        dataset = _ensure(api.ensure_dataset, args.data, None, "dataset")
+        key = idempotency_key(model, dataset, spec_json, args.idempotency_key)
+        evaluation = api.submit(spec_json, model["id"], dataset["id"], idempotency_key=key)
+        if not (args.wait or args.json or args.junit):
+            print(evaluation["id"])
+            return 0
+        _note(f"evaluation {evaluation['id']} ({evaluation['state']})")
+        bar = ProgressBar()
+        try:
+            final = api.wait(evaluation["id"], poll_interval=args.poll, timeout=args.timeout,
+                             on_progress=lambda ev: _show_progress(bar, ev))
+        except KeyboardInterrupt:
+            final = None
+        finally:
+            bar.close()
+        if final is None:
+            _note(f"interrupted; evaluation {evaluation['id']} keeps running on the server")
+            return 130
+        if final["state"] != "succeeded":
+            error = final.get("error") or {}
+            what = f"evaluation {final['id']} {final['state']}"
+            if error:
+                what += f": {error.get('code', 'error')}: {error.get('message', '')}"
+            raise EvaluationFailed(what)
+        document = api.result(final["id"])
+    return _report(args, final, document)
+
+
+def _ensure(ensure, path: str, name: str | None, kind: str) -> dict:
+    """The server's record of a file, uploaded only if its sha256 is new to the server."""
+    digest = sha256_file(path)
+    record, uploaded = ensure(path, name, sha256=digest)
+    _note(f"{kind} {path}: " + (f"uploaded as {record['id']}" if uploaded else
+                                f"already on the server as {record['id']}") + f" (sha256 {digest[:12]})")
+    return record
+
+
+def _show_progress(bar: ProgressBar, evaluation: dict) -> None:
+    progress = evaluation.get("progress") or {}
+    if evaluation["state"] == "queued":
+        bar("queued", 0, 1)
+    elif progress.get("stage") and progress.get("total"):
+        bar(progress["stage"], progress.get("done", 0), progress["total"])
+
+
+def _report(args, evaluation: dict, document: dict) -> int:
+    if args.json:
+        Path(args.json).write_text(json.dumps(document, indent=2))
+    if args.junit:
+        write_junit(args.junit, document, evaluation["id"])
+    try:
+        print(summary_table(EvaluationResult.model_validate(document)))
+    except ValidationError as exc:  # a server newer than this client: the exit code still holds
+        _note(f"warning: cannot show the summary table, the result document does not match this "
+              f"client's schema ({exc.error_count()} differences); upgrade the client")
+    gates = document.get("gates") or []
+    failed = sum(1 for g in gates if not g.get("passed"))
+    passed = document.get("passed", evaluation.get("passed"))
+    if passed:
+        _note(f"evaluation {evaluation['id']} succeeded: {len(gates)} gate(s) passed")
+        return 0
+    _note(f"evaluation {evaluation['id']} succeeded: {failed} of {len(gates)} gate(s) failed")
+    return 1
+
+
+def _note(message: str) -> None:
+    print(f"robustness: {message}", file=sys.stderr)
