@@ -19,36 +19,45 @@ from schemas.evaluation import EvaluationResult, EvaluationSpec
 
 
 class ProgressBar:
-    """One line on stderr: stage, samples done, ETA; redrawn at most 5 times a second."""
+    """One line on stderr: stage, samples done, ETA; redrawn at most 5 times a second.
+
+    Stages may interleave (an evaluation runs its attacks shard after shard), so a stage's
+    elapsed time and ETA count only the time spent on that stage.
+    """
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.stage = None
-        self.stage_started = 0.0
+        self.last_call: float | None = None
+        self.spent: dict[str, float] = {}
         self.last_draw = 0.0
         self.interactive = self.stream.isatty()
         self.reported_done: set[str] = set()
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         now = time.monotonic()
+        # the time since the previous report went into this stage's work
+        since = now - self.last_call if self.last_call is not None else 0.0
+        self.spent[stage] = self.spent.get(stage, 0.0) + since
+        self.last_call = now
         if stage != self.stage:
-            if self.stage is not None and self.interactive:
-                self.stream.write("\n")
-            self.stage, self.stage_started = stage, now
+            if self.stage in self.reported_done and self.interactive:
+                self.stream.write("\n")  # keep the finished stage's line; else redraw over it
+            self.stage = stage
         finished = done >= total
         if (not finished and now - self.last_draw < 0.2) or (finished and stage in self.reported_done):
             return
         if finished:
             self.reported_done.add(stage)
         self.last_draw = now
-        elapsed = now - self.stage_started
+        elapsed = self.spent[stage]
         eta = elapsed / done * (total - done) if done else float("nan")
         width = 24
         filled = int(width * done / total) if total else width
         line = (f"{stage:<18} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
                 f"elapsed {elapsed:5.1f}s ETA {eta:5.1f}s")
         if self.interactive:
-            self.stream.write("\r" + line)
+            self.stream.write("\r" + line + "\x1b[K")  # erase what a longer line left
         elif finished:
             self.stream.write(line + "\n")
         self.stream.flush()
@@ -113,11 +122,16 @@ def summary_table(result: EvaluationResult) -> str:
     if result.gates:
         lines.append("")
         for g in result.gates:
-            bound = " and ".join(x for x in (f">= {g.min}" if g.min is not None else "",
-                                             f"<= {g.max}" if g.max is not None else "") if x)
+            bound = " and ".join(x for x in (
+                f">= {g.min}" if g.min is not None else "", f"<= {g.max}" if g.max is not None else "",
+                f"at most {g.max_drop:g} below baseline {g.baseline}" if g.baseline is not None else "") if x)
             where = f" {g.attack}" + (f" eps={g.eps:g}" if g.eps is not None else "") if g.attack else ""
             status = "PASS" if g.passed else "FAIL"
             got = _fmt(g.value, 4) if g.value is not None else (g.reason or "-")
+            if g.baseline_value is not None:
+                got += f", baseline {_fmt(g.baseline_value, 4)}"
+            elif g.baseline is not None and g.value is not None and g.reason:
+                got += f"; {g.reason}"
             lines.append(f"gate {status}: {g.metric}{where} {bound} (got {got})")
     return "\n".join(lines)
 
@@ -133,15 +147,34 @@ def run_evaluate(args) -> int:
     if not data_path.is_file():
         raise ValueError(f"{args.data}: no such file")
     dataset = load_npz(data_path.read_bytes(), tuple(spec.input.range))
+    baselines = load_baselines(spec)
     bar = ProgressBar()
     try:
-        evaluation = evaluate(model, dataset, spec, progress=bar)
+        evaluation = evaluate(model, dataset, spec, progress=bar, baselines=baselines)
     finally:
         bar.close()
     result = evaluation.result
     print(summary_table(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result.model_dump(mode="json"), indent=2))
-    if args.artifacts and evaluation.artifacts:
-        np.savez_compressed(args.artifacts, **evaluation.artifacts)
+    # the attacks' own arrays (e.g. universal perturbations), not the adversarial examples:
+    # those are a copy of the data per attack and budget
+    arrays = {k: v for k, v in evaluation.artifacts.items() if not k.endswith("/x_adv")}
+    if args.artifacts and arrays:
+        np.savez_compressed(args.artifacts, **arrays)
     return 0 if result.passed else 1
+
+
+def load_baselines(spec: EvaluationSpec) -> dict[str, EvaluationResult]:
+    """Locally a gate's `baseline` is the path of an earlier result document (--out)."""
+    return {gate.baseline: load_result(gate.baseline) for gate in spec.gates if gate.baseline is not None}
+
+
+def load_result(path: str) -> EvaluationResult:
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"{path}: no such baseline result file (write one with evaluate --out)")
+    try:
+        return EvaluationResult.model_validate_json(file.read_bytes())
+    except ValidationError as exc:
+        raise ValueError(f"{path}: not a result document ({format_validation_error(exc)})") from None

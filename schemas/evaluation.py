@@ -93,11 +93,17 @@ class GateSpec(BaseModel):
     norm: Norm | None = None
     min: float | None = None
     max: float | None = None
+    baseline: str | None = Field(None, description="an earlier evaluation to compare with: its id on the "
+                                 "service, or the path of a result JSON file for the local CLI")
+    max_drop: float | None = Field(None, ge=0, description="with `baseline`: pass when the value is at "
+                                   "least the baseline's value minus max_drop")
 
     @model_validator(mode="after")
     def _bounded(self):
-        if self.min is None and self.max is None:
-            raise ValueError("a gate needs `min` or `max`")
+        if (self.baseline is None) != (self.max_drop is None):
+            raise ValueError("`baseline` and `max_drop` go together: give both or neither")
+        if self.min is None and self.max is None and self.baseline is None:
+            raise ValueError("a gate needs `min` or `max` (or `baseline` with `max_drop`)")
         if self.metric != "clean_accuracy" and self.attack is None:
             raise ValueError(f"a gate on {self.metric} must name its `attack`")
         return self
@@ -124,6 +130,10 @@ class EvaluationSpec(BaseModel):
     samples: int | Literal["all"] = Field("all", description="the first N samples, or all")
     seed: int = Field(0, ge=0)
     batch_size: int = Field(64, ge=1, le=4096)
+    shard_size: int = Field(250, ge=1, le=100_000, description=(
+        "samples per shard, the unit of work of one worker process. Each shard's attacks draw their "
+        "randomness from (seed, attack, shard), so results depend on shard_size; the same spec gives "
+        "the same result locally and on the service"))
     attacks: list[AttackSpec] = Field(default_factory=list, max_length=64)
     gates: list[GateSpec] = Field(default_factory=list, max_length=256)
     fooling: FoolingSpec | None = None
@@ -215,7 +225,10 @@ class GateResult(BaseModel):
     norm: str | None
     min: float | None
     max: float | None
+    baseline: str | None = None
+    max_drop: float | None = None
     value: float | None
+    baseline_value: float | None = None  # the same metric in the baseline evaluation
     passed: bool
     reason: str | None = None
 
@@ -234,4 +247,6 @@ class EvaluationResult(BaseModel):
     gates: list[GateResult]
     passed: bool
     fooling: dict[str, Any] | None = None  # noise fooling rate and gradient-ascent summary
-    timing: dict[str, float]  # seconds: "total" and one entry per attack key
+    # seconds of work summed over the units (not wall time when they run in parallel): "clean", one
+    # entry per attack key, "fooling", "finish" and their "total"
+    timing: dict[str, float]

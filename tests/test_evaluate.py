@@ -194,3 +194,34 @@ def test_a_progress_callback_can_stop_an_evaluation_between_batches(demo):
     with pytest.raises(EvaluationCancelled):
         evaluate(model.read_bytes(), load_npz(data_path.read_bytes()), spec, progress=cancel_during_pgd)
     assert seen[-1] == "pgd" and "deepfool" not in seen
+
+
+def test_cli_gates_on_a_baseline_result_file(demo, tmp_path, capsys):
+    model, data = demo
+    spec_path, earlier = tmp_path / "spec.yaml", tmp_path / "earlier.json"
+    spec_path.write_text(yaml.safe_dump(spec_dict(attacks=[{"name": "fgsm", "eps": [0.1]}], gates=[])))
+    assert main(["evaluate", str(model), str(data), "--spec", str(spec_path), "--out", str(earlier)]) == 0
+    gate = {"metric": "robust_accuracy", "attack": "fgsm", "baseline": str(earlier), "max_drop": 0.0}
+    spec_path.write_text(yaml.safe_dump(spec_dict(attacks=[{"name": "fgsm", "eps": [0.1]}], gates=[gate])))
+    capsys.readouterr()
+    assert main(["evaluate", str(model), str(data), "--spec", str(spec_path)]) == 0  # the same result
+    assert f"at most 0 below baseline {earlier}" in capsys.readouterr().out
+
+    gate["baseline"] = str(tmp_path / "missing.json")
+    spec_path.write_text(yaml.safe_dump(spec_dict(attacks=[{"name": "fgsm", "eps": [0.1]}], gates=[gate])))
+    assert main(["evaluate", str(model), str(data), "--spec", str(spec_path)]) == 2
+    assert "missing.json: no such baseline result file" in capsys.readouterr().err
+    gate["baseline"] = str(spec_path)  # a file, but not a result document
+    spec_path.write_text(yaml.safe_dump(spec_dict(attacks=[{"name": "fgsm", "eps": [0.1]}], gates=[gate])))
+    assert main(["evaluate", str(model), str(data), "--spec", str(spec_path)]) == 2
+    assert "spec.yaml: not a result document" in capsys.readouterr().err
+
+
+def test_cli_artifacts_hold_the_attacks_arrays_but_not_the_adversarial_examples(demo, tmp_path):
+    model, data = demo
+    spec_path, artifacts = tmp_path / "spec.yaml", tmp_path / "arrays.npz"
+    spec_path.write_text(yaml.safe_dump(spec_dict(attacks=[{"name": "deepfool", "max_iter": 5}], gates=[])))
+    assert main(["evaluate", str(model), str(data), "--spec", str(spec_path),
+                 "--artifacts", str(artifacts)]) == 0
+    with np.load(artifacts, allow_pickle=False) as saved:
+        assert saved.files == ["deepfool/iterations"] and saved["deepfool/iterations"].shape == (SAMPLES,)

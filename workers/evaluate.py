@@ -2,14 +2,26 @@
 
 A plain function over arrays and bytes: no Celery, web framework or database here, so the
 CLI, the service's workers and tests all call exactly this.
+
+An evaluation is split into units of work (``plan``): shards of ``spec.shard_size`` samples,
+each running the clean pass and every per-sample attack on its slice, plus one "whole" unit
+for attacks that need every sample at once (universal perturbations). ``run_unit`` runs one
+unit, anywhere; its ``UnitOutput`` travels as bytes (``to_bytes``/``from_bytes``);
+``finish`` aggregates the outputs into the result. ``evaluate`` does all of it in one
+process, with the same result (``timing`` aside) as units run by separate workers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +50,11 @@ StageProgress = Callable[[str, int, int], None]
 class EvaluationCancelled(Exception):
     """Raised by a progress callback to stop an evaluation between batches."""
 
+
+class UnitOutputError(ValueError):
+    """Bytes that are not a serialized UnitOutput."""
+
+
 _KINDS = {"fgsm": "single_step", "square": "black_box", "gaussian_noise": "noise",
           "uniform_noise": "noise", "universal": "universal"}
 _GRADIENT_STATS_SAMPLES = 256
@@ -46,7 +63,113 @@ _GRADIENT_STATS_SAMPLES = 256
 @dataclass
 class Evaluation:
     result: EvaluationResult
-    artifacts: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. universal perturbations
+    # "{key}@{eps}/x_adv" (or "{key}/x_adv" for minimal attacks): adversarial examples [N, ...];
+    # "{key}@{eps}/{name}": the attack's own arrays, e.g. a universal perturbation
+    artifacts: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One piece of an evaluation, run by one worker process."""
+
+    index: int  # position in the plan
+    start: int  # the selected samples [start, stop)
+    stop: int
+    attacks: tuple[int, ...]  # indices into spec.attacks
+    kind: str  # "shard": clean pass and per-sample attacks; "whole": attacks that need every sample
+
+    @property
+    def samples(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class RunOutput:
+    """One attack at one budget on a unit's samples (arrays [n, ...])."""
+
+    attack: int  # index into spec.attacks
+    eps: float | None
+    x_adv: np.ndarray
+    logits: np.ndarray  # the model's logits at x_adv [n, K]
+    success: np.ndarray
+    queries: np.ndarray | None = None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # the attack's extra arrays
+    extra: dict[str, Any] = field(default_factory=dict)  # the attack's other extras, JSON values
+
+
+@dataclass
+class UnitOutput:
+    """What a unit computed: everything ``finish`` needs, without re-running the model."""
+
+    unit: WorkUnit
+    clean_logits: np.ndarray | None  # [n, K]; None for a "whole" unit
+    runs: list[RunOutput]
+    # seconds per stage; not part of the bytes (a redelivered unit must give the same bytes):
+    # carry it beside them and hand it back to from_bytes
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        """An .npz without pickles; the same output always gives the same bytes."""
+        arrays = {} if self.clean_logits is None else {"clean_logits": self.clean_logits}
+        runs = []
+        for i, run in enumerate(self.runs):
+            arrays.update({f"runs/{i}/{name}": array for name, array in _run_arrays(run).items()})
+            runs.append({"attack": run.attack, "eps": run.eps, "extra": run.extra,
+                         "arrays": list(run.arrays), "queries": run.queries is not None})
+        meta = {"format": _FORMAT, "unit": asdict(self.unit), "runs": runs}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        return _write_npz(arrays)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, timing: dict[str, float] | None = None) -> UnitOutput:
+        if not data.startswith(b"PK\x03\x04"):
+            raise UnitOutputError("not a serialized unit output: not an .npz (zip) archive")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+                arrays = {name: archive[name] for name in archive.files}
+            meta = json.loads(arrays["meta"].tobytes())
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, expected {_FORMAT!r}")
+            unit = WorkUnit(**{**meta["unit"], "attacks": tuple(meta["unit"]["attacks"])})
+            runs = [_run_from_arrays(run, arrays, f"runs/{i}/") for i, run in enumerate(meta["runs"])]
+            return cls(unit=unit, clean_logits=arrays.get("clean_logits"), runs=runs, timing=timing or {})
+        except KeyError as exc:
+            raise UnitOutputError(f"not a serialized unit output: it lacks {exc}") from None
+        except (OSError, EOFError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
+            raise UnitOutputError(f"not a serialized unit output: {exc}") from None
+
+
+_FORMAT = "robustness-unit-output/1"
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # zip entries otherwise carry the time of writing
+
+
+def _run_arrays(run: RunOutput) -> dict[str, np.ndarray]:
+    arrays = {"x_adv": run.x_adv, "logits": run.logits, "success": run.success}
+    if run.queries is not None:
+        arrays["queries"] = run.queries
+    arrays.update({f"extra/{name}": array for name, array in run.arrays.items()})
+    return arrays
+
+
+def _run_from_arrays(meta: dict, arrays: dict[str, np.ndarray], prefix: str) -> RunOutput:
+    return RunOutput(
+        attack=meta["attack"], eps=meta["eps"], x_adv=arrays[prefix + "x_adv"],
+        logits=arrays[prefix + "logits"], success=arrays[prefix + "success"],
+        queries=arrays[prefix + "queries"] if meta["queries"] else None,
+        arrays={name: arrays[f"{prefix}extra/{name}"] for name in meta["arrays"]}, extra=meta["extra"])
+
+
+def _write_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE), member.getvalue())
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------- the plan
 
 
 def attack_kind(attack: Attack) -> str:
@@ -55,10 +178,35 @@ def attack_kind(attack: Attack) -> str:
     return _KINDS.get(attack.name, "iterative")
 
 
-def _select(x: np.ndarray, y: np.ndarray, samples) -> tuple[np.ndarray, np.ndarray]:
-    if samples == "all":
-        return x, y
-    return x[:samples], y[:samples]
+def plan(spec: EvaluationSpec, num_samples: int) -> list[WorkUnit]:
+    """The units of an evaluation of the first ``spec.samples`` of ``num_samples`` samples."""
+    n = num_samples if spec.samples == "all" else min(spec.samples, num_samples)
+    whole = tuple(i for i, a in enumerate(spec.attacks) if _KINDS.get(a.name) == "universal")
+    per_sample = tuple(i for i in range(len(spec.attacks)) if i not in whole)
+    units = [WorkUnit(index, start, min(start + spec.shard_size, n), per_sample, "shard")
+             for index, start in enumerate(range(0, n, spec.shard_size))]
+    if whole and n:
+        units.append(WorkUnit(len(units), 0, n, whole, "whole"))
+    return units
+
+
+def _stage_work(spec: EvaluationSpec, unit: WorkUnit) -> dict[str, int]:
+    work = {"clean": unit.samples} if unit.kind == "shard" else {}
+    for index in unit.attacks:
+        work[spec.attacks[index].key] = unit.samples * _budget_count(spec.attacks[index])
+    return work
+
+
+def _budget_count(attack_spec: AttackSpec) -> int:
+    return len(attack_spec.eps) if attack_spec.eps else 1  # minimal attacks: one run
+
+
+def unit_work(spec: EvaluationSpec, unit: WorkUnit) -> int:
+    """The progress units of ``unit``: samples times budgets, summed over its stages."""
+    return sum(_stage_work(spec, unit).values())
+
+
+# ---------------------------------------------------------------------------- running
 
 
 def evaluate(
@@ -68,40 +216,181 @@ def evaluate(
     *,
     progress: StageProgress | None = None,
     options: RuntimeOptions | None = None,
+    baselines: dict[str, EvaluationResult] | None = None,
 ) -> Evaluation:
     """Run every attack of ``spec`` against ``model`` on ``dataset``; see EvaluationResult."""
-    started = time.perf_counter()
+    classifier, x, y = _prepare(model, dataset, spec, options)
+    units = plan(spec, len(dataset.x))
+    unit_progress = _job_progress(spec, units, progress or _silent)
+    outputs = [_run_unit(classifier, x, y, spec, unit, unit_progress(unit)) for unit in units]
+    return _finish(classifier, model, dataset, x, y, spec, outputs, progress or _silent, baselines or {})
+
+
+def run_unit(model: bytes, dataset: Dataset, spec: EvaluationSpec, unit: WorkUnit, *,
+             progress: StageProgress | None = None, options: RuntimeOptions | None = None) -> UnitOutput:
+    """Run one unit of ``plan(spec, len(dataset.x))``; progress is reported within the unit."""
+    if unit not in plan(spec, len(dataset.x)):
+        raise ValueError(f"{unit} is not a unit of this spec's plan for {len(dataset.x)} samples")
+    classifier, x, y = _prepare(model, dataset, spec, options)
+    return _run_unit(classifier, x, y, spec, unit, progress or _silent)
+
+
+def finish(model: bytes, dataset: Dataset, spec: EvaluationSpec, outputs: list[UnitOutput], *,
+           progress: StageProgress | None = None, options: RuntimeOptions | None = None,
+           baselines: dict[str, EvaluationResult] | None = None) -> Evaluation:
+    """The result of an evaluation from the outputs of all its units (in any order).
+
+    ``baselines`` maps a gate's ``baseline`` to that earlier result.
+    """
+    classifier, x, y = _prepare(model, dataset, spec, options)
+    return _finish(classifier, model, dataset, x, y, spec, outputs, progress or _silent, baselines or {})
+
+
+def _silent(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def _prepare(model: bytes, dataset: Dataset, spec: EvaluationSpec, options: RuntimeOptions | None):
     composed = compose_preprocessing(model, mean=spec.input.mean, std=spec.input.std,
                                      layout=spec.input.layout)
-    options = options or RuntimeOptions(batch_size=spec.batch_size)
-    classifier = Classifier(composed, options)
+    classifier = Classifier(composed, options or RuntimeOptions(batch_size=spec.batch_size))
     x, y = _select(dataset.x, dataset.y, spec.samples)
     _check_fit(x, y, classifier)
-    report = progress or (lambda stage, done, total: None)
+    return classifier, x, y
 
-    report("clean", 0, len(x))
-    clean_logits = classifier.logits(x)
-    clean_pred = clean_logits.argmax(1)
-    report("clean", len(x), len(x))
+
+def _select(x: np.ndarray, y: np.ndarray, samples) -> tuple[np.ndarray, np.ndarray]:
+    if samples == "all":
+        return x, y
+    return x[:samples], y[:samples]
+
+
+def _check_fit(x: np.ndarray, y: np.ndarray, classifier: Classifier) -> None:
+    if not len(x):
+        raise DatasetError("the dataset holds no samples")
+    expected = classifier.input_shape[1:]
+    if x.ndim != len(classifier.input_shape) or any(
+        isinstance(e, int) and e != g for e, g in zip(expected, x.shape[1:], strict=True)
+    ):
+        raise DatasetError(f"images are {list(x.shape[1:])} but the model (after input.layout) "
+                           f"expects [{', '.join(map(str, expected))}]; check input.layout")
+    if y.size and y.max() >= classifier.num_classes:
+        raise DatasetError(f"labels go up to {int(y.max())} but the model has "
+                           f"{classifier.num_classes} classes")
+
+
+def _job_progress(spec: EvaluationSpec, units: list[WorkUnit], report: StageProgress):
+    """Per-unit callbacks that report each stage over the whole job; call it in unit order."""
+    totals: dict[str, int] = {}
+    for unit in units:
+        for stage, work in _stage_work(spec, unit).items():
+            totals[stage] = totals.get(stage, 0) + work
+    done_before = dict.fromkeys(totals, 0)
+
+    def for_unit(unit: WorkUnit) -> StageProgress:
+        offsets = dict(done_before)
+        for stage, work in _stage_work(spec, unit).items():
+            done_before[stage] += work
+        return lambda stage, done, total: report(stage, offsets[stage] + done, totals[stage])
+
+    return for_unit
+
+
+def _targets(spec: EvaluationSpec, index: int, y: np.ndarray, num_classes: int) -> np.ndarray | None:
+    """Target classes over all selected samples, so that they do not depend on the sharding."""
+    if not spec.attacks[index].targeted:
+        return None
+    return random_targets(np.random.default_rng([spec.seed, index]), y, num_classes)
+
+
+def _attack_seed(spec: EvaluationSpec, index: int, unit: WorkUnit) -> int:
+    """Independent, reproducible randomness for each attack in each unit."""
+    state = np.random.SeedSequence([spec.seed, index, unit.index]).generate_state(1, np.uint64)
+    return int(state[0])
+
+
+def _run_unit(classifier: Classifier, x: np.ndarray, y: np.ndarray, spec: EvaluationSpec,
+              unit: WorkUnit, report: StageProgress) -> UnitOutput:
+    started = time.perf_counter()
+    xs, ys = x[unit.start:unit.stop], y[unit.start:unit.stop]
+    timing: dict[str, float] = {}
+    clean_logits = None
+    if unit.kind == "shard":
+        report("clean", 0, len(xs))
+        clean_logits = classifier.logits(xs)
+        timing["clean"] = time.perf_counter() - started
+        report("clean", len(xs), len(xs))
+    runs: list[RunOutput] = []
+    for index in unit.attacks:
+        targets = _targets(spec, index, y, classifier.num_classes)
+        if targets is not None:
+            targets = targets[unit.start:unit.stop]
+        runs += _run_attack(index, classifier, xs, ys, targets, spec, _attack_seed(spec, index, unit),
+                            report, timing)
+    timing["total"] = time.perf_counter() - started
+    return UnitOutput(unit=unit, clean_logits=clean_logits, runs=runs, timing=timing)
+
+
+def _run_attack(index: int, classifier, x, y, targets, spec: EvaluationSpec, seed: int,
+                report: StageProgress, timing: dict[str, float]) -> list[RunOutput]:
+    attack_spec = spec.attacks[index]
+    attack = build_attack(attack_spec)
+    stage = attack_spec.key
+    total = len(x) * _budget_count(attack_spec)
+    done_before = [0]
+
+    def attack_progress(done: int, of: int) -> None:
+        report(stage, min(total, done_before[0] + done), total)
+
+    report(stage, 0, total)
+    started = time.perf_counter()
+    outputs = []
+    budgets = attack_spec.eps if not attack.minimal else [None]
+    for eps in budgets:
+        for run in attack(classifier, x, y, eps=eps, targets=targets, bounds=tuple(spec.input.range),
+                          seed=seed, progress=attack_progress):
+            outputs.append(_run_output(index, run, classifier.logits(run.x_adv)))
+        done_before[0] += len(x)
+        report(stage, done_before[0], total)
+    timing[stage] = time.perf_counter() - started
+    return outputs
+
+
+def _run_output(index: int, run, logits: np.ndarray) -> RunOutput:
+    arrays = {k: _plain(v) for k, v in run.extra.items() if isinstance(v, np.ndarray)}
+    others = {k: v for k, v in run.extra.items() if not isinstance(v, np.ndarray)}
+    # through JSON here too, so that evaluate() sees exactly what from_bytes() gives the service
+    extra = json.loads(json.dumps(others, default=lambda value: value.item()))
+    return RunOutput(attack=index, eps=run.eps, x_adv=run.x_adv, logits=logits, success=run.success,
+                     queries=run.queries, arrays=arrays, extra=extra)
+
+
+def _plain(array: np.ndarray) -> np.ndarray:
+    """Arrays of Python strings (e.g. AutoAttack's broken_by) as numpy strings: no pickles."""
+    return array.astype(str) if array.dtype == object else array
+
+
+# ---------------------------------------------------------------------------- aggregating
+
+
+def _finish(classifier: Classifier, model: bytes, dataset: Dataset, x: np.ndarray, y: np.ndarray,
+            spec: EvaluationSpec, outputs: list[UnitOutput], report: StageProgress,
+            baselines: dict[str, EvaluationResult]) -> Evaluation:
+    started = time.perf_counter()
+    outputs = _in_plan_order(spec, outputs, len(dataset.x))
+    clean_pred = np.concatenate([o.clean_logits for o in outputs if o.unit.kind == "shard"]).argmax(1)
     probe = slice(0, min(len(x), _GRADIENT_STATS_SAMPLES))
     grad_stats = metrics.gradient_stats(classifier.loss_and_grad(x[probe], y[probe])[2])
 
     entries: list[AttackResult] = []
     artifacts: dict[str, np.ndarray] = {}
-    timing: dict[str, float] = {}
     for index, attack_spec in enumerate(spec.attacks):
         attack = build_attack(attack_spec)
-        # reproducible from the seed and the attack's position in the spec
-        targets = (random_targets(np.random.default_rng([spec.seed, index]), y, classifier.num_classes)
-                   if attack_spec.targeted else None)
-        runs = _run_attack(attack, attack_spec, classifier, x, y, targets, spec, report, timing)
-        for run in runs:
-            entry, arrays = _summarise(attack, attack_spec, classifier, x, y, clean_pred, targets, run,
-                                       grad_stats)
-            entries.append(entry)
-            for name, array in arrays.items():
-                eps_tag = f"@{run.eps:g}" if run.eps is not None else ""
-                artifacts[f"{attack_spec.key}{eps_tag}/{name}"] = array
+        targets = _targets(spec, index, y, classifier.num_classes)
+        for run in _merged_runs(outputs, index):
+            entries.append(_summarise(attack, attack_spec, classifier.num_classes, x, y, clean_pred,
+                                      targets, run, grad_stats))
+            artifacts.update(_artifacts(attack_spec.key, run))
 
     warnings = metrics.sanity_flags([
         {"attack": e.attack, "norm": e.norm, "eps": e.eps, "robust_accuracy": e.robust_accuracy,
@@ -109,7 +398,8 @@ def evaluate(
         for e in entries
     ])
     clean_accuracy = metrics.accuracy(clean_pred, y)
-    gates = [evaluate_gate(gate, clean_accuracy, entries) for gate in spec.gates]
+    gates = [evaluate_gate(gate, clean_accuracy, entries, baselines) for gate in spec.gates]
+    timing = _summed_timing(outputs)
     fooling = None
     if spec.fooling is not None:
         report("fooling", 0, 1)
@@ -117,7 +407,8 @@ def evaluate(
         fooling = fooling_summary(classifier, spec, x.shape[1:])
         timing["fooling"] = time.perf_counter() - started_fooling
         report("fooling", 1, 1)
-    timing["total"] = time.perf_counter() - started
+    timing["finish"] = time.perf_counter() - started
+    timing["total"] = timing.get("total", 0.0) + timing["finish"]
     result = EvaluationResult(
         model={"sha256": hashlib.sha256(model).hexdigest(), "input_shape": list(classifier.input_shape),
                "num_classes": classifier.num_classes, "ends_in_softmax": classifier.ends_in_softmax},
@@ -128,6 +419,90 @@ def evaluate(
         timing={k: round(v, 3) for k, v in timing.items()},
     )
     return Evaluation(result=result, artifacts=artifacts)
+
+
+def _in_plan_order(spec: EvaluationSpec, outputs: list[UnitOutput], num_samples: int) -> list[UnitOutput]:
+    ordered = sorted(outputs, key=lambda o: o.unit.index)
+    expected = plan(spec, num_samples)
+    if [o.unit for o in ordered] != expected:
+        raise ValueError(f"the outputs are of units {[o.unit for o in ordered]}, but this spec's plan "
+                         f"for {num_samples} samples is {expected}")
+    return ordered
+
+
+def _summed_timing(outputs: list[UnitOutput]) -> dict[str, float]:
+    timing: dict[str, float] = {}
+    for output in outputs:
+        for stage, seconds in output.timing.items():
+            timing[stage] = timing.get(stage, 0.0) + seconds
+    return timing
+
+
+def _merged_runs(outputs: list[UnitOutput], index: int) -> list[RunOutput]:
+    """The runs of attack ``index`` over all samples, one per budget, in unit order."""
+    units = [o for o in outputs if index in o.unit.attacks]
+    per_unit = [[run for run in o.runs if run.attack == index] for o in units]
+    sizes = [o.unit.samples for o in units]
+    return [_merge_runs(parts, sizes) for parts in zip(*per_unit, strict=True)]
+
+
+def _merge_runs(parts: Sequence[RunOutput], sizes: list[int]) -> RunOutput:
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return RunOutput(
+        attack=first.attack, eps=first.eps,
+        x_adv=np.concatenate([p.x_adv for p in parts]), logits=np.concatenate([p.logits for p in parts]),
+        success=np.concatenate([p.success for p in parts]),
+        queries=None if first.queries is None else np.concatenate([p.queries for p in parts]),
+        arrays={name: np.concatenate([p.arrays[name] for p in parts]) for name in first.arrays},
+        extra={key: _merge_extra(key, [p.extra[key] for p in parts], sizes) for key in first.extra})
+
+
+def _sample_mean(values: list, sizes: list[int]):
+    """The mean over all samples of a per-shard mean (or of each entry of per-shard dicts)."""
+    if isinstance(values[0], dict):
+        return {key: _sample_mean([v[key] for v in values], sizes) for key in values[0]}
+    return math.fsum(v * n for v, n in zip(values, sizes, strict=True)) / sum(sizes)
+
+
+# How the attacks' non-array extras combine across shards, by name: AutoAttack's robust accuracy
+# after each component and a universal perturbation's fooling rate are means over the samples;
+# passes (a whole-set attack's, merged only for completeness) take the largest.
+_MERGE_EXTRA = {"robust_accuracy": _sample_mean, "fooling_rate": _sample_mean,
+                "passes": lambda values, sizes: max(values)}
+
+
+def _merge_extra(key: str, values: list, sizes: list[int]):
+    if key in _MERGE_EXTRA:
+        return _MERGE_EXTRA[key](values, sizes)
+    if all(v == values[0] for v in values):
+        return values[0]
+    raise ValueError(f"the attack extra {key!r} differs between shards and has no rule to merge it; "
+                     "add one to _MERGE_EXTRA")
+
+
+def _artifacts(key: str, run: RunOutput) -> dict[str, np.ndarray]:
+    prefix = key + (f"@{run.eps:g}" if run.eps is not None else "")
+    return {f"{prefix}/{name}": array for name, array in {"x_adv": run.x_adv, **run.arrays}.items()}
+
+
+def _summarise(attack, attack_spec, num_classes, x, y, clean_pred, targets, run: RunOutput, grad_stats):
+    norm = attack_spec.norm or attack.norm
+    summary = metrics.attack_summary(
+        x, y, clean_pred, run.x_adv, run.logits, run.success, num_classes=num_classes,
+        targets=targets, queries=run.queries, eps=run.eps, norm=norm)
+    kind = attack_kind(attack)
+    minimal = None
+    if attack.minimal:
+        minimal = metrics.minimal_summary(x, y, clean_pred, run.x_adv, run.success, norm=norm or "l2")
+    details = dict(run.extra)
+    if kind in ("single_step", "iterative", "minimal", "universal"):
+        details["gradient_stats"] = grad_stats
+    fields = {k: v for k, v in summary.items() if k in AttackResult.model_fields}
+    fields.update(attack=attack_spec.key, name=attack.name, kind=kind, minimal=minimal,
+                  details=details or None)
+    return AttackResult(**fields)
 
 
 def fooling_summary(classifier: Classifier, spec: EvaluationSpec, shape) -> dict:
@@ -145,82 +520,51 @@ def fooling_summary(classifier: Classifier, spec: EvaluationSpec, shape) -> dict
     return summary
 
 
-def _check_fit(x: np.ndarray, y: np.ndarray, classifier: Classifier) -> None:
-    expected = classifier.input_shape[1:]
-    if x.ndim != len(classifier.input_shape) or any(
-        isinstance(e, int) and e != g for e, g in zip(expected, x.shape[1:], strict=True)
-    ):
-        raise DatasetError(f"images are {list(x.shape[1:])} but the model (after input.layout) "
-                           f"expects [{', '.join(map(str, expected))}]; check input.layout")
-    if y.size and y.max() >= classifier.num_classes:
-        raise DatasetError(f"labels go up to {int(y.max())} but the model has "
-                           f"{classifier.num_classes} classes")
+# ---------------------------------------------------------------------------- gates
 
 
-def _run_attack(attack: Attack, attack_spec: AttackSpec, classifier, x, y, targets, spec, report,
-                timing):
-    stage = attack_spec.key
-    total = len(x) * (len(attack_spec.eps) if attack_spec.eps else 1)
-    done_before = [0]
+def evaluate_gate(gate: GateSpec, clean_accuracy: float, entries: list[AttackResult],
+                  baselines: dict[str, EvaluationResult] | None = None) -> GateResult:
+    """Find the metric a gate names and compare it with its bounds and its baseline.
 
-    def attack_progress(done: int, of: int) -> None:
-        report(stage, min(total, done_before[0] + done), total)
-
-    report(stage, 0, total)
-    started = time.perf_counter()
-    runs = []
-    budgets = attack_spec.eps if not attack.minimal else [None]
-    for eps in budgets:
-        runs += attack(classifier, x, y, eps=eps, targets=targets, bounds=tuple(spec.input.range),
-                       seed=spec.seed, progress=attack_progress)
-        done_before[0] += len(x)
-        report(stage, done_before[0], total)
-    timing[stage] = time.perf_counter() - started
-    return runs
-
-
-def _summarise(attack, attack_spec, classifier, x, y, clean_pred, targets, run, grad_stats):
-    adv_logits = classifier.logits(run.x_adv)
-    norm = attack_spec.norm or attack.norm
-    summary = metrics.attack_summary(
-        x, y, clean_pred, run.x_adv, adv_logits, run.success, num_classes=classifier.num_classes,
-        targets=targets, queries=run.queries, eps=run.eps, norm=norm)
-    kind = attack_kind(attack)
-    minimal = None
-    if attack.minimal:
-        minimal = metrics.minimal_summary(x, y, clean_pred, run.x_adv, run.success, norm=norm or "l2")
-    details = {k: v for k, v in run.extra.items() if not isinstance(v, np.ndarray)} or {}
-    if kind in ("single_step", "iterative", "minimal", "universal"):
-        details["gradient_stats"] = grad_stats
-    arrays = {k: v for k, v in run.extra.items() if isinstance(v, np.ndarray)}
-    fields = {k: v for k, v in summary.items() if k in AttackResult.model_fields}
-    fields.update(attack=attack_spec.key, name=attack.name, kind=kind, minimal=minimal,
-                  details=details or None)
-    return AttackResult(**fields), arrays
-
-
-def evaluate_gate(gate: GateSpec, clean_accuracy: float, entries: list[AttackResult]) -> GateResult:
-    """Find the metric a gate names and compare it with its bounds.
-
-    Without ``eps`` the gate reads the entry with the largest budget (the hardest test).
+    Without ``eps`` the gate reads the entry with the largest budget (the hardest test). With
+    ``baseline`` it passes when the value is at least the baseline's value less ``max_drop``.
     """
     base = gate.model_dump()
-    if gate.metric == "clean_accuracy":
-        value = clean_accuracy
-    else:
-        matching = [e for e in entries if e.attack == gate.attack
-                    and (gate.eps is None or (e.eps is not None and abs(e.eps - gate.eps) < 1e-9))
-                    and (gate.norm is None or e.norm == gate.norm)]
-        if not matching:
-            return GateResult(**base, value=None, passed=False,
-                              reason=f"no result of {gate.attack} at eps={gate.eps} norm={gate.norm}")
-        entry = max(matching, key=lambda e: e.eps if e.eps is not None else 0.0)
-        value = getattr(entry, gate.metric)
-        if value is None:
-            return GateResult(**base, value=None, passed=False,
-                              reason=f"{gate.metric} is not available for {gate.attack}")
+    value, reason = _gate_value(gate, clean_accuracy, entries)
+    if value is None:
+        return GateResult(**base, value=None, passed=False, reason=reason)
     passed = (gate.min is None or value >= gate.min) and (gate.max is None or value <= gate.max)
-    return GateResult(**base, value=value, passed=passed)
+    if gate.baseline is None:
+        return GateResult(**base, value=value, passed=passed)
+    baseline = (baselines or {}).get(gate.baseline)
+    if baseline is None:
+        return GateResult(**base, value=value, passed=False,
+                          reason=f"the baseline {gate.baseline!r} is not available")
+    reference, reason = _gate_value(gate, baseline.clean_accuracy, baseline.attacks)
+    if reference is None:
+        return GateResult(**base, value=value, passed=False, reason=f"baseline {gate.baseline!r}: {reason}")
+    kept = value >= reference - gate.max_drop - 1e-9  # float rounding of the difference
+    reason = None if kept else (f"{gate.metric} dropped by {reference - value:.4g} from the baseline's "
+                                f"{reference:.4g}, more than max_drop {gate.max_drop:g}")
+    return GateResult(**base, value=value, baseline_value=reference, passed=passed and kept, reason=reason)
+
+
+def _gate_value(gate: GateSpec, clean_accuracy: float, entries: list[AttackResult]
+                ) -> tuple[float | None, str | None]:
+    """The value of the gate's metric in a result, or None and why not."""
+    if gate.metric == "clean_accuracy":
+        return clean_accuracy, None
+    matching = [e for e in entries if e.attack == gate.attack
+                and (gate.eps is None or (e.eps is not None and abs(e.eps - gate.eps) < 1e-9))
+                and (gate.norm is None or e.norm == gate.norm)]
+    if not matching:
+        return None, f"no result of {gate.attack} at eps={gate.eps} norm={gate.norm}"
+    entry = max(matching, key=lambda e: e.eps if e.eps is not None else 0.0)
+    value = getattr(entry, gate.metric)
+    if value is None:
+        return None, f"{gate.metric} is not available for {gate.attack}"
+    return value, None
 
 
 def _array_digest(x: np.ndarray, y: np.ndarray) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-KINDS = ("single_step", "iterative", "black_box", "noise", "minimal")
+KINDS = ("single_step", "iterative", "black_box", "noise", "minimal", "universal")
 WHITE_BOX = ("single_step", "iterative")
 QUANTILES = (5, 25, 50, 75, 95)
 TOLERANCE = 0.01  # one point of accuracy: differences below it are noise, not evidence

@@ -1,0 +1,117 @@
+"""Request and response models of the HTTP API (``/v1``), shared by the gateway and clients."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from schemas.evaluation import EvaluationSpec
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Error(BaseModel):
+    type: str  # a stable, snake_case kind: not_found, invalid_model, too_many_jobs ...
+    detail: str  # what is wrong and how to fix it
+
+
+class ModelInput(BaseModel):
+    name: str
+    shape: list[int | None]  # None: a symbolic dimension (the batch)
+
+
+class UnsupportedNode(BaseModel):
+    op_type: str
+    node: str
+    reason: str
+
+
+class GradientVerdict(BaseModel):
+    available: bool  # False: only black-box attacks (square, noise) can run
+    unsupported: list[UnsupportedNode] = []
+
+
+class ModelPublic(BaseModel):
+    id: str
+    name: str
+    sha256: str
+    size: int
+    created_at: str
+    input: ModelInput
+    num_classes: int
+    opset: int
+    gradients: GradientVerdict
+    attacks: Literal["all", "black_box_only"]
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    name: str
+    sha256: str
+    size: int
+    format: Literal["npz", "png-zip"]
+    samples: int
+    shape: list[int]  # one image, as stored
+    source_dtype: str
+    num_classes: int  # the largest label + 1
+    classes: list[str] | None = None  # class folder names of a PNG zip
+    created_at: str
+
+
+class EvaluationCreate(EvaluationSpec):
+    """An evaluation spec plus what it evaluates."""
+
+    model_id: str = Field(max_length=40)
+    dataset_id: str = Field(max_length=40)
+
+
+class Progress(BaseModel):
+    stage: str | None  # queued, an attack's key, aggregating
+    done: int
+    total: int
+    eta_seconds: float | None
+
+
+class JobError(BaseModel):
+    code: str  # invalid_input, time_limit, worker_lost, internal_error, cancelled
+    message: str
+
+
+class EvaluationPublic(BaseModel):
+    id: str
+    model_id: str
+    dataset_id: str
+    state: JobState
+    progress: Progress
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: JobError | None
+    passed: bool | None  # every gate passed (once succeeded)
+    shards: int
+
+
+class Artifact(BaseModel):
+    name: str
+    size: int
+
+
+class ModelList(BaseModel):
+    items: list[ModelPublic]
+    count: int
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetPublic]
+    count: int
+
+
+class EvaluationList(BaseModel):
+    items: list[EvaluationPublic]
+    count: int
+
+
+class ArtifactList(BaseModel):
+    items: list[Artifact]
+    count: int
