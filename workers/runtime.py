@@ -74,6 +74,35 @@ class _LruCache:
             self._items.clear()
 
 
+# One RunOptions for every run in the process: a worker runs one job at a time, and setting
+# ``terminate`` is the only way to stop a call already inside ONNX Runtime (a signal-based
+# time limit fires only after the call returns).
+_RUN_OPTIONS = ort.RunOptions()
+
+
+class RunsInterrupted(RuntimeError):
+    """ONNX Runtime calls were stopped by interrupt_runs() (a time limit or a cancel)."""
+
+
+def interrupt_runs() -> None:
+    """Stop the ONNX Runtime calls in progress in this process, and every later one until
+    resume_runs(); safe to call from another thread."""
+    _RUN_OPTIONS.terminate = True
+
+
+def resume_runs() -> None:
+    _RUN_OPTIONS.terminate = False
+
+
+def _run(session, outputs, feeds):
+    try:
+        return session.run(outputs, feeds, _RUN_OPTIONS)
+    except Exception as exc:  # ONNX Runtime raises its own exception types
+        if _RUN_OPTIONS.terminate:
+            raise RunsInterrupted("ONNX Runtime calls were interrupted") from exc
+        raise
+
+
 _GRADIENT_MODELS = _LruCache(32)
 _SESSIONS = _LruCache(16)
 _logged_devices: set[str] = set()
@@ -143,7 +172,7 @@ class Classifier:
     def _check_batch_is_free(self, fixed: int) -> None:
         probe = self._probe(fixed + 1)
         try:
-            outputs = self._forward.run(None, {self.input_name: probe})[0]
+            outputs = _run(self._forward, None, {self.input_name: probe})[0]
         except Exception as exc:  # ONNX Runtime raises its own exception types
             outputs, reason = None, str(exc).splitlines()[0]
         if outputs is None or outputs.shape[0] != fixed + 1:
@@ -194,7 +223,7 @@ class Classifier:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         (x,) = self.check_inputs(x)
-        parts = [self._forward.run(None, {self.input_name: x[s]})[0] for s in self._batches(len(x))]
+        parts = [_run(self._forward, None, {self.input_name: x[s]})[0] for s in self._batches(len(x))]
         return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), np.float32)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
@@ -233,7 +262,7 @@ class Classifier:
         logits, losses, grads = [], [], []
         for s in self._batches(len(x)):
             batch = {self.input_name: x[s], **{k: v[s] for k, v in feeds.items()}}
-            z, value, grad = session.run(["logits", "loss", "grad"], batch)
+            z, value, grad = _run(session, ["logits", "loss", "grad"], batch)
             logits.append(z)
             losses.append(value)
             grads.append(grad)
