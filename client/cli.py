@@ -3,8 +3,11 @@
     robustness evaluate MODEL.onnx DATA.npz --spec SPEC.yaml [--out result.json]
     robustness inspect MODEL.onnx [--check] [--json]
     robustness gradient-model MODEL.onnx --out GRAD.onnx [--loss cross_entropy]
+    robustness submit MODEL.onnx DATA.npz --spec SPEC.yaml --server URL [--wait] [--junit X] [--json Y]
+    robustness serve [--host H] [--port P] [--data-dir DIR] [--workers N]
+    robustness api | worker | migrate | keys create --tenant NAME
 
-Exit codes: 0 success, 1 a gate failed (evaluate), 2 bad input (the message says what is
+Exit codes: 0 success, 1 a gate failed (evaluate, submit), 2 bad input (the message says what is
 wrong and how to fix it).
 """
 
@@ -14,7 +17,6 @@ import argparse
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,7 @@ import onnx
 from workers.onnxgrad import (
     LOSSES,
     GradientBuildError,
-    UnsupportedOperatorError,
     build_gradient_model,
-    prepare_classifier,
 )
 
 MAX_MODEL_BYTES = 2 << 30
@@ -45,25 +45,18 @@ def read_model(path: str) -> bytes:
 
 
 def inspect_model(data: bytes, loss: str) -> dict:
-    prepared = prepare_classifier(data)
-    ops = Counter(node.op_type for node in prepared.model.graph.node)
-    report = {
+    from service.validation import inspect_classifier
+
+    found = inspect_classifier(data, loss=loss)
+    prepared = found.prepared
+    return {
         "input": {"name": prepared.input_name, "shape": list(prepared.input_shape)},
         "classes": prepared.num_classes,
         "opset": prepared.opset,
         "ends_in_softmax": prepared.ends_in_softmax,
-        "operators": dict(sorted(ops.items())),
+        "operators": found.operators,
+        "gradients": {"available": found.gradients_available, "unsupported": found.unsupported},
     }
-    try:
-        build_gradient_model(data, loss=loss)
-        report["gradients"] = {"available": True, "unsupported": []}
-    except UnsupportedOperatorError as exc:
-        report["gradients"] = {
-            "available": False,
-            "unsupported": [{"op_type": n.op_type, "node": n.node_name, "reason": n.reason}
-                            for n in exc.nodes],
-        }
-    return report
 
 
 def check_gradients(data: bytes, loss: str, batch: int) -> dict:
@@ -169,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("--out", required=True)
     grad.add_argument("--loss", choices=LOSSES, default="cross_entropy")
     grad.set_defaults(run=cmd_gradient_model)
+    from client.submit_cli import add_submit_parser
+    from service.runner import add_server_parsers
+
+    add_submit_parser(sub)
+    add_server_parsers(sub)
     return parser
 
 

@@ -1,0 +1,65 @@
+"""The FastAPI gateway: ``create_app()`` builds it from settings (uvicorn's factory)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from service.auth import is_loopback
+from service.blobs import LocalBlobStore
+from service.database import migrate, session_factory
+from service.errors import install_handlers
+from service.limits import BodyLimitMiddleware
+from service.metrics import ServiceMetrics
+from service.reaper import Reaper
+from service.routers import datasets, evaluations, health, models
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("robustness.gateway")
+
+
+def _operation_id(route: APIRoute) -> str:
+    return f"{route.tags[0]}-{route.name}" if route.tags else route.name
+
+
+def create_app(settings: Settings | None = None, *, reaper: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    settings.prepare()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        migrate(settings.database_url)
+        sweeper = None
+        if reaper:
+            sweeper = Reaper(
+                app.state.sessions, app.state.celery, settings.reaper_every_s, settings.max_attempts
+            )
+            sweeper.start()
+        yield
+        if sweeper:
+            sweeper.stop()
+
+    app = FastAPI(
+        title="robustness-service",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Measure the adversarial robustness of ONNX image classifiers.",
+        generate_unique_id_function=_operation_id,
+    )
+    from workers.celery_app import make_celery
+
+    app.state.settings = settings
+    app.state.sessions = session_factory(settings.database_url)
+    app.state.store = LocalBlobStore(settings.blob_dir)
+    app.state.celery = make_celery(settings)
+    app.state.metrics = ServiceMetrics()
+    install_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    for router in (health.router, models.router, datasets.router, evaluations.router):
+        app.include_router(router)
+    if not settings.api_keys_required and not is_loopback(settings.host):
+        log.warning("gateway.open_on_network host=%s: requests need API keys once any exists", settings.host)
+    return app

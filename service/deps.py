@@ -1,0 +1,42 @@
+"""FastAPI dependencies as ``Annotated`` aliases: a handler is its signature plus its logic."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from service.auth import authenticate, open_mode_allowed
+from service.blobs import BlobStore
+from service.records import Tenant
+from service.settings import Settings
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _db(request: Request) -> Iterator[Session]:
+    with request.app.state.sessions() as db:
+        yield db
+
+
+def _store(request: Request) -> BlobStore:
+    return request.app.state.store
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+SessionDep = Annotated[Session, Depends(_db)]
+StoreDep = Annotated[BlobStore, Depends(_store)]
+
+
+def _tenant(
+    db: SessionDep, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+) -> Tenant:
+    open_mode = open_mode_allowed(db, settings.host, settings.api_keys_required)
+    return authenticate(db, authorization, open_mode=open_mode)
+
+
+TenantDep = Annotated[Tenant, Depends(_tenant)]

@@ -1,0 +1,102 @@
+"""/v1/datasets: upload (.npz, or a zip of PNG class folders), list, read and delete."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from sqlalchemy import select
+
+from schemas.api import DatasetList, DatasetPublic
+from service import uploads
+from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from service.records import StoredDataset, new_id
+from service.scoping import delete_record, owned, refuse_if_in_use
+from service.validation import validate_dataset
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+def public(row: StoredDataset) -> DatasetPublic:
+    return DatasetPublic(
+        id=row.id,
+        name=row.name,
+        sha256=row.sha256,
+        size=row.size,
+        created_at=row.created_at.isoformat() + "Z",
+        **row.info,
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetPublic,
+    responses={200: {"model": DatasetPublic, "description": "this tenant already has these bytes"}},
+)
+async def upload_dataset(
+    tenant: TenantDep,
+    db: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    response: Response,
+    file: Annotated[UploadFile, File(description=".npz with x and y, or a zip of PNG class folders")],
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> DatasetPublic:
+    """Validate (without pickle; sizes checked before decoding) and store a labelled dataset."""
+    sha256, size, info = await uploads.receive(
+        file,
+        store,
+        settings.max_dataset_bytes,
+        "dataset",
+        lambda path: validate_dataset(
+            path,
+            max_bytes=settings.max_dataset_bytes,
+            max_samples=settings.max_samples,
+            max_decoded_bytes=settings.max_dataset_decoded_bytes,
+        ),
+    )
+    existing = db.scalar(
+        select(StoredDataset).where(StoredDataset.tenant_id == tenant.id, StoredDataset.sha256 == sha256)
+    )
+    if existing is not None:
+        response.status_code = status.HTTP_200_OK
+        return public(existing)
+    row = StoredDataset(
+        id=new_id("ds"),
+        tenant_id=tenant.id,
+        name=name or file.filename or sha256[:12],
+        sha256=sha256,
+        size=size,
+        info=asdict(info),
+    )
+    db.add(row)
+    db.commit()
+    return public(row)
+
+
+@router.get("", response_model=DatasetList)
+def list_datasets(
+    tenant: TenantDep,
+    db: SessionDep,
+    sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> DatasetList:
+    query = select(StoredDataset).where(StoredDataset.tenant_id == tenant.id)
+    if sha256:
+        query = query.where(StoredDataset.sha256 == sha256)
+    rows = db.scalars(query.order_by(StoredDataset.created_at.desc()).limit(limit)).all()
+    return DatasetList(items=[public(r) for r in rows], count=len(rows))
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic)
+def get_dataset(dataset_id: str, tenant: TenantDep, db: SessionDep) -> DatasetPublic:
+    return public(owned(db, StoredDataset, dataset_id, tenant))
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(dataset_id: str, tenant: TenantDep, db: SessionDep, store: StoreDep) -> None:
+    row = owned(db, StoredDataset, dataset_id, tenant)
+    refuse_if_in_use(db, "dataset", dataset_id)
+    delete_record(db, store, row)

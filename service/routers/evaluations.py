@@ -1,0 +1,215 @@
+"""/v1/evaluations: submit (checked against the model and dataset before anything is
+queued), poll, read the result, cancel, download artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.responses import FileResponse, JSONResponse
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from schemas.api import (
+    ArtifactList,
+    EvaluationCreate,
+    EvaluationList,
+    EvaluationPublic,
+    JobState,
+)
+from schemas.evaluation import EvaluationSpec
+from service import jobs
+from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from service.dispatch import dispatch
+from service.errors import Conflict, InvalidSpec, NotFound, TooManyJobs
+from service.records import Job, StoredDataset, StoredModel, new_id
+from service.scoping import owned
+from service.spec_checks import check_spec
+from workers.evaluate import plan, unit_work
+
+router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
+
+
+def public(db, row: Job) -> EvaluationPublic:
+    error = {"code": row.error_code, "message": row.error_message} if row.error_code else None
+    return EvaluationPublic(
+        id=row.id,
+        model_id=row.model_id,
+        dataset_id=row.dataset_id,
+        state=row.state,
+        progress=jobs.progress_of(db, row),
+        created_at=jobs.iso(row.created_at),
+        started_at=jobs.iso(row.started_at),
+        finished_at=jobs.iso(row.finished_at),
+        error=error,
+        passed=row.passed,
+        shards=row.shards,
+    )
+
+
+def _request_hash(body: EvaluationCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=EvaluationPublic,
+    responses={200: {"model": EvaluationPublic, "description": "a retry with the same Idempotency-Key"}},
+)
+def submit(
+    body: EvaluationCreate,
+    tenant: TenantDep,
+    db: SessionDep,
+    settings: SettingsDep,
+    request: Request,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> EvaluationPublic:
+    """Queue an evaluation. The spec is checked against the model and the dataset first
+    (shapes, classes, attack parameters, gradient availability): a bad one is a 422 and
+    nothing is queued. A retried request with the same ``Idempotency-Key`` returns the same job."""
+    request_hash = _request_hash(body)
+    if idempotency_key:
+        earlier = db.scalar(
+            select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key)
+        )
+        if earlier is not None:
+            return _replay(db, earlier, request_hash, response)
+    model = owned(db, StoredModel, body.model_id, tenant)
+    dataset = owned(db, StoredDataset, body.dataset_id, tenant)
+    spec = EvaluationSpec.model_validate(body.model_dump(exclude={"model_id", "dataset_id"}))
+    check_spec(spec, model.info, dataset.info)
+    baselines = _baselines(db, spec, tenant)
+    if jobs.active_jobs(db, tenant.id) >= settings.max_concurrent_jobs:
+        raise TooManyJobs(
+            f"this tenant already has {settings.max_concurrent_jobs} queued or running "
+            "evaluations (ROBUSTNESS_MAX_CONCURRENT_JOBS); retry later",
+            headers={"Retry-After": "30"},
+        )
+    units = plan(spec, dataset.info["samples"])
+    job = Job(
+        id=new_id("ev"),
+        tenant_id=tenant.id,
+        model_id=model.id,
+        dataset_id=dataset.id,
+        model_sha256=model.sha256,
+        dataset_sha256=dataset.sha256,
+        spec=spec.model_dump(mode="json"),
+        baselines=baselines,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        shards=len(units),
+    )
+    db.add(job)
+    jobs.add_shards(db, job, units, [unit_work(spec, u) for u in units])
+    try:
+        db.commit()
+    except IntegrityError:  # a concurrent retry with the same key won the race
+        db.rollback()
+        earlier = db.scalar(
+            select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key)
+        )
+        if earlier is None:
+            raise
+        return _replay(db, earlier, request_hash, response)
+    dispatch(
+        request.app.state.sessions, request.app.state.celery, job.id, jobs.shards_to_dispatch(db, job.id)
+    )
+    request.app.state.metrics.submitted()
+    return public(db, job)
+
+
+def _replay(db, earlier: Job, request_hash: str, response: Response) -> EvaluationPublic:
+    if earlier.request_hash != request_hash:
+        raise Conflict(
+            "this Idempotency-Key was used for a different request; use a new key for a new evaluation"
+        )
+    response.status_code = status.HTTP_200_OK
+    return public(db, earlier)
+
+
+def _baselines(db, spec: EvaluationSpec, tenant) -> dict:
+    found = {}
+    for gate in spec.gates:
+        baseline = getattr(gate, "baseline", None)
+        if not baseline or baseline in found:
+            continue
+        row = db.get(Job, baseline) if len(baseline) <= 40 else None
+        if row is None or row.tenant_id != tenant.id:
+            raise InvalidSpec(f"gates: baseline {baseline!r} is not an evaluation of yours")
+        if row.state != "succeeded":
+            raise InvalidSpec(f"gates: baseline {baseline!r} is {row.state}; a baseline must have succeeded")
+        found[baseline] = row.result
+    return found
+
+
+@router.get("", response_model=EvaluationList)
+def list_evaluations(
+    tenant: TenantDep,
+    db: SessionDep,
+    state: JobState | None = None,
+    model_id: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EvaluationList:
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if state:
+        query = query.where(Job.state == state)
+    if model_id:
+        query = query.where(Job.model_id == model_id)
+    rows = db.scalars(query.order_by(Job.created_at.desc()).limit(limit)).all()
+    return EvaluationList(items=[public(db, r) for r in rows], count=len(rows))
+
+
+@router.get("/{evaluation_id}", response_model=EvaluationPublic)
+def get_evaluation(evaluation_id: str, tenant: TenantDep, db: SessionDep) -> EvaluationPublic:
+    return public(db, owned(db, Job, evaluation_id, tenant))
+
+
+@router.get("/{evaluation_id}/result", responses={200: {"description": "the EvaluationResult document"}})
+def get_result(evaluation_id: str, tenant: TenantDep, db: SessionDep):
+    row = owned(db, Job, evaluation_id, tenant)
+    if row.state != "succeeded":
+        raise Conflict(f"the evaluation is {row.state}; the result exists once it has succeeded")
+    return JSONResponse(row.result)
+
+
+@router.post("/{evaluation_id}/cancel", response_model=EvaluationPublic)
+def cancel(evaluation_id: str, tenant: TenantDep, db: SessionDep) -> EvaluationPublic:
+    """Cancel a queued or running evaluation; a running shard stops between batches."""
+    row = owned(db, Job, evaluation_id, tenant)
+    if row.state in jobs.TERMINAL:
+        raise Conflict(f"the evaluation already ended ({row.state})")
+    jobs.cancel_job(db, row.id)
+    db.refresh(row)
+    return public(db, row)
+
+
+@router.get("/{evaluation_id}/artifacts", response_model=ArtifactList)
+def list_artifacts(evaluation_id: str, tenant: TenantDep, db: SessionDep) -> ArtifactList:
+    row = owned(db, Job, evaluation_id, tenant)
+    items = [{"name": name, "size": meta["size"]} for name, meta in sorted((row.artifacts or {}).items())]
+    return ArtifactList(items=items, count=len(items))
+
+
+@router.get(
+    "/{evaluation_id}/artifacts/{name}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "an .npz file"}},
+)
+def download_artifact(evaluation_id: str, name: str, tenant: TenantDep, db: SessionDep, store: StoreDep):
+    row = owned(db, Job, evaluation_id, tenant)
+    meta = (row.artifacts or {}).get(name)
+    if meta is None:
+        raise NotFound(
+            f"no artifact {name!r} in evaluation {evaluation_id}; list them at "
+            f"/v1/evaluations/{evaluation_id}/artifacts"
+        )
+    return FileResponse(
+        store.local_path(meta["sha256"]),
+        media_type="application/octet-stream",
+        filename=f"{evaluation_id}-{name}.npz",
+    )

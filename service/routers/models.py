@@ -1,0 +1,103 @@
+"""/v1/models: upload, list, read and delete ONNX classifiers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from sqlalchemy import select
+
+from schemas.api import ModelList, ModelPublic
+from service import uploads
+from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from service.records import StoredModel, new_id
+from service.scoping import delete_record, owned, refuse_if_in_use
+from service.validation import validate_model
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def public(row: StoredModel) -> ModelPublic:
+    info = row.info
+    return ModelPublic(
+        id=row.id,
+        name=row.name,
+        sha256=row.sha256,
+        size=row.size,
+        created_at=row.created_at.isoformat() + "Z",
+        input={"name": info["input_name"], "shape": info["input_shape"]},
+        num_classes=info["num_classes"],
+        opset=info["opset"],
+        gradients={"available": info["gradients_available"], "unsupported": info["unsupported"]},
+        attacks="all" if info["gradients_available"] else "black_box_only",
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ModelPublic,
+    responses={200: {"model": ModelPublic, "description": "this tenant already has these bytes"}},
+)
+async def upload_model(
+    tenant: TenantDep,
+    db: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    response: Response,
+    file: Annotated[UploadFile, File(description="the .onnx file")],
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> ModelPublic:
+    """Validate and store an ONNX classifier; the answer says whether exact gradients are
+    available or only black-box attacks, naming the operators that block gradients."""
+    sha256, size, info = await uploads.receive(
+        file,
+        store,
+        settings.max_model_bytes,
+        "model",
+        lambda path: validate_model(path, max_bytes=settings.max_model_bytes),
+    )
+    existing = db.scalar(
+        select(StoredModel).where(StoredModel.tenant_id == tenant.id, StoredModel.sha256 == sha256)
+    )
+    if existing is not None:
+        response.status_code = status.HTTP_200_OK
+        return public(existing)
+    row = StoredModel(
+        id=new_id("mdl"),
+        tenant_id=tenant.id,
+        name=name or file.filename or sha256[:12],
+        sha256=sha256,
+        size=size,
+        info=asdict(info),
+    )
+    db.add(row)
+    db.commit()
+    return public(row)
+
+
+@router.get("", response_model=ModelList)
+def list_models(
+    tenant: TenantDep,
+    db: SessionDep,
+    sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> ModelList:
+    query = select(StoredModel).where(StoredModel.tenant_id == tenant.id)
+    if sha256:
+        query = query.where(StoredModel.sha256 == sha256)
+    rows = db.scalars(query.order_by(StoredModel.created_at.desc()).limit(limit)).all()
+    return ModelList(items=[public(r) for r in rows], count=len(rows))
+
+
+@router.get("/{model_id}", response_model=ModelPublic)
+def get_model(model_id: str, tenant: TenantDep, db: SessionDep) -> ModelPublic:
+    return public(owned(db, StoredModel, model_id, tenant))
+
+
+@router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_model(model_id: str, tenant: TenantDep, db: SessionDep, store: StoreDep) -> None:
+    row = owned(db, StoredModel, model_id, tenant)
+    refuse_if_in_use(db, "model", model_id)
+    delete_record(db, store, row)

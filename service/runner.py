@@ -1,0 +1,207 @@
+"""Server-side commands: ``robustness serve | api | worker | migrate | keys create``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from service.settings import Settings
+
+log = logging.getLogger("robustness")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        k: v
+        for k, v in {
+            "host": getattr(args, "host", None),
+            "port": getattr(args, "port", None),
+            "data_dir": getattr(args, "data_dir", None),
+            "worker_concurrency": getattr(args, "workers", None) or getattr(args, "concurrency", None),
+        }.items()
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    settings.prepare()
+    # worker subprocesses and lazily built singletons read the same values from the environment
+    for name, value in overrides.items():
+        os.environ[f"ROBUSTNESS_{name.upper()}"] = str(value)
+    from service import settings as settings_module
+
+    settings_module.get_settings.cache_clear()
+    return settings
+
+
+def add_server_parsers(commands) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway and a Celery worker on this machine "
+        "(embedded broker, SQLite and blobs under --data-dir)",
+    )
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument(
+        "--data-dir", help="folder for the database, broker and blobs (default ./robustness-data)"
+    )
+    serve.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    api = commands.add_parser("api", help="run the HTTP gateway only (workers run elsewhere)")
+    api.add_argument("--host")
+    api.add_argument("--port", type=int)
+    worker = commands.add_parser("worker", help="run a Celery worker against the configured broker")
+    worker.add_argument("--concurrency", type=int, help="worker processes (default: one per core)")
+    commands.add_parser("migrate", help="create or upgrade the metadata database schema")
+    keys = commands.add_parser("keys", help="API keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_commands.add_parser("create", help="print a new API key for a tenant")
+    create.add_argument("--tenant", required=True, help="tenant name (created if new)")
+    for command in (serve, api, worker, commands.choices["migrate"], keys):
+        command.set_defaults(run=run_server_command)
+
+
+def run_server_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = _settings(args)
+    handler = {
+        "serve": serve,
+        "api": api,
+        "worker": worker,
+        "migrate": migrate_command,
+        "keys": keys_command,
+    }[args.command]
+    return handler(settings, args)
+
+
+def migrate_command(settings: Settings, args) -> int:
+    from service.database import migrate
+
+    migrate(settings.database_url)
+    print(f"database is at the newest schema: {_safe_url(settings.database_url)}")
+    return 0
+
+
+def keys_command(settings: Settings, args) -> int:
+    from service.auth import create_key
+    from service.database import migrate, session_factory
+
+    migrate(settings.database_url)
+    with session_factory(settings.database_url)() as db:
+        try:
+            key = create_key(db, args.tenant)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print(key)
+    print(
+        f"tenant {args.tenant!r}: send it as `Authorization: Bearer <key>`; it is not stored and "
+        "cannot be shown again",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def worker(settings: Settings, args) -> int:
+    from workers.celery_app import QUEUE, celery_app
+
+    app = celery_app()
+    app.worker_main(
+        [
+            "worker",
+            "--loglevel=INFO",
+            "--pool=prefork",
+            f"--concurrency={settings.worker_concurrency}",
+            "-Q",
+            QUEUE,
+            "-n",
+            f"worker-{os.getpid()}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
+    return 0
+
+
+def _check_exposure(settings: Settings) -> str | None:
+    """None when the gateway may start; else why not. Open mode is for loopback only."""
+    from service.auth import any_keys, is_loopback
+    from service.database import migrate, session_factory
+
+    migrate(settings.database_url)
+    with session_factory(settings.database_url)() as db:
+        keys = any_keys(db)
+    if not keys and not is_loopback(settings.host):
+        return (
+            f"no API keys exist and --host {settings.host} is not loopback: create one with "
+            "`robustness keys create --tenant NAME`, or bind to 127.0.0.1"
+        )
+    if not keys and settings.api_keys_required:
+        return "ROBUSTNESS_API_KEYS_REQUIRED is set but no key exists: `robustness keys create --tenant NAME`"
+    return None if keys else "open"
+
+
+def api(settings: Settings, args) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    problem = _check_exposure(settings)
+    if problem not in (None, "open"):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def serve(settings: Settings, args) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    problem = _check_exposure(settings)
+    if problem not in (None, "open"):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    worker_process = subprocess.Popen([sys.executable, "-m", "client.cli", "worker"], env=dict(os.environ))
+    url = f"http://{settings.host}:{settings.port}"
+    mode = (
+        (
+            "OPEN: no API keys exist, every request is served as tenant 'default' (loopback only); "
+            "`robustness keys create --tenant NAME` turns keys on"
+        )
+        if problem == "open"
+        else "API keys required"
+    )
+    print(
+        f"robustness service at {url}  (docs {url}/docs)\n  data: {settings.data_dir}\n"
+        f"  workers: {settings.worker_concurrency} process(es), "
+        f"{settings.threads_per_worker} thread(s) each\n"
+        f"  auth: {mode}",
+        flush=True,
+    )
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        _stop(worker_process)
+    return 0
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)  # warm shutdown: the running shard finishes or is requeued
+    deadline = time.monotonic() + 30
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if process.poll() is None:
+        process.kill()
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

@@ -1,0 +1,43 @@
+"""Tenant scoping in one place: every read of a user-named record goes through ``owned``,
+and another tenant's id answers exactly like an id that does not exist."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.blobs import BlobStore
+from service.errors import Conflict, NotFound
+from service.jobs import ACTIVE
+from service.records import Job, StoredDataset, StoredModel, Tenant
+
+_KINDS = {StoredModel: "model", StoredDataset: "dataset", Job: "evaluation"}
+
+
+def owned(db: Session, table, record_id: str, tenant: Tenant):
+    row = db.get(table, record_id) if len(record_id) <= 40 else None
+    if row is None or row.tenant_id != tenant.id:
+        raise NotFound(f"no {_KINDS[table]} with id {record_id!r}")
+    return row
+
+
+def refuse_if_in_use(db: Session, kind: str, record_id: str) -> None:
+    column = Job.model_id if kind == "model" else Job.dataset_id
+    active = db.scalar(
+        select(func.count()).select_from(Job).where(column == record_id, Job.state.in_(ACTIVE))
+    )
+    if active:
+        raise Conflict(
+            f"the {kind} is used by {active} queued or running evaluation(s); cancel them or "
+            "wait until they end"
+        )
+
+
+def delete_record(db: Session, store: BlobStore, row) -> None:
+    """Delete the row, and its blob once no tenant's record refers to it any more."""
+    table = type(row)
+    db.delete(row)
+    db.commit()
+    others = db.scalar(select(func.count()).select_from(table).where(table.sha256 == row.sha256))
+    if not others:
+        store.delete(row.sha256)

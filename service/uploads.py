@@ -1,0 +1,43 @@
+"""Receiving an uploaded file: streamed into the blob store's tmp folder while hashed,
+validated there, then moved into the store under its sha256."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi import UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from service.blobs import BlobTooLarge, LocalBlobStore, stream_to_file
+from service.errors import ApiError, TooLarge
+from service.validation import UploadRejected
+
+CHUNK = 1 << 20
+
+
+async def _chunks(upload: UploadFile):
+    while chunk := await upload.read(CHUNK):
+        yield chunk
+
+
+async def receive(
+    upload: UploadFile, store: LocalBlobStore, limit: int, what: str, validate: Callable[[Path], object]
+) -> tuple[str, int, object]:
+    """(sha256, size, what ``validate`` returned); the blob is in the store afterwards."""
+    with store.temp_file() as (path, handle):
+        try:
+            sha256, size = await stream_to_file(_chunks(upload), handle, limit)
+        except BlobTooLarge:
+            raise TooLarge(f"the {what} is larger than the limit of {limit} bytes") from None
+        handle.close()
+        if size == 0:
+            raise ApiError(f"the {what} file is empty", type=f"invalid_{what}")
+        try:
+            info = await run_in_threadpool(validate, path)
+        except UploadRejected as exc:
+            raise ApiError(exc.detail, type=exc.type, status=exc.status) from None
+        if not store.exists(sha256):
+            await asyncio.to_thread(store.put_file, path, sha256)
+    return sha256, size, info

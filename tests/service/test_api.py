@@ -1,0 +1,231 @@
+"""The gateway over HTTP (the real ASGI app, SQLite, the embedded broker; no worker needed):
+uploads, submission checks, idempotency, tenants, limits and errors."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from service.auth import create_key
+from service.database import migrate, session_factory
+from tests.service.conftest import DATA, MODEL, gateway, make_settings, upload
+
+
+def spec(model_id: str, dataset_id: str, **extra) -> dict:
+    body = {
+        "model_id": model_id,
+        "dataset_id": dataset_id,
+        "samples": 20,
+        "attacks": [{"name": "fgsm", "eps": [0.1]}],
+    }
+    body.update(extra)
+    return body
+
+
+@pytest.fixture
+def stored(api):
+    model = upload(api, "models", MODEL).json()
+    dataset = upload(api, "datasets", DATA).json()
+    return model, dataset
+
+
+def test_a_model_upload_reports_its_input_and_gradients(api):
+    response = upload(api, "models", MODEL, name="digits cnn")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["id"].startswith("mdl_") and body["name"] == "digits cnn"
+    assert body["sha256"] == hashlib.sha256(MODEL.read_bytes()).hexdigest()
+    assert body["input"]["shape"][1:] == [1, 28, 28] and body["num_classes"] == 10
+    assert body["gradients"] == {"available": True, "unsupported": []} and body["attacks"] == "all"
+    again = upload(api, "models", MODEL)
+    assert again.status_code == 200 and again.json()["id"] == body["id"]
+    listed = api.get("/v1/models", params={"sha256": body["sha256"]}).json()
+    assert listed["count"] == 1 and listed["items"][0]["id"] == body["id"]
+    assert api.get("/v1/models", params={"sha256": "0" * 64}).json()["count"] == 0
+
+
+def test_a_dataset_upload_reports_its_shape(api):
+    body = upload(api, "datasets", DATA).json()
+    assert body["id"].startswith("ds_") and body["format"] == "npz"
+    assert body["shape"] == [1, 28, 28] and body["num_classes"] == 10 and body["samples"] > 0
+
+
+def test_submission_queues_a_job_with_shards_and_progress(api, stored):
+    model, dataset = stored
+    response = api.post("/v1/evaluations", json=spec(model["id"], dataset["id"], shard_size=8))
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["state"] == "queued" and job["shards"] == 3
+    assert job["progress"]["stage"] == "queued" and job["progress"]["done"] == 0
+    assert job["progress"]["total"] > 0
+    assert api.get(f"/v1/evaluations/{job['id']}/result").status_code == 409
+    listed = api.get("/v1/evaluations", params={"state": "queued", "model_id": model["id"]}).json()
+    assert [j["id"] for j in listed["items"]] == [job["id"]]
+
+
+def test_an_idempotency_key_returns_the_same_job(api, stored):
+    model, dataset = stored
+    headers = {"Idempotency-Key": "ci-run-42"}
+    first = api.post("/v1/evaluations", json=spec(model["id"], dataset["id"]), headers=headers)
+    second = api.post("/v1/evaluations", json=spec(model["id"], dataset["id"]), headers=headers)
+    assert (first.status_code, second.status_code) == (202, 200)
+    assert first.json()["id"] == second.json()["id"]
+    assert api.get("/v1/evaluations").json()["count"] == 1
+    other = api.post("/v1/evaluations", json=spec(model["id"], dataset["id"], seed=3), headers=headers)
+    assert other.status_code == 409 and "different request" in other.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "change, status, message",
+    [
+        ({"input": {"layout": "NHWC"}}, 422, "the model expects"),
+        ({"attacks": [{"name": "fgsmm", "eps": 0.1}]}, 422, "unknown attack 'fgsmm'"),
+        ({"attacks": [{"name": "pgd", "eps": 0.1, "steps": 0}]}, 422, "steps"),
+        (
+            {"gates": [{"metric": "robust_accuracy", "attack": "pgd", "min": 0.5}]},
+            422,
+            "not among the attacks",
+        ),
+        ({"input": {"mean": [0.5, 0.5]}}, 422, "input.mean has 2 values"),
+        ({"model_id": "mdl_" + "0" * 32}, 404, "no model with id"),
+    ],
+)
+def test_a_bad_submission_is_refused_before_anything_is_queued(api, stored, change, status, message):
+    model, dataset = stored
+    response = api.post("/v1/evaluations", json={**spec(model["id"], dataset["id"]), **change})
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+    assert set(response.json()) == {"type", "detail"}
+    assert api.get("/v1/evaluations").json()["count"] == 0
+
+
+def test_cancel_a_queued_job_and_refuse_to_cancel_twice(api, stored):
+    model, dataset = stored
+    job = api.post("/v1/evaluations", json=spec(model["id"], dataset["id"])).json()
+    cancelled = api.post(f"/v1/evaluations/{job['id']}/cancel").json()
+    assert cancelled["state"] == "cancelled" and cancelled["error"]["code"] == "cancelled"
+    assert api.post(f"/v1/evaluations/{job['id']}/cancel").status_code == 409
+
+
+def test_a_model_in_use_cannot_be_deleted_until_its_jobs_end(api, stored, settings):
+    model, dataset = stored
+    job = api.post("/v1/evaluations", json=spec(model["id"], dataset["id"])).json()
+    assert api.delete(f"/v1/models/{model['id']}").status_code == 409
+    api.post(f"/v1/evaluations/{job['id']}/cancel")
+    assert api.delete(f"/v1/models/{model['id']}").status_code == 204
+    assert api.get(f"/v1/models/{model['id']}").status_code == 404
+    blob = settings.blob_dir / model["sha256"][:2] / model["sha256"][2:]
+    assert not blob.exists()
+
+
+def test_a_tenant_over_its_job_limit_gets_429_with_retry_after(tmp_path):
+    settings = make_settings(tmp_path / "data", max_concurrent_jobs=1)
+    with gateway(settings) as api:
+        model = upload(api, "models", MODEL).json()
+        dataset = upload(api, "datasets", DATA).json()
+        assert api.post("/v1/evaluations", json=spec(model["id"], dataset["id"])).status_code == 202
+        response = api.post("/v1/evaluations", json=spec(model["id"], dataset["id"], seed=1))
+        assert response.status_code == 429 and response.headers["Retry-After"] == "30"
+        assert response.json()["type"] == "too_many_jobs"
+
+
+def test_a_body_over_the_limit_is_refused_with_413(tmp_path):
+    settings = make_settings(tmp_path / "data", max_body_bytes=4096)
+    with gateway(settings) as api:
+        response = upload(api, "models", MODEL)
+        assert response.status_code == 413 and response.json()["type"] == "too_large"
+        assert api.get("/healthz").status_code == 200
+
+
+def test_health_readiness_and_metrics(api, stored):
+    model, dataset = stored
+    api.post("/v1/evaluations", json=spec(model["id"], dataset["id"]))
+    assert api.get("/healthz").json() == {"status": "ok"}
+    ready = api.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {
+        "database": "ok",
+        "broker": "ok",
+        "blobs": "ok",
+    }
+    text = api.get("/metrics").text
+    assert 'robustness_evaluations{state="queued"} 1.0' in text
+    assert "robustness_queue_depth 1.0" in text
+
+
+def test_openapi_docs_are_served(api):
+    assert api.get("/docs").status_code == 200
+    paths = api.get("/openapi.json").json()["paths"]
+    assert {"/v1/models", "/v1/datasets", "/v1/evaluations", "/v1/evaluations/{evaluation_id}/cancel"} <= set(
+        paths
+    )
+
+
+# ------------------------------------------------------------------------------ tenants
+
+
+@pytest.fixture
+def two_tenants(settings):
+    migrate(settings.database_url)
+    with session_factory(settings.database_url)() as db:
+        alice, bob = create_key(db, "alice"), create_key(db, "bob")
+    with gateway(settings) as api:
+        yield api, {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+
+
+def test_keys_are_required_once_one_exists(two_tenants):
+    api, alice, _ = two_tenants
+    assert api.get("/v1/models").status_code == 401
+    bad = api.get("/v1/models", headers={"Authorization": "Bearer rk_nope"})
+    assert bad.status_code == 401 and "robustness keys create" in bad.json()["detail"]
+    assert api.get("/v1/models", headers=alice).status_code == 200
+    assert api.get("/healthz").status_code == 200  # health stays open for probes
+
+
+def test_another_tenant_gets_404_on_every_route(two_tenants):
+    api, alice, bob = two_tenants
+    model = upload(api, "models", MODEL, headers=alice).json()
+    dataset = upload(api, "datasets", DATA, headers=alice).json()
+    job = api.post("/v1/evaluations", json=spec(model["id"], dataset["id"]), headers=alice).json()
+    missing = {"model": "mdl_" + "f" * 32, "dataset": "ds_" + "f" * 32, "job": "ev_" + "f" * 32}
+    routes = [
+        ("GET", "/v1/models/{model}"),
+        ("DELETE", "/v1/models/{model}"),
+        ("GET", "/v1/datasets/{dataset}"),
+        ("DELETE", "/v1/datasets/{dataset}"),
+        ("GET", "/v1/evaluations/{job}"),
+        ("GET", "/v1/evaluations/{job}/result"),
+        ("POST", "/v1/evaluations/{job}/cancel"),
+        ("GET", "/v1/evaluations/{job}/artifacts"),
+        ("GET", "/v1/evaluations/{job}/artifacts/x_adv"),
+    ]
+    for method, route in routes:
+        theirs = api.request(
+            method, route.format(model=model["id"], dataset=dataset["id"], job=job["id"]), headers=bob
+        )
+        nobody = api.request(method, route.format(**missing), headers=bob)
+        assert theirs.status_code == 404, (method, route, theirs.text)
+        assert theirs.json()["type"] == nobody.json()["type"] == "not_found"
+        assert theirs.json()["detail"].replace(job["id"], "X").replace(model["id"], "X").replace(
+            dataset["id"], "X"
+        ) == nobody.json()["detail"].replace(missing["job"], "X").replace(missing["model"], "X").replace(
+            missing["dataset"], "X"
+        )
+    stolen = api.post("/v1/evaluations", json=spec(model["id"], dataset["id"]), headers=bob)
+    assert stolen.status_code == 404
+    assert api.get("/v1/models", headers=bob).json()["count"] == 0
+    assert api.get("/v1/evaluations", headers=bob).json()["count"] == 0
+    assert api.get("/v1/datasets", params={"sha256": dataset["sha256"]}, headers=bob).json()["count"] == 0
+    # alice's job is untouched by bob's attempts
+    assert api.get(f"/v1/evaluations/{job['id']}", headers=alice).json()["state"] == "queued"
+    assert api.get(f"/v1/models/{model['id']}", headers=alice).status_code == 200
+
+
+def test_the_same_bytes_from_two_tenants_are_two_records_and_one_blob(two_tenants, settings):
+    api, alice, bob = two_tenants
+    a = upload(api, "models", MODEL, headers=alice).json()
+    b = upload(api, "models", MODEL, headers=bob).json()
+    assert a["id"] != b["id"] and a["sha256"] == b["sha256"]
+    assert api.delete(f"/v1/models/{a['id']}", headers=alice).status_code == 204
+    assert (settings.blob_dir / b["sha256"][:2] / b["sha256"][2:]).exists()  # bob still has it
+    assert api.get(f"/v1/models/{b['id']}", headers=bob).status_code == 200

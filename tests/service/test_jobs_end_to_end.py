@@ -1,0 +1,172 @@
+"""Jobs through real Celery workers: the embedded SQLite broker, and Redis + PostgreSQL.
+
+The result over HTTP must equal the engine's in-process result for the same spec and seed,
+a cancel must stop a running job, and a SIGKILLed worker must end in a redelivery and
+success, or in a clear failure, never in a job stuck in `running`.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from sqlalchemy import select
+
+from schemas.evaluation import EvaluationSpec
+from service.auth import create_key
+from service.database import migrate, session_factory
+from service.records import Shard
+from service.validation import load_dataset_file
+from tests.service.conftest import DATA, MODEL, gateway, make_settings, upload, wait_for
+from workers.evaluate import evaluate
+
+QUICK = {
+    "samples": 40,
+    "shard_size": 16,
+    "seed": 3,
+    "batch_size": 16,
+    "attacks": [
+        {"name": "fgsm", "eps": [0.1, 0.2]},
+        {"name": "pgd", "eps": [0.1], "steps": 5, "random_start": True},
+    ],
+    "gates": [{"metric": "robust_accuracy", "attack": "fgsm", "eps": 0.1, "min": 0.2}],
+}
+# long enough to be caught running: many PGD steps on every sample
+SLOW = {
+    "samples": 200,
+    "shard_size": 100,
+    "batch_size": 20,
+    "attacks": [{"name": "pgd", "eps": [0.1, 0.2, 0.3], "steps": 400}],
+}
+
+
+def submit(api, body: dict, headers=None) -> dict:
+    model = upload(api, "models", MODEL, headers=headers).json()
+    dataset = upload(api, "datasets", DATA, headers=headers).json()
+    response = api.post(
+        "/v1/evaluations",
+        json={**body, "model_id": model["id"], "dataset_id": dataset["id"]},
+        headers=headers or {},
+    )
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def in_process(body: dict) -> dict:
+    spec = EvaluationSpec.model_validate(body)
+    dataset = load_dataset_file(DATA, tuple(spec.input.range))
+    return evaluate(MODEL.read_bytes(), dataset, spec).result.model_dump(mode="json", exclude={"timing"})
+
+
+def check_same_as_in_process(api, job: dict, body: dict) -> None:
+    result = api.get(f"/v1/evaluations/{job['id']}/result").json()
+    result.pop("timing")
+    assert result == in_process(body)
+
+
+def wait_running(api, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = api.get(f"/v1/evaluations/{job_id}").json()
+        if body["state"] == "running" and body["progress"]["done"] > 0:
+            return body
+        time.sleep(0.2)
+    raise AssertionError(f"never seen running with progress: {body}")
+
+
+def test_embedded_broker_runs_a_sharded_job_to_the_in_process_result(settings, start_worker):
+    worker = start_worker(settings, concurrency=2)
+    with gateway(settings) as api:
+        job = submit(api, QUICK)
+        assert job["shards"] == 3
+        final = wait_for(api, job["id"])
+        assert final["state"] == "succeeded", final
+        assert final["passed"] is True and final["progress"]["done"] == final["progress"]["total"]
+        check_same_as_in_process(api, job, QUICK)
+        artifacts = api.get(f"/v1/evaluations/{job['id']}/artifacts").json()["items"]
+        names = {a["name"] for a in artifacts}
+        assert "fgsm@0.1.x_adv" in names, names
+        data = api.get(f"/v1/evaluations/{job['id']}/artifacts/fgsm@0.1.x_adv")
+        x_adv = np.load(io.BytesIO(data.content))["x_adv"]
+        assert x_adv.shape == (40, 1, 28, 28)
+    log = worker.log.read_text()
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    assert log.count("evaluation.shard_succeeded") == 3 and "evaluation.succeeded" in log
+
+
+def test_cancel_stops_a_running_job_and_the_next_job_still_runs(settings, start_worker):
+    start_worker(settings)
+    with gateway(settings) as api:
+        job = submit(api, SLOW)
+        running = wait_running(api, job["id"])
+        assert (
+            running["progress"]["stage"].startswith("pgd") and running["progress"]["eta_seconds"] is not None
+        )
+        started = time.monotonic()
+        assert api.post(f"/v1/evaluations/{job['id']}/cancel").json()["state"] == "cancelled"
+        after = submit(api, QUICK)
+        final = wait_for(api, after["id"])
+        assert final["state"] == "succeeded", final
+        assert time.monotonic() - started < 30
+        assert api.get(f"/v1/evaluations/{job['id']}").json()["state"] == "cancelled"
+
+
+def test_a_job_past_its_time_limit_fails_with_time_limit(tmp_path, start_worker):
+    settings = make_settings(tmp_path / "data", job_time_limit_s=2)
+    start_worker(settings)
+    with gateway(settings) as api:
+        job = submit(api, SLOW)
+        final = wait_for(api, job["id"], timeout=60)
+        assert final["state"] == "failed" and final["error"]["code"] == "time_limit", final
+        assert "time limit" in final["error"]["message"]
+
+
+# ------------------------------------------------------------------- Redis + PostgreSQL
+
+
+def test_redis_and_postgres_run_a_job_idempotently_per_tenant(distributed_settings, start_worker):
+    migrate(distributed_settings.database_url)
+    with session_factory(distributed_settings.database_url)() as db:
+        key = create_key(db, "ci")
+    headers = {"Authorization": f"Bearer {key}"}
+    start_worker(distributed_settings, concurrency=2)
+    with gateway(distributed_settings) as api:
+        model = upload(api, "models", MODEL, headers=headers).json()
+        dataset = upload(api, "datasets", DATA, headers=headers).json()
+        body = {**QUICK, "model_id": model["id"], "dataset_id": dataset["id"]}
+        retry = {**headers, "Idempotency-Key": "pipeline-7"}
+        first = api.post("/v1/evaluations", json=body, headers=retry)
+        second = api.post("/v1/evaluations", json=body, headers=retry)
+        assert (first.status_code, second.status_code) == (202, 200)
+        assert first.json()["id"] == second.json()["id"]
+        final = wait_for(api, first.json()["id"], headers=headers)
+        assert final["state"] == "succeeded", final
+        result = api.get(f"/v1/evaluations/{final['id']}/result", headers=headers).json()
+        result.pop("timing")
+        assert result == in_process(QUICK)
+        assert api.get(f"/v1/evaluations/{final['id']}").status_code == 401
+
+
+@pytest.mark.parametrize("max_attempts, expected", [(3, "succeeded"), (1, "failed")])
+def test_a_sigkilled_worker_ends_in_redelivery_or_a_clear_failure(
+    distributed_settings, start_worker, tmp_path, max_attempts, expected
+):
+    settings = distributed_settings.model_copy(update={"max_attempts": max_attempts})
+    body = {**SLOW, "attacks": [{"name": "pgd", "eps": [0.1], "steps": 60}]}
+    worker = start_worker(settings)
+    with gateway(settings) as api:
+        job = submit(api, body)
+        wait_running(api, job["id"])
+        worker.kill_all()
+        start_worker(settings)
+        final = wait_for(api, job["id"], timeout=180)
+        assert final["state"] == expected, final
+        if expected == "failed":
+            assert final["error"]["code"] == "worker_lost" and "stopped" in final["error"]["message"]
+        else:
+            check_same_as_in_process(api, job, body)
+        with session_factory(settings.database_url)() as db:
+            attempts = db.scalars(select(Shard.attempts).where(Shard.job_id == job["id"])).all()
+        assert max(attempts) == (2 if expected == "succeeded" else 1)  # the killed shard ran again, or not

@@ -1,0 +1,220 @@
+"""Run one shard of an evaluation: claim it, run the engine with a lease and a deadline,
+store its output, and hand the job on (to the aggregation, or to its final state).
+
+The engine never sees the database: this module turns its progress callbacks into lease
+renewals and turns a cancel or a deadline into a stop of ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from functools import lru_cache
+
+import numpy as np
+from sqlalchemy import select
+
+from schemas.evaluation import EvaluationResult, EvaluationSpec
+from service import jobs
+from service.blobs import LocalBlobStore
+from service.database import session_factory
+from service.dispatch import dispatch
+from service.records import Job, Shard
+from service.settings import get_settings
+from service.validation import load_dataset_file
+from workers.datasets import Dataset, DatasetError
+from workers.evaluate import EvaluationCancelled, UnitOutput, finish, plan, run_unit
+from workers.onnxgrad import GradientBuildError, InvalidModelError, UnsupportedOperatorError
+from workers.runtime import RunsInterrupted, RuntimeOptions, interrupt_runs, resume_runs
+
+log = logging.getLogger("robustness.worker")
+
+# Errors in the user's model, data or spec: they would fail again, so the job fails at once.
+USER_ERRORS = (DatasetError, InvalidModelError, UnsupportedOperatorError, GradientBuildError, ValueError)
+
+
+class _Cache(OrderedDict):
+    def fetch(self, key, load, capacity: int = 2):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = load()
+        while len(self) > capacity:
+            self.popitem(last=False)
+        return value
+
+
+_models = _Cache()
+_datasets = _Cache()
+
+
+@lru_cache
+def _store() -> LocalBlobStore:
+    return LocalBlobStore(get_settings().blob_dir)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Watch(threading.Thread):
+    """Renews the lease, records progress at most every few seconds, and stops ONNX Runtime
+    when the job is cancelled elsewhere or the shard passes its deadline."""
+
+    def __init__(self, sessions, claim: jobs.Claim, settings):
+        super().__init__(daemon=True, name=f"lease-{claim.job_id}-{claim.position}")
+        self.sessions, self.claim, self.settings = sessions, claim, settings
+        self.deadline = time.monotonic() + settings.job_time_limit_s
+        self.period = max(0.2, min(settings.lease_s / 3, settings.progress_interval_s or 1.0))
+        self.stages: dict[str, int] = {}
+        self.stage: str | None = None
+        self.stop_reason: str | None = None
+        self._closing = threading.Event()
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        """The engine's callback: runs between batches, so raising here stops the shard cleanly."""
+        self.stage = stage
+        self.stages[stage] = done
+        if self.stop_reason is not None:
+            raise EvaluationCancelled(self.stop_reason)
+
+    def run(self) -> None:
+        while not self._closing.wait(self.period):
+            try:
+                with self.sessions() as db:
+                    state = jobs.heartbeat(
+                        db,
+                        self.claim,
+                        self.settings.lease_s,
+                        (self.stage, sum(self.stages.values()), 0) if self.stage else None,
+                    )
+            except Exception as exc:  # a database hiccup must not kill the shard; the lease covers it
+                log.warning("evaluation.heartbeat_failed job=%s error=%s", self.claim.job_id, exc)
+                continue
+            if state not in jobs.ACTIVE:
+                self._halt("cancelled")
+            elif time.monotonic() > self.deadline:
+                self._halt("time_limit")
+
+    def _halt(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.warning(
+                "evaluation.stopping job=%s shard=%s reason=%s",
+                self.claim.job_id,
+                self.claim.position,
+                reason,
+            )
+            interrupt_runs()
+
+    def close(self) -> None:
+        self._closing.set()
+        self.join(timeout=10)
+
+
+def run_shard(job_id: str, position: int) -> None:
+    settings = get_settings()
+    sessions = session_factory(settings.database_url)
+    with sessions() as db:
+        claim = jobs.claim(db, job_id, position, worker_name(), settings.lease_s, settings.max_attempts)
+    if claim is None:
+        log.info("evaluation.shard_skipped job=%s shard=%s", job_id, position)
+        return
+    log.info("evaluation.shard_started job=%s shard=%s attempt=%s", job_id, position, claim.attempt)
+    watch = _Watch(sessions, claim, settings)
+    resume_runs()
+    watch.start()
+    try:
+        _run_claimed(sessions, claim, watch, settings)
+    except (EvaluationCancelled, RunsInterrupted):
+        reason = watch.stop_reason or "cancelled"
+        with sessions() as db:
+            if reason == "time_limit":
+                jobs.fail_job(
+                    db,
+                    job_id,
+                    "time_limit",
+                    f"shard {position} ran past the time limit of {settings.job_time_limit_s:g} s "
+                    "(ROBUSTNESS_JOB_TIME_LIMIT_S); use fewer samples, attacks or steps",
+                )
+            jobs.release_shard(db, claim, "cancelled" if reason == "cancelled" else "failed")
+    except USER_ERRORS as exc:
+        with sessions() as db:
+            jobs.fail_job(db, job_id, "invalid_input", str(exc))
+            jobs.release_shard(db, claim, "failed")
+    except Exception as exc:
+        log.exception("evaluation.shard_crashed job=%s shard=%s", job_id, position)
+        with sessions() as db:
+            jobs.fail_job(db, job_id, "internal_error", f"{type(exc).__name__}: {exc}")
+            jobs.release_shard(db, claim, "failed")
+    finally:
+        watch.close()
+        resume_runs()
+
+
+def _inputs(db, claim: jobs.Claim, store):
+    job = db.get(Job, claim.job_id)
+    spec = EvaluationSpec.model_validate(job.spec)
+    model = _models.fetch(job.model_sha256, lambda: store.get_bytes(job.model_sha256))
+    value_range = tuple(spec.input.range)
+    dataset: Dataset = _datasets.fetch(
+        (job.dataset_sha256, value_range),
+        lambda: load_dataset_file(store.local_path(job.dataset_sha256), value_range),
+    )
+    return job, spec, model, dataset
+
+
+def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
+    store = _store()
+    with sessions() as db:
+        job, spec, model, dataset = _inputs(db, claim, store)
+        options = RuntimeOptions(batch_size=spec.batch_size, intra_op_threads=settings.threads_per_worker)
+        if claim.kind == jobs.FINISH:
+            parts = db.execute(
+                select(Shard.output_sha256, Shard.timing)
+                .where(Shard.job_id == claim.job_id, Shard.kind != jobs.FINISH)
+                .order_by(Shard.position)
+            ).all()
+            baselines = {k: EvaluationResult.model_validate(v) for k, v in (job.baselines or {}).items()}
+    if claim.kind == jobs.FINISH:
+        outputs = [UnitOutput.from_bytes(store.get_bytes(sha), timing=timing) for sha, timing in parts]
+        evaluation = finish(
+            model, dataset, spec, outputs, progress=watch.progress, options=options, baselines=baselines
+        )
+        artifacts = {}
+        for name, array in evaluation.artifacts.items():
+            data = _npz_bytes(name.rsplit("/", 1)[-1], array)
+            artifacts[artifact_name(name)] = {"sha256": store.put_bytes(data), "size": len(data)}
+        result = evaluation.result.model_dump(mode="json")
+        with sessions() as db:
+            jobs.complete_job(db, claim, result, evaluation.result.passed, artifacts)
+        log.info("evaluation.succeeded job=%s passed=%s", claim.job_id, evaluation.result.passed)
+        return
+    unit = plan(spec, len(dataset.y))[claim.position]
+    output = run_unit(model, dataset, spec, unit, progress=watch.progress, options=options)
+    sha = store.put_bytes(output.to_bytes())
+    with sessions() as db:
+        ready = jobs.complete_shard(db, claim, sha, output.timing)
+    log.info("evaluation.shard_succeeded job=%s shard=%s", claim.job_id, claim.position)
+    if ready:
+        from workers.celery_app import celery_app
+
+        with sessions() as db:
+            positions = jobs.shards_to_dispatch(db, claim.job_id)
+        dispatch(sessions, celery_app(), claim.job_id, positions)
+
+
+def artifact_name(name: str) -> str:
+    """``pgd@0.1/x_adv`` -> ``pgd@0.1.x_adv``: one path segment for the download URL."""
+    return name.replace("/", ".")
+
+
+def _npz_bytes(key: str, array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{key: array})
+    return buffer.getvalue()
