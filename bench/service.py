@@ -1,7 +1,7 @@
 """Benchmark the service end to end on this machine (embedded default: SQLite, the embedded
 broker, real Celery worker processes, uvicorn on loopback).
 
-    .venv/bin/python bench/service.py [--samples 500] [--steps 10] [--pollers 100] [--poll-seconds 30]
+    .venv/bin/python bench/service.py [--samples 500] [--steps 40] [--pollers 100] [--poll-seconds 30]
         [--json PATH] [--skip overhead,polling,scaling]
 
 1. overhead: the same PGD evaluation (examples/digits-cnn.onnx on --samples images of
@@ -42,6 +42,7 @@ from workers.datasets import load_npz  # noqa: E402
 from workers.evaluate import evaluate  # noqa: E402
 
 MODEL = REPO / "examples" / "digits-cnn.onnx"
+WARM = {"samples": 20, "shard_size": 10, "attacks": [{"name": "pgd", "eps": [0.1], "steps": 1}]}  # 2 shards
 DATA = REPO / "examples" / "digits-test.npz"
 
 
@@ -157,7 +158,7 @@ def overhead(args) -> dict:
     before = in_process(spec)
     server = Server()
     try:
-        server.run(pgd_spec(20, 1, 20))  # warm the workers
+        server.run(WARM)  # warm the worker processes
         service, _ = server.run(spec)
     finally:
         server.close()
@@ -224,7 +225,7 @@ def scaling(args) -> dict:
     for workers in (1, 2):
         server = Server(workers=workers, threads=1)
         try:
-            server.run(pgd_spec(20, 1, 20))
+            server.run(WARM)
             times[workers], _ = server.run(spec)
         finally:
             server.close()
@@ -238,7 +239,7 @@ def scaling(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--pollers", type=int, default=100)
     parser.add_argument("--poll-seconds", type=float, default=30)
     parser.add_argument("--skip", default="", help="comma-separated: overhead, polling, scaling")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from service.auth import is_loopback
 from service.blobs import LocalBlobStore
-from service.database import migrate, session_factory
+from service.database import REQUEST_THREADS, migrate, session_factory
 from service.errors import install_handlers
 from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = REQUEST_THREADS
         migrate(settings.database_url)
         sweeper = None
         if reaper:

@@ -12,12 +12,18 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# Sync handlers and dependencies run on Starlette's thread pool (40 threads). A request holds
+# a pooled connection across several thread hops, so a pool smaller than the thread pool can
+# deadlock under load: every thread waiting for a connection, every connection waiting for a
+# thread. The pool is made larger than the thread pool.
+REQUEST_THREADS = 40
+POOL = {"pool_size": 10, "max_overflow": REQUEST_THREADS + 10, "pool_timeout": 60}
 
 
 @lru_cache(maxsize=8)
 def engine_for(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **POOL)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection, _record):
@@ -29,7 +35,7 @@ def engine_for(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, **POOL)
 
 
 @lru_cache(maxsize=8)
