@@ -9,6 +9,9 @@ the runner enforces itself by stopping ONNX Runtime.
 
 from __future__ import annotations
 
+from celery.signals import worker_process_init
+from threadpoolctl import threadpool_limits
+
 from service.settings import get_settings
 from workers.celery_app import QUEUE, UNIT_TASK, celery_app
 from workers.shard_runner import run_shard
@@ -28,3 +31,10 @@ _settings = get_settings()
 )
 def run_unit(job_id: str, position: int) -> None:
     run_shard(job_id, position)
+
+
+@worker_process_init.connect
+def _limit_threads(**_) -> None:
+    """Worker processes share the cores: BLAS gets the same share as ONNX Runtime, or the
+    attack loops' numpy calls oversubscribe them."""
+    threadpool_limits(limits=_settings.threads_per_worker)
