@@ -40,18 +40,11 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
     used_inits = {i for n in foldable for i in n.input}
-    subgraph = helper.make_graph(
-        foldable, "fold", [], [helper.make_empty_tensor_value_info(name) for name in wanted],
-        [i for i in graph.initializer if i.name in used_inits],
-    )
-    sub = helper.make_model(subgraph, opset_imports=list(model.opset_import),
-                            ir_version=model.ir_version)
-    try:
-        values = ReferenceEvaluator(sub).run(None, {})
-    except Exception:  # anything the reference cannot evaluate is simply left unfolded
+    known_values = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name in used_inits}
+    evaluated = _evaluate_within_budget(foldable, known_values, model)
+    if evaluated is None:  # too large, or something the reference cannot evaluate: left unfolded
         return model
-    if any(np.asarray(v).size > _MAX_FOLDED_ELEMENTS for v in values):
-        return model
+    values = [evaluated[name] for name in wanted]
 
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
@@ -68,6 +61,36 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     del folded.graph.input[:]
     folded.graph.input.extend(inputs)
     return folded
+
+
+def _evaluate_within_budget(nodes: list[onnx.NodeProto], values: dict[str, np.ndarray],
+                            model: onnx.ModelProto) -> dict[str, np.ndarray] | None:
+    """Evaluate ``nodes`` one by one, each only after shape inference on its known inputs has
+    shown that its outputs fit the budget: a model can declare a ConstantOfShape or an Expand
+    of 10^11 elements, and the reference evaluator would allocate it before any check."""
+    values = dict(values)
+    for node in nodes:
+        inputs = [numpy_helper.from_array(np.asarray(values[name]), name) for name in node.input if name]
+        single = helper.make_model(
+            helper.make_graph([node], "node", [], [helper.make_empty_tensor_value_info(o) for o in node.output
+                                                   if o], inputs),
+            opset_imports=list(model.opset_import), ir_version=model.ir_version)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(single, data_prop=True)
+        except Exception:
+            return None
+        types = tensor_types(inferred.graph)
+        for output in filter(None, node.output):
+            dims = static_shape(types.get(output))
+            known = dims is not None and all(isinstance(d, int) for d in dims)
+            if not known or np.prod(dims, dtype=np.float64) > _MAX_FOLDED_ELEMENTS:
+                return None
+        try:
+            results = ReferenceEvaluator(single).run(None, {})
+        except Exception:
+            return None
+        values.update(zip(filter(None, node.output), results, strict=False))
+    return values
 
 
 def _constant_node(output: str, value: np.ndarray) -> onnx.NodeProto:
