@@ -37,6 +37,7 @@ class Claim:
 
 def add_shards(db: Session, job: Job, units, work: list[int]) -> None:
     """Shard rows for the engine's work units, then the aggregation that waits for them."""
+    db.flush()  # the job row first: shards refer to it
     for unit, total in zip(units, work, strict=True):
         db.add(Shard(job_id=job.id, position=unit.index, kind=unit.kind, state="queued", total=total))
     db.add(Shard(job_id=job.id, position=len(units), kind=FINISH, state="waiting", total=1))
@@ -112,19 +113,23 @@ def claim(
     return Claim(row.id, job_id, position, row.kind, row.attempts + 1)
 
 
-def heartbeat(db: Session, claim: Claim, lease_s: float, progress: tuple[str, int, int] | None = None) -> str:
-    """Renew the lease (and record progress); returns the job's state, so a running shard
-    learns that its job was cancelled or failed elsewhere."""
+def heartbeat(db: Session, claim: Claim, lease_s: float, progress: tuple[str, int] | None = None) -> str:
+    """Renew the lease (and record progress). Returns the job's state, so a running shard
+    learns that its job was cancelled or failed elsewhere, or "lease_lost" when the reaper
+    gave the shard to another attempt (this worker stalled past its lease)."""
     values = {"lease_until": time.time() + lease_s}
     if progress is not None:
         values.update(stage=progress[0], done=progress[1])
-    db.execute(
+    renewed = db.execute(
         update(Shard)
         .where(Shard.id == claim.shard_id, Shard.attempts == claim.attempt, Shard.state == "running")
         .values(**values)
     )
     db.commit()
-    return db.scalar(select(Job.state).where(Job.id == claim.job_id))
+    state = db.scalar(select(Job.state).where(Job.id == claim.job_id))
+    if renewed.rowcount != 1 and state in ACTIVE:
+        return "lease_lost"
+    return state
 
 
 def complete_shard(db: Session, claim: Claim, output_sha256: str, timing: dict) -> bool:

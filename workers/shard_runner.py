@@ -91,12 +91,14 @@ class _Watch(threading.Thread):
                         db,
                         self.claim,
                         self.settings.lease_s,
-                        (self.stage, sum(self.stages.values()), 0) if self.stage else None,
+                        (self.stage, sum(self.stages.values())) if self.stage else None,
                     )
             except Exception as exc:  # a database hiccup must not kill the shard; the lease covers it
                 log.warning("evaluation.heartbeat_failed job=%s error=%s", self.claim.job_id, exc)
                 continue
-            if state not in jobs.ACTIVE:
+            if state == "lease_lost":
+                self._halt("lease_lost")
+            elif state not in jobs.ACTIVE:
                 self._halt("cancelled")
             elif time.monotonic() > self.deadline:
                 self._halt("time_limit")
@@ -133,6 +135,9 @@ def run_shard(job_id: str, position: int) -> None:
         _run_claimed(sessions, claim, watch, settings)
     except (EvaluationCancelled, RunsInterrupted):
         reason = watch.stop_reason or "cancelled"
+        if reason == "lease_lost":  # another attempt owns the shard now: leave its row alone
+            log.warning("evaluation.lease_lost job=%s shard=%s attempt=%s", job_id, position, claim.attempt)
+            return
         with sessions() as db:
             if reason == "time_limit":
                 jobs.fail_job(
