@@ -103,6 +103,7 @@ def test_progress_sums_the_shards_and_estimates_the_rest(db):
     jobs.heartbeat(db, a, 30, ("pgd", 5))
     db.execute(update(Job).values(started_at=jobs.utcnow().replace(microsecond=0)))
     db.commit()
+    db.expire_all()
     progress = jobs.progress_of(db, db.get(Job, "ev_1"))
     assert progress["stage"] == "pgd" and progress["done"] == 5 and progress["total"] == 21
     assert progress["eta_seconds"] is not None and progress["eta_seconds"] >= 0
