@@ -229,3 +229,44 @@ def test_the_same_bytes_from_two_tenants_are_two_records_and_one_blob(two_tenant
     assert api.delete(f"/v1/models/{a['id']}", headers=alice).status_code == 204
     assert (settings.blob_dir / b["sha256"][:2] / b["sha256"][2:]).exists()  # bob still has it
     assert api.get(f"/v1/models/{b['id']}", headers=bob).status_code == 200
+
+
+def test_a_hundred_concurrent_pollers_all_get_answers(settings):
+    """More requests at once than the request thread pool: a pool smaller than it deadlocked
+    (every thread waiting for a connection, every connection waiting for a thread)."""
+    import asyncio
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from service.app import create_app
+    from tests.service.conftest import free_port
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            if server.started:
+                break
+            threading.Event().wait(0.1)
+        with httpx.Client(base_url=url) as client:
+            model = upload(client, "models", MODEL).json()
+            dataset = upload(client, "datasets", DATA).json()
+            job = client.post("/v1/evaluations", json=spec(model["id"], dataset["id"])).json()
+
+        async def poll_all():
+            limits = httpx.Limits(max_connections=200)
+            async with httpx.AsyncClient(base_url=url, timeout=20, limits=limits) as client:
+                return await asyncio.gather(*[client.get(f"/v1/evaluations/{job['id']}") for _ in range(100)])
+
+        responses = asyncio.run(poll_all())
+        assert [r.status_code for r in responses] == [200] * 100
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -96,6 +96,59 @@ def test_embedded_broker_runs_a_sharded_job_to_the_in_process_result(settings, s
     assert log.count("evaluation.shard_succeeded") == 3 and "evaluation.succeeded" in log
 
 
+def test_universal_perturbations_run_on_the_whole_set_beside_the_shards(settings, start_worker):
+    body = {
+        "samples": 40,
+        "shard_size": 16,
+        "attacks": [{"name": "fgsm", "eps": [0.1]}, {"name": "universal", "eps": [0.3], "max_passes": 2}],
+    }
+    start_worker(settings, concurrency=2)
+    with gateway(settings) as api:
+        job = submit(api, body)
+        assert job["shards"] == 4  # three slices and the whole set
+        final = wait_for(api, job["id"])
+        assert final["state"] == "succeeded", final
+        check_same_as_in_process(api, job, body)
+        names = {a["name"] for a in api.get(f"/v1/evaluations/{job['id']}/artifacts").json()["items"]}
+        assert "universal@0.3.perturbation" in names, names
+        delta = np.load(
+            io.BytesIO(api.get(f"/v1/evaluations/{job['id']}/artifacts/universal@0.3.perturbation").content)
+        )["perturbation"]
+        assert delta.shape == (1, 28, 28) and np.abs(delta).max() <= 0.3 + 1e-6
+
+
+def test_a_baseline_gate_compares_with_an_earlier_evaluation(settings, start_worker):
+    start_worker(settings)
+    with gateway(settings) as api:
+        first = submit(api, QUICK)
+        assert wait_for(api, first["id"])["state"] == "succeeded"
+        gate = {
+            "metric": "robust_accuracy",
+            "attack": "fgsm",
+            "eps": 0.1,
+            "baseline": first["id"],
+            "max_drop": 0.02,
+        }
+        second = submit(api, {**QUICK, "gates": [gate]})
+        final = wait_for(api, second["id"])
+        assert final["state"] == "succeeded" and final["passed"] is True
+        result = api.get(f"/v1/evaluations/{second['id']}/result").json()
+        baseline = api.get(f"/v1/evaluations/{first['id']}/result").json()
+        fgsm = next(a for a in baseline["attacks"] if a["attack"] == "fgsm" and a["eps"] == 0.1)
+        assert result["gates"][0]["baseline_value"] == fgsm["robust_accuracy"]
+        unknown = {**gate, "baseline": "ev_" + "0" * 32}
+        model_id, dataset_id = second_ids(api)
+        refused = api.post(
+            "/v1/evaluations",
+            json={**QUICK, "gates": [unknown], "model_id": model_id, "dataset_id": dataset_id},
+        )
+        assert refused.status_code == 422 and "is not an evaluation of yours" in refused.json()["detail"]
+
+
+def second_ids(api) -> tuple[str, str]:
+    return (api.get("/v1/models").json()["items"][0]["id"], api.get("/v1/datasets").json()["items"][0]["id"])
+
+
 def test_cancel_stops_a_running_job_and_the_next_job_still_runs(settings, start_worker):
     start_worker(settings)
     with gateway(settings) as api:
