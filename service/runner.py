@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from service.settings import Settings
@@ -156,6 +157,30 @@ def api(settings: Settings, args) -> int:
     return 0
 
 
+class _WorkerSupervisor(threading.Thread):
+    """Keeps the embedded worker running: one killed or out of memory is started again
+    (its shards come back through the lease reaper)."""
+
+    def __init__(self):
+        super().__init__(daemon=True, name="worker-supervisor")
+        self.process = self._start()
+        self._stopping = threading.Event()
+
+    @staticmethod
+    def _start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "client.cli", "worker"], env=dict(os.environ))
+
+    def run(self) -> None:
+        while not self._stopping.wait(1.0):
+            if self.process.poll() is not None and not self._stopping.is_set():
+                log.warning("serve.worker_exited code=%s: starting a new worker", self.process.returncode)
+                self.process = self._start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        _stop(self.process)
+
+
 def serve(settings: Settings, args) -> int:
     import uvicorn
 
@@ -165,13 +190,12 @@ def serve(settings: Settings, args) -> int:
     if problem not in (None, "open"):
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    worker_process = subprocess.Popen([sys.executable, "-m", "client.cli", "worker"], env=dict(os.environ))
+    workers = _WorkerSupervisor()
+    workers.start()
     url = f"http://{settings.host}:{settings.port}"
     mode = (
-        (
-            "OPEN: no API keys exist, every request is served as tenant 'default' (loopback only); "
-            "`robustness keys create --tenant NAME` turns keys on"
-        )
+        "OPEN: no API keys exist, every request is served as tenant 'default' (loopback only); "
+        "`robustness keys create --tenant NAME` turns keys on"
         if problem == "open"
         else "API keys required"
     )
@@ -185,7 +209,7 @@ def serve(settings: Settings, args) -> int:
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
     finally:
-        _stop(worker_process)
+        workers.stop()
     return 0
 
 
