@@ -13,16 +13,21 @@ log = logging.getLogger("robustness.dispatch")
 
 
 def dispatch(sessions: sessionmaker[Session], celery, job_id: str, positions: list[int]) -> int:
+    """Send the units as one Celery group; the fan-in is the database's (jobs.complete_shard),
+    so no result backend is needed and a redelivered unit cannot trigger it twice."""
+    from celery import group
+
     from workers.celery_app import QUEUE, UNIT_TASK
 
-    sent = 0
-    for position in positions:
-        try:
-            celery.send_task(UNIT_TASK, args=[job_id, position], queue=QUEUE)
-        except Exception as exc:  # the broker is down: the reaper retries
-            log.warning("evaluation.dispatch_failed job=%s shard=%s error=%s", job_id, position, exc)
-            continue
-        with sessions() as db:
+    if not positions:
+        return 0
+    units = group(celery.signature(UNIT_TASK, args=[job_id, p], queue=QUEUE) for p in positions)
+    try:
+        units.apply_async()
+    except Exception as exc:  # the broker is down: the reaper sends them again
+        log.warning("evaluation.dispatch_failed job=%s shards=%s error=%s", job_id, positions, exc)
+        return 0
+    with sessions() as db:
+        for position in positions:
             jobs.mark_dispatched(db, job_id, position)
-        sent += 1
-    return sent
+    return len(positions)
