@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -168,7 +169,8 @@ class _WorkerSupervisor(threading.Thread):
 
     @staticmethod
     def _start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "client.cli", "worker"], env=dict(os.environ))
+        return subprocess.Popen([sys.executable, "-m", "client.cli", "worker"], env=dict(os.environ),
+                                preexec_fn=_terminate_with_parent)
 
     def run(self) -> None:
         while not self._stopping.wait(1.0):
@@ -207,10 +209,39 @@ def serve(settings: Settings, args) -> int:
         flush=True,
     )
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+        _run_until_signalled(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+                                            log_level="warning"))
     finally:
         workers.stop()
     return 0
+
+
+def _run_until_signalled(config) -> None:
+    """uvicorn re-raises SIGTERM/SIGINT once it has shut down, which would end the process
+    before `serve` stops its worker; this server only asks itself to exit."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    Server(config).run()
+
+
+def _terminate_with_parent() -> None:
+    """In the worker child: SIGTERM when `serve` dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _stop(process: subprocess.Popen) -> None:

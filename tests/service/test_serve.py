@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -65,7 +67,8 @@ def serve(env, tmp_path):
         except httpx.TransportError:
             time.sleep(0.3)
     yield process, url
-    os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=40)
     except subprocess.TimeoutExpired:
@@ -113,3 +116,25 @@ def test_serve_restarts_a_killed_worker_and_the_job_still_succeeds(serve):
                 break
             time.sleep(0.3)
         assert state["state"] == "succeeded", state
+
+
+def descendants(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [d for c in map(int, children) for d in [c, *descendants(c)]]
+
+
+def test_stopping_serve_stops_its_worker_processes(serve):
+    process, _ = serve
+    workers = descendants(process.pid)
+    assert workers, "serve started no worker"
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.2)
+    alive = [
+        pid
+        for pid in workers
+        if os.path.exists(f"/proc/{pid}") and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    ]
+    assert not alive, f"worker processes left running: {alive}"
