@@ -8,6 +8,7 @@ import ipaddress
 import secrets
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.errors import Unauthorized
@@ -23,10 +24,14 @@ def hash_key(key: str) -> str:
 
 def get_or_create_tenant(db: Session, name: str) -> Tenant:
     tenant = db.scalar(select(Tenant).where(Tenant.name == name))
-    if tenant is None:
-        tenant = Tenant(id=new_id("tn"), name=name)
-        db.add(tenant)
-        db.flush()
+    if tenant is not None:
+        return tenant
+    try:
+        with db.begin_nested():  # two first requests at once: one creates, the other reads it
+            tenant = Tenant(id=new_id("tn"), name=name)
+            db.add(tenant)
+    except IntegrityError:
+        tenant = db.scalar(select(Tenant).where(Tenant.name == name))
     return tenant
 
 

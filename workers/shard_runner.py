@@ -155,7 +155,9 @@ def run_shard(job_id: str, position: int) -> None:
     except Exception as exc:
         log.exception("evaluation.shard_crashed job=%s shard=%s", job_id, position)
         with sessions() as db:
-            jobs.fail_job(db, job_id, "internal_error", f"{type(exc).__name__}: {exc}")
+            jobs.fail_job(
+                db, job_id, "internal_error", _without_paths(f"{type(exc).__name__}: {exc}", settings)
+            )
             jobs.release_shard(db, claim, "failed")
     finally:
         watch.close()
@@ -212,6 +214,13 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
         with sessions() as db:
             positions = jobs.shards_to_dispatch(db, claim.job_id)
         dispatch(sessions, celery_app(), claim.job_id, positions)
+
+
+def _without_paths(message: str, settings) -> str:
+    """Error messages reach users: no server paths in them (the log keeps the details)."""
+    for path in sorted({str(settings.blob_dir), str(settings.data_dir)}, key=len, reverse=True):
+        message = message.replace(path, "<store>")
+    return message
 
 
 def artifact_name(name: str) -> str:
