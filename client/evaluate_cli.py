@@ -148,13 +148,17 @@ def run_evaluate(args) -> int:
         raise ValueError(f"{args.data}: no such file")
     dataset = load_npz(data_path.read_bytes(), tuple(spec.input.range))
     baselines = load_baselines(spec)
+    models = load_transfer_models(spec, Path(args.spec).parent)
     bar = ProgressBar()
     try:
-        evaluation = evaluate(model, dataset, spec, progress=bar, baselines=baselines)
+        evaluation = evaluate(model, dataset, spec, progress=bar, baselines=baselines, models=models)
     finally:
         bar.close()
     result = evaluation.result
     print(summary_table(result))
+    for entry in result.transfer or []:
+        print(f"\ntransfer: {entry['attack']} (error rates of the targets on examples crafted on each row)")
+        print(transfer_table(entry["table"]))
     if args.out:
         Path(args.out).write_text(json.dumps(result.model_dump(mode="json"), indent=2))
     # the attacks' own arrays (e.g. universal perturbations), not the adversarial examples:
@@ -163,6 +167,33 @@ def run_evaluate(args) -> int:
     if args.artifacts and arrays:
         np.savez_compressed(args.artifacts, **arrays)
     return 0 if result.passed else 1
+
+
+def load_transfer_models(spec: EvaluationSpec, base: Path) -> dict[str, bytes]:
+    """Locally the models of `transfer.models` are .onnx paths, relative to the spec file."""
+    from client.cli import read_model
+
+    if spec.transfer is None:
+        return {}
+    models = {}
+    for name, reference in spec.transfer.models.items():
+        path = Path(reference) if Path(reference).is_absolute() else base / reference
+        if not path.is_file():
+            raise ValueError(f"transfer.models.{name}: {reference}: no such model file (paths are relative "
+                             "to the spec file)")
+        models[name] = read_model(str(path))
+    return models
+
+
+def transfer_table(table: list[list]) -> str:
+    header, *rows = table
+    width = max(len(str(row[0])) for row in table) + 2
+    lines = ["".join([" " * width, *(f"{t:>9}" for t in header[1:-1]), "  av. distortion"])]
+    for row in rows:
+        cells = "".join(f"{100 * v:8.1f}%" for v in row[1:-1])
+        distortion = "" if row[-1] is None else f"{row[-1]:16.4f}"
+        lines.append(f"{str(row[0]):<{width}}{cells}{distortion}")
+    return "\n".join(lines)
 
 
 def load_baselines(spec: EvaluationSpec) -> dict[str, EvaluationResult]:

@@ -121,6 +121,52 @@ class FoolingSpec(BaseModel):
     step_size: float = Field(0.02, gt=0)  # L-inf step, in pixel units
 
 
+MAIN_MODEL = "model"  # the evaluated model's name in a transfer spec
+
+
+class TransferSpec(BaseModel):
+    """Cross-model transfer (Szegedy et al. 2014, Liang et al. 2017): adversarial examples
+    crafted white-box on each source model, evaluated on every target model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # name -> the model: a file path (local CLI, relative to the spec file) or a model id (service)
+    models: dict[str, str] = Field(min_length=1, max_length=16)
+    # names from `models`, and "model" for the evaluated model; "all": every model
+    sources: list[str] | Literal["all"] = "all"
+    targets: list[str] | Literal["all"] = "all"
+    attacks: list[AttackSpec] = Field(min_length=1, max_length=8)
+    noise_baseline: bool = True  # Gaussian-noise rows at each attack row's distortion
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in self.models:
+            if name == MAIN_MODEL or not name.replace("_", "").replace("-", "").isalnum() or len(name) > 40:
+                raise ValueError(f"transfer.models: {name!r} is not a usable name (letters, digits, '-', "
+                                 f"'_'; {MAIN_MODEL!r} is the evaluated model)")
+        known = [MAIN_MODEL, *self.models]
+        for field in ("sources", "targets"):
+            names = getattr(self, field)
+            if names != "all":
+                unknown = [n for n in names if n not in known]
+                if unknown or not names:
+                    raise ValueError(f"transfer.{field}: {unknown or 'empty'} not among the models {known}")
+        from workers.attacks import ATTACKS
+
+        for index, attack in enumerate(self.attacks):
+            if attack.name not in ATTACKS:
+                raise ValueError(f"transfer.attacks[{index}].name: unknown attack {attack.name!r}")
+            try:
+                build_attack(attack)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"transfer.attacks[{index}] ({attack.name}): {exc}") from None
+        return self
+
+    def names(self, field: str) -> list[str]:
+        value = getattr(self, field)
+        return [MAIN_MODEL, *self.models] if value == "all" else list(value)
+
+
 class EvaluationSpec(BaseModel):
     """What to evaluate: input conventions, how many samples, which attacks, which gates."""
 
@@ -137,6 +183,7 @@ class EvaluationSpec(BaseModel):
     attacks: list[AttackSpec] = Field(default_factory=list, max_length=64)
     gates: list[GateSpec] = Field(default_factory=list, max_length=256)
     fooling: FoolingSpec | None = None
+    transfer: TransferSpec | None = None
 
     @field_validator("samples")
     @classmethod
@@ -247,6 +294,9 @@ class EvaluationResult(BaseModel):
     gates: list[GateResult]
     passed: bool
     fooling: dict[str, Any] | None = None  # noise fooling rate and gradient-ascent summary
+    # per transfer attack: Szegedy-style table (rows: sources and noise baselines; columns:
+    # targets; error rates and average distortion) and Liang et al.'s cross-testing pairs
+    transfer: list[dict[str, Any]] | None = None
     # seconds of work summed over the units (not wall time when they run in parallel): "clean", one
     # entry per attack key, "fooling", "finish" and their "total"
     timing: dict[str, float]

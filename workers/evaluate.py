@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from schemas.evaluation import (
+    MAIN_MODEL,
     AttackResult,
     AttackSpec,
     EvaluationResult,
@@ -41,6 +42,7 @@ from workers.attacks.fooling import fooling_rate_of_noise, gradient_ascent_fooli
 from workers.datasets import Dataset, DatasetError
 from workers.preprocess import compose_preprocessing
 from workers.runtime import Classifier, RuntimeOptions
+from workers.transfer import cross_test_pairs, transfer_matrix
 
 # progress(stage, done, total): attacks report between batches of work, so a callback that
 # raises EvaluationCancelled (on a cancel request or a deadline) stops the evaluation there.
@@ -76,7 +78,9 @@ class WorkUnit:
     start: int  # the selected samples [start, stop)
     stop: int
     attacks: tuple[int, ...]  # indices into spec.attacks
-    kind: str  # "shard": clean pass and per-sample attacks; "whole": attacks that need every sample
+    # "shard": clean pass and per-sample attacks; "whole": attacks that need every sample;
+    # "transfer": spec.transfer's attacks (indices into spec.transfer.attacks) on every sample
+    kind: str
 
     @property
     def samples(self) -> int:
@@ -104,6 +108,7 @@ class UnitOutput:
     unit: WorkUnit
     clean_logits: np.ndarray | None  # [n, K]; None for a "whole" unit
     runs: list[RunOutput]
+    document: dict[str, Any] | None = None  # JSON results of a unit that is not per-sample (transfer)
     # seconds per stage; not part of the bytes (a redelivered unit must give the same bytes):
     # carry it beside them and hand it back to from_bytes
     timing: dict[str, float] = field(default_factory=dict)
@@ -116,7 +121,7 @@ class UnitOutput:
             arrays.update({f"runs/{i}/{name}": array for name, array in _run_arrays(run).items()})
             runs.append({"attack": run.attack, "eps": run.eps, "extra": run.extra,
                          "arrays": list(run.arrays), "queries": run.queries is not None})
-        meta = {"format": _FORMAT, "unit": asdict(self.unit), "runs": runs}
+        meta = {"format": _FORMAT, "unit": asdict(self.unit), "runs": runs, "document": self.document}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
         return _write_npz(arrays)
 
@@ -132,7 +137,8 @@ class UnitOutput:
                 raise ValueError(f"format {meta.get('format')!r}, expected {_FORMAT!r}")
             unit = WorkUnit(**{**meta["unit"], "attacks": tuple(meta["unit"]["attacks"])})
             runs = [_run_from_arrays(run, arrays, f"runs/{i}/") for i, run in enumerate(meta["runs"])]
-            return cls(unit=unit, clean_logits=arrays.get("clean_logits"), runs=runs, timing=timing or {})
+            return cls(unit=unit, clean_logits=arrays.get("clean_logits"), runs=runs,
+                       document=meta.get("document"), timing=timing or {})
         except KeyError as exc:
             raise UnitOutputError(f"not a serialized unit output: it lacks {exc}") from None
         except (OSError, EOFError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
@@ -187,10 +193,15 @@ def plan(spec: EvaluationSpec, num_samples: int) -> list[WorkUnit]:
              for index, start in enumerate(range(0, n, spec.shard_size))]
     if whole and n:
         units.append(WorkUnit(len(units), 0, n, whole, "whole"))
+    if spec.transfer is not None and n:
+        units.append(WorkUnit(len(units), 0, n, tuple(range(len(spec.transfer.attacks))), "transfer"))
     return units
 
 
 def _stage_work(spec: EvaluationSpec, unit: WorkUnit) -> dict[str, int]:
+    if unit.kind == "transfer":
+        sources = len(spec.transfer.names("sources"))
+        return {"transfer": unit.samples * sources * sum(_budget_count(a) for a in spec.transfer.attacks)}
     work = {"clean": unit.samples} if unit.kind == "shard" else {}
     for index in unit.attacks:
         work[spec.attacks[index].key] = unit.samples * _budget_count(spec.attacks[index])
@@ -217,22 +228,27 @@ def evaluate(
     progress: StageProgress | None = None,
     options: RuntimeOptions | None = None,
     baselines: dict[str, EvaluationResult] | None = None,
+    models: dict[str, bytes] | None = None,
 ) -> Evaluation:
-    """Run every attack of ``spec`` against ``model`` on ``dataset``; see EvaluationResult."""
+    """Run every attack of ``spec`` against ``model`` on ``dataset``; see EvaluationResult.
+
+    ``models`` holds the bytes of the other models ``spec.transfer`` names.
+    """
     classifier, x, y = _prepare(model, dataset, spec, options)
     units = plan(spec, len(dataset.x))
     unit_progress = _job_progress(spec, units, progress or _silent)
-    outputs = [_run_unit(classifier, x, y, spec, unit, unit_progress(unit)) for unit in units]
+    outputs = [_run_unit(classifier, x, y, spec, unit, unit_progress(unit), models) for unit in units]
     return _finish(classifier, model, dataset, x, y, spec, outputs, progress or _silent, baselines or {})
 
 
 def run_unit(model: bytes, dataset: Dataset, spec: EvaluationSpec, unit: WorkUnit, *,
-             progress: StageProgress | None = None, options: RuntimeOptions | None = None) -> UnitOutput:
+             progress: StageProgress | None = None, options: RuntimeOptions | None = None,
+             models: dict[str, bytes] | None = None) -> UnitOutput:
     """Run one unit of ``plan(spec, len(dataset.x))``; progress is reported within the unit."""
     if unit not in plan(spec, len(dataset.x)):
         raise ValueError(f"{unit} is not a unit of this spec's plan for {len(dataset.x)} samples")
     classifier, x, y = _prepare(model, dataset, spec, options)
-    return _run_unit(classifier, x, y, spec, unit, progress or _silent)
+    return _run_unit(classifier, x, y, spec, unit, progress or _silent, models)
 
 
 def finish(model: bytes, dataset: Dataset, spec: EvaluationSpec, outputs: list[UnitOutput], *,
@@ -310,8 +326,13 @@ def _attack_seed(spec: EvaluationSpec, index: int, unit: WorkUnit) -> int:
 
 
 def _run_unit(classifier: Classifier, x: np.ndarray, y: np.ndarray, spec: EvaluationSpec,
-              unit: WorkUnit, report: StageProgress) -> UnitOutput:
+              unit: WorkUnit, report: StageProgress, models: dict[str, bytes] | None = None) -> UnitOutput:
     started = time.perf_counter()
+    if unit.kind == "transfer":
+        document = _transfer(classifier, x, y, spec, models or {}, report)
+        return UnitOutput(unit=unit, clean_logits=None, runs=[], document=document,
+                          timing={"transfer": time.perf_counter() - started,
+                                  "total": time.perf_counter() - started})
     xs, ys = x[unit.start:unit.stop], y[unit.start:unit.stop]
     timing: dict[str, float] = {}
     clean_logits = None
@@ -329,6 +350,46 @@ def _run_unit(classifier: Classifier, x: np.ndarray, y: np.ndarray, spec: Evalua
                             report, timing)
     timing["total"] = time.perf_counter() - started
     return UnitOutput(unit=unit, clean_logits=clean_logits, runs=runs, timing=timing)
+
+
+def _transfer(classifier: Classifier, x: np.ndarray, y: np.ndarray, spec: EvaluationSpec,
+              models: dict[str, bytes], report: StageProgress) -> dict:
+    """Every transfer attack's matrix over the sources and targets of ``spec.transfer``."""
+    transfer = spec.transfer
+    missing = sorted(set(transfer.models) - set(models))
+    if missing:
+        raise ValueError(f"transfer.models: no model bytes were given for {missing}")
+    classifiers = {MAIN_MODEL: classifier}
+    for name in transfer.models:
+        other = Classifier(compose_preprocessing(models[name], mean=spec.input.mean, std=spec.input.std,
+                                                 layout=spec.input.layout), classifier.options)
+        if list(other.input_shape[1:]) != list(classifier.input_shape[1:]) or \
+                other.num_classes != classifier.num_classes:
+            raise ValueError(f"transfer.models.{name}: takes {list(other.input_shape[1:])} and has "
+                             f"{other.num_classes} classes; the evaluated model takes "
+                             f"{list(classifier.input_shape[1:])} with {classifier.num_classes} classes")
+        classifiers[name] = other
+    total = len(x) * len(transfer.names("sources")) * sum(_budget_count(a) for a in transfer.attacks)
+    done_before = {"": 0}
+    entries = []
+    for index, attack_spec in enumerate(transfer.attacks):
+        attack = build_attack(attack_spec)
+        finished: dict[str, int] = {}
+
+        def progress(stage: str, done: int, of: int, finished=finished) -> None:
+            finished[stage] = done
+            report("transfer", min(total, done_before[""] + sum(finished.values())), total)
+
+        matrix = transfer_matrix(
+            classifiers, transfer.names("sources"), transfer.names("targets"), x, y, attack,
+            eps=None if attack.minimal else attack_spec.eps, bounds=tuple(spec.input.range),
+            seed=int(np.random.SeedSequence([spec.seed, 7, index]).generate_state(1)[0]),
+            noise_baseline=transfer.noise_baseline, progress=progress)
+        done_before[""] += sum(finished.values())
+        entries.append({"attack": attack_spec.key, "table": matrix.as_table(),
+                        "rows": [asdict(row) for row in matrix.rows], "clean_error": matrix.clean_error,
+                        "cross_pairs": cross_test_pairs(matrix)})
+    return json.loads(json.dumps({"entries": entries}, default=lambda value: value.item()))
 
 
 def _run_attack(index: int, classifier, x, y, targets, spec: EvaluationSpec, seed: int,
@@ -416,6 +477,7 @@ def _finish(classifier: Classifier, model: bytes, dataset: Dataset, x: np.ndarra
                  "sha256": _array_digest(x, y)},
         spec=spec, device=classifier.device, clean_accuracy=clean_accuracy, attacks=entries,
         warnings=warnings, gates=gates, passed=all(g.passed for g in gates), fooling=fooling,
+        transfer=next((o.document["entries"] for o in outputs if o.unit.kind == "transfer"), None),
         timing={k: round(v, 3) for k, v in timing.items()},
     )
     return Evaluation(result=result, artifacts=artifacts)
@@ -440,7 +502,7 @@ def _summed_timing(outputs: list[UnitOutput]) -> dict[str, float]:
 
 def _merged_runs(outputs: list[UnitOutput], index: int) -> list[RunOutput]:
     """The runs of attack ``index`` over all samples, one per budget, in unit order."""
-    units = [o for o in outputs if index in o.unit.attacks]
+    units = [o for o in outputs if o.unit.kind != "transfer" and index in o.unit.attacks]
     per_unit = [[run for run in o.runs if run.attack == index] for o in units]
     sizes = [o.unit.samples for o in units]
     return [_merge_runs(parts, sizes) for parts in zip(*per_unit, strict=True)]
