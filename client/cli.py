@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -118,10 +119,21 @@ def cmd_inspect(args) -> int:
     report = inspect_model(data, args.loss)
     if args.check and report["gradients"]["available"]:
         report["check"] = check_gradients(data, args.loss, args.batch)
+    lipschitz = None
+    if args.lipschitz:
+        from workers.lipschitz import lipschitz_bounds
+
+        lipschitz = lipschitz_bounds(data)
+        report["lipschitz"] = asdict(lipschitz)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print_report(report)
+        if lipschitz is not None:
+            from workers.lipschitz import format_report
+
+            print("\nLipschitz upper bounds (L2 operator norms per layer; their product bounds the network):")
+            print(format_report(lipschitz))
     return 0
 
 
@@ -149,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also run and time a gradient on a random batch")
     inspect.add_argument("--batch", type=int, default=64)
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument("--lipschitz", action="store_true",
+                         help="also bound the Lipschitz constant per layer and of the network")
     inspect.set_defaults(run=cmd_inspect)
     evaluate = sub.add_parser("evaluate", help="run an evaluation spec on a model and a dataset")
     evaluate.add_argument("model", help="an .onnx image classifier")

@@ -184,6 +184,7 @@ class EvaluationSpec(BaseModel):
     gates: list[GateSpec] = Field(default_factory=list, max_length=256)
     fooling: FoolingSpec | None = None
     transfer: TransferSpec | None = None
+    lipschitz: bool = False  # per-layer Lipschitz upper bounds and their product (Szegedy et al.)
 
     @field_validator("samples")
     @classmethod
@@ -297,6 +298,9 @@ class EvaluationResult(BaseModel):
     # per transfer attack: Szegedy-style table (rows: sources and noise baselines; columns:
     # targets; error rates and average distortion) and Liang et al.'s cross-testing pairs
     transfer: list[dict[str, Any]] | None = None
+    # upper bounds of the L2 Lipschitz constant per layer (node, op, method, bound) and of the
+    # network, in pixel space (normalisation included), when spec.lipschitz
+    lipschitz: dict[str, Any] | None = None
     # seconds of work summed over the units (not wall time when they run in parallel): "clean", one
     # entry per attack key, "fooling", "finish" and their "total"
     timing: dict[str, float]

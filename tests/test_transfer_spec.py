@@ -148,3 +148,18 @@ def test_the_cli_reads_transfer_models_next_to_the_spec(setup, tmp_path, capsys)
         == 2
     )
     assert "transfer.models.fc200: fc200.onnx: no such model file" in capsys.readouterr().err
+
+
+def test_lipschitz_bounds_on_request_in_the_result_and_from_inspect(setup, capsys):
+    model, _, dataset = setup
+    spec = EvaluationSpec.model_validate(
+        {"samples": 10, "lipschitz": True, "input": {"mean": [0.5], "std": [0.25]}}
+    )
+    bounds = evaluate(model, dataset, spec).result.lipschitz
+    layers = {layer["op_type"]: layer for layer in bounds["layers"]}
+    assert {"Conv", "Gemm", "Relu"} <= set(layers) and bounds["unsupported"] == []
+    product = np.prod([layer["norm"] for layer in bounds["layers"]])
+    assert bounds["network_bound"] == pytest.approx(product, rel=1e-6)
+    assert any(layer["norm"] == pytest.approx(4.0) for layer in bounds["layers"])  # the composed 1 / std
+    assert main(["inspect", "examples/digits-cnn.onnx", "--lipschitz"]) == 0
+    assert "network bound (L2" in capsys.readouterr().out

@@ -40,6 +40,7 @@ from workers.attacks import Attack
 from workers.attacks.base import random_targets
 from workers.attacks.fooling import fooling_rate_of_noise, gradient_ascent_fooling
 from workers.datasets import Dataset, DatasetError
+from workers.lipschitz import lipschitz_bounds
 from workers.preprocess import compose_preprocessing
 from workers.runtime import Classifier, RuntimeOptions
 from workers.transfer import cross_test_pairs, transfer_matrix
@@ -468,6 +469,15 @@ def _finish(classifier: Classifier, model: bytes, dataset: Dataset, x: np.ndarra
         fooling = fooling_summary(classifier, spec, x.shape[1:])
         timing["fooling"] = time.perf_counter() - started_fooling
         report("fooling", 1, 1)
+    lipschitz = None
+    if spec.lipschitz:
+        report("lipschitz", 0, 1)
+        started_bounds = time.perf_counter()
+        composed = compose_preprocessing(model, mean=spec.input.mean, std=spec.input.std,
+                                         layout=spec.input.layout)
+        lipschitz = asdict(lipschitz_bounds(composed, seed=spec.seed))
+        timing["lipschitz"] = time.perf_counter() - started_bounds
+        report("lipschitz", 1, 1)
     timing["finish"] = time.perf_counter() - started
     timing["total"] = timing.get("total", 0.0) + timing["finish"]
     result = EvaluationResult(
@@ -478,6 +488,7 @@ def _finish(classifier: Classifier, model: bytes, dataset: Dataset, x: np.ndarra
         spec=spec, device=classifier.device, clean_accuracy=clean_accuracy, attacks=entries,
         warnings=warnings, gates=gates, passed=all(g.passed for g in gates), fooling=fooling,
         transfer=next((o.document["entries"] for o in outputs if o.unit.kind == "transfer"), None),
+        lipschitz=lipschitz,
         timing={k: round(v, 3) for k, v in timing.items()},
     )
     return Evaluation(result=result, artifacts=artifacts)

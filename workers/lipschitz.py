@@ -105,7 +105,7 @@ class _NoBound(Exception):
     """This node has no known bound; the message says why."""
 
 
-def lipschitz_bounds(model: bytes | onnx.ModelProto, *, iterations: int = 100, tol: float = 1e-6,
+def lipschitz_bounds(model: bytes | onnx.ModelProto, *, iterations: int = 300, tol: float = 1e-6,
                      seed: int = 0) -> LipschitzReport:
     """Per-layer L2 operator-norm bounds and the network's Lipschitz bound (input -> logits).
 
