@@ -87,6 +87,7 @@ class Job(Base):
     dataset_sha256: Mapped[str] = mapped_column(String(64))
     spec: Mapped[dict] = mapped_column(JSON)
     baselines: Mapped[dict] = mapped_column(JSON, default=dict)  # baseline id -> result document
+    models: Mapped[dict] = mapped_column(JSON, default=dict)  # transfer model name -> sha256
     idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
     request_hash: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default="queued")

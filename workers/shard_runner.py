@@ -180,6 +180,7 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
     store = _store()
     with sessions() as db:
         job, spec, model, dataset = _inputs(db, claim, store)
+        transfer_models = dict(job.models or {})
         options = RuntimeOptions(batch_size=spec.batch_size, intra_op_threads=settings.threads_per_worker)
         if claim.kind == jobs.FINISH:
             parts = db.execute(
@@ -203,7 +204,10 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
         log.info("evaluation.succeeded job=%s passed=%s", claim.job_id, evaluation.result.passed)
         return
     unit = plan(spec, len(dataset.y))[claim.position]
-    output = run_unit(model, dataset, spec, unit, progress=watch.progress, options=options)
+    models = None
+    if unit.kind == "transfer":
+        models = {name: store.get_bytes(sha) for name, sha in transfer_models.items()}
+    output = run_unit(model, dataset, spec, unit, progress=watch.progress, options=options, models=models)
     sha = store.put_bytes(output.to_bytes())
     with sessions() as db:
         ready = jobs.complete_shard(db, claim, sha, output.timing)

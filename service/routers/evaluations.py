@@ -19,14 +19,14 @@ from schemas.api import (
     EvaluationPublic,
     JobState,
 )
-from schemas.evaluation import EvaluationSpec
+from schemas.evaluation import MAIN_MODEL, EvaluationSpec
 from service import jobs
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.dispatch import dispatch
 from service.errors import Conflict, InvalidSpec, NotFound, TooManyJobs
 from service.records import Job, StoredDataset, StoredModel, new_id
 from service.scoping import owned
-from service.spec_checks import check_spec
+from service.spec_checks import BLACK_BOX, check_spec
 from workers.evaluate import plan, unit_work
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
@@ -83,6 +83,7 @@ def submit(
     dataset = owned(db, StoredDataset, body.dataset_id, tenant)
     spec = EvaluationSpec.model_validate(body.model_dump(exclude={"model_id", "dataset_id"}))
     check_spec(spec, model.info, dataset.info)
+    transfer_models = _transfer_models(db, spec, model, tenant)
     baselines = _baselines(db, spec, tenant)
     if jobs.active_jobs(db, tenant.id) >= settings.max_concurrent_jobs:
         raise TooManyJobs(
@@ -100,6 +101,7 @@ def submit(
         dataset_sha256=dataset.sha256,
         spec=spec.model_dump(mode="json"),
         baselines=baselines,
+        models=transfer_models,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         shards=len(units),
@@ -130,6 +132,45 @@ def _replay(db, earlier: Job, request_hash: str, response: Response) -> Evaluati
         )
     response.status_code = status.HTTP_200_OK
     return public(db, earlier)
+
+
+def _transfer_models(db, spec: EvaluationSpec, model: StoredModel, tenant) -> dict[str, str]:
+    """On the service, transfer.models are model ids of this tenant, with the same input and
+    classes as the evaluated model; the job keeps their sha256."""
+    if spec.transfer is None:
+        return {}
+    gradient_attacks = [a.key for a in spec.transfer.attacks if a.name not in BLACK_BOX]
+    if (
+        MAIN_MODEL in spec.transfer.names("sources")
+        and gradient_attacks
+        and not model.info["gradients_available"]
+    ):
+        raise InvalidSpec(
+            f"transfer.sources: the evaluated model is a source of {', '.join(gradient_attacks)}, "
+            "which need gradients it does not have"
+        )
+    found = {}
+    for name, model_id in spec.transfer.models.items():
+        other = db.get(StoredModel, model_id) if len(model_id) <= 40 else None
+        if other is None or other.tenant_id != tenant.id:
+            raise InvalidSpec(f"transfer.models.{name}: no model with id {model_id!r}; upload it first")
+        ours, theirs = model.info, other.info
+        if (
+            ours["input_shape"][1:] != theirs["input_shape"][1:]
+            or ours["num_classes"] != theirs["num_classes"]
+        ):
+            raise InvalidSpec(
+                f"transfer.models.{name}: takes {theirs['input_shape'][1:]} with "
+                f"{theirs['num_classes']} classes; the evaluated model takes "
+                f"{ours['input_shape'][1:]} with {ours['num_classes']} classes"
+            )
+        if name in spec.transfer.names("sources") and gradient_attacks and not theirs["gradients_available"]:
+            raise InvalidSpec(
+                f"transfer.models.{name}: a source of {', '.join(gradient_attacks)}, which need "
+                "gradients this model does not have; make it a target only"
+            )
+        found[name] = other.sha256
+    return found
 
 
 def _baselines(db, spec: EvaluationSpec, tenant) -> dict:

@@ -223,3 +223,33 @@ def test_a_sigkilled_worker_ends_in_redelivery_or_a_clear_failure(
         with session_factory(settings.database_url)() as db:
             attempts = db.scalars(select(Shard.attempts).where(Shard.job_id == job["id"])).all()
         assert max(attempts) == (2 if expected == "succeeded" else 1)  # the killed shard ran again, or not
+
+
+def test_transfer_through_the_service_names_model_ids(settings, start_worker, tmp_path):
+    from tests.digits import onnx_bytes
+
+    other = tmp_path / "fc100.onnx"
+    other.write_bytes(onnx_bytes("fc100"))
+    start_worker(settings, concurrency=2)
+    with gateway(settings) as api:
+        fc100 = upload(api, "models", other).json()
+        transfer = {"models": {"fc100": fc100["id"]}, "attacks": [{"name": "fgsm", "eps": [0.1]}]}
+        body = {"samples": 40, "shard_size": 20, "attacks": [], "transfer": transfer}
+        job = submit(api, body)
+        assert job["shards"] == 3  # two slices and the transfer unit
+        final = wait_for(api, job["id"])
+        assert final["state"] == "succeeded", final
+        result = api.get(f"/v1/evaluations/{job['id']}/result").json()
+        result.pop("timing")
+        spec = EvaluationSpec.model_validate(body)
+        dataset = load_dataset_file(DATA, tuple(spec.input.range))
+        local = evaluate(MODEL.read_bytes(), dataset, spec, models={"fc100": other.read_bytes()})
+        assert result == local.result.model_dump(mode="json", exclude={"timing"})
+        assert result["transfer"][0]["table"][0][1:3] == ["model", "fc100"]
+        bad = {**body, "transfer": {**transfer, "models": {"fc100": "mdl_" + "0" * 32}}}
+        model_id, dataset_id = second_ids(api)
+        refused = api.post("/v1/evaluations", json={**bad, "model_id": model_id, "dataset_id": dataset_id})
+        assert (
+            refused.status_code == 422
+            and "transfer.models.fc100: no model with id" in refused.json()["detail"]
+        )
