@@ -54,8 +54,10 @@ class ProgressBar:
         eta = elapsed / done * (total - done) if done else float("nan")
         width = 24
         filled = int(width * done / total) if total else width
-        line = (f"{stage:<18} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                f"elapsed {elapsed:5.1f}s ETA {eta:5.1f}s")
+        line = (
+            f"{stage:<18} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+            f"elapsed {elapsed:5.1f}s ETA {eta:5.1f}s"
+        )
         if self.interactive:
             self.stream.write("\r" + line + "\x1b[K")  # erase what a longer line left
         elif finished:
@@ -99,32 +101,49 @@ def _fmt(value, digits=3) -> str:
 
 
 def summary_table(result: EvaluationResult) -> str:
-    lines = [f"clean accuracy {result.clean_accuracy:.4f} on {result.dataset['samples']} samples "
-             f"({result.device}, {result.timing.get('total', 0):.1f}s)", ""]
-    header = f"{'attack':<18} {'norm':<5} {'eps':>7} {'robust acc':>10} {'success':>8} " \
-             f"{'mean L2':>8} {'mean Linf':>9} {'median L2':>9}"
+    lines = [
+        f"clean accuracy {result.clean_accuracy:.4f} on {result.dataset['samples']} samples "
+        f"({result.device}, {result.timing.get('total', 0):.1f}s)",
+        "",
+    ]
+    header = (
+        f"{'attack':<18} {'norm':<5} {'eps':>7} {'robust acc':>10} {'success':>8} "
+        f"{'mean L2':>8} {'mean Linf':>9} {'median L2':>9}"
+    )
     lines += [header, "-" * len(header)]
     for e in result.attacks:
-        lines.append(f"{e.attack:<18} {e.norm or '-':<5} {_fmt(e.eps, 4):>7} "
-                     f"{_fmt(e.robust_accuracy, 4):>10} {_fmt(e.success_rate, 4):>8} "
-                     f"{_fmt(e.mean_l2):>8} {_fmt(e.mean_linf):>9} {_fmt(e.median_l2):>9}")
+        lines.append(
+            f"{e.attack:<18} {e.norm or '-':<5} {_fmt(e.eps, 4):>7} "
+            f"{_fmt(e.robust_accuracy, 4):>10} {_fmt(e.success_rate, 4):>8} "
+            f"{_fmt(e.mean_l2):>8} {_fmt(e.mean_linf):>9} {_fmt(e.median_l2):>9}"
+        )
     if result.fooling:
         noise = result.fooling["noise"]
-        lines.append(f"\nfooling images: {noise['fooling_rate']:.1%} of {noise['samples']} uniform-noise "
-                     f"images labelled with confidence >= {noise['threshold']}")
+        lines.append(
+            f"\nfooling images: {noise['fooling_rate']:.1%} of {noise['samples']} uniform-noise "
+            f"images labelled with confidence >= {noise['threshold']}"
+        )
         ascent = result.fooling.get("gradient_ascent")
         if ascent:
-            lines.append(f"gradient ascent from noise reached that confidence for "
-                         f"{ascent['share_reached']:.0%} of the classes "
-                         f"(mean {ascent['mean_steps']:.1f} steps)")
+            lines.append(
+                f"gradient ascent from noise reached that confidence for "
+                f"{ascent['share_reached']:.0%} of the classes "
+                f"(mean {ascent['mean_steps']:.1f} steps)"
+            )
     for warning in result.warnings:
         lines.append(f"warning: {warning}")
     if result.gates:
         lines.append("")
         for g in result.gates:
-            bound = " and ".join(x for x in (
-                f">= {g.min}" if g.min is not None else "", f"<= {g.max}" if g.max is not None else "",
-                f"at most {g.max_drop:g} below baseline {g.baseline}" if g.baseline is not None else "") if x)
+            bound = " and ".join(
+                x
+                for x in (
+                    f">= {g.min}" if g.min is not None else "",
+                    f"<= {g.max}" if g.max is not None else "",
+                    f"at most {g.max_drop:g} below baseline {g.baseline}" if g.baseline is not None else "",
+                )
+                if x
+            )
             where = f" {g.attack}" + (f" eps={g.eps:g}" if g.eps is not None else "") if g.attack else ""
             status = "PASS" if g.passed else "FAIL"
             got = _fmt(g.value, 4) if g.value is not None else (g.reason or "-")
@@ -148,7 +167,7 @@ def run_evaluate(args) -> int:
         raise ValueError(f"{args.data}: no such file")
     dataset = load_npz(data_path.read_bytes(), tuple(spec.input.range))
     baselines = load_baselines(spec)
-    models = load_transfer_models(spec, Path(args.spec).parent)
+    models = load_models(spec, Path(args.spec).parent)
     bar = ProgressBar()
     try:
         evaluation = evaluate(model, dataset, spec, progress=bar, baselines=baselines, models=models)
@@ -156,6 +175,12 @@ def run_evaluate(args) -> int:
         bar.close()
     result = evaluation.result
     print(summary_table(result))
+    if result.defenses:
+        print(
+            "\ndefenses: accuracy through each defense (non-adaptive: examples crafted on the bare model; "
+            "adaptive: crafted against the defense; ! flags a large gap)"
+        )
+        print(defense_table(result.defenses))
     for entry in result.transfer or []:
         print(f"\ntransfer: {entry['attack']} (error rates of the targets on examples crafted on each row)")
         print(transfer_table(entry["table"]))
@@ -169,20 +194,42 @@ def run_evaluate(args) -> int:
     return 0 if result.passed else 1
 
 
-def load_transfer_models(spec: EvaluationSpec, base: Path) -> dict[str, bytes]:
-    """Locally the models of `transfer.models` are .onnx paths, relative to the spec file."""
+def load_models(spec: EvaluationSpec, base: Path) -> dict[str, bytes]:
+    """Locally the other models a spec names (`transfer.models`, an autoencoder defense's
+    `model`) are .onnx paths, relative to the spec file."""
     from client.cli import read_model
 
-    if spec.transfer is None:
-        return {}
+    wanted = {}
+    if spec.transfer is not None:
+        wanted.update({name: (f"transfer.models.{name}", ref) for name, ref in spec.transfer.models.items()})
+    for index, defense in enumerate(spec.defenses):
+        if defense.model is not None:
+            wanted[defense.reference_key()] = (f"defenses[{index}].model", defense.model)
     models = {}
-    for name, reference in spec.transfer.models.items():
+    for key, (field, reference) in wanted.items():
         path = Path(reference) if Path(reference).is_absolute() else base / reference
         if not path.is_file():
-            raise ValueError(f"transfer.models.{name}: {reference}: no such model file (paths are relative "
-                             "to the spec file)")
-        models[name] = read_model(str(path))
+            raise ValueError(
+                f"{field}: {reference}: no such model file (paths are relative to the spec file)"
+            )
+        models[key] = read_model(str(path))
     return models
+
+
+def defense_table(defenses: list[dict]) -> str:
+    lines = [f"{'defense':<18}{'attack':<16}{'eps':>7}{'bare':>8}{'non-adaptive':>14}{'adaptive':>10}"]
+    for defense in defenses:
+        lines.append(f"{defense['defense']:<18}{'clean':<16}{'':>7}{'':>8}{defense['clean_accuracy']:>14.3f}")
+        for row in defense["attacks"]:
+            eps = "" if row["eps"] is None else f"{row['eps']:g}"
+            adaptive = (
+                "" if row["adaptive"] is None else f"{row['adaptive']:.3f}" + (" !" if row["flagged"] else "")
+            )
+            bare = "" if row["bare"] is None else f"{row['bare']:.3f}"
+            lines.append(
+                f"{'':<18}{row['attack']:<16}{eps:>7}{bare:>8}{row['non_adaptive']:>14.3f}{adaptive:>10}"
+            )
+    return "\n".join(lines)
 
 
 def transfer_table(table: list[list]) -> str:

@@ -124,6 +124,33 @@ class FoolingSpec(BaseModel):
 MAIN_MODEL = "model"  # the evaluated model's name in a transfer spec
 
 
+class DefenseSpec(BaseModel):
+    """A preprocessing defense in front of the model (Liang et al. 2017), with its own
+    parameters (checked by the defense), evaluated non-adaptively and adaptively."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(description="pca, gaussian_noise, uniform_noise, downsample, autoencoder, bit_depth, "
+                                  "median, jpeg")
+    label: str | None = Field(None, description="a name for this entry in results")
+    # PCA: fit on the last `fit_samples` samples of the dataset, held out from the evaluated ones
+    fit_samples: int | None = Field(None, ge=2, le=100_000)
+    model: str | None = None  # autoencoder: an .onnx path (local CLI) or a model id (service)
+    adaptive: bool = True  # also attack the defended model end to end (composed graph, EOT or BPDA)
+    eot_samples: int = Field(8, ge=1, le=256)  # draws per gradient against a random defense
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def reference_key(self) -> str:
+        """Where the engine finds this defense's model bytes (autoencoder)."""
+        return f"defense:{self.key}"
+
+
 class TransferSpec(BaseModel):
     """Cross-model transfer (Szegedy et al. 2014, Liang et al. 2017): adversarial examples
     crafted white-box on each source model, evaluated on every target model."""
@@ -185,6 +212,7 @@ class EvaluationSpec(BaseModel):
     fooling: FoolingSpec | None = None
     transfer: TransferSpec | None = None
     lipschitz: bool = False  # per-layer Lipschitz upper bounds and their product (Szegedy et al.)
+    defenses: list[DefenseSpec] = Field(default_factory=list, max_length=16)
 
     @field_validator("samples")
     @classmethod
@@ -213,7 +241,32 @@ class EvaluationSpec(BaseModel):
             if gate.attack is not None and gate.attack not in keys:
                 raise ValueError(f"gates[{index}].attack: {gate.attack!r} is not among the attacks "
                                  f"{keys}")
+        self._check_defenses()
         return self
+
+    def _check_defenses(self) -> None:
+        from workers.defenses import DEFENSES, build_defense
+
+        keys = [d.key for d in self.defenses]
+        duplicates = {k for k in keys if keys.count(k) > 1}
+        if duplicates:
+            raise ValueError(f"defenses {sorted(duplicates)} appear twice; give each a distinct `label`")
+        for index, defense in enumerate(self.defenses):
+            if defense.name not in DEFENSES:
+                raise ValueError(f"defenses[{index}].name: unknown defense {defense.name!r}; choose one of "
+                                 f"{', '.join(sorted(DEFENSES))}")
+            if (defense.name == "autoencoder") != (defense.model is not None):
+                raise ValueError(f"defenses[{index}].model: " + ("the autoencoder needs `model`, its .onnx"
+                                 if defense.name == "autoencoder" else f"{defense.name} takes no `model`"))
+            if (defense.name == "pca") != (defense.fit_samples is not None):
+                raise ValueError(f"defenses[{index}].fit_samples: " + (
+                    "PCA is fitted on held-out samples: give `fit_samples`" if defense.name == "pca"
+                    else f"{defense.name} is not fitted; remove `fit_samples`"))
+            if defense.name != "autoencoder":
+                try:
+                    build_defense(defense.name, **defense.params())
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"defenses[{index}] ({defense.name}): {exc}") from None
 
 
 def build_attack(spec: AttackSpec):
@@ -301,6 +354,10 @@ class EvaluationResult(BaseModel):
     # upper bounds of the L2 Lipschitz constant per layer (node, op, method, bound) and of the
     # network, in pixel space (normalisation included), when spec.lipschitz
     lipschitz: dict[str, Any] | None = None
+    # per defense: clean accuracy through it, and per attack and budget the bare model's robust
+    # accuracy, the defended model's on examples crafted on the bare model (non-adaptive) and
+    # on examples crafted against the defense itself (adaptive: composed graph, EOT or BPDA)
+    defenses: list[dict[str, Any]] | None = None
     # seconds of work summed over the units (not wall time when they run in parallel): "clean", one
     # entry per attack key, "fooling", "finish" and their "total"
     timing: dict[str, float]

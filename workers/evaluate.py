@@ -40,6 +40,7 @@ from workers.attacks import Attack
 from workers.attacks.base import random_targets
 from workers.attacks.fooling import fooling_rate_of_noise, gradient_ascent_fooling
 from workers.datasets import Dataset, DatasetError
+from workers.defenses import DefendedModel, adaptive_model, build_defense
 from workers.lipschitz import lipschitz_bounds
 from workers.preprocess import compose_preprocessing
 from workers.runtime import Classifier, RuntimeOptions
@@ -206,6 +207,10 @@ def _stage_work(spec: EvaluationSpec, unit: WorkUnit) -> dict[str, int]:
     work = {"clean": unit.samples} if unit.kind == "shard" else {}
     for index in unit.attacks:
         work[spec.attacks[index].key] = unit.samples * _budget_count(spec.attacks[index])
+    runs = sum(_budget_count(spec.attacks[i]) for i in unit.attacks)
+    for defense in spec.defenses:
+        adaptive_runs = runs if defense.adaptive and unit.kind == "shard" else 0
+        work[f"defense:{defense.key}"] = unit.samples * (1 + runs + adaptive_runs)
     return work
 
 
@@ -238,7 +243,8 @@ def evaluate(
     classifier, x, y = _prepare(model, dataset, spec, options)
     units = plan(spec, len(dataset.x))
     unit_progress = _job_progress(spec, units, progress or _silent)
-    outputs = [_run_unit(classifier, x, y, spec, unit, unit_progress(unit), models) for unit in units]
+    outputs = [_run_unit(classifier, x, y, spec, unit, unit_progress(unit), models, dataset.x)
+               for unit in units]
     return _finish(classifier, model, dataset, x, y, spec, outputs, progress or _silent, baselines or {})
 
 
@@ -249,7 +255,7 @@ def run_unit(model: bytes, dataset: Dataset, spec: EvaluationSpec, unit: WorkUni
     if unit not in plan(spec, len(dataset.x)):
         raise ValueError(f"{unit} is not a unit of this spec's plan for {len(dataset.x)} samples")
     classifier, x, y = _prepare(model, dataset, spec, options)
-    return _run_unit(classifier, x, y, spec, unit, progress or _silent, models)
+    return _run_unit(classifier, x, y, spec, unit, progress or _silent, models, dataset.x)
 
 
 def finish(model: bytes, dataset: Dataset, spec: EvaluationSpec, outputs: list[UnitOutput], *,
@@ -327,7 +333,8 @@ def _attack_seed(spec: EvaluationSpec, index: int, unit: WorkUnit) -> int:
 
 
 def _run_unit(classifier: Classifier, x: np.ndarray, y: np.ndarray, spec: EvaluationSpec,
-              unit: WorkUnit, report: StageProgress, models: dict[str, bytes] | None = None) -> UnitOutput:
+              unit: WorkUnit, report: StageProgress, models: dict[str, bytes] | None = None,
+              pool: np.ndarray | None = None) -> UnitOutput:
     started = time.perf_counter()
     if unit.kind == "transfer":
         document = _transfer(classifier, x, y, spec, models or {}, report)
@@ -349,8 +356,12 @@ def _run_unit(classifier: Classifier, x: np.ndarray, y: np.ndarray, spec: Evalua
             targets = targets[unit.start:unit.stop]
         runs += _run_attack(index, classifier, xs, ys, targets, spec, _attack_seed(spec, index, unit),
                             report, timing)
+    document = None
+    if spec.defenses:
+        document = {"defenses": _defend(classifier, xs, ys, y, spec, unit, runs, models or {}, pool, report,
+                                        timing)}
     timing["total"] = time.perf_counter() - started
-    return UnitOutput(unit=unit, clean_logits=clean_logits, runs=runs, timing=timing)
+    return UnitOutput(unit=unit, clean_logits=clean_logits, runs=runs, document=document, timing=timing)
 
 
 def _transfer(classifier: Classifier, x: np.ndarray, y: np.ndarray, spec: EvaluationSpec,
@@ -391,6 +402,69 @@ def _transfer(classifier: Classifier, x: np.ndarray, y: np.ndarray, spec: Evalua
                         "rows": [asdict(row) for row in matrix.rows], "clean_error": matrix.clean_error,
                         "cross_pairs": cross_test_pairs(matrix)})
     return json.loads(json.dumps({"entries": entries}, default=lambda value: value.item()))
+
+
+def build_defenses(spec: EvaluationSpec, pool: np.ndarray, models: dict[str, bytes], selected: int) -> dict:
+    """The spec's defenses, built and fitted: PCA on the last ``fit_samples`` of the dataset
+    (``pool``), which must not overlap the ``selected`` samples under evaluation."""
+    defenses = {}
+    for index, entry in enumerate(spec.defenses):
+        params = entry.params()
+        if entry.name == "autoencoder":
+            if entry.reference_key() not in models:
+                raise ValueError(f"defenses[{index}].model: no model bytes were given for {entry.model!r}")
+            params["model"] = models[entry.reference_key()]
+        defense = build_defense(entry.name, **params)
+        if entry.fit_samples:
+            if selected + entry.fit_samples > len(pool):
+                raise DatasetError(f"defenses[{index}].fit_samples: the dataset has {len(pool)} samples; "
+                                   f"{selected} are evaluated and {entry.fit_samples} more are needed to fit "
+                                   f"{entry.name} on held-out data; lower `samples` or `fit_samples`")
+            defense.fit(np.asarray(pool[len(pool) - entry.fit_samples:], np.float32))
+        defenses[entry.key] = defense
+    return defenses
+
+
+def _defend(classifier: Classifier, xs: np.ndarray, ys: np.ndarray, y: np.ndarray, spec: EvaluationSpec,
+            unit: WorkUnit, runs: list[RunOutput], models: dict[str, bytes], pool: np.ndarray | None,
+            report: StageProgress, timing: dict[str, float]) -> dict:
+    """Per defense, per sample: correct through the defense on clean data, on the examples
+    crafted on the bare model (non-adaptive), and on examples crafted against the defended
+    model (adaptive: composed graph, EOT or BPDA); lists of 0/1 merged in ``finish``."""
+    pool = pool if pool is not None else xs
+    defenses = build_defenses(spec, pool, models, len(y))
+    out = {}
+    for position, entry in enumerate(spec.defenses):
+        started = time.perf_counter()
+        stage = f"defense:{entry.key}"
+        total = _stage_work(spec, unit)[stage]
+        report(stage, 0, total)
+        seed = int(np.random.SeedSequence([spec.seed, 11, position, unit.index]).generate_state(1)[0])
+        defended = DefendedModel(classifier, defenses[entry.key], seed=seed)
+
+        def correct(x_: np.ndarray, defended=defended) -> list[int]:
+            return (defended.predict(x_) == ys).astype(np.uint8).tolist()
+
+        record = {"clean": correct(xs) if unit.kind == "shard" else None,
+                  "runs": [{"attack": r.attack, "eps": r.eps, "non_adaptive": correct(r.x_adv),
+                            "adaptive": None} for r in runs]}
+        if entry.adaptive and unit.kind == "shard":
+            model = adaptive_model(classifier.model_bytes, defenses[entry.key], options=classifier.options,
+                                   samples=entry.eot_samples, seed=seed)
+            adaptive_runs = []
+            for index in unit.attacks:
+                attack_spec = spec.attacks[index]
+                attack = build_attack(attack_spec)
+                targets = _targets(spec, index, y, classifier.num_classes)
+                adaptive_runs += attack(model, xs, ys, eps=None if attack.minimal else attack_spec.eps,
+                                        targets=None if targets is None else targets[unit.start:unit.stop],
+                                        bounds=tuple(spec.input.range), seed=_attack_seed(spec, index, unit))
+            for run, adaptive in zip(record["runs"], adaptive_runs, strict=True):
+                run["adaptive"] = correct(adaptive.x_adv)
+        out[entry.key] = record
+        timing[stage] = time.perf_counter() - started
+        report(stage, total, total)
+    return out
 
 
 def _run_attack(index: int, classifier, x, y, targets, spec: EvaluationSpec, seed: int,
@@ -489,9 +563,46 @@ def _finish(classifier: Classifier, model: bytes, dataset: Dataset, x: np.ndarra
         warnings=warnings, gates=gates, passed=all(g.passed for g in gates), fooling=fooling,
         transfer=next((o.document["entries"] for o in outputs if o.unit.kind == "transfer"), None),
         lipschitz=lipschitz,
+        defenses=_defense_results(spec, outputs, entries) if spec.defenses else None,
         timing={k: round(v, 3) for k, v in timing.items()},
     )
     return Evaluation(result=result, artifacts=artifacts)
+
+
+ADAPTIVE_GAP = 0.1  # adaptive accuracy this far below the non-adaptive one is flagged
+
+
+def _defense_results(spec: EvaluationSpec, outputs: list[UnitOutput],
+                     entries: list[AttackResult]) -> list[dict]:
+    """Liang et al.'s tables per defense, non-adaptive and adaptive side by side."""
+    results = []
+    for entry in spec.defenses:
+        records = [o.document["defenses"][entry.key] for o in outputs if o.unit.kind in ("shard", "whole")]
+        clean = [v for r in records if r["clean"] is not None for v in r["clean"]]
+        merged: dict[tuple, dict] = {}
+        for record in records:
+            for run in record["runs"]:
+                slot = merged.setdefault((run["attack"], run["eps"]), {"non_adaptive": [], "adaptive": []})
+                slot["non_adaptive"] += run["non_adaptive"]
+                if run["adaptive"] is not None:
+                    slot["adaptive"] += run["adaptive"]
+        rows, warnings = [], []
+        for (index, eps), slot in sorted(merged.items(), key=lambda item: (item[0][0], item[0][1] or 0.0)):
+            key = spec.attacks[index].key
+            bare = next((e.robust_accuracy for e in entries if e.attack == key and e.eps == eps), None)
+            non_adaptive = float(np.mean(slot["non_adaptive"]))
+            adaptive = float(np.mean(slot["adaptive"])) if slot["adaptive"] else None
+            flagged = adaptive is not None and adaptive < non_adaptive - ADAPTIVE_GAP
+            if flagged:
+                budget = "" if eps is None else f" at eps={eps:g}"
+                warnings.append(f"{entry.key}: {key}{budget} crafted against the defense brings accuracy to "
+                                f"{adaptive:.3f}, from {non_adaptive:.3f} non-adaptive: the non-adaptive "
+                                "number overstates its robustness")
+            rows.append({"attack": key, "eps": eps, "bare": bare, "non_adaptive": non_adaptive,
+                         "adaptive": adaptive, "flagged": flagged})
+        results.append({"defense": entry.key, "name": entry.name, "params": entry.params(),
+                        "clean_accuracy": float(np.mean(clean)), "attacks": rows, "warnings": warnings})
+    return results
 
 
 def _in_plan_order(spec: EvaluationSpec, outputs: list[UnitOutput], num_samples: int) -> list[UnitOutput]:

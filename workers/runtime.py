@@ -157,6 +157,11 @@ class Classifier:
         self.num_classes = prepared.num_classes or int(self.logits(self._probe(1)).shape[1])
         self.device = "cuda" if self._forward.get_providers()[0] == CUDA else "cpu"
 
+    @property
+    def model_bytes(self) -> bytes:
+        """The model this classifier runs, as given (e.g. with preprocessing composed in)."""
+        return self._raw
+
     @staticmethod
     def _forward_model(prepared) -> onnx.ModelProto:
         """The prepared model with the differentiated scores as its only output."""

@@ -205,7 +205,7 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
         return
     unit = plan(spec, len(dataset.y))[claim.position]
     models = None
-    if unit.kind == "transfer":
+    if unit.kind == "transfer" or transfer_models and spec.defenses:
         models = {name: store.get_bytes(sha) for name, sha in transfer_models.items()}
     output = run_unit(model, dataset, spec, unit, progress=watch.progress, options=options, models=models)
     sha = store.put_bytes(output.to_bytes())

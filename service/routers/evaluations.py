@@ -83,7 +83,7 @@ def submit(
     dataset = owned(db, StoredDataset, body.dataset_id, tenant)
     spec = EvaluationSpec.model_validate(body.model_dump(exclude={"model_id", "dataset_id"}))
     check_spec(spec, model.info, dataset.info)
-    transfer_models = _transfer_models(db, spec, model, tenant)
+    transfer_models = _transfer_models(db, spec, model, tenant) | _defense_models(db, spec, model, tenant)
     baselines = _baselines(db, spec, tenant)
     if jobs.active_jobs(db, tenant.id) >= settings.max_concurrent_jobs:
         raise TooManyJobs(
@@ -170,6 +170,19 @@ def _transfer_models(db, spec: EvaluationSpec, model: StoredModel, tenant) -> di
                 "gradients this model does not have; make it a target only"
             )
         found[name] = other.sha256
+    return found
+
+
+def _defense_models(db, spec: EvaluationSpec, model: StoredModel, tenant) -> dict[str, str]:
+    """An autoencoder defense's `model` is a model id of this tenant mapping the input to itself."""
+    found = {}
+    for index, defense in enumerate(spec.defenses):
+        if defense.model is None:
+            continue
+        other = db.get(StoredModel, defense.model) if len(defense.model) <= 40 else None
+        if other is None or other.tenant_id != tenant.id:
+            raise InvalidSpec(f"defenses[{index}].model: no model with id {defense.model!r}; upload it first")
+        found[defense.reference_key()] = other.sha256
     return found
 
 

@@ -253,3 +253,24 @@ def test_transfer_through_the_service_names_model_ids(settings, start_worker, tm
             refused.status_code == 422
             and "transfer.models.fc100: no model with id" in refused.json()["detail"]
         )
+
+
+def test_defenses_through_the_service_equal_the_engine(settings, start_worker):
+    body = {
+        "samples": 40,
+        "shard_size": 20,
+        "attacks": [{"name": "fgsm", "eps": [0.1]}],
+        "defenses": [
+            {"name": "pca", "variance": 0.95, "fit_samples": 100},
+            {"name": "gaussian_noise", "sigma": 0.1},
+        ],
+    }
+    start_worker(settings, concurrency=2)
+    with gateway(settings) as api:
+        job = submit(api, body)
+        final = wait_for(api, job["id"])
+        assert final["state"] == "succeeded", final
+        check_same_as_in_process(api, job, body)
+        defenses = api.get(f"/v1/evaluations/{job['id']}/result").json()["defenses"]
+        assert [d["defense"] for d in defenses] == ["pca", "gaussian_noise"]
+        assert all(row["adaptive"] is not None for d in defenses for row in d["attacks"])
