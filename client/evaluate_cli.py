@@ -194,10 +194,11 @@ def run_evaluate(args) -> int:
     return 0 if result.passed else 1
 
 
-def load_models(spec: EvaluationSpec, base: Path) -> dict[str, bytes]:
+def load_models(spec: EvaluationSpec, base: Path) -> dict:
     """Locally the other models a spec names (`transfer.models`, an autoencoder defense's
-    `model`) are .onnx paths, relative to the spec file."""
+    `model`) are .onnx paths, and a PCA's `fit_dataset` an .npz path, relative to the spec file."""
     from client.cli import read_model
+    from workers.datasets import load_npz
 
     wanted = {}
     if spec.transfer is not None:
@@ -213,6 +214,14 @@ def load_models(spec: EvaluationSpec, base: Path) -> dict[str, bytes]:
                 f"{field}: {reference}: no such model file (paths are relative to the spec file)"
             )
         models[key] = read_model(str(path))
+    for index, defense in enumerate(spec.defenses):
+        if defense.fit_dataset is not None:
+            path = Path(defense.fit_dataset)
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                raise ValueError(f"defenses[{index}].fit_dataset: {defense.fit_dataset}: no such .npz file "
+                                 "(paths are relative to the spec file)")
+            models[defense.fit_key()] = load_npz(path.read_bytes(), tuple(spec.input.range)).x
     return models
 
 

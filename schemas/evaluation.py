@@ -133,8 +133,13 @@ class DefenseSpec(BaseModel):
     name: str = Field(description="pca, gaussian_noise, uniform_noise, downsample, autoencoder, bit_depth, "
                                   "median, jpeg")
     label: str | None = Field(None, description="a name for this entry in results")
-    # PCA: fit on the last `fit_samples` samples of the dataset, held out from the evaluated ones
+    # PCA: fit on the last `fit_samples` samples of the dataset, held out from the evaluated ones,
+    # or on a separate dataset (an .npz path for the local CLI, a dataset id on the service)
     fit_samples: int | None = Field(None, ge=2, le=100_000)
+    fit_dataset: str | None = None
+    # noise defenses: accuracy against the noise magnitude (sigma, or the half-width of a
+    # symmetric uniform noise), clean and on each attack's examples crafted on the bare model
+    curve: list[float] | None = Field(None, min_length=1, max_length=32)
     model: str | None = None  # autoencoder: an .onnx path (local CLI) or a model id (service)
     adaptive: bool = True  # also attack the defended model end to end (composed graph, EOT or BPDA)
     eot_samples: int = Field(8, ge=1, le=256)  # draws per gradient against a random defense
@@ -149,6 +154,10 @@ class DefenseSpec(BaseModel):
     def reference_key(self) -> str:
         """Where the engine finds this defense's model bytes (autoencoder)."""
         return f"defense:{self.key}"
+
+    def fit_key(self) -> str:
+        """Where the engine finds this defense's separate fit images."""
+        return f"fit:{self.key}"
 
 
 class TransferSpec(BaseModel):
@@ -258,10 +267,17 @@ class EvaluationSpec(BaseModel):
             if (defense.name == "autoencoder") != (defense.model is not None):
                 raise ValueError(f"defenses[{index}].model: " + ("the autoencoder needs `model`, its .onnx"
                                  if defense.name == "autoencoder" else f"{defense.name} takes no `model`"))
-            if (defense.name == "pca") != (defense.fit_samples is not None):
-                raise ValueError(f"defenses[{index}].fit_samples: " + (
-                    "PCA is fitted on held-out samples: give `fit_samples`" if defense.name == "pca"
-                    else f"{defense.name} is not fitted; remove `fit_samples`"))
+            fitted = (defense.fit_samples is not None) + (defense.fit_dataset is not None)
+            if defense.name == "pca" and fitted != 1:
+                raise ValueError(f"defenses[{index}].fit_samples: PCA is fitted on held-out data: give "
+                                 "either `fit_samples` (the dataset's last samples) or `fit_dataset`")
+            if defense.name != "pca" and fitted:
+                raise ValueError(f"defenses[{index}].fit_samples: {defense.name} is not fitted; remove "
+                                 "`fit_samples` / `fit_dataset`")
+            if defense.curve is not None and (defense.name not in ("gaussian_noise", "uniform_noise")
+                                              or any(m <= 0 for m in defense.curve)):
+                raise ValueError(f"defenses[{index}].curve: positive noise magnitudes, for gaussian_noise "
+                                 "or uniform_noise only")
             if defense.name != "autoencoder":
                 try:
                     build_defense(defense.name, **defense.params())

@@ -156,3 +156,63 @@ def test_the_cli_prints_the_defense_table_and_loads_an_autoencoder_next_to_the_s
     (tmp_path / "ae.onnx").unlink()
     assert main(["evaluate", *args]) == 2
     assert "defenses[0].model: ae.onnx: no such model file" in capsys.readouterr().err
+
+
+def test_pca_fitted_on_a_separate_dataset_and_a_fit_dataset_of_another_shape(demo, tmp_path, capsys):
+    import numpy as np
+    import yaml
+
+    from client.cli import main
+
+    model, dataset = demo
+    np.savez(tmp_path / "fit.npz", x=dataset.x[-300:], y=dataset.y[-300:])
+    np.savez(tmp_path / "odd.npz", x=np.zeros((50, 1, 14, 14), np.float32), y=np.zeros(50, np.int64))
+    spec = {
+        "samples": 40,
+        "attacks": [{"name": "fgsm", "eps": [0.1]}],
+        "defenses": [{"name": "pca", "variance": 0.99, "fit_dataset": "fit.npz"}],
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    args = [
+        str(ROOT / "examples" / "digits-cnn.onnx"),
+        str(ROOT / "examples" / "digits-test.npz"),
+        "--spec",
+        str(tmp_path / "spec.yaml"),
+        "--out",
+        str(tmp_path / "out.json"),
+    ]
+    assert main(["evaluate", *args]) == 0
+    held_out = EvaluationSpec.model_validate(
+        {**spec, "defenses": [{"name": "pca", "variance": 0.99, "fit_samples": 300}]}
+    )
+    expected = evaluate(model, dataset, held_out).result.defenses[0]
+    import json
+
+    assert json.loads((tmp_path / "out.json").read_text())["defenses"][0]["attacks"] == expected["attacks"]
+    spec["defenses"][0]["fit_dataset"] = "odd.npz"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    capsys.readouterr()
+    assert main(["evaluate", *args]) == 2
+    assert "defenses[0].fit_dataset: its images are [1, 14, 14] but the evaluated ones are [1, 28, 28]" in (
+        capsys.readouterr().err
+    )
+
+
+def test_accuracy_against_the_noise_magnitude(demo):
+    model, dataset = demo
+    spec = EvaluationSpec.model_validate(
+        {
+            "samples": 100,
+            "attacks": [{"name": "fgsm", "eps": [0.1]}],
+            "defenses": [
+                {"name": "gaussian_noise", "sigma": 0.1, "adaptive": False, "curve": [0.05, 0.2, 0.5]}
+            ],
+        }
+    )
+    curve = evaluate(model, dataset, spec).result.defenses[0]["curve"]
+    assert [p["magnitude"] for p in curve] == [0.05, 0.2, 0.5]
+    clean = [p["clean_accuracy"] for p in curve]
+    assert clean[0] >= clean[-1] + 0.1  # strong noise destroys clean accuracy
+    assert all(len(p["attacks"]) == 1 and p["attacks"][0]["attack"] == "fgsm" for p in curve)
+    with pytest.raises(ValidationError, match=r"defenses\.0|defenses\[0\]\.curve"):
+        EvaluationSpec.model_validate({"defenses": [{"name": "bit_depth", "bits": 2, "curve": [0.1]}]})

@@ -404,9 +404,10 @@ def _transfer(classifier: Classifier, x: np.ndarray, y: np.ndarray, spec: Evalua
     return json.loads(json.dumps({"entries": entries}, default=lambda value: value.item()))
 
 
-def build_defenses(spec: EvaluationSpec, pool: np.ndarray, models: dict[str, bytes], selected: int) -> dict:
+def build_defenses(spec: EvaluationSpec, pool: np.ndarray, models: dict, selected: int) -> dict:
     """The spec's defenses, built and fitted: PCA on the last ``fit_samples`` of the dataset
-    (``pool``), which must not overlap the ``selected`` samples under evaluation."""
+    (``pool``), which must not overlap the ``selected`` samples under evaluation, or on the
+    images ``models[entry.fit_key()]`` of a separate fit dataset."""
     defenses = {}
     for index, entry in enumerate(spec.defenses):
         params = entry.params()
@@ -421,6 +422,15 @@ def build_defenses(spec: EvaluationSpec, pool: np.ndarray, models: dict[str, byt
                                    f"{selected} are evaluated and {entry.fit_samples} more are needed to fit "
                                    f"{entry.name} on held-out data; lower `samples` or `fit_samples`")
             defense.fit(np.asarray(pool[len(pool) - entry.fit_samples:], np.float32))
+        if entry.fit_dataset is not None:
+            fit = models.get(entry.fit_key())
+            if fit is None:
+                raise ValueError(f"defenses[{index}].fit_dataset: no images were given for "
+                                 f"{entry.fit_dataset!r}")
+            if fit.shape[1:] != pool.shape[1:]:
+                raise DatasetError(f"defenses[{index}].fit_dataset: its images are {list(fit.shape[1:])} but "
+                                   f"the evaluated ones are {list(pool.shape[1:])}")
+            defense.fit(np.asarray(fit, np.float32))
         defenses[entry.key] = defense
     return defenses
 
@@ -461,6 +471,9 @@ def _defend(classifier: Classifier, xs: np.ndarray, ys: np.ndarray, y: np.ndarra
                                         bounds=tuple(spec.input.range), seed=_attack_seed(spec, index, unit))
             for run, adaptive in zip(record["runs"], adaptive_runs, strict=True):
                 run["adaptive"] = correct(adaptive.x_adv)
+        if entry.curve:
+            record["curve"] = [_noise_point(classifier, entry, magnitude, xs, ys, runs, unit, seed)
+                               for magnitude in entry.curve]
         out[entry.key] = record
         timing[stage] = time.perf_counter() - started
         report(stage, total, total)
@@ -569,6 +582,20 @@ def _finish(classifier: Classifier, model: bytes, dataset: Dataset, x: np.ndarra
     return Evaluation(result=result, artifacts=artifacts)
 
 
+def _noise_point(classifier: Classifier, entry, magnitude: float, xs, ys, runs: list[RunOutput],
+                 unit: WorkUnit, seed: int) -> dict:
+    """Per sample: correct through the noise defense at ``magnitude``, clean and non-adaptive."""
+    params = {**entry.params(), **({"sigma": magnitude} if entry.name == "gaussian_noise"
+                                   else {"low": -magnitude, "high": magnitude})}
+    defended = DefendedModel(classifier, build_defense(entry.name, **params), seed=seed)
+
+    def correct(x_: np.ndarray) -> list[int]:
+        return (defended.predict(x_) == ys).astype(np.uint8).tolist()
+
+    return {"magnitude": magnitude, "clean": correct(xs) if unit.kind == "shard" else None,
+            "runs": [correct(r.x_adv) for r in runs]}
+
+
 ADAPTIVE_GAP = 0.1  # adaptive accuracy this far below the non-adaptive one is flagged
 
 
@@ -600,9 +627,29 @@ def _defense_results(spec: EvaluationSpec, outputs: list[UnitOutput],
                                 "number overstates its robustness")
             rows.append({"attack": key, "eps": eps, "bare": bare, "non_adaptive": non_adaptive,
                          "adaptive": adaptive, "flagged": flagged})
-        results.append({"defense": entry.key, "name": entry.name, "params": entry.params(),
-                        "clean_accuracy": float(np.mean(clean)), "attacks": rows, "warnings": warnings})
+        result = {"defense": entry.key, "name": entry.name, "params": entry.params(),
+                  "clean_accuracy": float(np.mean(clean)), "attacks": rows, "warnings": warnings}
+        if entry.curve:
+            result["curve"] = _merged_curve(spec, entry, records)
+        results.append(result)
     return results
+
+
+def _merged_curve(spec: EvaluationSpec, entry, records: list[dict]) -> list[dict]:
+    """Accuracy against the noise magnitude: clean, and per attack run (non-adaptive)."""
+    curve = []
+    for point, magnitude in enumerate(entry.curve):
+        clean = [v for r in records if r["curve"][point]["clean"] is not None
+                 for v in r["curve"][point]["clean"]]
+        merged: dict[tuple, list] = {}
+        for record in records:
+            for run, correct in zip(record["runs"], record["curve"][point]["runs"], strict=True):
+                merged.setdefault((run["attack"], run["eps"]), []).extend(correct)
+        ordered = sorted(merged.items(), key=lambda item: (item[0][0], item[0][1] or 0.0))
+        curve.append({"magnitude": magnitude, "clean_accuracy": float(np.mean(clean)), "attacks": [
+            {"attack": spec.attacks[index].key, "eps": eps, "accuracy": float(np.mean(values))}
+            for (index, eps), values in ordered]})
+    return curve
 
 
 def _in_plan_order(spec: EvaluationSpec, outputs: list[UnitOutput], num_samples: int) -> list[UnitOutput]:

@@ -206,7 +206,7 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
     unit = plan(spec, len(dataset.y))[claim.position]
     models = None
     if unit.kind == "transfer" or transfer_models and spec.defenses:
-        models = {name: store.get_bytes(sha) for name, sha in transfer_models.items()}
+        models = {name: _load_extra(store, name, sha, spec) for name, sha in transfer_models.items()}
     output = run_unit(model, dataset, spec, unit, progress=watch.progress, options=options, models=models)
     sha = store.put_bytes(output.to_bytes())
     with sessions() as db:
@@ -218,6 +218,13 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
         with sessions() as db:
             positions = jobs.shards_to_dispatch(db, claim.job_id)
         dispatch(sessions, celery_app(), claim.job_id, positions)
+
+
+def _load_extra(store, name: str, sha: str, spec: EvaluationSpec):
+    """A job's other inputs: model bytes, or the images of a defense's fit dataset."""
+    if name.startswith("fit:"):
+        return load_dataset_file(store.local_path(sha), tuple(spec.input.range)).x
+    return store.get_bytes(sha)
 
 
 def _without_paths(message: str, settings) -> str:

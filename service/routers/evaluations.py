@@ -83,7 +83,11 @@ def submit(
     dataset = owned(db, StoredDataset, body.dataset_id, tenant)
     spec = EvaluationSpec.model_validate(body.model_dump(exclude={"model_id", "dataset_id"}))
     check_spec(spec, model.info, dataset.info)
-    transfer_models = _transfer_models(db, spec, model, tenant) | _defense_models(db, spec, model, tenant)
+    transfer_models = (
+        _transfer_models(db, spec, model, tenant)
+        | _defense_models(db, spec, model, tenant)
+        | _fit_datasets(db, spec, dataset, tenant)
+    )
     baselines = _baselines(db, spec, tenant)
     if jobs.active_jobs(db, tenant.id) >= settings.max_concurrent_jobs:
         raise TooManyJobs(
@@ -183,6 +187,24 @@ def _defense_models(db, spec: EvaluationSpec, model: StoredModel, tenant) -> dic
         if other is None or other.tenant_id != tenant.id:
             raise InvalidSpec(f"defenses[{index}].model: no model with id {defense.model!r}; upload it first")
         found[defense.reference_key()] = other.sha256
+    return found
+
+
+def _fit_datasets(db, spec: EvaluationSpec, dataset: StoredDataset, tenant) -> dict[str, str]:
+    """A PCA's `fit_dataset` is a dataset id of this tenant with images like the evaluated ones."""
+    found = {}
+    for index, defense in enumerate(spec.defenses):
+        if defense.fit_dataset is None:
+            continue
+        fit = db.get(StoredDataset, defense.fit_dataset) if len(defense.fit_dataset) <= 40 else None
+        if fit is None or fit.tenant_id != tenant.id:
+            raise InvalidSpec(f"defenses[{index}].fit_dataset: no dataset with id {defense.fit_dataset!r}")
+        if fit.info["shape"] != dataset.info["shape"]:
+            raise InvalidSpec(
+                f"defenses[{index}].fit_dataset: its images are {fit.info['shape']} but the "
+                f"evaluated ones are {dataset.info['shape']}"
+            )
+        found[defense.fit_key()] = fit.sha256
     return found
 
 

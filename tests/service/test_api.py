@@ -270,3 +270,25 @@ def test_a_hundred_concurrent_pollers_all_get_answers(settings):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_fit_dataset_of_another_shape_is_refused_at_submission(api, stored):
+    import io
+
+    import numpy as np
+
+    model, dataset = stored
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.zeros((20, 1, 14, 14), np.float32), y=np.zeros(20, np.int64))
+    odd = api.post("/v1/datasets", files={"file": ("odd.npz", buffer.getvalue())}).json()
+    defenses = [{"name": "pca", "variance": 0.99, "fit_dataset": odd["id"]}]
+    response = api.post("/v1/evaluations", json=spec(model["id"], dataset["id"], defenses=defenses))
+    assert response.status_code == 422
+    assert response.json()["detail"] == (
+        "defenses[0].fit_dataset: its images are [1, 14, 14] but the evaluated ones are [1, 28, 28]"
+    )
+    defenses[0]["fit_dataset"] = dataset["id"]
+    assert (
+        api.post("/v1/evaluations", json=spec(model["id"], dataset["id"], defenses=defenses)).status_code
+        == 202
+    )

@@ -256,21 +256,31 @@ def test_transfer_through_the_service_names_model_ids(settings, start_worker, tm
 
 
 def test_defenses_through_the_service_equal_the_engine(settings, start_worker):
-    body = {
-        "samples": 40,
-        "shard_size": 20,
-        "attacks": [{"name": "fgsm", "eps": [0.1]}],
-        "defenses": [
-            {"name": "pca", "variance": 0.95, "fit_samples": 100},
-            {"name": "gaussian_noise", "sigma": 0.1},
-        ],
-    }
     start_worker(settings, concurrency=2)
     with gateway(settings) as api:
-        job = submit(api, body)
+        model = upload(api, "models", MODEL).json()
+        dataset = upload(api, "datasets", DATA).json()
+        defenses = [
+            {"name": "pca", "variance": 0.95, "fit_samples": 100},
+            {"name": "gaussian_noise", "sigma": 0.1},
+            {"name": "pca", "variance": 0.95, "fit_dataset": dataset["id"], "label": "pca_fit"},
+        ]
+        body = {
+            "samples": 40,
+            "shard_size": 20,
+            "attacks": [{"name": "fgsm", "eps": [0.1]}],
+            "defenses": defenses,
+        }
+        job = api.post(
+            "/v1/evaluations", json={**body, "model_id": model["id"], "dataset_id": dataset["id"]}
+        ).json()
         final = wait_for(api, job["id"])
         assert final["state"] == "succeeded", final
-        check_same_as_in_process(api, job, body)
-        defenses = api.get(f"/v1/evaluations/{job['id']}/result").json()["defenses"]
-        assert [d["defense"] for d in defenses] == ["pca", "gaussian_noise"]
-        assert all(row["adaptive"] is not None for d in defenses for row in d["attacks"])
+        result = api.get(f"/v1/evaluations/{job['id']}/result").json()
+        result.pop("timing")
+        spec = EvaluationSpec.model_validate(body)
+        local_data = load_dataset_file(DATA, tuple(spec.input.range))
+        local = evaluate(MODEL.read_bytes(), local_data, spec, models={"fit:pca_fit": local_data.x})
+        assert result == local.result.model_dump(mode="json", exclude={"timing"})
+        assert [d["defense"] for d in result["defenses"]] == ["pca", "gaussian_noise", "pca_fit"]
+        assert all(row["adaptive"] is not None for d in result["defenses"] for row in d["attacks"])
