@@ -44,6 +44,7 @@ def test_adaptive_pgd_through_pca_and_downsampling_is_no_weaker_than_non_adaptiv
     result = evaluate(model, dataset, spec).result
     for key in ("pca", "downsample"):
         defense = by_key(result)[key]
+        assert defense["adaptive_method"].startswith("exact gradients")
         assert defense["clean_accuracy"] >= 0.95
         for row in defense["attacks"]:
             assert row["adaptive"] <= row["non_adaptive"], (key, row)

@@ -163,3 +163,24 @@ def test_lipschitz_bounds_on_request_in_the_result_and_from_inspect(setup, capsy
     assert any(layer["norm"] == pytest.approx(4.0) for layer in bounds["layers"])  # the composed 1 / std
     assert main(["inspect", "examples/digits-cnn.onnx", "--lipschitz"]) == 0
     assert "network bound (L2" in capsys.readouterr().out
+
+
+def test_a_universal_perturbation_crafted_on_each_source_transfers_to_the_others(setup):
+    model, models, dataset = setup
+    spec = EvaluationSpec.model_validate(
+        {
+            "samples": 80,
+            "transfer": {
+                "models": {"fc100": "fc100.onnx"},
+                "noise_baseline": True,
+                "attacks": [{"name": "universal", "eps": [0.2], "max_passes": 2}],
+            },
+        }
+    )
+    (entry,) = evaluate(model, dataset, spec, models={"fc100": models["fc100"]}).result.transfer
+    header, clean, *rows = entry["table"]
+    crafted = {row[0]: row for row in rows if not row[0].startswith("Gaussian")}
+    noise = [row for row in rows if row[0].startswith("Gaussian")]
+    assert set(crafted) == {"model (eps=0.2)", "fc100 (eps=0.2)"}
+    for row, baseline in zip(crafted.values(), noise, strict=True):
+        assert min(row[1:3]) > max(baseline[1:3])  # every model errs more on v than on noise of its size

@@ -40,7 +40,7 @@ from workers.attacks import Attack
 from workers.attacks.base import random_targets
 from workers.attacks.fooling import fooling_rate_of_noise, gradient_ascent_fooling
 from workers.datasets import Dataset, DatasetError
-from workers.defenses import DefendedModel, adaptive_model, build_defense
+from workers.defenses import DEFENSES, DefendedModel, adaptive_model, build_defense
 from workers.lipschitz import lipschitz_bounds
 from workers.preprocess import compose_preprocessing
 from workers.runtime import Classifier, RuntimeOptions
@@ -628,11 +628,22 @@ def _defense_results(spec: EvaluationSpec, outputs: list[UnitOutput],
             rows.append({"attack": key, "eps": eps, "bare": bare, "non_adaptive": non_adaptive,
                          "adaptive": adaptive, "flagged": flagged})
         result = {"defense": entry.key, "name": entry.name, "params": entry.params(),
+                  "adaptive_method": _adaptive_method(entry) if entry.adaptive else None,
                   "clean_accuracy": float(np.mean(clean)), "attacks": rows, "warnings": warnings}
         if entry.curve:
             result["curve"] = _merged_curve(spec, entry, records)
         results.append(result)
     return results
+
+
+def _adaptive_method(entry) -> str:
+    """How the adaptive attacker differentiates through the defense (see adaptive_model)."""
+    defense = DEFENSES[entry.name]
+    if defense.random:
+        return f"expectation over transformation ({entry.eot_samples} draws per gradient)"
+    if defense.differentiable:
+        return "exact gradients of the defense composed with the model in one ONNX graph"
+    return "BPDA: the defense on the forward pass, the identity on the backward pass (not differentiable)"
 
 
 def _merged_curve(spec: EvaluationSpec, entry, records: list[dict]) -> list[dict]:
