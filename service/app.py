@@ -16,7 +16,7 @@ from service.errors import install_handlers
 from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics
 from service.reaper import Reaper
-from service.routers import datasets, evaluations, health, models
+from service.routers import dashboard, datasets, evaluations, health, models
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("robustness.gateway")
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
     app.state.metrics = ServiceMetrics()
     install_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    for router in (health.router, models.router, datasets.router, evaluations.router):
+    for router in (health.router, models.router, datasets.router, evaluations.router, dashboard.router):
         app.include_router(router)
     if not settings.api_keys_required and not is_loopback(settings.host):
         log.warning("gateway.open_on_network host=%s: requests need API keys once any exists", settings.host)

@@ -32,10 +32,19 @@ SessionDep = Annotated[Session, Depends(_db)]
 StoreDep = Annotated[BlobStore, Depends(_store)]
 
 
+KEY_COOKIE = "robustness_key"
+
+
 def _tenant(
-    db: SessionDep, settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+    request: Request, db: SessionDep, settings: SettingsDep,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> Tenant:
     open_mode = open_mode_allowed(db, settings.host, settings.api_keys_required)
+    # the dashboard's cookie counts for reading only: a cookie sent along with a cross-site
+    # POST must not be able to cancel a job or upload a model
+    cookie = request.cookies.get(KEY_COOKIE)
+    if authorization is None and cookie and request.method in ("GET", "HEAD"):
+        authorization = f"Bearer {cookie}"
     return authenticate(db, authorization, open_mode=open_mode)
 
 

@@ -166,11 +166,13 @@ def complete_shard(db: Session, claim: Claim, output_sha256: str, timing: dict) 
     return ready.rowcount == 1
 
 
-def complete_job(db: Session, claim: Claim, result: dict, passed: bool, artifacts: dict) -> bool:
+def complete_job(db: Session, claim: Claim, result: dict, passed: bool, artifacts: dict,
+                 report_sha256: str | None = None) -> bool:
     finished = db.execute(
         update(Job)
         .where(Job.id == claim.job_id, Job.state == "running")
-        .values(state="succeeded", result=result, passed=passed, artifacts=artifacts, finished_at=utcnow())
+        .values(state="succeeded", result=result, passed=passed, artifacts=artifacts,
+                report_sha256=report_sha256, finished_at=utcnow())
     )
     db.execute(
         update(Shard)

@@ -100,6 +100,7 @@ class Job(Base):
     passed: Mapped[bool | None] = mapped_column(default=None)
     result: Mapped[dict | None] = mapped_column(JSON, default=None)
     artifacts: Mapped[dict] = mapped_column(JSON, default=dict)  # name -> {"sha256", "size"}
+    report_sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # the HTML report
 
 
 class Shard(Base):

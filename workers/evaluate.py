@@ -70,6 +70,9 @@ class Evaluation:
     # "{key}@{eps}/x_adv" (or "{key}/x_adv" for minimal attacks): adversarial examples [N, ...];
     # "{key}@{eps}/{name}": the attack's own arrays, e.g. a universal perturbation
     artifacts: dict[str, np.ndarray] = field(default_factory=dict)
+    # "{key}@{eps}" (or "{key}"): a few samples for a report's example grid: "x", "x_adv", "y",
+    # "clean_pred", "adv_pred", "adv_confidence"
+    examples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -533,6 +536,7 @@ def _finish(classifier: Classifier, model: bytes, dataset: Dataset, x: np.ndarra
 
     entries: list[AttackResult] = []
     artifacts: dict[str, np.ndarray] = {}
+    examples: dict[str, dict[str, np.ndarray]] = {}
     for index, attack_spec in enumerate(spec.attacks):
         attack = build_attack(attack_spec)
         targets = _targets(spec, index, y, classifier.num_classes)
@@ -540,6 +544,7 @@ def _finish(classifier: Classifier, model: bytes, dataset: Dataset, x: np.ndarra
             entries.append(_summarise(attack, attack_spec, classifier.num_classes, x, y, clean_pred,
                                       targets, run, grad_stats))
             artifacts.update(_artifacts(attack_spec.key, run))
+            examples[_entry_label(attack_spec.key, run.eps)] = _examples(x, y, clean_pred, run)
 
     warnings = metrics.sanity_flags([
         {"attack": e.attack, "norm": e.norm, "eps": e.eps, "robust_accuracy": e.robust_accuracy,
@@ -579,7 +584,7 @@ def _finish(classifier: Classifier, model: bytes, dataset: Dataset, x: np.ndarra
         defenses=_defense_results(spec, outputs, entries) if spec.defenses else None,
         timing={k: round(v, 3) for k, v in timing.items()},
     )
-    return Evaluation(result=result, artifacts=artifacts)
+    return Evaluation(result=result, artifacts=artifacts, examples=examples)
 
 
 def _noise_point(classifier: Classifier, entry, magnitude: float, xs, ys, runs: list[RunOutput],
@@ -724,8 +729,26 @@ def _merge_extra(key: str, values: list, sizes: list[int]):
                      "add one to _MERGE_EXTRA")
 
 
+EXAMPLES = 8  # per attack entry, for reports
+
+
+def _entry_label(key: str, eps: float | None) -> str:
+    return key + (f"@{eps:g}" if eps is not None else "")
+
+
+def _examples(x: np.ndarray, y: np.ndarray, clean_pred: np.ndarray, run: RunOutput) -> dict[str, np.ndarray]:
+    """The first samples the model got right and the attack fooled (then the others)."""
+    fooled = np.flatnonzero((clean_pred == y) & run.success)
+    rest = np.setdiff1d(np.arange(len(y)), fooled)
+    chosen = np.concatenate([fooled, rest])[:EXAMPLES]
+    shifted = run.logits[chosen] - run.logits[chosen].max(axis=1, keepdims=True)
+    probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    return {"x": x[chosen], "x_adv": run.x_adv[chosen], "y": y[chosen], "clean_pred": clean_pred[chosen],
+            "adv_pred": probabilities.argmax(axis=1), "adv_confidence": probabilities.max(axis=1)}
+
+
 def _artifacts(key: str, run: RunOutput) -> dict[str, np.ndarray]:
-    prefix = key + (f"@{run.eps:g}" if run.eps is not None else "")
+    prefix = _entry_label(key, run.eps)
     return {f"{prefix}/{name}": array for name, array in {"x_adv": run.x_adv, **run.arrays}.items()}
 
 

@@ -24,7 +24,7 @@ from service import jobs
 from service.blobs import LocalBlobStore
 from service.database import session_factory
 from service.dispatch import dispatch
-from service.records import Job, Shard
+from service.records import Job, Shard, StoredDataset, StoredModel
 from service.settings import get_settings
 from service.validation import load_dataset_file
 from workers.datasets import Dataset, DatasetError
@@ -189,6 +189,7 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
                 .order_by(Shard.position)
             ).all()
             baselines = {k: EvaluationResult.model_validate(v) for k, v in (job.baselines or {}).items()}
+            names = _record_names(db, job)
     if claim.kind == jobs.FINISH:
         outputs = [UnitOutput.from_bytes(store.get_bytes(sha), timing=timing) for sha, timing in parts]
         evaluation = finish(
@@ -199,8 +200,9 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
             data = _npz_bytes(name.rsplit("/", 1)[-1], array)
             artifacts[artifact_name(name)] = {"sha256": store.put_bytes(data), "size": len(data)}
         result = evaluation.result.model_dump(mode="json")
+        report = _report(evaluation, claim.job_id, names, store)
         with sessions() as db:
-            jobs.complete_job(db, claim, result, evaluation.result.passed, artifacts)
+            jobs.complete_job(db, claim, result, evaluation.result.passed, artifacts, report)
         log.info("evaluation.succeeded job=%s passed=%s", claim.job_id, evaluation.result.passed)
         return
     unit = plan(spec, len(dataset.y))[claim.position]
@@ -218,6 +220,31 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
         with sessions() as db:
             positions = jobs.shards_to_dispatch(db, claim.job_id)
         dispatch(sessions, celery_app(), claim.job_id, positions)
+
+
+def _record_names(db, job: Job) -> tuple[str | None, str | None]:
+    model = db.get(StoredModel, job.model_id)
+    dataset = db.get(StoredDataset, job.dataset_id)
+    return (model.name if model else None, dataset.name if dataset else None)
+
+
+def _report(evaluation, job_id: str, names: tuple, store) -> str | None:
+    """Render the HTML report once, with the result; a report that fails to render is logged
+    and left out, never failing the evaluation."""
+    try:
+        from workers.report import render_report
+
+        html = render_report(
+            evaluation.result,
+            evaluation.examples,
+            model_name=names[0],
+            dataset_name=names[1],
+            evaluation_id=job_id,
+        )
+    except Exception:
+        log.exception("evaluation.report_failed job=%s", job_id)
+        return None
+    return store.put_bytes(html.encode())
 
 
 def _load_extra(store, name: str, sha: str, spec: EvaluationSpec):

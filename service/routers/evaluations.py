@@ -8,7 +8,7 @@ import json
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -262,6 +262,26 @@ def cancel(evaluation_id: str, tenant: TenantDep, db: SessionDep) -> EvaluationP
     jobs.cancel_job(db, row.id)
     db.refresh(row)
     return public(db, row)
+
+
+@router.get(
+    "/{evaluation_id}/report",
+    response_class=HTMLResponse,
+    responses={200: {"content": {"text/html": {}}, "description": "a self-contained HTML report"}},
+)
+def get_report(evaluation_id: str, tenant: TenantDep, db: SessionDep, store: StoreDep):
+    """The evaluation's report: curves, examples, transfer, defenses, Lipschitz bounds."""
+    row = owned(db, Job, evaluation_id, tenant)
+    if row.state != "succeeded":
+        raise Conflict(f"the evaluation is {row.state}; the report exists once it has succeeded")
+    if row.report_sha256 is None:
+        raise NotFound(
+            f"evaluation {evaluation_id} has no report (it could not be rendered; see the worker log)"
+        )
+    return HTMLResponse(
+        store.get_bytes(row.report_sha256).decode(),
+        headers={"Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'"},
+    )
 
 
 @router.get("/{evaluation_id}/artifacts", response_model=ArtifactList)
