@@ -260,6 +260,11 @@ class RobustnessClient:
         """The EvaluationResult document; `ApiError` 409 until the evaluation succeeded."""
         return self._get(f"/v1/evaluations/{evaluation_id}/result")
 
+    def report(self, evaluation_id: str) -> str:
+        """The self-contained HTML report; `ApiError` 409 until the evaluation succeeded."""
+        response = self._send("GET", f"/v1/evaluations/{evaluation_id}/report", retry=True)
+        return response.text
+
     def cancel(self, evaluation_id: str) -> dict:
         return self._json("POST", f"/v1/evaluations/{evaluation_id}/cancel", retry=True)
 

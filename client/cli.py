@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--spec", required=True, help="evaluation spec, YAML or JSON")
     evaluate.add_argument("--out", help="write the result document (JSON) here")
     evaluate.add_argument("--artifacts", help="write arrays (e.g. universal perturbations) to this .npz")
+    evaluate.add_argument("--html", help="write a self-contained HTML report here")
     evaluate.set_defaults(run=_run_evaluate)
     grad = sub.add_parser("gradient-model", help="write the gradient ONNX graph of a model")
     grad.add_argument("model")

@@ -186,6 +186,14 @@ def run_evaluate(args) -> int:
         print(transfer_table(entry["table"]))
     if args.out:
         Path(args.out).write_text(json.dumps(result.model_dump(mode="json"), indent=2))
+    if args.html:
+        from workers.report import render_report
+
+        Path(args.html).write_text(
+            render_report(
+                result, evaluation.examples, model_name=Path(args.model).name, dataset_name=data_path.name
+            )
+        )
     # the attacks' own arrays (e.g. universal perturbations), not the adversarial examples:
     # those are a copy of the data per attack and budget
     arrays = {k: v for k, v in evaluation.artifacts.items() if not k.endswith("/x_adv")}
@@ -219,8 +227,10 @@ def load_models(spec: EvaluationSpec, base: Path) -> dict:
             path = Path(defense.fit_dataset)
             path = path if path.is_absolute() else base / path
             if not path.is_file():
-                raise ValueError(f"defenses[{index}].fit_dataset: {defense.fit_dataset}: no such .npz file "
-                                 "(paths are relative to the spec file)")
+                raise ValueError(
+                    f"defenses[{index}].fit_dataset: {defense.fit_dataset}: no such .npz file "
+                    "(paths are relative to the spec file)"
+                )
             models[defense.fit_key()] = load_npz(path.read_bytes(), tuple(spec.input.range)).x
     return models
 

@@ -51,6 +51,7 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="OUT.json", help="write the result document here (implies --wait)")
     parser.add_argument("--junit", metavar="OUT.xml", help="write a JUnit XML report of the gates "
                                                           "(implies --wait)")
+    parser.add_argument("--html", metavar="OUT.html", help="write the HTML report (implies --wait)")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
                         help="with --wait: give up (exit 2) after this long; the evaluation keeps running")
     parser.add_argument("--poll", type=float, default=2.0, metavar="SECONDS",
@@ -102,7 +103,7 @@ def _submit(args, transport) -> int:
         dataset = _ensure(api.ensure_dataset, args.data, None, "dataset")
         key = idempotency_key(model, dataset, spec_json, args.idempotency_key)
         evaluation = api.submit(spec_json, model["id"], dataset["id"], idempotency_key=key)
-        if not (args.wait or args.json or args.junit):
+        if not (args.wait or args.json or args.junit or args.html):
             print(evaluation["id"])
             return 0
         _note(f"evaluation {evaluation['id']} ({evaluation['state']})")
@@ -124,6 +125,8 @@ def _submit(args, transport) -> int:
                 what += f": {error.get('code', 'error')}: {error.get('message', '')}"
             raise EvaluationFailed(what)
         document = api.result(final["id"])
+        if args.html:
+            Path(args.html).write_text(api.report(final["id"]))
     return _report(args, final, document)
 
 
