@@ -84,6 +84,8 @@ def test_readme_main_command_serves_and_a_submitted_evaluation_passes(tmp_path):
                 "result.json",
                 "--junit",
                 "result.xml",
+                "--html",
+                "report.html",
             ],
             cwd=checkout,
             env=env,
@@ -95,6 +97,7 @@ def test_readme_main_command_serves_and_a_submitted_evaluation_passes(tmp_path):
         result = json.loads((checkout / "result.json").read_text())
         assert result["passed"] is True and result["clean_accuracy"] > 0.9
         assert "<testcase" in (checkout / "result.xml").read_text()
+        assert 'id="examples"' in (checkout / "report.html").read_text()
         site = next((checkout / ".venv" / "lib").glob("python*/site-packages"))
         assert not (site / "torch").exists()  # the service does not need PyTorch
     finally:
