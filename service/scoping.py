@@ -4,12 +4,13 @@ and another tenant's id answers exactly like an id that does not exist."""
 from __future__ import annotations
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.blobs import BlobStore
 from service.errors import Conflict, NotFound
 from service.jobs import ACTIVE
-from service.records import Job, StoredDataset, StoredModel, Tenant
+from service.records import Job, StoredDataset, StoredModel, Tenant, new_id
 
 _KINDS = {StoredModel: "model", StoredDataset: "dataset", Job: "evaluation"}
 
@@ -19,6 +20,32 @@ def owned(db: Session, table, record_id: str, tenant: Tenant):
     if row is None or row.tenant_id != tenant.id:
         raise NotFound(f"no {_KINDS[table]} with id {record_id!r}")
     return row
+
+
+def tenant_records(db: Session, table, tenant: Tenant, sha256: str | None, limit: int) -> list:
+    """The tenant's models or datasets, newest first, optionally those with given bytes."""
+    query = select(table).where(table.tenant_id == tenant.id)
+    if sha256:
+        query = query.where(table.sha256 == sha256)
+    return list(db.scalars(query.order_by(table.created_at.desc()).limit(limit)))
+
+
+def store_record(
+    db: Session, table, prefix: str, tenant: Tenant, *, sha256: str, size: int, name: str, info: dict
+):
+    """(record, created): the tenant's record of these bytes, made if it is new. The same
+    upload twice, even at once, gives one record."""
+    existing = db.scalar(select(table).where(table.tenant_id == tenant.id, table.sha256 == sha256))
+    if existing is not None:
+        return existing, False
+    row = table(id=new_id(prefix), tenant_id=tenant.id, name=name, sha256=sha256, size=size, info=info)
+    db.add(row)
+    try:
+        db.commit()
+    except IntegrityError:  # a concurrent upload of the same bytes won
+        db.rollback()
+        return db.scalar(select(table).where(table.tenant_id == tenant.id, table.sha256 == sha256)), False
+    return row, True
 
 
 def refuse_if_in_use(db: Session, kind: str, record_id: str) -> None:

@@ -6,13 +6,12 @@ from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
-from sqlalchemy import select
 
 from schemas.api import DatasetList, DatasetPublic
 from service import uploads
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from service.records import StoredDataset, new_id
-from service.scoping import delete_record, owned, refuse_if_in_use
+from service.records import StoredDataset
+from service.scoping import delete_record, owned, refuse_if_in_use, store_record, tenant_records
 from service.validation import validate_dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -57,22 +56,18 @@ async def upload_dataset(
             max_decoded_bytes=settings.max_dataset_decoded_bytes,
         ),
     )
-    existing = db.scalar(
-        select(StoredDataset).where(StoredDataset.tenant_id == tenant.id, StoredDataset.sha256 == sha256)
-    )
-    if existing is not None:
-        response.status_code = status.HTTP_200_OK
-        return public(existing)
-    row = StoredDataset(
-        id=new_id("ds"),
-        tenant_id=tenant.id,
-        name=name or file.filename or sha256[:12],
+    row, created = store_record(
+        db,
+        StoredDataset,
+        "ds",
+        tenant,
         sha256=sha256,
         size=size,
+        name=name or file.filename or sha256[:12],
         info=asdict(info),
     )
-    db.add(row)
-    db.commit()
+    if not created:
+        response.status_code = status.HTTP_200_OK
     return public(row)
 
 
@@ -83,10 +78,7 @@ def list_datasets(
     sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> DatasetList:
-    query = select(StoredDataset).where(StoredDataset.tenant_id == tenant.id)
-    if sha256:
-        query = query.where(StoredDataset.sha256 == sha256)
-    rows = db.scalars(query.order_by(StoredDataset.created_at.desc()).limit(limit)).all()
+    rows = tenant_records(db, StoredDataset, tenant, sha256, limit)
     return DatasetList(items=[public(r) for r in rows], count=len(rows))
 
 

@@ -6,13 +6,12 @@ from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
-from sqlalchemy import select
 
 from schemas.api import ModelList, ModelPublic
 from service import uploads
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from service.records import StoredModel, new_id
-from service.scoping import delete_record, owned, refuse_if_in_use
+from service.records import StoredModel
+from service.scoping import delete_record, owned, refuse_if_in_use, store_record, tenant_records
 from service.validation import validate_model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -58,22 +57,18 @@ async def upload_model(
         "model",
         lambda path: validate_model(path, max_bytes=settings.max_model_bytes),
     )
-    existing = db.scalar(
-        select(StoredModel).where(StoredModel.tenant_id == tenant.id, StoredModel.sha256 == sha256)
-    )
-    if existing is not None:
-        response.status_code = status.HTTP_200_OK
-        return public(existing)
-    row = StoredModel(
-        id=new_id("mdl"),
-        tenant_id=tenant.id,
-        name=name or file.filename or sha256[:12],
+    row, created = store_record(
+        db,
+        StoredModel,
+        "mdl",
+        tenant,
         sha256=sha256,
         size=size,
+        name=name or file.filename or sha256[:12],
         info=asdict(info),
     )
-    db.add(row)
-    db.commit()
+    if not created:
+        response.status_code = status.HTTP_200_OK
     return public(row)
 
 
@@ -84,10 +79,7 @@ def list_models(
     sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ModelList:
-    query = select(StoredModel).where(StoredModel.tenant_id == tenant.id)
-    if sha256:
-        query = query.where(StoredModel.sha256 == sha256)
-    rows = db.scalars(query.order_by(StoredModel.created_at.desc()).limit(limit)).all()
+    rows = tenant_records(db, StoredModel, tenant, sha256, limit)
     return ModelList(items=[public(r) for r in rows], count=len(rows))
 
 
