@@ -16,7 +16,15 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import UnsupportedNode, UnsupportedOperatorError
-from .graph import FLOAT_TYPES, NUMPY_FLOATS, GraphBuilder, Shape, static_shape, tensor_types
+from .graph import (
+    FLOAT_TYPES,
+    NUMPY_FLOATS,
+    GraphBuilder,
+    Shape,
+    same_dim,
+    static_shape,
+    tensor_types,
+)
 
 # A rule takes the context, the node and one incoming gradient per output (None where
 # no gradient flows) and returns one gradient per input (None where it has none).
@@ -85,6 +93,27 @@ class Context:
                 [UnsupportedNode(node.op_type, node.name, f"the rank of {name!r} is unknown")]
             )
         return rank
+
+    def reshape_to(self, grad: str, grad_of: str, target: str) -> str:
+        """Reshape ``grad`` (shaped like the forward tensor ``grad_of``) to ``target``'s shape.
+
+        A constant shape where the dims are known (0 copies a symbolic dim that both share at
+        the same position), so shape inference keeps the batch symbol: ONNX Runtime's NCHWc
+        layout only stays on across the backward pass where shapes are provably equal.
+        """
+        source, shape = self.shape(grad_of), self.shape(target)
+        if source is not None and shape is not None:
+            dims = []
+            for i, dim in enumerate(shape):
+                if isinstance(dim, int) and dim > 0:
+                    dims.append(dim)
+                elif dim is not None and i < len(source) and same_dim(source[i], dim):
+                    dims.append(0)
+                else:
+                    break
+            else:
+                return self.g.op("Reshape", grad, self.g.ints(dims))
+        return self.g.reshape_like(grad, target)
 
     def elem_type(self, name: str) -> int | None:
         tp = self._types.get(name)
@@ -193,6 +222,7 @@ def differentiate(
             return None
         if len(terms) > 1:
             grads[name] = [builder.add_all(terms)]
+        builder.gradient_of.setdefault(grads[name][0], name)
         return grads[name][0]
 
     for node in reversed(on_path):

@@ -65,7 +65,8 @@ def _assemble(
         nodes, list(graph.initializer) + builder.initializers, [p for _, p, _ in outputs]
     )
     new_graph = helper.make_graph(
-        nodes, name, inputs, [vi for _, _, vi in outputs], initializers
+        nodes, name, inputs, [vi for _, _, vi in outputs], initializers,
+        value_info=_gradient_value_info(graph, builder, nodes, inputs, initializers),
     )
     model = helper.make_model(
         new_graph, opset_imports=list(source.opset_import), ir_version=source.ir_version,
@@ -73,6 +74,25 @@ def _assemble(
     )
     onnx.checker.check_model(model)
     return model
+
+
+def _gradient_value_info(graph, builder, nodes, inputs, initializers) -> list[onnx.ValueInfoProto]:
+    """Each gradient tensor typed like its forward tensor.
+
+    Shape inference loses the batch symbol through some operators (Resize by scales, Reshape
+    to a run-time shape); ONNX Runtime keeps a declared dim where its own inference finds
+    none, and its NCHWc layout only spans tensors whose shapes it can prove equal, so these
+    declarations spare the backward pass a layout reorder around every elementwise op.
+    """
+    types = tensor_types(graph)
+    produced = {o for node in nodes for o in node.output}
+    declared = {i.name for i in inputs} | {i.name for i in initializers}
+    infos = []
+    for grad, forward in builder.gradient_of.items():
+        if grad in produced and grad not in declared and forward in types:
+            infos.append(_typed_like(grad, types[forward]))
+            declared.add(grad)
+    return infos
 
 
 def _value_info(name: str, elem_type: int, shape) -> onnx.ValueInfoProto:

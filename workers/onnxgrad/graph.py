@@ -34,6 +34,8 @@ class GraphBuilder:
         self._counter = 0
         self._constants: dict[tuple, str] = {}
         self._shapes: dict[str, str] = {}
+        # gradient tensor -> the forward tensor it is the gradient of (same type and shape)
+        self.gradient_of: dict[str, str] = {}
         # dtype of float constants: set by the driver to the dtype of the node being
         # differentiated, so float16 and float64 sections get constants of their own type
         self.float_dtype = np.dtype(np.float32)

@@ -18,7 +18,7 @@ from .pooling import scatter_add_flat
 
 @register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def reshape(ctx, node, dy):
-    return [ctx.g.reshape_like(dy[0], node.input[0])]
+    return [ctx.reshape_to(dy[0], node.output[0], node.input[0])]
 
 
 @register("Transpose")
