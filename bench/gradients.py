@@ -24,8 +24,10 @@ pre-activation sits within rounding of zero; float64 torch differs there too).
 Peak memory: every variant is run again in a fresh subprocess, which records its resident
 set after the imports and inputs are ready, resets the kernel's high-water mark there
 (/proc/self/clear_refs), builds the session or model, runs it, and reports the peak
-increase in MB. All timings are taken in this one process: warm-up runs, then the median
-of --repeats runs, timed with time.perf_counter.
+increase in MB. All timings are taken in this one process, timed with time.perf_counter:
+after warm-up runs, --rounds rounds each time every variant in turn (the median of
+--repeats repeats), and each variant's figure is its median round, so a slow spell of a
+shared machine falls on all variants alike.
 """
 
 from __future__ import annotations
@@ -261,22 +263,40 @@ def median_seconds(run, warmup: int, repeats: int) -> float:
 
 
 BUSY = 0.05  # foreign CPU share above which a timing counts as disturbed
+SETTLE_SECONDS = 0.3  # lets the previous variant's spinning worker threads (ORT, OpenMP) park
 
 
-def measure(run, args: argparse.Namespace) -> tuple[float, float]:
-    """(median seconds, foreign CPU share) of the least disturbed of up to 1 + --retries
-    attempts: on a shared machine another process's burst is re-measured, not reported."""
-    best: tuple[float, float] | None = None
-    for attempt in range(1 + max(0, args.retries)):
-        if attempt:
-            time.sleep(args.retry_pause)
-        with ForeignLoad() as load:
-            seconds = median_seconds(run, args.warmup, args.repeats)
-        if best is None or load.fraction < best[1]:
-            best = (seconds, load.fraction)
-        if load.fraction <= BUSY:
+def measure_interleaved(runs: dict, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+    """variant -> (median seconds over rounds, worst foreign CPU share of the rounds kept).
+
+    Every round times each variant once (the median of --repeats repeats), in turn, so a
+    slow spell of a shared machine lands on all variants alike and the ratios between
+    them hold. Rounds in which another process took more than BUSY of the CPU are dropped
+    while undisturbed ones remain; up to --retries extra rounds replace dropped ones.
+    """
+    for run in runs.values():
+        for _ in range(max(1, args.warmup)):
+            run()
+    kept: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    dropped: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    extra = max(0, args.retries)
+    round_number = 0
+    while round_number < args.rounds + extra:
+        round_number += 1
+        for name, run in runs.items():
+            time.sleep(SETTLE_SECONDS)
+            with ForeignLoad() as load:
+                seconds = median_seconds(run, 0, args.repeats)
+            (kept if load.fraction <= BUSY else dropped)[name].append((seconds, load.fraction))
+        if round_number >= args.rounds and all(len(k) >= args.rounds for k in kept.values()):
             break
-    return best
+        if round_number >= args.rounds and extra:
+            time.sleep(args.retry_pause)
+    result = {}
+    for name in runs:
+        samples = kept[name] or dropped[name]
+        result[name] = (statistics.median(t for t, _ in samples), max(f for _, f in samples))
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,6 +387,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         "build_seconds": prepared.build_seconds,
         "variants": {},
     }
+    runs = {}
     for variant in VARIANTS:
         entry: dict = {}
         result["variants"][variant] = entry
@@ -374,20 +395,22 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
             entry["error"] = prepared.error(variant)
             continue
         try:
-            run = prepared.runner(variant)
-            entry["check"] = check(prepared, variant, run, reference)
-            seconds, foreign = measure(run, args)
-            entry["foreign_cpu"] = foreign
-            entry["seconds"] = seconds
-            entry["images_per_s"] = args.batch / seconds
+            runs[variant] = prepared.runner(variant)
+            entry["check"] = check(prepared, variant, runs[variant], reference)
         except Exception as exc:
+            runs.pop(variant, None)
             entry["error"] = "error: " + _refusal(exc)
             if args.verbose:
                 traceback.print_exc()
-        run = None
-        gc.collect()
+    for variant, (seconds, foreign) in measure_interleaved(runs, args).items():
+        entry = result["variants"][variant]
+        entry["foreign_cpu"] = foreign
+        entry["seconds"] = seconds
+        entry["images_per_s"] = args.batch / seconds
         if args.verbose:
             print(f"  {name:>14} {variant:<16} {entry}", file=sys.stderr, flush=True)
+    runs.clear()
+    gc.collect()
 
     v = result["variants"]
 
@@ -441,7 +464,8 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
         "torch_fwd_bwd": "torch f+b",
         "onnx_ad": "onnx-ad",
     }
-    print(f"\nimages/s, batch {args.batch}, {args.threads} threads, median of {args.repeats}")
+    print(f"\nimages/s, batch {args.batch}, {args.threads} threads, "
+          f"median of {args.rounds} interleaved rounds")
     header = f"{'model':<14}" + "".join(f"{short[v]:>13}" for v in VARIANTS)
     print(header)
     print("-" * len(header))
@@ -510,7 +534,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per round")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="interleaved rounds; each variant's figure is its median round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument(

@@ -11,6 +11,7 @@ from .errors import InvalidModelError
 from .graph import GraphBuilder, opset_of, tensor_types
 from .losses import LOSS_INPUTS, LOSSES, emit_loss
 from .prepare import BATCH_DIM, infer_shapes, load_model, normalise_opset, prepare_classifier
+from .rewrite import pool_before_activation
 
 RESERVED = ("labels", "targets", "dlogits", "logits", "loss", "grad")
 
@@ -92,6 +93,10 @@ def _gradient_value_info(graph, builder, nodes, inputs, initializers) -> list[on
         if grad in produced and grad not in declared and forward in types:
             infos.append(_typed_like(grad, types[forward]))
             declared.add(grad)
+    for name, (elem_type, shape) in builder.declared.items():
+        if name in produced and name not in declared:
+            infos.append(_value_info(name, elem_type, shape))
+            declared.add(name)
     return infos
 
 
@@ -139,6 +144,7 @@ def build_gradient_model(
                 replacement += "_"
             _rename(graph, reserved, replacement)
             taken.add(replacement)
+    pool_before_activation(graph)
     builder = GraphBuilder(prepared.opset, _names(graph) | set(RESERVED))
     extra = {name: name for name in LOSS_INPUTS[loss]}
     loss_name, seed = emit_loss(builder, loss, logits, prepared.num_classes, extra)

@@ -36,6 +36,8 @@ class GraphBuilder:
         self._shapes: dict[str, str] = {}
         # gradient tensor -> the forward tensor it is the gradient of (same type and shape)
         self.gradient_of: dict[str, str] = {}
+        # other emitted tensors whose shape shape inference cannot see (Resize by scales)
+        self.declared: dict[str, tuple[int, Shape]] = {}
         # dtype of float constants: set by the driver to the dtype of the node being
         # differentiated, so float16 and float64 sections get constants of their own type
         self.float_dtype = np.dtype(np.float32)
@@ -72,6 +74,12 @@ class GraphBuilder:
             name = self.fresh("const")
             self.initializers.append(numpy_helper.from_array(array, name))
             self._constants[key] = name
+        return name
+
+    def declare(self, name: str, shape: Shape | None) -> str:
+        """Record ``name``'s shape (in ``float_dtype``) for the model's value_info."""
+        if shape is not None:
+            self.declared[name] = (_ELEM_TYPES[self.float_dtype], tuple(shape))
         return name
 
     def ints(self, values: Sequence[int]) -> str:
@@ -144,6 +152,7 @@ def same_dim(a: Dim, b: Dim) -> bool:
 
 NUMPY_FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
                 TensorProto.FLOAT16: np.float16}
+_ELEM_TYPES = {np.dtype(v): k for k, v in NUMPY_FLOATS.items()}
 
 
 def opset_of(model: onnx.ModelProto) -> int:

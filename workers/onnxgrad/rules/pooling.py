@@ -83,8 +83,9 @@ def _max_pool_tiled(ctx: Context, node, dy: str, tiles: list[tuple[int, int]]) -
     scales = g.const([1.0, 1.0] + [float(k) for k in window])
 
     def upsample(t: str) -> str:
-        return g.op("Resize", t, "", scales, mode="nearest",
-                    coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        return g.declare(g.op("Resize", t, "", scales, mode="nearest",
+                              coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+                         ctx.shape(x))
 
     at_max = g.op("CastLike", g.op("Equal", x, upsample(y)), dy)
     mean_at_max = g.op("AveragePool", at_max, kernel_shape=window, strides=window)
