@@ -1281,6 +1281,28 @@ def test_kink_clip_at_equal_bounds():
         np.testing.assert_array_equal(grads["grad_x0"], [0.0, 1.0, 0.0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_kink_clip_of_an_activation_is_strict(dtype):
+    """Inside a network (ReLU6) the gradient passes strictly between the bounds, like torch:
+    zero on either bound, one on the nearest floats inside them (a denormal above 0)."""
+    elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
+    lo, hi = np.asarray(0.0, dtype), np.asarray(6.0, dtype)
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x0"], ["n"]), helper.make_node("Clip", ["n", "lo", "hi"], ["y"])],
+        "clip", [helper.make_tensor_value_info("x0", elem, [6])],
+        [helper.make_empty_tensor_value_info("y")],
+        [numpy_helper.from_array(lo, "lo"), numpy_helper.from_array(hi, "hi")],
+    )
+    model = onnx.shape_inference.infer_shapes(_make_model(graph, OPSET))
+    tiny = np.nextafter(lo, np.asarray(1, dtype))
+    below_hi = np.nextafter(hi, lo)
+    y = np.array([0.0, tiny, 3.0, below_hi, 6.0, -1.0], dtype)
+    cot = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype)
+    vjp = build_vjp_model(model, ["x0"], "y")
+    (got,) = _session(vjp).run(["grad_x0"], {"x0": -y, "cotangent": cot})
+    np.testing.assert_array_equal(got, -np.array([0.0, 2.0, 3.0, 4.0, 0.0, 0.0], dtype))
+
+
 def test_kink_maxpool_tied_window_sends_gradient_to_first_cell():
     model, _ = _single("MaxPool", [[1, 1, 2, 3]], {"kernel_shape": [2, 3]})
     xv = np.full((1, 1, 2, 3), 1.5, np.float32)

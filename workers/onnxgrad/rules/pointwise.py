@@ -351,11 +351,29 @@ def clip(ctx, node, dy):
         return [dy[0]]
     if ctx.is_graph_input(x):
         inside = g.op("Equal", x, y)
+    elif all(ctx.constant(bound) is not None for bound in node.input[1:3] if bound):
+        inside = g.op("Equal", y, _strictly_inside(ctx, node, y))
     else:
         bounds = [g.op(op, y, bound)
                   for op, bound in (("Greater", _input(node, 1)), ("Less", _input(node, 2))) if bound]
         inside = bounds[0] if len(bounds) == 1 else g.op("And", *bounds)
     return [masked(ctx, inside, dy[0])]
+
+
+def _strictly_inside(ctx: Context, node, y: str) -> str:
+    """y clipped to the floats strictly between constant bounds: equal to y exactly where
+    lo < y < hi. One Clip and one Equal instead of two comparisons and an And."""
+    g = ctx.g
+    dtype = g.float_dtype
+    limits = []
+    for position, toward in ((1, np.inf), (2, -np.inf)):
+        bound = _input(node, position)
+        if not bound:
+            limits.append("")
+            continue
+        value = np.asarray(ctx.constant(bound), dtype=dtype)
+        limits.append(g.const(np.nextafter(value, np.asarray(toward, dtype=dtype)), dtype))
+    return g.op("Clip", y, *limits)
 
 
 @register("Cast", "CastLike")
