@@ -37,7 +37,8 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
         sweeper = None
         if reaper:
             sweeper = Reaper(
-                app.state.sessions, app.state.celery, settings.reaper_every_s, settings.max_attempts
+                app.state.sessions, app.state.celery, settings.reaper_every_s, settings.max_attempts,
+                claim_grace_s=settings.lease_s,
             )
             sweeper.start()
         yield

@@ -275,6 +275,31 @@ def reap(db: Session, max_attempts: int) -> list[tuple[str, int]]:
     ]
 
 
+def forget_lost_deliveries(db: Session, sent_before: float) -> int:
+    """Mark shards sent before ``sent_before`` but never claimed as not yet sent, so the
+    reaper sends them again; returns how many.
+
+    Only call this when the broker's queue is empty: then such a message is not waiting
+    but gone, taken by a worker that died before claiming it (the embedded broker never
+    gives a delivered message back). A duplicate is harmless: a claim runs a shard once.
+    """
+    lost = db.execute(
+        update(Shard)
+        .where(
+            Shard.state == "queued",
+            Shard.dispatched_at.is_not(None),
+            Shard.dispatched_at < sent_before,
+            Shard.job_id.in_(select(Job.id).where(Job.state.in_(ACTIVE))),
+        )
+        .values(dispatched_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    db.commit()
+    if lost.rowcount:
+        log.warning("evaluation.delivery_lost shards=%s: sending them again", lost.rowcount)
+    return lost.rowcount
+
+
 def progress_of(db: Session, job: Job) -> dict:
     rows = db.execute(
         select(Shard.position, Shard.kind, Shard.state, Shard.stage, Shard.done, Shard.total)

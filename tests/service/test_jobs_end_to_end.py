@@ -225,6 +225,32 @@ def test_a_sigkilled_worker_ends_in_redelivery_or_a_clear_failure(
         assert max(attempts) == (2 if expected == "succeeded" else 1)  # the killed shard ran again, or not
 
 
+def drain_broker(settings) -> int:
+    """Take every waiting message and drop it, like a worker killed after it received its
+    units and before it claimed them."""
+    from workers.celery_app import QUEUE, make_celery
+
+    taken = 0
+    with make_celery(settings).connection_for_write() as connection:
+        while connection.default_channel.basic_get(QUEUE, no_ack=True) is not None:
+            taken += 1
+    return taken
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_units_a_dead_worker_took_before_claiming_them_are_sent_again(
+    broker, request, start_worker
+):
+    settings = request.getfixturevalue("settings" if broker == "embedded" else "distributed_settings")
+    with gateway(settings) as api:
+        job = submit(api, QUICK)
+        assert drain_broker(settings) == job["shards"]
+        start_worker(settings)
+        final = wait_for(api, job["id"], timeout=120)
+        assert final["state"] == "succeeded", final
+        check_same_as_in_process(api, job, QUICK)
+
+
 def test_transfer_through_the_service_names_model_ids(settings, start_worker, tmp_path):
     from tests.digits import onnx_bytes
 
