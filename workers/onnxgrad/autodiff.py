@@ -73,6 +73,7 @@ class Context:
         self._constants: dict[str, np.ndarray] = {
             init.name: numpy_helper.to_array(init) for init in graph.initializer
         }
+        self._producers = {out: node for node in graph.node for out in node.output if out}
         for node in graph.node:
             if node.op_type == "Constant" and len(node.output) == 1:
                 value = _constant_node_value(node)
@@ -122,6 +123,10 @@ class Context:
     def constant(self, name: str) -> np.ndarray | None:
         """The value of an initializer or Constant output, else None."""
         return self._constants.get(name)
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        """The forward node that outputs ``name`` (None for inputs and initializers)."""
+        return self._producers.get(name)
 
     def is_graph_input(self, name: str) -> bool:
         return any(i.name == name for i in self.graph.input)

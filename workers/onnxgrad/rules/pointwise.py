@@ -14,6 +14,7 @@ import numpy as np
 
 from ..autodiff import ALL_INPUTS, Context, attr, refuse, register, unsupported
 from .broadcast import unbroadcast
+from .ramps import masked_by_steps, ramp_applies, ramp_scale
 
 refuse(
     "its gradient is zero almost everywhere, so gradient attacks would be masked; "
@@ -163,6 +164,8 @@ def where(ctx, node, dy):
 @register("Relu")
 def relu(ctx, node, dy):
     g = ctx.g
+    if ramp_applies(ctx, node.output[0], node.input[0]):
+        return [masked_by_steps(ctx, node.output[0], dy[0], 0.0, None, ramp_scale([0.0]))]
     return [masked(ctx, g.op("Greater", node.output[0], g.const(0.0)), dy[0])]
 
 
@@ -352,6 +355,11 @@ def clip(ctx, node, dy):
     if ctx.is_graph_input(x):
         inside = g.op("Equal", x, y)
     elif all(ctx.constant(bound) is not None for bound in node.input[1:3] if bound):
+        lower, upper = (float(ctx.constant(_input(node, p))) if _input(node, p) else None
+                        for p in (1, 2))
+        scale = ramp_scale([b for b in (lower, upper) if b is not None])
+        if scale is not None and ramp_applies(ctx, y, x):
+            return [masked_by_steps(ctx, y, dy[0], lower, upper, scale)]
         inside = g.op("Equal", y, _strictly_inside(ctx, node, y))
     else:
         bounds = [g.op(op, y, bound)

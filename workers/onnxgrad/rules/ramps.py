@@ -1,0 +1,75 @@
+"""Activation masks as steep ramps, in ops that ONNX Runtime's blocked CPU layout keeps.
+
+A mask like ``y > 0`` built from Greater, Cast and Mul is three passes over the tensor,
+and because comparisons are not in ONNX Runtime's NCHWc (channel-blocked) op set, each
+mask also reorders the activation and the gradient out of that layout and back: about
+seven passes per mask in all. ``Clip(B * (y - bound), 0, 1)`` is the same 0/1 mask for a
+huge power of two ``B`` (B * (y - bound) >= 1 whenever y - bound >= 1/B), and written as a
+depthwise 1x1 Conv with a fused Clip it stays blocked, as does the Mul that applies it.
+On MobileNetV2 at batch 64 this cut the gradient's time by about a quarter.
+
+The ramp is exactly 0 or 1 except where 0 < |y - bound| < 1/B (below 2^-60, and about
+2^-123 for ReLU6): a float32 activation that close to its bound gets a partial gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..autodiff import Context
+
+# Channel counts must fill ONNX Runtime's channel block, 8 on AVX2 and 16 on AVX-512;
+# a depthwise Conv outside the blocked layout is slower than the comparison it replaces.
+BLOCK_MULTIPLE = 16
+# Producers whose float32 output ONNX Runtime keeps blocked (their channels permitting).
+BLOCKED_PRODUCERS = frozenset({"Conv", "BatchNormalization", "MaxPool", "AveragePool", "Add"})
+MAX_EXPONENT = 126  # B * |bound| stays below 2^127, so the Conv's bias is finite
+MIN_EXPONENT = 60  # bounds so large that B would fall below 2^60 keep the comparison
+
+
+def ramp_applies(ctx: Context, y: str, x: str) -> bool:
+    """Whether ``y`` (the activation's output, computed from ``x``) is a float32 NCHW tensor
+    in the blocked layout, so a ramp is cheaper there than a comparison."""
+    shape = ctx.shape(y)
+    producer = ctx.producer(x)
+    return (ctx.g.float_dtype == np.float32 and shape is not None and len(shape) == 4
+            and isinstance(shape[1], int) and shape[1] % BLOCK_MULTIPLE == 0
+            and producer is not None and producer.op_type in BLOCKED_PRODUCERS)
+
+
+def ramp_scale(bounds: list[float]) -> float | None:
+    """The largest power of two B with B * |bound| < 2^127 for every bound (None: too small)."""
+    largest = max([abs(b) for b in bounds] + [1.0])
+    if not math.isfinite(largest):
+        return None
+    exponent = min(MAX_EXPONENT, MAX_EXPONENT - math.ceil(math.log2(largest)))
+    return math.ldexp(1.0, exponent) if exponent >= MIN_EXPONENT else None
+
+
+def step(ctx: Context, y: str, bound: float, scale: float, above: bool) -> str:
+    """1 where y > bound (``above``) or y < bound, else 0: Clip(±B * (y - bound), 0, 1).
+
+    B * y and B * bound are exact (power-of-two scaling), so the one rounding of their
+    difference cannot change its sign; where B * y overflows it does so away from the
+    bound, which the Clip turns into 1.
+    """
+    g = ctx.g
+    channels = ctx.shape(y)[1]
+    sign = 1.0 if above else -1.0
+    weight = np.full((channels, 1, 1, 1), sign * scale, np.float32)
+    bias = np.full((channels,), -sign * scale * bound, np.float32)
+    ramp = g.op("Conv", y, g.const(weight), g.const(bias), group=channels, kernel_shape=[1, 1])
+    return g.declare(g.op("Clip", ramp, g.const(0.0), g.const(1.0)), ctx.shape(y))
+
+
+def masked_by_steps(ctx: Context, y: str, dy: str, lower: float | None,
+                    upper: float | None, scale: float) -> str:
+    """dy where lower < y < upper (a missing bound imposes nothing)."""
+    g = ctx.g
+    grad = dy
+    for bound, above in ((lower, True), (upper, False)):
+        if bound is not None:
+            grad = g.declare(g.op("Mul", grad, step(ctx, y, bound, scale, above)), ctx.shape(y))
+    return grad
