@@ -66,10 +66,14 @@ def step(ctx: Context, y: str, bound: float, scale: float, above: bool) -> str:
 
 def masked_by_steps(ctx: Context, y: str, dy: str, lower: float | None,
                     upper: float | None, scale: float) -> str:
-    """dy where lower < y < upper (a missing bound imposes nothing)."""
+    """dy where lower < y < upper (a missing bound imposes nothing).
+
+    The two steps are multiplied together before dy: ONNX Runtime may compute a mask as
+    soon as y exists, and one mask per activation held until the backward pass reaches it
+    costs less memory than two.
+    """
     g = ctx.g
-    grad = dy
-    for bound, above in ((lower, True), (upper, False)):
-        if bound is not None:
-            grad = g.declare(g.op("Mul", grad, step(ctx, y, bound, scale, above)), ctx.shape(y))
-    return grad
+    steps = [step(ctx, y, bound, scale, above)
+             for bound, above in ((lower, True), (upper, False)) if bound is not None]
+    mask = steps[0] if len(steps) == 1 else g.declare(g.op("Mul", *steps), ctx.shape(y))
+    return g.declare(g.op("Mul", dy, mask), ctx.shape(y))
