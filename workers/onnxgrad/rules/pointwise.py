@@ -1,7 +1,8 @@
 """Elementwise operators: arithmetic with broadcasting, activations, casts.
 
 Masks are taken from the forward *output* where that is equivalent (Relu, HardSigmoid),
-so ONNX Runtime can still fuse the producing Conv with its activation.
+so ONNX Runtime can still fuse the producing Conv with its activation; Relu and Clip masks
+over channel-blocked activations are steep ramps that stay in that layout (ramps.py).
 Kink conventions follow PyTorch: Relu'(0) = 0, LeakyRelu'(0) = alpha, Clip strict like
 ReLU6 (inclusive where it clamps the model input, so pixels on the bounds keep a gradient).
 """
