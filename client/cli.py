@@ -2,7 +2,7 @@
 
     robustness evaluate MODEL.onnx DATA.npz --spec SPEC.yaml [--out result.json]
     robustness inspect MODEL.onnx [--check] [--json]
-    robustness gradient-model MODEL.onnx --out GRAD.onnx [--loss cross_entropy]
+    robustness gradient-model MODEL.onnx --out GRAD.onnx [--loss cross_entropy] [--device cpu]
     robustness submit MODEL.onnx DATA.npz --spec SPEC.yaml --server URL [--wait] [--junit X] [--json Y]
     robustness serve [--host H] [--port P] [--data-dir DIR] [--workers N]
     robustness api | worker | migrate | keys create --tenant NAME
@@ -138,7 +138,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_gradient_model(args) -> int:
-    grad_model = build_gradient_model(read_model(args.model), loss=args.loss)
+    grad_model = build_gradient_model(read_model(args.model), loss=args.loss, device=args.device)
     onnx.save_model(grad_model, args.out)
     print(f"wrote {args.out}: inputs {[i.name for i in grad_model.graph.input]}, "
           f"outputs {[o.name for o in grad_model.graph.output]}")
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("model")
     grad.add_argument("--out", required=True)
     grad.add_argument("--loss", choices=LOSSES, default="cross_entropy")
+    grad.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                      help="the ONNX Runtime provider the graph is for (default cpu)")
     grad.set_defaults(run=cmd_gradient_model)
     from client.submit_cli import add_submit_parser
     from service.runner import add_server_parsers

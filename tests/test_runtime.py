@@ -52,6 +52,21 @@ def test_every_loss_is_available(lenet):
         lenet.loss_and_grad(x, y, loss="hinge")
 
 
+def test_gradient_graph_is_built_for_the_sessions_device(lenet, monkeypatch):
+    built = []
+    real = runtime.build_gradient_model
+
+    def spy(*args, **kwargs):
+        built.append(kwargs.get("device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "build_gradient_model", spy)
+    runtime.clear_caches()
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    lenet.loss_and_grad(x, np.array([0, 1]), loss="dlr")
+    assert built == ["cpu"]
+
+
 def test_device_is_what_the_session_got(lenet):
     assert lenet.device == "cpu"
     assert runtime.choose_providers(None)[-1] == runtime.CPU

@@ -194,9 +194,9 @@ class Classifier:
 
     def _gradient_session(self, loss: str):
         check_loss(loss)
-        key = (self.model_hash, self._output_name, loss)
-        grad_bytes = _GRADIENT_MODELS.get_or_create(
-            key, lambda: build_gradient_model(self._raw, loss, self._output_name).SerializeToString())
+        key = (self.model_hash, self._output_name, loss, self.device)
+        grad_bytes = _GRADIENT_MODELS.get_or_create(key, lambda: build_gradient_model(
+            self._raw, loss, self._output_name, device=self.device).SerializeToString())
         return _session(key + ("gradient",), lambda: grad_bytes, self.options)
 
     def check_inputs(self, x: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, ...]:

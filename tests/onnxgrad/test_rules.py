@@ -405,6 +405,29 @@ _CONV = [
     conv("conv_explicit_kernel_shape", (1, 2, 5, 5), (3, 2, 3, 3), kernel_shape=[3, 3]),
 ]
 
+# Convs with fewer input channels than one blocked-layout block: at opset 18 (CPU graphs)
+# their input gradient is MatMul + Col2Im; test_col2im_cases_take_the_col2im_form checks that.
+_CONV_COL2IM = [
+    conv("col2im_1ch_5x5", (2, 1, 8, 8), (3, 1, 5, 5), opset=18),
+    conv("col2im_3ch_pads", (2, 3, 7, 7), (4, 3, 3, 3), opset=18, pads=[1, 1, 1, 1]),
+    conv("col2im_strides2", (1, 2, 8, 8), (3, 2, 3, 3), opset=18, strides=[2, 2], pads=[1, 1, 1, 1]),
+    conv("col2im_uncovered_tail", (1, 2, 8, 8), (3, 2, 3, 3), opset=18, strides=[2, 2]),
+    conv("col2im_same_upper", (1, 2, 7, 7), (3, 2, 4, 4), opset=18, auto_pad="SAME_UPPER", strides=[2, 2]),
+    conv("col2im_large_pads", (1, 2, 4, 4), (2, 2, 3, 3), opset=18, pads=[3, 2, 2, 3]),
+    conv("col2im_no_bias", (1, 6, 6, 6), (4, 6, 3, 3), opset=18, bias=False),
+    conv(
+        "col2im_all_geometry",
+        (1, 3, 9, 8),
+        (2, 3, 3, 2),
+        opset=18,
+        strides=[2, 3],
+        dilations=[2, 1],
+        pads=[2, 0, 1, 1],
+    ),
+    one("col2im_dynamic_batch", "Conv", [x(2, 3, 5, 5, sym=("N",)), c(4, 3, 3, 3), x(4)], opset=18,
+        pads=[1, 1, 1, 1]),
+]
+
 _CONV_TRANSPOSE = [
     one(
         "conv_transpose_strides2_output_padding",
@@ -997,6 +1020,7 @@ CASES: list[Case] = [
     *_MATMUL,
     *_GEMM,
     *_CONV,
+    *_CONV_COL2IM,
     *_CONV_TRANSPOSE,
     *_MAXPOOL,
     *_AVGPOOL,
@@ -1209,6 +1233,15 @@ def test_rule(case: Case):
         reference_forward=reference_forward,
         use_ort=case.no_ort is None,
     )
+
+
+@pytest.mark.parametrize("case", _CONV_COL2IM, ids=str)
+def test_col2im_cases_take_the_col2im_form(case: Case):
+    model, _, wrt = build(case)
+    ops = [n.op_type for n in build_vjp_model(model, wrt, case.output).graph.node]
+    assert "Col2Im" in ops and "ConvTranspose" not in ops
+    at_opset_17 = build_vjp_model(_make_model(model.graph, OPSET), wrt, case.output)
+    assert "Col2Im" not in [n.op_type for n in at_opset_17.graph.node]
 
 
 # --------------------------------------------------------------------------- kinks (exact values)

@@ -10,10 +10,19 @@ from .autodiff import differentiate
 from .errors import InvalidModelError
 from .graph import GraphBuilder, opset_of, tensor_types
 from .losses import LOSS_INPUTS, LOSSES, emit_loss
-from .prepare import BATCH_DIM, infer_shapes, load_model, normalise_opset, prepare_classifier
+from .prepare import (
+    BATCH_DIM,
+    infer_shapes,
+    load_model,
+    normalise_opset,
+    prepare_classifier,
+    upgrade_opset,
+)
 from .rewrite import pool_before_activation
+from .rules.linear import COL2IM_OPSET, wants_col2im
 
 RESERVED = ("labels", "targets", "dlogits", "logits", "loss", "grad")
+DEVICES = ("cpu", "cuda")
 
 
 def _names(graph: onnx.GraphProto) -> set[str]:
@@ -114,6 +123,8 @@ def build_gradient_model(
     model: onnx.ModelProto | bytes,
     loss: str = "cross_entropy",
     output_name: str | None = None,
+    *,
+    device: str = "cpu",
 ) -> onnx.ModelProto:
     """The gradient graph of a classifier, made only of default-domain ONNX operators.
 
@@ -124,10 +135,17 @@ def build_gradient_model(
     input: d loss[i] / d x[i]). The batch axis is symbolic. For a model that ends in Softmax
     the pre-softmax scores are differentiated and returned as ``logits``.
     ``loss`` is one of ``LOSSES`` (see losses.py). The caller's model is not mutated.
+    ``device`` is the ONNX Runtime provider the graph will run on ("cpu" or "cuda"): the
+    gradient is the same, but some operators are written in forms that are faster there. A
+    CPU graph of a model with a few-channel conv is upgraded to opset 18 (for Col2Im).
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     prepared = prepare_classifier(model, output_name)
+    if device == "cpu" and prepared.opset < COL2IM_OPSET and wants_col2im(prepared.model.graph):
+        prepared = upgrade_opset(prepared, COL2IM_OPSET)
     graph = prepared.model.graph
     x = prepared.input_name
     if x in RESERVED:
@@ -145,7 +163,7 @@ def build_gradient_model(
             _rename(graph, reserved, replacement)
             taken.add(replacement)
     pool_before_activation(graph)
-    builder = GraphBuilder(prepared.opset, _names(graph) | set(RESERVED))
+    builder = GraphBuilder(prepared.opset, _names(graph) | set(RESERVED), device=device)
     extra = {name: name for name in LOSS_INPUTS[loss]}
     loss_name, seed = emit_loss(builder, loss, logits, prepared.num_classes, extra)
     grads = differentiate(graph, builder, [x], logits, seed)

@@ -25,8 +25,12 @@ _AXES_INPUT_SINCE_DEFAULT = 18
 class GraphBuilder:
     """Appends nodes and initializers with names that never collide with the model's."""
 
-    def __init__(self, opset: int, taken: Iterable[str], prefix: str = "grad/"):
+    def __init__(self, opset: int, taken: Iterable[str], prefix: str = "grad/",
+                 device: str = "cpu"):
         self.opset = opset
+        # the ONNX Runtime provider the graph is for: rules pick forms that are fast there
+        # ("cpu": blocked-layout ramps, Col2Im; "cuda": only ops with CUDA kernels)
+        self.device = device
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._taken = set(taken)

@@ -1,13 +1,14 @@
 """Checking an uploaded classifier and putting it in the form the differentiator expects.
 
 Refuses what cannot be used (not a protobuf, external data, no single float input, logits
-that are not [N, K]) with a message that says how to fix it; converts opsets below 17;
-makes the batch dimension symbolic; runs shape inference.
+that are not [N, K]) with a message that says how to fix it; converts opsets below 17
+(and to 18 where a faster gradient needs it); makes the batch dimension symbolic; runs
+shape inference.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -92,6 +93,16 @@ def normalise_opset(model: onnx.ModelProto) -> onnx.ModelProto:
             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
             f"export it with opset >= {MIN_OPSET}"
         ) from None
+
+
+def upgrade_opset(prepared: PreparedClassifier, opset: int) -> PreparedClassifier:
+    """``prepared`` at ``opset`` (its private model converted), or unchanged where the
+    converter cannot convert it: a newer opset is an optimisation, never a requirement."""
+    try:
+        model = infer_shapes(version_converter.convert_version(prepared.model, opset))
+    except Exception:  # the converter raises bare RuntimeErrors from C++
+        return prepared
+    return replace(prepared, model=model, opset=opset_of(model))
 
 
 def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:

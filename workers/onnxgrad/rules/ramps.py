@@ -31,10 +31,11 @@ MIN_EXPONENT = 60  # bounds so large that B would fall below 2^60 keep the compa
 
 def ramp_applies(ctx: Context, y: str, x: str) -> bool:
     """Whether ``y`` (the activation's output, computed from ``x``) is a float32 NCHW tensor
-    in the blocked layout, so a ramp is cheaper there than a comparison."""
+    in the CPU provider's blocked layout, so a ramp is cheaper there than a comparison."""
     shape = ctx.shape(y)
     producer = ctx.producer(x)
-    return (ctx.g.float_dtype == np.float32 and shape is not None and len(shape) == 4
+    return (ctx.g.device == "cpu" and ctx.g.float_dtype == np.float32
+            and shape is not None and len(shape) == 4
             and isinstance(shape[1], int) and shape[1] % BLOCK_MULTIPLE == 0
             and producer is not None and producer.op_type in BLOCKED_PRODUCERS)
 
