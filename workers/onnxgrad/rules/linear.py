@@ -206,20 +206,21 @@ def col2im_applies(device: str, opset: int, weight: np.ndarray | None, group: in
     3x3 stems of ResNet-18 and MobileNetV2). Col2Im is CPU-only in ONNX Runtime (a CUDA
     session would copy to the host and back) and needs opset 18; 2-D only.
     """
-    return (device == "cpu" and opset >= COL2IM_OPSET and weight is not None and group == 1
-            and weight.ndim == 4 and weight.shape[1] < NCHWC_BLOCK)
+    return (device == "cpu" and opset >= COL2IM_OPSET and weight is not None
+            and _few_channel_dense_2d(weight.shape, group))
+
+
+def _few_channel_dense_2d(weight_shape, group: int) -> bool:
+    return group == 1 and len(weight_shape) == 4 and weight_shape[1] < NCHWC_BLOCK
 
 
 def wants_col2im(graph: onnx.GraphProto) -> bool:
     """Whether any Conv of ``graph`` (with its weights stored as an initializer) would take
     the Col2Im form, so a CPU gradient graph gains from opset 18."""
-    weights = {i.name: i for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in weights:
-            dims = tuple(weights[node.input[1]].dims)
-            if len(dims) == 4 and attr(node, "group", 1) == 1 and dims[1] < NCHWC_BLOCK:
-                return True
-    return False
+    weights = {i.name: tuple(i.dims) for i in graph.initializer}
+    return any(node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in weights
+               and _few_channel_dense_2d(weights[node.input[1]], attr(node, "group", 1))
+               for node in graph.node)
 
 
 def conv_input_grad_as_col2im(ctx: Context, dy: str, weight: np.ndarray, spatial_in,
