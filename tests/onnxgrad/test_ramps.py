@@ -32,6 +32,7 @@ def _classifier(activation: str, channels: int = CHANNELS, dtype=np.float32,
         "fc_b": np.zeros(10, np.float32),
         "lo": np.asarray(0.0, dtype), "hi": np.asarray(6.0, dtype),
         "neg_lo": np.asarray(-1.0, dtype), "neg_hi": np.asarray(1.0, dtype),
+        "odd_lo": np.asarray(0.1, dtype), "odd_hi": np.asarray(0.7, dtype),
     }
     casts = dtype != np.float32
     source = "xc" if casts else "x"
@@ -44,6 +45,7 @@ def _classifier(activation: str, channels: int = CHANNELS, dtype=np.float32,
         "relu6": helper.make_node("Clip", ["z", "lo", "hi"], ["a"]),
         "clip_pm1": helper.make_node("Clip", ["z", "neg_lo", "neg_hi"], ["a"]),
         "clip_max_only": helper.make_node("Clip", ["z", "", "hi"], ["a"]),
+        "clip_odd": helper.make_node("Clip", ["z", "odd_lo", "odd_hi"], ["a"]),
     }[activation]
     nodes = [
         first, act,
@@ -65,11 +67,12 @@ def _classifier(activation: str, channels: int = CHANNELS, dtype=np.float32,
 
 
 def _kink_inputs(dtype=np.float32) -> np.ndarray:
-    """Values on, next to and far from the bounds 0, 6, -1 and 1."""
+    """Values on, next to and far from the bounds 0, 6, -1, 1, 0.1 and 0.7."""
     f = np.dtype(dtype).type
     values = [0.0, -0.0, 6.0, -1.0, 1.0, 7.0, -3.0, 3.0, 1e-3, 2.0 ** -100,
               np.nextafter(f(6), f(0)), np.nextafter(f(1), f(0)), np.nextafter(f(-1), f(0)),
-              np.nextafter(f(0), f(1)) * 2 ** 40, 1e30, -1e30]
+              np.nextafter(f(0), f(1)) * 2 ** 40, 1e30, -1e30,
+              f(0.1), f(0.7), np.nextafter(f(0.1), f(1)), np.nextafter(f(0.7), f(0)), 0.4]
     cells = np.resize(np.asarray(values, dtype), CHANNELS * SIDE * SIDE)
     return np.stack([cells, cells[::-1]]).reshape(2, CHANNELS, SIDE, SIDE)
 
@@ -87,7 +90,7 @@ def _ramp_count(model: onnx.ModelProto) -> int:
 
 
 @pytest.mark.parametrize("activation, steps", [("relu", 1), ("relu6", 2), ("clip_pm1", 2),
-                                               ("clip_max_only", 1)])
+                                               ("clip_max_only", 1), ("clip_odd", 2)])
 def test_ramps_give_the_comparisons_mask_at_every_kink(activation, steps, monkeypatch):
     model = _classifier(activation)
     x = _kink_inputs()
@@ -100,7 +103,8 @@ def test_ramps_give_the_comparisons_mask_at_every_kink(activation, steps, monkey
     got, expected = _grad(with_ramps, x), _grad(with_comparisons, x)
     np.testing.assert_array_equal(got, expected)
     lo, hi = {"relu": (0.0, math.inf), "relu6": (0.0, 6.0), "clip_pm1": (-1.0, 1.0),
-              "clip_max_only": (-math.inf, 6.0)}[activation]
+              "clip_max_only": (-math.inf, 6.0),
+              "clip_odd": (np.float32(0.1), np.float32(0.7))}[activation]
     y = np.clip(x, lo, hi)
     inside = (y > lo) & (y < hi)
     assert np.all(got[~inside] == 0)
@@ -124,3 +128,26 @@ def test_ramp_scale_keeps_the_bias_finite():
     assert scale is not None and np.isfinite(np.float32(scale) * np.float32(3.0e15))
     assert ramps.ramp_scale([1e30]) is None
     assert ramps.ramp_scale([math.inf]) is None
+
+
+def _op_types(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+@pytest.mark.parametrize("activation, windowed", [("relu6", True), ("clip_pm1", False),
+                                                  ("clip_odd", False)])
+def test_two_sided_masks_take_the_tanh_window_only_for_relu6(activation, windowed):
+    ops = _op_types(build_gradient_model(_classifier(activation), loss="cross_entropy"))
+    relu_ops = _op_types(build_gradient_model(_classifier("relu"), loss="cross_entropy"))
+    assert ("Tanh" in ops) == windowed
+    # a Tanh window is applied with one Mul, as Relu's one step is; two steps need another
+    assert ops.count("Mul") == relu_ops.count("Mul") + (0 if windowed else 1)
+
+
+def test_window_applies_only_from_zero_to_a_positive_bound():
+    scale = ramps.ramp_scale([0.0, 6.0])
+    assert ramps.window_applies(0.0, 6.0, scale)
+    assert not ramps.window_applies(-1.0, 1.0, ramps.ramp_scale([-1.0, 1.0]))  # rounds near 1
+    assert not ramps.window_applies(0.0, None, scale)  # one step is one pass already
+    assert not ramps.window_applies(0.0, 0.0, scale)  # empty window
+    assert not ramps.window_applies(0.0, 6.0, 2.0 ** 100)  # too shallow after the shift
