@@ -59,9 +59,7 @@ class _Logits:
 
 def _cross_entropy(t: _Logits) -> tuple[str, str]:
     g = t.g
-    shifted = g.op("Sub", t.z, g.reduce("ReduceMax", t.z, [1], True))
-    log_norm = g.op("Log", g.reduce("ReduceSum", g.op("Exp", shifted), [1], True))
-    log_probs = g.op("Sub", shifted, log_norm)
+    log_probs = g.op("LogSoftmax", t.z, axis=1)
     loss = g.op("Neg", g.reduce("ReduceSum", g.op("Mul", log_probs, t.onehot), [1], False))
     return loss, g.op("Sub", g.op("Exp", log_probs), t.onehot)
 
