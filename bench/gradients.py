@@ -26,9 +26,9 @@ Peak memory: every variant is run again in a fresh subprocess, which records its
 set after the imports and inputs are ready, resets the kernel's high-water mark there
 (/proc/self/clear_refs), builds the session or model, runs it, and reports the peak
 increase in MB. All timings are taken in this one process, timed with time.perf_counter:
-after warm-up runs, --rounds rounds each time every variant in turn (the median of
---repeats repeats), and each variant's figure is its median round, so a slow spell of a
-shared machine falls on all variants alike.
+after warm-up runs, --rounds rounds each time every variant in turn (a short pause, WARM_SECONDS
+of untimed calls, then the median of --repeats repeats), and each variant's figure is its
+median round, so a slow spell of a shared machine falls on all variants alike.
 """
 
 from __future__ import annotations
@@ -265,6 +265,16 @@ def median_seconds(run, warmup: int, repeats: int) -> float:
 
 BUSY = 0.05  # foreign CPU share above which a timing counts as disturbed
 SETTLE_SECONDS = 0.3  # lets the previous variant's spinning worker threads (ORT, OpenMP) park
+# after the pause, a variant runs untimed this long: the first calls after an idle spell run
+# up to a third slower on this VM (all variants alike), and an attack calls its gradient
+# back to back, so the timings are of the steady state
+WARM_SECONDS = 0.1
+
+
+def warm_up(run, seconds: float) -> None:
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        run()
 
 
 def measure_interleaved(runs: dict, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
@@ -286,6 +296,7 @@ def measure_interleaved(runs: dict, args: argparse.Namespace) -> dict[str, tuple
         round_number += 1
         for name, run in runs.items():
             time.sleep(SETTLE_SECONDS)
+            warm_up(run, WARM_SECONDS)
             with ForeignLoad() as load:
                 seconds = median_seconds(run, 0, args.repeats)
             (kept if load.fraction <= BUSY else dropped)[name].append((seconds, load.fraction))
