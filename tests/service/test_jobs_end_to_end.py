@@ -207,7 +207,9 @@ def test_a_sigkilled_worker_ends_in_redelivery_or_a_clear_failure(
     distributed_settings, start_worker, tmp_path, max_attempts, expected
 ):
     settings = distributed_settings.model_copy(update={"max_attempts": max_attempts})
-    body = {**SLOW, "attacks": [{"name": "pgd", "eps": [0.1], "steps": 60}]}
+    # each shard must outlast the status poll and the kill by far: at 60 steps a shard took
+    # 0.4 s on CI and sometimes finished first, so no attempt was ever killed
+    body = {**SLOW, "attacks": [{"name": "pgd", "eps": [0.1], "steps": 500}]}
     worker = start_worker(settings)
     with gateway(settings) as api:
         job = submit(api, body)

@@ -20,7 +20,8 @@ BODY = {
     "samples": 100,
     "shard_size": 50,
     "batch_size": 20,
-    "attacks": [{"name": "pgd", "eps": [0.1], "steps": 60}],
+    # long enough (about a second a shard) that the worker is killed mid-shard, not after
+    "attacks": [{"name": "pgd", "eps": [0.1], "steps": 500}],
 }
 
 
