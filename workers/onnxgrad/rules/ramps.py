@@ -56,6 +56,14 @@ def ramp_scale(bounds: list[float]) -> float | None:
     return math.ldexp(1.0, exponent) if exponent >= MIN_EXPONENT else None
 
 
+def affine(ctx: Context, y: str, weight: float, bias: float) -> str:
+    """weight * y + bias, as the depthwise 1x1 Conv that keeps y in the blocked layout."""
+    g = ctx.g
+    channels = ctx.shape(y)[1]
+    return g.op("Conv", y, g.const(np.full((channels, 1, 1, 1), weight, np.float32)),
+                g.const(np.full((channels,), bias, np.float32)), group=channels, kernel_shape=[1, 1])
+
+
 def step(ctx: Context, y: str, bound: float, scale: float, above: bool) -> str:
     """1 where y > bound (``above``) or y < bound, else 0: Clip(±B * (y - bound), 0, 1).
 
@@ -63,13 +71,9 @@ def step(ctx: Context, y: str, bound: float, scale: float, above: bool) -> str:
     difference cannot change its sign; where B * y overflows it does so away from the
     bound, which the Clip turns into 1.
     """
-    g = ctx.g
-    channels = ctx.shape(y)[1]
     sign = 1.0 if above else -1.0
-    weight = np.full((channels, 1, 1, 1), sign * scale, np.float32)
-    bias = np.full((channels,), -sign * scale * bound, np.float32)
-    ramp = g.op("Conv", y, g.const(weight), g.const(bias), group=channels, kernel_shape=[1, 1])
-    return g.declare(g.op("Clip", ramp, g.const(0.0), g.const(1.0)), ctx.shape(y))
+    ramp = affine(ctx, y, sign * scale, -sign * scale * bound)
+    return ctx.g.declare(ctx.g.op("Clip", ramp, ctx.g.const(0.0), ctx.g.const(1.0)), ctx.shape(y))
 
 
 def window_applies(lower: float | None, upper: float | None, scale: float) -> bool:
@@ -94,18 +98,11 @@ def window(ctx: Context, y: str, upper: float, scale: float) -> str:
     where C * (upper - y) is far beyond the 9 at which ONNX Runtime's Tanh returns 1.
     Multiplying by powers of two is exact, so only upper - y is ever rounded.
     """
-    g = ctx.g
-    channels, shape = ctx.shape(y)[1], ctx.shape(y)
+    g, shape = ctx.g, ctx.shape(y)
     coarse = math.ldexp(scale, -WINDOW_SHIFT)
-    zero_bias = g.const(np.zeros((channels,), np.float32))
-
-    def scaled(factor: float) -> str:
-        weight = g.const(np.full((channels, 1, 1, 1), factor, np.float32))
-        return g.op("Conv", y, weight, zero_bias, group=channels, kernel_shape=[1, 1])
-
     cap = float(np.float32(coarse) * np.float32(upper))
-    rise = g.declare(g.op("Clip", scaled(scale), g.const(0.0), g.const(cap)), shape)
-    level = g.declare(g.op("Add", scaled(-coarse), rise), shape)
+    rise = g.declare(g.op("Clip", affine(ctx, y, scale, 0.0), g.const(0.0), g.const(cap)), shape)
+    level = g.declare(g.op("Add", affine(ctx, y, -coarse, 0.0), rise), shape)
     return g.declare(g.op("Tanh", level), shape)
 
 
