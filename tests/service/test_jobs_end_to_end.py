@@ -2,12 +2,16 @@
 
 The result over HTTP must equal the engine's in-process result for the same spec and seed,
 a cancel must stop a running job, and a SIGKILLed worker must end in a redelivery and
-success, or in a clear failure, never in a job stuck in `running`.
+success, or in a clear failure, never in a job stuck in `running`; a worker that loses a pool
+process must stop so that it is restarted, and lose no unit.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
 import time
 
 import numpy as np
@@ -225,6 +229,36 @@ def test_a_sigkilled_worker_ends_in_redelivery_or_a_clear_failure(
         with session_factory(settings.database_url)() as db:
             attempts = db.scalars(select(Shard.attempts).where(Shard.job_id == job["id"])).all()
         assert max(attempts) == (2 if expected == "succeeded" else 1)  # the killed shard ran again, or not
+
+
+def test_a_worker_that_loses_a_pool_process_stops_for_a_restart_and_loses_no_unit(
+    settings, start_worker
+):
+    """Pool processes killed while idle (the OOM killer, a stray SIGKILL) leave replacements
+    that never receive work: the worker must stop by itself with EXIT_POOL_LOST, although
+    billiard's exit-time finalizer then waits forever for the dead process's queue lock, and
+    the units it took must run on the next worker."""
+    from workers.pool_watchdog import EXIT_POOL_LOST
+
+    worker = start_worker(settings, concurrency=2)
+    killed = worker.children()
+    assert len(killed) == 2, killed
+    with gateway(settings) as api:
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        job = submit(api, QUICK)
+        try:
+            worker.process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the worker was still running 90 s after losing its pool processes:\n"
+                        + worker.log.read_text()[-2000:])
+        log = worker.log.read_text()
+        assert worker.process.returncode == EXIT_POOL_LOST, log[-2000:]
+        assert "worker.pool_process_lost" in log and str(killed[0]) in log, log[-2000:]
+        start_worker(settings)
+        final = wait_for(api, job["id"], timeout=120)
+        assert final["state"] == "succeeded", final
+        check_same_as_in_process(api, job, QUICK)
 
 
 def drain_broker(settings) -> int:
