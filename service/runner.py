@@ -131,35 +131,12 @@ def worker(settings: Settings, args) -> int:
             ]
         )
     except SystemExit as exc:  # Celery ends its worker with sys.exit
-        code = pool_watchdog.EXIT_POOL_LOST if pool_watchdog.tripped.is_set() else exc.code
-        _exit_within(EXIT_GRACE_S, code)
+        code = pool_watchdog.exit_code(exc.code)
+        pool_watchdog.exit_within(EXIT_GRACE_S, code)
         raise SystemExit(code) from None
-    code = pool_watchdog.EXIT_POOL_LOST if pool_watchdog.tripped.is_set() else 0
-    _exit_within(EXIT_GRACE_S, code)
+    code = pool_watchdog.exit_code(0)
+    pool_watchdog.exit_within(EXIT_GRACE_S, code)
     return code
-
-
-def _exit_within(seconds: float, code: object) -> None:
-    """Exit with ``code`` if the exit handlers still run after ``seconds``.
-
-    Celery has stopped the pool by now; what remains is billiard's exit-time pool finalizer,
-    which waits forever on a queue lock that an idle pool process held when it was killed (the
-    kernel's OOM killer, or a signal sent to the worker's whole process group), so without
-    this such a worker never exits.
-    """
-    status = code if isinstance(code, int) else (0 if code is None else 1)
-
-    def force_exit() -> None:
-        print(f"robustness worker: exit handlers still running after {seconds:g} s (a pool "
-              "process was killed while holding a queue lock); exiting without them",
-              file=sys.stderr, flush=True)
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-        os._exit(status)
-
-    timer = threading.Timer(seconds, force_exit)
-    timer.daemon = True
-    timer.start()
 
 
 def _check_exposure(settings: Settings) -> str | None:
