@@ -231,15 +231,16 @@ def test_a_sigkilled_worker_ends_in_redelivery_or_a_clear_failure(
         assert max(attempts) == (2 if expected == "succeeded" else 1)  # the killed shard ran again, or not
 
 
-@pytest.mark.parametrize("kill", [1, 2])
+@pytest.mark.parametrize("broker, kill", [("embedded", 1), ("embedded", 2), ("redis", 1)])
 def test_a_worker_that_loses_a_pool_process_stops_for_a_restart_and_loses_no_unit(
-    settings, start_worker, kill
+    broker, kill, request, start_worker
 ):
     """A pool process killed while idle (the OOM killer, a stray SIGKILL) can take the pool's
     queue lock with it, after which no unit runs and Celery's shutdown hangs: the worker must
     stop by itself with EXIT_POOL_LOST, and the units it took must run on the next worker."""
     from workers.pool_watchdog import EXIT_POOL_LOST
 
+    settings = request.getfixturevalue("settings" if broker == "embedded" else "distributed_settings")
     worker = start_worker(settings, concurrency=2)
     deadline = time.monotonic() + 30
     while len(worker.children()) < 2 and time.monotonic() < deadline:
