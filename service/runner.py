@@ -115,6 +115,7 @@ def worker(settings: Settings, args) -> int:
     from workers.celery_app import QUEUE, celery_app
 
     app = celery_app()
+    code: object = 0  # a SystemExit code
     try:
         app.worker_main(
             [
@@ -131,12 +132,10 @@ def worker(settings: Settings, args) -> int:
             ]
         )
     except SystemExit as exc:  # Celery ends its worker with sys.exit
-        code = pool_watchdog.exit_code(exc.code)
-        pool_watchdog.exit_within(EXIT_GRACE_S, code)
-        raise SystemExit(code) from None
-    code = pool_watchdog.exit_code(0)
-    pool_watchdog.exit_within(EXIT_GRACE_S, code)
-    return code
+        code = exc.code
+    status = pool_watchdog.exit_status(code)
+    pool_watchdog.exit_within(EXIT_GRACE_S, status)
+    return status
 
 
 def _check_exposure(settings: Settings) -> str | None:

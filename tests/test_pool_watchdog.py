@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.pool_watchdog import child_pids
+from workers.pool_watchdog import EXIT_POOL_LOST, child_pids, exit_status, tripped
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
@@ -40,3 +40,12 @@ def test_child_pids_lists_live_children_and_drops_killed_ones_before_they_are_re
     finally:
         child.kill()
         child.wait()
+
+
+def test_exit_status_keeps_celerys_code_until_a_pool_process_is_lost():
+    assert [exit_status(code) for code in (None, 0, 3, "a message")] == [0, 0, 3, 1]
+    tripped.set()
+    try:
+        assert exit_status(0) == EXIT_POOL_LOST
+    finally:
+        tripped.clear()

@@ -54,24 +54,27 @@ def child_pids(parent: int) -> set[int]:
     return children
 
 
-def exit_code(default: object) -> object:
-    return EXIT_POOL_LOST if tripped.is_set() else default
+def exit_status(code: object) -> int:
+    """The worker's exit status: EXIT_POOL_LOST once tripped, else Celery's ``code`` (a
+    SystemExit code: None, an int or a message)."""
+    if tripped.is_set():
+        return EXIT_POOL_LOST
+    return code if isinstance(code, int) else (0 if code is None else 1)
 
 
-def force_exit(code: object, why: str) -> None:
+def force_exit(status: int, why: str) -> None:
     """Exit now, skipping Celery's and billiard's remaining shutdown."""
-    status = code if isinstance(code, int) else (0 if code is None else 1)
     print(f"robustness worker: {why}; exiting with status {status}", file=sys.stderr, flush=True)
     with contextlib.suppress(Exception):
         sys.stdout.flush()
     os._exit(status)
 
 
-def exit_within(seconds: float, code: object) -> None:
-    """Exit with ``code`` if the interpreter's exit handlers still run after ``seconds``:
+def exit_within(seconds: float, status: int) -> None:
+    """Exit with ``status`` if the interpreter's exit handlers still run after ``seconds``:
     billiard's pool finalizer waits for the queue lock that a lost process held."""
     timer = threading.Timer(seconds, force_exit,
-                            args=(code, f"exit handlers still running after {seconds:g} s"))
+                            args=(status, f"exit handlers still running after {seconds:g} s"))
     timer.daemon = True
     timer.start()
 
@@ -100,7 +103,7 @@ def _exit_if_shutdown_stalls() -> None:
         if state.active_requests:
             idle_since = time.monotonic()
         elif time.monotonic() - idle_since >= SHUTDOWN_STALL_S:
-            force_exit(exit_code(0), f"shutdown still waiting {SHUTDOWN_STALL_S:g} s after the last "
+            force_exit(exit_status(0), f"shutdown still waiting {SHUTDOWN_STALL_S:g} s after the last "
                        "unit ended (units handed to a stuck pool never start; the gateway sends "
                        "them again)")
 
