@@ -1347,6 +1347,26 @@ def test_kink_maxpool_tied_window_sends_gradient_to_first_cell():
     np.testing.assert_array_equal(ref["grad_x0"], expected)  # reference evaluator (fixed MaxPool)
 
 
+def test_kink_maxpool_tiling_windows_send_ties_to_their_first_cell():
+    """Windows that tile the input (kernel = stride) take the Resize/Equal path, which must
+    break ties like the Indices path and torch: the whole gradient to the first maximum."""
+    model, _ = _single("MaxPool", [[1, 2, 4, 6]], {"kernel_shape": [2, 3], "strides": [2, 3]})
+    xv = np.zeros((1, 2, 4, 6), np.float32)  # channel 0: every window is all ties
+    xv[0, 1, 0] = [0, 5, 5, 1, 1, 1]  # window (0, 0): tie after the first cell
+    xv[0, 1, 1] = [5, 0, 0, 1, 1, 2]  # window (0, 1): one maximum, in its last cell
+    xv[0, 1, 2:] = -1.0
+    xv[0, 1, 3, 5] = -0.5  # window (1, 1): one maximum
+    cot = np.arange(1, 9, dtype=np.float32).reshape(1, 2, 2, 2)
+    expected = np.zeros_like(xv)
+    expected[0, 0, ::2, ::3] = cot[0, 0]
+    expected[0, 1, 0, 1], expected[0, 1, 1, 5] = cot[0, 1, 0, 0], cot[0, 1, 0, 1]
+    expected[0, 1, 2, 0], expected[0, 1, 3, 5] = cot[0, 1, 1, 0], cot[0, 1, 1, 1]
+    ref, got = _vjp_both(model, ["x0"], {"x0": xv}, cot)
+    assert "Resize" in [n.op_type for n in build_vjp_model(model, ["x0"], "y").graph.node]
+    np.testing.assert_array_equal(got["grad_x0"], expected)  # ONNX Runtime
+    np.testing.assert_array_equal(ref["grad_x0"], expected)  # reference evaluator
+
+
 def test_kink_maxpool_overlapping_tied_windows_conserve_total():
     """Overlapping 3x3 windows over constant planes: each window sends its whole gradient to
     its own first (top-left) cell; overlapping contributions add up, the total is conserved."""

@@ -71,7 +71,10 @@ def _tiling_blocks(ctx: Context, node) -> list[tuple[int, int]] | None:
 
 
 def _max_pool_tiled(ctx: Context, node, dy: str, tiles: list[tuple[int, int]]) -> str:
-    """Nearest upsampling, equality with the input, ties counted by a pooled sum.
+    """Nearest upsampling and equality with the input mark each window's maxima; among tied
+    maxima the first cell (row-major) takes the whole gradient, as in the Indices path and
+    in torch: each marked cell gets its window's priority (larger for earlier cells), and
+    only the cell equal to its window's pooled priority is kept.
 
     Every op here keeps to ONNX Runtime's fast same-shape kernels (a MaxPool asked for
     Indices is about 15x slower than one that is not, and broadcasting over 6-D window
@@ -87,10 +90,21 @@ def _max_pool_tiled(ctx: Context, node, dy: str, tiles: list[tuple[int, int]]) -
                               coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
                          ctx.shape(x))
 
+    # Mul by a cast mask, not Where: ONNX Runtime's CPU Where is several times slower
     at_max = g.op("CastLike", g.op("Equal", x, upsample(y)), dy)
-    mean_at_max = g.op("AveragePool", at_max, kernel_shape=window, strides=window)
-    ties = g.op("Mul", mean_at_max, g.const(float(np.prod(window))))
-    return g.op("Mul", upsample(g.op("Div", dy, ties)), at_max)
+    ranked = g.op("Mul", at_max, g.const(_first_cell_priority(tiles)))
+    pooled = g.op("MaxPool", ranked, kernel_shape=window, strides=window)
+    first = g.op("CastLike", g.op("Equal", ranked, upsample(pooled)), dy)
+    return g.op("Mul", upsample(dy), first)
+
+
+def _first_cell_priority(tiles: list[tuple[int, int]]) -> np.ndarray:
+    """[1, 1, *spatial]: prod(window) for each window's first cell (row-major), down to 1."""
+    position = np.zeros([out * k for out, k in tiles], np.int64)
+    for axis, (out, k) in enumerate(tiles):
+        index = np.arange(out * k) % k
+        position = position * k + index.reshape([-1 if a == axis else 1 for a in range(len(tiles))])
+    return (np.prod([k for _, k in tiles]) - position)[None, None].astype(np.float64)
 
 
 def _window_counts(length, out_len, k, s, d, pad_begin, lo, hi) -> np.ndarray:
