@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -64,11 +65,16 @@ def test_gradient_graph_is_built_for_the_sessions_device(lenet, monkeypatch):
     runtime.clear_caches()
     x = np.zeros((2, 1, 28, 28), np.float32)
     lenet.loss_and_grad(x, np.array([0, 1]), loss="dlr")
-    assert built == ["cpu"]
+    assert built == [lenet.device]
 
 
 def test_device_is_what_the_session_got(lenet):
-    assert lenet.device == "cpu"
+    got = lenet._forward.get_providers()[0]
+    assert lenet.device == ("cuda" if got == runtime.CUDA else "cpu")
+    if runtime.CUDA not in ort.get_available_providers():
+        assert lenet.device == "cpu"
+    pinned = Classifier(zoo.export("lenet"), RuntimeOptions(providers=(runtime.CPU,)))
+    assert pinned.device == "cpu"
     assert runtime.choose_providers(None)[-1] == runtime.CPU
     with pytest.raises(ValueError, match="not available"):
         runtime.choose_providers(("NoSuchExecutionProvider",))
