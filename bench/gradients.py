@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/gradients.py [--models mlp,lenet,resnet18,mobilenet_v2]
         [--batch 64] [--threads 2] [--repeats N] [--warmup N] [--json PATH] [--no-memory]
+        [--provider cpu|cuda]
 
 Per model (from tests.zoo, exported with a symbolic batch axis) it measures images/s of
 
@@ -15,6 +16,18 @@ Per model (from tests.zoo, exported with a symbolic batch axis) it measures imag
                     the input only (parameters frozen)
   onnx_ad           onnx-ad 0.3.0's reverse-mode graph of the model with the same
                     cross-entropy appended (batch pinned, opset 17), seeded with ones
+
+With --provider cuda (onnxruntime-gpu and a CUDA build of torch) every variant runs on the
+GPU: ORT on the CUDA execution provider with the gradient graph built for device="cuda", torch
+on the "cuda" device, both in exact float32 (TF32 off, so the checks keep their tolerance).
+The two _nospin variants are replaced by
+
+  ort_fwd_device    ort_fwd with input and outputs kept on the GPU (IO binding), like torch's
+  ort_grad_device   the same for the gradient graph
+
+so the plain ort_ variants are what the service's Classifier pays (numpy in, numpy out) and
+the _device ones compare with torch on equal terms. Each ORT graph is also profiled once to
+count its nodes per execution provider (a node that falls back to the CPU costs two copies).
 
 and the ratios ORT grad time / ORT forward time, torch fwd+bwd time / torch forward time
 (torch's own price of an input gradient, in forwards), ORT grad / torch fwd+bwd throughput
@@ -61,15 +74,20 @@ from tests import zoo  # noqa: E402
 from tests.onnx_ad_reference import build_onnx_ad_gradient  # noqa: E402
 
 DEFAULT_MODELS = ("mlp", "lenet", "resnet18", "mobilenet_v2")
-VARIANTS = (
-    "ort_fwd",
-    "ort_fwd_nospin",
-    "ort_grad",
-    "ort_grad_nospin",
-    "torch_fwd",
-    "torch_fwd_bwd",
-    "onnx_ad",
-)
+# the second ORT forward and gradient variants: without spinning threads on the CPU, with
+# device-resident inputs and outputs on CUDA
+SECOND_VARIANT = {"cpu": "nospin", "cuda": "device"}
+CUDA = "CUDAExecutionProvider"
+CUDA_OPTIONS = {"use_tf32": "0"}  # exact float32, like the CPU and like torch below
+
+
+def variants(provider: str = "cpu") -> tuple[str, ...]:
+    second = SECOND_VARIANT[provider]
+    return ("ort_fwd", f"ort_fwd_{second}", "ort_grad", f"ort_grad_{second}",
+            "torch_fwd", "torch_fwd_bwd", "onnx_ad")
+
+
+VARIANTS = variants("cpu")
 SAMPLE_RTOL = 1e-4  # per-sample max |diff| / max |torch grad| for a sample to count as a match
 CHECK_MIN_FRACTION = 0.9  # of the samples, for a gradient check to pass
 
@@ -85,10 +103,10 @@ def make_batch(name: str, batch: int, seed: int = 0) -> tuple[np.ndarray, np.nda
     return x, labels
 
 
-def build_ort_gradient(model: onnx.ModelProto) -> onnx.ModelProto:
+def build_ort_gradient(model: onnx.ModelProto, provider: str = "cpu") -> onnx.ModelProto:
     from workers.onnxgrad import build_gradient_model
 
-    return build_gradient_model(model, loss="cross_entropy")
+    return build_gradient_model(model, loss="cross_entropy", device=provider)
 
 
 def _refusal(exc: BaseException) -> str:
@@ -100,7 +118,8 @@ def _refusal(exc: BaseException) -> str:
 # Runners: each returns a zero-argument callable running one batch, and the expected outputs
 
 
-def ort_session(model_bytes: bytes, threads: int, spinning: bool) -> ort.InferenceSession:
+def ort_session(model_bytes: bytes, threads: int, spinning: bool, provider: str = "cpu",
+                profile: bool = False) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -108,17 +127,72 @@ def ort_session(model_bytes: bytes, threads: int, spinning: bool) -> ort.Inferen
     options.log_severity_level = 3
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = "/tmp/bench_gradients_placement"
+    if provider == "cpu":
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model_bytes, options, providers=[(CUDA, CUDA_OPTIONS), "CPUExecutionProvider"])
+    if session.get_providers()[0] != CUDA:
+        raise RuntimeError(f"the CUDA execution provider did not load; got {session.get_providers()}")
+    return session
+
+
+def device_runner(session: ort.InferenceSession, feeds: dict, outputs: list[str],
+                  device: str = "cuda"):
+    """run() on inputs copied to the device once, with outputs left there; returns the
+    binding (copy_outputs_to_cpu() fetches them)."""
+    values = {name: ort.OrtValue.ortvalue_from_numpy(value, device, 0)
+              for name, value in feeds.items()}
+    binding = session.io_binding()
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+    for name in outputs:
+        binding.bind_output(name, device)
+
+    def run():
+        session.run_with_iobinding(binding)
+        return binding
+
+    run.keep_alive = values
+    return run
+
+
+def placement(session_bytes: bytes, feeds: dict, threads: int, provider: str) -> dict:
+    """Kernel runs per execution provider in one profiled call, and the CPU ones' op types."""
+    session = ort_session(session_bytes, threads, True, provider, profile=True)
+    session.run(None, feeds)
+    path = session.end_profiling()
+    try:
+        events = json.loads(Path(path).read_text())
+    finally:
+        Path(path).unlink(missing_ok=True)
+    counts: dict[str, int] = {}
+    cpu_ops: dict[str, int] = {}
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        where = args.get("provider", "?").removesuffix("ExecutionProvider")
+        counts[where] = counts.get(where, 0) + 1
+        if where == "CPU":
+            op = args.get("op_name", "?")
+            cpu_ops[op] = cpu_ops.get(op, 0) + 1
+    return {"nodes": counts, "cpu_ops": cpu_ops}
 
 
 class Prepared:
     """Everything a variant needs before its session or model is built (serialized graphs,
     inputs), so the memory probe can take its baseline after this."""
 
-    def __init__(self, name: str, batch: int, threads: int, need: set[str]) -> None:
+    def __init__(self, name: str, batch: int, threads: int, need: set[str],
+                 provider: str = "cpu") -> None:
         self.name = name
         self.batch = batch
         self.threads = threads
+        self.provider = provider
+        self.torch_device = "cuda" if provider == "cuda" else "cpu"
         self.x, self.labels = make_batch(name, batch)
         model = zoo.export(name)
         self.input_name = model.graph.input[0].name
@@ -128,10 +202,10 @@ class Prepared:
         self.onnx_ad_bytes: bytes | None = None
         self.onnx_ad_error: str | None = None
         self.build_seconds: dict[str, float] = {}
-        if need & {"ort_grad", "ort_grad_nospin"}:
+        if any(v.startswith("ort_grad") for v in need):
             start = time.perf_counter()
             try:
-                self.grad_bytes = build_ort_gradient(model).SerializeToString()
+                self.grad_bytes = build_ort_gradient(model, provider).SerializeToString()
                 self.build_seconds["ort_grad"] = time.perf_counter() - start
             except Exception as exc:  # the builder may not exist yet, or refuse the model
                 self.grad_error = "error: " + _refusal(exc)
@@ -154,17 +228,19 @@ class Prepared:
 
     def runner(self, variant: str):
         """(run, fetch): run() executes one batch; fetch() returns (loss, grad) or logits."""
-        threads = self.threads
-        if variant in ("ort_fwd", "ort_fwd_nospin"):
-            session = ort_session(self.forward_bytes, threads, variant == "ort_fwd")
-            feeds = {self.input_name: self.x}
-            return lambda: session.run(None, feeds)
-        if variant in ("ort_grad", "ort_grad_nospin"):
-            session = ort_session(self.grad_bytes, threads, variant == "ort_grad")
-            feeds = {self.input_name: self.x, "labels": self.labels}
-            return lambda: session.run(["grad", "loss"], feeds)
+        threads, provider = self.threads, self.provider
+        if variant.startswith(("ort_fwd", "ort_grad")):
+            forward = variant.startswith("ort_fwd")
+            session = ort_session(self.forward_bytes if forward else self.grad_bytes, threads,
+                                  not variant.endswith("_nospin"), provider)
+            feeds = {self.input_name: self.x} if forward else {
+                self.input_name: self.x, "labels": self.labels}
+            outputs = [o.name for o in session.get_outputs()][:1] if forward else ["grad", "loss"]
+            if variant.endswith("_device"):
+                return device_runner(session, feeds, outputs)
+            return lambda: session.run(outputs, feeds)
         if variant == "onnx_ad":
-            session = ort_session(self.onnx_ad_bytes, threads, True)
+            session = ort_session(self.onnx_ad_bytes, threads, True, provider)
             feeds = {
                 self.input_name: self.x,
                 "labels": self.labels,
@@ -174,16 +250,20 @@ class Prepared:
             return lambda: session.run([adjoint, "loss"], feeds)
         if variant in ("torch_fwd", "torch_fwd_bwd"):
             torch.set_num_threads(threads)
-            model = zoo.make_model(self.name)
+            device = self.torch_device
+            model = zoo.make_model(self.name).to(device)
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
-            x = torch.from_numpy(self.x)
-            labels = torch.from_numpy(self.labels)
+            x = torch.from_numpy(self.x).to(device)
+            labels = torch.from_numpy(self.labels).to(device)
+            sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
             if variant == "torch_fwd":
 
                 def forward():
                     with torch.no_grad():
-                        return model(x)
+                        logits = model(x)
+                    sync()
+                    return logits
 
                 return forward
 
@@ -191,6 +271,7 @@ class Prepared:
                 xg = x.detach().requires_grad_(True)
                 losses = F.cross_entropy(model(xg), labels, reduction="none")
                 (grad,) = torch.autograd.grad(losses.sum(), xg)
+                sync()
                 return grad, losses.detach()
 
             return forward_backward
@@ -229,15 +310,19 @@ def compare_gradient(grad: np.ndarray, loss: np.ndarray, reference: tuple) -> di
     }
 
 
+def _numpy(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
 def check(prepared: Prepared, variant: str, run, reference: tuple) -> dict:
     outputs = run()
+    if isinstance(outputs, ort.IOBinding):
+        outputs = outputs.copy_outputs_to_cpu()
     if variant.startswith("ort_fwd") or variant == "torch_fwd":
-        logits = outputs[0] if isinstance(outputs, list) else outputs.numpy()
+        logits = _numpy(outputs[0] if isinstance(outputs, list) else outputs)
         err = float(np.abs(logits - reference[0]).max() / (np.abs(reference[0]).max() or 1.0))
         return {"ok": bool(err < 1e-4), "max_rel_err": err}
-    grad, loss = outputs
-    grad = grad.numpy() if isinstance(grad, torch.Tensor) else grad
-    loss = loss.numpy() if isinstance(loss, torch.Tensor) else loss
+    grad, loss = (_numpy(value) for value in outputs)
     if variant == "onnx_ad":
         grad = grad[..., 0]  # trailing seed axis
     return compare_gradient(grad, loss, reference)
@@ -340,10 +425,19 @@ def _reset_peak() -> bool:
         return False
 
 
-def memory_child(name: str, variant: str, batch: int, threads: int, runs: int) -> dict:
-    prepared = Prepared(name, batch, threads, {variant})
+def _gpu_used_mb() -> float:
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**20
+
+
+def memory_child(name: str, variant: str, batch: int, threads: int, runs: int,
+                 provider: str = "cpu") -> dict:
+    prepared = Prepared(name, batch, threads, {variant}, provider)
     if prepared.error(variant):
         return {"error": prepared.error(variant)}
+    if provider == "cuda":
+        torch.zeros(1, device="cuda")  # the CUDA context belongs to the baseline
+        gpu_baseline = _gpu_used_mb()
     gc.collect()
     baseline = _rss_kb()
     reset = _reset_peak()
@@ -353,15 +447,19 @@ def memory_child(name: str, variant: str, batch: int, threads: int, runs: int) -
         run()
     peak = _peak_kb()
     # without a reset the high-water mark may predate the baseline (imports): report it anyway
-    return {
+    result = {
         "baseline_mb": baseline / 1024,
         "peak_mb": peak / 1024,
         "increase_mb": (peak - (baseline if reset else before)) / 1024,
         "peak_reset": reset,
     }
+    if provider == "cuda":
+        # ORT's arena and torch's caching allocator keep what they reserved at the peak
+        result["gpu_increase_mb"] = _gpu_used_mb() - gpu_baseline
+    return result
 
 
-def measure_memory(name: str, variant: str, batch: int, threads: int) -> dict:
+def measure_memory(name: str, variant: str, batch: int, threads: int, provider: str) -> dict:
     command = [
         sys.executable,
         __file__,
@@ -371,6 +469,8 @@ def measure_memory(name: str, variant: str, batch: int, threads: int) -> dict:
         str(batch),
         "--threads",
         str(threads),
+        "--provider",
+        provider,
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
@@ -389,18 +489,28 @@ def measure_memory(name: str, variant: str, batch: int, threads: int) -> dict:
 
 
 def bench_model(name: str, args: argparse.Namespace) -> dict:
-    prepared = Prepared(name, args.batch, args.threads, set(VARIANTS))
+    all_variants = variants(args.provider)
+    prepared = Prepared(name, args.batch, args.threads, set(all_variants), args.provider)
     reference = torch_reference(name, prepared.x, prepared.labels)
     result: dict = {
         "model": name,
         "batch": args.batch,
         "threads": args.threads,
+        "provider": args.provider,
         "onnx_bytes": len(prepared.forward_bytes),
         "build_seconds": prepared.build_seconds,
         "variants": {},
     }
+    if args.provider != "cpu":
+        feeds = {prepared.input_name: prepared.x}
+        result["placement"] = {"forward": placement(
+            prepared.forward_bytes, feeds, args.threads, args.provider)}
+        if prepared.grad_bytes is not None:
+            result["placement"]["gradient"] = placement(
+                prepared.grad_bytes, dict(feeds, labels=prepared.labels), args.threads,
+                args.provider)
     runs = {}
-    for variant in VARIANTS:
+    for variant in all_variants:
         entry: dict = {}
         result["variants"][variant] = entry
         if prepared.error(variant):
@@ -431,19 +541,24 @@ def bench_model(name: str, args: argparse.Namespace) -> dict:
         return None if a is None or b is None else a / b
 
     # time ratio: grad / forward (lower is better); throughput ratios: denominator / numerator
+    second = SECOND_VARIANT[args.provider]
     result["ratios"] = {
         "ort_grad_over_fwd_time": ratio("ort_grad", "ort_fwd"),
-        "ort_grad_over_fwd_time_nospin": ratio("ort_grad_nospin", "ort_fwd_nospin"),
+        f"ort_grad_over_fwd_time_{second}": ratio(f"ort_grad_{second}", f"ort_fwd_{second}"),
         # torch's own input-gradient cost in forwards: what the 2.5 target is calibrated on
         "torch_fwd_bwd_over_fwd_time": ratio("torch_fwd_bwd", "torch_fwd"),
         "ort_grad_vs_torch_fwd_bwd_throughput": ratio("torch_fwd_bwd", "ort_grad"),
         "ort_grad_vs_onnx_ad_throughput": ratio("onnx_ad", "ort_grad"),
     }
+    if second != "nospin":
+        result["ratios"]["ort_grad_device_vs_torch_fwd_bwd_throughput"] = ratio(
+            "torch_fwd_bwd", "ort_grad_device")
     if args.memory:
-        for variant in VARIANTS:
+        for variant in all_variants:
             if "error" in v[variant]:
                 continue
-            v[variant]["memory"] = measure_memory(name, variant, args.batch, args.threads)
+            v[variant]["memory"] = measure_memory(name, variant, args.batch, args.threads,
+                                                  args.provider)
             if args.verbose:
                 print(f"  {name:>14} {variant:<16} memory {v[variant]['memory']}", file=sys.stderr)
     return result
@@ -474,24 +589,33 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
         "ort_fwd_nospin": "fwd nospin",
         "ort_grad": "ort grad",
         "ort_grad_nospin": "grad nospin",
+        "ort_fwd_device": "fwd on-dev",
+        "ort_grad_device": "grad on-dev",
         "torch_fwd": "torch fwd",
         "torch_fwd_bwd": "torch f+b",
         "onnx_ad": "onnx-ad",
     }
-    print(f"\nimages/s, batch {args.batch}, {args.threads} threads, "
+    names = variants(args.provider)
+    second = SECOND_VARIANT[args.provider]
+    where = "CUDA execution provider" if args.provider == "cuda" else "CPU"
+    if args.provider == "cuda":
+        where += f" on {torch.cuda.get_device_name()}"
+    print(f"\nimages/s, batch {args.batch}, {args.threads} threads, {where}, "
           f"median of {args.rounds} interleaved rounds")
-    header = f"{'model':<14}" + "".join(f"{short[v]:>13}" for v in VARIANTS)
+    header = f"{'model':<14}" + "".join(f"{short[v]:>13}" for v in names)
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['model']:<14}" + "".join(f"{_cell(r['variants'][v]):>13}" for v in VARIANTS))
+        print(f"{r['model']:<14}" + "".join(f"{_cell(r['variants'][v]):>13}" for v in names))
 
-    if any(r["variants"][v].get("foreign_cpu", 0.0) > BUSY for r in results for v in VARIANTS):
+    if any(r["variants"][v].get("foreign_cpu", 0.0) > BUSY for r in results for v in names):
         print(f"* other processes used over {BUSY:.0%} of the CPUs during that timing")
 
     print("\nratios (targets: grad/fwd time <= 2.5, grad vs torch >= 1.0)")
-    header = (f"{'model':<14}{'grad/fwd t':>12}{'(nospin)':>10}{'torch f+b/f':>13}"
-              f"{'vs torch':>10}{'vs onnx-ad':>12}")
+    on_device = second == "device"
+    header = (f"{'model':<14}{'grad/fwd t':>12}{'(' + ('on-dev' if on_device else second) + ')':>10}"
+              f"{'torch f+b/f':>13}{'vs torch':>10}" + (f"{'(on-dev)':>10}" if on_device else "")
+              + f"{'vs onnx-ad':>12}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -502,47 +626,60 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
 
         print(
             f"{r['model']:<14}{fmt(q['ort_grad_over_fwd_time']):>12}"
-            f"{fmt(q['ort_grad_over_fwd_time_nospin']):>10}"
+            f"{fmt(q[f'ort_grad_over_fwd_time_{second}']):>10}"
             f"{fmt(q['torch_fwd_bwd_over_fwd_time']):>13}"
             f"{fmt(q['ort_grad_vs_torch_fwd_bwd_throughput']):>10}"
-            f"{fmt(q['ort_grad_vs_onnx_ad_throughput']):>12}"
+            + (f"{fmt(q['ort_grad_device_vs_torch_fwd_bwd_throughput']):>10}" if on_device else "")
+            + f"{fmt(q['ort_grad_vs_onnx_ad_throughput']):>12}"
         )
+
+    if any("placement" in r for r in results):
+        print("\nkernels per execution provider in one call (op types that ran on the CPU)")
+        for r in results:
+            for graph, found in r.get("placement", {}).items():
+                nodes = ", ".join(f"{n} {p}" for p, n in sorted(found["nodes"].items()))
+                cpu = ", ".join(f"{op} x{n}" for op, n in sorted(found["cpu_ops"].items()))
+                print(f"{r['model']:<14}{graph:<10}{nodes}" + (f" ({cpu})" if cpu else ""))
 
     print("\ngradient/forward checks against torch (grads: samples matched, median rel err)")
     for r in results:
-        cells = [f"{short[v]}: {_check_cell(r['variants'][v])}" for v in VARIANTS]
+        cells = [f"{short[v]}: {_check_cell(r['variants'][v])}" for v in names]
         print(f"{r['model']:<14}" + "; ".join(cells))
 
-    if args.memory:
-        print("\npeak resident-set increase, MB (fresh subprocess per variant)")
-        header = f"{'model':<14}" + "".join(f"{short[v]:>13}" for v in VARIANTS)
+    tables = [("increase_mb", "peak resident-set increase, MB (fresh subprocess per variant)")]
+    if args.provider == "cuda":
+        tables.append(("gpu_increase_mb", "GPU memory held after the runs, MB, over the CUDA "
+                       "context (ORT's arena and torch's cache keep their peak)"))
+    for key, title in tables if args.memory else ():
+        print(f"\n{title}")
+        header = f"{'model':<14}" + "".join(f"{short[v]:>13}" for v in names)
         print(header)
         print("-" * len(header))
         for r in results:
             cells = []
-            for v in VARIANTS:
+            for v in names:
                 entry = r["variants"][v]
                 memory = entry.get("memory", {})
                 if "error" in entry or "error" in memory:
                     cells.append((entry.get("error") or memory.get("error")).split(":")[0])
                 else:
-                    cells.append(f"{memory.get('increase_mb', float('nan')):.0f}")
+                    cells.append(f"{memory.get(key, float('nan')):.0f}")
             print(f"{r['model']:<14}" + "".join(f"{c:>13}" for c in cells))
 
     problems = [
         (r["model"], v, r["variants"][v]["error"])
         for r in results
-        for v in VARIANTS
+        for v in names
         if "error" in r["variants"][v]
     ]
     if problems:
         print("\nnot measured:")
         seen = set()
         for model, variant, error in problems:
-            key = (model, variant.removesuffix("_nospin"), error)
-            if key not in seen:
-                seen.add(key)
-                print(f"  {model} {variant.removesuffix('_nospin')}: {error}")
+            variant = variant.removesuffix(f"_{second}")
+            if (model, variant, error) not in seen:
+                seen.add((model, variant, error))
+                print(f"  {model} {variant}: {error}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -563,6 +700,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--retry-pause", type=float, default=10.0, help="seconds between tries")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--provider", choices=sorted(SECOND_VARIANT), default="cpu",
+                        help="cuda: ORT's CUDA execution provider and torch on the GPU")
     parser.add_argument("--memory-runs", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--verbose", "-v", action="store_true")
     parser.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
@@ -578,12 +717,23 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.provider == "cuda":
+        if CUDA not in ort.get_available_providers() or not torch.cuda.is_available():
+            print("--provider cuda needs onnxruntime-gpu and a CUDA build of torch with a GPU; "
+                  f"ONNX Runtime offers {ort.get_available_providers()}, torch sees "
+                  f"{torch.cuda.device_count()} GPU(s)", file=sys.stderr)
+            return 2
+        torch.backends.cudnn.benchmark = True  # torch's counterpart of ORT's algorithm search
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if args.memory_child:
         name, variant = args.memory_child.split(":")
-        result = memory_child(name, variant, args.batch, args.threads, args.memory_runs)
+        result = memory_child(name, variant, args.batch, args.threads, args.memory_runs,
+                              args.provider)
         print(json.dumps(result))
         return 0
     info = {
+        "provider": args.provider,
         "onnxruntime": ort.__version__,
         "torch": torch.__version__,
         "onnx": onnx.__version__,
