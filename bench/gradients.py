@@ -19,7 +19,10 @@ Per model (from tests.zoo, exported with a symbolic batch axis) it measures imag
 
 With --provider cuda (onnxruntime-gpu and a CUDA build of torch) every variant runs on the
 GPU: ORT on the CUDA execution provider with the gradient graph built for device="cuda", torch
-on the "cuda" device, both in exact float32 (TF32 off, so the checks keep their tolerance).
+on the "cuda" device, both in exact float32 (TF32 off, so the checks keep their tolerance),
+ORT with its default exhaustive cuDNN algorithm search and torch with cudnn.benchmark: at one
+fixed batch shape both pick their fastest kernels (the runtime searches by heuristic instead,
+because attacks keep changing the batch shape).
 The two _nospin variants are replaced by
 
   ort_fwd_device    ort_fwd with input and outputs kept on the GPU (IO binding), like torch's
