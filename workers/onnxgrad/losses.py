@@ -73,7 +73,8 @@ def _cross_entropy(t: _Logits) -> tuple[str, str]:
     shifted = g.op("Exp", g.op("Sub", others, top))  # 0 at the label
     total = g.reduce("ReduceSum", shifted, [1], True)
     at_label = g.reduce("ReduceSum", g.op("Mul", t.z, t.onehot), [1], True)
-    r = g.op("Sub", g.op("Add", top, g.op("Log", total)), at_label)
+    # (top - z_y) first: both may be large while r is not
+    r = g.op("Add", g.op("Sub", top, at_label), g.op("Log", total))
     # softplus(r) = max(r, 0) + log1p(exp(-|r|)), log1p by Kahan's u = 1 + a trick (ONNX has no
     # Log1p, and ORT's CUDA Softplus computes log(1 + exp(r)), which rounds small values to 0)
     a = g.op("Exp", g.op("Neg", g.op("Abs", r)))
