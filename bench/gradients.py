@@ -17,21 +17,6 @@ Per model (from tests.zoo, exported with a symbolic batch axis) it measures imag
   onnx_ad           onnx-ad 0.3.0's reverse-mode graph of the model with the same
                     cross-entropy appended (batch pinned, opset 17), seeded with ones
 
-With --provider cuda (onnxruntime-gpu and a CUDA build of torch) every variant runs on the
-GPU: ORT on the CUDA execution provider with the gradient graph built for device="cuda", torch
-on the "cuda" device, both in exact float32 (TF32 off, so the checks keep their tolerance),
-ORT with its default exhaustive cuDNN algorithm search and torch with cudnn.benchmark: at one
-fixed batch shape both pick their fastest kernels (the runtime searches by heuristic instead,
-because attacks keep changing the batch shape).
-The two _nospin variants are replaced by
-
-  ort_fwd_device    ort_fwd with input and outputs kept on the GPU (IO binding), like torch's
-  ort_grad_device   the same for the gradient graph
-
-so the plain ort_ variants are what the service's Classifier pays (numpy in, numpy out) and
-the _device ones compare with torch on equal terms. Each ORT graph is also profiled once to
-count its nodes per execution provider (a node that falls back to the CPU costs two copies).
-
 and the ratios ORT grad time / ORT forward time, torch fwd+bwd time / torch forward time
 (torch's own price of an input gradient, in forwards), ORT grad / torch fwd+bwd throughput
 and ORT grad / onnx-ad throughput. Before timing, each gradient is checked against torch's on
@@ -45,6 +30,22 @@ increase in MB. All timings are taken in this one process, timed with time.perf_
 after warm-up runs, --rounds rounds each time every variant in turn (a short pause, WARM_SECONDS
 of untimed calls, then the median of --repeats repeats), and each variant's figure is its
 median round, so a slow spell of a shared machine falls on all variants alike.
+
+With --provider cuda (onnxruntime-gpu and a CUDA build of torch) every variant runs on the
+GPU: ORT on the CUDA execution provider with the gradient graph built for device="cuda", torch
+on the "cuda" device, both in exact float32 (TF32 off, so the checks keep their tolerance),
+ORT with its default exhaustive cuDNN algorithm search and torch with cudnn.benchmark: at one
+fixed batch shape both pick their fastest kernels (the runtime searches by heuristic instead,
+because attacks keep changing the batch shape). The two _nospin variants are replaced by
+
+  ort_fwd_device    ort_fwd with input and outputs kept on the GPU (IO binding), like torch's
+  ort_grad_device   the same for the gradient graph
+
+so the plain ort_ variants are what the service's Classifier pays (numpy in, numpy out) and
+the _device ones compare with torch on equal terms. Each ORT graph is also profiled once to
+count its nodes per execution provider (a node that falls back to the CPU costs two copies).
+GPU memory is also read in the subprocess: what the device holds after the runs, over the
+CUDA context (ORT's arena and torch's caching allocator keep their peak).
 """
 
 from __future__ import annotations
