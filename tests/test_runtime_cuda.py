@@ -21,7 +21,7 @@ from workers.runtime import Classifier, RuntimeOptions
 
 pytestmark = requires_cuda
 
-MODELS = tuple(name for name in zoo.MODEL_NAMES if name != "softmax_mlp") + ("softmax_mlp",)
+MODELS = zoo.MODEL_NAMES
 LOSSES = ("cross_entropy", "margin", "dlr", "logit")
 
 
