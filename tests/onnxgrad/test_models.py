@@ -226,7 +226,10 @@ def test_trained_model_gradients_match_float64(trained_digits, loss):
     """A trained model is confident on most samples and its inputs hold tied maxima (blank
     background): float32 gradients must still match float64 torch's, sign for sign, so that
     FGSM and PGD steps are the true ones. One sample of the 597 sits within rounding of a
-    kink (a ReLU or max-pool near-tie) and may take the other branch."""
+    kink (a ReLU or max-pool near-tie) and may take the other branch. A sample whose float64
+    gradient is below float32's resolution of a typical sample's is compared absolutely: under
+    dlr a label ranked third makes the loss 1 up to its 1e-12, and float64 leaves a gradient of
+    about 1e-13 there (which model training gives such a sample depends on the CPU)."""
     model_bytes, exact, x, y = trained_digits
     session = ort.InferenceSession(
         build_gradient_model(onnx.load_from_string(model_bytes), loss=loss).SerializeToString(),
@@ -237,6 +240,9 @@ def test_trained_model_gradients_match_float64(trained_digits, loss):
     (want,) = torch.autograd.grad(want_loss.sum(), x64)
     want = want.numpy()
     np.testing.assert_allclose(per_sample, want_loss.detach().numpy(), rtol=1e-4, atol=1e-7)
-    errors = [relative_error(g, w) for g, w in zip(grad, want, strict=True)]
+    sample_scale = np.abs(want).reshape(len(want), -1).max(axis=1)
+    negligible = sample_scale < 1e-6 * np.median(sample_scale)
+    assert np.abs(grad[negligible]).max(initial=0.0) < 1e-6 * np.median(sample_scale)
+    errors = [relative_error(g, w) for g, w in zip(grad[~negligible], want[~negligible], strict=True)]
     assert sum(e >= 1e-4 for e in errors) <= 1, sorted(errors)[-5:]
-    assert np.mean(np.sign(grad) == np.sign(want)) > 0.999
+    assert np.mean(np.sign(grad[~negligible]) == np.sign(want[~negligible])) > 0.999
