@@ -60,6 +60,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
+from bench import zoo_models  # noqa: E402
 from bench.load import ForeignLoad  # noqa: E402
 from tests import zoo  # noqa: E402
 from workers.attacks.gradient import PGD  # noqa: E402
@@ -365,7 +366,7 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--models", type=zoo_models, default=",".join(DEFAULT_MODELS))
     parser.add_argument("--engines", default=",".join(ENGINES), help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--images", type=int, help="images attacked per call (a multiple of --batch; "
@@ -388,10 +389,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for model in args.models:
-        if model not in zoo.MODEL_NAMES:
-            parser.error(f"unknown model {model!r}; choose from {', '.join(zoo.MODEL_NAMES)}")
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for engine in args.engines:
         if engine not in ENGINES:

@@ -38,6 +38,7 @@ if str(REPO) not in sys.path:
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
+from bench import zoo_models  # noqa: E402
 from bench.gradients import build_ort_gradient, make_batch  # noqa: E402
 from tests import zoo  # noqa: E402
 
@@ -186,17 +187,13 @@ def print_profile(result: dict, top: int) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--models", type=zoo_models, default=",".join(DEFAULT_MODELS))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=30, help="timed and profiled runs")
     parser.add_argument("--top", type=int, default=12, help="gradient-part rows to list")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for model in args.models:
-        if model not in zoo.MODEL_NAMES:
-            parser.error(f"unknown model {model!r}; choose from {', '.join(zoo.MODEL_NAMES)}")
     return args
 
 

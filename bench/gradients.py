@@ -73,6 +73,7 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench import zoo_models  # noqa: E402
 from bench.load import ForeignLoad  # noqa: E402
 from tests import zoo  # noqa: E402
 from tests.onnx_ad_reference import build_onnx_ad_gradient  # noqa: E402
@@ -688,7 +689,7 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--models", type=zoo_models, default=",".join(DEFAULT_MODELS))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per round")
@@ -710,10 +711,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verbose", "-v", action="store_true")
     parser.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for model in args.models:
-        if model not in zoo.MODEL_NAMES:
-            parser.error(f"unknown model {model!r}; choose from {', '.join(zoo.MODEL_NAMES)}")
     return args
 
 
