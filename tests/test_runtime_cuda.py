@@ -22,7 +22,7 @@ from workers.runtime import Classifier, RuntimeOptions
 pytestmark = requires_cuda
 
 MODELS = zoo.MODEL_NAMES
-LOSSES = ("cross_entropy", "margin", "dlr", "logit")
+LOSSES = ("auto", "cross_entropy", "margin", "dlr", "logit")
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> float:

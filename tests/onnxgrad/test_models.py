@@ -15,13 +15,15 @@ from workers.onnxgrad import LOSSES, build_gradient_model
 
 TOLERANCE = 1e-4  # norm-wise relative error in float32; the worst seen is reported by the test ids
 BATCH = 5
-SHIFT_INVARIANT = ("cross_entropy", "margin", "dlr")  # unchanged by log-softmax, for Softmax models
+SHIFT_INVARIANT = ("auto", "cross_entropy", "margin", "dlr")  # unchanged by log-softmax, for Softmax models
 
 
 def torch_loss(z: torch.Tensor, y: torch.Tensor, loss: str, targets=None, dlogits=None) -> torch.Tensor:
     at_label = z.gather(1, y[:, None])[:, 0]
     others = z.masked_fill(torch.nn.functional.one_hot(y, z.shape[1]).bool(), float("-inf"))
     best_other = others.max(dim=1).values
+    if loss == "auto":
+        return torch.logsumexp(others, 1) - at_label
     if loss == "cross_entropy":
         return torch.nn.functional.cross_entropy(z, y, reduction="none")
     if loss == "margin":
@@ -211,6 +213,38 @@ def test_cross_entropy_keeps_its_precision_where_the_label_is_certain(offset):
         assert relative_error(got, want) < 1e-5, (got, want)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_auto_loss_keeps_moving_where_cross_entropy_underflows(offset):
+    """Margins of 1 to 5,000 (a model fed 0..255 pixels has margins in the thousands): the
+    cross-entropy's float32 gradient is exactly 0 past a margin of about 104, the auto loss's
+    is the cross-entropy's direction at every margin, and its value is log-odds r, with
+    softplus(r) the cross-entropy."""
+    margins = np.array([1, 10, 80, 120, 500, 2000, 5000], np.float64)
+    rng = np.random.default_rng(1)
+    z = offset + rng.normal(0.0, 3.0, (len(margins), 10))
+    y = rng.integers(0, 10, len(margins))
+    z[np.arange(len(y)), y] = z.max(1) + margins
+    z = z.astype(np.float32).astype(np.float64)
+    others = np.where(np.eye(10, dtype=bool)[y], -np.inf, z)
+    top = others.max(1, keepdims=True)
+    weights = np.exp(others - top)
+    want_r = (top[:, 0] - z[np.arange(len(y)), y]) + np.log(weights.sum(1))
+    want_direction = weights / weights.sum(1, keepdims=True) - np.eye(10)[y]
+
+    feeds = {"x": z.astype(np.float32).reshape(-1, 1, 1, 10), "labels": y}
+    run = {loss: ort.InferenceSession(build_gradient_model(_flatten_classifier(10), loss=loss)
+                                      .SerializeToString(), providers=["CPUExecutionProvider"])
+           .run(["loss", "grad"], feeds) for loss in ("auto", "cross_entropy")}
+    r, direction = run["auto"][0], run["auto"][1].reshape(len(y), 10)
+    np.testing.assert_allclose(r, want_r, rtol=1e-5)
+    for got, want in zip(direction, want_direction, strict=True):
+        assert relative_error(got, want) < 1e-5, (got, want)
+    ce_grad = run["cross_entropy"][1].reshape(len(y), 10)
+    assert np.all(ce_grad[margins > 110] == 0)  # what the auto loss exists for
+    for got, ce in zip(direction[margins < 80], ce_grad[margins < 80], strict=True):
+        np.testing.assert_allclose(got * np.abs(ce).max() / np.abs(got).max(), ce, rtol=1e-4, atol=1e-30)
+
+
 @pytest.fixture(scope="module")
 def trained_digits():
     from tests import digits
@@ -221,7 +255,7 @@ def trained_digits():
     return digits.onnx_bytes("cnn"), exact, x, y
 
 
-@pytest.mark.parametrize("loss", ["cross_entropy", "margin", "dlr"])
+@pytest.mark.parametrize("loss", ["auto", "cross_entropy", "margin", "dlr"])
 def test_trained_model_gradients_match_float64(trained_digits, loss):
     """A trained model is confident on most samples and its inputs hold tied maxima (blank
     background): float32 gradients must still match float64 torch's, sign for sign, so that

@@ -3,6 +3,11 @@
 Each loss is emitted together with its closed-form gradient, so the gradient graph starts
 from an exact seed without differentiating through TopK or ArgMax.
 
+- auto: r = log sum_{j != y} exp(z_j - z_y), the log-odds that the model is wrong, with
+  gradient softmax over the other classes - onehot(y). Cross-entropy is softplus(r), so this
+  is cross-entropy's gradient divided by sigmoid(r): the same direction, without the factor
+  that underflows to 0 once the label wins by a logit margin of about 90 (the attacks'
+  default loss; see workers/attacks/losses.py).
 - cross_entropy: -log softmax(z)_y; gradient softmax(z) - onehot(y), both in a form that
   keeps its precision where softmax(z)_y rounds to 1.
 - margin (Carlini-Wagner): max_{j != y} z_j - z_y; gradient onehot(j*) - onehot(y).
@@ -24,10 +29,11 @@ import numpy as np
 from .errors import InvalidModelError
 from .graph import GraphBuilder
 
-LOSSES = ("cross_entropy", "margin", "dlr", "logit", "dlr_targeted", "cotangent")
+LOSSES = ("auto", "cross_entropy", "margin", "dlr", "logit", "dlr_targeted", "cotangent")
 # the extra inputs each loss reads besides the image: name -> (dtype, shape suffix after N)
 LOSS_INPUTS = {
-    "cross_entropy": ("labels",), "margin": ("labels",), "dlr": ("labels",), "logit": ("labels",),
+    "auto": ("labels",), "cross_entropy": ("labels",), "margin": ("labels",), "dlr": ("labels",),
+    "logit": ("labels",),
     "dlr_targeted": ("labels", "targets"), "cotangent": ("dlogits",),
 }
 MIN_CLASSES = {"dlr": 3, "dlr_targeted": 4}
@@ -58,6 +64,25 @@ class _Logits:
         return value, self.one_hot(index)
 
 
+def _log_odds(t: _Logits) -> tuple[str, str]:
+    """r = log sum_{j != y} exp(z_j - z_y) [N, 1] and the softmax over the other classes
+    [N, K] (0 at the label), computed from differences so that large logits round only them."""
+    g = t.g
+    others = g.op("Where", g.op("Cast", t.onehot, to=9), g.const(_LOWEST), t.z)
+    top = g.reduce("ReduceMax", others, [1], True)
+    shifted = g.op("Exp", g.op("Sub", others, top))  # 0 at the label
+    total = g.reduce("ReduceSum", shifted, [1], True)
+    at_label = g.reduce("ReduceSum", g.op("Mul", t.z, t.onehot), [1], True)
+    # (top - z_y) first: both may be large while r is not
+    r = g.op("Add", g.op("Sub", top, at_label), g.op("Log", total))
+    return r, g.op("Div", shifted, total)
+
+
+def _auto(t: _Logits) -> tuple[str, str]:
+    r, others = _log_odds(t)
+    return t.g.reduce("ReduceSum", r, [1], False), t.g.op("Sub", others, t.onehot)
+
+
 def _cross_entropy(t: _Logits) -> tuple[str, str]:
     """-log softmax(z)_y = softplus(r), r = log sum_{j != y} exp(z_j - z_y), with gradient
     sigmoid(r) (softmax of the other classes - onehot(y)), sigmoid(r) = exp(r - loss).
@@ -68,13 +93,7 @@ def _cross_entropy(t: _Logits) -> tuple[str, str]:
     signs disagreed with float64, and the CPU and the GPU disagreed on FGSM's result). This
     form keeps full relative precision until sigmoid(r) underflows (a margin of about 87)."""
     g = t.g
-    others = g.op("Where", g.op("Cast", t.onehot, to=9), g.const(_LOWEST), t.z)
-    top = g.reduce("ReduceMax", others, [1], True)
-    shifted = g.op("Exp", g.op("Sub", others, top))  # 0 at the label
-    total = g.reduce("ReduceSum", shifted, [1], True)
-    at_label = g.reduce("ReduceSum", g.op("Mul", t.z, t.onehot), [1], True)
-    # (top - z_y) first: both may be large while r is not
-    r = g.op("Add", g.op("Sub", top, at_label), g.op("Log", total))
+    r, others = _log_odds(t)
     # softplus(r) = max(r, 0) + log1p(exp(-|r|)), log1p by Kahan's u = 1 + a trick (ONNX has no
     # Log1p, and ORT's CUDA Softplus computes log(1 + exp(r)), which rounds small values to 0)
     a = g.op("Exp", g.op("Neg", g.op("Abs", r)))
@@ -84,7 +103,7 @@ def _cross_entropy(t: _Logits) -> tuple[str, str]:
                  g.op("Mul", a, g.op("Div", g.op("Log", u), du)))
     loss = g.op("Add", g.op("Relu", r), log1p)
     weight = g.op("Exp", g.op("Sub", r, loss))
-    grad = g.op("Mul", weight, g.op("Sub", g.op("Div", shifted, total), t.onehot))
+    grad = g.op("Mul", weight, g.op("Sub", others, t.onehot))
     return g.reduce("ReduceSum", loss, [1], False), grad
 
 
@@ -144,6 +163,7 @@ def _dlr_targeted(t: _Logits) -> tuple[str, str]:
 
 
 _EMITTERS: dict[str, Callable[[_Logits], tuple[str, str]]] = {
+    "auto": _auto,
     "cross_entropy": _cross_entropy,
     "margin": _margin,
     "dlr": _dlr,
