@@ -11,7 +11,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,9 +99,14 @@ def resume_runs() -> None:
     _RUN_OPTIONS.terminate = False
 
 
-def _run(session, outputs, feeds):
+# a probe that is expected to fail logs nothing (ONNX Runtime logs a failed node as an error)
+_QUIET_RUN_OPTIONS = ort.RunOptions()
+_QUIET_RUN_OPTIONS.log_severity_level = 4
+
+
+def _run(session, outputs, feeds, options=None):
     try:
-        return session.run(outputs, feeds, _RUN_OPTIONS)
+        return session.run(outputs, feeds, options or _RUN_OPTIONS)
     except Exception as exc:  # ONNX Runtime raises its own exception types
         if _RUN_OPTIONS.terminate:
             raise RunsInterrupted("ONNX Runtime calls were interrupted") from exc
@@ -142,7 +147,10 @@ class Classifier:
     """An ONNX image classifier on ONNX Runtime, with exact input gradients.
 
     ``x`` arrays are float32 in the model's input layout, labels int64 [N]. Every method
-    works in batches of ``options.batch_size`` and returns arrays for the whole input.
+    works in batches of ``options.batch_size`` and returns arrays for the whole input. A model
+    exported with a fixed batch size that its graph depends on (a constant concatenated along
+    the batch axis, say) runs in batches of exactly that size, the last one padded: slower,
+    but what the upload promised (``fixed_batch`` says so).
     """
 
     def __init__(self, model: bytes | onnx.ModelProto, options: RuntimeOptions | None = None,
@@ -159,8 +167,11 @@ class Classifier:
         self._forward_bytes = self._forward_model(prepared).SerializeToString()
         self._forward = _session((self.model_hash, output_name, "forward"),
                                  lambda: self._forward_bytes, self.options)
-        if prepared.fixed_batch is not None:
-            self._check_batch_is_free(prepared.fixed_batch)
+        self.fixed_batch: int | None = None
+        if prepared.fixed_batch is not None and not self._batch_is_free(prepared.fixed_batch):
+            self.fixed_batch = prepared.fixed_batch
+            log.info("runtime.fixed_batch %s: the graph depends on its batch size %d; running "
+                     "batches of exactly that size", self.model_hash[:12], self.fixed_batch)
         self.num_classes = prepared.num_classes or int(self.logits(self._probe(1)).shape[1])
         self.device = "cuda" if self._forward.get_providers()[0] == CUDA else "cpu"
 
@@ -181,19 +192,16 @@ class Classifier:
                 prepared.logits_name, onnx.TensorProto.FLOAT, None))
         return model
 
-    def _check_batch_is_free(self, fixed: int) -> None:
-        probe = self._probe(fixed + 1)
+    def _batch_is_free(self, fixed: int) -> bool:
+        """Whether the model, exported with batch size ``fixed``, runs other batch sizes."""
         try:
-            outputs = _run(self._forward, None, {self.input_name: probe})[0]
-        except Exception as exc:  # ONNX Runtime raises its own exception types
-            outputs, reason = None, str(exc).splitlines()[0]
-        if outputs is None or outputs.shape[0] != fixed + 1:
-            detail = reason if outputs is None else f"got {outputs.shape[0]} rows"
-            raise InvalidModelError(
-                f"the model was exported with a fixed batch size of {fixed} and its graph depends "
-                f"on it ({detail}); export it with a dynamic batch axis "
-                "(torch.onnx.export(..., dynamic_axes={'input': {0: 'N'}}))"
-            )
+            probe = {self.input_name: self._probe(fixed + 1)}
+            outputs = _run(self._forward, None, probe, _QUIET_RUN_OPTIONS)[0]
+        except RunsInterrupted:
+            raise
+        except Exception:  # ONNX Runtime raises its own exception types
+            return False
+        return outputs.shape[0] == fixed + 1
 
     def _probe(self, n: int) -> np.ndarray:
         dims = [d if isinstance(d, int) else 1 for d in self.input_shape[1:]]
@@ -228,20 +236,30 @@ class Classifier:
                              f"got [{labels.min()}, {labels.max()}]")
         return x, labels.astype(np.int64)
 
-    def _batches(self, n: int) -> Iterator[slice]:
-        step = self.options.batch_size
+    def _run_batches(self, session, outputs: list[str] | None, feeds: dict[str, np.ndarray]
+                     ) -> list[np.ndarray] | None:
+        """``session``'s outputs over every row of ``feeds``, in batches; None for no rows."""
+        n = len(next(iter(feeds.values())))
+        step = self.fixed_batch or self.options.batch_size
+        parts = []
         for start in range(0, n, step):
-            yield slice(start, min(start + step, n))
+            stop = min(start + step, n)
+            batch = {name: value[start:stop] for name, value in feeds.items()}
+            if self.fixed_batch and stop - start < step:  # pad with copies of the last row
+                batch = {name: np.concatenate([value, np.repeat(value[-1:], step - len(value), axis=0)])
+                         for name, value in batch.items()}
+            parts.append([out[:stop - start] for out in _run(session, outputs, batch)])
+        return [np.concatenate(column) for column in zip(*parts, strict=True)] if parts else None
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         (x,) = self.check_inputs(x)
-        parts = [_run(self._forward, None, {self.input_name: x[s]})[0] for s in self._batches(len(x))]
-        return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), np.float32)
+        outputs = self._run_batches(self._forward, None, {self.input_name: x})
+        return outputs[0] if outputs else np.zeros((0, self.num_classes), np.float32)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.logits(x).argmax(axis=1)
 
-    def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, loss: str = "cross_entropy",
+    def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, loss: str = "auto",
                       targets: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(logits [N, K], per-sample loss [N], d loss[i] / d x[i] shaped like x).
@@ -270,18 +288,12 @@ class Classifier:
         return logits, grad
 
     def _run_gradient(self, loss: str, x: np.ndarray, feeds: dict[str, np.ndarray]):
-        session = self._gradient_session(loss)
-        logits, losses, grads = [], [], []
-        for s in self._batches(len(x)):
-            batch = {self.input_name: x[s], **{k: v[s] for k, v in feeds.items()}}
-            z, value, grad = _run(session, ["logits", "loss", "grad"], batch)
-            logits.append(z)
-            losses.append(value)
-            grads.append(grad)
-        if not logits:
+        outputs = self._run_batches(self._gradient_session(loss), ["logits", "loss", "grad"],
+                                    {self.input_name: x, **feeds})
+        if outputs is None:
             return (np.zeros((0, self.num_classes), np.float32), np.zeros(0, np.float32),
                     np.zeros_like(x))
-        return np.concatenate(logits), np.concatenate(losses), np.concatenate(grads)
+        return tuple(outputs)
 
 
 def check_loss(loss: str) -> None:
