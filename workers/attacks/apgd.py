@@ -16,13 +16,15 @@ writes "fewer than" in (1); the authors' code, and torchattacks after it, halve 
 too, which is measurably stronger where rho times the period is an integer: fc100, L2,
 eps 1.5, 50 steps: 19.0% robust accuracy against 19.9%. We follow the code.)
 
-Losses: "ce" (cross-entropy), "dlr" (difference of logits ratio, untargeted) and
-"dlr_targeted" (APGD-T): without ``targets`` it runs once per target among the
+Losses: "auto" (the default: the cross-entropy's ascent direction without the factor that
+underflows on confident models, see workers/attacks/losses.py; APGD-CE's steps wherever the
+cross-entropy's float32 gradient is informative), "ce" (cross-entropy), "dlr" (difference of
+logits ratio, untargeted) and "dlr_targeted" (APGD-T): without ``targets`` it runs once per target among the
 ``n_target_classes`` highest-scoring wrong classes of the clean input (AutoAttack uses 9),
 each time on the samples not yet misclassified, and succeeds on any misclassification. With
-``targets`` ("ce" or "dlr_targeted") the attack is targeted: success means the target class.
+``targets`` ("auto", "ce" or "dlr_targeted") the attack is targeted: success means the target class.
 
-Arguments (keyword-only): norm "linf" | "l2"; loss "ce" | "dlr" | "dlr_targeted";
+Arguments (keyword-only): norm "linf" | "l2"; loss "auto" | "ce" | "dlr" | "dlr_targeted";
 steps (100); restarts (1; later restarts only attack the samples still robust); rho (0.75);
 n_target_classes (9, clamped to K - 1).
 
@@ -48,7 +50,7 @@ from .base import (
     register_attack,
 )
 
-LOSSES = ("ce", "dlr", "dlr_targeted")
+LOSSES = ("auto", "ce", "dlr", "dlr_targeted")
 MOMENTUM = 0.75
 
 
@@ -72,7 +74,11 @@ class APGD(Attack):
     norm = "linf"  # the default; the constructor's `norm` sets it per instance
     targeted_capable = True
 
-    def __init__(self, *, norm: str = "linf", loss: str = "ce", steps: int = 100, restarts: int = 1,
+    @property
+    def gradient_loss(self) -> str:
+        return {"auto": "auto", "ce": "cross_entropy"}.get(self.loss, "dlr")
+
+    def __init__(self, *, norm: str = "linf", loss: str = "auto", steps: int = 100, restarts: int = 1,
                  rho: float = 0.75, n_target_classes: int = 9):
         self.geometry = get_norm(norm)
         self.norm = norm
@@ -88,7 +94,7 @@ class APGD(Attack):
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
             progress: Progress | None) -> AttackRun:
         check(targets is None or self.loss != "dlr",
-              "`loss`='dlr' is untargeted; use 'ce' or 'dlr_targeted' with `targets`")
+              "`loss`='dlr' is untargeted; use 'auto', 'ce' or 'dlr_targeted' with `targets`")
         logits = model.logits(x)
         success = is_adversarial(logits, y, targets)
         x_adv, best = x.copy(), np.full(len(x), -np.inf, np.float32)
@@ -117,12 +123,13 @@ class APGD(Attack):
 
     def _objective(self, model, x_adv, y, targets, targeted):
         """(logits, the loss APGD ascends, its gradient)."""
-        if self.loss == "ce" and targeted:
-            logits, loss, grad = model.loss_and_grad(x_adv, targets, loss="cross_entropy")
-            return logits, -loss, -grad
-        if self.loss == "dlr_targeted":
+        loss = {"ce": "cross_entropy"}.get(self.loss, self.loss)
+        if loss in ("auto", "cross_entropy") and targeted:
+            logits, value, grad = model.loss_and_grad(x_adv, targets, loss=loss)
+            return logits, -value, -grad
+        if loss == "dlr_targeted":
             return model.loss_and_grad(x_adv, y, loss="dlr_targeted", targets=targets)
-        return model.loss_and_grad(x_adv, y, loss="cross_entropy" if self.loss == "ce" else "dlr")
+        return model.loss_and_grad(x_adv, y, loss=loss)
 
     def _single_run(self, model, x, y, targets, targeted, eps, bounds, rng):
         """One APGD run: (adversarial iterates, success, highest-loss points, their loss)."""

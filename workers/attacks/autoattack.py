@@ -4,7 +4,8 @@ Croce and Hein, "Reliable evaluation of adversarial robustness with an ensemble 
 parameter-free attacks" (ICML 2020). The "standard" version runs, in sequence and each only
 on the samples that are still classified correctly:
 
-1. APGD-CE: APGD on the cross-entropy, 1 run;
+1. APGD-CE: APGD on the cross-entropy, 1 run (its "auto" form: the same steps wherever the
+   cross-entropy's float32 gradient is informative, and steps where it underflows);
 2. APGD-T: APGD on the targeted DLR loss, 9 target classes, 1 run each;
 3. FAB-T: targeted FAB, 9 target classes, 1 run each;
 4. Square: 5000 queries, margin loss.
@@ -12,13 +13,16 @@ on the samples that are still classified correctly:
 A sample is robust when none of them breaks it; robust accuracy is the fraction of robust
 samples. ``extra["robust_accuracy"]`` gives the robust accuracy after each component in order
 (``"clean"`` first), ``extra["broken_by"]`` names the component that broke each sample
-(``"clean"`` when misclassified already, ``""`` when robust).
+(``"clean"`` when misclassified already, ``""`` when robust). A component that cannot run on
+the inputs (Square on inputs that are not images [N, C, H, W]) is skipped: the others'
+results stand, and ``extra["skipped"]`` gives the reason per skipped component.
 
 Arguments (keyword-only): norm "linf" | "l2"; version "standard"; steps (100, the
 iterations of APGD, APGD-T and FAB-T; torchattacks' AutoAttack uses its attacks' default of
 10); square_queries (5000); n_target_classes (9).
 
-Shapes: x float32 [N, C, H, W] within ``bounds`` (Square needs images); y int64 [N].
+Shapes: x float32 [N, ...] within ``bounds`` (Square runs on images [N, C, H, W] only);
+y int64 [N].
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ class AutoAttack(Attack):
 
     name = "autoattack"
     norm = "linf"  # the default; the constructor's `norm` sets it per instance
+    model_calls = ("logits", "loss_and_grad", "logits_vjp")
+
+    @property
+    def gradient_loss(self) -> str:
+        return "auto"
 
     def __init__(self, *, norm: str = "linf", version: str = "standard", steps: int = 100,
                  square_queries: int = 5000, n_target_classes: int = 9):
@@ -59,7 +68,7 @@ class AutoAttack(Attack):
         check_positive("n_target_classes", n_target_classes, integer=True)
         self.norm, self.version = norm, version
         self.components: list[tuple[str, Attack]] = [
-            ("apgd-ce", APGD(norm=norm, loss="ce", steps=steps)),
+            ("apgd-ce", APGD(norm=norm, loss="auto", steps=steps)),
             ("apgd-t", APGD(norm=norm, loss="dlr_targeted", steps=steps, n_target_classes=n_target_classes)),
             ("fab-t", FAB(norm=norm, multi_targeted=True, steps=steps, n_target_classes=n_target_classes)),
             ("square", Square(norm=norm, queries=square_queries)),
@@ -72,14 +81,21 @@ class AutoAttack(Attack):
         x_adv = x.copy()
         broken_by = np.where(success, "clean", "").astype(object)
         robust_accuracy = {"clean": float(1 - success.mean()) if len(x) else 0.0}
+        skipped = {}
         for done, (name, attack) in enumerate(self.components, start=1):
             todo = np.flatnonzero(~success)
-            if len(todo):
-                result = attack.run(model, x[todo], y[todo], eps, None, bounds, rng, None)
-                hit = todo[result.success]
-                x_adv[hit], success[hit], broken_by[hit] = result.x_adv[result.success], True, name
-            robust_accuracy[name] = float(1 - success.mean()) if len(x) else 0.0
+            if isinstance(attack, Square) and x.ndim != 4:
+                skipped[name] = (f"Square Attack perturbs square windows of images [N, C, H, W]; "
+                                 f"these inputs are [N, {', '.join(map(str, x.shape[1:]))}]")
+            else:
+                if len(todo):
+                    result = attack.run(model, x[todo], y[todo], eps, None, bounds, rng, None)
+                    hit = todo[result.success]
+                    x_adv[hit], success[hit], broken_by[hit] = result.x_adv[result.success], True, name
+                robust_accuracy[name] = float(1 - success.mean()) if len(x) else 0.0
             if progress is not None:
                 progress(done, len(self.components))
-        return AttackRun(eps=eps, x_adv=x_adv, success=success,
-                         extra={"robust_accuracy": robust_accuracy, "broken_by": broken_by})
+        extra = {"robust_accuracy": robust_accuracy, "broken_by": broken_by}
+        if skipped:
+            extra["skipped"] = skipped
+        return AttackRun(eps=eps, x_adv=x_adv, success=success, extra=extra)

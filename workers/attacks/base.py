@@ -18,14 +18,51 @@ import numpy as np
 
 
 class AttackModel(Protocol):
-    """The model interface attacks use (``workers.runtime.Classifier`` implements it)."""
+    """The model interface attacks use, all of it. ``workers.runtime.Classifier`` implements
+    it, and so do the defended models of ``workers.defenses.adaptive``; a model written from
+    this protocol alone runs every attack (tests/attacks/test_protocol.py). Each attack states
+    which of the three methods it calls in ``Attack.model_calls``, checked before it runs.
+
+    ``num_classes``: K, the number of logits.
+
+    ``logits(x)``: x float32 [N, ...] in the attack's pixel space; returns the scores [N, K]
+    (pre-softmax: the class is their argmax).
+
+    ``loss_and_grad(x, labels, loss="auto", targets=None)``: labels int64 [N]; returns
+    (logits [N, K], the per-sample loss [N], d loss[i] / d x[i] shaped like x). ``loss`` is
+    one of ``workers.attacks.losses.LOSSES`` ("auto", "cross_entropy", "margin", "dlr",
+    "dlr_targeted", "logit"), with the values and logit gradients that module computes;
+    "dlr_targeted" also reads ``targets`` (int64 [N]), every other loss ignores it. A model
+    that has only a vector-Jacobian product can implement it as
+    ``loss_and_dlogits(logits(x), labels, loss, targets)`` followed by ``logits_vjp``.
+
+    ``logits_vjp(x, dlogits)``: dlogits float32 [N, K]; returns (logits [N, K],
+    sum_k dlogits[i, k] d z_k / d x[i] shaped like x), the gradient of any linear combination
+    of logits (DeepFool, FAB).
+    """
 
     num_classes: int
 
     def logits(self, x: np.ndarray) -> np.ndarray: ...
 
-    def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, loss: str = "cross_entropy"
+    def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, loss: str = "auto",
+                      targets: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def logits_vjp(self, x: np.ndarray, dlogits: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+MODEL_CALLS = ("logits", "loss_and_grad", "logits_vjp")
+
+
+def check_model(model, calls: Sequence[str], attack: str) -> None:
+    """``model`` has ``num_classes`` and the methods ``calls`` an attack needs (see AttackModel)."""
+    classes = getattr(model, "num_classes", None)
+    check(isinstance(classes, int | np.integer) and not isinstance(classes, bool) and classes >= 2,
+          f"{attack} needs a model with `num_classes` (an integer >= 2, see AttackModel), got {classes!r}")
+    missing = [name for name in calls if not callable(getattr(model, name, None))]
+    check(not missing, f"{attack} calls the model's {', '.join(missing)}, which "
+          f"{type(model).__name__} lacks; implement workers.attacks.base.AttackModel")
 
 
 # progress(done, total): called by long attacks between batches of work
@@ -111,8 +148,12 @@ class L2(Norm):
         return direction * radius * eps
 
     def ascent_direction(self, grad):
-        norms = np.maximum(self.size(grad), 1e-12).reshape((-1,) + (1,) * (grad.ndim - 1))
-        return (grad / norms).astype(np.float32)
+        # scaled by its largest entry first: the square of a tiny float32 gradient underflows
+        column = (-1,) + (1,) * (grad.ndim - 1)
+        peak = np.abs(self._flat(grad)).max(axis=1) if grad.size else np.zeros(len(grad))
+        scaled = grad / np.where(peak > 0, peak, 1.0).astype(grad.dtype).reshape(column)
+        norms = np.maximum(self.size(scaled), 1e-12).reshape(column)
+        return (scaled / norms).astype(np.float32)
 
     def project(self, delta, eps):
         norms = np.maximum(self.size(delta), 1e-12).reshape((-1,) + (1,) * (delta.ndim - 1))
@@ -142,12 +183,30 @@ def is_adversarial(logits: np.ndarray, y: np.ndarray, targets: np.ndarray | None
 
 
 class Attack(ABC):
-    """Base class: subclasses validate keyword-only parameters in ``__init__``."""
+    """Base class: subclasses validate keyword-only parameters in ``__init__``.
+
+    Facts about an attack are class attributes, read by the evaluation, the sanity checks
+    and the service instead of tables keyed by name.
+    """
 
     name: ClassVar[str]
+    # single_step, iterative, black_box (scores only), noise, minimal, universal
+    kind: ClassVar[str] = "iterative"
     norm: ClassVar[str | None] = None
     minimal: ClassVar[bool] = False  # True: finds minimal perturbations, takes no eps
     targeted_capable: ClassVar[bool] = False
+    # the AttackModel methods the attack calls; ("logits",) alone: it needs no gradients
+    model_calls: ClassVar[tuple[str, ...]] = ("logits", "loss_and_grad")
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.model_calls != ("logits",)
+
+    @property
+    def gradient_loss(self) -> str | None:
+        """The loss whose input gradient this attack follows, or None for an attack that reads
+        only scores: the evaluation probes it for vanishing or non-finite gradients."""
+        return "margin" if self.needs_gradients else None
 
     def __call__(
         self,
@@ -161,6 +220,7 @@ class Attack(ABC):
         seed: int = 0,
         progress: Progress | None = None,
     ) -> list[AttackRun]:
+        check_model(model, self.model_calls, self.name)
         x = np.asarray(x, np.float32)
         y = np.asarray(y, np.int64)
         check(x.ndim >= 2 and len(x) == len(y), f"x [N, ...] and y [N] disagree: {x.shape} vs {y.shape}")

@@ -68,6 +68,7 @@ class CarliniWagnerL2(Attack):
     """Carlini-Wagner L2 (2017) with Adam and a binary search over c; see the module docstring."""
 
     name = "cw_l2"
+    kind = "minimal"
     norm = "l2"
     minimal = True
     targeted_capable = True

@@ -122,8 +122,10 @@ class DeepFool(Attack):
     """DeepFool (Moosavi-Dezfooli et al. 2016), multi-class, L2 or L-inf; see the module docstring."""
 
     name = "deepfool"
+    kind = "minimal"
     norm = "l2"  # the default; the constructor's `norm` sets it per instance
     minimal = True
+    model_calls = ("logits", "logits_vjp")
 
     def __init__(self, *, norm: str = "l2", overshoot: float = 0.02, max_iter: int = 50,
                  candidates: int = 10):

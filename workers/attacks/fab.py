@@ -98,6 +98,7 @@ class FAB(Attack):
     name = "fab"
     norm = "linf"  # the default; the constructor's `norm` sets it per instance
     targeted_capable = True
+    model_calls = ("logits", "logits_vjp")
 
     def __init__(self, *, norm: str = "linf", multi_targeted: bool = False, n_target_classes: int = 9,
                  steps: int = 100, restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,

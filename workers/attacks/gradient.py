@@ -20,7 +20,9 @@ Arguments (keyword-only):
     random_start: start uniformly inside the ball (PGD) or at x (BIM, FGSM).
     restarts: runs from independent random starts; per sample the first run that succeeds,
         else the run that ends at the highest loss, is kept.
-    loss: "cross_entropy" or "margin" (Carlini-Wagner's max_{j != y} z_j - z_y).
+    loss: "auto" (the default: the cross-entropy's ascent direction without its vanishing
+        scale, see workers/attacks/losses.py), "cross_entropy", or "margin" (Carlini-Wagner's
+        max_{j != y} z_j - z_y).
     random_target: draw a random target per sample (PGD, BIM).
 
 Shapes: x float32 [N, ...] within ``bounds``; y int64 [N]; targets int64 [N] or None.
@@ -45,21 +47,14 @@ from .base import (
     random_targets,
     register_attack,
 )
+from .losses import loss_values
 
-LOSSES = ("cross_entropy", "margin")
+LOSSES = ("auto", "cross_entropy", "margin")
 
 
 def objective_from_logits(logits: np.ndarray, labels: np.ndarray, loss: str, targeted: bool) -> np.ndarray:
     """The per-sample value the attack ascends: the loss of y, or minus the loss of the target."""
-    rows = np.arange(len(labels))
-    at_label = logits[rows, labels]
-    if loss == "cross_entropy":
-        top = logits.max(axis=1)
-        value = top + np.log(np.exp(logits - top[:, None]).sum(axis=1)) - at_label
-    else:
-        others = logits.copy()
-        others[rows, labels] = -np.inf
-        value = others.max(axis=1) - at_label
+    value = loss_values(logits, labels, loss)
     return -value if targeted else value
 
 
@@ -71,9 +66,13 @@ class PGD(Attack):
     norm = "linf"  # the default; the constructor's `norm` sets it per instance
     targeted_capable = True
 
+    @property
+    def gradient_loss(self) -> str:
+        return self.loss
+
     def __init__(self, *, norm: str = "linf", steps: int = 40, step_size: float | None = None,
                  rel_step_size: float | None = None, random_start: bool = True, restarts: int = 1,
-                 loss: str = "cross_entropy", random_target: bool = False):
+                 loss: str = "auto", random_target: bool = False):
         self.geometry = get_norm(norm)
         self.norm = norm
         check_positive("steps", steps, integer=True)
@@ -138,7 +137,7 @@ class BIM(PGD):
     name = "bim"
 
     def __init__(self, *, norm: str = "linf", steps: int = 10, step_size: float | None = None,
-                 rel_step_size: float | None = None, loss: str = "cross_entropy",
+                 rel_step_size: float | None = None, loss: str = "auto",
                  random_target: bool = False):
         super().__init__(norm=norm, steps=steps, step_size=step_size, rel_step_size=rel_step_size,
                          random_start=False, restarts=1, loss=loss, random_target=random_target)
@@ -149,7 +148,8 @@ class FGSM(PGD):
     """Fast gradient sign method (Goodfellow et al. 2015): one L-inf step of size eps."""
 
     name = "fgsm"
+    kind = "single_step"
     norm = "linf"
 
-    def __init__(self, *, loss: str = "cross_entropy"):
+    def __init__(self, *, loss: str = "auto"):
         super().__init__(norm="linf", steps=1, rel_step_size=1.0, random_start=False, loss=loss)

@@ -74,6 +74,7 @@ class LBFGS(Attack):
     """Szegedy et al.'s (2014) box-constrained L-BFGS attack; see the module docstring."""
 
     name = "lbfgs"
+    kind = "minimal"
     norm = "l2"
     minimal = True
     targeted_capable = True

@@ -38,6 +38,8 @@ from .base import (
 class _Noise(Attack):
     norm = None
     targeted_capable = True
+    kind = "noise"
+    model_calls = ("logits",)
 
     def __init__(self, *, repeats: int = 1):
         check_positive("repeats", repeats, integer=True)

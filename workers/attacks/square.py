@@ -83,6 +83,8 @@ class Square(Attack):
     """Square Attack (Andriushchenko et al. 2020); see the module docstring."""
 
     name = "square"
+    kind = "black_box"
+    model_calls = ("logits",)
     norm = "linf"  # the default; the constructor's `norm` sets it per instance
     targeted_capable = True
 

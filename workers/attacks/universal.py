@@ -78,7 +78,9 @@ class UniversalPerturbation(Attack):
     """Universal adversarial perturbations (Moosavi-Dezfooli et al. 2017); see the module docstring."""
 
     name = "universal"
+    kind = "universal"
     norm = "linf"  # the default; the constructor's `norm` sets it per instance
+    model_calls = ("logits", "logits_vjp")
 
     def __init__(self, *, norm: str = "linf", target_fooling_rate: float = 0.8, max_passes: int = 10,
                  batch_size: int = 32, overshoot: float = 0.02, max_iter: int = 50, candidates: int = 10):

@@ -60,7 +60,7 @@ class DefendedModel(_Wrapped):
     def __init__(self, classifier: AttackModel, defense: Defense, *, seed: int = 0):
         super().__init__(classifier, defense, seed)
 
-    def loss_and_grad(self, x, labels, loss="cross_entropy", targets=None):
+    def loss_and_grad(self, x, labels, loss="auto", targets=None):
         raise TypeError(
             "DefendedModel has no gradients: craft non-adaptive examples on the bare Classifier, or "
             "attack adaptively with adaptive_model() (composed graph, EOTModel or BPDAModel)")
@@ -79,7 +79,7 @@ class BPDAModel(_Wrapped):
     def __init__(self, classifier: AttackModel, defense: Defense, *, seed: int = 0):
         super().__init__(classifier, defense, seed)
 
-    def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, loss: str = "cross_entropy",
+    def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, loss: str = "auto",
                       targets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.classifier.loss_and_grad(self.defended(x), labels, loss, **_targets(targets))
 
@@ -119,7 +119,7 @@ class EOTModel(_Wrapped):
     def _mean(self, values: np.ndarray) -> np.ndarray:
         return values.reshape(self.samples, -1, *values.shape[1:]).mean(axis=0).astype(values.dtype)
 
-    def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, loss: str = "cross_entropy",
+    def loss_and_grad(self, x: np.ndarray, labels: np.ndarray, loss: str = "auto",
                       targets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         stacked, masks = self._draws(x)
         labels = np.tile(np.asarray(labels), self.samples)
