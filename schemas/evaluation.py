@@ -9,6 +9,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Layout = Literal["NCHW", "NHWC"]
+ModelLayout = Literal["auto", "NCHW", "NHWC"]
+Verdict = Literal["passed", "failed", "inconclusive"]
+TargetMode = Literal["random", "least_likely", "all", "dataset"]
+AttackLoss = Literal["auto", "cross_entropy", "margin", "ce", "dlr", "dlr_targeted"]
 Norm = Literal["linf", "l2"]
 GateMetric = Literal[
     "clean_accuracy", "robust_accuracy", "success_rate", "mean_l2", "median_l2",
@@ -21,10 +25,19 @@ class InputSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    range: tuple[float, float] = (0.0, 1.0)  # pixel range attacks work in (budgets are in it)
-    mean: list[float] | None = None  # normalisation composed into the graph: (x - mean) / std
+    range: tuple[float, float] = Field((0.0, 1.0), description=(
+        "the pixel range attacks work in: budgets, step sizes and perturbations are in its units "
+        "(e.g. [0, 255] for a model fed raw bytes)"))
+    mean: list[float] | None = Field(None, description=(
+        "normalisation composed into the graph, (x - mean) / std: one value or one per channel"))
     std: list[float] | None = None
-    layout: Layout = "NCHW"  # of the dataset; the model input is NCHW after the composed transpose
+    layout: Layout = Field("NCHW", description=(
+        "the dataset's image layout. Evaluations run on NCHW pixels: NHWC images are transposed "
+        "when loaded, and artifacts are returned in this layout"))
+    model_layout: ModelLayout = Field("auto", description=(
+        "the layout the model takes: auto reads it from the model's input shape (the one in which "
+        "the images fit it, NCHW when both do); NHWC models (tf2onnx, Keras) get a Transpose composed "
+        "in front, and per-channel operations use the channel axis of this layout"))
 
     @field_validator("range")
     @classmethod
@@ -41,6 +54,20 @@ class InputSpec(BaseModel):
         return value
 
 
+LOSS_HELP = (
+    "the loss a gradient attack ascends. auto (the default of fgsm, bim, pgd and apgd, and "
+    "AutoAttack's APGD-CE): the cross-entropy's ascent direction without the factor that underflows to "
+    "exactly 0 once the label wins by a logit margin of about 90 (models fed 0..255 pixels, large "
+    "logits, saturated softmax outputs): it takes the cross-entropy's steps wherever those are "
+    "informative, and tends to the C&W margin's where they vanish; use it unless a paper's exact "
+    "setting is wanted. cross_entropy (fgsm, bim, pgd; ce for apgd): the textbook loss, for comparisons "
+    "with other tools; on confident models its gradient vanishes and the evaluation is flagged as masked. "
+    "margin (fgsm, bim, pgd): Carlini-Wagner's max_{j != y} z_j - z_y, scale-free in direction. dlr "
+    "(apgd): Croce and Hein's difference of logits ratio, invariant to the logits' scale and shift, "
+    "3+ classes. dlr_targeted (apgd): APGD-T, the targeted DLR over the top classes, 4+ classes."
+)
+
+
 class AttackSpec(BaseModel):
     """One attack: ``name``, its budgets and its own parameters (checked by the attack)."""
 
@@ -49,7 +76,19 @@ class AttackSpec(BaseModel):
     name: str = Field(description="attack name, e.g. fgsm, pgd, deepfool, autoattack")
     eps: list[float] | None = Field(None, description="budgets in pixel units (one or a list)")
     norm: Norm | None = None
-    targeted: bool = False  # with random target classes != label, from the seed
+    targeted: bool = Field(False, description="a targeted attack with a random target class != label per "
+                           "sample, reproducible from the seed (the same as targets: random)")
+    targets: TargetMode | None = Field(None, description=(
+        "the target classes of a targeted attack: random (as targeted: true); least_likely (the class the "
+        "model scores lowest on the clean image); all (the attack once per other class, each sample's "
+        "worst case: broken when any run misclassifies it, as AutoAttack's targeted runs); dataset (the "
+        "dataset's array t of target labels)"))
+    loss: AttackLoss | None = Field(None, description=LOSS_HELP)
+    step_size: float | None = Field(None, gt=0, description=(
+        "fgsm, bim, pgd: the step in pixel units; give at most one of step_size and rel_step_size"))
+    rel_step_size: float | None = Field(None, gt=0, description=(
+        "bim, pgd: the step as a fraction of eps, so that one value serves every budget of the entry; "
+        "neither given: 2.5 / steps (Madry et al.)"))
     label: str | None = Field(None, description="a name for this entry in results and gates")
 
     @model_validator(mode="before")
@@ -63,6 +102,15 @@ class AttackSpec(BaseModel):
                 data["eps"] = [data["eps"]]
         return data
 
+    @model_validator(mode="after")
+    def _targets_agree(self):
+        if self.targets is not None and not self.targeted:
+            if "targeted" in self.model_fields_set:
+                raise ValueError(f"`targeted: false` contradicts `targets: {self.targets}`; "
+                                 "remove `targeted`")
+            self.targeted = True  # targets imply a targeted attack (and a dump says so)
+        return self
+
     @field_validator("eps")
     @classmethod
     def _eps_valid(cls, value):
@@ -75,11 +123,20 @@ class AttackSpec(BaseModel):
 
     def params(self) -> dict[str, Any]:
         """The attack-specific parameters (everything but the common fields)."""
-        return dict(self.model_extra or {})
+        declared = {name: getattr(self, name) for name in ATTACK_PARAMETERS}
+        return {**{k: v for k, v in declared.items() if v is not None}, **(self.model_extra or {})}
 
     @property
     def key(self) -> str:
         return self.label or self.name
+
+    @property
+    def target_mode(self) -> str | None:
+        """How the targets are chosen, or None for an untargeted attack."""
+        return self.targets or ("random" if self.targeted else None)
+
+
+ATTACK_PARAMETERS = ("loss", "step_size", "rel_step_size")  # declared here, passed to the attack
 
 
 class GateSpec(BaseModel):
@@ -97,6 +154,9 @@ class GateSpec(BaseModel):
                                  "service, or the path of a result JSON file for the local CLI")
     max_drop: float | None = Field(None, ge=0, description="with `baseline`: pass when the value is at "
                                    "least the baseline's value minus max_drop")
+    allow_inconclusive: bool = Field(False, description=(
+        "a gate whose attack entry carries a gradient-masking warning is inconclusive, not passed; true "
+        "accepts such a gate as passed, and the result records that it did"))
 
     @model_validator(mode="after")
     def _bounded(self):
@@ -115,10 +175,13 @@ class FoolingSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    samples: int = Field(1000, ge=1, le=100_000)  # noise images to label
-    threshold: float = Field(0.9, gt=0, lt=1)  # max softmax probability that counts as fooled
-    steps: int = Field(20, ge=0, le=1000)  # gradient-ascent steps per class (0: skip)
-    step_size: float = Field(0.02, gt=0)  # L-inf step, in pixel units
+    samples: int = Field(1000, ge=1, le=100_000, description="uniform-noise images to label")
+    threshold: float = Field(0.9, gt=0, lt=1, description=(
+        "the softmax confidence that counts as fooled: the share of noise images labelled with at "
+        "least this confidence is the fooling rate"))
+    steps: int = Field(20, ge=0, le=1000, description=(
+        "gradient-ascent steps per class from noise towards that confidence (0: skip the ascent)"))
+    step_size: float = Field(0.02, gt=0, description="the ascent's L-inf step, in pixel units")
 
 
 MAIN_MODEL = "model"  # the evaluated model's name in a transfer spec
@@ -192,6 +255,9 @@ class TransferSpec(BaseModel):
         for index, attack in enumerate(self.attacks):
             if attack.name not in ATTACKS:
                 raise ValueError(f"transfer.attacks[{index}].name: unknown attack {attack.name!r}")
+            if attack.target_mode is not None:
+                raise ValueError(f"transfer.attacks[{index}]: transfer tables are of untargeted attacks; "
+                                 "remove `targeted` / `targets`")
             try:
                 build_attack(attack)
             except (TypeError, ValueError) as exc:
@@ -218,7 +284,9 @@ class EvaluationSpec(BaseModel):
         "the same result locally and on the service"))
     attacks: list[AttackSpec] = Field(default_factory=list, max_length=64)
     gates: list[GateSpec] = Field(default_factory=list, max_length=256)
-    fooling: FoolingSpec | None = None
+    fooling: FoolingSpec | None = Field(None, description=(
+        "fooling images (Nguyen et al. 2015): how confidently the model labels uniform noise, and how fast "
+        "gradient ascent from noise reaches each class"))
     transfer: TransferSpec | None = None
     lipschitz: bool = False  # per-layer Lipschitz upper bounds and their product (Szegedy et al.)
     defenses: list[DefenseSpec] = Field(default_factory=list, max_length=16)
@@ -293,8 +361,8 @@ def build_attack(spec: AttackSpec):
     params = spec.params()
     if spec.norm is not None:
         params["norm"] = spec.norm
-    if spec.targeted and not cls.targeted_capable:
-        raise ValueError(f"{spec.name} has no targeted variant; remove `targeted`")
+    if spec.target_mode is not None and not cls.targeted_capable:
+        raise ValueError(f"{spec.name} has no targeted variant; remove `targeted` / `targets`")
     if not cls.minimal and spec.eps is None:
         raise ValueError(f"{spec.name} needs `eps`, its budget(s)")
     if cls.minimal and spec.eps is not None:
@@ -333,6 +401,9 @@ class AttackResult(BaseModel):
     median_queries: float | None = None
     minimal: dict[str, Any] | None = None  # quantiles and the accuracy-versus-eps curve
     details: dict[str, Any] | None = None  # attack-specific extras (e.g. per-component results)
+    # signs that this entry's number overstates robustness (gradient masking): a gate that reads
+    # the entry is inconclusive while any is present
+    warnings: list[str] = Field(default_factory=list)
 
 
 class GateResult(BaseModel):
@@ -346,8 +417,20 @@ class GateResult(BaseModel):
     max_drop: float | None = None
     value: float | None
     baseline_value: float | None = None  # the same metric in the baseline evaluation
-    passed: bool
+    passed: bool  # the verdict is passed (an accepted inconclusive gate included)
+    # passed; failed; inconclusive: the bounds hold but the entry carries a masking warning
+    verdict: Verdict | None = None
+    allow_inconclusive: bool = False
+    # true when the gate passed only because allow_inconclusive accepted an inconclusive verdict
+    accepted_inconclusive: bool = False
     reason: str | None = None
+    warnings: list[str] = Field(default_factory=list)  # the entry's masking warnings
+
+    @model_validator(mode="after")
+    def _verdict_of_older_results(self):
+        if self.verdict is None:  # a result written before verdicts existed
+            self.verdict = "passed" if self.passed else "failed"
+        return self
 
 
 class EvaluationResult(BaseModel):
@@ -362,7 +445,9 @@ class EvaluationResult(BaseModel):
     attacks: list[AttackResult]
     warnings: list[str]
     gates: list[GateResult]
-    passed: bool
+    passed: bool  # every gate passed
+    # failed when a gate failed, else inconclusive when a gate is, else passed
+    verdict: Verdict | None = None
     fooling: dict[str, Any] | None = None  # noise fooling rate and gradient-ascent summary
     # per transfer attack: Szegedy-style table (rows: sources and noise baselines; columns:
     # targets; error rates and average distortion) and Liang et al.'s cross-testing pairs
@@ -377,3 +462,15 @@ class EvaluationResult(BaseModel):
     # seconds of work summed over the units (not wall time when they run in parallel): "clean", one
     # entry per attack key, "fooling", "finish" and their "total"
     timing: dict[str, float]
+
+    @model_validator(mode="after")
+    def _verdict_of_older_results(self):
+        if self.verdict is None:  # a result written before verdicts existed
+            self.verdict = overall_verdict(self.gates)
+        return self
+
+
+def overall_verdict(gates: list[GateResult]) -> str:
+    """failed when a gate failed, else inconclusive when one is, else passed."""
+    verdicts = {g.verdict for g in gates}
+    return "failed" if "failed" in verdicts else "inconclusive" if "inconclusive" in verdicts else "passed"

@@ -46,7 +46,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 from PIL import Image
 
-from workers.datasets import MAX_BYTES, MAX_SAMPLES, Dataset, DatasetError, load_npz
+from workers.datasets import MAX_BYTES, MAX_SAMPLES, Dataset, DatasetError, check_targets, load_npz
 from workers.onnxgrad import (
     GradientBuildError,
     PreparedClassifier,
@@ -627,6 +627,7 @@ class DatasetInfo:
     source_dtype: str
     num_classes: int  # the largest label + 1
     classes: list[str] | None  # class folder names of a PNG zip, in label order
+    targets: bool = False  # an .npz with target labels t (for targets: dataset)
 
 
 @dataclass
@@ -974,6 +975,12 @@ def _npz_headers(
             f"found {sorted(headers)}: numpy.savez(path, x=images, y=labels)"
         )
     x, y = headers["x"], headers["y"]
+    t = headers.get("t")
+    if t is not None and (t.shape != y.shape or not np.issubdtype(t.dtype, np.integer)):
+        raise _bad_dataset(
+            f"'t' (target labels) must be integers of the shape of 'y' {list(y.shape)}, got "
+            f"{t.dtype} {list(t.shape)}"
+        )
     if len(y.shape) != 1:
         raise _bad_dataset(f"'y' must be 1-D (one label per image), got shape {list(y.shape)}")
     if len(x.shape) not in NPZ_IMAGE_RANKS or x.shape[0] != y.shape[0]:
@@ -1002,6 +1009,15 @@ def _validate_npz(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits
     x, y = _npz_headers(archive, files, limits)
     labels = np.frombuffer(_read_member(archive, y.info, y.offset), y.dtype)
     num_classes = _check_labels(labels)
+    t_info = next((info for info in files if info.filename == "t.npy"), None)
+    if t_info is not None:
+        t = _npy_header(archive, t_info)
+        targets = np.frombuffer(_read_member(archive, t_info, t.offset), t.dtype)
+        try:
+            check_targets(targets, labels)
+        except DatasetError as exc:
+            raise _bad_dataset(str(exc)) from None
+        num_classes = max(num_classes, _check_labels(targets))
     not_finite = 0
     for chunk in _member_chunks(archive, x.info, x.offset):  # all of x: its CRC is checked at the end
         if x.dtype != np.uint8:
@@ -1019,6 +1035,7 @@ def _validate_npz(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits
         source_dtype=str(x.dtype),
         num_classes=num_classes,
         classes=None,
+        targets=t_info is not None,
     )
 
 

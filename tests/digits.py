@@ -103,3 +103,61 @@ def onnx_bytes(name: str, seed: int = 0) -> bytes:
                           opset_version=17, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     return buffer.getvalue()
+
+
+class _Scaled(nn.Module):
+    def __init__(self, net: nn.Module, scale: float, softmax: bool = False):
+        super().__init__()
+        self.net, self.scale, self.softmax = net, scale, softmax
+
+    def forward(self, x):
+        z = self.net(x) * self.scale
+        return torch.softmax(z, dim=1) if self.softmax else z
+
+
+class _ChannelsLast(nn.Module):
+    """Takes NHWC images, as tf2onnx and Keras exports do: a Transpose, then the network."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+class _Flat(nn.Module):
+    """Takes [N, 784, 1]: inputs that are not images."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.reshape(-1, 1, 28, 28))
+
+
+# Variants of the trained models that real exports look like. The saturated ones have logits
+# in the hundreds or thousands, where the cross-entropy's float32 gradient is exactly zero:
+# "cnn" itself fed 0..255 pixels (not rescaled) is another (top-two logit gaps of 460, 2,700
+# and 4,600 at the 5th, 50th and 95th percentile; the CNTK MNIST model's are 140, 1,174, 2,704).
+VARIANTS = {
+    "cnn-x100": (lambda: _Scaled(trained("cnn"), 100.0), SHAPE),
+    "cnn-x1000": (lambda: _Scaled(trained("cnn"), 1000.0), SHAPE),
+    "cnn-softmax-x100": (lambda: _Scaled(trained("cnn"), 100.0, softmax=True), SHAPE),
+    "cnn-nhwc": (lambda: _ChannelsLast(trained("cnn")), (28, 28, 1)),
+    "fc100-flat": (lambda: _Flat(trained("fc100")), (784, 1)),
+}
+
+
+@functools.lru_cache(maxsize=16)
+def variant_onnx_bytes(name: str) -> bytes:
+    """``VARIANTS[name]`` exported like ``onnx_bytes`` (legacy exporter, opset 17, dynamic batch)."""
+    make, shape = VARIANTS[name]
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(make().eval(), (torch.zeros(2, *shape),), buffer, dynamo=False,
+                          opset_version=17, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return buffer.getvalue()

@@ -8,7 +8,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from workers.datasets import DatasetError, check_against_model, load_npz
+from workers.datasets import DatasetError, load_npz
+from workers.layout import LayoutError, image_nchw, model_layout
 
 
 def npz(**arrays) -> bytes:
@@ -78,9 +79,54 @@ def test_not_a_zip_is_refused():
         load_npz(b"\x93NUMPY but not really")
 
 
-def test_dataset_is_checked_against_the_model():
-    data = load_npz(npz(x=np.zeros((2, 1, 28, 28), np.float32), y=np.array([0, 12])))
-    with pytest.raises(DatasetError, match="the model has 10 classes"):
-        check_against_model(data, ("N", 1, 28, 28), 10, "NCHW")
-    with pytest.raises(DatasetError, match="expects"):
-        check_against_model(data, ("N", 3, 32, 32), 20, "NCHW")
+def test_target_labels_are_read_and_checked():
+    x, y = np.zeros((3, 1, 4, 4), np.float32), np.array([0, 1, 2])
+    data = load_npz(npz(x=x, y=y, t=np.array([1, 2, 0], np.int32)))
+    assert data.t.dtype == np.int64 and list(data.t) == [1, 2, 0]
+    assert load_npz(npz(x=x, y=y)).t is None
+    with pytest.raises(DatasetError, match="equal the labels 'y' for 1 samples"):
+        load_npz(npz(x=x, y=y, t=np.array([1, 1, 0])))
+    with pytest.raises(DatasetError, match="shape of 'y'"):
+        load_npz(npz(x=x, y=y, t=np.array([1, 2])))
+    with pytest.raises(DatasetError, match="must be integers"):
+        load_npz(npz(x=x, y=y, t=np.array([1.0, 2.0, 0.0])))
+    with pytest.raises(DatasetError, match=">= 0"):
+        load_npz(npz(x=x, y=y, t=np.array([-1, 2, 0])))
+
+
+@pytest.mark.parametrize("model_shape, image, declared, want", [
+    (["N", 3, 32, 32], [3, 32, 32], "auto", "NCHW"),
+    (["N", 32, 32, 3], [3, 32, 32], "auto", "NHWC"),  # tf2onnx / Keras
+    ([1, None, None, 3], [3, 32, 32], "auto", "NHWC"),  # Keras with free spatial axes
+    (["N", 1, 28, 28], [1, 28, 28], "NCHW", "NCHW"),
+    (["N", None, None, None], [3, 8, 8], "auto", "NCHW"),  # both fit: NCHW ...
+    (["N", None, None, None], [3, 8, 8], "NHWC", "NHWC"),  # ... unless declared
+    (["N", 784], [784], "auto", "NCHW"),  # not an image: nothing to transpose
+])
+def test_the_model_layout_is_the_one_the_images_fit(model_shape, image, declared, want):
+    assert model_layout(model_shape, image, declared) == want
+
+
+def test_images_that_fit_no_layout_are_refused_with_a_hint():
+    with pytest.raises(LayoutError, match="another order: set input.layout"):
+        model_layout(["N", 3, 32, 32], [32, 32, 3], "auto")  # NHWC data declared NCHW
+    with pytest.raises(LayoutError, match="which is not NHWC"):
+        model_layout(["N", 3, 32, 32], [3, 32, 32], "NHWC")
+    with pytest.raises(LayoutError, match=r"\[N, 3, 32, 32\]"):
+        model_layout(["N", 3, 32, 32], [1, 28, 28], "auto")
+
+
+def test_a_last_axis_larger_than_the_image_is_not_taken_for_channels():
+    """[N, 1, 28, 28] fits 28-channel images [28, 1, 28] as NHWC, but no image is 1 pixel high
+    with 28 channels: such data was declared NHWC by mistake."""
+    with pytest.raises(LayoutError, match="fit neither"):
+        model_layout(["N", 1, 28, 28], [28, 1, 28], "auto")
+    assert model_layout(["N", 1, 28, 28], [28, 1, 28], "NHWC") == "NHWC"  # unless declared
+
+
+def test_nhwc_images_declared_nchw_are_refused_with_the_fix():
+    with pytest.raises(LayoutError, match="set input.layout to the dataset's layout, NHWC"):
+        image_nchw([28, 28, 1], "NCHW")
+    assert image_nchw([28, 28, 1], "NHWC") == [1, 28, 28]
+    assert image_nchw([64, 8, 8], "NCHW") == [64, 8, 8]  # feature maps: not image channels last
+    assert image_nchw([1, 28, 28], "NCHW") == [1, 28, 28]

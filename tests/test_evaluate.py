@@ -156,7 +156,7 @@ def test_bad_data_exits_2(demo, tmp_path, capsys):
     wrong = tmp_path / "wrong.npz"
     wrong.write_bytes(buffer.getvalue())
     assert main(["evaluate", str(model), str(wrong), "--spec", str(spec_path)]) == 2
-    assert "expects [1, 28, 28]" in capsys.readouterr().err
+    assert "expects [N, 1, 28, 28]" in capsys.readouterr().err
 
 
 def test_committed_json_schemas_are_current():

@@ -191,8 +191,10 @@ def test_gradient_stats():
     grad[0] = 0
     grad[1, 0, 0] = np.nan
     grad[2, 1, 1] = -np.inf
-    assert gradient_stats(grad) == {"zero_fraction": 0.25, "nonfinite": 2}
-    assert gradient_stats(np.zeros((3, 5))) == {"zero_fraction": 1.0, "nonfinite": 0}
+    grad[3, 0, 1] = np.nan  # a second non-finite entry of sample 3: still one sample
+    grad[3, 1, 0] = np.inf
+    assert gradient_stats(grad) == {"probed": 4, "zero_fraction": 0.25, "nonfinite": 3}
+    assert gradient_stats(np.zeros((3, 5))) == {"probed": 3, "zero_fraction": 1.0, "nonfinite": 0}
 
 
 def _entry(attack, kind, eps, ra, norm="linf", **more):
@@ -201,7 +203,7 @@ def _entry(attack, kind, eps, ra, norm="linf", **more):
 
 HEALTHY = [
     _entry("fgsm", "single_step", 0.1, 0.50),
-    _entry("pgd", "iterative", 0.1, 0.30, gradient_stats={"zero_fraction": 0.5, "nonfinite": 0}),
+    _entry("pgd", "iterative", 0.1, 0.30, gradient_stats={"zero_fraction": 0.01, "nonfinite": 0}),
     _entry("pgd", "iterative", 0.2, 0.305),  # within one point of the smaller eps
     _entry("pgd", "iterative", 0.05, 0.60),
     _entry("square", "black_box", 0.1, 0.295),  # within a point of the best white-box attack
@@ -218,21 +220,29 @@ def test_sanity_flags_stay_quiet_on_a_consistent_evaluation():
     assert sanity_flags([]) == []
 
 
-@pytest.mark.parametrize("entry, words", [
+@pytest.mark.parametrize("entry, words, affected", [
     (_entry("pgd", "iterative", 0.15, 0.3, gradient_stats={"zero_fraction": 0.75, "nonfinite": 0}),
-     ["pgd", "eps=0.15", "zero for 75%"]),
+     ["pgd", "eps=0.15", "zero for 75%"], [10]),
+    (_entry("pgd", "iterative", 0.15, 0.3, gradient_stats={"loss": "cross_entropy", "probed": 40,
+                                                           "zero_fraction": 0.05, "nonfinite": 0}),
+     ["pgd", "eps=0.15", "cross_entropy gradient is zero for 5% of the 40 correctly classified",
+      "loss: auto"], [10]),
     (_entry("pgd", "iterative", 0.15, 0.3, gradient_stats={"zero_fraction": 0.0, "nonfinite": 3}),
-     ["pgd", "eps=0.15", "3 non-finite"]),
-    (_entry("pgd", "iterative", 0.4, 0.32), ["pgd", "eps=0.4", "30.00% at the smaller eps=0.1"]),
-    (_entry("fgsm", "single_step", 0.2, 0.25), ["fgsm", "eps=0.2", "iterative pgd"]),
-    (_entry("nes", "black_box", 0.1, 0.28), ["nes", "eps=0.1", "every white-box"]),
+     ["pgd", "eps=0.15", "3 non-finite"], [10]),
+    (_entry("pgd", "iterative", 0.4, 0.32), ["pgd", "eps=0.4", "30.00% at the smaller eps=0.1", "2.00%"],
+     [10]),
+    # the single-step attack beats the iterative one: the iterative entry's number is in doubt
+    (_entry("fgsm", "single_step", 0.2, 0.25), ["pgd", "eps=0.2", "single-step fgsm", "5.50%"], [2]),
+    # the black-box attack beats every white-box one: theirs are in doubt
+    (_entry("nes", "black_box", 0.1, 0.28), ["nes", "eps=0.1", "every white-box", "2.00%"], [0, 1]),
 ])
-def test_sanity_flags_fire_once_and_name_the_attack(entry, words):
+def test_sanity_flags_fire_once_and_name_the_attack_and_the_entries_in_doubt(entry, words, affected):
     warnings = sanity_flags([*HEALTHY, entry])
     assert len(warnings) == 1, warnings
     assert "may be masked" in warnings[0]
     for word in words:
         assert word in warnings[0]
+    assert metrics.masking_warnings([*HEALTHY, entry]) == [(warnings[0], affected)]
 
 
 def test_sanity_flags_compare_against_the_lowest_smaller_budget_in_any_order():

@@ -1,4 +1,5 @@
-"""Loading labelled image datasets safely: .npz with ``x`` and ``y``, never with pickle.
+"""Loading labelled image datasets safely: .npz with ``x``, ``y`` and optionally ``t`` (target
+labels for targeted attacks), never with pickle.
 
 Sizes are checked from the archive's headers before anything is allocated, so a file that
 declares a huge array is refused without reading it.
@@ -25,6 +26,7 @@ class Dataset:
     x: np.ndarray  # float32, in the declared pixel range, layout as given
     y: np.ndarray  # int64 [N]
     source_dtype: str
+    t: np.ndarray | None = None  # int64 [N]: a target class per sample, != y (``targets: dataset``)
 
 
 def _member_headers(archive: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -50,7 +52,7 @@ def _member_headers(archive: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...]
 
 def load_npz(data: bytes, value_range: tuple[float, float] = (0.0, 1.0)) -> Dataset:
     """Parse an .npz holding ``x`` (N,C,H,W or N,H,W,C; float in ``value_range`` or uint8
-    0..255) and ``y`` (N,) integer labels."""
+    0..255), ``y`` (N,) integer labels and optionally ``t`` (N,) integer target labels."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
@@ -78,8 +80,14 @@ def load_npz(data: bytes, value_range: tuple[float, float] = (0.0, 1.0)) -> Data
             raise DatasetError(f"'x' has dtype {x_dtype}; use float32 in the declared range or uint8")
         if not np.issubdtype(y_dtype, np.integer):
             raise DatasetError(f"'y' has dtype {y_dtype}; labels must be integers")
+        if "t" in headers:
+            t_shape, t_dtype = headers["t"]
+            if t_shape != y_shape or not np.issubdtype(t_dtype, np.integer):
+                raise DatasetError(f"'t' (target labels) must be integers of the shape of 'y' "
+                                   f"{list(y_shape)}, got {t_dtype} {list(t_shape)}")
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             x, y = arrays["x"], arrays["y"]
+            t = arrays["t"] if "t" in headers else None
     if len(x_shape) == 3:  # [N, H, W]: one channel
         x = x[:, None]
     low, high = value_range
@@ -94,19 +102,17 @@ def load_npz(data: bytes, value_range: tuple[float, float] = (0.0, 1.0)) -> Data
                                f"range is [{low}, {high}]; set input.range or rescale the data")
     if y.size and y.min() < 0:
         raise DatasetError(f"labels must be >= 0, found {int(y.min())}")
-    return Dataset(x=x, y=y.astype(np.int64), source_dtype=str(x_dtype))
+    if t is not None:
+        check_targets(t, y)
+        t = t.astype(np.int64)
+    return Dataset(x=x, y=y.astype(np.int64), source_dtype=str(x_dtype), t=t)
 
 
-def check_against_model(dataset: Dataset, input_shape: tuple, num_classes: int, layout: str) -> None:
-    """The images fit the model's input (after the layout change) and the labels its classes."""
-    x = dataset.x
-    image = x.shape[1:] if layout == "NCHW" else (x.shape[3], x.shape[1], x.shape[2])
-    expected = tuple(input_shape[1:])
-    if len(image) != len(expected) or any(
-        isinstance(e, int) and e != g for e, g in zip(expected, image, strict=True)
-    ):
-        raise DatasetError(f"images are {list(x.shape[1:])} ({layout}) but the model expects "
-                           f"[{', '.join(map(str, expected))}] (NCHW); check input.layout")
-    if dataset.y.size and dataset.y.max() >= num_classes:
-        raise DatasetError(f"labels go up to {int(dataset.y.max())} but the model has "
-                           f"{num_classes} classes")
+def check_targets(t: np.ndarray, y: np.ndarray) -> None:
+    """Target labels are classes >= 0, each different from its sample's label."""
+    if t.size and t.min() < 0:
+        raise DatasetError(f"target labels 't' must be >= 0, found {int(t.min())}")
+    same = np.flatnonzero(t == y)
+    if len(same):
+        raise DatasetError(f"target labels 't' equal the labels 'y' for {len(same)} samples (first: index "
+                           f"{int(same[0])}); a target must be another class")

@@ -34,15 +34,17 @@ from schemas.evaluation import (
     GateResult,
     GateSpec,
     build_attack,
+    overall_verdict,
 )
 from workers import metrics
-from workers.attacks import Attack
-from workers.attacks.base import random_targets
+from workers.attacks import ATTACKS, Attack
 from workers.attacks.fooling import fooling_rate_of_noise, gradient_ascent_fooling
+from workers.attacks.targets import attack_every_target, least_likely, random_targets
 from workers.datasets import Dataset, DatasetError
 from workers.defenses import DEFENSES, DefendedModel, adaptive_model, build_defense
+from workers.layout import LayoutError, from_nchw, image_nchw, to_nchw
 from workers.lipschitz import lipschitz_bounds
-from workers.preprocess import compose_preprocessing
+from workers.preprocess import compose_for_images, model_input_shape
 from workers.runtime import Classifier, RuntimeOptions
 from workers.transfer import cross_test_pairs, transfer_matrix
 
@@ -59,9 +61,6 @@ class UnitOutputError(ValueError):
     """Bytes that are not a serialized UnitOutput."""
 
 
-_KINDS = {"fgsm": "single_step", "square": "black_box", "gaussian_noise": "noise",
-          "uniform_noise": "noise", "universal": "universal"}
-_GRADIENT_STATS_SAMPLES = 256
 
 
 @dataclass
@@ -183,16 +182,10 @@ def _write_npz(arrays: dict[str, np.ndarray]) -> bytes:
 # ---------------------------------------------------------------------------- the plan
 
 
-def attack_kind(attack: Attack) -> str:
-    if attack.minimal:
-        return "minimal"
-    return _KINDS.get(attack.name, "iterative")
-
-
 def plan(spec: EvaluationSpec, num_samples: int) -> list[WorkUnit]:
     """The units of an evaluation of the first ``spec.samples`` of ``num_samples`` samples."""
     n = num_samples if spec.samples == "all" else min(spec.samples, num_samples)
-    whole = tuple(i for i, a in enumerate(spec.attacks) if _KINDS.get(a.name) == "universal")
+    whole = tuple(i for i, a in enumerate(spec.attacks) if ATTACKS[a.name].kind == "universal")
     per_sample = tuple(i for i in range(len(spec.attacks)) if i not in whole)
     units = [WorkUnit(index, start, min(start + spec.shard_size, n), per_sample, "shard")
              for index, start in enumerate(range(0, n, spec.shard_size))]
@@ -243,12 +236,11 @@ def evaluate(
 
     ``models`` holds the bytes of the other models ``spec.transfer`` names.
     """
-    classifier, x, y = _prepare(model, dataset, spec, options)
+    subject = _prepare(model, dataset, spec, options)
     units = plan(spec, len(dataset.x))
     unit_progress = _job_progress(spec, units, progress or _silent)
-    outputs = [_run_unit(classifier, x, y, spec, unit, unit_progress(unit), models, dataset.x)
-               for unit in units]
-    return _finish(classifier, model, dataset, x, y, spec, outputs, progress or _silent, baselines or {})
+    outputs = [_run_unit(subject, spec, unit, unit_progress(unit), models) for unit in units]
+    return _finish(subject, model, dataset, spec, outputs, progress or _silent, baselines or {})
 
 
 def run_unit(model: bytes, dataset: Dataset, spec: EvaluationSpec, unit: WorkUnit, *,
@@ -257,8 +249,7 @@ def run_unit(model: bytes, dataset: Dataset, spec: EvaluationSpec, unit: WorkUni
     """Run one unit of ``plan(spec, len(dataset.x))``; progress is reported within the unit."""
     if unit not in plan(spec, len(dataset.x)):
         raise ValueError(f"{unit} is not a unit of this spec's plan for {len(dataset.x)} samples")
-    classifier, x, y = _prepare(model, dataset, spec, options)
-    return _run_unit(classifier, x, y, spec, unit, progress or _silent, models, dataset.x)
+    return _run_unit(_prepare(model, dataset, spec, options), spec, unit, progress or _silent, models)
 
 
 def finish(model: bytes, dataset: Dataset, spec: EvaluationSpec, outputs: list[UnitOutput], *,
@@ -268,21 +259,63 @@ def finish(model: bytes, dataset: Dataset, spec: EvaluationSpec, outputs: list[U
 
     ``baselines`` maps a gate's ``baseline`` to that earlier result.
     """
-    classifier, x, y = _prepare(model, dataset, spec, options)
-    return _finish(classifier, model, dataset, x, y, spec, outputs, progress or _silent, baselines or {})
+    subject = _prepare(model, dataset, spec, options)
+    return _finish(subject, model, dataset, spec, outputs, progress or _silent, baselines or {})
 
 
 def _silent(stage: str, done: int, total: int) -> None:
     pass
 
 
-def _prepare(model: bytes, dataset: Dataset, spec: EvaluationSpec, options: RuntimeOptions | None):
-    composed = compose_preprocessing(model, mean=spec.input.mean, std=spec.input.std,
-                                     layout=spec.input.layout)
-    classifier = Classifier(composed, options or RuntimeOptions(batch_size=spec.batch_size))
+@dataclass
+class _Subject:
+    """The evaluated model and samples as every unit sees them: images NCHW (workers/layout.py)."""
+
+    classifier: Classifier  # the model with normalisation (and an NHWC model's Transpose) composed
+    x: np.ndarray  # the selected samples, NCHW
+    y: np.ndarray
+    t: np.ndarray | None  # the dataset's target labels of the selected samples (targets: dataset)
+    pool: np.ndarray  # every sample of the dataset, NCHW (PCA's held-out fit samples)
+    layout: str  # the dataset's layout: artifacts and examples go back to it
+    model_layout: str  # the layout the model takes
+    model_input: list  # the model's own input shape (None for a symbolic axis)
+
+    def to_dataset_layout(self, array: np.ndarray) -> np.ndarray:
+        """An array of NCHW images (or one image [C, H, W]) in the dataset's layout."""
+        if array.ndim == 3 and array.shape == self.x.shape[1:] and self.x.ndim == 4:
+            return from_nchw(array[None], self.layout)[0]
+        if array.ndim == 4 and array.shape[1:] == self.x.shape[1:]:
+            return from_nchw(array, self.layout)
+        return array
+
+
+def compose_for(model: bytes, image: Sequence[int], spec: EvaluationSpec,
+                declared: str | None = None) -> tuple[Any, str]:
+    """``model`` with the spec's normalisation composed, taking NCHW pixels of shape ``image``,
+    and its own layout: ``declared``, by default the spec's input.model_layout."""
+    try:
+        return compose_for_images(model, image, mean=spec.input.mean, std=spec.input.std,
+                                  layout=spec.input.model_layout if declared is None else declared)
+    except LayoutError as exc:
+        raise DatasetError(str(exc)) from None
+
+
+def _prepare(model: bytes, dataset: Dataset, spec: EvaluationSpec,
+             options: RuntimeOptions | None) -> _Subject:
     x, y = _select(dataset.x, dataset.y, spec.samples)
-    _check_fit(x, y, classifier)
-    return classifier, x, y
+    if not len(x):
+        raise DatasetError("the dataset holds no samples")
+    try:
+        image = image_nchw(x.shape[1:], spec.input.layout)
+    except LayoutError as exc:
+        raise DatasetError(str(exc)) from None
+    composed, layout = compose_for(model, image, spec)
+    classifier = Classifier(composed, options or RuntimeOptions(batch_size=spec.batch_size))
+    x = to_nchw(x, spec.input.layout)
+    t = None if dataset.t is None else _select(dataset.t, dataset.y, spec.samples)[0]
+    _check_fit(x, y, t, classifier)
+    return _Subject(classifier, x, y, t, to_nchw(dataset.x, spec.input.layout), spec.input.layout, layout,
+                    [None] + model_input_shape(model)[1:])
 
 
 def _select(x: np.ndarray, y: np.ndarray, samples) -> tuple[np.ndarray, np.ndarray]:
@@ -291,18 +324,17 @@ def _select(x: np.ndarray, y: np.ndarray, samples) -> tuple[np.ndarray, np.ndarr
     return x[:samples], y[:samples]
 
 
-def _check_fit(x: np.ndarray, y: np.ndarray, classifier: Classifier) -> None:
-    if not len(x):
-        raise DatasetError("the dataset holds no samples")
+def _check_fit(x: np.ndarray, y: np.ndarray, t: np.ndarray | None, classifier: Classifier) -> None:
     expected = classifier.input_shape[1:]
     if x.ndim != len(classifier.input_shape) or any(
         isinstance(e, int) and e != g for e, g in zip(expected, x.shape[1:], strict=True)
     ):
-        raise DatasetError(f"images are {list(x.shape[1:])} but the model (after input.layout) "
+        raise DatasetError(f"images are {list(x.shape[1:])} (NCHW) but the model (after input.layout) "
                            f"expects [{', '.join(map(str, expected))}]; check input.layout")
-    if y.size and y.max() >= classifier.num_classes:
-        raise DatasetError(f"labels go up to {int(y.max())} but the model has "
-                           f"{classifier.num_classes} classes")
+    for name, labels in (("labels", y), ("target labels t", t)):
+        if labels is not None and labels.size and labels.max() >= classifier.num_classes:
+            raise DatasetError(f"{name} go up to {int(labels.max())} but the model has "
+                               f"{classifier.num_classes} classes")
 
 
 def _job_progress(spec: EvaluationSpec, units: list[WorkUnit], report: StageProgress):
@@ -322,11 +354,29 @@ def _job_progress(spec: EvaluationSpec, units: list[WorkUnit], report: StageProg
     return for_unit
 
 
-def _targets(spec: EvaluationSpec, index: int, y: np.ndarray, num_classes: int) -> np.ndarray | None:
-    """Target classes over all selected samples, so that they do not depend on the sharding."""
-    if not spec.attacks[index].targeted:
-        return None
-    return random_targets(np.random.default_rng([spec.seed, index]), y, num_classes)
+def _targets(spec: EvaluationSpec, index: int, subject: _Subject, unit: WorkUnit,
+             clean_logits: np.ndarray | None) -> np.ndarray | str | None:
+    """The unit's target classes for attack ``index``: None (untargeted), an array, or "all".
+
+    Random targets are drawn over all selected samples, so that they do not depend on the
+    sharding; the least likely class is the clean logits' argmin.
+    """
+    mode = spec.attacks[index].target_mode
+    if mode is None or mode == "all":
+        return mode
+    if mode == "random":
+        y = subject.y
+        return random_targets(np.random.default_rng([spec.seed, index]), y,
+                              subject.classifier.num_classes)[unit.start:unit.stop]
+    if mode == "dataset":
+        if subject.t is None:
+            raise DatasetError(f"attacks[{index}] ({spec.attacks[index].key}) has targets: dataset, but the "
+                               "dataset has no target labels; add an array t (one class per image) to the "
+                               ".npz")
+        return subject.t[unit.start:unit.stop]
+    if clean_logits is None:
+        clean_logits = subject.classifier.logits(subject.x[unit.start:unit.stop])
+    return least_likely(clean_logits)
 
 
 def _attack_seed(spec: EvaluationSpec, index: int, unit: WorkUnit) -> int:
@@ -335,16 +385,16 @@ def _attack_seed(spec: EvaluationSpec, index: int, unit: WorkUnit) -> int:
     return int(state[0])
 
 
-def _run_unit(classifier: Classifier, x: np.ndarray, y: np.ndarray, spec: EvaluationSpec,
-              unit: WorkUnit, report: StageProgress, models: dict[str, bytes] | None = None,
-              pool: np.ndarray | None = None) -> UnitOutput:
+def _run_unit(subject: _Subject, spec: EvaluationSpec, unit: WorkUnit, report: StageProgress,
+              models: dict[str, bytes] | None = None) -> UnitOutput:
     started = time.perf_counter()
+    classifier = subject.classifier
     if unit.kind == "transfer":
-        document = _transfer(classifier, x, y, spec, models or {}, report)
+        document = _transfer(subject, spec, models or {}, report)
         return UnitOutput(unit=unit, clean_logits=None, runs=[], document=document,
                           timing={"transfer": time.perf_counter() - started,
                                   "total": time.perf_counter() - started})
-    xs, ys = x[unit.start:unit.stop], y[unit.start:unit.stop]
+    xs, ys = subject.x[unit.start:unit.stop], subject.y[unit.start:unit.stop]
     timing: dict[str, float] = {}
     clean_logits = None
     if unit.kind == "shard":
@@ -352,32 +402,58 @@ def _run_unit(classifier: Classifier, x: np.ndarray, y: np.ndarray, spec: Evalua
         clean_logits = classifier.logits(xs)
         timing["clean"] = time.perf_counter() - started
         report("clean", len(xs), len(xs))
+    probe = _GradientProbe(classifier, xs, ys, clean_logits)
     runs: list[RunOutput] = []
     for index in unit.attacks:
-        targets = _targets(spec, index, y, classifier.num_classes)
-        if targets is not None:
-            targets = targets[unit.start:unit.stop]
+        targets = _targets(spec, index, subject, unit, clean_logits)
         runs += _run_attack(index, classifier, xs, ys, targets, spec, _attack_seed(spec, index, unit),
-                            report, timing)
+                            report, timing, probe)
     document = None
     if spec.defenses:
-        document = {"defenses": _defend(classifier, xs, ys, y, spec, unit, runs, models or {}, pool, report,
+        document = {"defenses": _defend(subject, spec, unit, runs, clean_logits, models or {}, report,
                                         timing)}
     timing["total"] = time.perf_counter() - started
     return UnitOutput(unit=unit, clean_logits=clean_logits, runs=runs, document=document, timing=timing)
 
 
-def _transfer(classifier: Classifier, x: np.ndarray, y: np.ndarray, spec: EvaluationSpec,
-              models: dict[str, bytes], report: StageProgress) -> dict:
+class _GradientProbe:
+    """Per loss, how many of a unit's correctly classified samples have an all-zero or a
+    non-finite input gradient at the clean image: the masking check of the entries of every
+    attack that follows that loss (computed once per loss and unit)."""
+
+    def __init__(self, classifier: Classifier, x: np.ndarray, y: np.ndarray, clean_logits: np.ndarray | None):
+        self.classifier, self.x, self.y, self.clean_logits = classifier, x, y, clean_logits
+        self._counts: dict[str, dict] = {}
+
+    def __call__(self, loss: str) -> dict:
+        if loss not in self._counts:
+            if self.clean_logits is None:
+                self.clean_logits = self.classifier.logits(self.x)
+            correct = np.flatnonzero(self.clean_logits.argmax(axis=1) == self.y)
+            stats = {"probed": 0, "zero_fraction": 0.0, "nonfinite": 0}
+            if len(correct):
+                stats = metrics.gradient_stats(
+                    self.classifier.loss_and_grad(self.x[correct], self.y[correct], loss=loss)[2])
+            self._counts[loss] = {"loss": loss, "probed": stats["probed"],
+                                  "zero": round(stats["zero_fraction"] * stats["probed"]),
+                                  "nonfinite": stats["nonfinite"]}
+        return dict(self._counts[loss])
+
+
+def _transfer(subject: _Subject, spec: EvaluationSpec, models: dict[str, bytes],
+              report: StageProgress) -> dict:
     """Every transfer attack's matrix over the sources and targets of ``spec.transfer``."""
-    transfer = spec.transfer
+    transfer, classifier, x, y = spec.transfer, subject.classifier, subject.x, subject.y
     missing = sorted(set(transfer.models) - set(models))
     if missing:
         raise ValueError(f"transfer.models: no model bytes were given for {missing}")
     classifiers = {MAIN_MODEL: classifier}
     for name in transfer.models:
-        other = Classifier(compose_preprocessing(models[name], mean=spec.input.mean, std=spec.input.std,
-                                                 layout=spec.input.layout), classifier.options)
+        try:
+            composed, _ = compose_for(models[name], x.shape[1:], spec, declared="auto")
+        except DatasetError as exc:
+            raise DatasetError(f"transfer.models.{name}: {exc}") from None
+        other = Classifier(composed, classifier.options)
         if list(other.input_shape[1:]) != list(classifier.input_shape[1:]) or \
                 other.num_classes != classifier.num_classes:
             raise ValueError(f"transfer.models.{name}: takes {list(other.input_shape[1:])} and has "
@@ -409,8 +485,8 @@ def _transfer(classifier: Classifier, x: np.ndarray, y: np.ndarray, spec: Evalua
 
 def build_defenses(spec: EvaluationSpec, pool: np.ndarray, models: dict, selected: int) -> dict:
     """The spec's defenses, built and fitted: PCA on the last ``fit_samples`` of the dataset
-    (``pool``), which must not overlap the ``selected`` samples under evaluation, or on the
-    images ``models[entry.fit_key()]`` of a separate fit dataset."""
+    (``pool``, NCHW), which must not overlap the ``selected`` samples under evaluation, or on
+    the images ``models[entry.fit_key()]`` of a separate fit dataset (in the dataset's layout)."""
     defenses = {}
     for index, entry in enumerate(spec.defenses):
         params = entry.params()
@@ -430,22 +506,24 @@ def build_defenses(spec: EvaluationSpec, pool: np.ndarray, models: dict, selecte
             if fit is None:
                 raise ValueError(f"defenses[{index}].fit_dataset: no images were given for "
                                  f"{entry.fit_dataset!r}")
+            fit = to_nchw(fit, spec.input.layout)
             if fit.shape[1:] != pool.shape[1:]:
                 raise DatasetError(f"defenses[{index}].fit_dataset: its images are {list(fit.shape[1:])} but "
-                                   f"the evaluated ones are {list(pool.shape[1:])}")
+                                   f"the evaluated ones are {list(pool.shape[1:])} (NCHW)")
             defense.fit(np.asarray(fit, np.float32))
         defenses[entry.key] = defense
     return defenses
 
 
-def _defend(classifier: Classifier, xs: np.ndarray, ys: np.ndarray, y: np.ndarray, spec: EvaluationSpec,
-            unit: WorkUnit, runs: list[RunOutput], models: dict[str, bytes], pool: np.ndarray | None,
-            report: StageProgress, timing: dict[str, float]) -> dict:
+def _defend(subject: _Subject, spec: EvaluationSpec, unit: WorkUnit, runs: list[RunOutput],
+            clean_logits: np.ndarray | None, models: dict[str, bytes], report: StageProgress,
+            timing: dict[str, float]) -> dict:
     """Per defense, per sample: correct through the defense on clean data, on the examples
     crafted on the bare model (non-adaptive), and on examples crafted against the defended
     model (adaptive: composed graph, EOT or BPDA); lists of 0/1 merged in ``finish``."""
-    pool = pool if pool is not None else xs
-    defenses = build_defenses(spec, pool, models, len(y))
+    classifier = subject.classifier
+    xs, ys = subject.x[unit.start:unit.stop], subject.y[unit.start:unit.stop]
+    defenses = build_defenses(spec, subject.pool, models, len(subject.y))
     out = {}
     for position, entry in enumerate(spec.defenses):
         started = time.perf_counter()
@@ -467,11 +545,9 @@ def _defend(classifier: Classifier, xs: np.ndarray, ys: np.ndarray, y: np.ndarra
             adaptive_runs = []
             for index in unit.attacks:
                 attack_spec = spec.attacks[index]
-                attack = build_attack(attack_spec)
-                targets = _targets(spec, index, y, classifier.num_classes)
-                adaptive_runs += attack(model, xs, ys, eps=None if attack.minimal else attack_spec.eps,
-                                        targets=None if targets is None else targets[unit.start:unit.stop],
-                                        bounds=tuple(spec.input.range), seed=_attack_seed(spec, index, unit))
+                adaptive_runs += _attack_runs(build_attack(attack_spec), attack_spec, model, xs, ys,
+                                              _targets(spec, index, subject, unit, clean_logits), spec,
+                                              _attack_seed(spec, index, unit))
             for run, adaptive in zip(record["runs"], adaptive_runs, strict=True):
                 run["adaptive"] = correct(adaptive.x_adv)
         if entry.curve:
@@ -483,8 +559,20 @@ def _defend(classifier: Classifier, xs: np.ndarray, ys: np.ndarray, y: np.ndarra
     return out
 
 
-def _run_attack(index: int, classifier, x, y, targets, spec: EvaluationSpec, seed: int,
-                report: StageProgress, timing: dict[str, float]) -> list[RunOutput]:
+def _attack_runs(attack: Attack, attack_spec: AttackSpec, model, x: np.ndarray, y: np.ndarray,
+                 targets: np.ndarray | str | None, spec: EvaluationSpec, seed: int,
+                 progress=None) -> list:
+    """One AttackRun per budget of the entry, every target in turn for ``targets: all``."""
+    eps = None if attack.minimal else attack_spec.eps
+    bounds = tuple(spec.input.range)
+    if isinstance(targets, str):  # "all"
+        return attack_every_target(attack, model, x, y, eps=eps, bounds=bounds, seed=seed, progress=progress)
+    return attack(model, x, y, eps=eps, targets=targets, bounds=bounds, seed=seed, progress=progress)
+
+
+def _run_attack(index: int, classifier: Classifier, x: np.ndarray, y: np.ndarray,
+                targets: np.ndarray | str | None, spec: EvaluationSpec, seed: int, report: StageProgress,
+                timing: dict[str, float], probe: _GradientProbe) -> list[RunOutput]:
     attack_spec = spec.attacks[index]
     attack = build_attack(attack_spec)
     stage = attack_spec.key
@@ -496,12 +584,16 @@ def _run_attack(index: int, classifier, x, y, targets, spec: EvaluationSpec, see
 
     report(stage, 0, total)
     started = time.perf_counter()
+    gradients = probe(attack.gradient_loss) if attack.gradient_loss else None
     outputs = []
     budgets = attack_spec.eps if not attack.minimal else [None]
     for eps in budgets:
-        for run in attack(classifier, x, y, eps=eps, targets=targets, bounds=tuple(spec.input.range),
-                          seed=seed, progress=attack_progress):
-            outputs.append(_run_output(index, run, classifier.logits(run.x_adv)))
+        one_budget = attack_spec.model_copy(update={"eps": None if eps is None else [eps]})
+        for run in _attack_runs(attack, one_budget, classifier, x, y, targets, spec, seed, attack_progress):
+            output = _run_output(index, run, classifier.logits(run.x_adv))
+            if gradients is not None:
+                output.extra["gradient_probe"] = gradients
+            outputs.append(output)
         done_before[0] += len(x)
         report(stage, done_before[0], total)
     timing[stage] = time.perf_counter() - started
@@ -525,32 +617,35 @@ def _plain(array: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- aggregating
 
 
-def _finish(classifier: Classifier, model: bytes, dataset: Dataset, x: np.ndarray, y: np.ndarray,
-            spec: EvaluationSpec, outputs: list[UnitOutput], report: StageProgress,
+def _finish(subject: _Subject, model: bytes, dataset: Dataset, spec: EvaluationSpec,
+            outputs: list[UnitOutput], report: StageProgress,
             baselines: dict[str, EvaluationResult]) -> Evaluation:
     started = time.perf_counter()
+    classifier, x, y = subject.classifier, subject.x, subject.y
     outputs = _in_plan_order(spec, outputs, len(dataset.x))
     clean_pred = np.concatenate([o.clean_logits for o in outputs if o.unit.kind == "shard"]).argmax(1)
-    probe = slice(0, min(len(x), _GRADIENT_STATS_SAMPLES))
-    grad_stats = metrics.gradient_stats(classifier.loss_and_grad(x[probe], y[probe])[2])
 
     entries: list[AttackResult] = []
     artifacts: dict[str, np.ndarray] = {}
     examples: dict[str, dict[str, np.ndarray]] = {}
     for index, attack_spec in enumerate(spec.attacks):
         attack = build_attack(attack_spec)
-        targets = _targets(spec, index, y, classifier.num_classes)
         for run in _merged_runs(outputs, index):
-            entries.append(_summarise(attack, attack_spec, classifier.num_classes, x, y, clean_pred,
-                                      targets, run, grad_stats))
-            artifacts.update(_artifacts(attack_spec.key, run))
-            examples[_entry_label(attack_spec.key, run.eps)] = _examples(x, y, clean_pred, run)
+            entries.append(_summarise(attack, attack_spec, classifier.num_classes, x, y, clean_pred, run))
+            artifacts.update(_artifacts(attack_spec.key, run, subject))
+            examples[_entry_label(attack_spec.key, run.eps)] = _examples(x, y, clean_pred, run, subject)
 
-    warnings = metrics.sanity_flags([
+    flags = metrics.masking_warnings([
         {"attack": e.attack, "norm": e.norm, "eps": e.eps, "robust_accuracy": e.robust_accuracy,
          "kind": e.kind, "gradient_stats": (e.details or {}).get("gradient_stats")}
         for e in entries
     ])
+    for message, affected in flags:
+        for position in affected:
+            entries[position].warnings.append(message)
+    warnings = [message for message, _ in flags]
+    warnings += [f"{_entry_label(e.attack, e.eps)}: {component} skipped: {reason}" for e in entries
+                 for component, reason in ((e.details or {}).get("skipped") or {}).items()]
     clean_accuracy = metrics.accuracy(clean_pred, y)
     gates = [evaluate_gate(gate, clean_accuracy, entries, baselines) for gate in spec.gates]
     timing = _summed_timing(outputs)
@@ -565,20 +660,20 @@ def _finish(classifier: Classifier, model: bytes, dataset: Dataset, x: np.ndarra
     if spec.lipschitz:
         report("lipschitz", 0, 1)
         started_bounds = time.perf_counter()
-        composed = compose_preprocessing(model, mean=spec.input.mean, std=spec.input.std,
-                                         layout=spec.input.layout)
-        lipschitz = asdict(lipschitz_bounds(composed, seed=spec.seed))
+        lipschitz = asdict(lipschitz_bounds(compose_for(model, x.shape[1:], spec)[0], seed=spec.seed))
         timing["lipschitz"] = time.perf_counter() - started_bounds
         report("lipschitz", 1, 1)
     timing["finish"] = time.perf_counter() - started
     timing["total"] = timing.get("total", 0.0) + timing["finish"]
+    verdict = overall_verdict(gates)
     result = EvaluationResult(
-        model={"sha256": hashlib.sha256(model).hexdigest(), "input_shape": list(classifier.input_shape),
-               "num_classes": classifier.num_classes, "ends_in_softmax": classifier.ends_in_softmax},
+        model={"sha256": hashlib.sha256(model).hexdigest(), "input_shape": subject.model_input,
+               "layout": subject.model_layout, "num_classes": classifier.num_classes,
+               "ends_in_softmax": classifier.ends_in_softmax, "fixed_batch": classifier.fixed_batch},
         dataset={"samples": len(x), "source_dtype": dataset.source_dtype,
-                 "sha256": _array_digest(x, y)},
+                 "sha256": _array_digest(*_select(dataset.x, dataset.y, spec.samples))},
         spec=spec, device=classifier.device, clean_accuracy=clean_accuracy, attacks=entries,
-        warnings=warnings, gates=gates, passed=all(g.passed for g in gates), fooling=fooling,
+        warnings=warnings, gates=gates, passed=verdict == "passed", verdict=verdict, fooling=fooling,
         transfer=next((o.document["entries"] for o in outputs if o.unit.kind == "transfer"), None),
         lipschitz=lipschitz,
         defenses=_defense_results(spec, outputs, entries) if spec.defenses else None,
@@ -713,11 +808,18 @@ def _sample_mean(values: list, sizes: list[int]):
     return math.fsum(v * n for v, n in zip(values, sizes, strict=True)) / sum(sizes)
 
 
+def _probe_sum(values: list, sizes: list[int]) -> dict:
+    """Gradient probes of one loss over several shards: their counts add up."""
+    return {"loss": values[0]["loss"], **{key: sum(v[key] for v in values) for key in ("probed", "zero",
+                                                                                       "nonfinite")}}
+
+
 # How the attacks' non-array extras combine across shards, by name: AutoAttack's robust accuracy
 # after each component and a universal perturbation's fooling rate are means over the samples;
-# passes (a whole-set attack's, merged only for completeness) take the largest.
+# passes (a whole-set attack's, merged only for completeness) take the largest; the gradient
+# probes' counts add up.
 _MERGE_EXTRA = {"robust_accuracy": _sample_mean, "fooling_rate": _sample_mean,
-                "passes": lambda values, sizes: max(values)}
+                "passes": lambda values, sizes: max(values), "gradient_probe": _probe_sum}
 
 
 def _merge_extra(key: str, values: list, sizes: list[int]):
@@ -736,36 +838,47 @@ def _entry_label(key: str, eps: float | None) -> str:
     return key + (f"@{eps:g}" if eps is not None else "")
 
 
-def _examples(x: np.ndarray, y: np.ndarray, clean_pred: np.ndarray, run: RunOutput) -> dict[str, np.ndarray]:
-    """The first samples the model got right and the attack fooled (then the others)."""
+def _examples(x: np.ndarray, y: np.ndarray, clean_pred: np.ndarray, run: RunOutput,
+              subject: _Subject) -> dict[str, np.ndarray]:
+    """The first samples the model got right and the attack fooled (then the others), in the
+    dataset's layout."""
     fooled = np.flatnonzero((clean_pred == y) & run.success)
     rest = np.setdiff1d(np.arange(len(y)), fooled)
     chosen = np.concatenate([fooled, rest])[:EXAMPLES]
     shifted = run.logits[chosen] - run.logits[chosen].max(axis=1, keepdims=True)
     probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-    return {"x": x[chosen], "x_adv": run.x_adv[chosen], "y": y[chosen], "clean_pred": clean_pred[chosen],
+    return {"x": subject.to_dataset_layout(x[chosen]), "x_adv": subject.to_dataset_layout(run.x_adv[chosen]),
+            "y": y[chosen], "clean_pred": clean_pred[chosen],
             "adv_pred": probabilities.argmax(axis=1), "adv_confidence": probabilities.max(axis=1)}
 
 
-def _artifacts(key: str, run: RunOutput) -> dict[str, np.ndarray]:
+def _artifacts(key: str, run: RunOutput, subject: _Subject) -> dict[str, np.ndarray]:
     prefix = _entry_label(key, run.eps)
-    return {f"{prefix}/{name}": array for name, array in {"x_adv": run.x_adv, **run.arrays}.items()}
+    return {f"{prefix}/{name}": subject.to_dataset_layout(array)
+            for name, array in {"x_adv": run.x_adv, **run.arrays}.items()}
 
 
-def _summarise(attack, attack_spec, num_classes, x, y, clean_pred, targets, run: RunOutput, grad_stats):
+def _summarise(attack, attack_spec, num_classes, x, y, clean_pred, run: RunOutput) -> AttackResult:
     norm = attack_spec.norm or attack.norm
+    targets = run.arrays.get("targets")
     summary = metrics.attack_summary(
         x, y, clean_pred, run.x_adv, run.logits, run.success, num_classes=num_classes,
-        targets=targets, queries=run.queries, eps=run.eps, norm=norm)
-    kind = attack_kind(attack)
+        targets=None if targets is None or targets.dtype.kind not in "iu" else targets,
+        queries=run.queries, eps=run.eps, norm=norm)
     minimal = None
     if attack.minimal:
         minimal = metrics.minimal_summary(x, y, clean_pred, run.x_adv, run.success, norm=norm or "l2")
     details = dict(run.extra)
-    if kind in ("single_step", "iterative", "minimal", "universal"):
-        details["gradient_stats"] = grad_stats
+    probe = details.pop("gradient_probe", None)
+    if probe is not None:
+        probed = probe["probed"]
+        details["gradient_stats"] = {"loss": probe["loss"], "probed": probed,
+                                     "zero_fraction": probe["zero"] / probed if probed else 0.0,
+                                     "nonfinite": probe["nonfinite"]}
+    if attack_spec.target_mode is not None:
+        details["targets"] = attack_spec.target_mode
     fields = {k: v for k, v in summary.items() if k in AttackResult.model_fields}
-    fields.update(attack=attack_spec.key, name=attack.name, kind=kind, minimal=minimal,
+    fields.update(attack=attack_spec.key, name=attack.name, kind=attack.kind, minimal=minimal,
                   details=details or None)
     return AttackResult(**fields)
 
@@ -794,42 +907,58 @@ def evaluate_gate(gate: GateSpec, clean_accuracy: float, entries: list[AttackRes
 
     Without ``eps`` the gate reads the entry with the largest budget (the hardest test). With
     ``baseline`` it passes when the value is at least the baseline's value less ``max_drop``.
+    A gate that would pass on an entry carrying a masking warning is inconclusive (masking
+    overstates robustness, so a failure stands): passed only with ``allow_inconclusive``.
     """
     base = gate.model_dump()
-    value, reason = _gate_value(gate, clean_accuracy, entries)
+    value, reason, entry = _gate_value(gate, clean_accuracy, entries)
     if value is None:
-        return GateResult(**base, value=None, passed=False, reason=reason)
+        return GateResult(**base, value=None, passed=False, verdict="failed", reason=reason)
     passed = (gate.min is None or value >= gate.min) and (gate.max is None or value <= gate.max)
-    if gate.baseline is None:
-        return GateResult(**base, value=value, passed=passed)
-    baseline = (baselines or {}).get(gate.baseline)
-    if baseline is None:
-        return GateResult(**base, value=value, passed=False,
-                          reason=f"the baseline {gate.baseline!r} is not available")
-    reference, reason = _gate_value(gate, baseline.clean_accuracy, baseline.attacks)
-    if reference is None:
-        return GateResult(**base, value=value, passed=False, reason=f"baseline {gate.baseline!r}: {reason}")
-    kept = value >= reference - gate.max_drop - 1e-9  # float rounding of the difference
-    reason = None if kept else (f"{gate.metric} dropped by {reference - value:.4g} from the baseline's "
-                                f"{reference:.4g}, more than max_drop {gate.max_drop:g}")
-    return GateResult(**base, value=value, baseline_value=reference, passed=passed and kept, reason=reason)
+    reference = None
+    if gate.baseline is not None:
+        baseline = (baselines or {}).get(gate.baseline)
+        if baseline is None:
+            return GateResult(**base, value=value, passed=False, verdict="failed",
+                              reason=f"the baseline {gate.baseline!r} is not available")
+        reference, reason, _ = _gate_value(gate, baseline.clean_accuracy, baseline.attacks)
+        if reference is None:
+            return GateResult(**base, value=value, passed=False, verdict="failed",
+                              reason=f"baseline {gate.baseline!r}: {reason}")
+        kept = value >= reference - gate.max_drop - 1e-9  # float rounding of the difference
+        reason = None if kept else (f"{gate.metric} dropped by {reference - value:.4g} from the baseline's "
+                                    f"{reference:.4g}, more than max_drop {gate.max_drop:g}")
+        passed = passed and kept
+    found = {"value": value, "baseline_value": reference}
+    warnings = list(entry.warnings) if entry is not None else []
+    if not passed:
+        return GateResult(**base, **found, passed=False, verdict="failed", reason=reason, warnings=warnings)
+    if not warnings:
+        return GateResult(**base, **found, passed=True, verdict="passed")
+    more = f" (and {len(warnings) - 1} more warning{'s' * (len(warnings) > 2)})" if len(warnings) > 1 else ""
+    if gate.allow_inconclusive:
+        return GateResult(**base, **found, passed=True, verdict="passed", accepted_inconclusive=True,
+                          reason=f"accepted as inconclusive (allow_inconclusive): {warnings[0]}{more}",
+                          warnings=warnings)
+    return GateResult(**base, **found, passed=False, verdict="inconclusive",
+                      reason=f"inconclusive: {warnings[0]}{more}", warnings=warnings)
 
 
 def _gate_value(gate: GateSpec, clean_accuracy: float, entries: list[AttackResult]
-                ) -> tuple[float | None, str | None]:
-    """The value of the gate's metric in a result, or None and why not."""
+                ) -> tuple[float | None, str | None, AttackResult | None]:
+    """The value of the gate's metric in a result and the entry it comes from, or None and why not."""
     if gate.metric == "clean_accuracy":
-        return clean_accuracy, None
+        return clean_accuracy, None, None
     matching = [e for e in entries if e.attack == gate.attack
                 and (gate.eps is None or (e.eps is not None and abs(e.eps - gate.eps) < 1e-9))
                 and (gate.norm is None or e.norm == gate.norm)]
     if not matching:
-        return None, f"no result of {gate.attack} at eps={gate.eps} norm={gate.norm}"
+        return None, f"no result of {gate.attack} at eps={gate.eps} norm={gate.norm}", None
     entry = max(matching, key=lambda e: e.eps if e.eps is not None else 0.0)
     value = getattr(entry, gate.metric)
     if value is None:
-        return None, f"{gate.metric} is not available for {gate.attack}"
-    return value, None
+        return None, f"{gate.metric} is not available for {gate.attack}", entry
+    return value, None, entry
 
 
 def _array_digest(x: np.ndarray, y: np.ndarray) -> str:

@@ -187,12 +187,13 @@ def minimal_summary(x: np.ndarray, y: np.ndarray, clean_pred: np.ndarray, x_adv:
 
 
 def gradient_stats(grad: np.ndarray) -> dict:
-    """"zero_fraction": share of samples whose gradient is all zeros; "nonfinite": count of
-    non-finite entries."""
+    """Of the samples of ``grad`` [N, ...]: "probed" (N), "zero_fraction" (the share whose
+    gradient is all zeros) and "nonfinite" (how many hold a NaN or an infinity)."""
     flat = _flat(np.asarray(grad))
-    zero = np.all(flat == 0, axis=1)
-    return {"zero_fraction": float(np.mean(zero)) if len(flat) else 0.0,
-            "nonfinite": int(np.size(flat) - np.count_nonzero(np.isfinite(flat)))}
+    finite = np.isfinite(flat).all(axis=1)
+    zero = finite & ~flat.any(axis=1)
+    return {"probed": len(flat), "zero_fraction": float(np.mean(zero)) if len(flat) else 0.0,
+            "nonfinite": int(np.count_nonzero(~finite))}
 
 
 def _describe(entry: dict) -> str:
@@ -205,15 +206,37 @@ def _key(value) -> float | None:
     return None if value is None else round(float(value), 12)
 
 
-def sanity_flags(results: Sequence[dict]) -> list[str]:
-    """Warnings that an evaluation may be masked, in the spirit of AutoAttack's checks.
+def _gradient_warnings(entry: dict) -> list[str]:
+    stats = entry.get("gradient_stats") or {}
+    loss = f" {stats['loss']}" if stats.get("loss") else ""
+    probed = stats.get("probed")
+    among = f" of the {probed} correctly classified samples probed" if probed else ""
+    warnings = []
+    if stats.get("nonfinite", 0) > 0:
+        warnings.append(f"{_describe(entry)}: {stats['nonfinite']} non-finite{loss} gradients{among}; "
+                        "the evaluation may be masked (the attack followed broken gradients)")
+    if stats.get("zero_fraction", 0.0) > TOLERANCE:
+        hint = ("; loss: auto (the default) keeps the cross-entropy's direction where it underflows"
+                if stats.get("loss") == "cross_entropy" else "")
+        warnings.append(f"{_describe(entry)}: the{loss} gradient is zero for {stats['zero_fraction']:.0%}"
+                        f"{among}; the evaluation may be masked (vanishing or shattered gradients){hint}")
+    return warnings
+
+
+def masking_warnings(results: Sequence[dict]) -> list[tuple[str, list[int]]]:
+    """Signs that an evaluation may be masked, in the spirit of AutoAttack's checks, each with
+    the indices of the entries whose robust accuracy it puts in doubt.
 
     Each entry has ``attack``, ``norm``, ``eps``, ``robust_accuracy``, ``kind`` (one of
-    ``KINDS``) and optionally ``gradient_stats`` ({"zero_fraction", "nonfinite"}). Flags:
-    zero (for over half the samples) or non-finite gradients; robust accuracy rising by more
-    than a point as eps grows for one attack and norm (noise and minimal entries excepted:
-    noise is not aimed); a single-step attack more than a point below an iterative one at
-    the same eps and norm; a black-box attack more than a point below every white-box one.
+    ``KINDS``) and optionally ``gradient_stats`` (see gradient_stats; "loss" names the loss
+    probed). Flags, with the entries they discredit:
+    - zero gradients for more than a point of the samples probed, or non-finite ones: that entry;
+    - robust accuracy rising by more than a point as eps grows, for one attack and norm (noise
+      and minimal entries excepted: noise is not aimed): the entry at the larger eps;
+    - a single-step attack more than a point below an iterative one at the same eps and norm:
+      the iterative entry (it is stuck);
+    - a black-box attack more than a point below every white-box one at the same budget: the
+      white-box entries (their gradients mislead them).
     """
     entries = []
     for index, entry in enumerate(results):
@@ -224,60 +247,62 @@ def sanity_flags(results: Sequence[dict]) -> list[str]:
             raise ValueError(f"results[{index}].kind must be one of {', '.join(KINDS)}, "
                              f"got {entry['kind']!r}")
         entries.append(entry)
-    warnings: list[str] = []
+    flags: list[tuple[str, list[int]]] = []
 
-    for entry in entries:
-        stats = entry.get("gradient_stats") or {}
-        if stats.get("nonfinite", 0) > 0:
-            warnings.append(f"{_describe(entry)}: {stats['nonfinite']} non-finite gradient entries; "
-                            "the evaluation may be masked (the attack followed broken gradients)")
-        if stats.get("zero_fraction", 0.0) > 0.5:
-            warnings.append(f"{_describe(entry)}: the gradient is zero for {stats['zero_fraction']:.0%} "
-                            "of samples; the evaluation may be masked (vanishing or shattered gradients)")
+    for index, entry in enumerate(entries):
+        flags += [(warning, [index]) for warning in _gradient_warnings(entry)]
 
-    scored = [e for e in entries if e["robust_accuracy"] is not None]
-    curves: dict[tuple, list[dict]] = {}
-    for e in scored:
+    scored = [(i, e) for i, e in enumerate(entries) if e["robust_accuracy"] is not None]
+    curves: dict[tuple, list[tuple[int, dict]]] = {}
+    for i, e in scored:
         if e["kind"] not in ("noise", "minimal") and e["eps"] is not None:
-            curves.setdefault((e["attack"], e["norm"]), []).append(e)
+            curves.setdefault((e["attack"], e["norm"]), []).append((i, e))
     for curve in curves.values():
-        curve.sort(key=lambda e: float(e["eps"]))
+        curve.sort(key=lambda item: float(item[1]["eps"]))
         best: dict | None = None  # the lowest robust accuracy at a strictly smaller eps
         pending: dict | None = None
-        for i, e in enumerate(curve):
-            if i and _key(e["eps"]) != _key(curve[i - 1]["eps"]):
+        for position, (i, e) in enumerate(curve):
+            if position and _key(e["eps"]) != _key(curve[position - 1][1]["eps"]):
                 best = pending
             if best is not None and e["robust_accuracy"] > best["robust_accuracy"] + TOLERANCE:
-                warnings.append(
+                flags.append((
                     f"{_describe(e)}: robust accuracy {e['robust_accuracy']:.2%} is higher than "
-                    f"{best['robust_accuracy']:.2%} at the smaller eps={float(best['eps']):g}; a stronger "
-                    "budget should never help the model, so the evaluation may be masked")
+                    f"{best['robust_accuracy']:.2%} at the smaller eps={float(best['eps']):g}, so at least "
+                    f"{e['robust_accuracy'] - best['robust_accuracy']:.2%} of the samples resisted only this "
+                    "run; a stronger budget should never help the model, so the evaluation may be masked",
+                    [i]))
             if pending is None or e["robust_accuracy"] < pending["robust_accuracy"]:
                 pending = e
 
-    by_budget: dict[tuple, list[dict]] = {}
-    for e in scored:
+    by_budget: dict[tuple, list[tuple[int, dict]]] = {}
+    for i, e in scored:
         if e["eps"] is not None:
-            by_budget.setdefault((_key(e["eps"]), e["norm"]), []).append(e)
+            by_budget.setdefault((_key(e["eps"]), e["norm"]), []).append((i, e))
     for group in by_budget.values():
-        single = [e for e in group if e["kind"] == "single_step"]
-        iterative = [e for e in group if e["kind"] == "iterative"]
-        white = [e for e in group if e["kind"] in WHITE_BOX]
-        for s in single:
-            for it in iterative:
+        single = [(i, e) for i, e in group if e["kind"] == "single_step"]
+        iterative = [(i, e) for i, e in group if e["kind"] == "iterative"]
+        white = [(i, e) for i, e in group if e["kind"] in WHITE_BOX]
+        for _, s in single:
+            for i, it in iterative:
                 if s["robust_accuracy"] < it["robust_accuracy"] - TOLERANCE:
-                    warnings.append(
-                        f"{_describe(s)}: the single-step attack leaves {s['robust_accuracy']:.2%} robust "
-                        f"accuracy, below the iterative {it['attack']}'s {it['robust_accuracy']:.2%} at the "
-                        "same budget; the evaluation may be masked (the iterative attack is stuck)")
+                    flags.append((
+                        f"{_describe(it)}: the iterative attack leaves {it['robust_accuracy']:.2%} robust "
+                        f"accuracy, above the single-step {s['attack']}'s {s['robust_accuracy']:.2%} at the "
+                        f"same budget ({it['robust_accuracy'] - s['robust_accuracy']:.2%} of the samples); "
+                        "the evaluation may be masked (the iterative attack is stuck)", [i]))
         if not white:
             continue
-        strongest = min(e["robust_accuracy"] for e in white)
-        for b in (e for e in group if e["kind"] == "black_box"):
-            if b["robust_accuracy"] < strongest - TOLERANCE:
-                warnings.append(
+        strongest = min(e["robust_accuracy"] for _, e in white)
+        for _, b in group:
+            if b["kind"] == "black_box" and b["robust_accuracy"] < strongest - TOLERANCE:
+                flags.append((
                     f"{_describe(b)}: the black-box attack leaves {b['robust_accuracy']:.2%} robust "
-                    f"accuracy, below every white-box attack at the same budget (best "
-                    f"{strongest:.2%}); the evaluation may be masked (gradients mislead the white-box "
-                    "attacks)")
-    return warnings
+                    f"accuracy, below every white-box attack at the same budget (best {strongest:.2%}, "
+                    f"{strongest - b['robust_accuracy']:.2%} of the samples); the evaluation may be masked "
+                    "(gradients mislead the white-box attacks)", [i for i, _ in white]))
+    return flags
+
+
+def sanity_flags(results: Sequence[dict]) -> list[str]:
+    """The messages of ``masking_warnings``."""
+    return [message for message, _ in masking_warnings(results)]

@@ -1,9 +1,9 @@
 """Composing input preprocessing into the model graph.
 
-Attacks work in pixel space (the dataset's declared range and layout); the model may expect
-normalised NCHW tensors. Putting the layout change and (x - mean) / std in front of the
-model, as ONNX nodes, makes the gradient builder differentiate through them, so every
-budget and every perturbation is measured in pixels.
+Attacks work in pixel space: NCHW images in the dataset's declared range (workers/layout.py);
+the model may expect normalised tensors, and NHWC ones. Putting (x - mean) / std and the
+layout change in front of the model, as ONNX nodes, makes the gradient builder differentiate
+through them, so every budget and every perturbation is measured in pixels.
 """
 
 from __future__ import annotations
@@ -14,7 +14,24 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from workers.layout import LAYOUTS, model_layout
 from workers.onnxgrad.prepare import image_input, load_model
+
+
+def model_input_shape(model: onnx.ModelProto | bytes) -> list[int | None]:
+    """The model's image input shape, None for a symbolic axis."""
+    dims = image_input(load_model(model)).type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+
+def compose_for_images(model: onnx.ModelProto | bytes, image: Sequence[int], *,
+                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                       layout: str = "auto") -> tuple[onnx.ModelProto, str]:
+    """``model`` composed to take NCHW pixels of one image's shape ``image`` (compose_preprocessing),
+    and the layout it takes: ``layout``, or with "auto" the one the images fit
+    (workers.layout.model_layout, which raises LayoutError when none does)."""
+    layout = model_layout(model_input_shape(model), image, layout)
+    return compose_preprocessing(model, mean=mean, std=std, model_layout=layout, image=image), layout
 
 
 def compose_preprocessing(
@@ -22,24 +39,36 @@ def compose_preprocessing(
     *,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    layout: str = "NCHW",
+    model_layout: str = "NCHW",
+    image: Sequence[int] | None = None,
 ) -> onnx.ModelProto:
-    """A copy of ``model`` that takes pixels in ``layout`` and normalises them itself.
+    """A copy of ``model`` that takes NCHW pixels and normalises them itself.
 
-    ``mean`` and ``std`` have one value, or one per channel. The returned model's input
-    keeps the original input's name.
+    ``mean`` and ``std`` have one value, or one per channel (axis 1 of the pixels).
+    ``model_layout`` is the layout the model itself takes: for "NHWC" a Transpose follows the
+    normalisation. ``image`` (one NCHW image's shape) fixes the model's symbolic image axes
+    (a Keras export's [N, ?, ?, 3]), so that shapes are known to the gradient builder. The
+    returned model's input keeps the original input's name.
     """
-    if layout not in ("NCHW", "NHWC"):
-        raise ValueError(f"`layout` must be NCHW or NHWC, got {layout!r}")
+    if model_layout not in LAYOUTS:
+        raise ValueError(f"`model_layout` must be NCHW or NHWC, got {model_layout!r}")
     model = load_model(model)
-    if mean is None and std is None and layout == "NCHW":
-        return model
     x = image_input(model)
     dims = x.type.tensor_type.shape.dim
     rank = len(dims)
-    if rank != 4 and layout == "NHWC":
-        raise ValueError(f"layout NHWC needs a 4-D image input; {x.name!r} has rank {rank}")
-    channels = dims[1].dim_value if rank >= 2 and dims[1].HasField("dim_value") else None
+    if image is not None and len(image) == rank - 1:
+        sizes = [image[1], image[2], image[0]] if model_layout == "NHWC" and rank == 4 else list(image)
+        for dim, size in zip(list(dims)[1:], sizes, strict=True):
+            if not dim.HasField("dim_value"):
+                dim.Clear()
+                dim.dim_value = int(size)
+    if mean is None and std is None and model_layout == "NCHW":
+        return model
+    if rank != 4 and model_layout == "NHWC":
+        raise ValueError(f"an NHWC model needs a 4-D image input; {x.name!r} has rank {rank}")
+    channel_axis = 3 if model_layout == "NHWC" else 1
+    channels = (dims[channel_axis].dim_value if rank >= 2 and dims[channel_axis].HasField("dim_value")
+                else None)
 
     def per_channel(values, name):
         array = np.asarray(values, np.float32).reshape(-1)
@@ -57,12 +86,9 @@ def compose_preprocessing(
             if name == x.name:
                 node.input[i] = internal
     nodes, current = [], x.name
-    if layout == "NHWC":
-        nodes.append(helper.make_node("Transpose", [current], [f"{x.name}/nchw"], perm=[0, 3, 1, 2]))
-        current = f"{x.name}/nchw"
-        new_dims = [dims[0], dims[2], dims[3], dims[1]]
+    if model_layout == "NHWC":  # the composed model's input is NCHW: [N, C, H, W]
         stored = [onnx.TensorShapeProto.Dimension() for _ in range(4)]
-        for target, source in zip(stored, new_dims, strict=True):
+        for target, source in zip(stored, [dims[0], dims[3], dims[1], dims[2]], strict=True):
             target.CopyFrom(source)
         del dims[:]
         dims.extend(stored)
@@ -74,6 +100,9 @@ def compose_preprocessing(
         out = f"{x.name}/{op.lower()}"
         nodes.append(helper.make_node(op, [current, constant], [out]))
         current = out
+    if model_layout == "NHWC":
+        nodes.append(helper.make_node("Transpose", [current], [f"{x.name}/nhwc"], perm=[0, 2, 3, 1]))
+        current = f"{x.name}/nhwc"
     nodes.append(helper.make_node("Identity", [current], [internal]))
     new_nodes = nodes + list(graph.node)
     del graph.node[:]
