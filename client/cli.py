@@ -8,7 +8,8 @@
     robustness api | worker | migrate | keys create --tenant NAME
 
 Exit codes: 0 success, 1 a gate failed (evaluate, submit), 2 bad input (the message says what is
-wrong and how to fix it).
+wrong and how to fix it), 3 no gate failed but one is inconclusive: its attack showed signs of
+gradient masking (evaluate, submit).
 """
 
 from __future__ import annotations
@@ -30,6 +31,18 @@ from workers.onnxgrad import (
 )
 
 MAX_MODEL_BYTES = 2 << 30
+# losses of one label per sample: what `inspect --check` can time on a random batch
+LABEL_LOSSES = ("auto", "cross_entropy", "margin", "dlr", "logit")
+LOSS_HELP = (
+    "auto: the cross-entropy's direction without the factor that underflows on confident models "
+    "(the attacks' default); cross_entropy; margin: max_{j != y} z_j - z_y (C&W); dlr: Croce and Hein's "
+    "difference of logits ratio (3+ classes); logit: z_y"
+)
+GRADIENT_LOSS_HELP = LOSS_HELP + (
+    "; dlr_targeted: APGD-T's targeted DLR, the graph takes a second input `targets` (int64 [N], 4+ "
+    "classes); cotangent: <dlogits, z>, the graph takes `dlogits` [N, K] in place of labels and returns "
+    "any vector-Jacobian product (DeepFool and FAB use it)"
+)
 
 
 class UsageError(Exception):
@@ -156,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="what the service sees in a model, and its gradients")
     inspect.add_argument("model", help="an .onnx image classifier")
-    inspect.add_argument("--loss", choices=LOSSES, default="cross_entropy")
+    inspect.add_argument("--loss", choices=LABEL_LOSSES, default="auto",
+                         help=f"the loss whose gradient is built and timed (default auto): {LOSS_HELP}")
     inspect.add_argument("--check", action="store_true",
                          help="also run and time a gradient on a random batch")
     inspect.add_argument("--batch", type=int, default=64)
@@ -175,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     grad = sub.add_parser("gradient-model", help="write the gradient ONNX graph of a model")
     grad.add_argument("model")
     grad.add_argument("--out", required=True)
-    grad.add_argument("--loss", choices=LOSSES, default="cross_entropy")
+    grad.add_argument("--loss", choices=LOSSES, default="auto",
+                      help=f"the loss the graph differentiates (default auto): {GRADIENT_LOSS_HELP}")
     grad.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                       help="the ONNX Runtime provider the graph is for (default cpu)")
     grad.set_defaults(run=cmd_gradient_model)

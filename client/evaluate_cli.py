@@ -1,7 +1,8 @@
 """`robustness evaluate MODEL.onnx DATA.npz --spec SPEC.yaml`: a local evaluation.
 
-Progress on stderr, a summary table on stdout, the result document as JSON (--out), exit 1
-when a gate fails and 2 on bad input.
+Progress on stderr, a summary table on stdout, the result document as JSON (--out). Exit 0
+when every gate passed, 1 when a gate failed, 3 when none failed but one is inconclusive (its
+attack showed signs of gradient masking), 2 on bad input.
 """
 
 from __future__ import annotations
@@ -145,11 +146,14 @@ def summary_table(result: EvaluationResult) -> str:
                 if x
             )
             where = f" {g.attack}" + (f" eps={g.eps:g}" if g.eps is not None else "") if g.attack else ""
-            status = "PASS" if g.passed else "FAIL"
+            status = {"passed": "PASS", "failed": "FAIL", "inconclusive": "INCONCLUSIVE"}[g.verdict]
+            if g.accepted_inconclusive:
+                status = "PASS (inconclusive, allowed)"
             got = _fmt(g.value, 4) if g.value is not None else (g.reason or "-")
             if g.baseline_value is not None:
                 got += f", baseline {_fmt(g.baseline_value, 4)}"
-            elif g.baseline is not None and g.value is not None and g.reason:
+            elif g.reason and g.value is not None and (g.baseline is not None or g.verdict != "failed"
+                                                       or g.accepted_inconclusive):
                 got += f"; {g.reason}"
             lines.append(f"gate {status}: {g.metric}{where} {bound} (got {got})")
     return "\n".join(lines)
@@ -199,7 +203,15 @@ def run_evaluate(args) -> int:
     arrays = {k: v for k, v in evaluation.artifacts.items() if not k.endswith("/x_adv")}
     if args.artifacts and arrays:
         np.savez_compressed(args.artifacts, **arrays)
-    return 0 if result.passed else 1
+    return exit_code(result.verdict)
+
+
+# exit codes of `evaluate` and `submit` by verdict (2: bad input or a failed evaluation)
+EXIT_CODES = {"passed": 0, "failed": 1, "inconclusive": 3}
+
+
+def exit_code(verdict: str | None) -> int:
+    return EXIT_CODES.get(verdict or "failed", 1)
 
 
 def load_models(spec: EvaluationSpec, base: Path) -> dict:

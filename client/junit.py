@@ -2,9 +2,11 @@
 
 One <testsuite name="robustness"> with one <testcase classname="robustness.gates"> per gate,
 named after the gate (``robust_accuracy pgd eps=0.3 >= 0.5``); a failed gate carries a
-<failure> with its value, bounds, baseline and reason. A result without gates gives one
-passing testcase, "evaluation completed". Suite properties: the evaluation id, the model's
-sha256, the clean accuracy.
+<failure type="GateFailed"> with its value, bounds, baseline and reason, an inconclusive one
+(its attack showed signs of gradient masking) a <failure type="GateInconclusive"> with the
+warning; a gate that allow_inconclusive accepted passes, its warning in <system-out>. A
+result without gates gives one passing testcase, "evaluation completed". Suite properties:
+the evaluation id, the model's sha256, the clean accuracy, the verdict.
 """
 
 from __future__ import annotations
@@ -48,16 +50,22 @@ def gate_name(gate: Any) -> str:
     return " ".join(str(p) for p in parts if p)
 
 
+def _verdict(gate: Any) -> str:
+    return _get(gate, "verdict") or ("passed" if _get(gate, "passed") else "failed")
+
+
 def _failure(gate: Any) -> tuple[str, str]:
     """The failure's one-line message and its body (one ``key: value`` line per known field)."""
     value = _get(gate, "value")
     reason = _get(gate, "reason")
     message = f"{_get(gate, 'metric')} = {_num(value)}" if value is not None else "no value"
     message += f": {reason}" if reason else f", expected {_bounds(gate)}"
+    if _verdict(gate) == "inconclusive":
+        message = f"inconclusive, {message}"
     if _get(gate, "baseline_value") is not None:
         message += f" (baseline {_num(_get(gate, 'baseline_value'))})"
     lines = [f"{key}: {_num(_get(gate, key))}"
-             for key in ("value", "min", "max", "max_drop", "baseline", "baseline_value", "reason")
+             for key in ("verdict", "value", "min", "max", "max_drop", "baseline", "baseline_value", "reason")
              if _get(gate, key) is not None]
     return message, "\n".join(lines)
 
@@ -81,7 +89,7 @@ def junit_xml(result: Any, evaluation_id: str | None = None) -> str:
     model = result.get("model") or {}
     for name, value in (("evaluation_id", evaluation_id), ("model_sha256", model.get("sha256")),
                         ("clean_accuracy", result.get("clean_accuracy")), ("device", result.get("device")),
-                        ("passed", result.get("passed"))):
+                        ("passed", result.get("passed")), ("verdict", result.get("verdict"))):
         if value is not None:
             ET.SubElement(properties, "property", name=name, value=_text(_num(value)))
     if not len(properties):
@@ -90,8 +98,11 @@ def junit_xml(result: Any, evaluation_id: str | None = None) -> str:
         case = ET.SubElement(suite, "testcase", name=_text(gate_name(gate)), classname="robustness.gates")
         if not _get(gate, "passed"):
             message, details = _failure(gate)
-            failure = ET.SubElement(case, "failure", message=_text(message), type="GateFailed")
+            kind = "GateInconclusive" if _verdict(gate) == "inconclusive" else "GateFailed"
+            failure = ET.SubElement(case, "failure", message=_text(message), type=kind)
             failure.text = _text(details)
+        elif _get(gate, "accepted_inconclusive"):
+            ET.SubElement(case, "system-out").text = _text(_get(gate, "reason") or "")
     if not gates:
         ET.SubElement(suite, "testcase", name="evaluation completed", classname="robustness.gates")
     warnings = result.get("warnings") or []

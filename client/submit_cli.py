@@ -10,8 +10,10 @@ a fresh evaluation).
 
 Without --wait the evaluation id is printed and the command exits 0. With --wait (implied by
 --json and --junit) progress goes to stderr, the summary table to stdout, and the exit code
-is 0 when every gate passed, 1 when a gate failed, 2 when the evaluation failed, was
-cancelled or did not finish within --timeout, and 2 on any bad input or server error.
+is 0 when every gate passed, 1 when a gate failed, 3 when none failed but one is
+inconclusive (its attack showed signs of gradient masking; a gate with allow_inconclusive
+accepts that), 2 when the evaluation failed, was cancelled or did not finish within
+--timeout, and 2 on any bad input or server error.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from client.api import ApiError, RobustnessClient, WaitTimeout, sha256_file
-from client.evaluate_cli import ProgressBar, load_spec, summary_table
+from client.evaluate_cli import ProgressBar, exit_code, load_spec, summary_table
 from client.junit import write_junit
 from schemas.evaluation import EvaluationResult
 
@@ -158,13 +160,21 @@ def _report(args, evaluation: dict, document: dict) -> int:
         _note(f"warning: cannot show the summary table, the result document does not match this "
               f"client's schema ({exc.error_count()} differences); upgrade the client")
     gates = document.get("gates") or []
-    failed = sum(1 for g in gates if not g.get("passed"))
     passed = document.get("passed", evaluation.get("passed"))
-    if passed:
+    verdict = document.get("verdict") or evaluation.get("verdict") or ("passed" if passed else "failed")
+    counts = {v: sum(1 for g in gates if _gate_verdict(g) == v) for v in ("failed", "inconclusive")}
+    if verdict == "passed":
         _note(f"evaluation {evaluation['id']} succeeded: {len(gates)} gate(s) passed")
-        return 0
-    _note(f"evaluation {evaluation['id']} succeeded: {failed} of {len(gates)} gate(s) failed")
-    return 1
+    elif verdict == "inconclusive":
+        _note(f"evaluation {evaluation['id']} succeeded: {counts['inconclusive']} of {len(gates)} gate(s) "
+              "inconclusive (their attacks showed signs of gradient masking; see the warnings), none failed")
+    else:
+        _note(f"evaluation {evaluation['id']} succeeded: {counts['failed']} of {len(gates)} gate(s) failed")
+    return exit_code(verdict)
+
+
+def _gate_verdict(gate: dict) -> str:
+    return gate.get("verdict") or ("passed" if gate.get("passed") else "failed")
 
 
 def _note(message: str) -> None:

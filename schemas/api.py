@@ -56,6 +56,7 @@ class DatasetPublic(BaseModel):
     source_dtype: str
     num_classes: int  # the largest label + 1
     classes: list[str] | None = None  # class folder names of a PNG zip
+    targets: bool = False  # the .npz has target labels t (for an attack's targets: dataset)
     created_at: str
 
 
@@ -89,6 +90,9 @@ class EvaluationPublic(BaseModel):
     finished_at: str | None
     error: JobError | None
     passed: bool | None  # every gate passed (once succeeded)
+    # once succeeded: failed when a gate failed, else inconclusive when a gate's attack showed
+    # signs of gradient masking, else passed
+    verdict: Literal["passed", "failed", "inconclusive"] | None = None
     shards: int
 
 

@@ -166,13 +166,21 @@ def complete_shard(db: Session, claim: Claim, output_sha256: str, timing: dict) 
     return ready.rowcount == 1
 
 
+def verdict_of(job: Job) -> str | None:
+    """passed, failed or inconclusive once succeeded (jobs finished before verdicts: from passed)."""
+    if job.verdict is not None or job.passed is None:
+        return job.verdict
+    return "passed" if job.passed else "failed"
+
+
 def complete_job(db: Session, claim: Claim, result: dict, passed: bool, artifacts: dict,
-                 report_sha256: str | None = None) -> bool:
+                 report_sha256: str | None = None, verdict: str | None = None) -> bool:
     finished = db.execute(
         update(Job)
         .where(Job.id == claim.job_id, Job.state == "running")
         .values(state="succeeded", result=result, passed=passed, artifacts=artifacts,
-                report_sha256=report_sha256, finished_at=utcnow())
+                report_sha256=report_sha256, finished_at=utcnow(),
+                verdict=verdict or ("passed" if passed else "failed"))
     )
     db.execute(
         update(Shard)

@@ -98,6 +98,7 @@ class Job(Base):
     error_code: Mapped[str | None] = mapped_column(String(40), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     passed: Mapped[bool | None] = mapped_column(default=None)
+    verdict: Mapped[str | None] = mapped_column(String(16), default=None)  # passed | failed | inconclusive
     result: Mapped[dict | None] = mapped_column(JSON, default=None)
     artifacts: Mapped[dict] = mapped_column(JSON, default=dict)  # name -> {"sha256", "size"}
     report_sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # the HTML report

@@ -188,7 +188,7 @@ def _summary(result: EvaluationResult, model_name, dataset_name, evaluation_id) 
         "device": result.device,
         "duration": result.timing.get("total"),
         "clean_accuracy": result.clean_accuracy,
-        "passed": result.passed if result.gates else None,
+        "verdict": result.verdict if result.gates else None,
         "input_range": list(result.spec.input.range),
         "seed": result.spec.seed,
     }
@@ -204,7 +204,8 @@ def _gate(gate) -> dict:
         reference = "" if gate.baseline_value is None else f" ({fmt_num(gate.baseline_value)})"
         bounds.append(f"baseline {gate.baseline}{reference} − {fmt_num(gate.max_drop)}")
     return {"metric": gate.metric, "attack": gate.attack, "eps": gate.eps, "norm": gate.norm,
-            "bounds": ", ".join(bounds), "value": gate.value, "passed": gate.passed, "reason": gate.reason}
+            "bounds": ", ".join(bounds), "value": gate.value, "passed": gate.passed, "verdict": gate.verdict,
+            "accepted_inconclusive": gate.accepted_inconclusive, "reason": gate.reason}
 
 
 # ---------------------------------------------------------------------------- accuracy

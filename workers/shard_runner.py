@@ -202,8 +202,9 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
         result = evaluation.result.model_dump(mode="json")
         report = _report(evaluation, claim.job_id, names, store)
         with sessions() as db:
-            jobs.complete_job(db, claim, result, evaluation.result.passed, artifacts, report)
-        log.info("evaluation.succeeded job=%s passed=%s", claim.job_id, evaluation.result.passed)
+            jobs.complete_job(db, claim, result, evaluation.result.passed, artifacts, report,
+                              verdict=evaluation.result.verdict)
+        log.info("evaluation.succeeded job=%s verdict=%s", claim.job_id, evaluation.result.verdict)
         return
     unit = plan(spec, len(dataset.y))[claim.position]
     models = None

@@ -56,6 +56,7 @@ def dashboard(request: Request, db: SessionDep, settings: SettingsDep):
                 "model": names.get(row.model_id, row.model_id),
                 "dataset": names.get(row.dataset_id, row.dataset_id),
                 "passed": row.passed,
+                "verdict": jobs.verdict_of(row),
                 "created": jobs.iso(row.created_at),
                 "report": row.report_sha256 is not None,
             }

@@ -26,7 +26,7 @@ from service.dispatch import dispatch
 from service.errors import Conflict, InvalidSpec, NotFound, TooManyJobs
 from service.records import Job, StoredDataset, StoredModel, new_id
 from service.scoping import owned
-from service.spec_checks import BLACK_BOX, check_spec
+from service.spec_checks import check_spec, needs_gradients
 from workers.evaluate import plan, unit_work
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
@@ -45,6 +45,7 @@ def public(db, row: Job) -> EvaluationPublic:
         finished_at=jobs.iso(row.finished_at),
         error=error,
         passed=row.passed,
+        verdict=jobs.verdict_of(row),
         shards=row.shards,
     )
 
@@ -143,7 +144,7 @@ def _transfer_models(db, spec: EvaluationSpec, model: StoredModel, tenant) -> di
     classes as the evaluated model; the job keeps their sha256."""
     if spec.transfer is None:
         return {}
-    gradient_attacks = [a.key for a in spec.transfer.attacks if a.name not in BLACK_BOX]
+    gradient_attacks = [a.key for a in spec.transfer.attacks if needs_gradients(a)]
     if (
         MAIN_MODEL in spec.transfer.names("sources")
         and gradient_attacks

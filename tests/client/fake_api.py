@@ -28,7 +28,8 @@ def _multipart(request: httpx.Request) -> dict[str, tuple[str | None, bytes]]:
 
 class FakeApi:
     """``outcome``: how evaluations end - "pass" (every gate passes), "fail_gate" (the pgd
-    gate fails), "error" (the evaluation fails), "never" (it stays running)."""
+    gate fails), "inconclusive" (the pgd gate's bounds hold, but its attack shows signs of
+    gradient masking), "error" (the evaluation fails), "never" (it stays running)."""
 
     def __init__(self, outcome: str = "pass"):
         self.outcome = outcome
@@ -151,7 +152,9 @@ class FakeApi:
     def _result(self, evaluation: dict) -> dict:
         body = self.bodies[evaluation["id"]]
         spec = {k: v for k, v in body.items() if k not in ("model_id", "dataset_id")}
-        robust = 0.62 if self.outcome == "pass" else 0.31
+        robust = 0.31 if self.outcome == "fail_gate" else 0.62
+        masked = ("pgd (linf, eps=0.3): the cross_entropy gradient is zero for 94% of the 97 correctly "
+                  "classified samples probed; the evaluation may be masked")
         attacks = [{"attack": a.get("label") or a["name"], "name": a["name"], "kind": "iterative",
                     "norm": a.get("norm"), "eps": eps, "samples": 100, "robust_accuracy": robust,
                     "success_rate": round(1 - robust / CLEAN_ACCURACY, 4), "mean_l2": 1.5,
@@ -162,11 +165,17 @@ class FakeApi:
             value = CLEAN_ACCURACY if gate["metric"] == "clean_accuracy" else robust
             passed = ((gate["min"] is None or value >= gate["min"])
                       and (gate["max"] is None or value <= gate["max"]))
+            verdict = "passed" if passed else "failed"
+            if passed and self.outcome == "inconclusive" and gate["attack"] == "pgd":
+                passed, verdict = False, "inconclusive"
             gates.append({k: gate.get(k) for k in ("metric", "attack", "eps", "norm", "min", "max")}
-                         | {"value": value, "passed": passed, "reason": None})
+                         | {"value": value, "passed": passed, "verdict": verdict,
+                            "reason": f"inconclusive: {masked}" if verdict == "inconclusive" else None})
         model = self.models[body["model_id"]]
         return {"model": {"sha256": model["sha256"]}, "dataset": {"samples": 100, "sha256": "d" * 64},
                 "spec": spec, "device": "cpu", "clean_accuracy": CLEAN_ACCURACY, "attacks": attacks,
                 "warnings": ["3 samples <are> & 'odd'"], "gates": gates,
                 "passed": all(g["passed"] for g in gates), "fooling": None,
+                "verdict": ("failed" if any(g["verdict"] == "failed" for g in gates) else "inconclusive"
+                            if any(g["verdict"] == "inconclusive" for g in gates) else "passed"),
                 "timing": {"total": 12.5, "pgd": 12.0}}

@@ -118,6 +118,25 @@ def test_failed_gate_exits_1_with_a_junit_failure(inputs, tmp_path, capsys, cloc
     assert "value: 0.31\nmin: 0.5" in failure.text
 
 
+def test_inconclusive_gate_exits_3_and_junit_says_why(inputs, tmp_path, capsys, clock):
+    model, data, spec = inputs
+    junit = tmp_path / "junit.xml"
+    code = submit([model, data, "--spec", spec, "--server", SERVER, "--junit", junit],
+                  FakeApi("inconclusive"))
+    assert code == 3
+    out, err = capsys.readouterr()
+    assert "gate INCONCLUSIVE: robust_accuracy pgd eps=0.3 >= 0.5 (got 0.6200; inconclusive: pgd" in out
+    assert "1 of 2 gate(s) inconclusive" in err and "none failed" in err
+    suite = ET.parse(junit).getroot().find("testsuite")
+    (case,) = [c for c in suite.iter("testcase") if c.find("failure") is not None]
+    failure = case.find("failure")
+    assert failure.get("type") == "GateInconclusive"
+    assert failure.get("message").startswith("inconclusive, robust_accuracy = 0.62: inconclusive: pgd")
+    assert "verdict: inconclusive" in failure.text
+    properties = {p.get("name"): p.get("value") for p in suite.iter("property")}
+    assert properties["verdict"] == "inconclusive"
+
+
 def test_failed_evaluation_exits_2_with_the_servers_error(inputs, tmp_path, capsys, clock):
     model, data, spec = inputs
     result_json = tmp_path / "result.json"

@@ -292,3 +292,35 @@ def test_a_fit_dataset_of_another_shape_is_refused_at_submission(api, stored):
         api.post("/v1/evaluations", json=spec(model["id"], dataset["id"], defenses=defenses)).status_code
         == 202
     )
+
+
+def test_nhwc_models_and_datasets_with_target_labels_are_accepted(api, tmp_path):
+    """A channels-last export (tf2onnx, Keras) with channels-last images: layout NHWC; and
+    targets: dataset, which needs an .npz with target labels t."""
+    import numpy as np
+
+    from tests import digits
+
+    nhwc_path = tmp_path / "nhwc.onnx"
+    nhwc_path.write_bytes(digits.variant_onnx_bytes("cnn-nhwc"))
+    model = upload(api, "models", nhwc_path).json()
+    assert model["input"]["shape"][1:] == [28, 28, 1]
+    _, _, x, y = digits.digits()
+    np.savez(tmp_path / "nhwc.npz", x=x[:20].transpose(0, 2, 3, 1), y=y[:20], t=(y[:20] + 1) % 10)
+    with_targets = upload(api, "datasets", tmp_path / "nhwc.npz").json()
+    assert with_targets["shape"] == [28, 28, 1] and with_targets["targets"] is True
+    attacks = [{"name": "pgd", "eps": [0.1], "steps": 5, "targets": "dataset"}]
+    accepted = api.post("/v1/evaluations", json=spec(model["id"], with_targets["id"], attacks=attacks,
+                                                     input={"layout": "NHWC"}))
+    assert accepted.status_code == 202, accepted.text
+    wrong = api.post("/v1/evaluations", json=spec(model["id"], with_targets["id"], attacks=attacks))
+    assert wrong.status_code == 422 and "set input.layout to the dataset's layout" in wrong.json()["detail"]
+    np.savez(tmp_path / "plain.npz", x=x[:20].transpose(0, 2, 3, 1), y=y[:20])
+    plain = upload(api, "datasets", tmp_path / "plain.npz").json()
+    assert plain["targets"] is False
+    refused = api.post("/v1/evaluations", json=spec(model["id"], plain["id"], attacks=attacks,
+                                                    input={"layout": "NHWC"}))
+    assert refused.status_code == 422 and "an array t" in refused.json()["detail"]
+    np.savez(tmp_path / "same.npz", x=x[:20], y=y[:20], t=y[:20])
+    same = upload(api, "datasets", tmp_path / "same.npz")
+    assert same.status_code == 400 and "equal the labels 'y' for 20 samples" in same.json()["detail"]
