@@ -292,3 +292,22 @@ def test_the_size_is_bounded_by_the_plots_and_the_example_budget(run):
     assert "Left out to keep the report small: " in grid
     assert "examples shown, to keep the report small" in grid
     assert 0 < grid.count('<div class="example">') < 8 * len(large)
+
+
+def test_an_inconclusive_gate_shows_as_such_with_its_reason(run):
+    result, examples = run
+    document = result.model_dump(mode="json")
+    masked = "pgd (linf, eps=0.1): the cross_entropy gradient is zero for 91% of the 35 correctly classified"
+    gate, allowed = copy.deepcopy(document["gates"][1]), copy.deepcopy(document["gates"][1])
+    gate.update(min=0.0, passed=False, verdict="inconclusive", reason=f"inconclusive: {masked}",
+                warnings=[masked])
+    allowed.update(min=0.0, passed=True, verdict="passed", allow_inconclusive=True,
+                   accepted_inconclusive=True, warnings=[masked],
+                   reason=f"accepted as inconclusive (allow_inconclusive): {masked}")
+    document.update(gates=[document["gates"][0], gate, allowed], passed=False, verdict="inconclusive")
+    html = render_report(EvaluationResult.model_validate(document), examples)
+    rows = tables(html)["gates"][0][1:]
+    assert [row[6] for row in rows] == ["PASSED", "INCONCLUSIVE", "PASSED (inconclusive, allowed)"]
+    assert rows[1][7].startswith("inconclusive: pgd (linf, eps=0.1)")
+    header = html.split('id="gates"')[0]
+    assert "INCONCLUSIVE" in header and "FAILED" not in header

@@ -179,7 +179,8 @@ def _summary(result: EvaluationResult, model_name, dataset_name, evaluation_id) 
     return {
         "model": model_name or f"sha256 {model_sha[:12]}",
         "model_sha": model_sha[:12] if model_name else None,
-        "input_shape": result.model.get("input_shape"),
+        "input_shape": [("N" if i == 0 else "?") if d is None else d  # a symbolic axis
+                        for i, d in enumerate(result.model.get("input_shape") or [])] or None,
         "num_classes": result.model.get("num_classes"),
         "dataset": dataset_name or f"sha256 {data_sha[:12]}",
         "dataset_sha": data_sha[:12] if dataset_name else None,

@@ -49,3 +49,27 @@ def test_sign_in_with_a_key_and_see_only_your_evaluations(settings):
         api.post("/logout", follow_redirects=False)
         api.cookies.clear()
         assert 'name="key"' in api.get("/").text
+
+
+def test_an_inconclusive_evaluation_says_so_in_the_status_and_the_dashboard(api, settings):
+    from sqlalchemy import update
+
+    from service.records import Job
+
+    model = upload(api, "models", MODEL).json()
+    dataset = upload(api, "datasets", DATA).json()
+    ids = [api.post("/v1/evaluations", json=spec(model["id"], dataset["id"], seed=seed)).json()["id"]
+           for seed in range(3)]
+    with session_factory(settings.database_url)() as db:  # as the final unit leaves them
+        for job_id, verdict, passed in zip(ids, ("inconclusive", "passed", None), (False, True, True),
+                                           strict=True):
+            db.execute(update(Job).where(Job.id == job_id).values(state="succeeded", passed=passed,
+                                                                   verdict=verdict))
+        db.commit()
+    statuses = [api.get(f"/v1/evaluations/{job_id}").json() for job_id in ids]
+    # the third stands for a job finished before verdicts existed: its verdict comes from passed
+    assert [(s["verdict"], s["passed"]) for s in statuses] == [("inconclusive", False), ("passed", True),
+                                                                ("passed", True)]
+    page = api.get("/").text
+    assert page.count('class="verdict-inconclusive"') == 1 and ">inconclusive</strong>" in page
+    assert page.count('class="verdict-passed"') == 2
