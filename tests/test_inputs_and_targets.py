@@ -267,3 +267,18 @@ def test_upload_and_evaluation_agree_on_a_batch_of_one(tmp_path):
     info = validate_model(path, max_bytes=1 << 20)
     assert info.gradients_available and info.input_shape == [None, 1, 28, 28]
     assert copy.deepcopy(Classifier(path.read_bytes()).fixed_batch) == 1
+
+
+def test_the_cli_evaluates_an_nhwc_model_on_nhwc_images(twins, tmp_path):
+    import yaml
+
+    from client.cli import main
+
+    _, nhwc_model, x, y = twins
+    (tmp_path / "model.onnx").write_bytes(nhwc_model)
+    np.savez(tmp_path / "data.npz", x=x.transpose(0, 2, 3, 1), y=y)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "input": {"layout": "NHWC", "mean": [0.4, 0.5, 0.45], "std": [0.2, 0.25, 0.3]},
+        "attacks": [{"name": "square", "eps": 0.05, "queries": 20}]}))
+    args = [str(tmp_path / "model.onnx"), str(tmp_path / "data.npz"), "--spec", str(tmp_path / "spec.yaml")]
+    assert main(["evaluate", *args]) == 0

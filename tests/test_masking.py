@@ -49,11 +49,18 @@ def spec_for(scale: float, losses=("default", "margin", "cross_entropy"), gates=
                                           "gates": list(gates)})
 
 
+# on each saturated model: it would pass on the cross-entropy's masked number (over 95% "robust"),
+# and fails on the default loss's (under 30%)
+MASKED_GATE = {"metric": "robust_accuracy", "attack": "pgd-cross_entropy", "min": 0.5}
+HONEST_GATE = {"metric": "robust_accuracy", "attack": "pgd-default", "min": 0.5}
+
+
 @pytest.fixture(scope="module")
 def saturated_results():
     results = {}
     for name, (make, scale) in SATURATED.items():
-        results[name] = evaluate(make(), dataset(scale), spec_for(scale)).result
+        spec = spec_for(scale, gates=[MASKED_GATE, HONEST_GATE])
+        results[name] = evaluate(make(), dataset(scale), spec).result
     return results
 
 
@@ -88,6 +95,15 @@ def test_warnings_describe_the_loss_each_attack_followed(saturated_results):
             assert len(zero) == 1 and f"{attack}-cross_entropy (linf, eps=" in zero[0], masked.warnings
             assert f"{stats['zero_fraction']:.0%} of the {stats['probed']} correctly classified" in zero[0]
         assert all("cross_entropy" in w for w in result.warnings), (name, result.warnings)
+
+
+def test_a_gate_that_would_pass_on_a_masked_gradient_is_inconclusive_on_every_saturated_model(
+        saturated_results):
+    for name, result in saturated_results.items():
+        masked, honest = result.gates
+        assert masked.value > 0.5 and (masked.verdict, masked.passed) == ("inconclusive", False), name
+        assert (honest.verdict, honest.passed) == ("failed", False), name
+        assert result.verdict == "failed"
 
 
 def test_a_gate_over_a_masked_attack_is_inconclusive_unless_allowed():
