@@ -1,4 +1,8 @@
-"""API errors: a small hierarchy, each with a status, rendered as ``{"type", "detail"}``."""
+"""API errors: a small hierarchy, each with a status, rendered as ``{"type", "detail"}``.
+
+The user's errors come from the engine (``workers.errors.UserError``: a bad model, dataset or
+spec, each with its own 4xx status and type) and are answered by one handler; the classes
+here are the gateway's own (not found, unauthorized, conflicts, quotas)."""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from workers.errors import UserError
 
 
 class ApiError(Exception):
@@ -49,11 +55,6 @@ class TooLarge(ApiError):
     type = "too_large"
 
 
-class InvalidSpec(ApiError):
-    status = 422
-    type = "invalid_spec"
-
-
 class TooManyJobs(ApiError):
     status = 429
     type = "too_many_jobs"
@@ -80,6 +81,10 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
         return error_response(exc.status, exc.type, exc.detail, exc.headers)
+
+    @app.exception_handler(UserError)
+    async def _user_error(_: Request, exc: UserError):
+        return error_response(exc.status, exc.type, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):

@@ -231,6 +231,18 @@ def release_shard(db: Session, claim: Claim, state: str) -> None:
     db.commit()
 
 
+def requeue_shard(db: Session, claim: Claim) -> bool:
+    """Put a shard that failed with an internal error back in the queue, unsent, for another
+    attempt (its attempts count stays); False when it is no longer this attempt's."""
+    requeued = db.execute(
+        update(Shard)
+        .where(Shard.id == claim.shard_id, Shard.attempts == claim.attempt, Shard.state == "running")
+        .values(state="queued", dispatched_at=None, lease_until=None)
+    )
+    db.commit()
+    return requeued.rowcount == 1
+
+
 def _stop_shards(db: Session, job_id: str) -> None:
     db.execute(
         update(Shard)

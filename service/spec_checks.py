@@ -4,8 +4,8 @@ queued: a mismatch found here is a 422 now, not a failed job later."""
 from __future__ import annotations
 
 from schemas.evaluation import AttackSpec, EvaluationSpec
-from service.errors import InvalidSpec
 from workers.attacks import ATTACKS
+from workers.errors import InvalidSpecError
 from workers.layout import LayoutError, image_nchw, model_layout
 
 
@@ -21,10 +21,10 @@ def check_spec(spec: EvaluationSpec, model: dict, dataset: dict) -> None:
         image = image_nchw(dataset["shape"], spec.input.layout)
         layout = model_layout(model["input_shape"], image, spec.input.model_layout)
     except LayoutError as exc:
-        raise InvalidSpec(f"the dataset's images ({dataset['shape']}, input.layout {spec.input.layout}) do "
-                          f"not fit the model: {exc}") from None
+        raise InvalidSpecError(f"the dataset's images ({dataset['shape']}, input.layout "
+                               f"{spec.input.layout}) do not fit the model: {exc}") from None
     if dataset["num_classes"] > model["num_classes"]:
-        raise InvalidSpec(
+        raise InvalidSpecError(
             f"the dataset has labels up to {dataset['num_classes'] - 1} but the model has "
             f"{model['num_classes']} classes"
         )
@@ -32,13 +32,13 @@ def check_spec(spec: EvaluationSpec, model: dict, dataset: dict) -> None:
     for name in ("mean", "std"):
         values = getattr(spec.input, name)
         if values is not None and len(values) not in (1, channels or len(values)):
-            raise InvalidSpec(
+            raise InvalidSpecError(
                 f"input.{name} has {len(values)} values; give 1 or one per channel ({channels}, on the "
                 f"channel axis of the {layout} model)"
             )
     wanting = [a.key for a in spec.attacks if a.target_mode == "dataset"]
     if wanting and not dataset.get("targets"):
-        raise InvalidSpec(
+        raise InvalidSpecError(
             f"{', '.join(wanting)}: targets: dataset needs target labels in the dataset; upload an .npz "
             "with an array t (one target class per image, != y)"
         )
@@ -48,7 +48,7 @@ def check_spec(spec: EvaluationSpec, model: dict, dataset: dict) -> None:
             needs.append("fooling.steps")
         if needs:
             ops = sorted({n["op_type"] for n in model["unsupported"]})
-            raise InvalidSpec(
+            raise InvalidSpecError(
                 f"{', '.join(needs)} need gradients, which this model does not have (no "
                 f"gradient rule for {', '.join(ops)}); use black-box attacks "
                 f"({', '.join(BLACK_BOX)})"

@@ -12,7 +12,6 @@ from starlette.concurrency import run_in_threadpool
 
 from service.blobs import BlobTooLarge, LocalBlobStore, stream_to_file
 from service.errors import ApiError, TooLarge
-from service.validation import UploadRejected
 
 CHUNK = 1 << 20
 
@@ -34,10 +33,7 @@ async def receive(
         handle.close()
         if size == 0:
             raise ApiError(f"the {what} file is empty", type=f"invalid_{what}")
-        try:
-            info = await run_in_threadpool(validate, path)
-        except UploadRejected as exc:
-            raise ApiError(exc.detail, type=exc.type, status=exc.status) from None
+        info = await run_in_threadpool(validate, path)  # a UserError answers its own 4xx
         if not store.exists(sha256):
             await asyncio.to_thread(store.put_file, path, sha256)
     return sha256, size, info

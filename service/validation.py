@@ -47,8 +47,9 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 from PIL import Image
 
 from workers.datasets import MAX_BYTES, MAX_SAMPLES, Dataset, DatasetError, check_targets, load_npz
+from workers.errors import TooLargeError, UserError
 from workers.onnxgrad import (
-    GradientBuildError,
+    InvalidModelError,
     PreparedClassifier,
     UnsupportedOperatorError,
     build_gradient_model,
@@ -69,27 +70,21 @@ NPY_MAGIC = b"\x93NUMPY"
 READ_CHUNK = 8 * MiB
 
 
-class UploadRejected(Exception):
-    """An upload the service refuses. ``detail`` says what is wrong and how to fix it (it never
-    names a server path); ``type`` is invalid_model, invalid_dataset or too_large."""
-
-    def __init__(self, detail: str, status: int = 400, type: str = "invalid_input"):
-        super().__init__(detail)
-        self.detail = detail
-        self.status = status
-        self.type = type
+# An upload the service refuses raises one of the engine's user errors (workers/errors.py): its
+# message says what is wrong and how to fix it (it never names a server path), its ``type``
+# is invalid_model, invalid_dataset or too_large.
 
 
-def _bad_model(detail: str) -> UploadRejected:
-    return UploadRejected(detail, 400, "invalid_model")
+def _bad_model(detail: str) -> UserError:
+    return InvalidModelError(detail)
 
 
-def _bad_dataset(detail: str) -> UploadRejected:
-    return UploadRejected(detail, 400, "invalid_dataset")
+def _bad_dataset(detail: str) -> UserError:
+    return DatasetError(detail)
 
 
-def _too_large(detail: str) -> UploadRejected:
-    return UploadRejected(detail, 413, "too_large")
+def _too_large(detail: str) -> UserError:
+    return TooLargeError(detail)
 
 
 def _quote(text: str, limit: int = 200) -> str:
@@ -147,7 +142,7 @@ def inspect_classifier(model: onnx.ModelProto | bytes, loss: str = "cross_entrop
 
 
 def validate_model(path: Path, *, max_bytes: int) -> ModelInfo:
-    """Check an uploaded .onnx file; raises :class:`UploadRejected` saying why it is refused."""
+    """Check an uploaded .onnx file; raises a UserError (workers/errors.py) saying why it is refused."""
     data = _read_model_file(Path(path), max_bytes)
     model = _parse_model(data)
     refuse_external_data(model)  # first: nothing below may follow a path named in the file
@@ -158,10 +153,7 @@ def validate_model(path: Path, *, max_bytes: int) -> ModelInfo:
     _check_structure(model)
     _check_input(model)
     _check_load_time_constants(model, budget=MAX_LOAD_TIME_CONSTANT_BYTES + 4 * len(data))
-    try:
-        found = inspect_classifier(model)
-    except GradientBuildError as exc:
-        raise _bad_model(str(exc)) from None
+    found = inspect_classifier(model)  # a GradientBuildError is an invalid_model UserError itself
     prepared = found.prepared
     if prepared.num_classes is None:
         raise _bad_model(
@@ -642,7 +634,7 @@ class _Limits:
 
 def validate_dataset(path: Path, *, max_bytes: int, max_samples: int, max_decoded_bytes: int) -> DatasetInfo:
     """Check an uploaded dataset (.npz or .zip of PNG class folders); raises
-    :class:`UploadRejected` saying why it is refused."""
+    a UserError (workers/errors.py) saying why it is refused."""
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
@@ -678,14 +670,11 @@ def load_dataset_file(
     (uint8 pixels scaled into it), y int64. Raises ``DatasetError`` for a bad file."""
     path = Path(path)
     limits = _Limits(max_samples, max_decoded_bytes)
-    try:
-        with _open_archive(path, limits) as (archive, files, kind):
-            if kind == "npz":
-                _npz_headers(archive, files, limits)
-            else:
-                x, _, y, _ = _read_png_zip(archive, files, limits)
-    except UploadRejected as exc:
-        raise DatasetError(exc.detail) from None
+    with _open_archive(path, limits) as (archive, files, kind):
+        if kind == "npz":
+            _npz_headers(archive, files, limits)
+        else:
+            x, _, y, _ = _read_png_zip(archive, files, limits)
     if kind == "npz":
         return load_npz(path.read_bytes(), value_range)
     low, high = value_range

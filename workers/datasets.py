@@ -13,12 +13,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from workers.errors import UserError
+
 MAX_SAMPLES = 1_000_000
 MAX_BYTES = 4 << 30  # decoded size of x and y together
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """The dataset cannot be used; the message says why and how to fix it."""
+
+    type = "invalid_dataset"
 
 
 @dataclass

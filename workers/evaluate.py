@@ -57,8 +57,8 @@ class EvaluationCancelled(Exception):
     """Raised by a progress callback to stop an evaluation between batches."""
 
 
-class UnitOutputError(ValueError):
-    """Bytes that are not a serialized UnitOutput."""
+class UnitOutputError(Exception):
+    """Bytes that are not a serialized UnitOutput: corrupt storage, an internal error."""
 
 
 

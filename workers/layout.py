@@ -19,10 +19,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from workers.errors import InvalidSpecError
+
 LAYOUTS = ("NCHW", "NHWC")
 
 
-class LayoutError(ValueError):
+class LayoutError(InvalidSpecError):
     """The dataset's images do not fit the model's input in any layout; the message says how."""
 
 

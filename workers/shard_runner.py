@@ -27,15 +27,12 @@ from service.dispatch import dispatch
 from service.records import Job, Shard, StoredDataset, StoredModel
 from service.settings import get_settings
 from service.validation import load_dataset_file
-from workers.datasets import Dataset, DatasetError
+from workers.datasets import Dataset
+from workers.errors import UserError
 from workers.evaluate import EvaluationCancelled, UnitOutput, finish, plan, run_unit
-from workers.onnxgrad import GradientBuildError, InvalidModelError, UnsupportedOperatorError
 from workers.runtime import RunsInterrupted, RuntimeOptions, interrupt_runs, resume_runs
 
 log = logging.getLogger("robustness.worker")
-
-# Errors in the user's model, data or spec: they would fail again, so the job fails at once.
-USER_ERRORS = (DatasetError, InvalidModelError, UnsupportedOperatorError, GradientBuildError, ValueError)
 
 
 class _Cache(OrderedDict):
@@ -148,20 +145,35 @@ def run_shard(job_id: str, position: int) -> None:
                     "(ROBUSTNESS_JOB_TIME_LIMIT_S); use fewer samples, attacks or steps",
                 )
             jobs.release_shard(db, claim, "cancelled" if reason == "cancelled" else "failed")
-    except USER_ERRORS as exc:
+    except UserError as exc:  # the user's model, data or spec: it would fail again
         with sessions() as db:
             jobs.fail_job(db, job_id, "invalid_input", str(exc))
             jobs.release_shard(db, claim, "failed")
-    except Exception as exc:
-        log.exception("evaluation.shard_crashed job=%s shard=%s", job_id, position)
-        with sessions() as db:
-            jobs.fail_job(
-                db, job_id, "internal_error", _without_paths(f"{type(exc).__name__}: {exc}", settings)
-            )
-            jobs.release_shard(db, claim, "failed")
+    except Exception as exc:  # ours: another attempt may succeed (a database or storage hiccup)
+        log.exception("evaluation.shard_crashed job=%s shard=%s attempt=%s", job_id, position, claim.attempt)
+        _retry_or_fail(sessions, claim, exc, settings)
     finally:
         watch.close()
         resume_runs()
+
+
+def _retry_or_fail(sessions, claim: jobs.Claim, exc: Exception, settings) -> None:
+    """An internal error: the shard runs again, up to ROBUSTNESS_MAX_ATTEMPTS runs, after which
+    the job fails with internal_error."""
+    with sessions() as db:
+        if claim.attempt < settings.max_attempts and jobs.requeue_shard(db, claim):
+            log.warning("evaluation.shard_retried job=%s shard=%s attempt=%s", claim.job_id, claim.position,
+                        claim.attempt)
+            retry = True
+        else:
+            jobs.fail_job(db, claim.job_id, "internal_error", _without_paths(
+                f"{type(exc).__name__}: {exc} (after {claim.attempt} attempt(s))", settings))
+            jobs.release_shard(db, claim, "failed")
+            retry = False
+    if retry:
+        from workers.celery_app import celery_app
+
+        dispatch(sessions, celery_app(), claim.job_id, [claim.position])
 
 
 def _inputs(db, claim: jobs.Claim, store):

@@ -23,10 +23,11 @@ from schemas.evaluation import MAIN_MODEL, EvaluationSpec
 from service import jobs
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.dispatch import dispatch
-from service.errors import Conflict, InvalidSpec, NotFound, TooManyJobs
+from service.errors import Conflict, NotFound, TooManyJobs
 from service.records import Job, StoredDataset, StoredModel, new_id
 from service.scoping import owned
 from service.spec_checks import check_spec, needs_gradients
+from workers.errors import InvalidSpecError
 from workers.evaluate import plan, unit_work
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
@@ -150,7 +151,7 @@ def _transfer_models(db, spec: EvaluationSpec, model: StoredModel, tenant) -> di
         and gradient_attacks
         and not model.info["gradients_available"]
     ):
-        raise InvalidSpec(
+        raise InvalidSpecError(
             f"transfer.sources: the evaluated model is a source of {', '.join(gradient_attacks)}, "
             "which need gradients it does not have"
         )
@@ -158,19 +159,19 @@ def _transfer_models(db, spec: EvaluationSpec, model: StoredModel, tenant) -> di
     for name, model_id in spec.transfer.models.items():
         other = db.get(StoredModel, model_id) if len(model_id) <= 40 else None
         if other is None or other.tenant_id != tenant.id:
-            raise InvalidSpec(f"transfer.models.{name}: no model with id {model_id!r}; upload it first")
+            raise InvalidSpecError(f"transfer.models.{name}: no model with id {model_id!r}; upload it first")
         ours, theirs = model.info, other.info
         if (
             ours["input_shape"][1:] != theirs["input_shape"][1:]
             or ours["num_classes"] != theirs["num_classes"]
         ):
-            raise InvalidSpec(
+            raise InvalidSpecError(
                 f"transfer.models.{name}: takes {theirs['input_shape'][1:]} with "
                 f"{theirs['num_classes']} classes; the evaluated model takes "
                 f"{ours['input_shape'][1:]} with {ours['num_classes']} classes"
             )
         if name in spec.transfer.names("sources") and gradient_attacks and not theirs["gradients_available"]:
-            raise InvalidSpec(
+            raise InvalidSpecError(
                 f"transfer.models.{name}: a source of {', '.join(gradient_attacks)}, which need "
                 "gradients this model does not have; make it a target only"
             )
@@ -186,7 +187,8 @@ def _defense_models(db, spec: EvaluationSpec, model: StoredModel, tenant) -> dic
             continue
         other = db.get(StoredModel, defense.model) if len(defense.model) <= 40 else None
         if other is None or other.tenant_id != tenant.id:
-            raise InvalidSpec(f"defenses[{index}].model: no model with id {defense.model!r}; upload it first")
+            raise InvalidSpecError(
+                f"defenses[{index}].model: no model with id {defense.model!r}; upload it first")
         found[defense.reference_key()] = other.sha256
     return found
 
@@ -199,9 +201,10 @@ def _fit_datasets(db, spec: EvaluationSpec, dataset: StoredDataset, tenant) -> d
             continue
         fit = db.get(StoredDataset, defense.fit_dataset) if len(defense.fit_dataset) <= 40 else None
         if fit is None or fit.tenant_id != tenant.id:
-            raise InvalidSpec(f"defenses[{index}].fit_dataset: no dataset with id {defense.fit_dataset!r}")
+            raise InvalidSpecError(
+                f"defenses[{index}].fit_dataset: no dataset with id {defense.fit_dataset!r}")
         if fit.info["shape"] != dataset.info["shape"]:
-            raise InvalidSpec(
+            raise InvalidSpecError(
                 f"defenses[{index}].fit_dataset: its images are {fit.info['shape']} but the "
                 f"evaluated ones are {dataset.info['shape']}"
             )
@@ -217,9 +220,10 @@ def _baselines(db, spec: EvaluationSpec, tenant) -> dict:
             continue
         row = db.get(Job, baseline) if len(baseline) <= 40 else None
         if row is None or row.tenant_id != tenant.id:
-            raise InvalidSpec(f"gates: baseline {baseline!r} is not an evaluation of yours")
+            raise InvalidSpecError(f"gates: baseline {baseline!r} is not an evaluation of yours")
         if row.state != "succeeded":
-            raise InvalidSpec(f"gates: baseline {baseline!r} is {row.state}; a baseline must have succeeded")
+            raise InvalidSpecError(
+                f"gates: baseline {baseline!r} is {row.state}; a baseline must have succeeded")
         found[baseline] = row.result
     return found
 

@@ -350,3 +350,23 @@ def test_defenses_through_the_service_equal_the_engine(settings, start_worker):
         assert result == local.result.model_dump(mode="json", exclude={"timing"})
         assert [d["defense"] for d in result["defenses"]] == ["pca", "gaussian_noise", "pca_fit"]
         assert all(row["adaptive"] is not None for d in result["defenses"] for row in d["attacks"])
+
+
+def test_an_internal_error_is_retried_up_to_the_attempt_limit_then_fails_as_internal(settings, start_worker):
+    """The model's blob is gone from the store (a storage fault, not the user's): each attempt
+    fails with an internal error and runs again, and after ROBUSTNESS_MAX_ATTEMPTS the job fails
+    with internal_error, naming no server path. A user's error would fail at once."""
+    from service.blobs import LocalBlobStore
+
+    with gateway(settings) as api:
+        job = submit(api, {**QUICK, "samples": 16})
+        model = api.get(f"/v1/models/{job['model_id']}").json()
+        LocalBlobStore(settings.blob_dir).local_path(model["sha256"]).unlink()
+        worker = start_worker(settings)
+        final = wait_for(api, job["id"])
+    assert final["state"] == "failed" and final["error"]["code"] == "internal_error", final
+    message = final["error"]["message"]
+    assert f"after {settings.max_attempts} attempt(s)" in message, message
+    assert str(settings.blob_dir) not in message and str(settings.data_dir) not in message
+    log = worker.log.read_text()
+    assert log.count("evaluation.shard_retried") == settings.max_attempts - 1, log[-3000:]

@@ -25,13 +25,13 @@ from PIL import Image
 from service.validation import (
     DatasetInfo,
     ModelInfo,
-    UploadRejected,
     load_dataset_file,
     max_runtime_opset,
     validate_dataset,
     validate_model,
 )
 from workers.datasets import DatasetError, load_npz
+from workers.errors import UserError
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,8 +75,8 @@ def model_file(tmp_path: Path, model: onnx.ModelProto, name: str = "upload/model
     return write(tmp_path / name, model.SerializeToString())
 
 
-def refused_model(path: Path, max_bytes: int = 64 * MiB) -> UploadRejected:
-    with pytest.raises(UploadRejected) as caught:
+def refused_model(path: Path, max_bytes: int = 64 * MiB) -> UserError:
+    with pytest.raises(UserError) as caught:
         validate_model(path, max_bytes=max_bytes)
     return caught.value
 
@@ -564,8 +564,8 @@ def dataset_file(tmp_path: Path, data: bytes, name: str = "dataset.upload") -> P
     return write(tmp_path / name, data)
 
 
-def refused_dataset(path: Path, **limits) -> UploadRejected:
-    with pytest.raises(UploadRejected) as caught:
+def refused_dataset(path: Path, **limits) -> UserError:
+    with pytest.raises(UserError) as caught:
         validate_dataset(path, **{**LIMITS, **limits})
     return caught.value
 

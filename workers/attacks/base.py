@@ -16,6 +16,8 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
+from workers.errors import InvalidParameter
+
 
 class AttackModel(Protocol):
     """The model interface attacks use, all of it. ``workers.runtime.Classifier`` implements
@@ -81,9 +83,9 @@ class AttackRun:
 
 
 def check(condition: bool, message: str) -> None:
-    """Parameter validation: raise ValueError naming the parameter."""
+    """Parameter validation: raise InvalidParameter (a UserError) naming the parameter."""
     if not condition:
-        raise ValueError(message)
+        raise InvalidParameter(message)
 
 
 def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False) -> None:

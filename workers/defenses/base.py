@@ -25,10 +25,11 @@ import onnx
 from onnx import helper
 
 from workers.attacks.base import check
+from workers.errors import UserError
 from workers.onnxgrad.prepare import image_input, load_model, normalise_opset
 
 
-class NotDifferentiableError(ValueError):
+class NotDifferentiableError(UserError):
     """``compose()`` on a defense that has no exact ONNX stage; the message names the way to attack it."""
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workers.errors import UserError
 
-class GradientBuildError(ValueError):
+
+class GradientBuildError(UserError):
     """Base class: the model cannot be differentiated as given."""
+
+    type = "invalid_model"
 
 
 class InvalidModelError(GradientBuildError):
