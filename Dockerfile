@@ -26,7 +26,7 @@ WORKDIR /src
 # is missing from the installed onnxruntime.
 COPY pyproject.toml README.md ./
 RUN for p in schemas service workers client; do mkdir -p "$p" && touch "$p/__init__.py"; done \
- && pip install ".[postgres]" \
+ && pip install ".[server,postgres]" \
  && if [ "$ONNXRUNTIME" != "onnxruntime" ]; then \
         pip uninstall -y onnxruntime \
      && pip install "$ONNXRUNTIME" \

@@ -28,8 +28,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from client.api import ApiError, RobustnessClient, WaitTimeout, sha256_file
-from client.evaluate_cli import ProgressBar, exit_code, load_spec, summary_table
+from client.errors import CommandError
 from client.junit import write_junit
+from client.present import ProgressBar, exit_code, print_result
+from client.spec_file import load_spec
 from schemas.evaluation import EvaluationResult
 
 RUN_ID_VARIABLES = ("GITHUB_RUN_ID", "CI_PIPELINE_ID")  # stable across retries of one CI run
@@ -79,7 +81,7 @@ def run_submit(args, transport=None) -> int:
     """The `submit` command; ``transport`` replaces the network (tests)."""
     try:
         return _submit(args, transport)
-    except (ApiError, EvaluationFailed, WaitTimeout, ValueError, OSError) as exc:
+    except (ApiError, EvaluationFailed, WaitTimeout, CommandError, OSError) as exc:
         message = " ".join(str(exc).split())
         if isinstance(exc, ApiError) and exc.status == 401:
             message += "; pass --api-key or set ROBUSTNESS_API_KEY"
@@ -91,13 +93,13 @@ def run_submit(args, transport=None) -> int:
 
 def _submit(args, transport) -> int:
     if not args.server:
-        raise ValueError("--server URL is required (or set ROBUSTNESS_SERVER)")
+        raise CommandError("--server URL is required (or set ROBUSTNESS_SERVER)")
     if args.poll <= 0 or (args.timeout is not None and args.timeout <= 0):
-        raise ValueError("--poll and --timeout must be positive numbers of seconds")
+        raise CommandError("--poll and --timeout must be positive numbers of seconds")
     spec = load_spec(args.spec)
     for path in (args.model, args.data):
         if not Path(path).is_file():
-            raise ValueError(f"{path}: no such file")
+            raise CommandError(f"{path}: no such file")
     spec_json = spec.model_dump(mode="json")
     api_key = args.api_key or os.environ.get("ROBUSTNESS_API_KEY")
     with RobustnessClient(args.server, api_key=api_key, transport=transport) as api:
@@ -155,7 +157,7 @@ def _report(args, evaluation: dict, document: dict) -> int:
     if args.junit:
         write_junit(args.junit, document, evaluation["id"])
     try:
-        print(summary_table(EvaluationResult.model_validate(document)))
+        print_result(EvaluationResult.model_validate(document))
     except ValidationError as exc:  # a server newer than this client: the exit code still holds
         _note(f"warning: cannot show the summary table, the result document does not match this "
               f"client's schema ({exc.error_count()} differences); upgrade the client")

@@ -40,7 +40,7 @@ def copy_checkout(target: Path) -> None:
 
 def test_readme_main_command_serves_and_a_submitted_evaluation_passes(tmp_path):
     command = readme_main_command()
-    assert command.endswith("robustness serve") and "pip install ." in command
+    assert command.endswith("robustness serve") and "pip install '.[server]'" in command
     checkout = tmp_path / "checkout"
     copy_checkout(checkout)
     port = free_port()

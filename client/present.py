@@ -1,22 +1,21 @@
-"""`robustness evaluate MODEL.onnx DATA.npz --spec SPEC.yaml`: a local evaluation.
-
-Progress on stderr, a summary table on stdout, the result document as JSON (--out). Exit 0
-when every gate passed, 1 when a gate failed, 3 when none failed but one is inconclusive (its
-attack showed signs of gradient masking), 2 on bad input.
-"""
+"""How results look on a terminal: the progress line, the summary table, the defense and
+transfer tables, and the exit code of a verdict. Shared by `robustness submit` (the client)
+and `robustness evaluate` (the engine, server side); imports only the contract."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
-import yaml
-from pydantic import ValidationError
+from schemas.evaluation import EvaluationResult
 
-from schemas.evaluation import EvaluationResult, EvaluationSpec
+# exit codes of `evaluate` and `submit` by verdict (2: bad input or a failed evaluation)
+EXIT_CODES = {"passed": 0, "failed": 1, "inconclusive": 3}
+
+
+def exit_code(verdict: str | None) -> int:
+    return EXIT_CODES.get(verdict or "failed", 1)
+
 
 
 class ProgressBar:
@@ -68,31 +67,6 @@ class ProgressBar:
     def close(self) -> None:
         if self.interactive and self.stage is not None:
             self.stream.write("\n")
-
-
-def load_spec(path: str) -> EvaluationSpec:
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"{path}: no such spec file")
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML or JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the spec must be a mapping (input, samples, attacks, gates)")
-    try:
-        return EvaluationSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise ValueError("invalid spec: " + format_validation_error(exc)) from None
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        location = ".".join(str(p) for p in error["loc"]) or "spec"
-        message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"{location}: {message}")
-    return "; ".join(parts)
 
 
 def _fmt(value, digits=3) -> str:
@@ -159,94 +133,6 @@ def summary_table(result: EvaluationResult) -> str:
     return "\n".join(lines)
 
 
-def run_evaluate(args) -> int:
-    from client.cli import read_model
-    from workers.datasets import load_npz
-    from workers.evaluate import evaluate
-
-    spec = load_spec(args.spec)
-    model = read_model(args.model)
-    data_path = Path(args.data)
-    if not data_path.is_file():
-        raise ValueError(f"{args.data}: no such file")
-    dataset = load_npz(data_path.read_bytes(), tuple(spec.input.range))
-    baselines = load_baselines(spec)
-    models = load_models(spec, Path(args.spec).parent)
-    bar = ProgressBar()
-    try:
-        evaluation = evaluate(model, dataset, spec, progress=bar, baselines=baselines, models=models)
-    finally:
-        bar.close()
-    result = evaluation.result
-    print(summary_table(result))
-    if result.defenses:
-        print(
-            "\ndefenses: accuracy through each defense (non-adaptive: examples crafted on the bare model; "
-            "adaptive: crafted against the defense; ! flags a large gap)"
-        )
-        print(defense_table(result.defenses))
-    for entry in result.transfer or []:
-        print(f"\ntransfer: {entry['attack']} (error rates of the targets on examples crafted on each row)")
-        print(transfer_table(entry["table"]))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result.model_dump(mode="json"), indent=2))
-    if args.html:
-        from workers.report import render_report
-
-        Path(args.html).write_text(
-            render_report(
-                result, evaluation.examples, model_name=Path(args.model).name, dataset_name=data_path.name
-            )
-        )
-    # the attacks' own arrays (e.g. universal perturbations), not the adversarial examples:
-    # those are a copy of the data per attack and budget
-    arrays = {k: v for k, v in evaluation.artifacts.items() if not k.endswith("/x_adv")}
-    if args.artifacts and arrays:
-        np.savez_compressed(args.artifacts, **arrays)
-    return exit_code(result.verdict)
-
-
-# exit codes of `evaluate` and `submit` by verdict (2: bad input or a failed evaluation)
-EXIT_CODES = {"passed": 0, "failed": 1, "inconclusive": 3}
-
-
-def exit_code(verdict: str | None) -> int:
-    return EXIT_CODES.get(verdict or "failed", 1)
-
-
-def load_models(spec: EvaluationSpec, base: Path) -> dict:
-    """Locally the other models a spec names (`transfer.models`, an autoencoder defense's
-    `model`) are .onnx paths, and a PCA's `fit_dataset` an .npz path, relative to the spec file."""
-    from client.cli import read_model
-    from workers.datasets import load_npz
-
-    wanted = {}
-    if spec.transfer is not None:
-        wanted.update({name: (f"transfer.models.{name}", ref) for name, ref in spec.transfer.models.items()})
-    for index, defense in enumerate(spec.defenses):
-        if defense.model is not None:
-            wanted[defense.reference_key()] = (f"defenses[{index}].model", defense.model)
-    models = {}
-    for key, (field, reference) in wanted.items():
-        path = Path(reference) if Path(reference).is_absolute() else base / reference
-        if not path.is_file():
-            raise ValueError(
-                f"{field}: {reference}: no such model file (paths are relative to the spec file)"
-            )
-        models[key] = read_model(str(path))
-    for index, defense in enumerate(spec.defenses):
-        if defense.fit_dataset is not None:
-            path = Path(defense.fit_dataset)
-            path = path if path.is_absolute() else base / path
-            if not path.is_file():
-                raise ValueError(
-                    f"defenses[{index}].fit_dataset: {defense.fit_dataset}: no such .npz file "
-                    "(paths are relative to the spec file)"
-                )
-            models[defense.fit_key()] = load_npz(path.read_bytes(), tuple(spec.input.range)).x
-    return models
-
-
 def defense_table(defenses: list[dict]) -> str:
     lines = [f"{'defense':<18}{'attack':<16}{'eps':>7}{'bare':>8}{'non-adaptive':>14}{'adaptive':>10}"]
     for defense in defenses:
@@ -274,16 +160,15 @@ def transfer_table(table: list[list]) -> str:
     return "\n".join(lines)
 
 
-def load_baselines(spec: EvaluationSpec) -> dict[str, EvaluationResult]:
-    """Locally a gate's `baseline` is the path of an earlier result document (--out)."""
-    return {gate.baseline: load_result(gate.baseline) for gate in spec.gates if gate.baseline is not None}
-
-
-def load_result(path: str) -> EvaluationResult:
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"{path}: no such baseline result file (write one with evaluate --out)")
-    try:
-        return EvaluationResult.model_validate_json(file.read_bytes())
-    except ValidationError as exc:
-        raise ValueError(f"{path}: not a result document ({format_validation_error(exc)})") from None
+def print_result(result: EvaluationResult) -> None:
+    """The summary table, then the defense and transfer tables of the sections that ran."""
+    print(summary_table(result))
+    if result.defenses:
+        print(
+            "\ndefenses: accuracy through each defense (non-adaptive: examples crafted on the bare model; "
+            "adaptive: crafted against the defense; ! flags a large gap)"
+        )
+        print(defense_table(result.defenses))
+    for entry in result.transfer or []:
+        print(f"\ntransfer: {entry['attack']} (error rates of the targets on examples crafted on each row)")
+        print(transfer_table(entry["table"]))

@@ -1,0 +1,277 @@
+"""The server-side commands of `robustness`: the engine on this machine (evaluate, inspect,
+gradient-model) and the service's processes (serve, api, worker, migrate, keys; service/runner.py).
+
+They need the server install (pip install '.[server]'); client/cli.py registers them when it
+is there. Heavy modules are imported when a command runs, not when the parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from client.errors import CommandError
+from client.present import ProgressBar, exit_code, print_result
+from client.spec_file import format_validation_error, load_spec
+from schemas.evaluation import EvaluationResult, EvaluationSpec
+from service.runner import add_server_parsers
+
+MAX_MODEL_BYTES = 2 << 30
+# losses of one label per sample: what `inspect --check` can time on a random batch
+LABEL_LOSSES = ("auto", "cross_entropy", "margin", "dlr", "logit")
+GRADIENT_LOSSES = (*LABEL_LOSSES, "dlr_targeted", "cotangent")  # workers.onnxgrad.LOSSES
+LOSS_HELP = (
+    "auto: the cross-entropy's direction without the factor that underflows on confident models "
+    "(the attacks' default); cross_entropy; margin: max_{j != y} z_j - z_y (C&W); dlr: Croce and Hein's "
+    "difference of logits ratio (3+ classes); logit: z_y"
+)
+GRADIENT_LOSS_HELP = LOSS_HELP + (
+    "; dlr_targeted: APGD-T's targeted DLR, the graph takes a second input `targets` (int64 [N], 4+ "
+    "classes); cotangent: <dlogits, z>, the graph takes `dlogits` [N, K] in place of labels and returns "
+    "any vector-Jacobian product (DeepFool and FAB use it)"
+)
+
+
+def read_model(path: str) -> bytes:
+    file = Path(path)
+    if not file.is_file():
+        raise CommandError(f"{path}: no such file")
+    if file.stat().st_size > MAX_MODEL_BYTES:
+        raise CommandError(f"{path}: larger than 2 GiB; models with external data are not accepted")
+    return file.read_bytes()
+
+
+def inspect_model(data: bytes, loss: str) -> dict:
+    from service.validation import inspect_classifier
+
+    found = inspect_classifier(data, loss=loss)
+    prepared = found.prepared
+    return {
+        "input": {"name": prepared.input_name, "shape": list(prepared.input_shape)},
+        "classes": prepared.num_classes,
+        "opset": prepared.opset,
+        "ends_in_softmax": prepared.ends_in_softmax,
+        "operators": found.operators,
+        "gradients": {"available": found.gradients_available, "unsupported": found.unsupported},
+    }
+
+
+def check_gradients(data: bytes, loss: str, batch: int) -> dict:
+    """Time a forward and a gradient call on a random batch (images/s on this machine)."""
+    import numpy as np
+
+    from workers.runtime import Classifier, RuntimeOptions
+
+    classifier = Classifier(data, RuntimeOptions(batch_size=batch))
+    dims = [d if isinstance(d, int) else 1 for d in classifier.input_shape[1:]]
+    rng = np.random.default_rng(0)
+    x = rng.random([batch] + dims, dtype=np.float32)
+    labels = rng.integers(0, classifier.num_classes, batch)
+    classifier.loss_and_grad(x, labels, loss)  # builds the gradient session
+    timings = {}
+    for name, call in (("forward", lambda: classifier.logits(x)),
+                       ("gradient", lambda: classifier.loss_and_grad(x, labels, loss))):
+        call()
+        start = time.perf_counter()
+        repeats = 5
+        for _ in range(repeats):
+            result = call()
+        timings[name] = (time.perf_counter() - start) / repeats
+    _, losses, grad = result
+    return {
+        "device": classifier.device,
+        "batch": batch,
+        "forward_images_per_s": round(batch / timings["forward"], 1),
+        "gradient_images_per_s": round(batch / timings["gradient"], 1),
+        "gradient_over_forward_time": round(timings["gradient"] / timings["forward"], 2),
+        "mean_loss": float(losses.mean()),
+        "mean_gradient_l2": float(np.linalg.norm(grad.reshape(batch, -1), axis=1).mean()),
+        "gradient_finite": bool(np.isfinite(grad).all()),
+    }
+
+
+def print_report(report: dict) -> None:
+    shape = " x ".join(str(d) for d in report["input"]["shape"])
+    print(f"input      {report['input']['name']}  [{shape}]")
+    print(f"classes    {report['classes']}")
+    print(f"opset      {report['opset']}" + ("  (ends in Softmax: differentiated before it)"
+                                             if report["ends_in_softmax"] else ""))
+    print(f"operators  {', '.join(f'{k} x{v}' for k, v in report['operators'].items())}")
+    grads = report["gradients"]
+    if grads["available"]:
+        print("gradients  available: every operator on the input -> logits path has a rule")
+    else:
+        print("gradients  unavailable; only black-box attacks can evaluate this model:")
+        for item in grads["unsupported"]:
+            print(f"           - {item['op_type']} (node {item['node']}): {item['reason']}")
+    check = report.get("check")
+    if check:
+        print(f"check      {check['device']}, batch {check['batch']}: forward "
+              f"{check['forward_images_per_s']} images/s, gradient {check['gradient_images_per_s']} "
+              f"images/s ({check['gradient_over_forward_time']}x the forward time); "
+              f"mean |grad| {check['mean_gradient_l2']:.4g}, finite: {check['gradient_finite']}")
+
+
+def cmd_inspect(args) -> int:
+    data = read_model(args.model)
+    report = inspect_model(data, args.loss)
+    if args.check and report["gradients"]["available"]:
+        report["check"] = check_gradients(data, args.loss, args.batch)
+    lipschitz = None
+    if args.lipschitz:
+        from workers.lipschitz import lipschitz_bounds
+
+        lipschitz = lipschitz_bounds(data)
+        report["lipschitz"] = asdict(lipschitz)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+        if lipschitz is not None:
+            from workers.lipschitz import format_report
+
+            print("\nLipschitz upper bounds (L2 operator norms per layer; their product bounds the network):")
+            print(format_report(lipschitz))
+    return 0
+
+
+def cmd_gradient_model(args) -> int:
+    import onnx
+
+    from workers.onnxgrad import build_gradient_model
+
+    grad_model = build_gradient_model(read_model(args.model), loss=args.loss, device=args.device)
+    onnx.save_model(grad_model, args.out)
+    print(f"wrote {args.out}: inputs {[i.name for i in grad_model.graph.input]}, "
+          f"outputs {[o.name for o in grad_model.graph.output]}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import numpy as np
+
+    from workers.datasets import load_npz
+    from workers.evaluate import evaluate
+
+    spec = load_spec(args.spec)
+    model = read_model(args.model)
+    data_path = Path(args.data)
+    if not data_path.is_file():
+        raise CommandError(f"{args.data}: no such file")
+    dataset = load_npz(data_path.read_bytes(), tuple(spec.input.range))
+    baselines = load_baselines(spec)
+    models = load_models(spec, Path(args.spec).parent)
+    bar = ProgressBar()
+    try:
+        evaluation = evaluate(model, dataset, spec, progress=bar, baselines=baselines, models=models)
+    finally:
+        bar.close()
+    result = evaluation.result
+    print_result(result)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result.model_dump(mode="json"), indent=2))
+    if args.html:
+        from workers.report import render_report
+
+        Path(args.html).write_text(
+            render_report(
+                result, evaluation.examples, model_name=Path(args.model).name, dataset_name=data_path.name
+            )
+        )
+    # the attacks' own arrays (e.g. universal perturbations), not the adversarial examples:
+    # those are a copy of the data per attack and budget
+    arrays = {k: v for k, v in evaluation.artifacts.items() if not k.endswith("/x_adv")}
+    if args.artifacts and arrays:
+        np.savez_compressed(args.artifacts, **arrays)
+    return exit_code(result.verdict)
+
+
+def load_models(spec: EvaluationSpec, base: Path) -> dict:
+    """Locally the other models a spec names (`transfer.models`, an autoencoder defense's
+    `model`) are .onnx paths, and a PCA's `fit_dataset` an .npz path, relative to the spec file."""
+    from workers.datasets import load_npz
+
+    wanted = {}
+    if spec.transfer is not None:
+        wanted.update({name: (f"transfer.models.{name}", ref) for name, ref in spec.transfer.models.items()})
+    for index, defense in enumerate(spec.defenses):
+        if defense.model is not None:
+            wanted[defense.reference_key()] = (f"defenses[{index}].model", defense.model)
+    models = {}
+    for key, (field, reference) in wanted.items():
+        path = Path(reference) if Path(reference).is_absolute() else base / reference
+        if not path.is_file():
+            raise CommandError(
+                f"{field}: {reference}: no such model file (paths are relative to the spec file)"
+            )
+        models[key] = read_model(str(path))
+    for index, defense in enumerate(spec.defenses):
+        if defense.fit_dataset is not None:
+            path = Path(defense.fit_dataset)
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                raise CommandError(
+                    f"defenses[{index}].fit_dataset: {defense.fit_dataset}: no such .npz file "
+                    "(paths are relative to the spec file)"
+                )
+            models[defense.fit_key()] = load_npz(path.read_bytes(), tuple(spec.input.range)).x
+    return models
+
+
+def load_baselines(spec: EvaluationSpec) -> dict[str, EvaluationResult]:
+    """Locally a gate's `baseline` is the path of an earlier result document (--out)."""
+    return {gate.baseline: load_result(gate.baseline) for gate in spec.gates if gate.baseline is not None}
+
+
+def load_result(path: str) -> EvaluationResult:
+    file = Path(path)
+    if not file.is_file():
+        raise CommandError(f"{path}: no such baseline result file (write one with evaluate --out)")
+    try:
+        return EvaluationResult.model_validate_json(file.read_bytes())
+    except ValidationError as exc:
+        raise CommandError(f"{path}: not a result document ({format_validation_error(exc)})") from None
+
+
+def add_server_commands(commands) -> None:
+    """Register the engine's local commands and the service's processes on the CLI's subparsers."""
+    inspect = commands.add_parser("inspect", help="what the service sees in a model, and its gradients")
+    inspect.add_argument("model", help="an .onnx image classifier")
+    inspect.add_argument("--loss", choices=LABEL_LOSSES, default="auto",
+                         help=f"the loss whose gradient is built and timed (default auto): {LOSS_HELP}")
+    inspect.add_argument("--check", action="store_true",
+                         help="also run and time a gradient on a random batch")
+    inspect.add_argument("--batch", type=_positive_int, default=64)
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument("--lipschitz", action="store_true",
+                         help="also bound the Lipschitz constant per layer and of the network")
+    inspect.set_defaults(run=cmd_inspect)
+    evaluate = commands.add_parser("evaluate", help="run an evaluation spec on a model and a dataset")
+    evaluate.add_argument("model", help="an .onnx image classifier")
+    evaluate.add_argument("data", help="an .npz with x (images) and y (labels)")
+    evaluate.add_argument("--spec", required=True, help="evaluation spec, YAML or JSON")
+    evaluate.add_argument("--out", help="write the result document (JSON) here")
+    evaluate.add_argument("--artifacts", help="write arrays (e.g. universal perturbations) to this .npz")
+    evaluate.add_argument("--html", help="write a self-contained HTML report here")
+    evaluate.set_defaults(run=cmd_evaluate)
+    grad = commands.add_parser("gradient-model", help="write the gradient ONNX graph of a model")
+    grad.add_argument("model")
+    grad.add_argument("--out", required=True)
+    grad.add_argument("--loss", choices=GRADIENT_LOSSES, default="auto",
+                      help=f"the loss the graph differentiates (default auto): {GRADIENT_LOSS_HELP}")
+    grad.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                      help="the ONNX Runtime provider the graph is for (default cpu)")
+    grad.set_defaults(run=cmd_gradient_model)
+    add_server_parsers(commands)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
