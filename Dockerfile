@@ -25,7 +25,7 @@ WORKDIR /src
 # find them without LD_LIBRARY_PATH, and the build fails if the CUDA provider
 # is missing from the installed onnxruntime.
 COPY pyproject.toml README.md ./
-RUN for p in schemas service workers client; do mkdir -p "$p" && touch "$p/__init__.py"; done \
+RUN for p in schemas service workers infra jobrunner client; do mkdir -p "$p" && touch "$p/__init__.py"; done \
  && pip install ".[server,postgres]" \
  && if [ "$ONNXRUNTIME" != "onnxruntime" ]; then \
         pip uninstall -y onnxruntime \
@@ -36,18 +36,20 @@ RUN for p in schemas service workers client; do mkdir -p "$p" && touch "$p/__ini
      && python -c "import onnxruntime as o; p = o.get_available_providers(); assert 'CUDAExecutionProvider' in p, p"; \
     fi \
  && python -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" \
- && rm -rf build ./*.egg-info schemas service workers client
+ && rm -rf build ./*.egg-info schemas service workers infra jobrunner client
 
 # The package itself (no dependencies: they are above); the sources are dropped, and the entry
 # points must import.
 COPY schemas ./schemas
 COPY service ./service
 COPY workers ./workers
+COPY infra ./infra
+COPY jobrunner ./jobrunner
 COPY client ./client
 RUN pip install --no-deps --force-reinstall . \
  && cd / && rm -rf /src \
  && robustness --help > /dev/null \
- && python -c "import client.cli, service.app, workers.tasks"
+ && python -c "import client.cli, service.app, jobrunner.tasks"
 
 # Non-root. /data is the blob store volume; a named volume mounted there starts with this owner.
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/robustness \

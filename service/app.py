@@ -9,15 +9,15 @@ import anyio
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
+from infra.blobs import LocalBlobStore
+from infra.database import REQUEST_THREADS, migrate, session_factory
+from infra.settings import Settings, get_settings
 from service.auth import is_loopback
-from service.blobs import LocalBlobStore
-from service.database import REQUEST_THREADS, migrate, session_factory
 from service.errors import install_handlers
 from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics
 from service.reaper import Reaper
 from service.routers import dashboard, datasets, evaluations, health, models
-from service.settings import Settings, get_settings
 
 log = logging.getLogger("robustness.gateway")
 
@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
         description="Measure the adversarial robustness of ONNX image classifiers.",
         generate_unique_id_function=_operation_id,
     )
-    from workers.celery_app import make_celery
+    from infra.broker import make_celery
 
     app.state.settings = settings
     app.state.sessions = session_factory(settings.database_url)

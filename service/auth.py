@@ -11,8 +11,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from infra.records import ApiKey, Tenant, new_id
 from service.errors import Unauthorized
-from service.records import ApiKey, Tenant, new_id
 
 KEY_PREFIX = "rk_"
 OPEN_TENANT = "default"

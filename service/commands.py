@@ -47,7 +47,7 @@ def read_model(path: str) -> bytes:
 
 
 def inspect_model(data: bytes, loss: str) -> dict:
-    from service.validation import inspect_classifier
+    from service.model_admission import inspect_classifier
 
     found = inspect_classifier(data, loss=loss)
     prepared = found.prepared

@@ -8,10 +8,10 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
+from infra.blobs import BlobStore
+from infra.records import Tenant
+from infra.settings import Settings
 from service.auth import authenticate, open_mode_allowed
-from service.blobs import BlobStore
-from service.records import Tenant
-from service.settings import Settings
 
 
 def _settings(request: Request) -> Settings:

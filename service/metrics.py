@@ -8,8 +8,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select
 from starlette.responses import Response
 
-from service import jobs
-from service.records import Job, Shard
+from infra import jobs
+from infra.records import Job, Shard
 
 _STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600)

@@ -8,8 +8,8 @@ import logging
 import threading
 import time
 
-from service import jobs
-from service.dispatch import dispatch
+from infra import jobs
+from infra.dispatch import dispatch
 
 log = logging.getLogger("robustness.reaper")
 
@@ -47,7 +47,7 @@ class Reaper(threading.Thread):
         """Whether the broker holds no message waiting for a worker (False when unsure)."""
         from kombu.exceptions import ChannelError
 
-        from workers.celery_app import QUEUE
+        from infra.broker import QUEUE
 
         try:
             with self.celery.connection_for_read() as connection:

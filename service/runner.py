@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from service.settings import Settings
+from infra.settings import Settings
 
 log = logging.getLogger("robustness")
 
@@ -33,7 +33,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     # worker subprocesses and lazily built singletons read the same values from the environment
     for name, value in overrides.items():
         os.environ[f"ROBUSTNESS_{name.upper()}"] = str(value)
-    from service import settings as settings_module
+    from infra import settings as settings_module
 
     settings_module.get_settings.cache_clear()
     return settings
@@ -79,7 +79,7 @@ def run_server_command(args: argparse.Namespace) -> int:
 
 
 def migrate_command(settings: Settings, args) -> int:
-    from service.database import migrate
+    from infra.database import migrate
 
     migrate(settings.database_url)
     print(f"database is at the newest schema: {_safe_url(settings.database_url)}")
@@ -87,8 +87,8 @@ def migrate_command(settings: Settings, args) -> int:
 
 
 def keys_command(settings: Settings, args) -> int:
+    from infra.database import migrate, session_factory
     from service.auth import create_key
-    from service.database import migrate, session_factory
 
     migrate(settings.database_url)
     with session_factory(settings.database_url)() as db:
@@ -111,8 +111,8 @@ EXIT_GRACE_S = 10
 
 
 def worker(settings: Settings, args) -> int:
-    from workers import pool_watchdog
-    from workers.celery_app import QUEUE, celery_app
+    from infra.broker import QUEUE, celery_app
+    from jobrunner import pool_watchdog
 
     app = celery_app()
     code: object = 0  # a SystemExit code
@@ -140,8 +140,8 @@ def worker(settings: Settings, args) -> int:
 
 def _check_exposure(settings: Settings) -> str | None:
     """None when the gateway may start; else why not. Open mode is for loopback only."""
+    from infra.database import migrate, session_factory
     from service.auth import any_keys, is_loopback
-    from service.database import migrate, session_factory
 
     migrate(settings.database_url)
     with session_factory(settings.database_url)() as db:

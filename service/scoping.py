@@ -7,10 +7,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.blobs import BlobStore
+from infra.blobs import BlobStore
+from infra.jobs import ACTIVE
+from infra.records import Job, StoredDataset, StoredModel, Tenant, new_id
 from service.errors import Conflict, NotFound
-from service.jobs import ACTIVE
-from service.records import Job, StoredDataset, StoredModel, Tenant, new_id
 
 _KINDS = {StoredModel: "model", StoredDataset: "dataset", Job: "evaluation"}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.blobs import BlobTooLarge, LocalBlobStore, stream_to_file
+from infra.blobs import BlobTooLarge, LocalBlobStore, stream_to_file
 from service.errors import ApiError, TooLarge
 
 CHUNK = 1 << 20

@@ -23,7 +23,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 OUR_SERVICES = ("api", "worker", "worker-cpu", "migrate")  # built from our Dockerfile
 SUBCOMMANDS = {"api", "worker", "migrate"}
-# Settings every service of ours needs (service/settings.py, prefix ROBUSTNESS_).
+# Settings every service of ours needs (infra/settings.py, prefix ROBUSTNESS_).
 REQUIRED_ENV = {"ROBUSTNESS_DATABASE_URL", "ROBUSTNESS_BROKER_URL", "ROBUSTNESS_DATA_DIR",
                 "ROBUSTNESS_API_KEYS_REQUIRED"}
 KNOWN_ENV = REQUIRED_ENV | {"ROBUSTNESS_HOST", "ROBUSTNESS_PORT", "ROBUSTNESS_WORKER_CONCURRENCY"}
@@ -168,9 +168,9 @@ def test_our_services_share_settings_and_the_blob_volume(services, name):
 
 def test_environment_names_are_fields_of_the_settings(services):
     try:
-        from service.settings import Settings
+        from infra.settings import Settings
     except ImportError as exc:  # the service is optional for this file's structural tests
-        pytest.skip(f"service.settings not importable: {exc}")
+        pytest.skip(f"infra.settings not importable: {exc}")
     prefix = Settings.model_config.get("env_prefix", "")
     fields = {prefix + name.upper() for name in Settings.model_fields}
     used = {key for name in OUR_SERVICES for key in environment(services[name])
@@ -278,5 +278,5 @@ def test_dockerignore_keeps_development_files_out():
                  ".env", "result.json", "bench/attacks.py", "examples/digits-cnn.onnx",
                  "service/__pycache__/app.cpython-311.pyc", "docker-compose.yml"):
         assert not included(path), f"{path} would be sent to the Docker build"
-    for path in ("pyproject.toml", "README.md", "service/settings.py", "workers/onnxgrad/__init__.py"):
+    for path in ("pyproject.toml", "README.md", "infra/settings.py", "workers/onnxgrad/__init__.py"):
         assert included(path), path

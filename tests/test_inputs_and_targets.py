@@ -260,7 +260,7 @@ def test_a_model_that_needs_its_batch_of_one_evaluates_batch_by_batch(digit_data
 
 
 def test_upload_and_evaluation_agree_on_a_batch_of_one(tmp_path):
-    from service.validation import validate_model
+    from service.model_admission import validate_model
 
     path = tmp_path / "batch1.onnx"
     path.write_bytes(_batch_one_model(free=False))

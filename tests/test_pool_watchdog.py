@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.pool_watchdog import EXIT_POOL_LOST, child_pids, exit_status, tripped
+from jobrunner.pool_watchdog import EXIT_POOL_LOST, child_pids, exit_status, tripped
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 

@@ -46,3 +46,14 @@ class TooLargeError(UserError):
 
     status = 413
     type = "too_large"
+
+
+def quoted(text: str, limit: int = 200) -> str:
+    """A name from the user's file, quoted and shortened for a message."""
+    return repr(text[:limit] + "..." if len(text) > limit else text)
+
+
+def first_lines(exc: BaseException, limit: int = 400) -> str:
+    """A library's exception message on one line, shortened for a message."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return (text[:limit] + "...") if len(text) > limit else text or type(exc).__name__

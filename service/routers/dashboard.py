@@ -11,11 +11,11 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import select
 
-from service import jobs
+from infra import jobs
+from infra.records import Job, StoredDataset, StoredModel
 from service.auth import authenticate, open_mode_allowed
 from service.deps import KEY_COOKIE, SessionDep, SettingsDep
 from service.errors import Unauthorized
-from service.records import Job, StoredDataset, StoredModel
 
 router = APIRouter(tags=["dashboard"], include_in_schema=False)
 templates = Environment(

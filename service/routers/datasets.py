@@ -7,12 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
+from infra.records import StoredDataset
 from schemas.api import DatasetList, DatasetPublic
 from service import uploads
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from service.records import StoredDataset
 from service.scoping import delete_record, owned, refuse_if_in_use, store_record, tenant_records
-from service.validation import validate_dataset
+from workers.dataset_files import validate_dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

@@ -12,6 +12,9 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from infra import jobs
+from infra.dispatch import dispatch
+from infra.records import Job, StoredDataset, StoredModel, new_id
 from schemas.api import (
     ArtifactList,
     EvaluationCreate,
@@ -20,11 +23,8 @@ from schemas.api import (
     JobState,
 )
 from schemas.evaluation import MAIN_MODEL, EvaluationSpec
-from service import jobs
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from service.dispatch import dispatch
 from service.errors import Conflict, NotFound, TooManyJobs
-from service.records import Job, StoredDataset, StoredModel, new_id
 from service.scoping import owned
 from service.spec_checks import check_spec, needs_gradients
 from workers.errors import InvalidSpecError

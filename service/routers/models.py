@@ -7,12 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
+from infra.records import StoredModel
 from schemas.api import ModelList, ModelPublic
 from service import uploads
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from service.records import StoredModel
+from service.model_admission import validate_model
 from service.scoping import delete_record, owned, refuse_if_in_use, store_record, tenant_records
-from service.validation import validate_model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.settings import Settings
+from infra.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "examples" / "digits-cnn.onnx"
@@ -170,7 +170,7 @@ def distributed_settings(tmp_path) -> Settings:
         broker_url=f"redis://127.0.0.1:6379/{REDIS_DB}",
     )
     yield settings
-    from service.database import engine_for
+    from infra.database import engine_for
 
     engine_for(settings.database_url).dispose()
     with admin.connect() as connection:

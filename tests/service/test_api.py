@@ -7,8 +7,8 @@ import hashlib
 
 import pytest
 
+from infra.database import migrate, session_factory
 from service.auth import create_key
-from service.database import migrate, session_factory
 from tests.service.conftest import DATA, MODEL, gateway, make_settings, upload
 
 

@@ -3,8 +3,8 @@ only, names shown as text, and a cookie that cannot act (only read)."""
 
 from __future__ import annotations
 
+from infra.database import migrate, session_factory
 from service.auth import create_key
-from service.database import migrate, session_factory
 from tests.service.conftest import DATA, MODEL, gateway, upload
 from tests.service.test_api import spec
 
@@ -54,7 +54,7 @@ def test_sign_in_with_a_key_and_see_only_your_evaluations(settings):
 def test_an_inconclusive_evaluation_says_so_in_the_status_and_the_dashboard(api, settings):
     from sqlalchemy import update
 
-    from service.records import Job
+    from infra.records import Job
 
     model = upload(api, "models", MODEL).json()
     dataset = upload(api, "datasets", DATA).json()

@@ -8,9 +8,9 @@ import time
 import pytest
 from sqlalchemy import update
 
-from service import jobs
-from service.database import migrate, session_factory
-from service.records import Job, Tenant
+from infra import jobs
+from infra.database import migrate, session_factory
+from infra.records import Job, Tenant
 from workers.evaluate import WorkUnit
 
 

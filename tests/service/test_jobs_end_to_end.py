@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from infra.database import migrate, session_factory
+from infra.records import Shard
 from schemas.evaluation import EvaluationSpec
 from service.auth import create_key
-from service.database import migrate, session_factory
-from service.records import Shard
-from service.validation import load_dataset_file
 from tests.service.conftest import DATA, MODEL, gateway, make_settings, upload, wait_for
+from workers.dataset_files import load_dataset_file
 from workers.evaluate import evaluate
 
 QUICK = {
@@ -238,7 +238,7 @@ def test_a_worker_that_loses_a_pool_process_stops_for_a_restart_and_loses_no_uni
     """A pool process killed while idle (the OOM killer, a stray SIGKILL) can take the pool's
     queue lock with it, after which no unit runs and Celery's shutdown hangs: the worker must
     stop by itself with EXIT_POOL_LOST, and the units it took must run on the next worker."""
-    from workers.pool_watchdog import EXIT_POOL_LOST
+    from jobrunner.pool_watchdog import EXIT_POOL_LOST
 
     settings = request.getfixturevalue("settings" if broker == "embedded" else "distributed_settings")
     worker = start_worker(settings, concurrency=2)
@@ -268,7 +268,7 @@ def test_a_worker_that_loses_a_pool_process_stops_for_a_restart_and_loses_no_uni
 def drain_broker(settings) -> int:
     """Take every waiting message and drop it, like a worker killed after it received its
     units and before it claimed them."""
-    from workers.celery_app import QUEUE, make_celery
+    from infra.broker import QUEUE, make_celery
 
     taken = 0
     with make_celery(settings).connection_for_write() as connection:
@@ -356,7 +356,7 @@ def test_an_internal_error_is_retried_up_to_the_attempt_limit_then_fails_as_inte
     """The model's blob is gone from the store (a storage fault, not the user's): each attempt
     fails with an internal error and runs again, and after ROBUSTNESS_MAX_ATTEMPTS the job fails
     with internal_error, naming no server path. A user's error would fail at once."""
-    from service.blobs import LocalBlobStore
+    from infra.blobs import LocalBlobStore
 
     with gateway(settings) as api:
         job = submit(api, {**QUICK, "samples": 16})

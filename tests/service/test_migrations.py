@@ -6,8 +6,8 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from service.database import engine_for, migrate
-from service.records import Base
+from infra.database import engine_for, migrate
+from infra.records import Base
 
 
 def _differences(url: str) -> list:

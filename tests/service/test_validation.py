@@ -22,14 +22,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from service.validation import (
-    DatasetInfo,
-    ModelInfo,
-    load_dataset_file,
-    max_runtime_opset,
-    validate_dataset,
-    validate_model,
-)
+from service.model_admission import ModelInfo, max_runtime_opset, validate_model
+from workers.dataset_files import DatasetInfo, load_dataset_file, validate_dataset
 from workers.datasets import DatasetError, load_npz
 from workers.errors import UserError
 

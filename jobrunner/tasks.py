@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers that pass ids to workers.shard_runner.
+"""Celery tasks: thin wrappers that pass ids to jobrunner.shards.
 
 Policy, stated where the task is declared: late acknowledgement and requeue when the worker
 process dies (a shard is idempotent: claimed by a conditional update, its output keyed by
@@ -12,9 +12,9 @@ from __future__ import annotations
 from celery.signals import worker_process_init
 from threadpoolctl import threadpool_limits
 
-from service.settings import get_settings
-from workers.celery_app import QUEUE, UNIT_TASK, celery_app
-from workers.shard_runner import run_shard
+from infra.broker import QUEUE, UNIT_TASK, celery_app
+from infra.settings import get_settings
+from jobrunner.shards import run_shard
 
 _settings = get_settings()
 

@@ -17,7 +17,7 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from service.records import Job, Shard, utcnow
+from infra.records import Job, Shard, utcnow
 
 log = logging.getLogger("robustness.jobs")
 

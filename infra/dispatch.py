@@ -7,7 +7,7 @@ import logging
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import jobs
+from infra import jobs
 
 log = logging.getLogger("robustness.dispatch")
 
@@ -17,7 +17,7 @@ def dispatch(sessions: sessionmaker[Session], celery, job_id: str, positions: li
     so no result backend is needed and a redelivered unit cannot trigger it twice."""
     from celery import group
 
-    from workers.celery_app import QUEUE, UNIT_TASK
+    from infra.broker import QUEUE, UNIT_TASK
 
     if not positions:
         return 0

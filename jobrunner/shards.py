@@ -19,14 +19,14 @@ from functools import lru_cache
 import numpy as np
 from sqlalchemy import select
 
+from infra import jobs
+from infra.blobs import LocalBlobStore
+from infra.database import session_factory
+from infra.dispatch import dispatch
+from infra.records import Job, Shard, StoredDataset, StoredModel
+from infra.settings import get_settings
 from schemas.evaluation import EvaluationResult, EvaluationSpec
-from service import jobs
-from service.blobs import LocalBlobStore
-from service.database import session_factory
-from service.dispatch import dispatch
-from service.records import Job, Shard, StoredDataset, StoredModel
-from service.settings import get_settings
-from service.validation import load_dataset_file
+from workers.dataset_files import load_dataset_file
 from workers.datasets import Dataset
 from workers.errors import UserError
 from workers.evaluate import EvaluationCancelled, UnitOutput, finish, plan, run_unit
@@ -171,7 +171,7 @@ def _retry_or_fail(sessions, claim: jobs.Claim, exc: Exception, settings) -> Non
             jobs.release_shard(db, claim, "failed")
             retry = False
     if retry:
-        from workers.celery_app import celery_app
+        from infra.broker import celery_app
 
         dispatch(sessions, celery_app(), claim.job_id, [claim.position])
 
@@ -228,7 +228,7 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
         ready = jobs.complete_shard(db, claim, sha, output.timing)
     log.info("evaluation.shard_succeeded job=%s shard=%s", claim.job_id, claim.position)
     if ready:
-        from workers.celery_app import celery_app
+        from infra.broker import celery_app
 
         with sessions() as db:
             positions = jobs.shards_to_dispatch(db, claim.job_id)

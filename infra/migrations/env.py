@@ -1,9 +1,9 @@
-"""Alembic environment: the URL comes from service.database.alembic_config (or alembic.ini)."""
+"""Alembic environment: the URL comes from infra.database.alembic_config (or alembic.ini)."""
 
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from service.records import Base
+from infra.records import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from service.settings import Settings, get_settings
-from workers import embedded_broker
+from infra import embedded_broker
+from infra.settings import Settings, get_settings
 
 UNIT_TASK = "robustness.run_unit"
 QUEUE = "evaluations"
@@ -14,7 +14,7 @@ QUEUE = "evaluations"
 
 def make_celery(settings: Settings) -> Celery:
     embedded_broker.register()
-    app = Celery("robustness", broker=settings.broker_url, include=["workers.tasks"])
+    app = Celery("robustness", broker=settings.broker_url, include=["jobrunner.tasks"])
     hard_limit = settings.job_time_limit_s + 120
     transport = {"visibility_timeout": int(hard_limit + 600)}  # above the hard limit (RELIABILITY.md)
     if settings.embedded_broker:

@@ -1,4 +1,4 @@
-"""Metadata tables (SQLAlchemy 2). Alembic migrations in service/migrations mirror them.
+"""Metadata tables (SQLAlchemy 2). Alembic migrations in infra/migrations mirror them.
 
 Ids are random and prefixed by kind. Every row that a user can name belongs to a tenant, and
 every query for one goes through service.store's tenant-scoped helpers.
