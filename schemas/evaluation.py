@@ -250,18 +250,6 @@ class TransferSpec(BaseModel):
                 unknown = [n for n in names if n not in known]
                 if unknown or not names:
                     raise ValueError(f"transfer.{field}: {unknown or 'empty'} not among the models {known}")
-        from workers.attacks import ATTACKS
-
-        for index, attack in enumerate(self.attacks):
-            if attack.name not in ATTACKS:
-                raise ValueError(f"transfer.attacks[{index}].name: unknown attack {attack.name!r}")
-            if attack.target_mode is not None:
-                raise ValueError(f"transfer.attacks[{index}]: transfer tables are of untargeted attacks; "
-                                 "remove `targeted` / `targets`")
-            try:
-                build_attack(attack)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"transfer.attacks[{index}] ({attack.name}): {exc}") from None
         return self
 
     def names(self, field: str) -> list[str]:
@@ -300,77 +288,19 @@ class EvaluationSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_attacks_and_gates(self):
-        from workers.attacks import ATTACKS  # the registry fills when the attack modules import
-
+        """What the spec alone shows; the engine checks it against its registries
+        (workers/spec_checks.py: known attacks and defenses, their parameters)."""
+        for what, entries in (("attacks", self.attacks), ("defenses", self.defenses)):
+            keys = [entry.key for entry in entries]
+            duplicates = {k for k in keys if keys.count(k) > 1}
+            if duplicates:
+                raise ValueError(f"{what} {sorted(duplicates)} appear twice; give each a distinct `label`")
         keys = [a.key for a in self.attacks]
-        duplicates = {k for k in keys if keys.count(k) > 1}
-        if duplicates:
-            raise ValueError(f"attacks {sorted(duplicates)} appear twice; give each a distinct `label`")
-        for index, attack in enumerate(self.attacks):
-            if attack.name not in ATTACKS:
-                raise ValueError(f"attacks[{index}].name: unknown attack {attack.name!r}; "
-                                 f"choose one of {', '.join(sorted(ATTACKS))}")
-            try:
-                build_attack(attack)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"attacks[{index}] ({attack.name}): {exc}") from None
         for index, gate in enumerate(self.gates):
             if gate.attack is not None and gate.attack not in keys:
                 raise ValueError(f"gates[{index}].attack: {gate.attack!r} is not among the attacks "
                                  f"{keys}")
-        self._check_defenses()
         return self
-
-    def _check_defenses(self) -> None:
-        from workers.defenses import DEFENSES, build_defense
-
-        keys = [d.key for d in self.defenses]
-        duplicates = {k for k in keys if keys.count(k) > 1}
-        if duplicates:
-            raise ValueError(f"defenses {sorted(duplicates)} appear twice; give each a distinct `label`")
-        for index, defense in enumerate(self.defenses):
-            if defense.name not in DEFENSES:
-                raise ValueError(f"defenses[{index}].name: unknown defense {defense.name!r}; choose one of "
-                                 f"{', '.join(sorted(DEFENSES))}")
-            if (defense.name == "autoencoder") != (defense.model is not None):
-                raise ValueError(f"defenses[{index}].model: " + ("the autoencoder needs `model`, its .onnx"
-                                 if defense.name == "autoencoder" else f"{defense.name} takes no `model`"))
-            fitted = (defense.fit_samples is not None) + (defense.fit_dataset is not None)
-            if defense.name == "pca" and fitted != 1:
-                raise ValueError(f"defenses[{index}].fit_samples: PCA is fitted on held-out data: give "
-                                 "either `fit_samples` (the dataset's last samples) or `fit_dataset`")
-            if defense.name != "pca" and fitted:
-                raise ValueError(f"defenses[{index}].fit_samples: {defense.name} is not fitted; remove "
-                                 "`fit_samples` / `fit_dataset`")
-            if defense.curve is not None and (defense.name not in ("gaussian_noise", "uniform_noise")
-                                              or any(m <= 0 for m in defense.curve)):
-                raise ValueError(f"defenses[{index}].curve: positive noise magnitudes, for gaussian_noise "
-                                 "or uniform_noise only")
-            if defense.name != "autoencoder":
-                try:
-                    build_defense(defense.name, **defense.params())
-                except (TypeError, ValueError) as exc:
-                    raise ValueError(f"defenses[{index}] ({defense.name}): {exc}") from None
-
-
-def build_attack(spec: AttackSpec):
-    """The attack object a spec entry describes; its constructor validates the parameters."""
-    from workers.attacks import ATTACKS
-
-    cls = ATTACKS[spec.name]
-    params = spec.params()
-    if spec.norm is not None:
-        params["norm"] = spec.norm
-    if spec.target_mode is not None and not cls.targeted_capable:
-        raise ValueError(f"{spec.name} has no targeted variant; remove `targeted` / `targets`")
-    if not cls.minimal and spec.eps is None:
-        raise ValueError(f"{spec.name} needs `eps`, its budget(s)")
-    if cls.minimal and spec.eps is not None:
-        raise ValueError(f"{spec.name} finds minimal perturbations and takes no `eps`")
-    try:
-        return cls(**params)
-    except TypeError as exc:  # an unknown keyword
-        raise ValueError(str(exc).replace("__init__()", spec.name)) from None
 
 
 # ---------------------------------------------------------------------------- results

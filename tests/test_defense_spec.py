@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from schemas.evaluation import EvaluationSpec
 from workers import evaluate as engine
 from workers.datasets import load_npz
+from workers.errors import InvalidSpecError
 from workers.evaluate import UnitOutput, evaluate, finish, plan, run_unit
+from workers.spec_checks import check_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 PGD = {"name": "pgd", "eps": [0.1, 0.15], "steps": 20}
@@ -114,8 +115,8 @@ def test_pca_needs_held_out_samples(demo):
     ],
 )
 def test_bad_defense_specs_name_the_field(defense, message):
-    with pytest.raises(ValidationError) as info:
-        EvaluationSpec.model_validate({"defenses": [defense]})
+    with pytest.raises(InvalidSpecError) as info:
+        check_spec(EvaluationSpec.model_validate({"defenses": [defense]}))
     assert message in str(info.value)
 
 
@@ -215,5 +216,6 @@ def test_accuracy_against_the_noise_magnitude(demo):
     clean = [p["clean_accuracy"] for p in curve]
     assert clean[0] >= clean[-1] + 0.1  # strong noise destroys clean accuracy
     assert all(len(p["attacks"]) == 1 and p["attacks"][0]["attack"] == "fgsm" for p in curve)
-    with pytest.raises(ValidationError, match=r"defenses\.0|defenses\[0\]\.curve"):
-        EvaluationSpec.model_validate({"defenses": [{"name": "bit_depth", "bits": 2, "curve": [0.1]}]})
+    with pytest.raises(InvalidSpecError, match=r"defenses\[0\]\.curve: positive noise magnitudes"):
+        spec = {"defenses": [{"name": "bit_depth", "bits": 2, "curve": [0.1]}]}
+        check_spec(EvaluationSpec.model_validate(spec))

@@ -28,6 +28,7 @@ from workers.attacks.targets import least_likely
 from workers.datasets import Dataset, DatasetError, load_npz
 from workers.evaluate import evaluate
 from workers.runtime import Classifier
+from workers.spec_checks import check_spec
 
 SAMPLES = 60
 
@@ -197,7 +198,7 @@ def test_targets_from_the_dataset_are_required_and_checked(digit_data, tmp_path)
     with pytest.raises(ValueError, match="contradicts"):
         _targeted("all", targeted=False)
     with pytest.raises(ValueError, match="no targeted variant"):
-        EvaluationSpec.model_validate({"attacks": [{"name": "deepfool", "targets": "all"}]})
+        check_spec(EvaluationSpec.model_validate({"attacks": [{"name": "deepfool", "targets": "all"}]}))
 
 
 # ------------------------------------------------------------------------------ inputs that are not images

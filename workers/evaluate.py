@@ -33,7 +33,6 @@ from schemas.evaluation import (
     EvaluationSpec,
     GateResult,
     GateSpec,
-    build_attack,
     overall_verdict,
 )
 from workers import metrics
@@ -46,6 +45,7 @@ from workers.layout import LayoutError, from_nchw, image_nchw, to_nchw
 from workers.lipschitz import lipschitz_bounds
 from workers.preprocess import compose_for_images, model_input_shape
 from workers.runtime import Classifier, RuntimeOptions
+from workers.spec_checks import build_attack, check_spec, defense_class
 from workers.transfer import cross_test_pairs, transfer_matrix
 
 # progress(stage, done, total): attacks report between batches of work, so a callback that
@@ -302,6 +302,7 @@ def compose_for(model: bytes, image: Sequence[int], spec: EvaluationSpec,
 
 def _prepare(model: bytes, dataset: Dataset, spec: EvaluationSpec,
              options: RuntimeOptions | None) -> _Subject:
+    check_spec(spec)
     x, y = _select(dataset.x, dataset.y, spec.samples)
     if not len(x):
         raise DatasetError("the dataset holds no samples")
@@ -490,7 +491,7 @@ def build_defenses(spec: EvaluationSpec, pool: np.ndarray, models: dict, selecte
     defenses = {}
     for index, entry in enumerate(spec.defenses):
         params = entry.params()
-        if entry.name == "autoencoder":
+        if defense_class(entry).needs_model:
             if entry.reference_key() not in models:
                 raise ValueError(f"defenses[{index}].model: no model bytes were given for {entry.model!r}")
             params["model"] = models[entry.reference_key()]
@@ -685,8 +686,7 @@ def _finish(subject: _Subject, model: bytes, dataset: Dataset, spec: EvaluationS
 def _noise_point(classifier: Classifier, entry, magnitude: float, xs, ys, runs: list[RunOutput],
                  unit: WorkUnit, seed: int) -> dict:
     """Per sample: correct through the noise defense at ``magnitude``, clean and non-adaptive."""
-    params = {**entry.params(), **({"sigma": magnitude} if entry.name == "gaussian_noise"
-                                   else {"low": -magnitude, "high": magnitude})}
+    params = defense_class(entry).at_magnitude(entry.params(), magnitude)
     defended = DefendedModel(classifier, build_defense(entry.name, **params), seed=seed)
 
     def correct(x_: np.ndarray) -> list[int]:

@@ -25,10 +25,11 @@ from schemas.api import (
 from schemas.evaluation import MAIN_MODEL, EvaluationSpec
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.errors import Conflict, NotFound, TooManyJobs
+from service.fit_checks import check_fit, needs_gradients
 from service.scoping import owned
-from service.spec_checks import check_spec, needs_gradients
 from workers.errors import InvalidSpecError
 from workers.evaluate import plan, unit_work
+from workers.spec_checks import check_spec
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
 
@@ -83,8 +84,8 @@ def submit(
             return _replay(db, earlier, request_hash, response)
     model = owned(db, StoredModel, body.model_id, tenant)
     dataset = owned(db, StoredDataset, body.dataset_id, tenant)
-    spec = EvaluationSpec.model_validate(body.model_dump(exclude={"model_id", "dataset_id"}))
-    check_spec(spec, model.info, dataset.info)
+    spec = check_spec(EvaluationSpec.model_validate(body.model_dump(exclude={"model_id", "dataset_id"})))
+    check_fit(spec, model.info, dataset.info)
     transfer_models = (
         _transfer_models(db, spec, model, tenant)
         | _defense_models(db, spec, model, tenant)

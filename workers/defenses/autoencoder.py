@@ -65,6 +65,7 @@ class Autoencoder(Defense):
 
     name = "autoencoder"
     differentiable = True
+    needs_model = True
 
     def __init__(self, *, model: bytes | onnx.ModelProto):
         ae = load_model(model)

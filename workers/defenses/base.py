@@ -25,7 +25,7 @@ import onnx
 from onnx import helper
 
 from workers.attacks.base import check
-from workers.errors import UserError
+from workers.errors import InvalidParameter, UserError
 from workers.onnxgrad.prepare import image_input, load_model, normalise_opset
 
 
@@ -40,6 +40,15 @@ class Defense(ABC):
     name: ClassVar[str]
     differentiable: ClassVar[bool] = False  # compose() gives an ONNX stage with exact gradients
     random: ClassVar[bool] = False  # apply() draws from rng: attack with expectation over transformation
+    fitted: ClassVar[bool] = False  # fit() learns from held-out clean images (fit_samples, fit_dataset)
+    needs_model: ClassVar[bool] = False  # its `model` parameter is an ONNX model of the spec's (autoencoder)
+    # the parameter a noise curve varies, described for messages (None: the defense has no magnitude)
+    magnitude: ClassVar[str | None] = None
+
+    @classmethod
+    def at_magnitude(cls, params: dict, magnitude: float) -> dict:
+        """``params`` with the defense's magnitude set to ``magnitude`` (for noise curves)."""
+        raise InvalidParameter(f"{cls.name} has no magnitude to vary")
 
     params: dict
 

@@ -51,6 +51,11 @@ class UniformNoise(_AdditiveNoise):
     """x + U(low, high) per pixel (Liang et al.'s additive noise)."""
 
     name = "uniform_noise"
+    magnitude = "the half-width of a symmetric interval [-m, m]"
+
+    @classmethod
+    def at_magnitude(cls, params: dict, magnitude: float) -> dict:
+        return {**params, "low": -magnitude, "high": magnitude}
 
     def __init__(self, *, low: float, high: float, clip: tuple[float, float] | None = None):
         super().__init__(clip)
@@ -68,6 +73,11 @@ class GaussianNoise(_AdditiveNoise):
     """x + N(0, sigma^2) per pixel."""
 
     name = "gaussian_noise"
+    magnitude = "sigma"
+
+    @classmethod
+    def at_magnitude(cls, params: dict, magnitude: float) -> dict:
+        return {**params, "sigma": magnitude}
 
     def __init__(self, *, sigma: float, clip: tuple[float, float] | None = None):
         super().__init__(clip)

@@ -49,6 +49,7 @@ class PCA(Defense):
 
     name = "pca"
     differentiable = True
+    fitted = True
 
     def __init__(self, *, variance: float = 0.99, solver: str = "auto",
                  clip: tuple[float, float] | None = None):

@@ -1,5 +1,6 @@
-"""Checks of a submitted spec against the stored model and dataset, before anything is
-queued: a mismatch found here is a 422 now, not a failed job later."""
+"""Does a submitted spec fit the stored model and dataset? Checked before anything is queued
+(after workers/spec_checks.py has checked it against the registries): a mismatch found here
+is a 422 now, not a failed job later."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def needs_gradients(attack: AttackSpec) -> bool:
 BLACK_BOX = sorted(name for name, cls in ATTACKS.items() if cls.model_calls == ("logits",))
 
 
-def check_spec(spec: EvaluationSpec, model: dict, dataset: dict) -> None:
+def check_fit(spec: EvaluationSpec, model: dict, dataset: dict) -> None:
     try:
         image = image_nchw(dataset["shape"], spec.input.layout)
         layout = model_layout(model["input_shape"], image, spec.input.model_layout)
