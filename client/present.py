@@ -8,6 +8,7 @@ import sys
 import time
 
 from schemas.evaluation import EvaluationResult
+from schemas.results import DefenseResult
 
 # exit codes of `evaluate` and `submit` by verdict (2: bad input or a failed evaluation)
 EXIT_CODES = {"passed": 0, "failed": 1, "inconclusive": 3}
@@ -93,18 +94,16 @@ def summary_table(result: EvaluationResult) -> str:
             f"{_fmt(e.mean_l2):>8} {_fmt(e.mean_linf):>9} {_fmt(e.median_l2):>9}"
         )
     if result.fooling:
-        noise = result.fooling["noise"]
+        noise = result.fooling.noise
         lines.append(
-            f"\nfooling images: {noise['fooling_rate']:.1%} of {noise['samples']} uniform-noise "
-            f"images labelled with confidence >= {noise['threshold']}"
+            f"\nfooling images: {noise.fooling_rate:.1%} of {noise.samples} uniform-noise "
+            f"images labelled with confidence >= {noise.threshold}"
         )
-        ascent = result.fooling.get("gradient_ascent")
+        ascent = result.fooling.gradient_ascent
         if ascent:
-            lines.append(
-                f"gradient ascent from noise reached that confidence for "
-                f"{ascent['share_reached']:.0%} of the classes "
-                f"(mean {ascent['mean_steps']:.1f} steps)"
-            )
+            steps = "" if ascent.mean_steps is None else f" (mean {ascent.mean_steps:.1f} steps)"
+            lines.append(f"gradient ascent from noise reached that confidence for "
+                         f"{ascent.share_reached:.0%} of the classes{steps}")
     for warning in result.warnings:
         lines.append(f"warning: {warning}")
     if result.gates:
@@ -133,19 +132,15 @@ def summary_table(result: EvaluationResult) -> str:
     return "\n".join(lines)
 
 
-def defense_table(defenses: list[dict]) -> str:
+def defense_table(defenses: list[DefenseResult]) -> str:
     lines = [f"{'defense':<18}{'attack':<16}{'eps':>7}{'bare':>8}{'non-adaptive':>14}{'adaptive':>10}"]
     for defense in defenses:
-        lines.append(f"{defense['defense']:<18}{'clean':<16}{'':>7}{'':>8}{defense['clean_accuracy']:>14.3f}")
-        for row in defense["attacks"]:
-            eps = "" if row["eps"] is None else f"{row['eps']:g}"
-            adaptive = (
-                "" if row["adaptive"] is None else f"{row['adaptive']:.3f}" + (" !" if row["flagged"] else "")
-            )
-            bare = "" if row["bare"] is None else f"{row['bare']:.3f}"
-            lines.append(
-                f"{'':<18}{row['attack']:<16}{eps:>7}{bare:>8}{row['non_adaptive']:>14.3f}{adaptive:>10}"
-            )
+        lines.append(f"{defense.defense:<18}{'clean':<16}{'':>7}{'':>8}{defense.clean_accuracy:>14.3f}")
+        for row in defense.attacks:
+            eps = "" if row.eps is None else f"{row.eps:g}"
+            adaptive = "" if row.adaptive is None else f"{row.adaptive:.3f}" + (" !" if row.flagged else "")
+            bare = "" if row.bare is None else f"{row.bare:.3f}"
+            lines.append(f"{'':<18}{row.attack:<16}{eps:>7}{bare:>8}{row.non_adaptive:>14.3f}{adaptive:>10}")
     return "\n".join(lines)
 
 
@@ -170,5 +165,5 @@ def print_result(result: EvaluationResult) -> None:
         )
         print(defense_table(result.defenses))
     for entry in result.transfer or []:
-        print(f"\ntransfer: {entry['attack']} (error rates of the targets on examples crafted on each row)")
-        print(transfer_table(entry["table"]))
+        print(f"\ntransfer: {entry.attack} (error rates of the targets on examples crafted on each row)")
+        print(transfer_table(entry.table))

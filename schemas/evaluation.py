@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.results import DefenseResult, FoolingSection, LipschitzSection, TransferEntry
+
 Layout = Literal["NCHW", "NHWC"]
 ModelLayout = Literal["auto", "NCHW", "NHWC"]
 Verdict = Literal["passed", "failed", "inconclusive"]
@@ -378,17 +380,17 @@ class EvaluationResult(BaseModel):
     passed: bool  # every gate passed
     # failed when a gate failed, else inconclusive when a gate is, else passed
     verdict: Verdict | None = None
-    fooling: dict[str, Any] | None = None  # noise fooling rate and gradient-ascent summary
+    fooling: FoolingSection | None = None  # noise fooling rate and gradient-ascent summary
     # per transfer attack: Szegedy-style table (rows: sources and noise baselines; columns:
     # targets; error rates and average distortion) and Liang et al.'s cross-testing pairs
-    transfer: list[dict[str, Any]] | None = None
+    transfer: list[TransferEntry] | None = None
     # upper bounds of the L2 Lipschitz constant per layer (node, op, method, bound) and of the
     # network, in pixel space (normalisation included), when spec.lipschitz
-    lipschitz: dict[str, Any] | None = None
+    lipschitz: LipschitzSection | None = None
     # per defense: clean accuracy through it, and per attack and budget the bare model's robust
     # accuracy, the defended model's on examples crafted on the bare model (non-adaptive) and
     # on examples crafted against the defense itself (adaptive: composed graph, EOT or BPDA)
-    defenses: list[dict[str, Any]] | None = None
+    defenses: list[DefenseResult] | None = None
     # seconds of work summed over the units (not wall time when they run in parallel): "clean", one
     # entry per attack key, "fooling", "finish" and their "total"
     timing: dict[str, float]

@@ -26,7 +26,7 @@ def demo():
 
 
 def by_key(result) -> dict:
-    return {d["defense"]: d for d in result.defenses}
+    return {d["defense"]: d for d in result.model_dump(mode="json")["defenses"]}
 
 
 def test_adaptive_pgd_through_pca_and_downsampling_is_no_weaker_than_non_adaptive(demo):
@@ -87,7 +87,7 @@ def test_a_defense_far_weaker_adaptively_is_flagged(demo, monkeypatch):
             "defenses": [{"name": "downsample", "factor": 0.5}],
         }
     )
-    defense = evaluate(model, dataset, spec).result.defenses[0]
+    defense = evaluate(model, dataset, spec).result.model_dump(mode="json")["defenses"][0]
     row = defense["attacks"][0]
     assert row["adaptive"] < row["non_adaptive"] and row["flagged"]
     assert "overstates its robustness" in defense["warnings"][0]
@@ -187,7 +187,7 @@ def test_pca_fitted_on_a_separate_dataset_and_a_fit_dataset_of_another_shape(dem
     held_out = EvaluationSpec.model_validate(
         {**spec, "defenses": [{"name": "pca", "variance": 0.99, "fit_samples": 300}]}
     )
-    expected = evaluate(model, dataset, held_out).result.defenses[0]
+    expected = evaluate(model, dataset, held_out).result.model_dump(mode="json")["defenses"][0]
     import json
 
     assert json.loads((tmp_path / "out.json").read_text())["defenses"][0]["attacks"] == expected["attacks"]
@@ -211,7 +211,7 @@ def test_accuracy_against_the_noise_magnitude(demo):
             ],
         }
     )
-    curve = evaluate(model, dataset, spec).result.defenses[0]["curve"]
+    curve = evaluate(model, dataset, spec).result.model_dump(mode="json")["defenses"][0]["curve"]
     assert [p["magnitude"] for p in curve] == [0.05, 0.2, 0.5]
     clean = [p["clean_accuracy"] for p in curve]
     assert clean[0] >= clean[-1] + 0.1  # strong noise destroys clean accuracy

@@ -92,7 +92,7 @@ def test_targeted_entries_aim_at_reproducible_random_targets(demo):
 def test_fooling_images_on_request(demo):
     result = run(*demo, spec_dict(attacks=[], gates=[],
                                   fooling={"samples": 200, "threshold": 0.9, "steps": 15}))
-    noise, ascent = result.fooling["noise"], result.fooling["gradient_ascent"]
+    noise, ascent = (result.fooling.model_dump()[k] for k in ("noise", "gradient_ascent"))
     assert noise["samples"] == 200 and 0.0 <= noise["fooling_rate"] <= 1.0
     assert sum(noise["predicted_counts"]) == 200
     assert ascent["samples"] == 10 and ascent["share_reached"] >= 0.8  # digits CNN: easy to fool

@@ -152,20 +152,19 @@ def test_the_numbers_are_the_results(run, html):
     minimal = found["minimal"][0][1]
     quantiles = result.attacks[-1].minimal["quantiles"]
     assert minimal[:7] == ["deepfool", "l2", *(fmt_num(quantiles[f"p{q}"]) for q in (5, 25, 50, 75, 95))]
-    transfer = result.transfer[0]["table"]
+    transfer = result.transfer[0].table
     shown = found["transfer"][0]
     assert shown[0] == [str(h) for h in transfer[0]]
     assert [row[1:-1] for row in shown[1:]] == [[fmt_pct(v) for v in row[1:-1]] for row in transfer[1:]]
     for defense, table in zip(result.defenses, found["defenses"], strict=True):
-        rows = defense["attacks"]
         assert [row[2:] for row in table[1:]] == [
-            [fmt_pct(r["bare"]), fmt_pct(r["non_adaptive"]), fmt_pct(r["adaptive"])] for r in rows
+            [fmt_pct(r.bare), fmt_pct(r.non_adaptive), fmt_pct(r.adaptive)] for r in defense.attacks
         ]
-    flagged = sum(r["flagged"] for d in result.defenses for r in d["attacks"])
+    flagged = sum(r.flagged for d in result.defenses for r in d.attacks)
     assert html.count('<tr class="flagged">') == flagged
-    bound = result.lipschitz["network_bound"]
+    bound = result.lipschitz.network_bound
     assert f'<strong id="network-bound">{fmt_num(bound)}</strong>' in html
-    assert len(found["lipschitz"][0]) == 1 + len(result.lipschitz["layers"])
+    assert len(found["lipschitz"][0]) == 1 + len(result.lipschitz.layers)
 
 
 def test_every_image_is_an_embedded_png_and_nothing_is_fetched(html):

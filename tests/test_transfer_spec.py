@@ -47,7 +47,7 @@ def test_one_spec_gives_the_transfer_table_and_the_same_result_in_shards(setup):
     units = plan(spec, len(dataset.y))
     assert [u.kind for u in units] == ["shard", "shard", "transfer"]
     whole = evaluate(model, dataset, spec, models=models).result
-    deepfool, fgsm = whole.transfer
+    deepfool, fgsm = whole.model_dump(mode="json")["transfer"]
     header, clean, *rows = deepfool["table"]
     assert header[1:-1] == ["model", "fc100", "fc200"] and clean[0] == "clean"
     for i, row in enumerate(rows[:3]):  # crafted on model, fc100, fc200: white-box diagonal
@@ -156,7 +156,7 @@ def test_lipschitz_bounds_on_request_in_the_result_and_from_inspect(setup, capsy
     spec = EvaluationSpec.model_validate(
         {"samples": 10, "lipschitz": True, "input": {"mean": [0.5], "std": [0.25]}}
     )
-    bounds = evaluate(model, dataset, spec).result.lipschitz
+    bounds = evaluate(model, dataset, spec).result.model_dump(mode="json")["lipschitz"]
     layers = {layer["op_type"]: layer for layer in bounds["layers"]}
     assert {"Conv", "Gemm", "Relu"} <= set(layers) and bounds["unsupported"] == []
     product = np.prod([layer["norm"] for layer in bounds["layers"]])
@@ -179,7 +179,7 @@ def test_a_universal_perturbation_crafted_on_each_source_transfers_to_the_others
         }
     )
     (entry,) = evaluate(model, dataset, spec, models={"fc100": models["fc100"]}).result.transfer
-    header, clean, *rows = entry["table"]
+    header, clean, *rows = entry.table
     crafted = {row[0]: row for row in rows if not row[0].startswith("Gaussian")}
     noise = [row for row in rows if row[0].startswith("Gaussian")]
     assert set(crafted) == {"model (eps=0.2)", "fc100 (eps=0.2)"}

@@ -32,7 +32,6 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import jinja2
 import numpy as np
@@ -42,6 +41,7 @@ from matplotlib.ticker import PercentFormatter
 from PIL import Image
 
 from schemas.evaluation import AttackResult, EvaluationResult
+from schemas.results import CurvePoint, DefenseResult, TransferEntry
 from workers.metrics import softmax
 
 EXAMPLES_MAX = 8  # samples per attack entry in the example grid
@@ -71,7 +71,7 @@ def render_report(result: EvaluationResult | dict, examples: dict[str, dict] | N
         "examples": _examples_section(result, examples),
         "transfer": [_transfer_entry(t) for t in result.transfer] if result.transfer else None,
         "defenses": [_defense(d) for d in result.defenses] if result.defenses else None,
-        "lipschitz": _lipschitz(result.lipschitz) if result.lipschitz is not None else None,
+        "lipschitz": result.lipschitz,
         "fooling": result.fooling,
         "spec_json": json.dumps(result.spec.model_dump(mode="json", exclude_defaults=True), indent=2),
     }
@@ -406,17 +406,17 @@ def _image(unit: np.ndarray, alt: str) -> dict:
 # ---------------------------------------------------------------------------- transfer
 
 
-def _transfer_entry(entry: dict) -> dict:
-    header, *rows = entry["table"]
+def _transfer_entry(entry: TransferEntry) -> dict:
+    header, *rows = entry.table
     targets = [str(t) for t in header[1:-1]]
     names = [str(row[0]) for row in rows]
     errors = np.array([[np.nan if v is None else float(v) for v in row[1:-1]] for row in rows], np.float64)
     distortion = [_float(row[-1]) for row in rows]
-    table = [{"name": name, "errors": list(errors[i]), "distortion": distortion[i],
-              "kind": "clean" if i == 0 else ("noise" if name.startswith("Gaussian noise") else "source")}
+    kinds = ["clean"] + ["noise" if row.is_baseline else "source" for row in entry.rows]  # the table's rows
+    table = [{"name": name, "errors": list(errors[i]), "distortion": distortion[i], "kind": kinds[i]}
              for i, name in enumerate(names)]
-    return {"attack": entry.get("attack"), "targets": targets, "rows": table,
-            "image": _heatmap(names, targets, errors, distortion), "pairs": entry.get("cross_pairs") or []}
+    return {"attack": entry.attack, "targets": targets, "rows": table,
+            "image": _heatmap(names, targets, errors, distortion), "pairs": entry.cross_pairs}
 
 
 def _heatmap(names: list[str], targets: list[str], errors: np.ndarray, distortion: list) -> str:
@@ -442,22 +442,21 @@ def _heatmap(names: list[str], targets: list[str], errors: np.ndarray, distortio
 # ---------------------------------------------------------------------------- defenses and the rest
 
 
-def _defense(entry: dict) -> dict:
-    curve = entry.get("curve")
-    return {**entry, "params_text": ", ".join(f"{k}={v}" for k, v in (entry.get("params") or {}).items()),
-            "curve_image": _noise_curve(entry["defense"], curve) if curve else None}
+def _defense(entry: DefenseResult) -> dict:
+    return {**dict(entry), "params_text": ", ".join(f"{k}={v}" for k, v in entry.params.items()),
+            "curve_image": _noise_curve(entry.defense, entry.curve) if entry.curve else None}
 
 
-def _noise_curve(key: str, curve: list[dict]) -> str:
+def _noise_curve(key: str, curve: list[CurvePoint]) -> str:
     figure = Figure(figsize=(7, 3.8))
     ax = figure.add_subplot()
-    magnitudes = [_float(p["magnitude"]) for p in curve]
-    ax.plot(magnitudes, [_float(p["clean_accuracy"]) for p in curve], marker="o", color="black",
+    magnitudes = [_float(p.magnitude) for p in curve]
+    ax.plot(magnitudes, [_float(p.clean_accuracy) for p in curve], marker="o", color="black",
             linewidth=2, label="clean")
     lines: dict[tuple[str, float | None], list[float]] = {}
     for point in curve:
-        for run in point["attacks"]:
-            lines.setdefault((run["attack"], run.get("eps")), []).append(_float(run["accuracy"]))
+        for run in point.attacks:
+            lines.setdefault((run.attack, run.eps), []).append(_float(run.accuracy))
     attacks = list(dict.fromkeys(attack for attack, _ in lines))  # one colour per attack, a dash per eps
     budgets = {attack: sorted(e for a, e in lines if a == attack and e is not None) for attack in attacks}
     for (attack, eps), accuracy in lines.items():
@@ -475,9 +474,3 @@ def _noise_curve(key: str, curve: list[dict]) -> str:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
               ncol=1 + len(lines) // 18)
     return _png(figure)
-
-
-def _lipschitz(report: dict[str, Any]) -> dict:
-    return {"layers": report.get("layers") or [], "network_bound": report.get("network_bound"),
-            "unsupported": report.get("unsupported") or [], "output": report.get("output"),
-            "norm": report.get("norm", "l2")}

@@ -22,7 +22,7 @@ from schemas.api import (
     EvaluationPublic,
     JobState,
 )
-from schemas.evaluation import MAIN_MODEL, EvaluationSpec
+from schemas.evaluation import MAIN_MODEL, EvaluationResult, EvaluationSpec
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.errors import Conflict, NotFound, TooManyJobs
 from service.fit_checks import check_fit, needs_gradients
@@ -251,8 +251,10 @@ def get_evaluation(evaluation_id: str, tenant: TenantDep, db: SessionDep) -> Eva
     return public(db, owned(db, Job, evaluation_id, tenant))
 
 
-@router.get("/{evaluation_id}/result", responses={200: {"description": "the EvaluationResult document"}})
+@router.get("/{evaluation_id}/result", response_model=EvaluationResult,
+            responses={200: {"description": "the result document"}})
 def get_result(evaluation_id: str, tenant: TenantDep, db: SessionDep):
+    """The result document, as the worker stored it (validated against EvaluationResult then)."""
     row = owned(db, Job, evaluation_id, tenant)
     if row.state != "succeeded":
         raise Conflict(f"the evaluation is {row.state}; the result exists once it has succeeded")
