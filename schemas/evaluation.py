@@ -11,11 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from schemas.results import DefenseResult, FoolingSection, LipschitzSection, TransferEntry
 
 Layout = Literal["NCHW", "NHWC"]
+NORM_HELP = ("the perturbation's norm: linf or l2 for the built-in attacks (each attack lists its norms; the "
+             "engine refuses one it does not have)")
 ModelLayout = Literal["auto", "NCHW", "NHWC"]
 Verdict = Literal["passed", "failed", "inconclusive"]
 TargetMode = Literal["random", "least_likely", "all", "dataset"]
 AttackLoss = Literal["auto", "cross_entropy", "margin", "ce", "dlr", "dlr_targeted"]
-Norm = Literal["linf", "l2"]
 GateMetric = Literal[
     "clean_accuracy", "robust_accuracy", "success_rate", "mean_l2", "median_l2",
     "mean_linf", "median_linf", "distortion", "rho",
@@ -77,7 +78,7 @@ class AttackSpec(BaseModel):
 
     name: str = Field(description="attack name, e.g. fgsm, pgd, deepfool, autoattack")
     eps: list[float] | None = Field(None, description="budgets in pixel units (one or a list)")
-    norm: Norm | None = None
+    norm: str | None = Field(None, max_length=16, description=NORM_HELP)
     targeted: bool = Field(False, description="a targeted attack with a random target class != label per "
                            "sample, reproducible from the seed (the same as targets: random)")
     targets: TargetMode | None = Field(None, description=(
@@ -149,7 +150,7 @@ class GateSpec(BaseModel):
     metric: GateMetric
     attack: str | None = None  # attack name or label; None only for clean_accuracy
     eps: float | None = None
-    norm: Norm | None = None
+    norm: str | None = Field(None, max_length=16, description="the norm of the entry the gate reads")
     min: float | None = None
     max: float | None = None
     baseline: str | None = Field(None, description="an earlier evaluation to compare with: its id on the "

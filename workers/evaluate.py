@@ -185,7 +185,7 @@ def _write_npz(arrays: dict[str, np.ndarray]) -> bytes:
 def plan(spec: EvaluationSpec, num_samples: int) -> list[WorkUnit]:
     """The units of an evaluation of the first ``spec.samples`` of ``num_samples`` samples."""
     n = num_samples if spec.samples == "all" else min(spec.samples, num_samples)
-    whole = tuple(i for i, a in enumerate(spec.attacks) if ATTACKS[a.name].kind == "universal")
+    whole = tuple(i for i, a in enumerate(spec.attacks) if ATTACKS[a.name].whole_dataset)
     per_sample = tuple(i for i in range(len(spec.attacks)) if i not in whole)
     units = [WorkUnit(index, start, min(start + spec.shard_size, n), per_sample, "shard")
              for index, start in enumerate(range(0, n, spec.shard_size))]

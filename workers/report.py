@@ -233,6 +233,9 @@ def _accuracy_section(result: EvaluationResult) -> dict:
     return {"plots": plots, "rows": rows}
 
 
+_NORM_NAMES = {"linf": "L∞", "l2": "L2"}  # any other norm is shown by its name in capitals
+
+
 def _accuracy_plot(clean: float, norm: str | None, entries: list[AttackResult], targeted: set[str]):
     figure = Figure(figsize=(7, 3.8))
     ax = figure.add_subplot()
@@ -257,14 +260,14 @@ def _accuracy_plot(clean: float, norm: str | None, entries: list[AttackResult], 
             drawn += 1
     if not drawn:
         return None
-    units = {"linf": "ε (L∞, pixel units)", "l2": "ε (L2, pixel units)"}
-    ax.set_xlabel(units.get(norm, "noise magnitude (std)"))
+    shown = _NORM_NAMES.get(norm, (norm or "").upper())
+    ax.set_xlabel(f"ε ({shown}, pixel units)" if norm else "noise magnitude (std)")
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlim(left=0)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.grid(alpha=0.3)
-    ax.set_title({"linf": "L∞ budget", "l2": "L2 budget"}.get(norm, "random noise"))
+    ax.set_title(f"{shown} budget" if norm else "random noise")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
               ncol=1 + drawn // 16)
     return _png(figure)

@@ -21,7 +21,11 @@ def build_attack(spec: AttackSpec) -> Attack:
     cls = ATTACKS[spec.name]
     params = spec.params()
     if spec.norm is not None:
-        params["norm"] = spec.norm
+        if spec.norm not in cls.norms:
+            allowed = f"one of {', '.join(cls.norms)}" if cls.norms else "none: remove `norm`"
+            raise InvalidSpecError(f"`norm` must be {allowed} for {spec.name}, got {spec.norm!r}")
+        if len(cls.norms) > 1:  # one norm: nothing to choose
+            params["norm"] = spec.norm
     if spec.target_mode is not None and not cls.targeted_capable:
         raise InvalidSpecError(f"{spec.name} has no targeted variant; remove `targeted` / `targets`")
     if not cls.minimal and spec.eps is None:

@@ -72,6 +72,7 @@ class APGD(Attack):
 
     name = "apgd"
     norm = "linf"  # the default; the constructor's `norm` sets it per instance
+    norms = ("linf", "l2")
     targeted_capable = True
 
     @property

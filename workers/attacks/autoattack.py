@@ -53,6 +53,7 @@ class AutoAttack(Attack):
 
     name = "autoattack"
     norm = "linf"  # the default; the constructor's `norm` sets it per instance
+    norms = ("linf", "l2")
     model_calls = ("logits", "loss_and_grad", "logits_vjp")
 
     @property

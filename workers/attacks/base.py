@@ -194,7 +194,9 @@ class Attack(ABC):
     name: ClassVar[str]
     # single_step, iterative, black_box (scores only), noise, minimal, universal
     kind: ClassVar[str] = "iterative"
-    norm: ClassVar[str | None] = None
+    norm: ClassVar[str | None] = None  # the default norm (the constructor's `norm` may set another)
+    norms: ClassVar[tuple[str, ...]] = ()  # the norms a spec may ask for; more than one: a `norm` parameter
+    whole_dataset: ClassVar[bool] = False  # True: one run over every sample at once (not per shard)
     minimal: ClassVar[bool] = False  # True: finds minimal perturbations, takes no eps
     targeted_capable: ClassVar[bool] = False
     # the AttackModel methods the attack calls; ("logits",) alone: it needs no gradients

@@ -70,6 +70,7 @@ class CarliniWagnerL2(Attack):
     name = "cw_l2"
     kind = "minimal"
     norm = "l2"
+    norms = ("l2",)
     minimal = True
     targeted_capable = True
 

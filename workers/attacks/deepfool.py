@@ -124,6 +124,7 @@ class DeepFool(Attack):
     name = "deepfool"
     kind = "minimal"
     norm = "l2"  # the default; the constructor's `norm` sets it per instance
+    norms = ("l2", "linf")
     minimal = True
     model_calls = ("logits", "logits_vjp")
 

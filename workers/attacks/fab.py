@@ -97,6 +97,7 @@ class FAB(Attack):
 
     name = "fab"
     norm = "linf"  # the default; the constructor's `norm` sets it per instance
+    norms = ("linf", "l2")
     targeted_capable = True
     model_calls = ("logits", "logits_vjp")
 

@@ -64,6 +64,7 @@ class PGD(Attack):
 
     name = "pgd"
     norm = "linf"  # the default; the constructor's `norm` sets it per instance
+    norms = ("linf", "l2")
     targeted_capable = True
 
     @property
@@ -150,6 +151,7 @@ class FGSM(PGD):
     name = "fgsm"
     kind = "single_step"
     norm = "linf"
+    norms = ("linf",)
 
     def __init__(self, *, loss: str = "auto"):
         super().__init__(norm="linf", steps=1, rel_step_size=1.0, random_start=False, loss=loss)

@@ -76,6 +76,7 @@ class LBFGS(Attack):
     name = "lbfgs"
     kind = "minimal"
     norm = "l2"
+    norms = ("l2",)
     minimal = True
     targeted_capable = True
 

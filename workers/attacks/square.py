@@ -84,6 +84,7 @@ class Square(Attack):
 
     name = "square"
     kind = "black_box"
+    norms = ("linf", "l2")
     model_calls = ("logits",)
     norm = "linf"  # the default; the constructor's `norm` sets it per instance
     targeted_capable = True

@@ -79,7 +79,9 @@ class UniversalPerturbation(Attack):
 
     name = "universal"
     kind = "universal"
+    whole_dataset = True  # the perturbation is one for all samples
     norm = "linf"  # the default; the constructor's `norm` sets it per instance
+    norms = ("linf", "l2")
     model_calls = ("logits", "logits_vjp")
 
     def __init__(self, *, norm: str = "linf", target_fooling_rate: float = 0.8, max_passes: int = 10,
