@@ -29,8 +29,10 @@ from schemas.evaluation import EvaluationResult, EvaluationSpec
 from workers.dataset_files import load_dataset_file
 from workers.datasets import Dataset
 from workers.errors import UserError
-from workers.evaluate import EvaluationCancelled, UnitOutput, finish, plan, run_unit
+from workers.evaluate import finish, run_unit
+from workers.plan import EvaluationCancelled, plan
 from workers.runtime import RunsInterrupted, RuntimeOptions, interrupt_runs, resume_runs
+from workers.units import UnitOutput
 
 log = logging.getLogger("robustness.worker")
 
@@ -219,10 +221,11 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
         log.info("evaluation.succeeded job=%s verdict=%s", claim.job_id, evaluation.result.verdict)
         return
     unit = plan(spec, len(dataset.y))[claim.position]
-    models = None
+    models, fit_images = None, None
     if unit.kind == "transfer" or transfer_models and spec.defenses:
-        models = {name: _load_extra(store, name, sha, spec) for name, sha in transfer_models.items()}
-    output = run_unit(model, dataset, spec, unit, progress=watch.progress, options=options, models=models)
+        models, fit_images = _load_extras(store, transfer_models, spec)
+    output = run_unit(model, dataset, spec, unit, progress=watch.progress, options=options, models=models,
+                      fit_images=fit_images)
     sha = store.put_bytes(output.to_bytes())
     with sessions() as db:
         ready = jobs.complete_shard(db, claim, sha, output.timing)
@@ -260,11 +263,17 @@ def _report(evaluation, job_id: str, names: tuple, store) -> str | None:
     return store.put_bytes(html.encode())
 
 
-def _load_extra(store, name: str, sha: str, spec: EvaluationSpec):
-    """A job's other inputs: model bytes, or the images of a defense's fit dataset."""
-    if name.startswith("fit:"):
-        return load_dataset_file(store.local_path(sha), tuple(spec.input.range)).x
-    return store.get_bytes(sha)
+def _load_extras(store, stored: dict[str, str], spec: EvaluationSpec) -> tuple[dict, dict]:
+    """A job's other inputs, kept by the job as key -> sha256 (DefenseSpec.fit_key() for a
+    defense's fit dataset): (model bytes by name, fit images by the defense's key)."""
+    models, fit_images = {}, {}
+    fit_keys = {d.fit_key(): d.key for d in spec.defenses if d.fit_dataset is not None}
+    for name, sha in stored.items():
+        if name in fit_keys:
+            fit_images[fit_keys[name]] = load_dataset_file(store.local_path(sha), tuple(spec.input.range)).x
+        else:
+            models[name] = store.get_bytes(sha)
+    return models, fit_images
 
 
 def _without_paths(message: str, settings) -> str:

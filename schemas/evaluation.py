@@ -222,7 +222,7 @@ class DefenseSpec(BaseModel):
         return f"defense:{self.key}"
 
     def fit_key(self) -> str:
-        """Where the engine finds this defense's separate fit images."""
+        """The key under which a job keeps the sha256 of this defense's separate fit dataset."""
         return f"fit:{self.key}"
 
 

@@ -165,10 +165,11 @@ def cmd_evaluate(args) -> int:
         raise CommandError(f"{args.data}: no such file")
     dataset = load_npz(data_path.read_bytes(), tuple(spec.input.range))
     baselines = load_baselines(spec)
-    models = load_models(spec, Path(args.spec).parent)
+    models, fit_images = load_inputs(spec, Path(args.spec).parent)
     bar = ProgressBar()
     try:
-        evaluation = evaluate(model, dataset, spec, progress=bar, baselines=baselines, models=models)
+        evaluation = evaluate(model, dataset, spec, progress=bar, baselines=baselines, models=models,
+                              fit_images=fit_images)
     finally:
         bar.close()
     result = evaluation.result
@@ -191,9 +192,10 @@ def cmd_evaluate(args) -> int:
     return exit_code(result.verdict)
 
 
-def load_models(spec: EvaluationSpec, base: Path) -> dict:
-    """Locally the other models a spec names (`transfer.models`, an autoencoder defense's
-    `model`) are .onnx paths, and a PCA's `fit_dataset` an .npz path, relative to the spec file."""
+def load_inputs(spec: EvaluationSpec, base: Path) -> tuple[dict, dict]:
+    """The other inputs a spec names, as evaluate() takes them: (models, fit_images). Locally
+    the other models (`transfer.models`, an autoencoder defense's `model`) are .onnx paths, and
+    a PCA's `fit_dataset` an .npz path, relative to the spec file."""
     from workers.datasets import load_npz
 
     wanted = {}
@@ -202,7 +204,7 @@ def load_models(spec: EvaluationSpec, base: Path) -> dict:
     for index, defense in enumerate(spec.defenses):
         if defense.model is not None:
             wanted[defense.reference_key()] = (f"defenses[{index}].model", defense.model)
-    models = {}
+    models, fit_images = {}, {}
     for key, (field, reference) in wanted.items():
         path = Path(reference) if Path(reference).is_absolute() else base / reference
         if not path.is_file():
@@ -219,8 +221,8 @@ def load_models(spec: EvaluationSpec, base: Path) -> dict:
                     f"defenses[{index}].fit_dataset: {defense.fit_dataset}: no such .npz file "
                     "(paths are relative to the spec file)"
                 )
-            models[defense.fit_key()] = load_npz(path.read_bytes(), tuple(spec.input.range)).x
-    return models
+            fit_images[defense.key] = load_npz(path.read_bytes(), tuple(spec.input.range)).x
+    return models, fit_images
 
 
 def load_baselines(spec: EvaluationSpec) -> dict[str, EvaluationResult]:

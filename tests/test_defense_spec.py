@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 
 from schemas.evaluation import EvaluationSpec
-from workers import evaluate as engine
+from workers import defense_stage
 from workers.datasets import load_npz
 from workers.errors import InvalidSpecError
-from workers.evaluate import UnitOutput, evaluate, finish, plan, run_unit
+from workers.evaluate import evaluate, finish, run_unit
+from workers.plan import plan
 from workers.spec_checks import check_spec
+from workers.units import UnitOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 PGD = {"name": "pgd", "eps": [0.1, 0.15], "steps": 20}
@@ -79,7 +81,7 @@ def test_eot_against_additive_noise_beats_a_single_draw(demo):
 
 def test_a_defense_far_weaker_adaptively_is_flagged(demo, monkeypatch):
     model, dataset = demo
-    monkeypatch.setattr(engine, "ADAPTIVE_GAP", 0.0)  # any drop counts, to see the flag and its text
+    monkeypatch.setattr(defense_stage, "ADAPTIVE_GAP", 0.0)  # any drop counts, to see the flag and its text
     spec = EvaluationSpec.model_validate(
         {
             "samples": 60,

@@ -14,7 +14,8 @@ from schemas.__main__ import render
 from schemas.evaluation import EvaluationSpec
 from tests import digits
 from workers.datasets import load_npz
-from workers.evaluate import EvaluationCancelled, evaluate
+from workers.evaluate import evaluate
+from workers.plan import EvaluationCancelled
 
 SAMPLES = 120
 
@@ -116,7 +117,7 @@ def test_a_failing_gate_fails_the_result(demo):
     ({"attacks": [{"name": "pgd", "steps": 10}]}, "needs `eps`"),
     ({"attacks": [{"name": "deepfool", "eps": 0.1}]}, "takes no `eps`"),
     ({"attacks": [{"name": "fgsm", "eps": -0.1}]}, "eps values must be finite and >= 0"),
-    ({"attacks": [{"name": "fgsm", "eps": 0.1, "norm": "l3"}]}, "attacks[0] (fgsm): `norm` must be one of linf"),
+    ({"attacks": [{"name": "fgsm", "eps": 0.1, "norm": "l3"}]}, "(fgsm): `norm` must be one of linf"),
     ({"attacks": [{"name": "gaussian_noise", "eps": 0.1, "norm": "l2"}]}, "none: remove `norm`"),
     ({"samples": 0}, "samples must be a positive integer"),
     ({"input": {"range": [1, 0]}}, "low < high"),

@@ -11,17 +11,10 @@ import pytest
 from schemas.evaluation import EvaluationResult, EvaluationSpec, GateSpec
 from tests import digits
 from workers.datasets import Dataset
-from workers.evaluate import (
-    UnitOutput,
-    UnitOutputError,
-    WorkUnit,
-    evaluate,
-    evaluate_gate,
-    finish,
-    plan,
-    run_unit,
-    unit_work,
-)
+from workers.evaluate import evaluate, finish, run_unit
+from workers.gates import evaluate_gate
+from workers.plan import plan, unit_work
+from workers.units import UnitOutput, UnitOutputError, WorkUnit
 
 ATTACKS = [
     {"name": "fgsm", "eps": [0.05, 0.1]},

@@ -17,8 +17,10 @@ from schemas.evaluation import EvaluationSpec
 from tests.digits import digits, onnx_bytes
 from workers.datasets import Dataset
 from workers.errors import InvalidSpecError
-from workers.evaluate import UnitOutput, evaluate, finish, plan, run_unit
+from workers.evaluate import evaluate, finish, run_unit
+from workers.plan import plan
 from workers.spec_checks import check_spec
+from workers.units import UnitOutput
 
 SPEC = {
     "samples": 80,

@@ -28,7 +28,7 @@ from service.errors import Conflict, NotFound, TooManyJobs
 from service.fit_checks import check_fit, needs_gradients
 from service.scoping import owned
 from workers.errors import InvalidSpecError
-from workers.evaluate import plan, unit_work
+from workers.plan import plan, unit_work
 from workers.spec_checks import check_spec
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])

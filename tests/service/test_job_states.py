@@ -11,7 +11,7 @@ from sqlalchemy import update
 from infra import jobs
 from infra.database import migrate, session_factory
 from infra.records import Job, Tenant
-from workers.evaluate import WorkUnit
+from workers.units import WorkUnit
 
 
 @pytest.fixture

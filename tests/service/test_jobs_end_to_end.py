@@ -346,7 +346,7 @@ def test_defenses_through_the_service_equal_the_engine(settings, start_worker):
         result.pop("timing")
         spec = EvaluationSpec.model_validate(body)
         local_data = load_dataset_file(DATA, tuple(spec.input.range))
-        local = evaluate(MODEL.read_bytes(), local_data, spec, models={"fit:pca_fit": local_data.x})
+        local = evaluate(MODEL.read_bytes(), local_data, spec, fit_images={"pca_fit": local_data.x})
         assert result == local.result.model_dump(mode="json", exclude={"timing"})
         assert [d["defense"] for d in result["defenses"]] == ["pca", "gaussian_noise", "pca_fit"]
         assert all(row["adaptive"] is not None for d in result["defenses"] for row in d["attacks"])
