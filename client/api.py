@@ -302,7 +302,7 @@ class RobustnessClient:
                 on_progress(evaluation)
             if evaluation["state"] in TERMINAL_STATES:
                 return evaluation
-            if deadline is not None:
+            if deadline is not None and timeout is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise WaitTimeout(evaluation, timeout)

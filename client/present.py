@@ -76,6 +76,9 @@ def _fmt(value, digits=3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+_GATE_STATUS = {"passed": "PASS", "failed": "FAIL", "inconclusive": "INCONCLUSIVE"}
+
+
 def summary_table(result: EvaluationResult) -> str:
     lines = [
         f"clean accuracy {result.clean_accuracy:.4f} on {result.dataset['samples']} samples "
@@ -119,7 +122,7 @@ def summary_table(result: EvaluationResult) -> str:
                 if x
             )
             where = f" {g.attack}" + (f" eps={g.eps:g}" if g.eps is not None else "") if g.attack else ""
-            status = {"passed": "PASS", "failed": "FAIL", "inconclusive": "INCONCLUSIVE"}[g.verdict]
+            status = _GATE_STATUS[g.verdict or "failed"]
             if g.accepted_inconclusive:
                 status = "PASS (inconclusive, allowed)"
             got = _fmt(g.value, 4) if g.value is not None else (g.reason or "-")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 
+from celery import group
 from sqlalchemy.orm import Session, sessionmaker
 
 from infra import jobs
+from infra.broker import QUEUE, UNIT_TASK
 
 log = logging.getLogger("robustness.dispatch")
 
@@ -15,10 +17,6 @@ log = logging.getLogger("robustness.dispatch")
 def dispatch(sessions: sessionmaker[Session], celery, job_id: str, positions: list[int]) -> int:
     """Send the units as one Celery group; the fan-in is the database's (jobs.complete_shard),
     so no result backend is needed and a redelivered unit cannot trigger it twice."""
-    from celery import group
-
-    from infra.broker import QUEUE, UNIT_TASK
-
     if not positions:
         return 0
     units = group(celery.signature(UNIT_TASK, args=[job_id, p], queue=QUEUE) for p in positions)

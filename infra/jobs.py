@@ -13,8 +13,9 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, Executable, func, select, update
 from sqlalchemy.orm import Session
 
 from infra.records import Job, Shard, utcnow
@@ -23,6 +24,11 @@ log = logging.getLogger("robustness.jobs")
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _write(db: Session, statement: Executable) -> CursorResult[Any]:
+    """An UPDATE, whose result says how many rows it changed (the fencing depends on it)."""
+    return cast(CursorResult[Any], db.execute(statement))
 FINISH = "finish"
 
 
@@ -89,7 +95,8 @@ def claim(
             "fewer samples per shard (shard_size)",
         )
         return None
-    claimed = db.execute(
+    claimed = _write(
+        db,
         update(Shard)
         .where(Shard.id == row.id, Shard.attempts == row.attempts, claimable)
         .values(
@@ -115,12 +122,14 @@ def claim(
 
 def heartbeat(db: Session, claim: Claim, lease_s: float, progress: tuple[str, int] | None = None) -> str:
     """Renew the lease (and record progress). Returns the job's state, so a running shard
-    learns that its job was cancelled or failed elsewhere, or "lease_lost" when the reaper
-    gave the shard to another attempt (this worker stalled past its lease)."""
-    values = {"lease_until": time.time() + lease_s}
+    learns that its job was cancelled or failed elsewhere ("gone" if it was deleted), or
+    "lease_lost" when the reaper gave the shard to another attempt (this worker stalled past
+    its lease)."""
+    values: dict[str, Any] = {"lease_until": time.time() + lease_s}
     if progress is not None:
         values.update(stage=progress[0], done=progress[1])
-    renewed = db.execute(
+    renewed = _write(
+        db,
         update(Shard)
         .where(Shard.id == claim.shard_id, Shard.attempts == claim.attempt, Shard.state == "running")
         .values(**values)
@@ -129,12 +138,13 @@ def heartbeat(db: Session, claim: Claim, lease_s: float, progress: tuple[str, in
     state = db.scalar(select(Job.state).where(Job.id == claim.job_id))
     if renewed.rowcount != 1 and state in ACTIVE:
         return "lease_lost"
-    return state
+    return state or "gone"
 
 
 def complete_shard(db: Session, claim: Claim, output_sha256: str, timing: dict) -> bool:
     """Record a finished unit; True when this call made the aggregation ready to dispatch."""
-    done = db.execute(
+    done = _write(
+        db,
         update(Shard)
         .where(Shard.id == claim.shard_id, Shard.attempts == claim.attempt, Shard.state == "running")
         .values(
@@ -157,7 +167,8 @@ def complete_shard(db: Session, claim: Claim, output_sha256: str, timing: dict) 
     )
     if remaining:
         return False
-    ready = db.execute(
+    ready = _write(
+        db,
         update(Shard)
         .where(Shard.job_id == claim.job_id, Shard.kind == FINISH, Shard.state == "waiting")
         .values(state="queued")
@@ -175,7 +186,8 @@ def verdict_of(job: Job) -> str | None:
 
 def complete_job(db: Session, claim: Claim, result: dict, passed: bool, artifacts: dict,
                  report_sha256: str | None = None, verdict: str | None = None) -> bool:
-    finished = db.execute(
+    finished = _write(
+        db,
         update(Job)
         .where(Job.id == claim.job_id, Job.state == "running")
         .values(state="succeeded", result=result, passed=passed, artifacts=artifacts,
@@ -193,7 +205,8 @@ def complete_job(db: Session, claim: Claim, result: dict, passed: bool, artifact
 
 def fail_job(db: Session, job_id: str, code: str, message: str) -> bool:
     """End an active job as failed; shards not yet finished will not run."""
-    failed = db.execute(
+    failed = _write(
+        db,
         update(Job)
         .where(Job.id == job_id, Job.state.in_(ACTIVE))
         .values(state="failed", error_code=code, error_message=message[:4000], finished_at=utcnow())
@@ -206,7 +219,8 @@ def fail_job(db: Session, job_id: str, code: str, message: str) -> bool:
 
 
 def cancel_job(db: Session, job_id: str) -> bool:
-    cancelled = db.execute(
+    cancelled = _write(
+        db,
         update(Job)
         .where(Job.id == job_id, Job.state.in_(ACTIVE))
         .values(
@@ -234,7 +248,8 @@ def release_shard(db: Session, claim: Claim, state: str) -> None:
 def requeue_shard(db: Session, claim: Claim) -> bool:
     """Put a shard that failed with an internal error back in the queue, unsent, for another
     attempt (its attempts count stays); False when it is no longer this attempt's."""
-    requeued = db.execute(
+    requeued = _write(
+        db,
         update(Shard)
         .where(Shard.id == claim.shard_id, Shard.attempts == claim.attempt, Shard.state == "running")
         .values(state="queued", dispatched_at=None, lease_until=None)
@@ -270,7 +285,8 @@ def reap(db: Session, max_attempts: int) -> list[tuple[str, int]]:
                 "(killed, out of memory, or past the hard time limit)",
             )
             continue
-        requeued = db.execute(
+        requeued = _write(
+        db,
             update(Shard)
             .where(
                 Shard.id == row.id,
@@ -303,7 +319,8 @@ def forget_lost_deliveries(db: Session, sent_before: float) -> int:
     but gone, taken by a worker that died before claiming it (the embedded broker never
     gives a delivered message back). A duplicate is harmless: a claim runs a shard once.
     """
-    lost = db.execute(
+    lost = _write(
+        db,
         update(Shard)
         .where(
             Shard.state == "queued",
@@ -346,9 +363,9 @@ def counts_by_state(db: Session) -> dict[str, int]:
 
 
 def active_jobs(db: Session, tenant_id: str) -> int:
-    return db.scalar(
+    return db.scalars(
         select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.state.in_(ACTIVE))
-    )
+    ).one()
 
 
 def iso(value: datetime | None) -> str | None:

@@ -21,11 +21,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ROBUSTNESS_", env_file=".env", extra="ignore")
 
     data_dir: Path = Path("robustness-data")  # the embedded default keeps everything here
-    database_url: str | None = None  # default: sqlite:///<data_dir>/metadata.db
-    broker_url: str | None = (
-        None  # default: an embedded SQLite broker, embedded+sqlite:///<data_dir>/broker.db
-    )
-    blob_dir: Path | None = None  # default: <data_dir>/blobs
+    # Left out, these three are derived from data_dir (by _derived_defaults, before validation)
+    database_url: str  # default: sqlite:///<data_dir>/metadata.db
+    broker_url: str  # default: the embedded SQLite broker, embedded+sqlite:///<data_dir>/broker.db
+    blob_dir: Path  # default: <data_dir>/blobs
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -50,16 +49,18 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(2.0, ge=0)
     reaper_interval_s: float | None = Field(None, gt=0)  # default: lease_s / 3
 
-    @model_validator(mode="after")
-    def _defaults(self):
-        self.data_dir = self.data_dir.expanduser().resolve()
-        if self.database_url is None:
-            self.database_url = f"sqlite:///{self.data_dir / 'metadata.db'}"
-        if self.broker_url is None:
-            self.broker_url = f"embedded+sqlite:///{self.data_dir / 'broker.db'}"
-        if self.blob_dir is None:
-            self.blob_dir = self.data_dir / "blobs"
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_defaults(cls, values: dict) -> dict:
+        values = dict(values)
+        data_dir = Path(values.get("data_dir") or "robustness-data").expanduser().resolve()
+        values["data_dir"] = data_dir
+        for name, derived in (("database_url", f"sqlite:///{data_dir / 'metadata.db'}"),
+                              ("broker_url", f"embedded+sqlite:///{data_dir / 'broker.db'}"),
+                              ("blob_dir", data_dir / "blobs")):
+            if values.get(name) is None:
+                values[name] = derived
+        return values
 
     @property
     def threads_per_worker(self) -> int:

@@ -21,6 +21,7 @@ from sqlalchemy import select
 
 from infra import jobs
 from infra.blobs import LocalBlobStore
+from infra.broker import celery_app
 from infra.database import session_factory
 from infra.dispatch import dispatch
 from infra.records import Job, Shard, StoredDataset, StoredModel
@@ -31,6 +32,7 @@ from workers.datasets import Dataset
 from workers.errors import UserError
 from workers.evaluate import finish, run_unit
 from workers.plan import EvaluationCancelled, plan
+from workers.report import render_report
 from workers.runtime import RunsInterrupted, RuntimeOptions, interrupt_runs, resume_runs
 from workers.units import UnitOutput
 
@@ -173,8 +175,6 @@ def _retry_or_fail(sessions, claim: jobs.Claim, exc: Exception, settings) -> Non
             jobs.release_shard(db, claim, "failed")
             retry = False
     if retry:
-        from infra.broker import celery_app
-
         dispatch(sessions, celery_app(), claim.job_id, [claim.position])
 
 
@@ -182,7 +182,7 @@ def _inputs(db, claim: jobs.Claim, store):
     job = db.get(Job, claim.job_id)
     spec = EvaluationSpec.model_validate(job.spec)
     model = _models.fetch(job.model_sha256, lambda: store.get_bytes(job.model_sha256))
-    value_range = tuple(spec.input.range)
+    value_range = spec.input.range
     dataset: Dataset = _datasets.fetch(
         (job.dataset_sha256, value_range),
         lambda: load_dataset_file(store.local_path(job.dataset_sha256), value_range),
@@ -231,8 +231,6 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
         ready = jobs.complete_shard(db, claim, sha, output.timing)
     log.info("evaluation.shard_succeeded job=%s shard=%s", claim.job_id, claim.position)
     if ready:
-        from infra.broker import celery_app
-
         with sessions() as db:
             positions = jobs.shards_to_dispatch(db, claim.job_id)
         dispatch(sessions, celery_app(), claim.job_id, positions)
@@ -248,8 +246,6 @@ def _report(evaluation, job_id: str, names: tuple, store) -> str | None:
     """Render the HTML report once, with the result; a report that fails to render is logged
     and left out, never failing the evaluation."""
     try:
-        from workers.report import render_report
-
         html = render_report(
             evaluation.result,
             evaluation.examples,
@@ -270,7 +266,7 @@ def _load_extras(store, stored: dict[str, str], spec: EvaluationSpec) -> tuple[d
     fit_keys = {d.fit_key(): d.key for d in spec.defenses if d.fit_dataset is not None}
     for name, sha in stored.items():
         if name in fit_keys:
-            fit_images[fit_keys[name]] = load_dataset_file(store.local_path(sha), tuple(spec.input.range)).x
+            fit_images[fit_keys[name]] = load_dataset_file(store.local_path(sha), spec.input.range).x
         else:
             models[name] = store.get_bytes(sha)
     return models, fit_images
@@ -290,5 +286,5 @@ def artifact_name(name: str) -> str:
 
 def _npz_bytes(key: str, array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **{key: array})  # adversarial images barely compress; saving is on the job path
+    np.savez(buffer, allow_pickle=False, **{key: array})  # adversarial images barely compress
     return buffer.getvalue()

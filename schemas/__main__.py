@@ -9,9 +9,12 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from schemas.evaluation import EvaluationResult, EvaluationSpec
 
-SCHEMAS = {"evaluation-spec": EvaluationSpec, "evaluation-result": EvaluationResult}
+SCHEMAS: dict[str, type[BaseModel]] = {"evaluation-spec": EvaluationSpec,
+                                        "evaluation-result": EvaluationResult}
 
 
 def render() -> dict[str, str]:

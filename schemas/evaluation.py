@@ -403,7 +403,7 @@ class EvaluationResult(BaseModel):
         return self
 
 
-def overall_verdict(gates: list[GateResult]) -> str:
+def overall_verdict(gates: list[GateResult]) -> Verdict:
     """failed when a gate failed, else inconclusive when one is, else passed."""
     verdicts = {g.verdict for g in gates}
     return "failed" if "failed" in verdicts else "inconclusive" if "inconclusive" in verdicts else "passed"

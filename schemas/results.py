@@ -85,6 +85,13 @@ class TransferRow(BaseModel):
     def is_baseline(self) -> bool:
         return self.attack == NOISE_ATTACK
 
+    @property
+    def label(self) -> str:
+        """The row's name in a table: "fc100", "fc100 (eps=0.1)", "Gaussian noise, stddev=0.05"."""
+        if self.is_baseline:
+            return f"Gaussian noise, stddev={self.noise_std:.3g}"
+        return self.source if self.eps is None else f"{self.source} (eps={self.eps:g})"
+
 
 class CrossPair(BaseModel):
     """Liang et al.'s cross-testing of two models at one budget."""

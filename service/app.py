@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from infra.blobs import LocalBlobStore
+from infra.broker import make_celery
 from infra.database import REQUEST_THREADS, migrate, session_factory
 from infra.settings import Settings, get_settings
 from service.auth import is_loopback
@@ -52,8 +53,6 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
         description="Measure the adversarial robustness of ONNX image classifiers.",
         generate_unique_id_function=_operation_id,
     )
-    from infra.broker import make_celery
-
     app.state.settings = settings
     app.state.sessions = session_factory(settings.database_url)
     app.state.store = LocalBlobStore(settings.blob_dir)

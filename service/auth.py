@@ -31,7 +31,7 @@ def get_or_create_tenant(db: Session, name: str) -> Tenant:
             tenant = Tenant(id=new_id("tn"), name=name)
             db.add(tenant)
     except IntegrityError:
-        tenant = db.scalar(select(Tenant).where(Tenant.name == name))
+        tenant = db.scalars(select(Tenant).where(Tenant.name == name)).one()  # the other request's
     return tenant
 
 
@@ -79,7 +79,7 @@ def authenticate(db: Session, authorization: str | None, *, open_mode: bool) -> 
             raise Unauthorized(
                 "unknown or revoked API key; create one with `robustness keys create --tenant NAME`"
             )
-        return db.get(Tenant, row.tenant_id)
+        return db.get_one(Tenant, row.tenant_id)
     if open_mode:
         tenant = get_or_create_tenant(db, OPEN_TENANT)
         db.commit()

@@ -163,7 +163,7 @@ def cmd_evaluate(args) -> int:
     data_path = Path(args.data)
     if not data_path.is_file():
         raise CommandError(f"{args.data}: no such file")
-    dataset = load_npz(data_path.read_bytes(), tuple(spec.input.range))
+    dataset = load_npz(data_path.read_bytes(), spec.input.range)
     baselines = load_baselines(spec)
     models, fit_images = load_inputs(spec, Path(args.spec).parent)
     bar = ProgressBar()
@@ -188,7 +188,7 @@ def cmd_evaluate(args) -> int:
     # those are a copy of the data per attack and budget
     arrays = {k: v for k, v in evaluation.artifacts.items() if not k.endswith("/x_adv")}
     if args.artifacts and arrays:
-        np.savez_compressed(args.artifacts, **arrays)
+        np.savez_compressed(args.artifacts, allow_pickle=False, **arrays)
     return exit_code(result.verdict)
 
 
@@ -221,7 +221,7 @@ def load_inputs(spec: EvaluationSpec, base: Path) -> tuple[dict, dict]:
                     f"defenses[{index}].fit_dataset: {defense.fit_dataset}: no such .npz file "
                     "(paths are relative to the spec file)"
                 )
-            fit_images[defense.key] = load_npz(path.read_bytes(), tuple(spec.input.range)).x
+            fit_images[defense.key] = load_npz(path.read_bytes(), spec.input.range).x
     return models, fit_images
 
 

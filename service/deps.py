@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
-from infra.blobs import BlobStore
+from infra.blobs import LocalBlobStore
 from infra.records import Tenant
 from infra.settings import Settings
 from service.auth import authenticate, open_mode_allowed
@@ -23,13 +23,13 @@ def _db(request: Request) -> Iterator[Session]:
         yield db
 
 
-def _store(request: Request) -> BlobStore:
+def _store(request: Request) -> LocalBlobStore:
     return request.app.state.store
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 SessionDep = Annotated[Session, Depends(_db)]
-StoreDep = Annotated[BlobStore, Depends(_store)]
+StoreDep = Annotated[LocalBlobStore, Depends(_store)]
 
 
 KEY_COOKIE = "robustness_key"

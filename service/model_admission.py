@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from workers.errors import TooLargeError, UserError, first_lines, quoted
+from workers.errors import TooLargeError, first_lines, quoted
 from workers.onnxgrad import (
     InvalidModelError,
     PreparedClassifier,
@@ -44,12 +44,6 @@ MAX_LOAD_TIME_CONSTANT_BYTES = 256 * MiB  # plus 4x the model's size (casts of s
 INPUT_RANKS = (2, 4)  # [N, D] or [N, C, H, W] / [N, H, W, C]
 
 
-def _bad_model(detail: str) -> UserError:
-    return InvalidModelError(detail)
-
-
-def _too_large(detail: str) -> UserError:
-    return TooLargeError(detail)
 
 
 @dataclass
@@ -107,7 +101,7 @@ def validate_model(path: Path, *, max_bytes: int) -> ModelInfo:
     found = inspect_classifier(model)  # a GradientBuildError is an invalid_model UserError itself
     prepared = found.prepared
     if prepared.num_classes is None:
-        raise _bad_model(
+        raise InvalidModelError(
             f"the number of classes cannot be read from output {quoted(prepared.logits_name)}; "
             "export the model with a static class axis, logits of shape [N, K]"
         )
@@ -126,9 +120,9 @@ def _read_model_file(path: Path, max_bytes: int) -> bytes:
     with path.open("rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
-            raise _bad_model("the model file is empty; upload the .onnx file itself")
+            raise InvalidModelError("the model file is empty; upload the .onnx file itself")
         if size > max_bytes:
-            raise _too_large(f"the model is {size} bytes, over the limit of {max_bytes} bytes")
+            raise TooLargeError(f"the model is {size} bytes, over the limit of {max_bytes} bytes")
         return handle.read(size)
 
 
@@ -136,12 +130,12 @@ def _parse_model(data: bytes) -> onnx.ModelProto:
     try:
         model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf's DecodeError, or errors from its C++ parser
-        raise _bad_model(
+        raise InvalidModelError(
             f"not an ONNX model: the file does not parse as an ONNX protobuf ({first_lines(exc)}); "
             "upload the .onnx file written by torch.onnx.export or onnx.save_model"
         ) from None
     if not model.HasField("graph") or not model.graph.node:
-        raise _bad_model(
+        raise InvalidModelError(
             "not an ONNX model: the file parses but holds no graph; upload the .onnx file "
             "written by torch.onnx.export or onnx.save_model"
         )
@@ -217,13 +211,13 @@ def refuse_external_data(model: onnx.ModelProto) -> None:
             what = (
                 f"external data file {quoted(location)}" if location is not None else "an external data file"
             )
-            raise _bad_model(
+            raise InvalidModelError(
                 f"the model references {what} (tensor {quoted(tensor.name)}); re-export it with all "
                 "weights inside the .onnx file (onnx.save_model(model, path, save_as_external_data=False))"
             )
 
 
-_PACKED_BITS = {
+_PACKED_BITS: dict[int, int] = {
     TensorProto.INT4: 4,
     TensorProto.UINT4: 4,
     TensorProto.FLOAT4E2M1: 4,
@@ -247,18 +241,18 @@ def _element_bits(data_type: int) -> int | None:
 def _check_tensor(item: TensorProto | onnx.SparseTensorProto) -> None:
     """The data a tensor holds matches its declared shape (checked without allocating it)."""
     if isinstance(item, onnx.SparseTensorProto):
-        raise _bad_model(
+        raise InvalidModelError(
             f"the model holds a sparse tensor ({quoted(item.values.name)}); sparse "
             "weights are not supported: store them as dense initializers"
         )
     name, dims = quoted(item.name), list(item.dims)
     if any(d < 0 for d in dims):
-        raise _bad_model(f"tensor {name} has negative dimensions {dims}; re-export the model")
+        raise InvalidModelError(f"tensor {name} has negative dimensions {dims}; re-export the model")
     if item.HasField("segment"):
-        raise _bad_model(f"tensor {name} is stored in segments, which are not supported; re-export it")
+        raise InvalidModelError(f"tensor {name} is stored in segments, which are not supported; re-export it")
     count, bits = math.prod(dims), _element_bits(item.data_type)
     if bits is None:
-        raise _bad_model(f"tensor {name} has an unknown element type ({item.data_type}); re-export it")
+        raise InvalidModelError(f"tensor {name} has an unknown element type ({item.data_type}); re-export it")
     if item.data_type == TensorProto.STRING:
         stored, expected, unit = len(item.string_data), count, "strings"
     elif item.HasField("raw_data"):
@@ -285,7 +279,7 @@ def _check_tensor(item: TensorProto | onnx.SparseTensorProto) -> None:
         unit = "values"
     if stored != expected:
         kind = TensorProto.DataType.Name(item.data_type)
-        raise _bad_model(
+        raise InvalidModelError(
             f"tensor {name} declares shape {dims} ({math.prod(dims)} {kind} elements) but holds "
             f"{stored} {unit} of data where {expected} are needed; the file is corrupt or was edited: "
             "re-export the model"
@@ -304,7 +298,7 @@ def _check_domains(model: onnx.ModelProto) -> None:
                 if any(f.domain == node.domain and f.name == node.op_type for f in model.functions)
                 else ""
             )
-            raise _bad_model(
+            raise InvalidModelError(
                 f"node {quoted(_node_label(node))} uses operator "
                 f"{quoted(node.op_type)} from the custom domain {quoted(node.domain)}{hint}; only standard "
                 "ONNX operators (the default domain) are supported: export the model without custom "
@@ -341,13 +335,13 @@ def _check_opset(model: onnx.ModelProto) -> int:
     versions = {imp.domain: imp.version for imp in model.opset_import}
     opset = versions.get("", versions.get("ai.onnx"))
     if opset is None:
-        raise _bad_model(
+        raise InvalidModelError(
             "the model imports no standard ONNX opset; export it with torch.onnx.export "
             "(opset_version=17 or later)"
         )
     newest = max_runtime_opset()
     if opset > newest:
-        raise _bad_model(
+        raise InvalidModelError(
             f"the model uses opset {opset}, newer than the runtime supports; export it "
             f"with opset_version between 17 and {newest}"
         )
@@ -359,11 +353,11 @@ def _check_structure(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:  # ValidationError, or errors from the C++ checker
-        raise _bad_model(f"the model is not valid ONNX: {first_lines(exc)}") from None
+        raise InvalidModelError(f"the model is not valid ONNX: {first_lines(exc)}") from None
     try:
         shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as exc:  # InferenceError, or errors from the C++ inference
-        raise _bad_model(
+        raise InvalidModelError(
             f"shape inference failed: {first_lines(exc)}; re-export the model (its "
             "declared shapes contradict its operators)"
         ) from None
@@ -375,13 +369,13 @@ def _check_input(model: onnx.ModelProto) -> None:
     inputs = [i for i in graph.input if i.name not in initializers]
     if len(inputs) != 1:
         names = ", ".join(quoted(i.name) for i in inputs) or "none"
-        raise _bad_model(
+        raise InvalidModelError(
             f"the model has {len(inputs)} inputs ({names}); export the classifier with "
             "exactly one input, the image batch"
         )
     x = inputs[0]
     if not x.type.HasField("tensor_type"):
-        raise _bad_model(
+        raise InvalidModelError(
             f"input {quoted(x.name)} is not a tensor; export the classifier with one "
             "float32 image tensor as input"
         )
@@ -392,18 +386,18 @@ def _check_input(model: onnx.ModelProto) -> None:
             if tensor_type.elem_type in TensorProto.DataType.values()
             else str(tensor_type.elem_type)
         )
-        raise _bad_model(
+        raise InvalidModelError(
             f"input {quoted(x.name)} has element type {got}; export the model with a "
             "float32 input (cast inside the model if it needs another type)"
         )
     if not tensor_type.HasField("shape"):
-        raise _bad_model(
+        raise InvalidModelError(
             f"input {quoted(x.name)} declares no shape; export it with a shape such as "
             "[N, C, H, W] (a symbolic batch axis and fixed image axes)"
         )
     rank = len(tensor_type.shape.dim)
     if rank not in INPUT_RANKS:
-        raise _bad_model(
+        raise InvalidModelError(
             f"input {quoted(x.name)} has rank {rank}; expected images [N, C, H, W] or "
             "[N, H, W, C] (add a channel axis to [N, H, W]), or flat vectors [N, D]"
         )
@@ -533,12 +527,13 @@ def _check_load_time_constants(model: onnx.ModelProto, budget: int) -> None:
         for out in (o for o in node.output if o):
             tensor_type = types.get(out)
             dims = _static_dims(tensor_type)
-            if dims is not None and None not in dims:
-                count = math.prod(dims)
+            known = [d for d in dims if d is not None] if dims is not None else []
+            if dims is not None and len(known) == len(dims):
+                count = math.prod(known)
             elif node.op_type in _NOT_LARGER:
                 count = sum(elements.get(name, 0) for name in node.input if name)
             else:
-                raise _bad_model(
+                raise InvalidModelError(
                     f"node {quoted(_node_label(node))} ({node.op_type}) computes a constant whose size "
                     "cannot be known before running it; store the value as an initializer or compute "
                     f"it from the model input{hint}"
@@ -547,7 +542,7 @@ def _check_load_time_constants(model: onnx.ModelProto, budget: int) -> None:
             bits = (_element_bits(tensor_type.elem_type) if tensor_type else None) or 64
             total += math.ceil(count * bits / 8)
             if total > budget:
-                raise _bad_model(
+                raise InvalidModelError(
                     f"the model computes {total} bytes of constants when it is loaded (node "
                     f"{quoted(_node_label(node))}, {node.op_type}), over the limit of {budget} bytes; "
                     "store large constants as initializers or compute them from the model input"

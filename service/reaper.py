@@ -8,7 +8,10 @@ import logging
 import threading
 import time
 
+from kombu.exceptions import ChannelError
+
 from infra import jobs
+from infra.broker import QUEUE
 from infra.dispatch import dispatch
 
 log = logging.getLogger("robustness.reaper")
@@ -45,10 +48,6 @@ class Reaper(threading.Thread):
 
     def queue_is_empty(self) -> bool:
         """Whether the broker holds no message waiting for a worker (False when unsure)."""
-        from kombu.exceptions import ChannelError
-
-        from infra.broker import QUEUE
-
         try:
             with self.celery.connection_for_read() as connection:
                 _, waiting, _ = connection.default_channel.queue_declare(queue=QUEUE, passive=True)

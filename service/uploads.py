@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -14,6 +15,7 @@ from infra.blobs import BlobTooLarge, LocalBlobStore, stream_to_file
 from service.errors import ApiError, TooLarge
 
 CHUNK = 1 << 20
+Info = TypeVar("Info")  # what the validator of an upload returns
 
 
 async def _chunks(upload: UploadFile):
@@ -22,8 +24,8 @@ async def _chunks(upload: UploadFile):
 
 
 async def receive(
-    upload: UploadFile, store: LocalBlobStore, limit: int, what: str, validate: Callable[[Path], object]
-) -> tuple[str, int, object]:
+    upload: UploadFile, store: LocalBlobStore, limit: int, what: str, validate: Callable[[Path], Info]
+) -> tuple[str, int, Info]:
     """(sha256, size, what ``validate`` returned); the blob is in the store afterwards."""
     with store.temp_file() as (path, handle):
         try:

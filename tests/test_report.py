@@ -50,6 +50,7 @@ SPEC = {
         {"name": "gaussian_noise", "sigma": 0.2, "curve": [0.1, 0.3], "eot_samples": 2},
     ],
     "lipschitz": True,
+    "fooling": {"samples": 50, "steps": 2},
     "transfer": {"models": {"fc100": "fc100.onnx"}, "attacks": [{"name": "fgsm", "eps": [0.1]}]},
 }
 
@@ -119,15 +120,17 @@ def bare(result: EvaluationResult) -> dict:
     document = result.model_dump(mode="json")
     document["attacks"] = [a for a in document["attacks"] if a["kind"] != "minimal"]
     document["spec"]["attacks"] = [a for a in document["spec"]["attacks"] if a["name"] != "deepfool"]
-    document["spec"].update(transfer=None, defenses=[], lipschitz=False, gates=[])
-    document.update(transfer=None, defenses=None, lipschitz=None, gates=[])
+    document["spec"].update(transfer=None, defenses=[], lipschitz=False, gates=[], fooling=None)
+    document.update(transfer=None, defenses=None, lipschitz=None, gates=[], fooling=None)
     return document
 
 
 def test_every_stage_that_ran_has_its_section_and_no_other(run, html):
     result, _ = run
     present = {s for s in SECTIONS if f'id="{s}"' in html}
-    assert present == set(SECTIONS) - {"fooling"}
+    assert present == set(SECTIONS)
+    fooling = section(html, "fooling")
+    assert fmt_pct(result.fooling.noise.fooling_rate) in fooling and "Gradient ascent from noise" in fooling
     stripped = render_report(bare(result))
     assert {s for s in SECTIONS if f'id="{s}"' in stripped} == {"accuracy"}
     assert 'href="#transfer"' not in stripped and "Lipschitz" not in stripped

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from schemas.evaluation import AttackResult, EvaluationResult, EvaluationSpec, overall_verdict
+from schemas.results import DefenseResult, FoolingSection, LipschitzSection, TransferEntry
 from workers import metrics
 from workers.attacks.fooling import fooling_rate_of_noise, gradient_ascent_fooling
 from workers.datasets import Dataset
@@ -91,10 +92,13 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
         dataset={"samples": len(x), "source_dtype": dataset.source_dtype,
                  "sha256": _array_digest(*select_samples(dataset.x, dataset.y, spec.samples))},
         spec=spec, device=classifier.device, clean_accuracy=clean_accuracy, attacks=entries,
-        warnings=warnings, gates=gates, passed=verdict == "passed", verdict=verdict, fooling=fooling,
-        transfer=next((o.document["entries"] for o in outputs if o.unit.kind == "transfer"), None),
-        lipschitz=lipschitz,
-        defenses=defense_results(spec, outputs, entries) if spec.defenses else None,
+        warnings=warnings, gates=gates, passed=verdict == "passed", verdict=verdict,
+        # the sections are built as JSON dicts: validated here as pydantic would validate them
+        fooling=None if fooling is None else FoolingSection.model_validate(fooling),
+        transfer=_transfer_entries(outputs),
+        lipschitz=None if lipschitz is None else LipschitzSection.model_validate(lipschitz),
+        defenses=([DefenseResult.model_validate(d) for d in defense_results(spec, outputs, entries)]
+                  if spec.defenses else None),
         timing={k: round(v, 3) for k, v in timing.items()},
     )
     return Evaluation(result=result, artifacts=artifacts, examples=examples)
@@ -107,6 +111,15 @@ def _in_plan_order(spec: EvaluationSpec, outputs: list[UnitOutput], num_samples:
         raise ValueError(f"the outputs are of units {[o.unit for o in ordered]}, but this spec's plan "
                          f"for {num_samples} samples is {expected}")
     return ordered
+
+
+def _transfer_entries(outputs: list[UnitOutput]) -> list[TransferEntry] | None:
+    """The transfer unit's entries, or None without a transfer unit."""
+    for output in outputs:
+        if output.unit.kind == "transfer":
+            assert output.document is not None  # run_unit_on gives a transfer unit its document
+            return [TransferEntry.model_validate(e) for e in output.document["entries"]]
+    return None
 
 
 def _summed_timing(outputs: list[UnitOutput]) -> dict[str, float]:
@@ -223,7 +236,9 @@ def _summarise(attack, attack_spec, num_classes, x, y, clean_pred, run: RunOutpu
 def fooling_summary(classifier: Classifier, spec: EvaluationSpec, shape) -> dict:
     """Noise labelled with confidence, and gradient ascent from noise to every class."""
     options = spec.fooling
-    bounds = tuple(spec.input.range)
+    assert options is not None  # called only for a spec with `fooling`
+    low, high = spec.input.range
+    bounds = (low, high)
     noise = fooling_rate_of_noise(classifier, shape, options.samples, options.threshold,
                                   np.random.default_rng([spec.seed, 1]), bounds)
     summary = {"noise": noise}

@@ -50,7 +50,8 @@ def attack_runs(attack: Attack, attack_spec: AttackSpec, model, x: np.ndarray, y
                 progress=None) -> list:
     """One AttackRun per budget of the entry, every target in turn for ``targets: all``."""
     eps = None if attack.minimal else attack_spec.eps
-    bounds = tuple(spec.input.range)
+    low, high = spec.input.range
+    bounds = (low, high)
     if isinstance(targets, str):  # "all"
         return attack_every_target(attack, model, x, y, eps=eps, bounds=bounds, seed=seed, progress=progress)
     return attack(model, x, y, eps=eps, targets=targets, bounds=bounds, seed=seed, progress=progress)

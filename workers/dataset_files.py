@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from workers.datasets import MAX_BYTES, MAX_SAMPLES, Dataset, DatasetError, check_targets, load_npz
-from workers.errors import TooLargeError, UserError, first_lines, quoted
+from workers.errors import TooLargeError, first_lines, quoted
 
 MiB = 1 << 20
 MAX_CLASSES = 1_000_000  # labels must be below this
@@ -49,12 +49,6 @@ NPY_MAGIC = b"\x93NUMPY"
 READ_CHUNK = 8 * MiB
 
 
-def _bad_dataset(detail: str) -> UserError:
-    return DatasetError(detail)
-
-
-def _too_large(detail: str) -> UserError:
-    return TooLargeError(detail)
 
 
 @dataclass
@@ -84,12 +78,12 @@ def validate_dataset(path: Path, *, max_bytes: int, max_samples: int, max_decode
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
-        raise _bad_dataset(
+        raise DatasetError(
             "the dataset file is empty; upload an .npz (numpy.savez(path, x=images, "
             "y=labels)) or a .zip of PNG class folders"
         )
     if size > max_bytes:
-        raise _too_large(f"the dataset is {size} bytes, over the limit of {max_bytes} bytes")
+        raise TooLargeError(f"the dataset is {size} bytes, over the limit of {max_bytes} bytes")
     limits = _Limits(max_samples, max_decoded_bytes)
     with _open_archive(path, limits) as (archive, files, kind):
         if kind == "npz":
@@ -124,6 +118,7 @@ def load_dataset_file(
     if kind == "npz":
         return load_npz(path.read_bytes(), value_range)
     low, high = value_range
+    assert x is not None  # keep=True, and _archive_kind refuses an archive without files
     return Dataset(x=(x.astype(np.float32) / 255.0) * (high - low) + low, y=y, source_dtype="uint8")
 
 
@@ -141,7 +136,7 @@ def _open_archive(path: Path, limits: _Limits):
     with path.open("rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if handle.read(len(NPY_MAGIC)) == NPY_MAGIC:
-            raise _bad_dataset(
+            raise DatasetError(
                 "the file is a single .npy array; save images and labels together with "
                 "numpy.savez(path, x=images, y=labels)"
             )
@@ -149,7 +144,7 @@ def _open_archive(path: Path, limits: _Limits):
         try:
             archive = zipfile.ZipFile(handle)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
-            raise _bad_dataset(f"the archive is corrupt ({first_lines(exc)}); {_NOT_A_DATASET}") from None
+            raise DatasetError(f"the archive is corrupt ({first_lines(exc)}); {_NOT_A_DATASET}") from None
         with archive:
             infos = archive.infolist()
             for info in infos:
@@ -174,7 +169,7 @@ def _central_directory(handle: BinaryIO, size: int, limits: _Limits) -> int:
     tail = handle.read(tail_size)
     at = tail.rfind(b"PK\x05\x06")
     if at < 0 or len(tail) - at < _EOCD.size:
-        raise _bad_dataset(_NOT_A_DATASET)
+        raise DatasetError(_NOT_A_DATASET)
     *_, directory_size, _, _ = _EOCD.unpack_from(tail, at)
     end = size - tail_size + at
     if end >= _ZIP64_LOCATOR.size + _ZIP64_EOCD.size:
@@ -183,23 +178,23 @@ def _central_directory(handle: BinaryIO, size: int, limits: _Limits) -> int:
             handle.seek(end - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size)
             record = handle.read(_ZIP64_EOCD.size)
             if record[:4] != b"PK\x06\x06":
-                raise _bad_dataset(f"the archive's zip64 directory is corrupt; {_NOT_A_DATASET}")
+                raise DatasetError(f"the archive's zip64 directory is corrupt; {_NOT_A_DATASET}")
             directory_size = _ZIP64_EOCD.unpack(record)[8]
             end -= _ZIP64_LOCATOR.size + _ZIP64_EOCD.size
     start = end - directory_size
     if start < 0:
-        raise _bad_dataset(f"the archive's central directory is corrupt; {_NOT_A_DATASET}")
+        raise DatasetError(f"the archive's central directory is corrupt; {_NOT_A_DATASET}")
     handle.seek(start)
     directory = handle.read(directory_size)
     entries, at = 0, 0
     while at < len(directory):
         if directory[at : at + 4] != b"PK\x01\x02" or at + _CENTRAL_RECORD > len(directory):
-            raise _bad_dataset(f"the archive's central directory is corrupt; {_NOT_A_DATASET}")
+            raise DatasetError(f"the archive's central directory is corrupt; {_NOT_A_DATASET}")
         name, extra, comment = struct.unpack_from("<3H", directory, at + 28)
         at += _CENTRAL_RECORD + name + extra + comment
         entries += 1
         if entries > limits.max_entries:
-            raise _too_large(
+            raise TooLargeError(
                 f"the archive has more than {limits.max_entries} entries; the limit is "
                 f"{limits.max_samples} samples"
             )
@@ -229,22 +224,22 @@ def _check_member(info: zipfile.ZipInfo) -> None:
         else None
     )
     if problem:
-        raise _bad_dataset(
+        raise DatasetError(
             f"archive member {quoted(name)} has {problem} in its name; zip the dataset "
             "with relative paths only (cd dataset && zip -r ../dataset.zip .)"
         )
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode) or (stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
-        raise _bad_dataset(
+        raise DatasetError(
             f"archive member {quoted(name)} is a link or special file; the archive may "
             "hold only regular files and folders (zip without --symlinks)"
         )
     if info.flag_bits & 0x1:
-        raise _bad_dataset(
+        raise DatasetError(
             f"archive member {quoted(name)} is encrypted; upload an archive without a password"
         )
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise _bad_dataset(
+        raise DatasetError(
             f"archive member {quoted(name)} uses compression method "
             f"{info.compress_type}; store or deflate members (numpy.savez, zip)"
         )
@@ -256,13 +251,13 @@ def _check_no_overlap(handle: BinaryIO, infos: list[zipfile.ZipInfo], directory_
     counts = Counter(i.filename for i in infos)
     twice = next((name for name, n in counts.items() if n > 1), None)
     if twice is not None:
-        raise _bad_dataset(f"archive member {quoted(twice)} appears more than once; re-create the archive")
+        raise DatasetError(f"archive member {quoted(twice)} appears more than once; re-create the archive")
     spans = []
     for info in infos:
         handle.seek(info.header_offset)
         header = handle.read(30)
         if len(header) != 30 or header[:4] != b"PK\x03\x04":
-            raise _bad_dataset(
+            raise DatasetError(
                 f"archive member {quoted(info.filename)} has no local header where the "
                 "directory says; the archive is corrupt, re-create it"
             )
@@ -277,12 +272,12 @@ def _check_no_overlap(handle: BinaryIO, infos: list[zipfile.ZipInfo], directory_
     spans.sort()
     for (_, end, first), (start, _, second) in pairwise(spans):
         if start < end:
-            raise _bad_dataset(
+            raise DatasetError(
                 f"archive members {quoted(first)} and {quoted(second)} overlap (a known "
                 "zip-bomb construction); re-create the archive"
             )
     if spans and spans[-1][1] > directory_start:
-        raise _bad_dataset(
+        raise DatasetError(
             f"archive member {quoted(spans[-1][2])} overlaps the central directory; re-create the archive"
         )
 
@@ -292,14 +287,14 @@ def _check_declared_sizes(files: list[zipfile.ZipInfo], limits: _Limits) -> None
     declared = sum(i.file_size for i in files)
     allowed = 2 * limits.max_decoded_bytes + MiB  # PNGs of noise are slightly larger than raw
     if declared > allowed:
-        raise _too_large(
+        raise TooLargeError(
             f"the archive declares {declared} bytes once decompressed, over the limit of "
             f"{allowed} bytes; upload fewer or smaller images"
         )
     for info in files:
         ratio = info.file_size // max(info.compress_size, 1)
         if info.file_size > MiB and ratio > MAX_COMPRESSION_RATIO:
-            raise _bad_dataset(
+            raise DatasetError(
                 f"archive member {quoted(info.filename)} expands {ratio} times ({info.compress_size} bytes "
                 f"to {info.file_size}), more than {MAX_COMPRESSION_RATIO} times: refused as a possible zip "
                 "bomb; store it uncompressed (numpy.savez, zip -0)"
@@ -308,19 +303,19 @@ def _check_declared_sizes(files: list[zipfile.ZipInfo], limits: _Limits) -> None
 
 def _archive_kind(files: list[zipfile.ZipInfo]) -> str:
     if not files:
-        raise _bad_dataset(f"the archive holds no files; {_NOT_A_DATASET}")
+        raise DatasetError(f"the archive holds no files; {_NOT_A_DATASET}")
     if all("/" not in i.filename and i.filename.endswith(".npy") for i in files):
         return "npz"
     stray = next((i.filename for i in files if i.filename.count("/") != 1), None)
     if stray is None:
         return "png-zip"
     if stray.count("/") > 1:
-        raise _bad_dataset(
+        raise DatasetError(
             f"archive member {quoted(stray)} is nested too deeply: PNG images sit in class "
             "folders at the top of the archive (classname/image.png); zip the contents of "
             "the dataset folder (cd dataset && zip -r ../dataset.zip .)"
         )
-    raise _bad_dataset(f"archive member {quoted(stray)} does not fit either layout; {_NOT_A_DATASET}")
+    raise DatasetError(f"archive member {quoted(stray)} does not fit either layout; {_NOT_A_DATASET}")
 
 
 _CORRUPT = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError)
@@ -340,7 +335,7 @@ def _member_chunks(archive: zipfile.ZipFile, info: zipfile.ZipInfo, offset: int 
                 remaining -= len(chunk)
                 yield chunk
     except _CORRUPT as exc:
-        raise _bad_dataset(
+        raise DatasetError(
             f"archive member {quoted(info.filename)} is corrupt ({first_lines(exc)}); re-create the archive"
         ) from None
 
@@ -374,22 +369,22 @@ def _npy_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _NpyHeader:
                 raise ValueError(f"unsupported .npy format version {version}")
             offset = f.tell()
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-        raise _bad_dataset(
+        raise DatasetError(
             f"archive member {name} is corrupt ({first_lines(exc)}); re-create the archive"
         ) from None
     except (ValueError, SyntaxError, OSError) as exc:
-        raise _bad_dataset(
+        raise DatasetError(
             f"archive member {name} is not a readable .npy array ({first_lines(exc)}); "
             "save the arrays with numpy.savez(path, x=images, y=labels)"
         ) from None
     if dtype.hasobject:
-        raise _bad_dataset(
+        raise DatasetError(
             f"{quoted(info.filename[:-4])} holds Python objects; store plain numeric "
             "arrays (no pickles are ever loaded)"
         )
     header = _NpyHeader(info, tuple(shape), dtype, offset)
     if any(d < 0 for d in shape) or info.file_size != offset + header.nbytes:
-        raise _bad_dataset(
+        raise DatasetError(
             f"archive member {name} holds {info.file_size - offset} bytes of data but its "
             f"header declares {list(shape)} {dtype}; the file is truncated or corrupt: "
             "save it again with numpy.savez"
@@ -405,38 +400,38 @@ def _npz_headers(
     headers = {info.filename[:-4]: _npy_header(archive, info) for info in files}
     missing = [k for k in ("x", "y") if k not in headers]
     if missing:
-        raise _bad_dataset(
+        raise DatasetError(
             f"the .npz lacks {missing}; it needs arrays 'x' (images) and 'y' (labels), "
             f"found {sorted(headers)}: numpy.savez(path, x=images, y=labels)"
         )
     x, y = headers["x"], headers["y"]
     t = headers.get("t")
     if t is not None and (t.shape != y.shape or not np.issubdtype(t.dtype, np.integer)):
-        raise _bad_dataset(
+        raise DatasetError(
             f"'t' (target labels) must be integers of the shape of 'y' {list(y.shape)}, got "
             f"{t.dtype} {list(t.shape)}"
         )
     if len(y.shape) != 1:
-        raise _bad_dataset(f"'y' must be 1-D (one label per image), got shape {list(y.shape)}")
+        raise DatasetError(f"'y' must be 1-D (one label per image), got shape {list(y.shape)}")
     if len(x.shape) not in NPZ_IMAGE_RANKS or x.shape[0] != y.shape[0]:
-        raise _bad_dataset(
+        raise DatasetError(
             f"'x' must be [N, C, H, W], [N, H, W, C] or [N, H, W] with N = len(y) = "
             f"{y.shape[0]}, got {list(x.shape)}"
         )
     if x.shape[0] > limits.max_samples:
-        raise _too_large(f"the dataset has {x.shape[0]} samples, over the limit of {limits.max_samples}")
+        raise TooLargeError(f"the dataset has {x.shape[0]} samples, over the limit of {limits.max_samples}")
     decoded = sum(h.nbytes for h in headers.values())
     if decoded > limits.max_decoded_bytes:
-        raise _too_large(
+        raise TooLargeError(
             f"the arrays take {decoded} bytes once decoded, over the limit of "
             f"{limits.max_decoded_bytes} bytes; upload fewer or smaller images"
         )
     if not (np.issubdtype(x.dtype, np.floating) or x.dtype == np.uint8):
-        raise _bad_dataset(f"'x' has dtype {x.dtype}; use float32 pixels or uint8 (0..255)")
+        raise DatasetError(f"'x' has dtype {x.dtype}; use float32 pixels or uint8 (0..255)")
     if not np.issubdtype(y.dtype, np.integer):
-        raise _bad_dataset(f"'y' has dtype {y.dtype}; labels must be integers")
+        raise DatasetError(f"'y' has dtype {y.dtype}; labels must be integers")
     if x.shape[0] == 0:
-        raise _bad_dataset("the dataset holds no samples")
+        raise DatasetError("the dataset holds no samples")
     return x, y
 
 
@@ -451,7 +446,7 @@ def _validate_npz(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits
         try:
             check_targets(targets, labels)
         except DatasetError as exc:
-            raise _bad_dataset(str(exc)) from None
+            raise DatasetError(str(exc)) from None
         num_classes = max(num_classes, _check_labels(targets))
     not_finite = 0
     for chunk in _member_chunks(archive, x.info, x.offset):  # all of x: its CRC is checked at the end
@@ -459,7 +454,7 @@ def _validate_npz(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits
             values = np.frombuffer(chunk, x.dtype)  # READ_CHUNK is a multiple of every itemsize
             not_finite += values.size - int(np.count_nonzero(np.isfinite(values)))
     if not_finite:
-        raise _bad_dataset(
+        raise DatasetError(
             f"'x' holds {not_finite} NaN or infinite values; replace them "
             "(numpy.nan_to_num) or drop those images"
         )
@@ -478,9 +473,9 @@ def _check_labels(labels: np.ndarray) -> int:
     """The number of classes (largest label + 1)."""
     low, high = int(labels.min()), int(labels.max())
     if low < 0:
-        raise _bad_dataset(f"labels must be >= 0, found {low}")
+        raise DatasetError(f"labels must be >= 0, found {low}")
     if high >= MAX_CLASSES:
-        raise _bad_dataset(f"labels must be below {MAX_CLASSES}, found {high}")
+        raise DatasetError(f"labels must be below {MAX_CLASSES}, found {high}")
     return high + 1
 
 
@@ -490,10 +485,10 @@ def _read_png_zip(
     """x uint8 [N, C, H, W] (None unless ``keep``: every image is still decoded), the shape of
     one image [C, H, W], y int64 [N] and the class names (sorted folder names -> 0..K-1)."""
     if len(files) > limits.max_samples:
-        raise _too_large(f"the archive holds {len(files)} images, over the limit of {limits.max_samples}")
+        raise TooLargeError(f"the archive holds {len(files)} images, over the limit of {limits.max_samples}")
     for info in files:
         if not info.filename.lower().endswith(".png"):
-            raise _bad_dataset(
+            raise DatasetError(
                 f"archive member {quoted(info.filename)} is not a .png image; a zip dataset "
                 "holds only class folders of PNG images (classname/image.png)"
             )
@@ -508,7 +503,7 @@ def _read_png_zip(
                 mode, width, height = layout
                 decoded = len(files) * (PNG_MODES[mode] * height * width + 8)
                 if decoded > limits.max_decoded_bytes:
-                    raise _too_large(
+                    raise TooLargeError(
                         f"{len(files)} images of {width}x{height} {mode} take {decoded} bytes "
                         f"once decoded, over the limit of {limits.max_decoded_bytes} bytes; "
                         "upload fewer or smaller images"
@@ -517,7 +512,7 @@ def _read_png_zip(
                 x = np.empty((len(files), *shape), np.uint8) if keep else None
                 first = (info.filename, layout)
             elif layout != first[1]:
-                raise _bad_dataset(
+                raise DatasetError(
                     f"{quoted(info.filename)} is {layout[1]}x{layout[2]} {layout[0]} but "
                     f"{quoted(first[0])} is {first[1][1]}x{first[1][2]} {first[1][0]}; all images must have "
                     "the same size and mode: resize or convert them"
@@ -543,23 +538,23 @@ _PNG_ERRORS = (
 def _open_png(data: bytes, name: str) -> Image.Image:
     """The image, opened lazily (only its header is read) once its size is within limits."""
     if len(data) < 24 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
-        raise _bad_dataset(
+        raise DatasetError(
             f"{quoted(name)} is not a PNG image; a zip dataset holds only class folders "
             "of PNG images (classname/image.png)"
         )
     width, height = struct.unpack_from(">2I", data, 16)
     limit = Image.MAX_IMAGE_PIXELS
     if limit and width * height > limit:  # before Pillow, which only warns below twice the limit
-        raise _too_large(
+        raise TooLargeError(
             f"{quoted(name)} is {width}x{height} pixels, over the limit of {limit} pixels per image"
         )
     try:
         image = Image.open(io.BytesIO(data), formats=["PNG"])
     except _PNG_ERRORS as exc:
-        raise _bad_dataset(f"{quoted(name)} is not a readable PNG image ({first_lines(exc)})") from None
+        raise DatasetError(f"{quoted(name)} is not a readable PNG image ({first_lines(exc)})") from None
     if image.mode not in PNG_MODES:
         image.close()
-        raise _bad_dataset(
+        raise DatasetError(
             f"{quoted(name)} has mode {image.mode}; only 8-bit grayscale (L) and RGB "
             "PNGs are accepted: convert it, e.g. Image.open(p).convert('RGB').save(p)"
         )
@@ -572,5 +567,5 @@ def _pixels(image: Image.Image, name: str) -> np.ndarray:
         image.load()
         array = np.asarray(image, dtype=np.uint8)
     except _PNG_ERRORS as exc:
-        raise _bad_dataset(f"{quoted(name)} is not a readable PNG image ({first_lines(exc)})") from None
+        raise DatasetError(f"{quoted(name)} is not a readable PNG image ({first_lines(exc)})") from None
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)

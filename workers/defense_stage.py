@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 
@@ -73,9 +74,10 @@ def defend(subject: Subject, spec: EvaluationSpec, unit: WorkUnit, runs: list[Ru
         def correct(x_: np.ndarray, defended=defended) -> list[int]:
             return (defended.predict(x_) == ys).astype(np.uint8).tolist()
 
-        record = {"clean": correct(xs) if unit.kind == "shard" else None,
-                  "runs": [{"attack": r.attack, "eps": r.eps, "non_adaptive": correct(r.x_adv),
-                            "adaptive": None} for r in runs]}
+        record: dict[str, Any] = {
+            "clean": correct(xs) if unit.kind == "shard" else None,
+            "runs": [{"attack": r.attack, "eps": r.eps, "non_adaptive": correct(r.x_adv), "adaptive": None}
+                     for r in runs]}
         if entry.adaptive and unit.kind == "shard":
             model = adaptive_model(classifier.model_bytes, defenses[entry.key], options=classifier.options,
                                    samples=entry.eot_samples, seed=seed)
@@ -117,7 +119,11 @@ def defense_results(spec: EvaluationSpec, outputs: list[UnitOutput],
     """Liang et al.'s tables per defense, non-adaptive and adaptive side by side."""
     results = []
     for entry in spec.defenses:
-        records = [o.document["defenses"][entry.key] for o in outputs if o.unit.kind in ("shard", "whole")]
+        records = []
+        for output in outputs:
+            if output.unit.kind in ("shard", "whole"):
+                assert output.document is not None  # run_unit_on writes it for a spec with defenses
+                records.append(output.document["defenses"][entry.key])
         clean = [v for r in records if r["clean"] is not None for v in r["clean"]]
         merged: dict[tuple, dict] = {}
         for record in records:

@@ -29,22 +29,25 @@ def evaluate_gate(gate: GateSpec, clean_accuracy: float, entries: list[AttackRes
         if reference is None:
             return GateResult(**base, value=value, passed=False, verdict="failed",
                               reason=f"baseline {gate.baseline!r}: {reason}")
-        kept = value >= reference - gate.max_drop - 1e-9  # float rounding of the difference
+        max_drop = gate.max_drop
+        assert max_drop is not None  # GateSpec's validator: `baseline` and `max_drop` go together
+        kept = value >= reference - max_drop - 1e-9  # float rounding of the difference
         reason = None if kept else (f"{gate.metric} dropped by {reference - value:.4g} from the baseline's "
-                                    f"{reference:.4g}, more than max_drop {gate.max_drop:g}")
+                                    f"{reference:.4g}, more than max_drop {max_drop:g}")
         passed = passed and kept
-    found = {"value": value, "baseline_value": reference}
     warnings = list(entry.warnings) if entry is not None else []
     if not passed:
-        return GateResult(**base, **found, passed=False, verdict="failed", reason=reason, warnings=warnings)
+        return GateResult(**base, value=value, baseline_value=reference, passed=False, verdict="failed",
+                          reason=reason, warnings=warnings)
     if not warnings:
-        return GateResult(**base, **found, passed=True, verdict="passed")
+        return GateResult(**base, value=value, baseline_value=reference, passed=True, verdict="passed")
     more = f" (and {len(warnings) - 1} more warning{'s' * (len(warnings) > 2)})" if len(warnings) > 1 else ""
     if gate.allow_inconclusive:
-        return GateResult(**base, **found, passed=True, verdict="passed", accepted_inconclusive=True,
+        return GateResult(**base, value=value, baseline_value=reference, passed=True, verdict="passed",
+                          accepted_inconclusive=True,
                           reason=f"accepted as inconclusive (allow_inconclusive): {warnings[0]}{more}",
                           warnings=warnings)
-    return GateResult(**base, **found, passed=False, verdict="inconclusive",
+    return GateResult(**base, value=value, baseline_value=reference, passed=False, verdict="inconclusive",
                       reason=f"inconclusive: {warnings[0]}{more}", warnings=warnings)
 
 

@@ -33,8 +33,10 @@ def plan(spec: EvaluationSpec, num_samples: int) -> list[WorkUnit]:
 
 def stage_work(spec: EvaluationSpec, unit: WorkUnit) -> dict[str, int]:
     if unit.kind == "transfer":
-        sources = len(spec.transfer.names("sources"))
-        return {"transfer": unit.samples * sources * sum(budget_count(a) for a in spec.transfer.attacks)}
+        transfer = spec.transfer
+        assert transfer is not None  # plan() makes a transfer unit only for a spec with `transfer`
+        sources = len(transfer.names("sources"))
+        return {"transfer": unit.samples * sources * sum(budget_count(a) for a in transfer.attacks)}
     work = {"clean": unit.samples} if unit.kind == "shard" else {}
     for index in unit.attacks:
         work[spec.attacks[index].key] = unit.samples * budget_count(spec.attacks[index])

@@ -32,6 +32,7 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import overload
 
 import jinja2
 import numpy as np
@@ -115,6 +116,10 @@ def entry_label(entry: AttackResult) -> str:
 # ---------------------------------------------------------------------------- formatting
 
 
+@overload
+def _float(value: float) -> float: ...
+@overload
+def _float(value: object) -> float | None: ...
 def _float(value) -> float | None:
     """A float from a result value; JSON documents spell infinity "Infinity"."""
     if value is None or isinstance(value, jinja2.Undefined):  # a key an older document lacks
@@ -233,7 +238,8 @@ def _accuracy_section(result: EvaluationResult) -> dict:
     return {"plots": plots, "rows": rows}
 
 
-_NORM_NAMES = {"linf": "L∞", "l2": "L2"}  # any other norm is shown by its name in capitals
+# any other norm is shown by its name in capitals
+_NORM_NAMES: dict[str | None, str] = {"linf": "L∞", "l2": "L2"}
 
 
 def _accuracy_plot(clean: float, norm: str | None, entries: list[AttackResult], targeted: set[str]):
@@ -253,9 +259,9 @@ def _accuracy_plot(clean: float, norm: str | None, entries: list[AttackResult], 
     for entry in entries:
         curve = (entry.minimal or {}).get("curve")
         if entry.eps is None and curve:
-            eps = [_float(p["eps"]) for p in curve]
+            curve_eps = [_float(p["eps"]) for p in curve]
             bound = [_float(p["robust_accuracy_upper_bound"]) for p in curve]
-            ax.plot(eps, bound, linestyle="--", color=_COLORS[drawn % 10],
+            ax.plot(curve_eps, bound, linestyle="--", color=_COLORS[drawn % 10],
                     label=_plot_text(f"{entry.attack} (minimal: upper bound)"))
             drawn += 1
     if not drawn:
@@ -282,6 +288,7 @@ def _minimal_section(result: EvaluationResult) -> dict | None:
         return None
     rows = []
     for entry in entries:
+        assert entry.minimal is not None  # kept above only with a minimal section
         quantiles = entry.minimal.get("quantiles") or {}
         rows.append({"attack": entry.attack, "norm": entry.norm,
                      "quantiles": [quantiles.get(k) for k in ("p5", "p25", "p50", "p75", "p95")],
@@ -296,12 +303,14 @@ def _minimal_section(result: EvaluationResult) -> dict | None:
 
 def _quantile_plot(norm: str | None, entries: list[AttackResult]) -> str | None:
     """Box and whiskers per attack: p5 and p95 whiskers, p25 to p75 box, the median."""
-    stats = []
+    stats: list[tuple[str, list[float]]] = []
     for entry in entries:
+        assert entry.minimal is not None  # _minimal_section passes only entries with a minimal section
         q = entry.minimal.get("quantiles") or {}
-        values = [_float(q.get(k)) for k in ("p5", "p25", "p50", "p75", "p95")]
-        if all(v is not None for v in values):
-            stats.append((entry.attack, values))
+        read = [_float(q.get(k)) for k in ("p5", "p25", "p50", "p75", "p95")]
+        known = [v for v in read if v is not None]
+        if len(known) == len(read):  # all five quantiles are known
+            stats.append((entry.attack, known))
     if not stats:
         return None
     finite = [v for _, values in stats for v in values if math.isfinite(v)]
@@ -346,7 +355,8 @@ def _examples_section(result: EvaluationResult, examples: dict[str, dict]) -> di
     for index, (entry, label) in enumerate(pending):
         sample = examples[label]
         share = (budget - spent) / (len(pending) - index)
-        rows, size = [], 0
+        rows: list[dict] = []
+        size = 0
         for row in _example_rows(label, sample, low, high, layout):
             cost = sum(len(image["src"]) for image in row["images"])
             if size + cost > share and (rows or spent + cost > budget):

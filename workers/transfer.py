@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from schemas.results import NOISE_ATTACK, TransferRow
 from workers import metrics
 from workers.attacks.base import Attack, check, clip_to_box
 from workers.attacks.universal import apply_universal
@@ -49,34 +50,8 @@ from workers.runtime import Classifier
 # done/total count its samples times budgets
 StageProgress = Callable[[str, int, int], None]
 
-NOISE_ATTACK = "gaussian_noise"
 _BISECTION_STEPS = 60
 _RELATIVE_TOLERANCE = 1e-4  # on the matched distortion
-
-
-@dataclass
-class TransferRow:
-    """One row of the table: examples crafted on ``source`` (or matched noise), every target's error."""
-
-    source: str  # the model the examples were crafted on, or "noise(std=...)" for a baseline
-    attack: str | None  # the attack's name, "gaussian_noise" for a baseline
-    eps: float | None  # the budget (None for minimal-perturbation attacks and baselines)
-    distortion: float | None  # mean sqrt(mean(r^2)) (see the module docstring); None: nothing fooled
-    error_rates: dict[str, float]  # target -> 1 - accuracy on these examples, all N samples
-    success_on_source: float | None  # the attack's success rate on its own model (None for noise)
-    noise_std: float | None = None  # a baseline's sigma
-    baseline_for: str | None = None  # a baseline's matched attack row, by its label
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.attack == NOISE_ATTACK
-
-    @property
-    def label(self) -> str:
-        """The row's name in a table: "fc100", "fc100 (eps=0.1)", "Gaussian noise, stddev=0.05"."""
-        if self.is_baseline:
-            return f"Gaussian noise, stddev={self.noise_std:.3g}"
-        return self.source if self.eps is None else f"{self.source} (eps={self.eps:g})"
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +29,7 @@ def run_unit_on(subject: Subject, spec: EvaluationSpec, unit: WorkUnit, report: 
     started = time.perf_counter()
     classifier = subject.classifier
     if unit.kind == "transfer":
-        document = transfer_stage(subject, spec, models or {}, report)
+        document: dict[str, Any] | None = transfer_stage(subject, spec, models or {}, report)
         return UnitOutput(unit=unit, clean_logits=None, runs=[], document=document,
                           timing={"transfer": time.perf_counter() - started,
                                   "total": time.perf_counter() - started})
@@ -83,6 +83,7 @@ def transfer_stage(subject: Subject, spec: EvaluationSpec, models: dict[str, byt
                    report: StageProgress) -> dict:
     """Every transfer attack's matrix over the sources and targets of ``spec.transfer``."""
     transfer, classifier, x, y = spec.transfer, subject.classifier, subject.x, subject.y
+    assert transfer is not None  # plan() makes a transfer unit only for a spec with `transfer`
     missing = sorted(set(transfer.models) - set(models))
     if missing:
         raise ValueError(f"transfer.models: no model bytes were given for {missing}")
@@ -99,6 +100,8 @@ def transfer_stage(subject: Subject, spec: EvaluationSpec, models: dict[str, byt
                              f"{other.num_classes} classes; the evaluated model takes "
                              f"{list(classifier.input_shape[1:])} with {classifier.num_classes} classes")
         classifiers[name] = other
+    low, high = spec.input.range
+    bounds = (low, high)
     total = len(x) * len(transfer.names("sources")) * sum(budget_count(a) for a in transfer.attacks)
     done_before = {"": 0}
     entries = []
@@ -112,12 +115,12 @@ def transfer_stage(subject: Subject, spec: EvaluationSpec, models: dict[str, byt
 
         matrix = transfer_matrix(
             classifiers, transfer.names("sources"), transfer.names("targets"), x, y, attack,
-            eps=None if attack.minimal else attack_spec.eps, bounds=tuple(spec.input.range),
+            eps=None if attack.minimal else attack_spec.eps, bounds=bounds,
             seed=int(np.random.SeedSequence([spec.seed, 7, index]).generate_state(1)[0]),
             noise_baseline=transfer.noise_baseline, progress=progress)
         done_before[""] += sum(finished.values())
         entries.append({"attack": attack_spec.key, "table": matrix.as_table(),
-                        "rows": [asdict(row) for row in matrix.rows], "clean_error": matrix.clean_error,
+                        "rows": [row.model_dump() for row in matrix.rows], "clean_error": matrix.clean_error,
                         "cross_pairs": cross_test_pairs(matrix)})
     return json.loads(json.dumps({"entries": entries}, default=lambda value: value.item()))
 
@@ -139,6 +142,7 @@ def _run_attack(index: int, classifier: Classifier, x: np.ndarray, y: np.ndarray
     gradients = probe(attack.gradient_loss) if attack.gradient_loss else None
     outputs = []
     budgets = attack_spec.eps if not attack.minimal else [None]
+    assert budgets is not None  # build_attack refuses an attack that is not minimal without `eps`
     for eps in budgets:
         one_budget = attack_spec.model_copy(update={"eps": None if eps is None else [eps]})
         for run in attack_runs(attack, one_budget, classifier, x, y, targets, spec, seed, attack_progress):

@@ -16,6 +16,7 @@ from infra import jobs
 from infra.dispatch import dispatch
 from infra.records import Job, StoredDataset, StoredModel, new_id
 from schemas.api import (
+    Artifact,
     ArtifactList,
     EvaluationCreate,
     EvaluationList,
@@ -36,20 +37,20 @@ router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
 
 def public(db, row: Job) -> EvaluationPublic:
     error = {"code": row.error_code, "message": row.error_message} if row.error_code else None
-    return EvaluationPublic(
-        id=row.id,
-        model_id=row.model_id,
-        dataset_id=row.dataset_id,
-        state=row.state,
-        progress=jobs.progress_of(db, row),
-        created_at=jobs.iso(row.created_at),
-        started_at=jobs.iso(row.started_at),
-        finished_at=jobs.iso(row.finished_at),
-        error=error,
-        passed=row.passed,
-        verdict=jobs.verdict_of(row),
-        shards=row.shards,
-    )
+    return EvaluationPublic.model_validate({  # the row's strings are the contract's literals
+        "id": row.id,
+        "model_id": row.model_id,
+        "dataset_id": row.dataset_id,
+        "state": row.state,
+        "progress": jobs.progress_of(db, row),
+        "created_at": jobs.iso(row.created_at),
+        "started_at": jobs.iso(row.started_at),
+        "finished_at": jobs.iso(row.finished_at),
+        "error": error,
+        "passed": row.passed,
+        "verdict": jobs.verdict_of(row),
+        "shards": row.shards,
+    })
 
 
 def _request_hash(body: EvaluationCreate) -> str:
@@ -295,7 +296,7 @@ def get_report(evaluation_id: str, tenant: TenantDep, db: SessionDep, store: Sto
 @router.get("/{evaluation_id}/artifacts", response_model=ArtifactList)
 def list_artifacts(evaluation_id: str, tenant: TenantDep, db: SessionDep) -> ArtifactList:
     row = owned(db, Job, evaluation_id, tenant)
-    items = [{"name": name, "size": meta["size"]} for name, meta in sorted((row.artifacts or {}).items())]
+    items = [Artifact(name=name, size=meta["size"]) for name, meta in sorted((row.artifacts or {}).items())]
     return ArtifactList(items=items, count=len(items))
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
 from infra.records import StoredModel
-from schemas.api import ModelList, ModelPublic
+from schemas.api import GradientVerdict, ModelInput, ModelList, ModelPublic
 from service import uploads
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.model_admission import validate_model
@@ -25,10 +25,10 @@ def public(row: StoredModel) -> ModelPublic:
         sha256=row.sha256,
         size=row.size,
         created_at=row.created_at.isoformat() + "Z",
-        input={"name": info["input_name"], "shape": info["input_shape"]},
+        input=ModelInput(name=info["input_name"], shape=info["input_shape"]),
         num_classes=info["num_classes"],
         opset=info["opset"],
-        gradients={"available": info["gradients_available"], "unsupported": info["unsupported"]},
+        gradients=GradientVerdict(available=info["gradients_available"], unsupported=info["unsupported"]),
         attacks="all" if info["gradients_available"] else "black_box_only",
     )
 

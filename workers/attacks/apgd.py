@@ -102,7 +102,7 @@ class APGD(Attack):
         if self.loss == "dlr_targeted" and targets is None:
             ranked = np.argsort(logits, axis=1)  # the clean scores rank the targets, as in AutoAttack
             count = min(self.n_target_classes, model.num_classes - 1)
-            runs = [ranked[:, -rank] for rank in range(2, count + 2)]
+            runs: list[np.ndarray | None] = [ranked[:, -rank] for rank in range(2, count + 2)]
         else:
             runs = [targets]
         total, done = len(runs) * self.restarts, 0

@@ -82,7 +82,7 @@ class AttackRun:
     extra: dict = field(default_factory=dict)  # attack-specific arrays (e.g. a universal delta)
 
 
-def check(condition: bool, message: str) -> None:
+def check(condition: bool | np.bool_, message: str) -> None:
     """Parameter validation: raise InvalidParameter (a UserError) naming the parameter."""
     if not condition:
         raise InvalidParameter(message)
@@ -194,7 +194,7 @@ class Attack(ABC):
     name: ClassVar[str]
     # single_step, iterative, black_box (scores only), noise, minimal, universal
     kind: ClassVar[str] = "iterative"
-    norm: ClassVar[str | None] = None  # the default norm (the constructor's `norm` may set another)
+    norm: str | None = None  # the default norm (the constructor's `norm` may set another)
     norms: ClassVar[tuple[str, ...]] = ()  # the norms a spec may ask for; more than one: a `norm` parameter
     whole_dataset: ClassVar[bool] = False  # True: one run over every sample at once (not per shard)
     minimal: ClassVar[bool] = False  # True: finds minimal perturbations, takes no eps
@@ -235,11 +235,13 @@ class Attack(ABC):
             check(targets.shape == y.shape, "`targets` must have one class per sample")
         if self.minimal:
             check(eps is None, f"{self.name} finds minimal perturbations and takes no `eps`")
-            budgets: list[float | None] = [None]
+            budgets: Sequence[float | None] = [None]
         else:
             check(eps is not None, f"{self.name} needs `eps`, the perturbation budget(s)")
-            budgets = [float(e) for e in np.atleast_1d(eps)]
-            for e in budgets:
+            assert eps is not None
+            values = [float(e) for e in np.atleast_1d(eps)]
+            budgets = values
+            for e in values:
                 check(e >= 0 and np.isfinite(e), f"`eps` values must be finite and >= 0, got {e}")
         rng = np.random.default_rng(seed)
         return [self.run(model, x, y, e, targets, bounds, rng, progress) for e in budgets]

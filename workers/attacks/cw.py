@@ -91,7 +91,7 @@ class CarliniWagnerL2(Attack):
             progress: Progress | None) -> AttackRun:
         n = len(x)
         targeted = targets is not None
-        labels = targets if targeted else y
+        labels = targets if targets is not None else y
         sign = 1.0 if targeted else -1.0  # f = max(sign * margin(labels), -kappa)
         low, high = bounds
         span = high - low

@@ -125,7 +125,7 @@ class FAB(Attack):
         broken = is_adversarial(logits, y, targets)
         x_adv, distance = x.copy(), np.where(broken, 0.0, np.inf)
         if targets is not None:
-            runs = [targets]
+            runs: list[np.ndarray | None] = [targets]
         elif self.multi_targeted:
             ranked = np.argsort(logits, axis=1)  # the clean scores rank the targets, as in AutoAttack
             count = min(self.n_target_classes, model.num_classes - 1)

@@ -32,6 +32,8 @@ the box) and success bool [N].
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from .base import (
@@ -64,7 +66,7 @@ class PGD(Attack):
 
     name = "pgd"
     norm = "linf"  # the default; the constructor's `norm` sets it per instance
-    norms = ("linf", "l2")
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     targeted_capable = True
 
     @property
@@ -101,15 +103,19 @@ class PGD(Attack):
         if self.random_target:
             check(targets is None, "`random_target` draws the targets itself; pass no `targets`")
             targets = extra["targets"] = random_targets(rng, y, model.num_classes)
-        step = self.step_size if self.step_size is not None else self.rel_step_size * eps
-        best_x, best_success, best_value = None, None, None
+        assert eps is not None
+        if self.step_size is not None:
+            step = self.step_size
+        else:
+            assert self.rel_step_size is not None
+            step = self.rel_step_size * eps
         for restart in range(self.restarts):
             x_adv = self._single_run(model, x, y, eps, targets, bounds, rng, step, progress, restart)
             logits = model.logits(x_adv)
             success = is_adversarial(logits, y, targets)
             value = objective_from_logits(logits, y if targets is None else targets, self.loss,
                                           targets is not None)
-            if best_x is None:
+            if restart == 0:
                 best_x, best_success, best_value = x_adv, success, value
                 continue
             better = ~best_success & (success | (value > best_value))

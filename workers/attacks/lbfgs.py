@@ -92,7 +92,7 @@ class LBFGS(Attack):
             progress: Progress | None) -> AttackRun:
         n = len(x)
         targeted = targets is not None
-        goal = targets if targeted else most_likely_wrong_class(model.logits(x), y)
+        goal = targets if targets is not None else most_likely_wrong_class(model.logits(x), y)
         const = np.full(n, self.initial_const)
         best_succeeding = np.zeros(n)  # the largest c known to reach the goal (0: none yet)
         smallest_failing = np.full(n, np.inf)

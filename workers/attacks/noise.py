@@ -52,6 +52,7 @@ class _Noise(Attack):
     def run(self, model: AttackModel, x: np.ndarray, y: np.ndarray, eps: float | None,
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
             progress: Progress | None) -> AttackRun:
+        assert eps is not None
         x_adv = x.copy()
         success = np.zeros(len(x), bool)
         queries = np.zeros(len(x), np.int64)

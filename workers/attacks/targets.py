@@ -43,7 +43,11 @@ def attack_every_target(attack: Attack, model: AttackModel, x: np.ndarray, y: np
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int64)
     k = model.num_classes
-    budgets: list[float | None] = [None] if attack.minimal else [float(e) for e in np.atleast_1d(eps)]
+    if attack.minimal:
+        budgets: list[float | None] = [None]
+    else:
+        assert eps is not None
+        budgets = [float(e) for e in np.atleast_1d(eps)]
     n = len(x)
     runs = []
     for b, budget in enumerate(budgets):

@@ -104,6 +104,7 @@ class UniversalPerturbation(Attack):
     def run(self, model: AttackModel, x: np.ndarray, y: np.ndarray, eps: float | None,
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
             progress: Progress | None) -> AttackRun:
+        assert eps is not None
         n = len(x)
         adv_logits = model.logits(x)  # at x + v, v = 0 so far
         clean = adv_logits.argmax(axis=1)

@@ -98,6 +98,8 @@ class EOTModel(_Wrapped):
     defense as deployed, not on its average. The k draws are evaluated as one batch of k·N.
     """
 
+    defense: RandomDefense
+
     def __init__(self, classifier: AttackModel, defense: Defense, *, samples: int = 8, seed: int = 0):
         super().__init__(classifier, defense, seed)
         check(defense.random and isinstance(defense, RandomDefense),

@@ -91,6 +91,7 @@ class RandomDefense(Defense):
 
     def apply(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         check(rng is not None, f"{self.name} is random: pass `rng` (a seeded numpy Generator)")
+        assert rng is not None
         return self.transform(x, rng)[0]
 
     def compose(self, model):

@@ -116,7 +116,9 @@ class Downsample(Defense):
         check(len(dims) == 4 and all(isinstance(d, int) for d in dims[2:]),
               f"downsample: the model's input {x.name!r} has shape {dims}; it needs NCHW with a "
               "static height and width")
-        (down_h, up_h), (down_w, up_w) = self.scales(dims[2]), self.scales(dims[3])
+        height, width = dims[2], dims[3]
+        assert isinstance(height, int) and isinstance(width, int)
+        (down_h, up_h), (down_w, up_w) = self.scales(height), self.scales(width)
         p = unique_prefix(model.graph, "defense/downsample/")
         initializers = [
             numpy_helper.from_array(np.array([1, 1, down_h, down_w], np.float32), p + "down_scales"),

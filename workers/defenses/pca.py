@@ -108,6 +108,7 @@ class PCA(Defense):
 
     def apply(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         self._fitted()
+        assert self.mean is not None and self.components is not None and self.image_shape is not None
         x = as_images(x, "pca")
         check(x.shape[1:] == self.image_shape,
               f"pca: inputs have shape {list(x.shape)}; the PCA was fit on images of shape "
@@ -123,6 +124,7 @@ class PCA(Defense):
         """Reshape -> Sub(mean) -> MatMul(U) -> Gemm(U, transB=1), i.e. MatMul(U^T) -> Add(mean)
         [-> Clip] -> Reshape."""
         self._fitted()
+        assert self.mean is not None and self.components is not None and self.image_shape is not None
         model, x = stage_model(model)
         dims = input_dims(x)[1:]
         check(all(isinstance(d, int) for d in dims) and tuple(dims) == self.image_shape,

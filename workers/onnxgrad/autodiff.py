@@ -234,8 +234,12 @@ def differentiate(
         incoming = [total(o) if o in active else None for o in node.output]
         if all(g is None for g in incoming):
             continue
-        builder.float_dtype = np.dtype(NUMPY_FLOATS.get(ctx.elem_type(node.output[0]), np.float32))
-        outgoing = REGISTRY[node.op_type].fn(ctx, node, incoming)
+        elem_type = ctx.elem_type(node.output[0])
+        float_type = NUMPY_FLOATS.get(elem_type, np.float32) if elem_type is not None else np.float32
+        builder.float_dtype = np.dtype(float_type)
+        rule_fn = REGISTRY[node.op_type].fn
+        assert rule_fn is not None
+        outgoing = rule_fn(ctx, node, incoming)
         for input_name, grad in zip(node.input, outgoing, strict=False):
             if grad is not None and input_name in active:
                 grads.setdefault(input_name, []).append(grad)

@@ -167,7 +167,8 @@ def build_gradient_model(
     extra = {name: name for name in LOSS_INPUTS[loss]}
     loss_name, seed = emit_loss(builder, loss, logits, prepared.num_classes, extra)
     grads = differentiate(graph, builder, [x], logits, seed)
-    if grads[x] is None:
+    grad = grads[x]
+    if grad is None:
         raise InvalidModelError("the logits do not depend on the image input")
 
     batch = prepared.input_shape[0] if prepared.input_shape else BATCH_DIM
@@ -180,7 +181,7 @@ def build_gradient_model(
     outputs = [
         (logits, "logits", _value_info("logits", TensorProto.FLOAT, [batch, prepared.num_classes])),
         (loss_name, "loss", _value_info("loss", TensorProto.FLOAT, [batch])),
-        (grads[x], "grad", _value_info("grad", TensorProto.FLOAT, prepared.input_shape or None)),
+        (grad, "grad", _value_info("grad", TensorProto.FLOAT, prepared.input_shape or None)),
     ]
     return _assemble(prepared.model, graph, builder, inputs, outputs, f"gradient_{loss}")
 
@@ -202,6 +203,8 @@ def build_vjp_model(model: onnx.ModelProto | bytes, wrt: list[str], output: str)
     inputs = [i for i in graph.input if i.name not in initializers] + [cotangent]
     outputs = [(output, output, next(o for o in graph.output if o.name == output))]
     for name in wrt:
-        grad = grads[name] if grads[name] is not None else builder.zeros_like(name)
+        grad = grads[name]
+        if grad is None:
+            grad = builder.zeros_like(name)
         outputs.append((grad, f"grad_{name}", _typed_like(f"grad_{name}", types[name])))
     return _assemble(source, graph, builder, inputs, outputs, "vjp")

@@ -12,7 +12,7 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from .graph import static_shape, tensor_types
+from .graph import all_static, static_shape, tensor_types
 
 _NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                "Multinomial", "Bernoulli", "If", "Loop", "Scan"}
@@ -82,13 +82,13 @@ def _evaluate_within_budget(nodes: list[onnx.NodeProto], values: dict[str, np.nd
         types = tensor_types(inferred.graph)
         for output in filter(None, node.output):
             dims = static_shape(types.get(output))
-            known = dims is not None and all(isinstance(d, int) for d in dims)
-            if not known or np.prod(dims, dtype=np.float64) > _MAX_FOLDED_ELEMENTS:
+            if dims is None or not all_static(dims) or np.prod(dims, dtype=np.float64) > _MAX_FOLDED_ELEMENTS:
                 return None
         try:
             results = ReferenceEvaluator(single).run(None, {})
         except Exception:
             return None
+        assert isinstance(results, list)
         values.update(zip(filter(None, node.output), results, strict=False))
     return values
 

@@ -7,6 +7,7 @@ between opsets (reduction axes as attribute or input) live in one place.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TypeGuard
 
 import numpy as np
 import onnx
@@ -44,7 +45,7 @@ class GraphBuilder:
         self.declared: dict[str, tuple[int, Shape]] = {}
         # dtype of float constants: set by the driver to the dtype of the node being
         # differentiated, so float16 and float64 sections get constants of their own type
-        self.float_dtype = np.dtype(np.float32)
+        self.float_dtype: np.dtype = np.dtype(np.float32)
 
     def fresh(self, hint: str) -> str:
         while True:
@@ -154,8 +155,13 @@ def same_dim(a: Dim, b: Dim) -> bool:
     return a is not None and a == b
 
 
-NUMPY_FLOATS = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64,
-                TensorProto.FLOAT16: np.float16}
+def all_static(dims: Sequence[Dim]) -> TypeGuard[Sequence[int]]:
+    """True when every dim is a known integer."""
+    return all(isinstance(d, int) for d in dims)
+
+
+NUMPY_FLOATS: dict[int, type[np.floating]] = {
+    TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
 _ELEM_TYPES = {np.dtype(v): k for k, v in NUMPY_FLOATS.items()}
 
 

@@ -139,6 +139,7 @@ def _logit(t: _Logits) -> tuple[str, str]:
 
 def _dlr_targeted(t: _Logits) -> tuple[str, str]:
     g = t.g
+    assert t.targets is not None
     target_hot = t.one_hot(t.targets)
     at_target = g.reduce("ReduceSum", g.op("Mul", t.z, target_hot), [1], False)
     top_values, top_indices = g.op("TopK", t.z, g.ints([4]), axis=1, outputs=2)

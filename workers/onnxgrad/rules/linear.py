@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 
 from ..autodiff import Context, attr, register, unsupported
+from ..graph import all_static
 from .broadcast import unbroadcast
 
 
@@ -77,13 +78,13 @@ def spatial_shapes(ctx: Context, node, x: str, y: str) -> tuple[list[int], list[
     xs, ys = ctx.shape(x), ctx.shape(y)
     if xs is None or ys is None:
         raise unsupported(node, "input and output shapes must be known")
-    spatial_in, spatial_out = list(xs[2:]), list(ys[2:])
-    if not all(isinstance(d, int) for d in spatial_in + spatial_out):
+    spatial_in, spatial_out = xs[2:], ys[2:]
+    if not (all_static(spatial_in) and all_static(spatial_out)):
         raise unsupported(
             node, f"needs static spatial sizes, got input {xs} and output {ys}; "
             "export the model with a fixed image size"
         )
-    return spatial_in, spatial_out
+    return list(spatial_in), list(spatial_out)
 
 
 def resolve_pads(node, spatial_in, kernel, strides, dilations) -> list[int]:
@@ -124,9 +125,10 @@ def kernel_shape(ctx: Context, node, weight: str) -> list[int]:
     if shape:
         return list(shape)
     w = ctx.shape(weight)
-    if w is None or not all(isinstance(d, int) for d in w[2:]):
+    spatial = None if w is None else w[2:]
+    if spatial is None or not all_static(spatial):
         raise unsupported(node, "the kernel shape is unknown")
-    return list(w[2:])
+    return list(spatial)
 
 
 def adjoint_kernel(weight: np.ndarray, group: int) -> np.ndarray:

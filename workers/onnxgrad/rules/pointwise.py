@@ -105,7 +105,7 @@ def pow_(ctx, node, dy):
     g = ctx.g
     a, b = node.input
     y = node.output[0]
-    grads = [None, None]
+    grads: list[str | None] = [None, None]
     if ctx.needs(a):
         exponent = g.op("CastLike", b, a)
         exponent_value = ctx.constant(b)
@@ -166,7 +166,9 @@ def where(ctx, node, dy):
 def relu(ctx, node, dy):
     g = ctx.g
     if ramp_applies(ctx, node.output[0], node.input[0]):
-        return [masked_by_steps(ctx, node.output[0], dy[0], 0.0, None, ramp_scale([0.0]))]
+        scale = ramp_scale([0.0])
+        assert scale is not None
+        return [masked_by_steps(ctx, node.output[0], dy[0], 0.0, None, scale)]
     return [masked(ctx, g.op("Greater", node.output[0], g.const(0.0)), dy[0])]
 
 

@@ -59,7 +59,9 @@ def ramp_scale(bounds: list[float]) -> float | None:
 def affine(ctx: Context, y: str, weight: float, bias: float) -> str:
     """weight * y + bias, as the depthwise 1x1 Conv that keeps y in the blocked layout."""
     g = ctx.g
-    channels = ctx.shape(y)[1]
+    shape = ctx.shape(y)
+    assert shape is not None
+    channels = shape[1]
     return g.op("Conv", y, g.const(np.full((channels, 1, 1, 1), weight, np.float32)),
                 g.const(np.full((channels,), bias, np.float32)), group=channels, kernel_shape=[1, 1])
 
@@ -115,7 +117,7 @@ def masked_by_steps(ctx: Context, y: str, dy: str, lower: float | None,
     the backward pass reaches it costs less memory than two.
     """
     g = ctx.g
-    if window_applies(lower, upper, scale):
+    if upper is not None and window_applies(lower, upper, scale):
         mask = window(ctx, y, upper, scale)
     else:
         steps = [step(ctx, y, bound, scale, above)

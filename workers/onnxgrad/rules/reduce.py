@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..autodiff import Context, attr, register, unsupported
+from ..graph import all_static
 
 _REDUCTIONS = (
     "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin",
@@ -74,7 +75,7 @@ def _inverse_count(ctx: Context, node, axes: list[int]) -> str:
     x = node.input[0]
     shape = ctx.shape(x)
     dims = [shape[a] for a in axes] if shape is not None else [None]
-    if all(isinstance(d, int) for d in dims):
+    if all_static(dims):
         return g.const(1.0 / float(np.prod(dims)))
     picked = g.op("Gather", g.shape(x), g.ints(axes))
     count = g.op("ReduceProd", picked, keepdims=0)

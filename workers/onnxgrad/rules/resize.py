@@ -21,11 +21,11 @@ _COPIED = ("mode", "coordinate_transformation_mode", "nearest_mode", "cubic_coef
 def _full_rank(values: np.ndarray | None, axes: list[int] | None, rank: int, fill) -> list | None:
     if values is None or values.size == 0:
         return None
-    values = values.reshape(-1).tolist()
+    flat = values.reshape(-1).tolist()
     if axes is None:
-        return values
+        return flat
     full = [fill] * rank
-    for axis, value in zip(axes, values, strict=True):
+    for axis, value in zip(axes, flat, strict=True):
         full[axis % rank] = value
     return full
 

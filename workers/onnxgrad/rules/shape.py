@@ -12,6 +12,7 @@ import numpy as np
 from onnx import helper
 
 from ..autodiff import Context, attr, register, unsupported
+from ..graph import all_static
 from .broadcast import unbroadcast
 from .pooling import scatter_add_flat
 
@@ -42,7 +43,7 @@ def _axis_sizes(ctx: Context, names: list[str], axis: int) -> str:
     for name in names:
         shape = ctx.shape(name)
         static.append(shape[axis] if shape is not None and len(shape) > axis else None)
-    if all(isinstance(d, int) for d in static):
+    if all_static(static):
         return g.ints(static)
     pieces = [g.op("Gather", g.shape(name), g.ints([axis])) for name in names]
     return g.op("Concat", *pieces, axis=0)
