@@ -14,6 +14,8 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 class Error(BaseModel):
     type: str  # a stable, snake_case kind: not_found, invalid_model, too_many_jobs ...
     detail: str  # what is wrong and how to fix it
+    # only on an unexpected error (500): the id the gateway's log carries it under
+    request_id: str | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class ModelInput(BaseModel):

@@ -4,6 +4,7 @@ and its clients. ``python -m schemas`` writes their JSON Schemas.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -139,7 +140,33 @@ class AttackSpec(BaseModel):
         return self.targets or ("random" if self.targeted else None)
 
 
-ATTACK_PARAMETERS = ("loss", "step_size", "rel_step_size")  # declared here, passed to the attack
+ATTACK_PARAMETERS = ("loss", "step_size", "rel_step_size")
+MAX_JSON_DEPTH = 32
+
+
+def _not_plain_json(value, path: str, depth: int = 0) -> str | None:
+    """What in ``value`` (parsed JSON) is not plain: a NaN or infinite number, a NUL in a string
+    or a key, nesting past MAX_JSON_DEPTH; None when all is plain."""
+    where = path or "the spec"
+    if depth > MAX_JSON_DEPTH:
+        return f"{where}: nested more than {MAX_JSON_DEPTH} levels deep"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where}: {value} is not a JSON number; give a finite number"
+    if isinstance(value, str) and "\x00" in value:
+        return f"{where}: contains a NUL character (\\u0000), which no field accepts"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and "\x00" in key:
+                return f"{where}: a key contains a NUL character (\\u0000)"
+            problem = _not_plain_json(item, f"{path}.{key}" if path else str(key), depth + 1)
+            if problem:
+                return problem
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            problem = _not_plain_json(item, f"{path}[{index}]", depth + 1)
+            if problem:
+                return problem
+    return None  # declared here, passed to the attack
 
 
 class GateSpec(BaseModel):
@@ -281,6 +308,16 @@ class EvaluationSpec(BaseModel):
     transfer: TransferSpec | None = None
     lipschitz: bool = False  # per-layer Lipschitz upper bounds and their product (Szegedy et al.)
     defenses: list[DefenseSpec] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_json(cls, data):
+        """No NaN or infinity in any number and no NUL in any string, named by their path: JSON
+        has no such numbers (Python's parser takes them anyway), and PostgreSQL stores no NUL."""
+        problem = _not_plain_json(data, "")
+        if problem:
+            raise ValueError(problem)
+        return data
 
     @field_validator("samples")
     @classmethod

@@ -14,7 +14,7 @@ from infra.broker import make_celery
 from infra.database import REQUEST_THREADS, migrate, session_factory
 from infra.settings import Settings, get_settings
 from service.auth import is_loopback
-from service.errors import install_handlers
+from service.errors import RequestIdMiddleware, install_handlers
 from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics
 from service.reaper import Reaper
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
     app.state.metrics = ServiceMetrics()
     install_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost of ours: a 413 carries its id too
     for router in (health.router, models.router, datasets.router, evaluations.router, dashboard.router):
         app.include_router(router)
     if not settings.api_keys_required and not is_loopback(settings.host):

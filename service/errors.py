@@ -6,12 +6,21 @@ here are the gateway's own (not found, unauthorized, conflicts, quotas)."""
 
 from __future__ import annotations
 
+import logging
+import re
+import secrets
+from contextvars import ContextVar
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from schemas.api import Error
 from workers.errors import UserError
+
+log = logging.getLogger("robustness.gateway")
 
 
 class ApiError(Exception):
@@ -65,15 +74,77 @@ class Unavailable(ApiError):
     type = "unavailable"
 
 
+def printable_name(value: str | None) -> str | None:
+    """A record's name: no control characters (PostgreSQL stores no NUL)."""
+    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("a name may not contain control characters (such as NUL, tab or newline)")
+    return value
+
+
 def error_response(status: int, type: str, detail: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"type": type, "detail": detail}, status_code=status, headers=headers)
+
+
+# What any route may answer besides its success, for the OpenAPI document: every error is an Error.
+_ERROR_STATUSES = {
+    400: "the upload or the request is not usable (the detail says why)",
+    401: "no API key, or an unknown or revoked one",
+    404: "no such record for this tenant",
+    409: "the request conflicts with the record's state",
+    413: "the request or the upload is too large",
+    422: "the spec or a parameter is invalid (the detail names the field)",
+    429: "too many queued or running evaluations for this tenant (see Retry-After)",
+    500: "an unexpected error; the detail carries the request id the log has",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": Error, "description": description} for status, description in _ERROR_STATUSES.items()
+}
+# The same for a route whose success is not JSON (an HTML report, a file): its errors still are.
+JSON_ERRORS_OF_A_FILE_ROUTE: dict[int | str, dict[str, Any]] = {
+    status: {"description": description,
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for status, description in _ERROR_STATUSES.items()
+}
+
+# the current request's id, for log lines written while it is handled
+request_id: ContextVar[str] = ContextVar("request_id", default="-")
+
+
+class RequestIdMiddleware:
+    """Pure ASGI middleware: gives each request an id (its X-Request-ID header when that is a
+    short token, else a new one), answers it in X-Request-ID and keeps it for the log."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _TOKEN.fullmatch(given) else secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = rid
+        token = request_id.set(rid)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors()[:5]:
         where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path"))
-        parts.append(f"{where}: {error.get('msg')}" if where else str(error.get("msg")))
+        message = str(error.get("msg")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
 
 
@@ -89,6 +160,16 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
         return error_response(422, "invalid_spec", _validation_detail(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        rid = getattr(request.state, "request_id", "-")
+        log.error("request.failed request_id=%s %s %s", rid, request.method, request.url.path,
+                  exc_info=exc)
+        return JSONResponse({"type": "internal_error", "request_id": rid,
+                             "detail": f"an unexpected error (request {rid}); the gateway's log has the "
+                                       "details under this id"},
+                            status_code=500, headers={"X-Request-ID": rid})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):

@@ -16,7 +16,7 @@ _KINDS = {StoredModel: "model", StoredDataset: "dataset", Job: "evaluation"}
 
 
 def owned(db: Session, table, record_id: str, tenant: Tenant):
-    row = db.get(table, record_id) if len(record_id) <= 40 else None
+    row = db.get(table, record_id) if len(record_id) <= 40 and "\x00" not in record_id else None
     if row is None or row.tenant_id != tenant.id:
         raise NotFound(f"no {_KINDS[table]} with id {record_id!r}")
     return row

@@ -15,9 +15,9 @@ from infra import jobs
 from infra.records import Job, StoredDataset, StoredModel
 from service.auth import authenticate, open_mode_allowed
 from service.deps import KEY_COOKIE, SessionDep, SettingsDep
-from service.errors import Unauthorized
+from service.errors import ERROR_RESPONSES, Unauthorized
 
-router = APIRouter(tags=["dashboard"], include_in_schema=False)
+router = APIRouter(tags=["dashboard"], include_in_schema=False, responses=ERROR_RESPONSES)
 templates = Environment(
     loader=FileSystemLoader(Path(__file__).parents[1] / "templates"),
     autoescape=select_autoescape(default=True, default_for_string=True),

@@ -6,15 +6,17 @@ from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from pydantic import AfterValidator
 
 from infra.records import StoredDataset
 from schemas.api import DatasetList, DatasetPublic
 from service import uploads
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from service.errors import ERROR_RESPONSES, printable_name
 from service.scoping import delete_record, owned, refuse_if_in_use, store_record, tenant_records
 from workers.dataset_files import validate_dataset
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
 
 
 def public(row: StoredDataset) -> DatasetPublic:
@@ -41,7 +43,7 @@ async def upload_dataset(
     store: StoreDep,
     response: Response,
     file: Annotated[UploadFile, File(description=".npz with x and y, or a zip of PNG class folders")],
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: Annotated[str | None, Form(max_length=200), AfterValidator(printable_name)] = None,
 ) -> DatasetPublic:
     """Validate (without pickle; sizes checked before decoding) and store a labelled dataset."""
     sha256, size, info = await uploads.receive(

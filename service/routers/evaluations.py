@@ -25,14 +25,14 @@ from schemas.api import (
 )
 from schemas.evaluation import MAIN_MODEL, EvaluationResult, EvaluationSpec
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from service.errors import Conflict, NotFound, TooManyJobs
+from service.errors import ERROR_RESPONSES, JSON_ERRORS_OF_A_FILE_ROUTE, Conflict, NotFound, TooManyJobs
 from service.fit_checks import check_fit, needs_gradients
 from service.scoping import owned
 from workers.errors import InvalidSpecError
 from workers.plan import plan, unit_work
 from workers.spec_checks import check_spec
 
-router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"])
+router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"], responses=ERROR_RESPONSES)
 
 
 def public(db, row: Job) -> EvaluationPublic:
@@ -235,7 +235,7 @@ def list_evaluations(
     tenant: TenantDep,
     db: SessionDep,
     state: JobState | None = None,
-    model_id: Annotated[str | None, Query(max_length=40)] = None,
+    model_id: Annotated[str | None, Query(max_length=40, pattern=r"^\w*$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EvaluationList:
     query = select(Job).where(Job.tenant_id == tenant.id)
@@ -276,7 +276,8 @@ def cancel(evaluation_id: str, tenant: TenantDep, db: SessionDep) -> EvaluationP
 @router.get(
     "/{evaluation_id}/report",
     response_class=HTMLResponse,
-    responses={200: {"content": {"text/html": {}}, "description": "a self-contained HTML report"}},
+    responses={**JSON_ERRORS_OF_A_FILE_ROUTE,
+               200: {"content": {"text/html": {}}, "description": "a self-contained HTML report"}},
 )
 def get_report(evaluation_id: str, tenant: TenantDep, db: SessionDep, store: StoreDep):
     """The evaluation's report: curves, examples, transfer, defenses, Lipschitz bounds."""
@@ -303,7 +304,8 @@ def list_artifacts(evaluation_id: str, tenant: TenantDep, db: SessionDep) -> Art
 @router.get(
     "/{evaluation_id}/artifacts/{name}",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "an .npz file"}},
+    responses={**JSON_ERRORS_OF_A_FILE_ROUTE,
+               200: {"content": {"application/octet-stream": {}}, "description": "an .npz file"}},
 )
 def download_artifact(evaluation_id: str, name: str, tenant: TenantDep, db: SessionDep, store: StoreDep):
     row = owned(db, Job, evaluation_id, tenant)

