@@ -9,6 +9,7 @@ import json
 import logging
 
 import pytest
+from fastapi.testclient import TestClient
 
 from tests.service.conftest import DATA, MODEL, gateway, make_settings, upload
 
@@ -65,8 +66,6 @@ def test_nul_in_names_ids_and_filters_is_a_4xx(any_settings):
 
 
 def test_an_unexpected_error_answers_json_with_the_request_id_the_log_has(tmp_path, monkeypatch, caplog):
-    from fastapi.testclient import TestClient
-
     from infra import jobs
     from service.app import create_app
 
@@ -108,3 +107,73 @@ def test_the_openapi_document_lists_every_error_with_its_model(tmp_path):
             for code in codes - {"200", "201", "202", "204"}:
                 schema = operation["responses"][code]["content"]["application/json"]["schema"]
                 assert schema == {"$ref": "#/components/schemas/Error"}, (method, path, code)
+
+
+SCHEMATHESIS_EXAMPLES = 60  # per operation: bounded, well under a minute per backend
+
+
+def _schemathesis_run(app, ids: dict[str, str]) -> tuple[int, list[str], dict[int, int]]:
+    """Every operation of the app's OpenAPI document, ``SCHEMATHESIS_EXAMPLES`` generated
+    requests each, sent to the app in process; half of the time the generated path ids and body
+    ids are swapped for real ones and the generated credentials dropped, so hostile specs and
+    queries reach real objects. Returns (requests sent, failures, answers per status)."""
+    import hypothesis
+    import schemathesis
+    from hypothesis import HealthCheck
+    from hypothesis import strategies as st
+    from schemathesis.checks import Failure, FailureGroup, not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
+              response_schema_conformance]
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures: list[str] = []
+    statuses: dict[int, int] = {}
+
+    for loaded in schema.get_all_operations():
+        operation = loaded.ok()
+
+        @hypothesis.given(case=operation.as_strategy(), real=st.booleans())
+        @hypothesis.settings(max_examples=SCHEMATHESIS_EXAMPLES, deadline=None, database=None,
+                             derandomize=True, suppress_health_check=list(HealthCheck),
+                             phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
+        def one(case, real):
+            if real:
+                for name in case.path_parameters or {}:
+                    case.path_parameters[name] = ids.get(name, case.path_parameters[name])
+                if isinstance(case.body, dict):
+                    case.body.update({k: v for k, v in ids.items() if k in case.body})
+                for name in [h for h in case.headers or {} if h.lower() == "authorization"]:
+                    del case.headers[name]  # the open (loopback) tenant, who owns the ids
+            response = case.call()
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            try:
+                case.validate_response(response, checks=checks)
+            except (Failure, FailureGroup, AssertionError) as failure:  # collected, all reported
+                failures.append(f"{case.method} {case.formatted_path} -> {response.status_code}: "
+                                f"{str(failure)[:300]}")
+
+        one()
+    return sum(statuses.values()), failures, statuses
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(any_settings):
+    from service.app import create_app
+
+    app = create_app(any_settings)
+    with TestClient(app) as api:  # its lifespan migrates the database for the run below
+        model = upload(api, "models", MODEL).json()
+        dataset = upload(api, "datasets", DATA).json()
+        job = api.post("/v1/evaluations", json={"model_id": model["id"], "dataset_id": dataset["id"],
+                                                "attacks": [{"name": "fgsm", "eps": [0.1]}]}).json()
+        ids = {"model_id": model["id"], "dataset_id": dataset["id"], "evaluation_id": job["id"]}
+        operations = sum(len(ops) for ops in api.get("/openapi.json").json()["paths"].values())
+        sent, failures, statuses = _schemathesis_run(app, ids)
+    print(f"schemathesis: {sent} requests over {operations} operations, {len(failures)} failures, "
+          f"statuses {dict(sorted(statuses.items()))}")
+    assert sent >= SCHEMATHESIS_EXAMPLES * operations // 2, sent
+    assert not failures, "\n".join(failures[:20])
