@@ -2,7 +2,7 @@
 broker, real Celery worker processes, uvicorn on loopback).
 
     .venv/bin/python bench/service.py [--samples 500] [--steps 40] [--pollers 100] [--poll-seconds 30]
-        [--json PATH] [--skip overhead,polling,scaling]
+        [--pollers 100,1000] [--backends sqlite,postgresql] [--json PATH] [--skip overhead,polling,scaling]
 
 1. overhead: the same PGD evaluation (examples/digits-cnn.onnx on --samples images of
    examples/digits-test.npz, L-inf eps 0.1, --steps steps, 2 shards) run in this process
@@ -12,8 +12,13 @@ broker, real Celery worker processes, uvicorn on loopback).
    worker process with every core). The embedded default (one single-threaded worker process
    per core, the shards in parallel) is reported beside it. --rounds interleaved rounds of
    (in process, service) against one running server; the median of the per-round ratios.
-2. polling: --pollers concurrent clients (asyncio + httpx, one connection each) poll
-   GET /v1/evaluations/{id} for --poll-seconds; p50/p99 latency, requests/s, errors.
+2. polling: a CI fleet. On each backend (--backends: sqlite is the embedded default;
+   postgresql is PostgreSQL + Redis at 127.0.0.1, a fresh database), --tenants tenants with an
+   API key each submit one small evaluation per poller (at most --poll-jobs), which run to the
+   end; then --busy evaluations keep the worker processes computing while, for each count in
+   --pollers, that many keep-alive pollers (bench/pollers.py, raw asyncio streams) poll
+   GET /v1/evaluations/{id} of their own evaluation every --poll-interval seconds for
+   --poll-seconds: p50/p99/max latency, requests/s, errors.
 3. scaling: the same sharded job (2 shards, --scaling-steps PGD steps) with `--workers 1` and
    `--workers 2`, one ONNX Runtime thread per worker process; speedup = time(1 worker) /
    time(2 workers), each from upload to succeeded.
@@ -22,7 +27,6 @@ broker, real Celery worker processes, uvicorn on loopback).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import socket
@@ -72,11 +76,12 @@ def free_port() -> int:
 class Server:
     """`robustness serve` in a subprocess with its own data folder."""
 
-    def __init__(self, workers: int | None = None, threads: int | None = None):
+    def __init__(self, workers: int | None = None, threads: int | None = None, env: dict | None = None):
         self.dir = tempfile.TemporaryDirectory(prefix="robustness-bench-")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTNESS_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTNESS_")} | (env or {})
+        self.env = env
         if threads:
             env["ROBUSTNESS_ORT_THREADS"] = str(threads)
         command = [
@@ -112,11 +117,18 @@ class Server:
             time.sleep(0.3)
         raise RuntimeError(Path(self.dir.name, "serve.log").read_text()[-3000:])
 
-    def upload(self) -> tuple[str, str]:
+    def cli(self, *args: str) -> str:
+        """A server-side command against this server's store; its stdout."""
+        done = subprocess.run([sys.executable, "-m", "client.cli", *args, "--data-dir", self.dir.name],
+                              env=self.env, cwd=REPO, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    def upload(self, key: str | None = None) -> tuple[str, str]:
         ids = []
         for kind, path in (("models", MODEL), ("datasets", DATA)):
             with open(path, "rb") as f:
-                response = self.client.post(f"/v1/{kind}", files={"file": (path.name, f)})
+                response = self.client.post(f"/v1/{kind}", files={"file": (path.name, f)},
+                                            headers=_auth(key))
             response.raise_for_status()
             ids.append(response.json()["id"])
         return ids[0], ids[1]
@@ -198,50 +210,97 @@ def _service_time(spec: dict, workers: int | None = None, threads: int | None = 
     return elapsed
 
 
-async def _poll(url: str, job_id: str, seconds: float, latencies: list, errors: list) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            try:
-                response = await client.get(f"/v1/evaluations/{job_id}")
-                if response.status_code != 200:
-                    errors.append(response.status_code)
-            except httpx.HTTPError as exc:
-                errors.append(type(exc).__name__)
-            latencies.append(time.perf_counter() - started)
+def _auth(key: str | None) -> dict:
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def polling(args) -> dict:
-    server = Server()
-    try:
-        _, job_id = server.run(pgd_spec(20, 1, 20))
-        latencies: list[float] = []
-        errors: list = []
+POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/12"
 
-        async def main():
-            await asyncio.gather(
-                *[
-                    _poll(server.url, job_id, args.poll_seconds, latencies, errors)
-                    for _ in range(args.pollers)
-                ]
-            )
 
-        asyncio.run(main())
-    finally:
-        server.close()
-    latencies.sort()
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    return {
-        "pollers": args.pollers,
-        "seconds": args.poll_seconds,
-        "requests": len(latencies),
-        "requests_per_s": round(len(latencies) / args.poll_seconds, 1),
-        "p50_ms": round(1000 * pick(0.50), 1),
-        "p99_ms": round(1000 * pick(0.99), 1),
-        "errors": len(errors),
-        "error_kinds": sorted({str(e) for e in errors}),
-    }
+def _backend(name: str):
+    """(environment for the server, cleanup) of a backend; postgresql: a fresh database."""
+    if name == "sqlite":
+        return {}, lambda: None
+    import redis
+    import sqlalchemy
+
+    database = f"robustness_bench_{os.getpid()}"
+    admin = sqlalchemy.create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{database}"'))
+    redis.Redis.from_url(REDIS_URL).flushdb()
+
+    def cleanup():
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        admin.dispose()
+
+    return {"ROBUSTNESS_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}",
+            "ROBUSTNESS_BROKER_URL": REDIS_URL}, cleanup
+
+
+QUICK = {"samples": 10, "shard_size": 10, "attacks": [{"name": "fgsm", "eps": [0.1]}]}
+BUSY = {"samples": 500, "shard_size": 250, "batch_size": 50, "seed": 0,
+        "attacks": [{"name": "pgd", "eps": [0.1], "steps": 1000}]}
+
+
+def _fleet_setup(server: Server, tenants: int, jobs: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Keys for ``tenants`` tenants and ``jobs`` finished evaluations spread over them."""
+    keys = [server.cli("keys", "create", "--tenant", f"team-{i}") for i in range(tenants)]
+    uploads = {key: server.upload(key) for key in keys}
+    targets = []
+    for j in range(jobs):
+        key = keys[j % tenants]
+        model_id, dataset_id = uploads[key]
+        response = server.client.post("/v1/evaluations", headers=_auth(key),
+                                      json={**QUICK, "model_id": model_id, "dataset_id": dataset_id})
+        response.raise_for_status()
+        targets.append((f"/v1/evaluations/{response.json()['id']}", key))
+    deadline = time.monotonic() + 1800
+    for path, key in targets:
+        while server.client.get(path, headers=_auth(key)).json()["state"] not in ("succeeded", "failed"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the fleet's evaluations did not finish in 30 minutes")
+            time.sleep(0.5)
+    return keys, targets
+
+
+def _run_pollers(url: str, targets: list, pollers: int, interval: float, seconds: float) -> dict:
+    job = json.dumps({"url": url, "targets": targets, "pollers": pollers, "interval": interval,
+                      "seconds": seconds})
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "pollers.py")], input=job, text=True,
+                          capture_output=True, check=True, cwd=REPO)
+    return json.loads(done.stdout)
+
+
+def polling(args) -> list[dict]:
+    counts = [int(n) for n in str(args.pollers).split(",")]
+    rows = []
+    for backend in args.backends.split(","):
+        env, cleanup = _backend(backend)
+        env |= {"ROBUSTNESS_MAX_CONCURRENT_JOBS": "100000", "ROBUSTNESS_TENANT_COST_QUOTA": str(10**15)}
+        server = Server(env=env)
+        try:
+            keys, targets = _fleet_setup(server, args.tenants, min(max(counts), args.poll_jobs))
+            model_id, dataset_id = server.upload(keys[0])
+            busy_spec = {**BUSY, "model_id": model_id, "dataset_id": dataset_id}
+            busy = [server.client.post("/v1/evaluations", headers=_auth(keys[0]), json=busy_spec).json()["id"]
+                    for _ in range(args.busy)]
+            for count in counts:
+                figures = _run_pollers(server.url, targets, count, args.poll_interval, args.poll_seconds)
+                states = {server.client.get(f"/v1/evaluations/{b}", headers=_auth(keys[0])).json()["state"]
+                          for b in busy}
+                rows.append({"backend": backend, "busy_jobs": args.busy, "busy_states": sorted(states),
+                             "jobs_polled": len(targets), **figures})
+                print("polling", json.dumps(rows[-1]), flush=True)
+            for b in busy:
+                server.client.post(f"/v1/evaluations/{b}/cancel", headers=_auth(keys[0]))
+        finally:
+            server.close()
+            cleanup()
+    return rows
 
 
 def scaling(args) -> dict:
@@ -261,8 +320,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the overhead runs")
     parser.add_argument("--scaling-steps", type=int, default=100, help="PGD steps of the scaling job")
-    parser.add_argument("--pollers", type=int, default=100)
+    parser.add_argument("--pollers", default="100,1000", help="comma-separated poller counts")
     parser.add_argument("--poll-seconds", type=float, default=30)
+    parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between one poller's polls")
+    parser.add_argument("--poll-jobs", type=int, default=1000, help="at most this many evaluations polled")
+    parser.add_argument("--tenants", type=int, default=10)
+    parser.add_argument("--busy", type=int, default=2, help="long evaluations running while polled")
+    parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--skip", default="", help="comma-separated: overhead, polling, scaling")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()

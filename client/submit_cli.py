@@ -107,10 +107,12 @@ def _submit(args, transport) -> int:
         dataset = _ensure(api.ensure_dataset, args.data, None, "dataset")
         key = idempotency_key(model, dataset, spec_json, args.idempotency_key)
         evaluation = api.submit(spec_json, model["id"], dataset["id"], idempotency_key=key)
+        cost = evaluation.get("cost")
+        _note(f"evaluation {evaluation['id']} ({evaluation['state']})"
+              + (f", estimated cost {cost:,} model calls x samples" if cost is not None else ""))
         if not (args.wait or args.json or args.junit or args.html):
             print(evaluation["id"])
             return 0
-        _note(f"evaluation {evaluation['id']} ({evaluation['state']})")
         bar = ProgressBar()
         try:
             final = api.wait(evaluation["id"], poll_interval=args.poll, timeout=args.timeout,

@@ -12,18 +12,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-# Sync handlers and dependencies run on Starlette's thread pool (40 threads). A request holds
-# a pooled connection across several thread hops, so a pool smaller than the thread pool can
-# deadlock under load: every thread waiting for a connection, every connection waiting for a
-# thread. The pool is made larger than the thread pool.
-REQUEST_THREADS = 40
-POOL = {"pool_size": 10, "max_overflow": REQUEST_THREADS + 10, "pool_timeout": 60}
+# Workers and command-line tools hold a session or two at a time; the gateway passes its own
+# pool size (Settings.pool_size, sized from its threads).
+SMALL_POOL = 8
 
 
 @lru_cache(maxsize=8)
-def engine_for(url: str) -> Engine:
+def engine_for(url: str, pool_size: int = SMALL_POOL, pool_timeout_s: float = 30) -> Engine:
+    pool = {"pool_size": pool_size, "max_overflow": 0, "pool_timeout": pool_timeout_s}
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **POOL)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection, _record):
@@ -35,12 +33,14 @@ def engine_for(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **POOL)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
 @lru_cache(maxsize=8)
-def session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(engine_for(url), expire_on_commit=False)
+def session_factory(
+    url: str, pool_size: int = SMALL_POOL, pool_timeout_s: float = 30
+) -> sessionmaker[Session]:
+    return sessionmaker(engine_for(url, pool_size, pool_timeout_s), expire_on_commit=False)
 
 
 def alembic_config(url: str) -> Config:

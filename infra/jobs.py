@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Executable, func, select, update
+from sqlalchemy import CursorResult, Executable, case, func, select, update
 from sqlalchemy.orm import Session
 
 from infra.records import Job, Shard, utcnow
@@ -105,7 +105,6 @@ def claim(
             lease_until=now + lease_s,
             worker=worker,
             started_at=utcnow(),
-            done=0,
         )
     )
     if claimed.rowcount != 1:
@@ -120,14 +119,69 @@ def claim(
     return Claim(row.id, job_id, position, row.kind, row.attempts + 1)
 
 
+def claim_next(db: Session, worker: str, lease_s: float, max_attempts: int) -> Claim | None:
+    """Take the fairest claimable shard of any job, or None when none is left.
+
+    Each message in the broker is a ticket for one shard's worth of work, not an order to
+    run that shard: whichever message a worker takes, it runs the shard of the tenant with
+    the fewest shards running, the tenant served longest ago first among equals (round robin),
+    that tenant's oldest job first. A tenant who queued a thousand shards thus holds no more
+    workers than its fair share while another tenant has work waiting. There is a message for
+    every queued shard, so every shard still runs; a message that finds nothing left is a no-op.
+    """
+    for _ in range(16):  # another worker may take the chosen shard first: choose again
+        choice = _fairest(db)
+        if choice is None:
+            return None
+        claimed = claim(db, choice[0], choice[1], worker, lease_s, max_attempts)
+        if claimed is not None:
+            return claimed
+    return None
+
+
+def _fairest(db: Session) -> tuple[str, int] | None:
+    now = time.time()
+    claimable = (Shard.state == "queued") | ((Shard.state == "running") & (Shard.lease_until < now))
+    of_active_jobs = (Job.id == Shard.job_id) & Job.state.in_(ACTIVE)
+    waiting = db.execute(
+        select(Job.tenant_id, func.min(Job.created_at)).join(Shard, of_active_jobs).where(claimable)
+        .group_by(Job.tenant_id)
+    ).all()
+    if not waiting:
+        return None
+    running = dict(db.execute(
+        select(Job.tenant_id, func.count()).join(Shard, of_active_jobs)
+        .where(Shard.state == "running", Shard.lease_until >= now).group_by(Job.tenant_id)
+    ).all())
+    served = dict(db.execute(
+        select(Job.tenant_id, func.max(Shard.started_at)).join(Shard, of_active_jobs).group_by(Job.tenant_id)
+    ).all())
+
+    def moment(when: datetime | None) -> float:  # naive on SQLite, aware on PostgreSQL
+        return when.timestamp() if when is not None else float("-inf")
+
+    def turn(row) -> tuple:
+        tenant, oldest = row
+        return running.get(tenant, 0), moment(served.get(tenant)), moment(oldest)
+
+    tenant = min(waiting, key=turn)[0]
+    row = db.execute(
+        select(Shard.job_id, Shard.position).join(Job, of_active_jobs)
+        .where(Job.tenant_id == tenant, claimable)
+        .order_by(Job.created_at, Job.id, Shard.position).limit(1)
+    ).first()
+    db.commit()  # end the read: the claim that follows is a transaction of its own
+    return (row.job_id, row.position) if row is not None else None
+
+
 def heartbeat(db: Session, claim: Claim, lease_s: float, progress: tuple[str, int] | None = None) -> str:
     """Renew the lease (and record progress). Returns the job's state, so a running shard
     learns that its job was cancelled or failed elsewhere ("gone" if it was deleted), or
     "lease_lost" when the reaper gave the shard to another attempt (this worker stalled past
     its lease)."""
     values: dict[str, Any] = {"lease_until": time.time() + lease_s}
-    if progress is not None:
-        values.update(stage=progress[0], done=progress[1])
+    if progress is not None:  # a later attempt shows its progress once it passes the earlier one's
+        values.update(stage=progress[0], done=case((Shard.done < progress[1], progress[1]), else_=Shard.done))
     renewed = _write(
         db,
         update(Shard)
@@ -177,7 +231,7 @@ def complete_shard(db: Session, claim: Claim, output_sha256: str, timing: dict) 
     return ready.rowcount == 1
 
 
-def verdict_of(job: Job) -> str | None:
+def verdict_of(job: Any) -> str | None:
     """passed, failed or inconclusive once succeeded (jobs finished before verdicts: from passed)."""
     if job.verdict is not None or job.passed is None:
         return job.verdict
@@ -337,25 +391,80 @@ def forget_lost_deliveries(db: Session, sent_before: float) -> int:
     return lost.rowcount
 
 
+# what a status read needs of a job: never its spec, result or baselines (large JSON)
+STATUS_COLUMNS = (
+    Job.id, Job.tenant_id, Job.model_id, Job.dataset_id, Job.state, Job.created_at, Job.started_at,
+    Job.finished_at, Job.error_code, Job.error_message, Job.passed, Job.verdict, Job.shards, Job.cost,
+    Job.report_sha256,
+)
+_SHARD_COLUMNS = (
+    Shard.job_id, Shard.position, Shard.kind, Shard.state, Shard.stage, Shard.done, Shard.total,
+    Shard.attempts, Shard.started_at, Shard.finished_at,
+)
+
+
+def statuses(db: Session, job_ids: list[str]) -> dict[str, tuple[Any, dict]]:
+    """job id -> (its STATUS_COLUMNS row, its progress), in two queries for any number of jobs."""
+    if not job_ids:
+        return {}
+    rows = db.execute(select(*STATUS_COLUMNS).where(Job.id.in_(job_ids))).all()
+    shards: dict[str, list] = {row.id: [] for row in rows}
+    for shard in db.execute(
+        select(*_SHARD_COLUMNS).where(Shard.job_id.in_(list(shards))).order_by(Shard.job_id, Shard.position)
+    ):
+        shards[shard.job_id].append(shard)
+    now = utcnow()
+    return {row.id: (row, progress(row.state, shards[row.id], now)) for row in rows}
+
+
 def progress_of(db: Session, job: Job) -> dict:
-    rows = db.execute(
-        select(Shard.position, Shard.kind, Shard.state, Shard.stage, Shard.done, Shard.total)
-        .where(Shard.job_id == job.id)
-        .order_by(Shard.position)
-    ).all()
-    done = sum(r.done for r in rows)
-    total = sum(r.total for r in rows)
-    running = [r for r in rows if r.state == "running"]
-    stage = None
-    if job.state == "queued":
-        stage = "queued"
-    elif running:
-        stage = "aggregating" if running[0].kind == FINISH else running[0].stage
-    eta = None
-    if job.state == "running" and job.started_at is not None and 0 < done < total:
-        elapsed = (utcnow() - job.started_at).total_seconds()
-        eta = round(elapsed * (total - done) / done, 1)
-    return {"stage": stage, "done": done, "total": total, "eta_seconds": eta}
+    return statuses(db, [job.id])[job.id][1]
+
+
+def progress(state: str, shards: list, now: datetime) -> dict:
+    """Done and total work units (each never goes backwards: a requeued shard keeps what it had
+    done until its new attempt passes it), the stage (never null before the job ends; where
+    it stopped once it failed or was cancelled), and the ETA from the measured rate of work."""
+    done = sum(r.done for r in shards)
+    total = sum(r.total for r in shards)
+    return {"stage": _stage(state, shards), "done": done, "total": total,
+            "eta_seconds": _eta(shards, total - done, now) if state == "running" else None}
+
+
+def _stage(state: str, shards: list) -> str | None:
+    if state == "queued":
+        return "queued"
+    if state == "succeeded":
+        return "done"
+    current = [r for r in shards if r.state == "running"]
+    if state in TERMINAL:  # failed or cancelled: the furthest a shard that did not finish got
+        current = [r for r in shards if r.state != "succeeded" and (r.stage or r.kind == FINISH)
+                   and r.started_at is not None]
+    if not current:  # running between shards, or stopped before any shard started
+        return "waiting_for_worker" if state == "running" else "queued"
+    first = current[0]
+    if first.kind == FINISH:
+        return "aggregating"
+    return first.stage or "starting"
+
+
+def _eta(shards: list, remaining: int, now: datetime) -> float | None:
+    """Remaining work over the measured rate: units per second of a worker on this job (from
+    its finished shards and its running first attempts), times the workers on it now."""
+    measured_done, measured_s = 0, 0.0
+    for r in shards:
+        if r.started_at is None or r.kind == FINISH:
+            continue
+        if r.state == "succeeded" and r.finished_at is not None:
+            measured_done += r.total
+            measured_s += (r.finished_at - r.started_at).total_seconds()
+        elif r.state == "running" and r.attempts == 1:
+            measured_done += r.done
+            measured_s += (now - r.started_at).total_seconds()
+    if measured_done <= 0 or measured_s <= 0:
+        return None  # nothing measured yet
+    workers = max(1, sum(1 for r in shards if r.state == "running"))
+    return round(remaining / (measured_done / measured_s) / workers, 1)
 
 
 def counts_by_state(db: Session) -> dict[str, int]:

@@ -44,6 +44,20 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class DashboardSession(Base):
+    """A dashboard sign-in: the cookie holds an opaque token, the table its sha256; it ends at
+    ``expires_at``, on sign-out, or when the key that opened it is revoked."""
+
+    __tablename__ = "dashboard_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the cookie's token
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
 class StoredModel(Base):
     __tablename__ = "models"
     __table_args__ = (UniqueConstraint("tenant_id", "sha256"),)
@@ -92,6 +106,8 @@ class Job(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), default="queued")
     shards: Mapped[int] = mapped_column(Integer)  # work units, not counting the final aggregation
+    # the estimated model calls x samples (workers/cost.py); None for jobs from before estimates
+    cost: Mapped[int | None] = mapped_column(BigInteger, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -32,15 +32,54 @@ class Settings(BaseSettings):
     # listens on loopback only (the embedded default).
     api_keys_required: bool = False
 
+    # dashboard sign-ins: server-side sessions (the cookie holds an opaque token, never the key)
+    session_lifetime_s: float = Field(12 * 3600, gt=0)
+    # behind HTTPS (a TLS-terminating proxy): the session cookie is marked Secure
+    https: bool = False
+
     max_body_bytes: int = Field(512 * MiB, ge=1024)  # any request; 413 before the handler runs
     max_model_bytes: int = Field(256 * MiB, ge=1024)
     max_dataset_bytes: int = Field(512 * MiB, ge=1024)  # the uploaded file
     max_dataset_decoded_bytes: int = Field(2048 * MiB, ge=1024)  # x and y once decoded
     max_samples: int = Field(200_000, ge=1)
+    # uploads are validated in child processes (service/validation_pool.py), at most this many
+    # at once, each stopped and refused past validation_cpu_s seconds of CPU
+    validation_processes: int = Field(2, ge=1)
+    validation_cpu_s: float = Field(30, gt=0)
+    # a model whose Loops (nested ones multiplied) may run more iterations is refused; a Loop
+    # without a constant trip count is refused too (its cost cannot be bounded at upload)
+    max_loop_iterations: int = Field(100_000, ge=1)
     max_concurrent_jobs: int = Field(4, ge=1)  # per tenant: queued + running
+    # Compute budgets (service/budgets.py): each attack parameter and the spec's size have a
+    # bound; a job's cost is its estimated model calls x samples (workers/cost.py), bounded per
+    # job and, summed over a tenant's queued and running jobs, by the tenant's quota
+    max_steps: int = Field(10_000, ge=1)  # steps
+    max_iterations: int = Field(10_000, ge=1)  # max_iter, search_steps, binary_search_steps, max_passes
+    max_restarts: int = Field(100, ge=1)  # restarts, repeats
+    max_queries: int = Field(100_000, ge=1)  # queries, square_queries
+    max_eps_values: int = Field(64, ge=1)  # budgets in one attack's eps list
+    max_attacks: int = Field(32, ge=1)  # attacks in a spec, its transfer attacks included
+    max_job_cost: int = Field(10**9, ge=1)
+    tenant_cost_quota: int = Field(4 * 10**9, ge=1)
     max_result_age_days: int = Field(0, ge=0)  # reserved: 0 keeps results forever
 
+    # The gateway. Handlers run on request_threads threads; a request holds a pooled database
+    # connection only while one of its threads runs, so a pool of twice the threads (and a few
+    # for the reaper) never makes a request wait for a connection. Requests past that wait for
+    # a thread holding nothing.
+    request_threads: int = Field(24, ge=1, le=1000)
+    db_pool_size: int | None = Field(None, ge=1)  # default: 2 * request_threads + 4
+    db_pool_timeout_s: float = Field(30, gt=0)  # then the request answers 503 with Retry-After
+    # an API key or dashboard session is looked up at most this often per gateway process: a
+    # revoked one stops working within this many seconds
+    auth_cache_s: float = Field(2.0, ge=0, le=60)
+    # one evaluation's status is read from the database at most this often per gateway process
+    status_cache_s: float = Field(0.5, ge=0, le=10)
+
     worker_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    # worker processes run at this nice level (0-19): on a machine shared with the gateway the
+    # API stays responsive while evaluations compute; alone on a machine it costs them nothing
+    worker_nice: int = Field(10, ge=0, le=19)
     # ONNX Runtime threads per worker process; default: the cores shared out among processes
     ort_threads: int | None = Field(None, ge=1)
     job_time_limit_s: float = Field(6 * 3600, gt=0)  # per shard: stopped, then failed as time_limit
@@ -65,6 +104,10 @@ class Settings(BaseSettings):
     @property
     def threads_per_worker(self) -> int:
         return self.ort_threads or max(1, (os.cpu_count() or 1) // self.worker_concurrency)
+
+    @property
+    def pool_size(self) -> int:
+        return self.db_pool_size or 2 * self.request_threads + 4
 
     @property
     def reaper_every_s(self) -> float:

@@ -121,13 +121,16 @@ class _Watch(threading.Thread):
 
 
 def run_shard(job_id: str, position: int) -> None:
+    """Run the fairest queued shard (jobs.claim_next): the message for shard ``position`` of
+    ``job_id`` is a ticket for one shard's worth of work, whichever tenant's it turns out to be."""
     settings = get_settings()
     sessions = session_factory(settings.database_url)
     with sessions() as db:
-        claim = jobs.claim(db, job_id, position, worker_name(), settings.lease_s, settings.max_attempts)
+        claim = jobs.claim_next(db, worker_name(), settings.lease_s, settings.max_attempts)
     if claim is None:
-        log.info("evaluation.shard_skipped job=%s shard=%s", job_id, position)
+        log.info("evaluation.ticket_unused job=%s shard=%s: no shard left to run", job_id, position)
         return
+    job_id, position = claim.job_id, claim.position
     log.info("evaluation.shard_started job=%s shard=%s attempt=%s", job_id, position, claim.attempt)
     watch = _Watch(sessions, claim, settings)
     resume_runs()

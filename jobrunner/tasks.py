@@ -9,6 +9,8 @@ the runner enforces itself by stopping ONNX Runtime.
 
 from __future__ import annotations
 
+import os
+
 from celery.signals import worker_process_init
 from threadpoolctl import threadpool_limits
 
@@ -36,5 +38,6 @@ def run_unit(job_id: str, position: int) -> None:
 @worker_process_init.connect
 def _limit_threads(**_) -> None:
     """Worker processes share the cores: BLAS gets the same share as ONNX Runtime, or the
-    attack loops' numpy calls oversubscribe them."""
+    attack loops' numpy calls oversubscribe them; and they yield to the gateway."""
     threadpool_limits(limits=_settings.threads_per_worker)
+    os.nice(max(0, _settings.worker_nice - os.nice(0)))

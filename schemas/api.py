@@ -96,6 +96,9 @@ class EvaluationPublic(BaseModel):
     # signs of gradient masking, else passed
     verdict: Literal["passed", "failed", "inconclusive"] | None = None
     shards: int
+    # the estimated model calls x samples (a forward, or forward and backward, pass of one
+    # sample each); what the service's bounds and quotas count; None for jobs from before it
+    cost: int | None = None
 
 
 class Artifact(BaseModel):

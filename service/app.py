@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -11,14 +12,17 @@ from fastapi.routing import APIRoute
 
 from infra.blobs import LocalBlobStore
 from infra.broker import make_celery
-from infra.database import REQUEST_THREADS, migrate, session_factory
+from infra.database import migrate, session_factory
 from infra.settings import Settings, get_settings
-from service.auth import is_loopback
+from service.auth import TenantCache, is_loopback
+from service.docs import install_docs
 from service.errors import RequestIdMiddleware, install_handlers
 from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics
 from service.reaper import Reaper
 from service.routers import dashboard, datasets, evaluations, health, models
+from service.status_reads import StatusReads
+from service.validation_pool import ValidationPool
 
 log = logging.getLogger("robustness.gateway")
 
@@ -33,7 +37,7 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        anyio.to_thread.current_default_thread_limiter().total_tokens = REQUEST_THREADS
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.request_threads
         migrate(settings.database_url)
         sweeper = None
         if reaper:
@@ -52,15 +56,25 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
         lifespan=lifespan,
         description="Measure the adversarial robustness of ONNX image classifiers.",
         generate_unique_id_function=_operation_id,
+        docs_url=None,  # service/docs.py serves it, offline
+        redoc_url=None,
     )
     app.state.settings = settings
-    app.state.sessions = session_factory(settings.database_url)
+    app.state.sessions = session_factory(
+        settings.database_url, settings.pool_size, settings.db_pool_timeout_s
+    )
+    # requests whose session spans the handler (service/deps.py): at most as many as threads
+    app.state.admission = asyncio.Semaphore(settings.request_threads)
+    app.state.tenants = TenantCache(app.state.sessions, settings)
+    app.state.validation = ValidationPool(settings.validation_processes, settings.validation_cpu_s)
+    app.state.status = StatusReads(app.state.sessions, settings.status_cache_s, evaluations.owned_publics)
     app.state.store = LocalBlobStore(settings.blob_dir)
     app.state.celery = make_celery(settings)
     app.state.metrics = ServiceMetrics()
     install_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost of ours: a 413 carries its id too
+    install_docs(app)
     for router in (health.router, models.router, datasets.router, evaluations.router, dashboard.router):
         app.include_router(router)
     if not settings.api_keys_required and not is_loopback(settings.host):

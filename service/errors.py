@@ -15,12 +15,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from schemas.api import Error
 from workers.errors import UserError
 
 log = logging.getLogger("robustness.gateway")
+# the database did not answer (down, locked past its timeout, no pooled connection free): 503
+DatabaseUnavailable = (OperationalError, PoolTimeout)
 
 
 class ApiError(Exception):
@@ -95,6 +99,7 @@ _ERROR_STATUSES = {
     422: "the spec or a parameter is invalid (the detail names the field)",
     429: "too many queued or running evaluations for this tenant (see Retry-After)",
     500: "an unexpected error; the detail carries the request id the log has",
+    503: "the database or the broker cannot be reached now; retry after Retry-After seconds",
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": Error, "description": description} for status, description in _ERROR_STATUSES.items()
@@ -160,6 +165,15 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
         return error_response(422, "invalid_spec", _validation_detail(exc))
+
+    @app.exception_handler(SQLAlchemyError)
+    async def _database(request: Request, exc: SQLAlchemyError):
+        if not isinstance(exc, DatabaseUnavailable):
+            return await _unexpected(request, exc)
+        rid = getattr(request.state, "request_id", "-")
+        log.warning("request.database_unavailable request_id=%s %s: %s", rid, request.url.path, exc)
+        return error_response(503, "unavailable", "the metadata database is busy or unreachable; retry "
+                              f"in a few seconds (request {rid})", {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -86,7 +86,11 @@ def inspect_classifier(model: onnx.ModelProto | bytes, loss: str = "cross_entrop
     return Inspection(prepared, dict(sorted(operators.items())), unsupported)
 
 
-def validate_model(path: Path, *, max_bytes: int) -> ModelInfo:
+DEFAULT_MAX_LOOP_ITERATIONS = 100_000
+
+
+def validate_model(path: Path, *, max_bytes: int,
+                   max_loop_iterations: int = DEFAULT_MAX_LOOP_ITERATIONS) -> ModelInfo:
     """Check an uploaded .onnx file; raises a UserError (workers/errors.py) saying why it is refused."""
     data = _read_model_file(Path(path), max_bytes)
     model = _parse_model(data)
@@ -95,6 +99,9 @@ def validate_model(path: Path, *, max_bytes: int) -> ModelInfo:
         _check_tensor(item)
     _check_domains(model)
     opset = _check_opset(model)
+    _check_loops(model.graph, max_loop_iterations)
+    for function in model.functions:
+        _check_loops(function, max_loop_iterations)
     _check_structure(model)
     _check_input(model)
     _check_load_time_constants(model, budget=MAX_LOAD_TIME_CONSTANT_BYTES + 4 * len(data))
@@ -197,6 +204,55 @@ def _nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
                     yield from _nodes_in(a.g)
                 for sub in a.graphs:
                     yield from _nodes_in(sub)
+
+
+def _integer_constants(graph: onnx.GraphProto | onnx.FunctionProto) -> dict[str, int]:
+    """Scalar integer initializers and Constant outputs of ``graph``, by name."""
+    tensors = {t.name: t for t in getattr(graph, "initializer", ())}
+    found = {}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for a in node.attribute:
+                if a.name == "value_int":
+                    found[node.output[0]] = int(a.i)
+                elif a.name == "value" and a.HasField("t"):
+                    tensors[node.output[0]] = a.t
+    for name, tensor in tensors.items():
+        if tensor.data_type in _INTEGER_TYPES and math.prod(tensor.dims) == 1:
+            found[name] = int(numpy_helper.to_array(tensor).reshape(-1)[0])
+    return found
+
+
+_INTEGER_TYPES = {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64,
+                  TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64}
+
+
+def _check_loops(graph: onnx.GraphProto | onnx.FunctionProto, bound: int, outer: int = 1,
+                 known: dict[str, int] | None = None) -> None:
+    """Refuse Loops that could run more than ``bound`` iterations (nested ones multiplied):
+    one without a constant trip count cannot be bounded when it is uploaded, and would hold a
+    worker until the job's time limit."""
+    known = {**(known or {}), **_integer_constants(graph)}
+    for node in graph.node:
+        iterations = outer
+        if node.op_type == "Loop":
+            trip = node.input[0] if node.input else ""
+            if trip not in known:
+                raise InvalidModelError(
+                    f"Loop node {quoted(node.name or node.output[0] if node.output else '')} has no constant "
+                    "trip count, so its cost cannot be bounded; export the model with the loop unrolled or "
+                    "with a constant trip count"
+                )
+            iterations = outer * max(known[trip], 0)
+            if iterations > bound:
+                raise InvalidModelError(
+                    f"Loop node {quoted(node.name)} runs {known[trip]} iterations ({iterations} with the "
+                    f"loops around it), over the bound of {bound} (ROBUSTNESS_MAX_LOOP_ITERATIONS on the "
+                    "server)"
+                )
+        for a in node.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _check_loops(sub, bound, iterations, known)
 
 
 def refuse_external_data(model: onnx.ModelProto) -> None:

@@ -1,4 +1,4 @@
-"""Server-side commands: ``robustness serve | api | worker | migrate | keys create``."""
+"""Server-side commands: ``robustness serve | api | worker | migrate | keys create|list|revoke``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+DATA_DIR_HELP = (
+    "folder for the database, broker and blobs (default: ROBUSTNESS_DATA_DIR, else ./robustness-data); "
+    "every command that opens the store must name the server's"
+)
+
+
 def add_server_parsers(commands) -> None:
     serve = commands.add_parser(
         "serve",
@@ -47,26 +53,34 @@ def add_server_parsers(commands) -> None:
     )
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument(
-        "--data-dir", help="folder for the database, broker and blobs (default ./robustness-data)"
-    )
     serve.add_argument("--workers", type=int, help="worker processes (default: one per core)")
     api = commands.add_parser("api", help="run the HTTP gateway only (workers run elsewhere)")
     api.add_argument("--host")
     api.add_argument("--port", type=int)
     worker = commands.add_parser("worker", help="run a Celery worker against the configured broker")
     worker.add_argument("--concurrency", type=int, help="worker processes (default: one per core)")
-    commands.add_parser("migrate", help="create or upgrade the metadata database schema")
-    keys = commands.add_parser("keys", help="API keys")
+    migrate = commands.add_parser("migrate", help="create or upgrade the metadata database schema")
+    migrate.add_argument("--verbose", action="store_true", help="print each migration step")
+    keys = commands.add_parser("keys", help="API keys: create, list, revoke")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_commands.add_parser("create", help="print a new API key for a tenant")
     create.add_argument("--tenant", required=True, help="tenant name (created if new)")
-    for command in (serve, api, worker, commands.choices["migrate"], keys):
+    listing = keys_commands.add_parser("list", help="every key: id, tenant, prefix, dates (never the key)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    revoke = keys_commands.add_parser(
+        "revoke", help="revoke a key (and the dashboard sessions it opened) by its id or prefix")
+    revoke.add_argument("key", help="the key's id (key_...) or prefix (rk_..., as `keys list` shows)")
+    for command in (serve, api, worker, migrate, create, listing, revoke):
+        command.add_argument("--data-dir", help=DATA_DIR_HELP)
+    for command in (serve, api, worker, migrate, keys):
         command.set_defaults(run=run_server_command)
 
 
 def run_server_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Alembic announces its context on every start: quiet unless `migrate --verbose` asks
+    verbose = getattr(args, "verbose", False)
+    logging.getLogger("alembic").setLevel(logging.INFO if verbose else logging.WARNING)
     settings = _settings(args)
     handler = {
         "serve": serve,
@@ -87,17 +101,47 @@ def migrate_command(settings: Settings, args) -> int:
 
 
 def keys_command(settings: Settings, args) -> int:
-    from infra.database import migrate, session_factory
-    from service.auth import create_key
+    import json
 
+    from infra.database import migrate, session_factory
+    from service.auth import create_key, list_keys, revoke_key
+
+    sqlite_file = settings.data_dir / "metadata.db"
+    new_store = settings.database_url.startswith("sqlite") and not sqlite_file.exists()
+    if new_store and args.keys_command != "create":
+        print(f"error: no store at {settings.data_dir}; give the server's --data-dir (or set "
+              "ROBUSTNESS_DATA_DIR / ROBUSTNESS_DATABASE_URL)", file=sys.stderr)
+        return 2
     migrate(settings.database_url)
     with session_factory(settings.database_url)() as db:
+        if args.keys_command == "list":
+            keys = list_keys(db)
+            if args.json:
+                print(json.dumps(keys, indent=2))
+            else:
+                print(f"{'id':<38} {'tenant':<20} {'prefix':<11} {'created':<25} revoked")
+                for k in keys:
+                    print(f"{k['id']:<38} {k['tenant'][:20]:<20} {k['prefix']:<11} {k['created_at']:<25} "
+                          f"{k['revoked_at'] or '-'}")
+            return 0
+        if args.keys_command == "revoke":
+            try:
+                revoked = revoke_key(db, args.key)
+            except LookupError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(f"revoked {revoked['id']} ({revoked['prefix']}...) at {revoked['revoked_at']}; "
+                  f"gateways stop accepting it within {settings.auth_cache_s:g} s", file=sys.stderr)
+            return 0
         try:
             key = create_key(db, args.tenant)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     print(key)
+    if new_store:
+        print(f"note: created a new store at {settings.data_dir}; the server must run with this --data-dir "
+              "to accept the key", file=sys.stderr)
     print(
         f"tenant {args.tenant!r}: send it as `Authorization: Bearer <key>`; it is not stored and "
         "cannot be shown again",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from infra.blobs import BlobStore
 from infra.jobs import ACTIVE
@@ -46,6 +46,12 @@ def store_record(
         db.rollback()
         return db.scalar(select(table).where(table.tenant_id == tenant.id, table.sha256 == sha256)), False
     return row, True
+
+
+def store_record_in(sessions: sessionmaker[Session], table, prefix: str, tenant: Tenant, **fields):
+    """``store_record`` with a session of its own (for a handler that holds none)."""
+    with sessions() as db:
+        return store_record(db, table, prefix, tenant, **fields)
 
 
 def refuse_if_in_use(db: Session, kind: str, record_id: str) -> None:

@@ -4,12 +4,11 @@ validated there, then moved into the store under its sha256."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 from fastapi import UploadFile
-from starlette.concurrency import run_in_threadpool
 
 from infra.blobs import BlobTooLarge, LocalBlobStore, stream_to_file
 from service.errors import ApiError, TooLarge
@@ -24,9 +23,11 @@ async def _chunks(upload: UploadFile):
 
 
 async def receive(
-    upload: UploadFile, store: LocalBlobStore, limit: int, what: str, validate: Callable[[Path], Info]
+    upload: UploadFile, store: LocalBlobStore, limit: int, what: str,
+    validate: Callable[[Path], Awaitable[Info]],
 ) -> tuple[str, int, Info]:
-    """(sha256, size, what ``validate`` returned); the blob is in the store afterwards."""
+    """(sha256, size, what ``validate`` returned); the blob is in the store afterwards.
+    ``validate`` runs the validator away from the event loop (service/validation_pool.py)."""
     with store.temp_file() as (path, handle):
         try:
             sha256, size = await stream_to_file(_chunks(upload), handle, limit)
@@ -35,7 +36,7 @@ async def receive(
         handle.close()
         if size == 0:
             raise ApiError(f"the {what} file is empty", type=f"invalid_{what}")
-        info = await run_in_threadpool(validate, path)  # a UserError answers its own 4xx
+        info = await validate(path)  # a UserError answers its own 4xx
         if not store.exists(sha256):
             await asyncio.to_thread(store.put_file, path, sha256)
     return sha256, size, info

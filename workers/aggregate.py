@@ -90,7 +90,7 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
                "layout": subject.model_layout, "num_classes": classifier.num_classes,
                "ends_in_softmax": classifier.ends_in_softmax, "fixed_batch": classifier.fixed_batch},
         dataset={"samples": len(x), "source_dtype": dataset.source_dtype,
-                 "sha256": _array_digest(*select_samples(dataset.x, dataset.y, spec.samples))},
+                 "sha256": _dataset_digest(dataset, spec)},
         spec=spec, device=classifier.device, clean_accuracy=clean_accuracy, attacks=entries,
         warnings=warnings, gates=gates, passed=verdict == "passed", verdict=verdict,
         # the sections are built as JSON dicts: validated here as pydantic would validate them
@@ -248,6 +248,11 @@ def fooling_summary(classifier: Classifier, spec: EvaluationSpec, shape) -> dict
             options.threshold, np.random.default_rng([spec.seed, 2]), bounds)
         summary["gradient_ascent"] = ascent.summary()
     return summary
+
+
+def _dataset_digest(dataset: Dataset, spec: EvaluationSpec) -> str:
+    """The file's hash, as the API and the CLI show it; for arrays made in memory, theirs."""
+    return dataset.sha256 or _array_digest(*select_samples(dataset.x, dataset.y, spec.samples))
 
 
 def _array_digest(x: np.ndarray, y: np.ndarray) -> str:

@@ -17,6 +17,7 @@ UserError whose message says what is wrong and how to fix it and never names a s
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -119,7 +120,16 @@ def load_dataset_file(
         return load_npz(path.read_bytes(), value_range)
     low, high = value_range
     assert x is not None  # keep=True, and _archive_kind refuses an archive without files
-    return Dataset(x=(x.astype(np.float32) / 255.0) * (high - low) + low, y=y, source_dtype="uint8")
+    return Dataset(x=(x.astype(np.float32) / 255.0) * (high - low) + low, y=y, source_dtype="uint8",
+                   sha256=_file_sha256(path))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 _NOT_A_DATASET = (

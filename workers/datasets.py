@@ -7,6 +7,7 @@ declares a huge array is refused without reading it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import zipfile
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class Dataset:
     y: np.ndarray  # int64 [N]
     source_dtype: str
     t: np.ndarray | None = None  # int64 [N]: a target class per sample, != y (``targets: dataset``)
+    sha256: str | None = None  # the file's, as the API and the CLI show it (None: made in memory)
 
 
 def _member_headers(archive: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -109,7 +111,8 @@ def load_npz(data: bytes, value_range: tuple[float, float] = (0.0, 1.0)) -> Data
     if t is not None:
         check_targets(t, y)
         t = t.astype(np.int64)
-    return Dataset(x=x, y=y.astype(np.int64), source_dtype=str(x_dtype), t=t)
+    return Dataset(x=x, y=y.astype(np.int64), source_dtype=str(x_dtype), t=t,
+                   sha256=hashlib.sha256(data).hexdigest())
 
 
 def check_targets(t: np.ndarray, y: np.ndarray) -> None:

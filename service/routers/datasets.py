@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
 from pydantic import AfterValidator
+from starlette.concurrency import run_in_threadpool
 
 from infra.records import StoredDataset
 from schemas.api import DatasetList, DatasetPublic
 from service import uploads
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.errors import ERROR_RESPONSES, printable_name
-from service.scoping import delete_record, owned, refuse_if_in_use, store_record, tenant_records
+from service.scoping import delete_record, owned, refuse_if_in_use, store_record_in, tenant_records
 from workers.dataset_files import validate_dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
@@ -38,9 +40,9 @@ def public(row: StoredDataset) -> DatasetPublic:
 )
 async def upload_dataset(
     tenant: TenantDep,
-    db: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
+    request: Request,
     response: Response,
     file: Annotated[UploadFile, File(description=".npz with x and y, or a zip of PNG class folders")],
     name: Annotated[str | None, Form(max_length=200), AfterValidator(printable_name)] = None,
@@ -51,15 +53,16 @@ async def upload_dataset(
         store,
         settings.max_dataset_bytes,
         "dataset",
-        lambda path: validate_dataset(
+        lambda path: request.app.state.validation.run(
+            "dataset",
+            partial(validate_dataset, max_bytes=settings.max_dataset_bytes, max_samples=settings.max_samples,
+                    max_decoded_bytes=settings.max_dataset_decoded_bytes),
             path,
-            max_bytes=settings.max_dataset_bytes,
-            max_samples=settings.max_samples,
-            max_decoded_bytes=settings.max_dataset_decoded_bytes,
         ),
     )
-    row, created = store_record(
-        db,
+    row, created = await run_in_threadpool(
+        store_record_in,
+        request.app.state.sessions,
         StoredDataset,
         "ds",
         tenant,

@@ -24,10 +24,12 @@ from schemas.api import (
     JobState,
 )
 from schemas.evaluation import MAIN_MODEL, EvaluationResult, EvaluationSpec
+from service.budgets import check_bounds, check_quota
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.errors import ERROR_RESPONSES, JSON_ERRORS_OF_A_FILE_ROUTE, Conflict, NotFound, TooManyJobs
 from service.fit_checks import check_fit, needs_gradients
 from service.scoping import owned
+from workers.cost import estimate
 from workers.errors import InvalidSpecError
 from workers.plan import plan, unit_work
 from workers.spec_checks import check_spec
@@ -36,13 +38,28 @@ router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"], responses=ERR
 
 
 def public(db, row: Job) -> EvaluationPublic:
+    return publics(db, [row.id])[0]
+
+
+def publics(db, job_ids: list[str]) -> list[EvaluationPublic]:
+    return [status for _, status in owned_publics(db, job_ids)]
+
+
+def owned_publics(db, job_ids: list[str]) -> list[tuple[str, EvaluationPublic]]:
+    """(tenant id, public status) of jobs, in the order given; jobs.statuses reads only what
+    a status needs."""
+    found = jobs.statuses(db, job_ids)
+    return [(found[i][0].tenant_id, _public(*found[i])) for i in job_ids if i in found]
+
+
+def _public(row, progress: dict) -> EvaluationPublic:
     error = {"code": row.error_code, "message": row.error_message} if row.error_code else None
     return EvaluationPublic.model_validate({  # the row's strings are the contract's literals
         "id": row.id,
         "model_id": row.model_id,
         "dataset_id": row.dataset_id,
         "state": row.state,
-        "progress": jobs.progress_of(db, row),
+        "progress": progress,
         "created_at": jobs.iso(row.created_at),
         "started_at": jobs.iso(row.started_at),
         "finished_at": jobs.iso(row.finished_at),
@@ -50,6 +67,7 @@ def public(db, row: Job) -> EvaluationPublic:
         "passed": row.passed,
         "verdict": jobs.verdict_of(row),
         "shards": row.shards,
+        "cost": row.cost,
     })
 
 
@@ -71,13 +89,13 @@ def submit(
     settings: SettingsDep,
     request: Request,
     response: Response,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> EvaluationPublic:
     """Queue an evaluation. The spec is checked against the model and the dataset first
     (shapes, classes, attack parameters, gradient availability): a bad one is a 422 and
     nothing is queued. A retried request with the same ``Idempotency-Key`` returns the same job."""
     request_hash = _request_hash(body)
-    if idempotency_key:
+    if idempotency_key is not None:
         earlier = db.scalar(
             select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key)
         )
@@ -93,12 +111,15 @@ def submit(
         | _fit_datasets(db, spec, dataset, tenant)
     )
     baselines = _baselines(db, spec, tenant)
+    cost = estimate(spec, dataset.info["samples"], model.info["num_classes"])
+    check_bounds(spec, cost, settings)
     if jobs.active_jobs(db, tenant.id) >= settings.max_concurrent_jobs:
         raise TooManyJobs(
             f"this tenant already has {settings.max_concurrent_jobs} queued or running "
             "evaluations (ROBUSTNESS_MAX_CONCURRENT_JOBS); retry later",
             headers={"Retry-After": "30"},
         )
+    check_quota(db, tenant.id, cost, settings)
     units = plan(spec, dataset.info["samples"])
     job = Job(
         id=new_id("ev"),
@@ -113,10 +134,11 @@ def submit(
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         shards=len(units),
+        cost=cost.total,
     )
-    db.add(job)
-    jobs.add_shards(db, job, units, [unit_work(spec, u) for u in units])
     try:
+        db.add(job)
+        jobs.add_shards(db, job, units, [unit_work(spec, u) for u in units])  # flushes the job
         db.commit()
     except IntegrityError:  # a concurrent retry with the same key won the race
         db.rollback()
@@ -238,18 +260,20 @@ def list_evaluations(
     model_id: Annotated[str | None, Query(max_length=40, pattern=r"^\w*$")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EvaluationList:
-    query = select(Job).where(Job.tenant_id == tenant.id)
+    query = select(Job.id).where(Job.tenant_id == tenant.id)
     if state:
         query = query.where(Job.state == state)
     if model_id:
         query = query.where(Job.model_id == model_id)
-    rows = db.scalars(query.order_by(Job.created_at.desc()).limit(limit)).all()
-    return EvaluationList(items=[public(db, r) for r in rows], count=len(rows))
+    items = publics(db, list(db.scalars(query.order_by(Job.created_at.desc()).limit(limit))))
+    return EvaluationList(items=items, count=len(items))
 
 
 @router.get("/{evaluation_id}", response_model=EvaluationPublic)
-def get_evaluation(evaluation_id: str, tenant: TenantDep, db: SessionDep) -> EvaluationPublic:
-    return public(db, owned(db, Job, evaluation_id, tenant))
+async def get_evaluation(evaluation_id: str, tenant: TenantDep, request: Request) -> Response:
+    """The evaluation's state and progress; poll it (service/status_reads.py keeps it cheap)."""
+    body = await request.app.state.status.read(evaluation_id, tenant)
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{evaluation_id}/result", response_model=EvaluationResult,
@@ -263,12 +287,13 @@ def get_result(evaluation_id: str, tenant: TenantDep, db: SessionDep):
 
 
 @router.post("/{evaluation_id}/cancel", response_model=EvaluationPublic)
-def cancel(evaluation_id: str, tenant: TenantDep, db: SessionDep) -> EvaluationPublic:
+def cancel(evaluation_id: str, tenant: TenantDep, db: SessionDep, request: Request) -> EvaluationPublic:
     """Cancel a queued or running evaluation; a running shard stops between batches."""
     row = owned(db, Job, evaluation_id, tenant)
     if row.state in jobs.TERMINAL:
         raise Conflict(f"the evaluation already ended ({row.state})")
     jobs.cancel_job(db, row.id)
+    request.app.state.status.forget(row.id)
     db.refresh(row)
     return public(db, row)
 

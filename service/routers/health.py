@@ -12,7 +12,7 @@ router = APIRouter(tags=["health"], responses=ERROR_RESPONSES)
 
 
 @router.get("/healthz")
-def healthz() -> dict:
+async def healthz() -> dict:
     """The process is up."""
     return {"status": "ok"}
 

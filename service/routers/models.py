@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
 from pydantic import AfterValidator
+from starlette.concurrency import run_in_threadpool
 
 from infra.records import StoredModel
 from schemas.api import GradientVerdict, ModelInput, ModelList, ModelPublic
@@ -14,7 +16,7 @@ from service import uploads
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.errors import ERROR_RESPONSES, printable_name
 from service.model_admission import validate_model
-from service.scoping import delete_record, owned, refuse_if_in_use, store_record, tenant_records
+from service.scoping import delete_record, owned, refuse_if_in_use, store_record_in, tenant_records
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
@@ -43,9 +45,9 @@ def public(row: StoredModel) -> ModelPublic:
 )
 async def upload_model(
     tenant: TenantDep,
-    db: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
+    request: Request,
     response: Response,
     file: Annotated[UploadFile, File(description="the .onnx file")],
     name: Annotated[str | None, Form(max_length=200), AfterValidator(printable_name)] = None,
@@ -57,10 +59,13 @@ async def upload_model(
         store,
         settings.max_model_bytes,
         "model",
-        lambda path: validate_model(path, max_bytes=settings.max_model_bytes),
+        lambda path: request.app.state.validation.run(
+            "model", partial(validate_model, max_bytes=settings.max_model_bytes,
+                             max_loop_iterations=settings.max_loop_iterations), path),
     )
-    row, created = store_record(
-        db,
+    row, created = await run_in_threadpool(
+        store_record_in,
+        request.app.state.sessions,
         StoredModel,
         "mdl",
         tenant,

@@ -169,3 +169,37 @@ def test_numpy_losses_match_the_gradient_graphs(loss, classifiers, data):
     errors = (np.linalg.norm((grad - want_grad).reshape(flat), axis=1)
               / np.maximum(np.linalg.norm(want_grad.reshape(flat), axis=1), 1e-30))
     assert np.sum(errors > 1e-4) <= 1, np.sort(errors)[-3:]
+
+
+class CountingModel:
+    """Counts sample-calls: each sample through any of the protocol's methods once."""
+
+    def __init__(self, inner):
+        self.inner, self.num_classes, self.sample_calls = inner, inner.num_classes, 0
+
+    def logits(self, x):
+        self.sample_calls += len(x)
+        return self.inner.logits(x)
+
+    def loss_and_grad(self, x, labels, loss="auto", targets=None):
+        self.sample_calls += len(x)
+        return self.inner.loss_and_grad(x, labels, loss, targets)
+
+    def logits_vjp(self, x, dlogits):
+        self.sample_calls += len(x)
+        return self.inner.logits_vjp(x, dlogits)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_each_attack_costs_at_most_the_model_calls_it_declares(name, model, samples):
+    """Attack.calls_per_sample is what the service's cost estimate and bounds count: an upper
+    bound on the calls, exact for the attacks that never stop early."""
+    x, y = samples
+    params, eps = SETTINGS[name]
+    attack = ATTACKS[name](**params)
+    counting = CountingModel(model)
+    attack(counting, x, y, eps=eps, seed=0)
+    declared = attack.calls_per_sample(model.num_classes) * len(x)
+    assert 0 < counting.sample_calls <= declared, (counting.sample_calls, declared)
+    if name in ("fgsm", "bim", "pgd", "gaussian_noise", "uniform_noise"):
+        assert counting.sample_calls == declared

@@ -9,6 +9,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +78,28 @@ def gateway(settings: Settings):
 
     with TestClient(create_app(settings)) as client:
         yield client
+
+
+@contextmanager
+def uvicorn_gateway(settings: Settings):
+    """The app on a real port (uvicorn in a thread): for browsers and real HTTP clients."""
+    import uvicorn
+
+    from service.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture
@@ -173,6 +196,7 @@ def distributed_settings(tmp_path) -> Settings:
     from infra.database import engine_for
 
     engine_for(settings.database_url).dispose()
+    engine_for(settings.database_url, settings.pool_size, settings.db_pool_timeout_s).dispose()
     with admin.connect() as connection:
         connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()

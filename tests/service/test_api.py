@@ -75,6 +75,22 @@ def test_an_idempotency_key_returns_the_same_job(api, stored):
     other = api.post("/v1/evaluations", json=spec(model["id"], dataset["id"], seed=3), headers=headers)
     assert other.status_code == 409 and "different request" in other.json()["detail"]
 
+    body = spec(model["id"], dataset["id"])
+    empty = api.post("/v1/evaluations", json=body, headers={"Idempotency-Key": ""})
+    assert empty.status_code == 422 and "idempotency-key" in empty.text.lower()
+
+
+def test_concurrent_retries_with_one_idempotency_key_make_one_job(api, stored):
+    """The loser of the race on the unique key answers the winner's job, never a 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, dataset = stored
+    body, headers = spec(model["id"], dataset["id"]), {"Idempotency-Key": "ci-run-race"}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: api.post("/v1/evaluations", json=body, headers=headers), range(8)))
+    assert sorted(a.status_code for a in answers).count(202) == 1, [a.text for a in answers]
+    assert {a.status_code for a in answers} <= {200, 202} and len({a.json()["id"] for a in answers}) == 1
+
 
 @pytest.mark.parametrize(
     "change, status, message",

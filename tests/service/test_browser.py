@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.service.conftest import DATA, MODEL, ROOT, Worker, free_port, upload, wait_for
+from tests.service.conftest import DATA, MODEL, ROOT, Worker, upload, uvicorn_gateway, wait_for
 
 XSS = "<script>alert(1)</script>"
 ARTIFACTS = Path(os.environ.get("ROBUSTNESS_TEST_ARTIFACTS", ROOT / "test-artifacts"))
@@ -24,7 +22,7 @@ SPEC = {
 }
 
 
-def chromium():
+def chromium(*extra_flags: str):
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.skip(
             "chromium and chromedriver are not installed (tests/install-browser.sh installs them as root)"
@@ -45,6 +43,7 @@ def chromium():
         "--disable-sync",
         "--disable-dev-shm-usage",
         "--window-size=1280,1600",
+        *extra_flags,
     ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -53,26 +52,33 @@ def chromium():
 
 @pytest.fixture
 def running_service(settings, tmp_path):
-    import uvicorn
-
-    from service.app import create_app
-
     worker = Worker(settings, tmp_path / "worker.log")
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.1)
     try:
-        yield f"http://127.0.0.1:{port}"
+        with uvicorn_gateway(settings) as url:
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         worker.stop()
+
+
+def test_the_api_docs_render_offline(settings):
+    """/docs with every other host unreachable: Swagger UI comes from the app itself."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
+    try:
+        with uvicorn_gateway(settings) as url:
+            browser.get(f"{url}/docs")
+            WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".opblock"))
+            paths = {e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            browser.save_screenshot(str(ARTIFACTS / "docs.png"))
+            errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    finally:
+        browser.quit()
+    expected = {"/v1/evaluations", "/v1/evaluations/{evaluation_id}", "/v1/models", "/v1/datasets"}
+    assert expected <= paths, paths
+    assert not errors, errors
 
 
 def test_dashboard_and_report_in_a_real_browser(running_service):

@@ -4,13 +4,14 @@ the hand-over to the aggregation, without a broker or a worker."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import update
 
 from infra import jobs
 from infra.database import migrate, session_factory
-from infra.records import Job, Tenant
+from infra.records import Job, Shard, Tenant
 from workers.units import WorkUnit
 
 
@@ -98,12 +99,62 @@ def test_cancel_reaches_a_running_shard_through_its_heartbeat(db):
     assert claim(db, 1) is None
 
 
-def test_progress_sums_the_shards_and_estimates_the_rest(db):
-    a = claim(db, 0)
-    jobs.heartbeat(db, a, 30, ("pgd", 5))
-    db.execute(update(Job).values(started_at=jobs.utcnow().replace(microsecond=0)))
-    db.commit()
+def _progress(db) -> dict:
     db.expire_all()
-    progress = jobs.progress_of(db, db.get(Job, "ev_1"))
+    return jobs.progress_of(db, db.get(Job, "ev_1"))
+
+
+def test_progress_sums_the_shards_and_estimates_the_rest_from_the_measured_rate(db):
+    a = claim(db, 0)
+    assert _progress(db)["stage"] == "starting" and _progress(db)["eta_seconds"] is None  # nothing measured
+    # the shard started 2 s ago and has done 5 of its 10 units: 2.5 units/s, 16 units left
+    db.execute(update(Shard).where(Shard.id == a.shard_id).values(
+        started_at=jobs.utcnow() - timedelta(seconds=2)))
+    db.commit()
+    jobs.heartbeat(db, a, 30, ("pgd", 5))
+    progress = _progress(db)
     assert progress["stage"] == "pgd" and progress["done"] == 5 and progress["total"] == 21
-    assert progress["eta_seconds"] is not None and progress["eta_seconds"] >= 0
+    assert progress["eta_seconds"] == pytest.approx(16 / 2.5, rel=0.1)
+    b = claim(db, 1)  # two workers on the job now: half the time
+    db.execute(update(Shard).where(Shard.id == b.shard_id).values(started_at=jobs.utcnow()))
+    db.commit()
+    assert _progress(db)["eta_seconds"] == pytest.approx(16 / 2.5 / 2, rel=0.1)
+
+
+def test_progress_never_goes_backwards_across_a_requeue(db):
+    first = claim(db, 0)
+    jobs.heartbeat(db, first, 30, ("pgd", 8))
+    assert _progress(db)["done"] == 8
+    assert jobs.requeue_shard(db, first)
+    assert _progress(db)["done"] == 8
+    second = claim(db, 0)
+    jobs.heartbeat(db, second, 30, ("clean", 3))  # the new attempt starts over
+    assert _progress(db)["done"] == 8
+    jobs.heartbeat(db, second, 30, ("pgd", 9))
+    assert _progress(db)["done"] == 9
+
+
+def test_the_stage_is_never_null_while_the_job_runs(db):
+    assert _progress(db)["stage"] == "queued"
+    a = claim(db, 0)
+    assert _progress(db)["stage"] == "starting"
+    jobs.heartbeat(db, a, 30, ("pgd", 2))
+    assert _progress(db)["stage"] == "pgd"
+    jobs.complete_shard(db, a, "a" * 64, {})
+    assert _progress(db)["stage"] == "waiting_for_worker"  # running, the other shard not yet taken
+    b = claim(db, 1)
+    jobs.complete_shard(db, b, "b" * 64, {})
+    final = claim(db, 2)
+    assert _progress(db)["stage"] == "aggregating"
+    jobs.complete_job(db, final, {"passed": True}, True, {})
+    progress = _progress(db)
+    assert progress["stage"] == "done" and progress["done"] == progress["total"] == 21
+
+
+def test_a_failed_job_shows_where_it_stopped(db):
+    a = claim(db, 0)
+    jobs.heartbeat(db, a, 30, ("deepfool", 4))
+    jobs.fail_job(db, "ev_1", "time_limit", "shard 0 ran past the time limit")
+    jobs.release_shard(db, a, "failed")
+    progress = _progress(db)
+    assert progress["stage"] == "deepfool" and progress["done"] == 4 and progress["eta_seconds"] is None

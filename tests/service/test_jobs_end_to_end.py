@@ -68,6 +68,8 @@ def check_same_as_in_process(api, job: dict, body: dict) -> None:
     result = api.get(f"/v1/evaluations/{job['id']}/result").json()
     result.pop("timing")
     assert result == in_process(body)
+    dataset = api.get(f"/v1/datasets/{job['dataset_id']}").json()
+    assert result["dataset"]["sha256"] == dataset["sha256"]  # the hash the API and the CLI show
 
 
 def wait_running(api, job_id: str, timeout: float = 60) -> dict:

@@ -76,10 +76,10 @@ def test_an_unexpected_error_answers_json_with_the_request_id_the_log_has(tmp_pa
         job = api.post("/v1/evaluations", json={"model_id": model["id"], "dataset_id": dataset["id"],
                                                 "attacks": [{"name": "fgsm", "eps": [0.1]}]}).json()
 
-        def broken(db, row):
+        def broken(db, job_ids):
             raise RuntimeError("a bug, not the user's")
 
-        monkeypatch.setattr(jobs, "progress_of", broken)
+        monkeypatch.setattr(jobs, "statuses", broken)
         with caplog.at_level(logging.ERROR, logger="robustness.gateway"):
             response = api.get(f"/v1/evaluations/{job['id']}", headers={"X-Request-ID": "ci-run-42"})
     assert response.status_code == 500

@@ -122,6 +122,10 @@ class APGD(Attack):
                     progress(done, total)
         return AttackRun(eps=eps, x_adv=x_adv, success=success)
 
+    def calls_per_sample(self, num_classes: int) -> int:
+        runs = min(self.n_target_classes, num_classes - 1) if self.loss == "dlr_targeted" else 1
+        return 1 + runs * self.restarts * (self.steps + 1)
+
     def _objective(self, model, x_adv, y, targets, targeted):
         """(logits, the loss APGD ascends, its gradient)."""
         loss = {"ce": "cross_entropy"}.get(self.loss, self.loss)

@@ -75,6 +75,9 @@ class AutoAttack(Attack):
             ("square", Square(norm=norm, queries=square_queries)),
         ]
 
+    def calls_per_sample(self, num_classes: int) -> int:
+        return 1 + sum(attack.calls_per_sample(num_classes) for _, attack in self.components)
+
     def run(self, model: AttackModel, x: np.ndarray, y: np.ndarray, eps: float | None,
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
             progress: Progress | None) -> AttackRun:

@@ -212,6 +212,11 @@ class Attack(ABC):
         only scores: the evaluation probes it for vanishing or non-finite gradients."""
         return "margin" if self.needs_gradients else None
 
+    def calls_per_sample(self, num_classes: int) -> int:
+        """At most how many model calls (a forward pass, or a forward and backward pass) one
+        sample costs at one budget: what a job's cost estimate counts (workers/cost.py)."""
+        return 1
+
     def __call__(
         self,
         model: AttackModel,

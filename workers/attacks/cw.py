@@ -86,6 +86,9 @@ class CarliniWagnerL2(Attack):
         self.max_iter, self.binary_search_steps = int(max_iter), int(binary_search_steps)
         self.initial_const, self.abort_early = float(initial_const), abort_early
 
+    def calls_per_sample(self, num_classes: int) -> int:
+        return 1 + self.binary_search_steps * (self.max_iter + 1)
+
     def run(self, model: AttackModel, x: np.ndarray, y: np.ndarray, eps: float | None,
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
             progress: Progress | None) -> AttackRun:

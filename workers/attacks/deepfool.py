@@ -140,6 +140,9 @@ class DeepFool(Attack):
         self.norm = norm
         self.overshoot, self.max_iter, self.candidates = float(overshoot), int(max_iter), int(candidates)
 
+    def calls_per_sample(self, num_classes: int) -> int:
+        return 1 + (self.max_iter + 1) * min(self.candidates, num_classes)
+
     def run(self, model: AttackModel, x: np.ndarray, y: np.ndarray, eps: float | None,
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
             progress: Progress | None) -> AttackRun:

@@ -187,6 +187,13 @@ class FAB(Attack):
         closest = distances.argmin(axis=1)
         return values[rows, closest], grads[closest, rows]
 
+    def calls_per_sample(self, num_classes: int) -> int:
+        """Untargeted: a vector-Jacobian product per class each step; multi-targeted: one run
+        per target class, three calls a step; and the scores of each step's point."""
+        runs = min(self.n_target_classes, num_classes - 1) if self.multi_targeted else 1
+        per_step = 3 if self.multi_targeted else num_classes + 1
+        return 1 + runs * self.restarts * self.steps * per_step
+
     def _single_run(self, model, x0, y, plane, targets, eps, bounds, rng, random_start):
         """One FAB run: (closest adversarial point found [n, ...] or x0, its size [n] or inf)."""
         n = len(x0)

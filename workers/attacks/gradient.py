@@ -123,6 +123,9 @@ class PGD(Attack):
             best_success = best_success | success
         return AttackRun(eps=eps, x_adv=best_x, success=best_success, extra=extra)
 
+    def calls_per_sample(self, num_classes: int) -> int:
+        return self.restarts * (self.steps + 1)
+
     def _single_run(self, model, x, y, eps, targets, bounds, rng, step, progress, restart):
         labels, sign = (y, 1.0) if targets is None else (targets, -1.0)
         delta = (self.geometry.random_start(rng, x.shape, eps) if self.random_start

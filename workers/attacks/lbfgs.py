@@ -87,6 +87,10 @@ class LBFGS(Attack):
         self.initial_const, self.search_steps, self.max_iter = float(initial_const), int(search_steps), \
             int(max_iter)
 
+    def calls_per_sample(self, num_classes: int) -> int:
+        """L-BFGS-B evaluates about once an iteration; its line searches add a few (counted twice)."""
+        return 1 + self.search_steps * (2 * self.max_iter + 1)
+
     def run(self, model: AttackModel, x: np.ndarray, y: np.ndarray, eps: float | None,
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
             progress: Progress | None) -> AttackRun:

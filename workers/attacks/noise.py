@@ -49,6 +49,9 @@ class _Noise(Attack):
     def draw(self, rng: np.random.Generator, shape: tuple[int, ...], eps: float) -> np.ndarray:
         """Noise of the given shape at budget ``eps``."""
 
+    def calls_per_sample(self, num_classes: int) -> int:
+        return self.repeats
+
     def run(self, model: AttackModel, x: np.ndarray, y: np.ndarray, eps: float | None,
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
             progress: Progress | None) -> AttackRun:

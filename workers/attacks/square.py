@@ -108,6 +108,9 @@ class Square(Attack):
             s = max(s, 3) + (max(s, 3) % 2 == 0)  # odd, at least 3
         return int(np.clip(s, 1, min(h, w)))
 
+    def calls_per_sample(self, num_classes: int) -> int:
+        return self.queries + 1
+
     def run(self, model: AttackModel, x: np.ndarray, y: np.ndarray, eps: float | None,
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
             progress: Progress | None) -> AttackRun:

@@ -101,6 +101,10 @@ class UniversalPerturbation(Attack):
         self.max_passes, self.batch_size = int(max_passes), int(batch_size)
         self.overshoot, self.max_iter, self.candidates = float(overshoot), int(max_iter), int(candidates)
 
+    def calls_per_sample(self, num_classes: int) -> int:
+        """Every pass: DeepFool on each sample the perturbation does not fool yet, then the set."""
+        return 1 + self.max_passes * ((self.max_iter + 1) * min(self.candidates, num_classes) + 1)
+
     def run(self, model: AttackModel, x: np.ndarray, y: np.ndarray, eps: float | None,
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
             progress: Progress | None) -> AttackRun:
