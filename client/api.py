@@ -24,7 +24,8 @@ import email.utils
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
 
@@ -148,13 +149,13 @@ class RobustnessClient:
     # ------------------------------------------------------------------------ transport
 
     def _send(self, method: str, path: str, *, retry: bool, stream: bool = False,
-              rewind: IO[bytes] | None = None, **kwargs) -> httpx.Response:
+              rewind: Sequence[IO[bytes]] = (), **kwargs) -> httpx.Response:
         """One request, retried per the policy in the module docstring; raises `ApiError` on
         an error status. With ``stream`` the caller reads and closes a successful response."""
         attempt = 0
         while True:
-            if rewind is not None:
-                rewind.seek(0)
+            for handle in rewind:
+                handle.seek(0)
             delay = self.backoff * 2 ** attempt
             try:
                 request = self._http.build_request(method, path, **kwargs)
@@ -193,18 +194,23 @@ class RobustnessClient:
         return self._json("GET", path, retry=True,
                           params={k: v for k, v in (params or {}).items() if v is not None})
 
-    def _upload(self, path: str, file: str | os.PathLike, name: str | None) -> dict:
+    def _upload(self, path: str, file: str | os.PathLike, name: str | None,
+                data_files: Sequence[Path] = ()) -> dict:
         file = Path(file)
-        with file.open("rb") as handle:  # httpx streams the handle in chunks
-            return self._json("POST", path, retry=True, rewind=handle,
-                              files={"file": (file.name, handle, "application/octet-stream")},
+        with ExitStack() as stack:  # httpx streams the handles in chunks
+            handles = [stack.enter_context(f.open("rb")) for f in (file, *data_files)]
+            parts = [("file" if i == 0 else "data", (f.name, h, "application/octet-stream"))
+                     for i, (f, h) in enumerate(zip((file, *data_files), handles, strict=True))]
+            return self._json("POST", path, retry=True, rewind=handles, files=parts,
                               data={"name": name} if name is not None else None)
 
     # ------------------------------------------------------------------------ models
 
     def upload_model(self, path: str | os.PathLike, name: str | None = None) -> dict:
-        """Upload an .onnx file -> ModelPublic (the existing record if the sha256 is known)."""
-        return self._upload("/v1/models", path, name)
+        """Upload an .onnx file -> ModelPublic (the existing record if the sha256 is known),
+        with its external data files when they lie next to it (``data_files_of``); a .zip or
+        .tar.gz bundle of a model and its data files goes as it is."""
+        return self._upload("/v1/models", path, name, data_files_of(Path(path)))
 
     def find_model(self, sha256: str) -> dict | None:
         items = self._get("/v1/models", {"sha256": sha256})["items"]
@@ -217,7 +223,7 @@ class RobustnessClient:
                      sha256: str | None = None) -> tuple[dict, bool]:
         """The server's record of this file, uploading it only if the server lacks its sha256;
         returns (ModelPublic, uploaded)."""
-        found = self.find_model(sha256 or sha256_file(path))
+        found = None if data_files_of(Path(path)) else self.find_model(sha256 or sha256_file(path))
         return (found, False) if found else (self.upload_model(path, name), True)
 
     # ------------------------------------------------------------------------ datasets
@@ -317,3 +323,36 @@ def _describe(exc: httpx.TransportError) -> str:
     if isinstance(exc, httpx.ConnectError):
         return f"connection failed: {exc}" if str(exc) else "connection failed"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def data_files_of(model: Path) -> list[Path]:
+    """The external data files next to an .onnx file: the names the model gives, read with the
+    onnx package when it is installed (the server extra), else PyTorch's convention
+    ``<model>.onnx.data``. The server checks every name and offset either way."""
+    if model.suffix != ".onnx":
+        return []
+    try:
+        import onnx
+    except ImportError:
+        names = [f"{model.name}.data"]
+    else:
+        try:
+            loaded = onnx.load(model, load_external_data=False)
+        except Exception:  # not ONNX: the server says what is wrong with it
+            return []
+        names = sorted({entry.value for tensor in _external(loaded.graph)
+                        for entry in tensor.external_data if entry.key == "location"})
+    plain = [n for n in names if "/" not in n and "\\" not in n]
+    return [model.parent / n for n in plain if (model.parent / n).is_file()]
+
+
+def _external(graph):
+    for tensor in graph.initializer:
+        if tensor.external_data:
+            yield tensor
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.t.external_data:
+                yield attribute.t
+            for sub in (attribute.g, *attribute.graphs):
+                yield from _external(sub)

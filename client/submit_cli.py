@@ -140,8 +140,8 @@ def _ensure(ensure, path: str, name: str | None, kind: str) -> dict:
     """The server's record of a file, uploaded only if its sha256 is new to the server."""
     digest = sha256_file(path)
     record, uploaded = ensure(path, name, sha256=digest)
-    _note(f"{kind} {path}: " + (f"uploaded as {record['id']}" if uploaded else
-                                f"already on the server as {record['id']}") + f" (sha256 {digest[:12]})")
+    where = f"uploaded as {record['id']}" if uploaded else f"already on the server as {record['id']}"
+    _note(f"{kind} {path}: {where} (sha256 {record['sha256'][:12]})")
     return record
 
 

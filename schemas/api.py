@@ -45,6 +45,9 @@ class ModelPublic(BaseModel):
     opset: int
     gradients: GradientVerdict
     attacks: Literal["all", "black_box_only"]
+    # float16 / bfloat16: predictions run in it; gradients are its float32 twin's
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    output_squeezed_from: list[int | None] | None = None  # logits [N, K, 1, 1] or [N, 1, K], squeezed
 
 
 class DatasetPublic(BaseModel):

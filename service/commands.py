@@ -38,12 +38,16 @@ GRADIENT_LOSS_HELP = LOSS_HELP + (
 
 
 def read_model(path: str) -> bytes:
+    """The model at ``path`` as one self-contained model: an .onnx with its external data files
+    next to it (PyTorch's default exporter writes model.onnx.data), or a .zip / .tar.gz bundle."""
+    from workers.onnxgrad.external import self_contained
+
     file = Path(path)
     if not file.is_file():
         raise CommandError(f"{path}: no such file")
     if file.stat().st_size > MAX_MODEL_BYTES:
-        raise CommandError(f"{path}: larger than 2 GiB; models with external data are not accepted")
-    return file.read_bytes()
+        raise CommandError(f"{path}: larger than 2 GiB; protobuf cannot hold one model that large")
+    return self_contained(file, MAX_MODEL_BYTES)
 
 
 def inspect_model(data: bytes, loss: str) -> dict:

@@ -36,6 +36,8 @@ from workers.onnxgrad import (
     build_gradient_model,
     prepare_classifier,
 )
+from workers.onnxgrad.dtypes import HALF
+from workers.onnxgrad.external import PathFile, is_archive, self_contained
 from workers.onnxgrad.prepare import image_input, make_batch_dynamic
 
 MiB = 1 << 20
@@ -55,6 +57,8 @@ class ModelInfo:
     gradients_available: bool  # False: only black-box attacks can evaluate the model
     unsupported: list[dict]  # {"op_type", "node", "reason"} for each node that blocks gradients
     operators: dict[str, int]  # operator -> count, after constant folding
+    dtype: str = "float32"  # float16 / bfloat16: predictions in it, gradients of its float32 twin
+    output_squeezed_from: list | None = None  # the output's own shape when it was [N, K, 1, 1] or such
 
 
 @dataclass
@@ -107,6 +111,7 @@ def validate_model(path: Path, *, max_bytes: int,
     _check_load_time_constants(model, budget=MAX_LOAD_TIME_CONSTANT_BYTES + 4 * len(data))
     found = inspect_classifier(model)  # a GradientBuildError is an invalid_model UserError itself
     prepared = found.prepared
+    _check_runtime_loads(prepared.model)
     if prepared.num_classes is None:
         raise InvalidModelError(
             f"the number of classes cannot be read from output {quoted(prepared.logits_name)}; "
@@ -120,7 +125,44 @@ def validate_model(path: Path, *, max_bytes: int,
         gradients_available=found.gradients_available,
         unsupported=found.unsupported,
         operators=found.operators,
+        dtype=prepared.dtype,
+        output_squeezed_from=None if prepared.squeezed_from is None else [
+            d if isinstance(d, int) else None for d in prepared.squeezed_from],
     )
+
+
+def validate_model_upload(path: Path, data: dict[str, Path], out: Path, *, max_bytes: int,
+                          max_loop_iterations: int = DEFAULT_MAX_LOOP_ITERATIONS) -> tuple[ModelInfo, bool]:
+    """An uploaded model: a plain .onnx, validated as it is ((info, False)); or a model with its
+    external data files, or a .zip / .tar.gz bundle of them, made one self-contained model in
+    ``out`` and validated there ((info, True)). Data files come only from the upload: nothing is
+    looked up next to the file or at a path the model names."""
+    with path.open("rb") as handle:
+        archive = is_archive(handle.read(4))
+    if not data and not archive:
+        return validate_model(path, max_bytes=max_bytes, max_loop_iterations=max_loop_iterations), False
+    if data and archive:
+        raise InvalidModelError("send either a .zip / .tar.gz bundle, or the .onnx file with its data files; "
+                                "not both")
+    files = {name: PathFile(file, file.stat().st_size) for name, file in data.items()}
+    out.write_bytes(self_contained(path, max_bytes, files))
+    return validate_model(out, max_bytes=max_bytes, max_loop_iterations=max_loop_iterations), True
+
+
+def _check_runtime_loads(model: onnx.ModelProto) -> None:
+    """ONNX Runtime builds a session of the model, or the upload is refused now rather than
+    failing every evaluation later."""
+    import onnxruntime as ort
+
+    from workers.runtime import MODEL_REFUSED, runtime_refusal
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # loading is the check
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except MODEL_REFUSED as exc:
+        raise runtime_refusal(exc) from None
 
 
 def _read_model_file(path: Path, max_bytes: int) -> bytes:
@@ -268,8 +310,10 @@ def refuse_external_data(model: onnx.ModelProto) -> None:
                 f"external data file {quoted(location)}" if location is not None else "an external data file"
             )
             raise InvalidModelError(
-                f"the model references {what} (tensor {quoted(tensor.name)}); re-export it with all "
-                "weights inside the .onnx file (onnx.save_model(model, path, save_as_external_data=False))"
+                f"the model references {what} (tensor {quoted(tensor.name)}); upload its data files "
+                "with it (multipart `data` parts named as the model names them, or one .zip / .tar.gz of "
+                "the model and its data files), or save all weights inside the .onnx file "
+                "(onnx.save_model(model, path, save_as_external_data=False))"
             )
 
 
@@ -436,7 +480,7 @@ def _check_input(model: onnx.ModelProto) -> None:
             "float32 image tensor as input"
         )
     tensor_type = x.type.tensor_type
-    if tensor_type.elem_type != TensorProto.FLOAT:
+    if tensor_type.elem_type not in (TensorProto.FLOAT, *HALF):
         got = (
             TensorProto.DataType.Name(tensor_type.elem_type)
             if tensor_type.elem_type in TensorProto.DataType.values()
@@ -444,7 +488,7 @@ def _check_input(model: onnx.ModelProto) -> None:
         )
         raise InvalidModelError(
             f"input {quoted(x.name)} has element type {got}; export the model with a "
-            "float32 input (cast inside the model if it needs another type)"
+            "float32, float16 or bfloat16 input (cast inside the model if it needs another type)"
         )
     if not tensor_type.HasField("shape"):
         raise InvalidModelError(

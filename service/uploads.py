@@ -1,10 +1,14 @@
 """Receiving an uploaded file: streamed into the blob store's tmp folder while hashed,
-validated there, then moved into the store under its sha256."""
+validated there, then moved into the store under its sha256. A model may come with its
+external data files (PyTorch's default exporter writes model.onnx.data): they are received
+the same way, and what is stored is the one self-contained model made of them."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,12 +26,11 @@ async def _chunks(upload: UploadFile):
         yield chunk
 
 
-async def receive(
-    upload: UploadFile, store: LocalBlobStore, limit: int, what: str,
-    validate: Callable[[Path], Awaitable[Info]],
-) -> tuple[str, int, Info]:
-    """(sha256, size, what ``validate`` returned); the blob is in the store afterwards.
-    ``validate`` runs the validator away from the event loop (service/validation_pool.py)."""
+@asynccontextmanager
+async def _received(upload: UploadFile, store: LocalBlobStore, limit: int, what: str
+                    ) -> AsyncIterator[tuple[Path, str, int]]:
+    """(temp path, sha256, size) of the upload, streamed to disk; the file is removed on exit
+    unless moved into the store."""
     with store.temp_file() as (path, handle):
         try:
             sha256, size = await stream_to_file(_chunks(upload), handle, limit)
@@ -35,8 +38,63 @@ async def receive(
             raise TooLarge(f"the {what} is larger than the limit of {limit} bytes") from None
         handle.close()
         if size == 0:
-            raise ApiError(f"the {what} file is empty", type=f"invalid_{what}")
+            named = f" {upload.filename!r}" if upload.filename else ""
+            raise ApiError(f"the {what} file{named} is empty", type=f"invalid_{what}")
+        yield path, sha256, size
+
+
+async def receive(
+    upload: UploadFile, store: LocalBlobStore, limit: int, what: str,
+    validate: Callable[[Path], Awaitable[Info]],
+) -> tuple[str, int, Info]:
+    """(sha256, size, what ``validate`` returned); the blob is in the store afterwards.
+    ``validate`` runs the validator away from the event loop (service/validation_pool.py)."""
+    async with _received(upload, store, limit, what) as (path, sha256, size):
         info = await validate(path)  # a UserError answers its own 4xx
         if not store.exists(sha256):
             await asyncio.to_thread(store.put_file, path, sha256)
     return sha256, size, info
+
+
+def _data_file_name(upload: UploadFile, seen: dict[str, Path]) -> str:
+    name = upload.filename or ""
+    if not name or "/" in name or "\\" in name or "\x00" in name or name in (".", ".."):
+        raise ApiError(f"a data file is named {name!r}; send each under its plain file name, as the model's "
+                       "external data names it (model.onnx.data)", type="invalid_model")
+    if name in seen:
+        raise ApiError(f"two data files are named {name!r}; send each once", type="invalid_model")
+    return name
+
+
+async def receive_model(
+    upload: UploadFile, data: list[UploadFile], store: LocalBlobStore, limit: int,
+    validate: Callable[[Path, dict[str, Path], Path], Awaitable[tuple[Info, bool]]],
+) -> tuple[str, int, Info]:
+    """A model with its data files (or a .zip / .tar.gz bundle in ``upload``): (sha256, size,
+    info) of what is stored. ``validate(model, data files by name, out)`` returns (info, whether
+    it wrote a self-contained model to ``out``, which is then stored in place of the upload)."""
+    async with AsyncExitStack() as stack:
+        path, sha256, size = await stack.enter_async_context(_received(upload, store, limit, "model"))
+        files: dict[str, Path] = {}
+        received = size
+        for part in data:
+            name = _data_file_name(part, files)
+            files[name], _, part_size = await stack.enter_async_context(
+                _received(part, store, limit - received, "model"))
+            received += part_size
+        out, handle = stack.enter_context(store.temp_file())
+        handle.close()
+        info, bundled = await validate(path, files, out)
+        if bundled:
+            path, sha256, size = out, await asyncio.to_thread(_sha256, out), out.stat().st_size
+        if not store.exists(sha256):
+            await asyncio.to_thread(store.put_file, path, sha256)
+    return sha256, size, info
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MODEL_NAMES", "make_model", "input_shape", "export_onnx", "export"]
+__all__ = ["MODEL_NAMES", "make_model", "input_shape", "export_onnx", "export", "export_default"]
 
 NUM_CLASSES = 10
 
@@ -479,11 +479,14 @@ def export_onnx(
     dynamic_batch: bool = True,
     input_name: str = "input",
     output_name: str = "logits",
+    fold_constants: bool = True,
 ) -> onnx.ModelProto:
     """Export `module` with the legacy TorchScript exporter; input [batch, *input_shape].
 
     With `dynamic_batch` the batch axis is the symbolic dimension "batch"; otherwise the
-    model is traced (and fixed) at batch 2.
+    model is traced (and fixed) at batch 2. `fold_constants` (the exporter's default) folds a
+    BatchNorm after a Conv into the Conv's weights, rounded in float32: a slightly different
+    float32 function from the module's.
     """
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, *input_shape, generator=generator)
@@ -503,9 +506,21 @@ def export_onnx(
             input_names=[input_name],
             output_names=[output_name],
             dynamic_axes=dynamic_axes,
-            do_constant_folding=True,
+            do_constant_folding=fold_constants,
         )
     return onnx.load_from_string(buffer.getvalue())
+
+
+def export_default(module: torch.nn.Module, input_shape: tuple[int, ...], path) -> None:
+    """Export `module` to `path` as `torch.onnx.export` does by default since PyTorch 2.9: the
+    torch.export-based exporter (``dynamo=True``, onnxscript), weights in `path`.data beside
+    it (external data), a symbolic batch axis."""
+    example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (example,), str(path), dynamo=True, verbose=False,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=True)
 
 
 @functools.lru_cache(maxsize=64)

@@ -88,7 +88,8 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
     result = EvaluationResult(
         model={"sha256": hashlib.sha256(model).hexdigest(), "input_shape": subject.model_input,
                "layout": subject.model_layout, "num_classes": classifier.num_classes,
-               "ends_in_softmax": classifier.ends_in_softmax, "fixed_batch": classifier.fixed_batch},
+               "ends_in_softmax": classifier.ends_in_softmax, "fixed_batch": classifier.fixed_batch,
+               "dtype": classifier.dtype, "output_squeezed_from": _shape(classifier.squeezed_from)},
         dataset={"samples": len(x), "source_dtype": dataset.source_dtype,
                  "sha256": _dataset_digest(dataset, spec)},
         spec=spec, device=classifier.device, clean_accuracy=clean_accuracy, attacks=entries,
@@ -248,6 +249,10 @@ def fooling_summary(classifier: Classifier, spec: EvaluationSpec, shape) -> dict
             options.threshold, np.random.default_rng([spec.seed, 2]), bounds)
         summary["gradient_ascent"] = ascent.summary()
     return summary
+
+
+def _shape(shape) -> list | None:
+    return None if shape is None else [d if isinstance(d, int) else str(d) for d in shape]
 
 
 def _dataset_digest(dataset: Dataset, spec: EvaluationSpec) -> str:

@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from workers.layout import LAYOUTS, model_layout
+from workers.onnxgrad.dtypes import half_dtype
 from workers.onnxgrad.prepare import image_input, load_model
 
 
@@ -103,7 +104,12 @@ def compose_preprocessing(
     if model_layout == "NHWC":
         nodes.append(helper.make_node("Transpose", [current], [f"{x.name}/nhwc"], perm=[0, 2, 3, 1]))
         current = f"{x.name}/nhwc"
-    nodes.append(helper.make_node("Identity", [current], [internal]))
+    half = half_dtype(x)
+    if half is not None:  # normalised in float32, then cast to the half model's own input type
+        nodes.append(helper.make_node("Cast", [current], [internal], to=half))
+        x.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    else:
+        nodes.append(helper.make_node("Identity", [current], [internal]))
     new_nodes = nodes + list(graph.node)
     del graph.node[:]
     graph.node.extend(new_nodes)

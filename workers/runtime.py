@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from workers.onnxgrad import InvalidModelError, build_gradient_model, prepare_classifier
+from workers.onnxgrad.dtypes import feed_dtype
 from workers.onnxgrad.losses import LOSS_INPUTS, LOSSES
 
 log = logging.getLogger("robustness.runtime")
@@ -113,6 +115,17 @@ def _run(session, outputs, feeds, options=None):
         raise
 
 
+# what ONNX Runtime raises for a model it cannot load (not for a device or memory failure)
+MODEL_REFUSED = (ort_errors.InvalidGraph, ort_errors.InvalidArgument, ort_errors.InvalidProtobuf,
+                 ort_errors.NotImplemented, ort_errors.Fail)
+
+
+def runtime_refusal(exc: Exception) -> InvalidModelError:
+    first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return InvalidModelError(f"ONNX Runtime {ort.__version__} cannot load the model: {first}; check that it "
+                             "runs with onnxruntime.InferenceSession, or export it again")
+
+
 _GRADIENT_MODELS = _LruCache(32)
 _SESSIONS = _LruCache(16)
 _logged_devices: set[str] = set()
@@ -128,7 +141,13 @@ def _session(key: tuple, model_bytes: Callable[[], bytes], options: RuntimeOptio
         so.log_severity_level = 3
         providers = [(p, PROVIDER_OPTIONS[p]) if p in PROVIDER_OPTIONS else p
                      for p in choose_providers(options.providers)]
-        session = ort.InferenceSession(model_bytes(), so, providers=providers)
+        try:
+            session = ort.InferenceSession(model_bytes(), so, providers=providers)
+        except MODEL_REFUSED as exc:  # the model's fault; a device failure stays ours
+            raise InvalidModelError(
+                f"ONNX Runtime {ort.__version__} cannot load the model: {str(exc).splitlines()[0][:300]}; "
+                "check that it runs with onnxruntime.InferenceSession, or export it again"
+            ) from None
         device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
         if device not in _logged_devices:
             _logged_devices.add(device)
@@ -163,8 +182,12 @@ class Classifier:
         self.input_name = prepared.input_name
         self.input_shape = prepared.input_shape
         self.ends_in_softmax = prepared.ends_in_softmax
+        self.dtype = prepared.dtype  # float16 / bfloat16: predictions in it, gradients of its float32 twin
+        self.squeezed_from = prepared.squeezed_from  # the output's own shape, when [N, K, 1, 1] or such
         self._raw = raw
-        self._forward_bytes = self._forward_model(prepared).SerializeToString()
+        forward = self._forward_model(prepared)
+        self._feed_dtype = feed_dtype(forward, prepared.input_name)  # float16 for a float16 model
+        self._forward_bytes = forward.SerializeToString()
         self._forward = _session((self.model_hash, output_name, "forward"),
                                  lambda: self._forward_bytes, self.options)
         self.fixed_batch: int | None = None
@@ -182,7 +205,10 @@ class Classifier:
 
     @staticmethod
     def _forward_model(prepared) -> onnx.ModelProto:
-        """The prepared model with the differentiated scores as its only output."""
+        """The prepared model with the differentiated scores as its only output (a half-precision
+        model: itself, with a float32 interface)."""
+        if prepared.forward is not None:
+            return prepared.forward
         model = prepared.model
         if prepared.ends_in_softmax or model.graph.output[0].name != prepared.logits_name:
             model = onnx.ModelProto()
@@ -205,7 +231,7 @@ class Classifier:
 
     def _probe(self, n: int) -> np.ndarray:
         dims = [d if isinstance(d, int) else 1 for d in self.input_shape[1:]]
-        return np.zeros([n] + dims, np.float32)
+        return np.zeros([n] + dims, self._feed_dtype)
 
     def _gradient_session(self, loss: str):
         check_loss(loss)
@@ -253,8 +279,11 @@ class Classifier:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         (x,) = self.check_inputs(x)
-        outputs = self._run_batches(self._forward, None, {self.input_name: x})
-        return outputs[0] if outputs else np.zeros((0, self.num_classes), np.float32)
+        feeds = {self.input_name: x.astype(self._feed_dtype, copy=False)}
+        outputs = self._run_batches(self._forward, None, feeds)
+        if not outputs:
+            return np.zeros((0, self.num_classes), np.float32)
+        return outputs[0].astype(np.float32, copy=False)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.logits(x).argmax(axis=1)

@@ -15,7 +15,7 @@ from schemas.api import GradientVerdict, ModelInput, ModelList, ModelPublic
 from service import uploads
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.errors import ERROR_RESPONSES, printable_name
-from service.model_admission import validate_model
+from service.model_admission import validate_model_upload
 from service.scoping import delete_record, owned, refuse_if_in_use, store_record_in, tenant_records
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
@@ -34,6 +34,8 @@ def public(row: StoredModel) -> ModelPublic:
         opset=info["opset"],
         gradients=GradientVerdict(available=info["gradients_available"], unsupported=info["unsupported"]),
         attacks="all" if info["gradients_available"] else "black_box_only",
+        dtype=info.get("dtype", "float32"),  # records from before half precision have none
+        output_squeezed_from=info.get("output_squeezed_from"),
     )
 
 
@@ -49,19 +51,24 @@ async def upload_model(
     store: StoreDep,
     request: Request,
     response: Response,
-    file: Annotated[UploadFile, File(description="the .onnx file")],
+    file: Annotated[UploadFile, File(
+        description="the .onnx file, or a .zip / .tar.gz of it with its data files")],
     name: Annotated[str | None, Form(max_length=200), AfterValidator(printable_name)] = None,
+    data: Annotated[list[UploadFile] | None, File(description=(
+        "the model's external data files, each under the file name the model gives it "
+        "(PyTorch's default exporter writes model.onnx.data)"))] = None,
 ) -> ModelPublic:
     """Validate and store an ONNX classifier; the answer says whether exact gradients are
-    available or only black-box attacks, naming the operators that block gradients."""
-    sha256, size, info = await uploads.receive(
+    available or only black-box attacks, naming the operators that block gradients. A model
+    with external data is stored as one self-contained model (its sha256 is that model's)."""
+    sha256, size, info = await uploads.receive_model(
         file,
+        data or [],
         store,
         settings.max_model_bytes,
-        "model",
-        lambda path: request.app.state.validation.run(
-            "model", partial(validate_model, max_bytes=settings.max_model_bytes,
-                             max_loop_iterations=settings.max_loop_iterations), path),
+        lambda path, files, out: request.app.state.validation.run(
+            "model", partial(validate_model_upload, max_bytes=settings.max_model_bytes,
+                             max_loop_iterations=settings.max_loop_iterations), path, files, out),
     )
     row, created = await run_in_threadpool(
         store_record_in,

@@ -114,8 +114,9 @@ def test_ramps_give_the_comparisons_mask_at_every_kink(activation, steps, monkey
 def test_ramps_are_left_out_where_the_layout_would_not_keep_them():
     assert _ramp_count(build_gradient_model(_classifier("relu6", channels=24),
                                             loss="cross_entropy")) == 0  # 24 % 16
-    assert _ramp_count(build_gradient_model(_classifier("relu6", dtype=np.float16),
-                                            loss="cross_entropy")) == 0
+    # a float16 stage is differentiated in its float32 twin (workers/onnxgrad/dtypes.py), which keeps ramps
+    assert _ramp_count(build_gradient_model(_classifier("relu6", dtype=np.float16), loss="cross_entropy")) \
+        == _ramp_count(build_gradient_model(_classifier("relu6"), loss="cross_entropy")) > 0
     assert _ramp_count(build_gradient_model(_classifier("relu6", producer="Neg"),
                                             loss="cross_entropy")) == 0
 

@@ -81,7 +81,7 @@ def test_integer_input_is_refused():
     model = classifier([helper.make_node("Cast", ["x"], ["xf"], to=1),
                         helper.make_node("MatMul", ["xf", "W"], ["z"])], [W],
                        input_type=TensorProto.INT64)
-    with pytest.raises(InvalidModelError, match="float32 image input is required"):
+    with pytest.raises(InvalidModelError, match="a float32, float16 or bfloat16 image input is required"):
         build_gradient_model(model)
 
 
@@ -94,10 +94,12 @@ def test_two_inputs_are_refused():
 
 
 def test_output_that_is_not_n_by_k_is_refused():
+    """[N, 3, 3] has two class-like axes: not logits. ([N, 1, 3] is squeezed: test_model_files.py)"""
     model = classifier([helper.make_node("MatMul", ["x", "W"], ["h"]),
-                        helper.make_node("Unsqueeze", ["h", "axes"], ["z"])],
+                        helper.make_node("Unsqueeze", ["h", "axes"], ["h1"]),
+                        helper.make_node("Concat", ["h1", "h1", "h1"], ["z"], axis=1)],
                        [W, numpy_helper.from_array(np.array([1], np.int64), "axes")],
-                       output_shape=("N", 1, 3))
+                       output_shape=("N", 3, 3))
     with pytest.raises(InvalidModelError, match=r"expected logits of shape \[N, K\]"):
         build_gradient_model(model)
 

@@ -31,7 +31,8 @@ MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
 GOOD_MODEL = ROOT / "examples" / "digits-cnn.onnx"
 REEXPORT = (
-    "re-export it with all weights inside the .onnx file "
+    "upload its data files with it (multipart `data` parts named as the model names them, or one .zip / "
+    ".tar.gz of the model and its data files), or save all weights inside the .onnx file "
     "(onnx.save_model(model, path, save_as_external_data=False))"
 )
 
@@ -347,8 +348,8 @@ def _input(name, elem_type, shape):
                 helper.make_node("Cast", ["x"], ["f"], to=TensorProto.FLOAT),
                 helper.make_node("MatMul", ["f", "W"], ["logits"]),
             ],
-            "input 'x' has element type INT64; export the model with a float32 input "
-            "(cast inside the model if it needs another type)",
+            "input 'x' has element type INT64; export the model with a float32, float16 or bfloat16 "
+            "input (cast inside the model if it needs another type)",
         ),
         (
             [_input("x", TensorProto.FLOAT, ["N", 2, 2])],

@@ -26,6 +26,7 @@ from onnx import helper
 
 from workers.attacks.base import check
 from workers.errors import InvalidParameter, UserError
+from workers.onnxgrad.dtypes import half_dtype
 from workers.onnxgrad.prepare import image_input, load_model, normalise_opset
 
 
@@ -208,11 +209,17 @@ def prepend_stage(model: onnx.ModelProto, x: onnx.ValueInfoProto, nodes: list[on
                   initializers: list[onnx.TensorProto], output: str) -> onnx.ModelProto:
     """Put ``nodes`` (reading ``x.name``, writing ``output``) in front of ``model``, in place.
 
-    Every node that read the image input now reads ``output``; the input keeps its name.
+    Every node that read the image input now reads ``output``; the input keeps its name. The
+    stage computes in float32: before a half-precision model, its output is cast to the model's type.
     """
     graph = model.graph
     for out in graph.output:
         check(out.name != x.name, f"the model returns its input {x.name!r} unchanged; nothing to defend")
+    half = half_dtype(x)
+    if half is not None:
+        nodes = [*nodes, helper.make_node("Cast", [output], [f"{output}/half"], to=half)]
+        output = f"{output}/half"
+        x.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name == x.name:

@@ -13,9 +13,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import TensorProto, numpy_helper, shape_inference, version_converter
+from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
 
 from .autodiff import attr
+from .dtypes import HALF, float32_twin, forward_model, half_dtype, half_inside
 from .errors import InvalidModelError
 from .fold import fold_constants, fold_static_shape_reads
 from .graph import Shape, opset_of, static_shape, tensor_types
@@ -34,6 +35,11 @@ class PreparedClassifier:
     ends_in_softmax: bool
     opset: int
     fixed_batch: int | None = None  # the batch size the upload declared, if it was not symbolic
+    dtype: str = "float32"  # the model's: float16 and bfloat16 run as they are (workers/onnxgrad/dtypes.py)
+    # what predictions run when it is not ``model``: a half-precision model itself (dtypes.forward_model;
+    # ``model`` is then its float32 twin, which gradients differentiate)
+    forward: onnx.ModelProto | None = None
+    squeezed_from: Shape | None = None  # the output's shape when it was [N, K, 1, 1] or [N, 1, K]
 
 
 def load_model(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
@@ -41,7 +47,7 @@ def load_model(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
-        return copy
+        return legacy_ir_to_4(copy)
     if not isinstance(model, bytes | bytearray | memoryview):
         raise InvalidModelError(f"expected an onnx.ModelProto or bytes, got {type(model).__name__}")
     try:
@@ -52,7 +58,31 @@ def load_model(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
         ) from None
     if not parsed.graph.node and not parsed.graph.output:
         raise InvalidModelError("the file parsed as ONNX but holds no graph; upload an .onnx model")
-    return parsed
+    return legacy_ir_to_4(parsed)
+
+
+LEGACY_IR = 4  # below it, every initializer is also a graph input (CNTK, early zoo files)
+
+
+def legacy_ir_to_4(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A model of IR version 3 or older, in place, as IR 4: its initializer-backed inputs are
+    constants (legacy exporters listed every weight as an input; no user feeds them), so they
+    leave the inputs. From IR 4 on an initializer need not be an input, and every graph built
+    from the model (gradients included) keeps that. IR 4 reads any opset these files use."""
+    if model.ir_version >= LEGACY_IR:
+        return model
+    _constants_leave_inputs(model.graph)
+    model.ir_version = LEGACY_IR
+    return model
+
+
+def _constants_leave_inputs(graph: onnx.GraphProto) -> None:
+    """The main graph's only: a subgraph's inputs are positional (a Loop body's iteration
+    count, condition and carried values), never weights."""
+    constants = {tensor.name for tensor in graph.initializer}
+    kept = [value for value in graph.input if value.name not in constants]
+    del graph.input[:]
+    graph.input.extend(kept)
 
 
 def _all_tensors(graph: onnx.GraphProto):
@@ -115,10 +145,11 @@ def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
             "export the classifier with a single image tensor as input"
         )
     tensor_type = inputs[0].type.tensor_type
-    if tensor_type.elem_type != TensorProto.FLOAT:
+    if tensor_type.elem_type != TensorProto.FLOAT and half_dtype(inputs[0]) is None:
         got = TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "no"
         raise InvalidModelError(
-            f"input {inputs[0].name!r} has {got} element type; a float32 image input is required"
+            f"input {inputs[0].name!r} has {got} element type; a float32, float16 or bfloat16 image "
+            "input is required"
         )
     if tensor_type.HasField("shape") and len(tensor_type.shape.dim) < 2:
         raise InvalidModelError(
@@ -200,9 +231,16 @@ def prepare_classifier(
         raise InvalidModelError(f"the model has no output {output_name!r}; outputs: {outputs}")
     types = tensor_types(model.graph)
     out_shape = static_shape(types.get(output_name))
+    squeezed_from = None
+    if out_shape is not None and _squeezable(out_shape):
+        squeezed_from, output_name = out_shape, squeeze_logits(model, output_name, out_shape)
+        model = infer_shapes(model)
+        types = tensor_types(model.graph)
+        out_shape = static_shape(types.get(output_name))
     if out_shape is not None and len(out_shape) != 2:
         raise InvalidModelError(
-            f"output {output_name!r} has shape {list(out_shape)}; expected logits of shape [N, K]"
+            f"output {output_name!r} has shape {list(out_shape)}; expected logits of shape [N, K] "
+            "(or [N, K, 1, 1], [N, 1, K], which are squeezed)"
         )
     num_classes = out_shape[1] if out_shape is not None and isinstance(out_shape[1], int) else None
 
@@ -217,8 +255,52 @@ def prepare_classifier(
         logits, ends_in_softmax = producer.input[0], True
 
     input_shape = static_shape(types.get(x.name)) or ()
+    half = half_dtype(x) or half_inside(model.graph)
+    forward = None
+    if half is not None:
+        forward = forward_model(model, x.name, logits, half)
+        model = float32_twin(model)
     return PreparedClassifier(
         model=model, input_name=x.name, input_shape=input_shape, logits_name=logits,
         num_classes=num_classes, ends_in_softmax=ends_in_softmax, opset=opset_of(model),
-        fixed_batch=fixed_batch,
+        fixed_batch=fixed_batch, dtype=HALF[half] if half is not None else "float32", forward=forward,
+        squeezed_from=squeezed_from,
     )
+
+
+def _squeezable(shape: Shape) -> bool:
+    """[N, K, 1, 1], [N, 1, K] and the like: one class axis, every other axis but the batch 1."""
+    rest = shape[1:]
+    return len(shape) > 2 and all(isinstance(d, int) for d in rest) and sum(d != 1 for d in rest) == 1
+
+
+def squeeze_logits(model: onnx.ModelProto, output_name: str, shape: Shape) -> str:
+    """The output flattened to [N, K] (``output/squeezed``) as the model's first output; a final
+    Softmax over the class axis moves after the flattening, so the logits are [N, K] too."""
+    graph = model.graph
+    squeezed = f"{output_name}/squeezed"
+    producer = next((n for n in graph.node if output_name in n.output), None)
+    class_axis = 1 + [d != 1 for d in shape[1:]].index(True)
+    if producer is not None and producer.op_type == "Softmax":
+        if not _over_classes(producer, len(shape), class_axis, opset_of(model)):
+            raise InvalidModelError(
+                f"the model ends in Softmax over axis {attr(producer, 'axis')} of its {list(shape)} output; "
+                f"expected the class axis ({class_axis})"
+            )
+        flat = f"{producer.input[0]}/squeezed"
+        graph.node.extend([helper.make_node("Flatten", [producer.input[0]], [flat], axis=1),
+                           helper.make_node("Softmax", [flat], [squeezed], axis=-1)])
+    else:
+        graph.node.append(helper.make_node("Flatten", [output_name], [squeezed], axis=1))
+    outputs = [o for o in graph.output if o.name != output_name]
+    elem = next(o for o in graph.output if o.name == output_name).type.tensor_type.elem_type
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info(squeezed, elem, None), *outputs])
+    return squeezed
+
+
+def _over_classes(softmax: onnx.NodeProto, rank: int, class_axis: int, opset: int) -> bool:
+    axis = attr(softmax, "axis", -1 if opset >= 13 else 1)
+    axis = axis + rank if axis < 0 else axis
+    # before opset 13 Softmax flattens the axes from `axis` on: the class axis and 1s
+    return axis == class_axis if opset >= 13 else 1 <= axis <= class_axis

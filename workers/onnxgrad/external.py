@@ -1,0 +1,303 @@
+"""Models whose weights live in separate files (ONNX external data), brought inside the model.
+
+PyTorch's default exporter (torch.export-based, ``dynamo=True``) writes ``model.onnx`` and
+``model.onnx.data``; larger models always come that way. A bundle is the model and its data
+files, given by name: files next to the model on the command line, the other parts of a
+multipart upload, or the members of a .zip or .tar.gz. Nothing here follows a path written in
+the model: every ``location`` must be the plain name of a file in the bundle (no separator, no
+``..``, no absolute path), the bundle holds regular files only, and each tensor's offset and
+length are checked against its file's size and against the tensor's own size before a byte is
+read. The result is one self-contained model, stored and hashed as one unit.
+
+Protobuf cannot serialise a model of 2 GiB or more, so such a model is refused here with a
+message saying so; the rest of the engine works on serialised models.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .errors import InvalidModelError
+
+PROTOBUF_LIMIT = 2**31 - 1
+_ARCHIVE_MEMBERS = 64  # a model and its data files: a few; more is not a model bundle
+_PLAIN_NAME = re.compile(r"^[^/\\\x00]+$")
+
+
+class DataFile(Protocol):
+    """A data file of a bundle: its size, and its bytes from an offset."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+
+@dataclass
+class PathFile:
+    path: Path
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self.path.open("rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
+
+
+@dataclass
+class BytesFile:
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset:offset + length]
+
+
+def external_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every tensor of the model (initializers, attributes, subgraphs) whose data is external."""
+    def walk(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+        yield from graph.initializer
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    yield attribute.t
+                yield from attribute.tensors
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attribute.g)
+                for sub in attribute.graphs:
+                    yield from walk(sub)
+
+    for tensor in walk(model.graph):
+        if tensor.data_location == TensorProto.EXTERNAL or tensor.external_data:
+            yield tensor
+
+
+def data_file_names(model: onnx.ModelProto) -> list[str]:
+    """The data files ``model`` names, checked as plain names, in order of first use."""
+    names: dict[str, None] = {}
+    for tensor in external_tensors(model):
+        names[_location(tensor)] = None
+    return list(names)
+
+
+def _location(tensor: TensorProto) -> str:
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = entries.get("location", "")
+    if not _PLAIN_NAME.match(location) or location in (".", "..") or Path(location).name != location:
+        raise InvalidModelError(
+            f"tensor {tensor.name!r} keeps its external data at {location!r}; a data file must be named by a "
+            "plain file name in the same folder as the model (no folders, '..' or absolute paths)"
+        )
+    return location
+
+
+def _expected_bytes(tensor: TensorProto) -> int | None:
+    """The raw size of ``tensor``'s data from its type and dims (None for strings)."""
+    if tensor.data_type == TensorProto.STRING:
+        return None
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        raise InvalidModelError(
+            f"tensor {tensor.name!r} has an unknown element type {tensor.data_type}") from None
+    count = 1
+    for dim in tensor.dims:
+        if dim < 0:
+            raise InvalidModelError(f"tensor {tensor.name!r} has a negative dimension {dim}")
+        count *= dim
+    if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * itemsize
+
+
+def internalize(model: onnx.ModelProto, files: Mapping[str, DataFile], max_bytes: int) -> onnx.ModelProto:
+    """``model`` (in place) with every external tensor's bytes read from ``files`` into it."""
+    total = model.ByteSize()
+    for tensor in list(external_tensors(model)):
+        location = _location(tensor)
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        if location not in files:
+            given = ", ".join(sorted(files)) or "none"
+            raise InvalidModelError(
+                f"tensor {tensor.name!r} keeps its data in {location!r}, which was not given (data files "
+                f"given: {given}); upload it with the model, or put it next to the .onnx file"
+            )
+        file = files[location]
+        try:
+            offset = int(entries.get("offset", "0"))
+            length = int(entries["length"]) if "length" in entries else file.size - offset
+        except ValueError:
+            raise InvalidModelError(
+                f"tensor {tensor.name!r}: its offset or length is not an integer") from None
+        if offset < 0 or length < 0 or offset + length > file.size:
+            raise InvalidModelError(
+                f"tensor {tensor.name!r} reads bytes {offset}..{offset + length} of {location!r}, which has "
+                f"{file.size} bytes; the data file does not belong to this model (export them together)"
+            )
+        expected = _expected_bytes(tensor)
+        if expected is not None and length != expected:
+            raise InvalidModelError(
+                f"tensor {tensor.name!r} is {list(tensor.dims)} of type "
+                f"{TensorProto.DataType.Name(tensor.data_type)}, {expected} bytes, but its external data "
+                f"has {length}; the data file does not belong to this model"
+            )
+        total += length
+        if total > min(max_bytes, PROTOBUF_LIMIT):
+            raise InvalidModelError(
+                f"the model with its data files is larger than {min(max_bytes, PROTOBUF_LIMIT)} bytes "
+                "(the size limit, or protobuf's 2 GiB for one model); make it smaller"
+            )
+        tensor.raw_data = file.read(offset, length)
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+    return model
+
+
+def files_next_to(model_path: Path, names: list[str]) -> dict[str, DataFile]:
+    """The data files named by a model at ``model_path``, from the model's own folder: regular
+    files only (no links), each a plain name (checked by ``data_file_names``)."""
+    found: dict[str, DataFile] = {}
+    for name in names:
+        path = model_path.parent / name
+        if path.is_symlink() or not path.is_file():
+            raise InvalidModelError(
+                f"{model_path.name} keeps tensors in {name!r}, which is not a regular file next to it; "
+                "copy the model's data files (not links) into its folder"
+            )
+        found[name] = PathFile(path, path.stat().st_size)
+    return found
+
+
+def read_archive(handle: BinaryIO, max_bytes: int) -> tuple[str, bytes, dict[str, DataFile]]:
+    """(the .onnx member's name, its bytes, the other members) of a .zip or .tar.gz bundle:
+    regular files with plain names only, at most ``max_bytes`` unpacked in all."""
+    start = handle.read(4)
+    handle.seek(0)
+    if start.startswith(b"PK\x03\x04"):
+        members = _zip_members(handle, max_bytes)
+    elif start.startswith(b"\x1f\x8b"):
+        members = _tar_members(handle, max_bytes)
+    else:
+        raise InvalidModelError("not a .zip or .tar.gz bundle")
+    models = [name for name in members if name.endswith(".onnx")]
+    if len(models) != 1:
+        raise InvalidModelError(
+            f"the bundle holds {len(models)} .onnx files ({', '.join(models) or 'none'}); put exactly one "
+            "model and its data files at the top of the archive"
+        )
+    model = members.pop(models[0])
+    return models[0], model, {name: BytesFile(data) for name, data in members.items()}
+
+
+def is_archive(start: bytes) -> bool:
+    return start.startswith((b"PK\x03\x04", b"\x1f\x8b"))
+
+
+def _member_name(name: str) -> str:
+    if not _PLAIN_NAME.match(name) or name in (".", ".."):
+        raise InvalidModelError(
+            f"the bundle's member {name!r} is not a plain file name; put the model and its data files "
+            "at the top of the archive, with no folders"
+        )
+    return name
+
+
+def _zip_members(handle: BinaryIO, max_bytes: int) -> dict[str, bytes]:
+    try:
+        archive = zipfile.ZipFile(handle)
+    except zipfile.BadZipFile as exc:
+        raise InvalidModelError(f"the bundle is not a readable .zip ({exc})") from None
+    infos = [info for info in archive.infolist() if not info.is_dir()]
+    _check_count(len(infos))
+    members: dict[str, bytes] = {}
+    budget = max_bytes
+    for info in infos:
+        name = _member_name(info.filename)
+        if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise InvalidModelError(f"the bundle's member {name!r} is a symbolic link; bundle regular files")
+        if name in members:
+            raise InvalidModelError(f"the bundle holds {name!r} twice")
+        if info.file_size > budget:
+            raise _too_large(max_bytes)
+        try:
+            with archive.open(info) as member:
+                data = member.read(info.file_size + 1)
+        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
+            raise InvalidModelError(f"the bundle's member {name!r} cannot be read ({exc})") from None
+        if len(data) != info.file_size:
+            raise InvalidModelError(f"the bundle's member {name!r} is not the size its header declares")
+        budget -= len(data)
+        members[name] = data
+    return members
+
+
+def _tar_members(handle: BinaryIO, max_bytes: int) -> dict[str, bytes]:
+    members: dict[str, bytes] = {}
+    budget = max_bytes
+    try:
+        with tarfile.open(fileobj=handle, mode="r:gz") as archive:
+            for info in archive:
+                if info.isdir():
+                    continue
+                name = _member_name(info.name[2:] if info.name.startswith("./") else info.name)
+                if not info.isreg():
+                    raise InvalidModelError(
+                        f"the bundle's member {name!r} is not a regular file (a link or device); "
+                        "bundle regular files")
+                if name in members:
+                    raise InvalidModelError(f"the bundle holds {name!r} twice")
+                _check_count(len(members) + 1)
+                if info.size > budget:
+                    raise _too_large(max_bytes)
+                extracted = archive.extractfile(info)
+                data = extracted.read() if extracted is not None else b""
+                budget -= len(data)
+                members[name] = data
+    except (tarfile.TarError, EOFError, OSError, io.UnsupportedOperation) as exc:
+        raise InvalidModelError(f"the bundle is not a readable .tar.gz ({exc})") from None
+    return members
+
+
+def _too_large(max_bytes: int) -> InvalidModelError:
+    return InvalidModelError(f"the bundle unpacks to more than {max_bytes} bytes (the model size limit)")
+
+
+def _check_count(count: int) -> None:
+    if count > _ARCHIVE_MEMBERS:
+        raise InvalidModelError(
+            f"the bundle holds more than {_ARCHIVE_MEMBERS} files; put one model and its data files in it")
+
+
+def self_contained(path: Path, max_bytes: int, data_files: Mapping[str, DataFile] | None = None) -> bytes:
+    """The model at ``path`` as one self-contained model: an .onnx whose data files are
+    ``data_files`` (None: the files next to it, on the command line only), or a .zip or .tar.gz
+    bundle. A model without external data comes back byte for byte."""
+    from .prepare import load_model
+
+    with path.open("rb") as handle:
+        if is_archive(handle.read(4)):
+            handle.seek(0)
+            _, data, data_files = read_archive(handle, max_bytes)
+        else:
+            handle.seek(0)
+            data = handle.read()
+    model = load_model(data)
+    names = data_file_names(model)
+    if not names:
+        return data
+    files = data_files if data_files is not None else files_next_to(path, names)
+    return internalize(model, files, max_bytes).SerializeToString()
