@@ -2,9 +2,12 @@
 
     .venv/bin/python bench/gradients.py [--models mlp,lenet,resnet18,mobilenet_v2]
         [--batch 64] [--threads 2] [--repeats N] [--warmup N] [--json PATH] [--no-memory]
-        [--provider cpu|cuda]
+        [--provider cpu|cuda] [--zoo small|imagenet]
 
-Per model (from tests.zoo, exported with a symbolic batch axis) it measures images/s of
+Per model (from tests.zoo, exported with a symbolic batch axis; with --zoo imagenet from
+tests.imagenet_zoo, each exported by both PyTorch exporters: resnet50@dynamo, the default
+torch.export-based exporter with external data, and resnet50@torchscript; bench/zoos.py) it
+measures images/s of
 
   ort_fwd           the exported model on an ORT CPU session
   ort_fwd_nospin    the same with session.intra_op.allow_spinning = "0"
@@ -73,12 +76,12 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench import zoo_models  # noqa: E402
 from bench.load import ForeignLoad  # noqa: E402
-from tests import zoo  # noqa: E402
+from bench.zoos import ZOOS, get_zoo  # noqa: E402
 from tests.onnx_ad_reference import build_onnx_ad_gradient  # noqa: E402
 
-DEFAULT_MODELS = ("mlp", "lenet", "resnet18", "mobilenet_v2")
+ZOO = get_zoo("small")  # main() sets --zoo's
+ZOO_NAME = ["small"]  # its name, for the memory probe's subprocess
 # the second ORT forward and gradient variants: without spinning threads on the CPU, with
 # device-resident inputs and outputs on CUDA
 SECOND_VARIANT = {"cpu": "nospin", "cuda": "device"}
@@ -103,8 +106,8 @@ CHECK_MIN_FRACTION = 0.9  # of the samples, for a gradient check to pass
 
 def make_batch(name: str, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    x = rng.random((batch, *zoo.input_shape(name)), dtype=np.float32)
-    labels = rng.integers(0, zoo.NUM_CLASSES, size=batch, dtype=np.int64)
+    x = rng.random((batch, *ZOO.input_shape(name)), dtype=np.float32)
+    labels = rng.integers(0, ZOO.NUM_CLASSES, size=batch, dtype=np.int64)
     return x, labels
 
 
@@ -199,7 +202,7 @@ class Prepared:
         self.provider = provider
         self.torch_device = "cuda" if provider == "cuda" else "cpu"
         self.x, self.labels = make_batch(name, batch)
-        model = zoo.export(name)
+        model = ZOO.export(name)
         self.input_name = model.graph.input[0].name
         self.forward_bytes = model.SerializeToString()
         self.grad_bytes: bytes | None = None
@@ -256,7 +259,7 @@ class Prepared:
         if variant in ("torch_fwd", "torch_fwd_bwd"):
             torch.set_num_threads(threads)
             device = self.torch_device
-            model = zoo.make_model(self.name).to(device)
+            model = ZOO.make_model(self.name).to(device)
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
             x = torch.from_numpy(self.x).to(device)
@@ -288,7 +291,7 @@ class Prepared:
 
 
 def torch_reference(name: str, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
-    model = zoo.make_model(name)
+    model = ZOO.make_model(name)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     xg = torch.from_numpy(x).requires_grad_(True)
@@ -468,6 +471,8 @@ def measure_memory(name: str, variant: str, batch: int, threads: int, provider: 
     command = [
         sys.executable,
         __file__,
+        "--zoo",
+        ZOO_NAME[0],
         "--_memory-child",
         f"{name}:{variant}",
         "--batch",
@@ -689,7 +694,9 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=zoo_models, default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--zoo", choices=sorted(ZOOS), default="small",
+                        help="imagenet: ImageNet-size models, each from both PyTorch exporters")
+    parser.add_argument("--models", help="comma-separated names (default: the zoo's usual ones)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per round")
@@ -711,12 +718,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verbose", "-v", action="store_true")
     parser.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    zoo = get_zoo(args.zoo)
+    args.models = [m.strip() for m in (args.models or ",".join(zoo.default)).split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in zoo.names]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r} in the {args.zoo} zoo; "
+                     f"choose from {', '.join(zoo.names)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
+    global ZOO
     args = parse_args(argv)
+    ZOO, ZOO_NAME[0] = get_zoo(args.zoo), args.zoo
     torch.set_num_threads(args.threads)
     if args.provider == "cuda":
         if CUDA not in ort.get_available_providers() or not torch.cuda.is_available():

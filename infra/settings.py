@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     # revoked one stops working within this many seconds
     auth_cache_s: float = Field(2.0, ge=0, le=60)
     # one evaluation's status is read from the database at most this often per gateway process
-    status_cache_s: float = Field(0.5, ge=0, le=10)
+    status_cache_s: float = Field(0.25, ge=0, le=10)
 
     worker_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     # worker processes run at this nice level (0-19): on a machine shared with the gateway the

@@ -48,6 +48,14 @@ def store_record(
     return row, True
 
 
+def validated_info(sessions: sessionmaker[Session], table, sha256: str) -> dict | None:
+    """What validation found in these exact bytes, from any tenant's record of them: it is a
+    function of the bytes, so the same file uploaded again (every CI run re-sends its model)
+    is not validated twice."""
+    with sessions() as db:
+        return db.scalar(select(table.info).where(table.sha256 == sha256).limit(1))
+
+
 def store_record_in(sessions: sessionmaker[Session], table, prefix: str, tenant: Tenant, **fields):
     """``store_record`` with a session of its own (for a handler that holds none)."""
     with sessions() as db:

@@ -9,8 +9,9 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 from fastapi import UploadFile
 
@@ -18,7 +19,8 @@ from infra.blobs import BlobTooLarge, LocalBlobStore, stream_to_file
 from service.errors import ApiError, TooLarge
 
 CHUNK = 1 << 20
-Info = TypeVar("Info")  # what the validator of an upload returns
+# what was found in already stored bytes (service.scoping.validated_info), None when they are new
+Known = Callable[[str], Awaitable[dict | None]]
 
 
 async def _chunks(upload: UploadFile):
@@ -45,12 +47,16 @@ async def _received(upload: UploadFile, store: LocalBlobStore, limit: int, what:
 
 async def receive(
     upload: UploadFile, store: LocalBlobStore, limit: int, what: str,
-    validate: Callable[[Path], Awaitable[Info]],
-) -> tuple[str, int, Info]:
-    """(sha256, size, what ``validate`` returned); the blob is in the store afterwards.
-    ``validate`` runs the validator away from the event loop (service/validation_pool.py)."""
+    validate: Callable[[Path], Awaitable[Any]], known: Known,
+) -> tuple[str, int, dict]:
+    """(sha256, size, what ``validate`` returned, as a dict); the blob is in the store
+    afterwards. ``validate`` runs the validator away from the event loop
+    (service/validation_pool.py); bytes already stored and validated are not validated again."""
     async with _received(upload, store, limit, what) as (path, sha256, size):
-        info = await validate(path)  # a UserError answers its own 4xx
+        found = await known(sha256) if store.exists(sha256) else None
+        if found is not None:
+            return sha256, size, found
+        info = asdict(await validate(path))  # a UserError answers its own 4xx
         if not store.exists(sha256):
             await asyncio.to_thread(store.put_file, path, sha256)
     return sha256, size, info
@@ -68,13 +74,17 @@ def _data_file_name(upload: UploadFile, seen: dict[str, Path]) -> str:
 
 async def receive_model(
     upload: UploadFile, data: list[UploadFile], store: LocalBlobStore, limit: int,
-    validate: Callable[[Path, dict[str, Path], Path], Awaitable[tuple[Info, bool]]],
-) -> tuple[str, int, Info]:
+    validate: Callable[[Path, dict[str, Path], Path], Awaitable[tuple[Any, bool]]], known: Known,
+) -> tuple[str, int, dict]:
     """A model with its data files (or a .zip / .tar.gz bundle in ``upload``): (sha256, size,
     info) of what is stored. ``validate(model, data files by name, out)`` returns (info, whether
     it wrote a self-contained model to ``out``, which is then stored in place of the upload)."""
     async with AsyncExitStack() as stack:
         path, sha256, size = await stack.enter_async_context(_received(upload, store, limit, "model"))
+        if not data and store.exists(sha256):  # a plain model stored before: validated then
+            found = await known(sha256)
+            if found is not None:
+                return sha256, size, found
         files: dict[str, Path] = {}
         received = size
         for part in data:
@@ -89,7 +99,7 @@ async def receive_model(
             path, sha256, size = out, await asyncio.to_thread(_sha256, out), out.stat().st_size
         if not store.exists(sha256):
             await asyncio.to_thread(store.put_file, path, sha256)
-    return sha256, size, info
+    return sha256, size, asdict(info)
 
 
 def _sha256(path: Path) -> str:

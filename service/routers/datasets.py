@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from functools import partial
 from typing import Annotated
 
@@ -15,7 +14,14 @@ from schemas.api import DatasetList, DatasetPublic
 from service import uploads
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.errors import ERROR_RESPONSES, printable_name
-from service.scoping import delete_record, owned, refuse_if_in_use, store_record_in, tenant_records
+from service.scoping import (
+    delete_record,
+    owned,
+    refuse_if_in_use,
+    store_record_in,
+    tenant_records,
+    validated_info,
+)
 from workers.dataset_files import validate_dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
@@ -59,6 +65,7 @@ async def upload_dataset(
                     max_decoded_bytes=settings.max_dataset_decoded_bytes),
             path,
         ),
+        lambda sha256: run_in_threadpool(validated_info, request.app.state.sessions, StoredDataset, sha256),
     )
     row, created = await run_in_threadpool(
         store_record_in,
@@ -69,7 +76,7 @@ async def upload_dataset(
         sha256=sha256,
         size=size,
         name=name or file.filename or sha256[:12],
-        info=asdict(info),
+        info=info,
     )
     if not created:
         response.status_code = status.HTTP_200_OK

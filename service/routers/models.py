@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from functools import partial
 from typing import Annotated
 
@@ -16,7 +15,14 @@ from service import uploads
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.errors import ERROR_RESPONSES, printable_name
 from service.model_admission import validate_model_upload
-from service.scoping import delete_record, owned, refuse_if_in_use, store_record_in, tenant_records
+from service.scoping import (
+    delete_record,
+    owned,
+    refuse_if_in_use,
+    store_record_in,
+    tenant_records,
+    validated_info,
+)
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
@@ -69,6 +75,7 @@ async def upload_model(
         lambda path, files, out: request.app.state.validation.run(
             "model", partial(validate_model_upload, max_bytes=settings.max_model_bytes,
                              max_loop_iterations=settings.max_loop_iterations), path, files, out),
+        lambda sha256: run_in_threadpool(validated_info, request.app.state.sessions, StoredModel, sha256),
     )
     row, created = await run_in_threadpool(
         store_record_in,
@@ -79,7 +86,7 @@ async def upload_model(
         sha256=sha256,
         size=size,
         name=name or file.filename or sha256[:12],
-        info=asdict(info),
+        info=info,
     )
     if not created:
         response.status_code = status.HTTP_200_OK

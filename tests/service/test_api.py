@@ -340,3 +340,25 @@ def test_nhwc_models_and_datasets_with_target_labels_are_accepted(api, tmp_path)
     np.savez(tmp_path / "same.npz", x=x[:20], y=y[:20], t=y[:20])
     same = upload(api, "datasets", tmp_path / "same.npz")
     assert same.status_code == 400 and "equal the labels 'y' for 20 samples" in same.json()["detail"]
+
+
+def test_bytes_already_stored_are_not_validated_again(two_tenants):
+    """Every CI run re-sends its model: validation (a child process) runs once per content."""
+    api, alice, bob = two_tenants
+    pool = api.app.state.validation
+    calls = []
+    original = pool.run
+
+    async def counting(what, *args):
+        calls.append(what)
+        return await original(what, *args)
+
+    pool.run = counting
+    first = upload(api, "models", MODEL, headers=alice)
+    again = upload(api, "models", MODEL, headers=alice)
+    other = upload(api, "models", MODEL, headers=bob)
+    assert (first.status_code, again.status_code, other.status_code) == (201, 200, 201)
+    assert first.json()["gradients"] == other.json()["gradients"] and other.json()["id"] != first.json()["id"]
+    assert upload(api, "datasets", DATA, headers=alice).status_code == 201
+    assert upload(api, "datasets", DATA, headers=bob).status_code == 201
+    assert calls == ["model", "dataset"]
