@@ -96,9 +96,41 @@ def replay_on_positions(ctx: Context, node, dy: str, sink_value: bool = False) -
     return g.reshape_like(flat, x)
 
 
-@register("Slice", "Gather", "GatherElements", "GatherND", "Tile", "ReverseSequence")
+@register("Gather", "GatherElements", "GatherND", "Tile", "ReverseSequence")
 def selection(ctx, node, dy):
     return [replay_on_positions(ctx, node, dy[0])]
+
+
+@register("Slice")
+def slice_(ctx, node, dy):
+    """A contiguous slice (constant bounds, steps of 1, static sizes on the sliced axes, as
+    exporters write them: a split of q, k and v, a class token) pads dy back with zeros; any
+    other slice scatters dy to the positions it read."""
+    padded = _slice_as_pad(ctx, node, dy[0])
+    return [padded if padded is not None else replay_on_positions(ctx, node, dy[0])]
+
+
+def _slice_as_pad(ctx: Context, node, dy: str) -> str | None:
+    shape = ctx.shape(node.input[0])
+    bounds = [ctx.constant(node.input[i]) if len(node.input) > i and node.input[i] else None
+              for i in range(1, 5)]
+    starts, ends, axes, steps = bounds
+    if shape is None or starts is None or ends is None:
+        return None
+    rank = len(shape)
+    axes = np.arange(len(starts)) if axes is None else axes
+    if steps is not None and np.any(steps != 1):
+        return None
+    pads = [0] * (2 * rank)
+    for start, end, axis in zip(starts.tolist(), ends.tolist(), axes.tolist(), strict=True):
+        axis = axis + rank if axis < 0 else axis
+        dim = shape[axis]
+        if not isinstance(dim, int):
+            return None
+        first = min(max(start + dim if start < 0 else start, 0), dim)
+        last = max(min(max(end + dim if end < 0 else end, 0), dim), first)
+        pads[axis], pads[axis + rank] = first, dim - last
+    return ctx.g.op("Pad", dy, ctx.g.ints(pads))
 
 
 @register("Pad")
