@@ -48,7 +48,7 @@ def seconds_per_batch(session, feeds: dict, repeats: int = 3) -> float:
 
 def main() -> None:
     zoo = ImagenetZoo()
-    models = sorted({name.split("@")[0] for name in zoo.names}, key=zoo.names.index)
+    models = list(dict.fromkeys(name.split("@")[0] for name in zoo.names))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(models))
     parser.add_argument("--batch", type=int, default=8)
