@@ -111,7 +111,7 @@ def validate_model(path: Path, *, max_bytes: int,
     _check_load_time_constants(model, budget=MAX_LOAD_TIME_CONSTANT_BYTES + 4 * len(data))
     found = inspect_classifier(model)  # a GradientBuildError is an invalid_model UserError itself
     prepared = found.prepared
-    _check_runtime_loads(prepared.model)
+    _check_runtime_loads(prepared.forward or prepared.model)  # what predictions run
     if prepared.num_classes is None:
         raise InvalidModelError(
             f"the number of classes cannot be read from output {quoted(prepared.logits_name)}; "

@@ -249,3 +249,21 @@ def test_the_service_accepts_legacy_half_and_squeezed_models_and_says_what_it_sa
         broken.write_bytes(MODEL.read_bytes()[:5000])
         refused = upload(api, "models", broken)
         assert refused.status_code == 400 and refused.json()["type"] == "invalid_model", refused.text
+
+
+def test_a_bfloat16_model_that_the_runtime_cannot_run_is_refused_at_upload(tmp_path):
+    """ONNX Runtime's CPU provider has no bfloat16 Conv: refused with its reason at upload,
+    not accepted and failed in every evaluation (the check loads what predictions run)."""
+    import ml_dtypes
+
+    model = onnx.load(MODEL)
+    for i, tensor in enumerate(model.graph.initializer):
+        array = numpy_helper.to_array(tensor).astype(ml_dtypes.bfloat16)
+        model.graph.initializer[i].CopyFrom(helper.make_tensor(
+            tensor.name, onnx.TensorProto.BFLOAT16, array.shape, array.view(np.uint16).tobytes(), raw=True))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = onnx.TensorProto.BFLOAT16
+    path = tmp_path / "bf16.onnx"
+    onnx.save(model, path)
+    with pytest.raises(UserError, match=r"ONNX Runtime .* cannot load the model: .*bfloat16"):
+        validate_model(path, max_bytes=1 << 30)
