@@ -52,8 +52,8 @@ class ImagenetZoo:
         return self._zoo.make_model(name.split("@")[0])
 
     def export(self, name: str) -> onnx.ModelProto:
-        from service.commands import read_model
         from tests.zoo import export_default, export_onnx
+        from workers.onnxgrad.external import self_contained
 
         model, exporter = name.split("@")
         module, shape = self.make_model(name), self.input_shape(name)
@@ -62,7 +62,7 @@ class ImagenetZoo:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / f"{model}.onnx"
             export_default(module, shape, path)
-            return onnx.load_from_string(read_model(str(path)))
+            return onnx.load_from_string(self_contained(path, 2**31 - 1))
 
 
 ZOOS = {"small": SmallZoo, "imagenet": ImagenetZoo}
