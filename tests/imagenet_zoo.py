@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.zoo import build_seeded
+
 NUM_CLASSES = 10
 
 
@@ -403,21 +405,7 @@ MODEL_NAMES = tuple(BUILDERS)
 
 
 def make_model(name: str, seed: int = 0) -> nn.Module:
-    builder, _ = BUILDERS[name]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = builder()
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.running_mean.normal_(0.0, 0.1)
-                    module.running_var.uniform_(0.5, 1.5)
-                    module.weight.uniform_(0.5, 1.5)
-                    module.bias.normal_(0.0, 0.1)
-                elif isinstance(module, nn.LayerNorm):
-                    module.weight.uniform_(0.5, 1.5)
-                    module.bias.normal_(0.0, 0.1)
-    return model.float().eval()
+    return build_seeded(BUILDERS[name][0], seed, layer_norms=True)
 
 
 def input_shape(name: str) -> tuple[int, int, int]:

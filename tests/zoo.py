@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MODEL_NAMES", "make_model", "input_shape", "export_onnx", "export", "export_default"]
+__all__ = ["MODEL_NAMES", "make_model", "input_shape", "export_onnx", "export", "export_default",
+           "build_seeded"]
 
 NUM_CLASSES = 10
 
@@ -455,7 +456,13 @@ def input_shape(name: str) -> tuple[int, int, int]:
 
 def make_model(name: str, seed: int = 0) -> torch.nn.Module:
     """A freshly built, seeded model in eval mode. The global torch RNG is left untouched."""
-    builder, _ = _lookup(name)
+    return build_seeded(_lookup(name)[0], seed)
+
+
+def build_seeded(builder, seed: int = 0, *, layer_norms: bool = False) -> torch.nn.Module:
+    """``builder()`` under ``seed`` in eval mode, every BatchNorm given random statistics and
+    affine transform (and every LayerNorm a random affine one, with ``layer_norms``), so that
+    no normalisation layer is the identity; the global torch RNG is left untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = builder()
@@ -468,6 +475,9 @@ def make_model(name: str, seed: int = 0) -> torch.nn.Module:
                     module.bias.normal_(0.0, 0.1)
                 elif isinstance(module, nn.PReLU):
                     module.weight.uniform_(0.05, 0.5)
+                elif layer_norms and isinstance(module, nn.LayerNorm):
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.normal_(0.0, 0.1)
     return model.float().eval()
 
 

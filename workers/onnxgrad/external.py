@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import InvalidModelError
+from .prepare import all_tensors, load_model
 
 PROTOBUF_LIMIT = 2**31 - 1
 _ARCHIVE_MEMBERS = 64  # a model and its data files: a few; more is not a model bundle
@@ -69,19 +70,7 @@ class BytesFile:
 
 def external_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
     """Every tensor of the model (initializers, attributes, subgraphs) whose data is external."""
-    def walk(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-        yield from graph.initializer
-        for node in graph.node:
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.TENSOR:
-                    yield attribute.t
-                yield from attribute.tensors
-                if attribute.type == onnx.AttributeProto.GRAPH:
-                    yield from walk(attribute.g)
-                for sub in attribute.graphs:
-                    yield from walk(sub)
-
-    for tensor in walk(model.graph):
+    for tensor in all_tensors(model.graph):
         if tensor.data_location == TensorProto.EXTERNAL or tensor.external_data:
             yield tensor
 
@@ -286,8 +275,6 @@ def self_contained(path: Path, max_bytes: int, data_files: Mapping[str, DataFile
     """The model at ``path`` as one self-contained model: an .onnx whose data files are
     ``data_files`` (None: the files next to it, on the command line only), or a .zip or .tar.gz
     bundle. A model without external data comes back byte for byte."""
-    from .prepare import load_model
-
     with path.open("rb") as handle:
         if is_archive(handle.read(4)):
             handle.seek(0)

@@ -85,7 +85,8 @@ def _constants_leave_inputs(graph: onnx.GraphProto) -> None:
     graph.input.extend(kept)
 
 
-def _all_tensors(graph: onnx.GraphProto):
+def all_tensors(graph: onnx.GraphProto):
+    """Every tensor of a graph: initializers, node attributes, subgraphs."""
     yield from graph.initializer
     for node in graph.node:
         for a in node.attribute:
@@ -93,13 +94,13 @@ def _all_tensors(graph: onnx.GraphProto):
                 yield a.t
             yield from a.tensors
             if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_tensors(a.g)
+                yield from all_tensors(a.g)
             for sub in a.graphs:
-                yield from _all_tensors(sub)
+                yield from all_tensors(sub)
 
 
 def refuse_external_data(model: onnx.ModelProto) -> None:
-    for tensor in _all_tensors(model.graph):
+    for tensor in all_tensors(model.graph):
         if tensor.data_location == TensorProto.EXTERNAL or tensor.external_data:
             raise InvalidModelError(
                 f"tensor {tensor.name!r} refers to external data; external data is refused. "
