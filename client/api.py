@@ -195,14 +195,14 @@ class RobustnessClient:
                           params={k: v for k, v in (params or {}).items() if v is not None})
 
     def _upload(self, path: str, file: str | os.PathLike, name: str | None,
-                data_files: Sequence[Path] = ()) -> dict:
+                data_files: Sequence[Path] = (), fields: dict | None = None) -> dict:
         file = Path(file)
         with ExitStack() as stack:  # httpx streams the handles in chunks
             handles = [stack.enter_context(f.open("rb")) for f in (file, *data_files)]
             parts = [("file" if i == 0 else "data", (f.name, h, "application/octet-stream"))
                      for i, (f, h) in enumerate(zip((file, *data_files), handles, strict=True))]
-            return self._json("POST", path, retry=True, rewind=handles, files=parts,
-                              data={"name": name} if name is not None else None)
+            form = {k: str(v) for k, v in {"name": name, **(fields or {})}.items() if v is not None}
+            return self._json("POST", path, retry=True, rewind=handles, files=parts, data=form or None)
 
     # ------------------------------------------------------------------------ models
 
@@ -228,9 +228,14 @@ class RobustnessClient:
 
     # ------------------------------------------------------------------------ datasets
 
-    def upload_dataset(self, path: str | os.PathLike, name: str | None = None) -> dict:
-        """Upload an .npz (x, y) or a .zip of PNG class folders -> DatasetPublic."""
-        return self._upload("/v1/datasets", path, name)
+    def upload_dataset(self, path: str | os.PathLike, name: str | None = None, *,
+                       resize: int | str | None = None, center_crop: int | str | None = None,
+                       color: str | None = None) -> dict:
+        """Upload an .npz (x, y) or a .zip of PNG / JPEG class folders -> DatasetPublic. For a
+        zip, ``resize`` (N: the shorter side, or "HxW"), ``center_crop`` (N or "HxW") and
+        ``color`` ("rgb" or "grayscale") are applied by the server, once, at upload."""
+        return self._upload("/v1/datasets", path, name,
+                            fields={"resize": resize, "center_crop": center_crop, "color": color})
 
     def find_dataset(self, sha256: str) -> dict | None:
         items = self._get("/v1/datasets", {"sha256": sha256})["items"]
@@ -240,10 +245,13 @@ class RobustnessClient:
         return self._get(f"/v1/datasets/{dataset_id}")
 
     def ensure_dataset(self, path: str | os.PathLike, name: str | None = None,
-                       sha256: str | None = None) -> tuple[dict, bool]:
-        """Like `ensure_model`: (DatasetPublic, uploaded)."""
-        found = self.find_dataset(sha256 or sha256_file(path))
-        return (found, False) if found else (self.upload_dataset(path, name), True)
+                       sha256: str | None = None, **processing) -> tuple[dict, bool]:
+        """Like `ensure_model`: (DatasetPublic, uploaded). With ``processing`` (upload_dataset's
+        resize, center_crop, color) the zip is sent again: the server stores what it becomes,
+        and answers with the existing record when that is already stored."""
+        declared = {k: v for k, v in processing.items() if v is not None}
+        found = None if declared else self.find_dataset(sha256 or sha256_file(path))
+        return (found, False) if found else (self.upload_dataset(path, name, **declared), True)
 
     # ------------------------------------------------------------------------ evaluations
 

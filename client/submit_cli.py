@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -45,7 +46,13 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("submit", help="run an evaluation spec on a robustness server",
                                    description=__doc__.split("\n")[0])
     parser.add_argument("model", help="an .onnx image classifier")
-    parser.add_argument("data", help="an .npz with x (images) and y (labels), or a .zip of PNG class folders")
+    parser.add_argument("data", help="an .npz with x (images) and y (labels), or a .zip of PNG / JPEG "
+                        "class folders")
+    parser.add_argument("--resize", metavar="N|HxW",
+                        help="a zip of images: scale each image's shorter side to N pixels (or to HxW)")
+    parser.add_argument("--center-crop", metavar="N|HxW",
+                        help="a zip of images: cut the central N x N pixels, after --resize")
+    parser.add_argument("--color", choices=("rgb", "grayscale"), help="a zip of images: convert every image")
     parser.add_argument("--spec", required=True, help="evaluation spec, YAML or JSON")
     parser.add_argument("--server", metavar="URL", default=os.environ.get("ROBUSTNESS_SERVER"),
                         help="the server's base URL (default: $ROBUSTNESS_SERVER)")
@@ -104,7 +111,8 @@ def _submit(args, transport) -> int:
     api_key = args.api_key or os.environ.get("ROBUSTNESS_API_KEY")
     with RobustnessClient(args.server, api_key=api_key, transport=transport) as api:
         model = _ensure(api.ensure_model, args.model, args.name, "model")
-        dataset = _ensure(api.ensure_dataset, args.data, None, "dataset")
+        dataset = _ensure(partial(api.ensure_dataset, resize=args.resize, center_crop=args.center_crop,
+                                  color=args.color), args.data, None, "dataset")
         key = idempotency_key(model, dataset, spec_json, args.idempotency_key)
         evaluation = api.submit(spec_json, model["id"], dataset["id"], idempotency_key=key)
         cost = evaluation.get("cost")
@@ -141,6 +149,9 @@ def _ensure(ensure, path: str, name: str | None, kind: str) -> dict:
     digest = sha256_file(path)
     record, uploaded = ensure(path, name, sha256=digest)
     where = f"uploaded as {record['id']}" if uploaded else f"already on the server as {record['id']}"
+    if record.get("processing"):
+        shape = "x".join(map(str, record.get("shape") or []))
+        where += f", processed into {record.get('samples')} images of {shape}"
     _note(f"{kind} {path}: {where} (sha256 {record['sha256'][:12]})")
     return record
 

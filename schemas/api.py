@@ -55,13 +55,16 @@ class DatasetPublic(BaseModel):
     name: str
     sha256: str
     size: int
-    format: Literal["npz", "png-zip"]
+    format: Literal["npz", "png-zip", "image-zip"]  # image-zip: processed at upload, stored as a uint8 .npz
     samples: int
     shape: list[int]  # one image, as stored
     source_dtype: str
     num_classes: int  # the largest label + 1
-    classes: list[str] | None = None  # class folder names of a PNG zip
+    classes: list[str] | None = None  # class folder names of an image zip
     targets: bool = False  # the .npz has target labels t (for an attack's targets: dataset)
+    processing: dict | None = None  # an image zip's declared resize, center_crop and color
+    images: dict[str, int] | None = None  # an image zip's images by format (png, jpeg)
+    source_sha256: str | None = None  # an image-zip's upload, before processing
     created_at: str
 
 

@@ -159,15 +159,17 @@ def cmd_gradient_model(args) -> int:
 def cmd_evaluate(args) -> int:
     import numpy as np
 
-    from workers.datasets import load_npz
+    from workers.dataset_files import load_dataset_file
     from workers.evaluate import evaluate
+    from workers.image_folders import ImageProcessing
 
     spec = load_spec(args.spec)
     model = read_model(args.model)
     data_path = Path(args.data)
     if not data_path.is_file():
         raise CommandError(f"{args.data}: no such file")
-    dataset = load_npz(data_path.read_bytes(), spec.input.range)
+    processing = ImageProcessing.parse(args.resize, args.center_crop, args.color)
+    dataset = load_dataset_file(data_path, spec.input.range, processing=processing)
     baselines = load_baselines(spec)
     models, fit_images = load_inputs(spec, Path(args.spec).parent)
     bar = ProgressBar()
@@ -199,8 +201,8 @@ def cmd_evaluate(args) -> int:
 def load_inputs(spec: EvaluationSpec, base: Path) -> tuple[dict, dict]:
     """The other inputs a spec names, as evaluate() takes them: (models, fit_images). Locally
     the other models (`transfer.models`, an autoencoder defense's `model`) are .onnx paths, and
-    a PCA's `fit_dataset` an .npz path, relative to the spec file."""
-    from workers.datasets import load_npz
+    a PCA's `fit_dataset` an .npz or image zip path, relative to the spec file."""
+    from workers.dataset_files import load_dataset_file
 
     wanted = {}
     if spec.transfer is not None:
@@ -225,7 +227,7 @@ def load_inputs(spec: EvaluationSpec, base: Path) -> tuple[dict, dict]:
                     f"defenses[{index}].fit_dataset: {defense.fit_dataset}: no such .npz file "
                     "(paths are relative to the spec file)"
                 )
-            fit_images[defense.key] = load_npz(path.read_bytes(), spec.input.range).x
+            fit_images[defense.key] = load_dataset_file(path, spec.input.range).x
     return models, fit_images
 
 
@@ -259,7 +261,14 @@ def add_server_commands(commands) -> None:
     inspect.set_defaults(run=cmd_inspect)
     evaluate = commands.add_parser("evaluate", help="run an evaluation spec on a model and a dataset")
     evaluate.add_argument("model", help="an .onnx image classifier")
-    evaluate.add_argument("data", help="an .npz with x (images) and y (labels)")
+    evaluate.add_argument("data", help="an .npz with x (images) and y (labels), or a .zip of PNG / JPEG "
+                          "class folders")
+    evaluate.add_argument("--resize", metavar="N|HxW",
+                          help="a zip of images: scale each image's shorter side to N pixels (or to HxW)")
+    evaluate.add_argument("--center-crop", metavar="N|HxW",
+                          help="a zip of images: cut the central N x N pixels, after --resize")
+    evaluate.add_argument("--color", choices=("rgb", "grayscale"),
+                          help="a zip of images: convert every image")
     evaluate.add_argument("--spec", required=True, help="evaluation spec, YAML or JSON")
     evaluate.add_argument("--out", help="write the result document (JSON) here")
     evaluate.add_argument("--artifacts", help="write arrays (e.g. universal perturbations) to this .npz")

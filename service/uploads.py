@@ -1,7 +1,8 @@
 """Receiving an uploaded file: streamed into the blob store's tmp folder while hashed,
 validated there, then moved into the store under its sha256. A model may come with its
 external data files (PyTorch's default exporter writes model.onnx.data): they are received
-the same way, and what is stored is the one self-contained model made of them."""
+the same way, and what is stored is the one self-contained model made of them. A zip of
+images that need processing is stored as the uint8 .npz they become."""
 
 from __future__ import annotations
 
@@ -47,19 +48,26 @@ async def _received(upload: UploadFile, store: LocalBlobStore, limit: int, what:
 
 async def receive(
     upload: UploadFile, store: LocalBlobStore, limit: int, what: str,
-    validate: Callable[[Path], Awaitable[Any]], known: Known,
+    validate: Callable[[Path, Path], Awaitable[tuple[Any, bool]]], known: Known | None,
 ) -> tuple[str, int, dict]:
-    """(sha256, size, what ``validate`` returned, as a dict); the blob is in the store
-    afterwards. ``validate`` runs the validator away from the event loop
-    (service/validation_pool.py); bytes already stored and validated are not validated again."""
-    async with _received(upload, store, limit, what) as (path, sha256, size):
-        found = await known(sha256) if store.exists(sha256) else None
+    """(sha256, size, what ``validate`` returned, as a dict) of what is stored. ``validate(path,
+    out)`` runs the validator away from the event loop (service/validation_pool.py) and returns
+    (info, whether it wrote what is to be stored to ``out``, in place of the upload: an image zip
+    made into a uint8 .npz). Bytes already stored and validated are not validated again when
+    ``known`` looks them up."""
+    async with AsyncExitStack() as stack:
+        path, sha256, size = await stack.enter_async_context(_received(upload, store, limit, what))
+        found = await known(sha256) if known is not None and store.exists(sha256) else None
         if found is not None:
             return sha256, size, found
-        info = asdict(await validate(path))  # a UserError answers its own 4xx
+        out, handle = stack.enter_context(store.temp_file())
+        handle.close()
+        info, wrote = await validate(path, out)  # a UserError answers its own 4xx
+        if wrote:
+            path, sha256, size = out, await asyncio.to_thread(sha256_of, out), out.stat().st_size
         if not store.exists(sha256):
             await asyncio.to_thread(store.put_file, path, sha256)
-    return sha256, size, info
+    return sha256, size, asdict(info)
 
 
 def _data_file_name(upload: UploadFile, seen: dict[str, Path]) -> str:
@@ -96,13 +104,13 @@ async def receive_model(
         handle.close()
         info, bundled = await validate(path, files, out)
         if bundled:
-            path, sha256, size = out, await asyncio.to_thread(_sha256, out), out.stat().st_size
+            path, sha256, size = out, await asyncio.to_thread(sha256_of, out), out.stat().st_size
         if not store.exists(sha256):
             await asyncio.to_thread(store.put_file, path, sha256)
     return sha256, size, asdict(info)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(CHUNK):

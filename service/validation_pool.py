@@ -92,8 +92,9 @@ class ValidationPool:
         if kind == "timeout" or child.exitcode == -signal.SIGXCPU:
             raise ValidationTooCostly(
                 f"validating the {what} takes more than {self.cpu_s:g} s of CPU (ROBUSTNESS_VALIDATION_CPU_S "
-                f"on the server), so it is refused: simplify the {what} (fewer nested If or Loop graphs, "
-                "smaller constants)"
+                f"on the server), so it is refused: "
+                + ("upload fewer or smaller images" if what == "dataset" else
+                   f"simplify the {what} (fewer nested If or Loop graphs, smaller constants)")
             )
         if child.exitcode == -signal.SIGKILL:  # the kernel's out-of-memory killer, most likely
             raise ValidationTooCostly(

@@ -14,7 +14,7 @@ from schemas.evaluation import AttackResult, EvaluationResult, EvaluationSpec, o
 from schemas.results import DefenseResult, FoolingSection, LipschitzSection, TransferEntry
 from workers import metrics
 from workers.attacks.fooling import fooling_rate_of_noise, gradient_ascent_fooling
-from workers.datasets import Dataset
+from workers.datasets import Dataset, Images
 from workers.defense_stage import defense_results
 from workers.gates import evaluate_gate
 from workers.lipschitz import lipschitz_bounds
@@ -189,7 +189,7 @@ def entry_label(key: str, eps: float | None) -> str:
     return key + (f"@{eps:g}" if eps is not None else "")
 
 
-def _examples(x: np.ndarray, y: np.ndarray, clean_pred: np.ndarray, run: RunOutput,
+def _examples(x: Images, y: np.ndarray, clean_pred: np.ndarray, run: RunOutput,
               subject: Subject) -> dict[str, np.ndarray]:
     """The first samples the model got right and the attack fooled (then the others), in the
     dataset's layout."""
@@ -260,7 +260,7 @@ def _dataset_digest(dataset: Dataset, spec: EvaluationSpec) -> str:
     return dataset.sha256 or _array_digest(*select_samples(dataset.x, dataset.y, spec.samples))
 
 
-def _array_digest(x: np.ndarray, y: np.ndarray) -> str:
+def _array_digest(x: Images, y: np.ndarray) -> str:
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(x).tobytes())
     digest.update(np.ascontiguousarray(y).tobytes())

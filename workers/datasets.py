@@ -26,9 +26,72 @@ class DatasetError(UserError):
     type = "invalid_dataset"
 
 
+class Pixels:
+    """uint8 images [N, ...] that read as float32 in a pixel range: indexing, slicing and
+    np.asarray give float32 arrays, so a batch becomes float only when it is taken. Row
+    selections (``rows``) and transposes stay uint8 views (of a memory-mapped file, often)."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, raw: np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)):
+        if raw.dtype != np.uint8:
+            raise TypeError(f"Pixels holds uint8 images, got {raw.dtype}")
+        self.raw = raw
+        self.value_range = (float(value_range[0]), float(value_range[1]))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.raw.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.raw.ndim
+
+    @property
+    def size(self) -> int:
+        return self.raw.size
+
+    @property
+    def nbytes(self) -> int:  # as float32, what the images take once taken
+        return 4 * self.raw.size
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def floats(self, raw: np.ndarray) -> np.ndarray:
+        low, high = self.value_range
+        return (raw.astype(np.float32) / 255.0) * (high - low) + low
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.floats(np.asarray(self.raw[key]))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        floats = self.floats(np.asarray(self.raw))
+        return floats if dtype is None else floats.astype(dtype, copy=False)
+
+    def copy(self) -> np.ndarray:
+        return self[:]
+
+    def astype(self, dtype, copy: bool = True) -> np.ndarray:
+        return self[:].astype(dtype, copy=False)
+
+    def reshape(self, *shape) -> np.ndarray:
+        return self[:].reshape(*shape)
+
+    def rows(self, key) -> Pixels:
+        """A selection of images, still uint8."""
+        return Pixels(self.raw[key], self.value_range)
+
+    def transpose(self, *axes) -> Pixels:
+        return Pixels(self.raw.transpose(*axes), self.value_range)
+
+
+Images = np.ndarray | Pixels  # float32 images, or uint8 ones that read as float32
+
+
 @dataclass
 class Dataset:
-    x: np.ndarray  # float32, in the declared pixel range, layout as given
+    x: Images  # float32 in the declared pixel range (uint8 images: Pixels), layout as given
     y: np.ndarray  # int64 [N]
     source_dtype: str
     t: np.ndarray | None = None  # int64 [N]: a target class per sample, != y (``targets: dataset``)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from schemas.evaluation import AttackResult, EvaluationSpec
 from workers.attack_runs import attack_runs, attack_seed, unit_targets
-from workers.datasets import DatasetError
+from workers.datasets import DatasetError, Images
 from workers.defenses import DEFENSES, DefendedModel, adaptive_model, build_defense
 from workers.layout import to_nchw
 from workers.plan import StageProgress, stage_work
@@ -19,8 +20,8 @@ from workers.subject import Subject
 from workers.units import RunOutput, UnitOutput, WorkUnit
 
 
-def build_defenses(spec: EvaluationSpec, pool: np.ndarray, models: dict[str, bytes],
-                   fit_images: dict[str, np.ndarray], selected: int) -> dict:
+def build_defenses(spec: EvaluationSpec, pool: Images, models: dict[str, bytes],
+                   fit_images: Mapping[str, Images], selected: int) -> dict:
     """The spec's defenses, built and fitted: PCA on the last ``fit_samples`` of the dataset
     (``pool``, NCHW), which must not overlap the ``selected`` samples under evaluation, or on
     the images ``fit_images[entry.key]`` of a separate fit dataset (in the dataset's layout);
@@ -54,7 +55,7 @@ def build_defenses(spec: EvaluationSpec, pool: np.ndarray, models: dict[str, byt
 
 
 def defend(subject: Subject, spec: EvaluationSpec, unit: WorkUnit, runs: list[RunOutput],
-           clean_logits: np.ndarray | None, models: dict[str, bytes], fit_images: dict[str, np.ndarray],
+           clean_logits: np.ndarray | None, models: dict[str, bytes], fit_images: Mapping[str, Images],
            report: StageProgress, timing: dict[str, float]) -> dict:
     """Per defense, per sample: correct through the defense on clean data, on the examples
     crafted on the bare model (non-adaptive), and on examples crafted against the defended

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from workers.datasets import Images, Pixels
 from workers.errors import InvalidSpecError
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -28,8 +29,11 @@ class LayoutError(InvalidSpecError):
     """The dataset's images do not fit the model's input in any layout; the message says how."""
 
 
-def to_nchw(x: np.ndarray, layout: str) -> np.ndarray:
-    """Images [N, ...] in ``layout`` as NCHW (a no-op for NCHW and for inputs that are not 4-D)."""
+def to_nchw(x: Images, layout: str) -> Images:
+    """Images [N, ...] in ``layout`` as NCHW (a no-op for NCHW and for inputs that are not 4-D);
+    uint8 Pixels stay uint8, a transposed view."""
+    if isinstance(x, Pixels):
+        return x.transpose(0, 3, 1, 2) if layout == "NHWC" and x.ndim == 4 else x
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "NHWC" and x.ndim == 4 else x
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from schemas.evaluation import EvaluationSpec
-from workers.datasets import Dataset, DatasetError
+from workers.datasets import Dataset, DatasetError, Images, Pixels
 from workers.layout import LayoutError, from_nchw, image_nchw, to_nchw
 from workers.preprocess import compose_for_images, model_input_shape
 from workers.runtime import Classifier, RuntimeOptions
@@ -21,10 +21,10 @@ class Subject:
     """The evaluated model and samples as every unit sees them: images NCHW (workers/layout.py)."""
 
     classifier: Classifier  # the model with normalisation (and an NHWC model's Transpose) composed
-    x: np.ndarray  # the selected samples, NCHW
+    x: Images  # the selected samples, NCHW (uint8 images stay uint8 until a batch is taken)
     y: np.ndarray
     t: np.ndarray | None  # the dataset's target labels of the selected samples (targets: dataset)
-    pool: np.ndarray  # every sample of the dataset, NCHW (PCA's held-out fit samples)
+    pool: Images  # every sample of the dataset, NCHW (PCA's held-out fit samples)
     layout: str  # the dataset's layout: artifacts and examples go back to it
     model_layout: str  # the layout the model takes
     model_input: list  # the model's own input shape (None for a symbolic axis)
@@ -62,19 +62,19 @@ def prepare(model: bytes, dataset: Dataset, spec: EvaluationSpec,
     composed, layout = compose_for(model, image, spec)
     classifier = Classifier(composed, options or RuntimeOptions(batch_size=spec.batch_size))
     x = to_nchw(x, spec.input.layout)
-    t = None if dataset.t is None else select_samples(dataset.t, dataset.y, spec.samples)[0]
+    t = None if dataset.t is None else np.asarray(select_samples(dataset.t, dataset.y, spec.samples)[0])
     _check_fit(x, y, t, classifier)
     return Subject(classifier, x, y, t, to_nchw(dataset.x, spec.input.layout), spec.input.layout, layout,
                     [None] + model_input_shape(model)[1:])
 
 
-def select_samples(x: np.ndarray, y: np.ndarray, samples) -> tuple[np.ndarray, np.ndarray]:
+def select_samples(x: Images, y: np.ndarray, samples) -> tuple[Images, np.ndarray]:
     if samples == "all":
         return x, y
-    return x[:samples], y[:samples]
+    return (x.rows(slice(None, samples)) if isinstance(x, Pixels) else x[:samples]), y[:samples]
 
 
-def _check_fit(x: np.ndarray, y: np.ndarray, t: np.ndarray | None, classifier: Classifier) -> None:
+def _check_fit(x: Images, y: np.ndarray, t: np.ndarray | None, classifier: Classifier) -> None:
     expected = classifier.input_shape[1:]
     if x.ndim != len(classifier.input_shape) or any(
         isinstance(e, int) and e != g for e, g in zip(expected, x.shape[1:], strict=True)

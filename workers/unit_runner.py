@@ -114,7 +114,7 @@ def transfer_stage(subject: Subject, spec: EvaluationSpec, models: dict[str, byt
             report("transfer", min(total, done_before[""] + sum(finished.values())), total)
 
         matrix = transfer_matrix(
-            classifiers, transfer.names("sources"), transfer.names("targets"), x, y, attack,
+            classifiers, transfer.names("sources"), transfer.names("targets"), np.asarray(x), y, attack,
             eps=None if attack.minimal else attack_spec.eps, bounds=bounds,
             seed=int(np.random.SeedSequence([spec.seed, 7, index]).generate_state(1)[0]),
             noise_baseline=transfer.noise_baseline, progress=progress)

@@ -1,9 +1,10 @@
-"""/v1/datasets: upload (.npz, or a zip of PNG class folders), list, read and delete."""
+"""/v1/datasets: upload (.npz, or a zip of PNG / JPEG class folders, resized and cropped as the
+upload declares), list, read and delete."""
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile, status
 from pydantic import AfterValidator
@@ -23,6 +24,7 @@ from service.scoping import (
     validated_info,
 )
 from workers.dataset_files import validate_dataset
+from workers.image_folders import ImageProcessing
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
 
@@ -50,23 +52,43 @@ async def upload_dataset(
     store: StoreDep,
     request: Request,
     response: Response,
-    file: Annotated[UploadFile, File(description=".npz with x and y, or a zip of PNG class folders")],
+    file: Annotated[UploadFile, File(description=".npz with x and y, or a zip of PNG / JPEG class folders")],
     name: Annotated[str | None, Form(max_length=200), AfterValidator(printable_name)] = None,
+    resize: Annotated[str | None, Form(max_length=20, description=(
+        "image zips: scale each image's shorter side to N pixels (torchvision's Resize(N)), or to "
+        "exactly HxW"))] = None,
+    center_crop: Annotated[str | None, Form(max_length=20, description=(
+        "image zips: cut the central N x N (or HxW) pixels, after resize"))] = None,
+    color: Annotated[Literal["rgb", "grayscale"] | None, Form(description=(
+        "image zips: convert every image to RGB (as torchvision's ImageFolder does) or grayscale"))] = None,
 ) -> DatasetPublic:
-    """Validate (without pickle; sizes checked before decoding) and store a labelled dataset."""
+    """Validate (without pickle; sizes checked before decoding) and store a labelled dataset.
+    A zip of JPEGs, of images of several sizes, or with resize / center_crop / color declared is
+    processed once, here, one image at a time, and stored as a uint8 .npz (format "image-zip";
+    its sha256 is that file's, the upload's is ``source_sha256``)."""
+    processing = ImageProcessing.parse(resize, center_crop, color)
+    validate = partial(validate_dataset, max_bytes=settings.max_dataset_bytes,
+                       max_samples=settings.max_samples, max_decoded_bytes=settings.max_dataset_decoded_bytes,
+                       processing=processing)
+    source: dict[str, str] = {}
+
+    async def validated(path, out):
+        info = await request.app.state.validation.run("dataset", validate, path, out)
+        if info.format == "image-zip":
+            source["sha256"] = await run_in_threadpool(uploads.sha256_of, path)
+        return info, info.format == "image-zip"
+
     sha256, size, info = await uploads.receive(
         file,
         store,
         settings.max_dataset_bytes,
         "dataset",
-        lambda path: request.app.state.validation.run(
-            "dataset",
-            partial(validate_dataset, max_bytes=settings.max_dataset_bytes, max_samples=settings.max_samples,
-                    max_decoded_bytes=settings.max_dataset_decoded_bytes),
-            path,
-        ),
-        lambda sha256: run_in_threadpool(validated_info, request.app.state.sessions, StoredDataset, sha256),
+        validated,
+        None if processing.declared else
+        (lambda sha256: run_in_threadpool(validated_info, request.app.state.sessions, StoredDataset, sha256)),
     )
+    if source:
+        info["source_sha256"] = source["sha256"]
     row, created = await run_in_threadpool(
         store_record_in,
         request.app.state.sessions,

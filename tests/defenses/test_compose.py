@@ -86,15 +86,17 @@ def test_composed_gradient_is_the_chain_rule(kind, model_bytes, classifier, test
     x, y = test_data[0][:32], test_data[1][:32]
     defense = make_stage(kind, x_fit)
     logits, loss, grad = Classifier(defense.compose(model_bytes), OPTIONS).loss_and_grad(x, y)
-    ref_logits, ref_loss, ref_grad = classifier.loss_and_grad(defense.apply(x), y)
+    # the classifier's gradient at the defended images exactly as the composed stage computes
+    # them: numpy rounds the projection differently, which can move a sample across a ReLU or
+    # max-pool kink of the classifier (seen on 2 of 32 samples, on some machines)
+    defended = run(defense.compose(identity_model((1, 28, 28))), x)
+    ref_logits, ref_loss, ref_grad = classifier.loss_and_grad(defended, y)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-4, atol=1e-5)
     expected = _chain_rule(defense, kind, ref_grad)
-    # per sample: the composed stage and numpy's round differently, which may put one of the 32
-    # samples on the other side of a ReLU or max-pool kink of the classifier
     flat = (len(x), -1)
     errors = (np.linalg.norm((grad - expected).reshape(flat), axis=1)
               / np.linalg.norm(expected.reshape(flat), axis=1))
-    assert np.sum(errors >= 1e-4) <= 1, np.sort(errors)[-3:]
+    assert np.sum(errors >= 1e-4) == 0, np.sort(errors)[-3:]
 
 
 @pytest.mark.parametrize("kind", STAGES)

@@ -848,13 +848,13 @@ def test_an_archive_with_too_many_entries_is_refused_before_parsing_them(tmp_pat
         (
             b"",
             "the dataset file is empty; upload an .npz (numpy.savez(path, x=images, y=labels)) or a .zip of "
-            "PNG class folders",
+            "image class folders",
         ),
         (
             b"random bytes, not an archive" * 10,
-            "the file is neither an .npz archive nor a .zip of PNG class folders; save arrays with "
-            "numpy.savez(path, x=images, y=labels), or zip folders of PNG images named after their class "
-            "(classname/image.png)",
+            "the file is neither an .npz archive nor a .zip of image class folders; save arrays with "
+            "numpy.savez(path, x=images, y=labels), or zip folders of PNG or JPEG images named after "
+            "their class (classname/image.png)",
         ),
         (
             npz_member(np.zeros(3)),
@@ -886,7 +886,7 @@ def test_members_of_neither_layout_are_refused(tmp_path):
 def test_a_zipped_dataset_folder_gets_a_hint(tmp_path):
     data = zip_bytes({"digits/cat/a.png": png()})
     assert refused_dataset(dataset_file(tmp_path, data)).detail == (
-        "archive member 'digits/cat/a.png' is nested too deeply: PNG images sit in class folders at the top "
+        "archive member 'digits/cat/a.png' is nested too deeply: images sit in class folders at the top "
         "of the archive (classname/image.png); zip the contents of the dataset folder "
         "(cd dataset && zip -r ../dataset.zip .)"
     )
@@ -919,6 +919,7 @@ def test_a_png_class_folder_zip_is_described_and_loaded(tmp_path):
         source_dtype="uint8",
         num_classes=3,
         classes=["bird", "cat", "dog"],
+        images={"png": 4},
     )
     dataset = load_dataset_file(path, (-1.0, 1.0))
     assert dataset.x.shape == (4, 1, 4, 5) and dataset.x.dtype == np.float32
@@ -939,29 +940,30 @@ def test_rgb_images_give_three_channels(tmp_path):
         (
             png(width=6),
             "'cat/2.png' is 6x4 L but 'cat/1.png' is 5x4 L; all images must have the same size and "
-            "mode: resize or convert them",
+            "mode: declare resize / center_crop (and color=rgb) at upload, or resize and convert them",
         ),
         (
             png(mode="RGB"),
             "'cat/2.png' is 5x4 RGB but 'cat/1.png' is 5x4 L; all images must have the same size "
-            "and mode: resize or convert them",
+            "and mode: declare resize / center_crop (and color=rgb) at upload",
         ),
         (
             png(mode="RGBA"),
-            "'cat/2.png' has mode RGBA; only 8-bit grayscale (L) and RGB PNGs are accepted: "
-            "convert it, e.g. Image.open(p).convert('RGB').save(p)",
+            "'cat/2.png' has mode RGBA; only 8-bit grayscale (L) and RGB images are accepted as they are: "
+            "declare color=rgb (or grayscale) at upload to convert every image, or convert it, e.g. "
+            "Image.open(p).convert('RGB').save(p)",
         ),
         (
             png(mode="P"),
-            "'cat/2.png' has mode P; only 8-bit grayscale (L) and RGB PNGs are accepted: convert it, "
-            "e.g. Image.open(p).convert('RGB').save(p)",
+            "'cat/2.png' has mode P; only 8-bit grayscale (L) and RGB images are accepted as they are",
         ),
         (
-            png(format="JPEG"),
-            "'cat/2.png' is not a PNG image; a zip dataset holds only class folders of PNG "
-            "images (classname/image.png)",
+            b"GIF89a" + bytes(40),
+            "archive member 'cat/2.png' is neither a PNG nor a JPEG image; a zip dataset holds only "
+            "class folders of images (classname/image.png)",
         ),
         (png()[:45], "'cat/2.png' is not a readable PNG image (image file is truncated"),
+        (png(format="JPEG")[:60], "'cat/2.png' is not a readable JPEG image"),
     ],
 )
 def test_images_that_do_not_match_are_refused(tmp_path, second, message):
@@ -969,11 +971,11 @@ def test_images_that_do_not_match_are_refused(tmp_path, second, message):
     assert refused_dataset(dataset_file(tmp_path, data)).detail.startswith(message)
 
 
-def test_a_file_that_is_not_a_png_is_refused(tmp_path):
+def test_a_file_that_is_not_an_image_is_refused(tmp_path):
     data = zip_bytes({"cat/1.png": png(), "cat/notes.txt": b"hello"})
     assert refused_dataset(dataset_file(tmp_path, data)).detail == (
-        "archive member 'cat/notes.txt' is not a .png image; a zip dataset holds only class folders of PNG "
-        "images (classname/image.png)"
+        "archive member 'cat/notes.txt' is neither a PNG nor a JPEG image; a zip dataset holds only class "
+        "folders of images (classname/image.png)"
     )
 
 

@@ -1,0 +1,103 @@
+"""Zips of JPEG and PNG images of any size through the service: the upload declares resize,
+center_crop and color; what is stored is the uint8 .npz they become, evaluated like any dataset."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+
+import pytest
+
+from client.submit_cli import add_submit_parser, run_submit
+from schemas.evaluation import EvaluationSpec
+from tests.service.conftest import MODEL, gateway, upload, wait_for
+from tests.test_image_folders import digit_zip
+from workers.dataset_files import load_dataset_file
+from workers.evaluate import evaluate
+from workers.image_folders import ImageProcessing
+
+DIGITS_28 = {"resize": "28", "center_crop": "28", "color": "grayscale"}
+
+
+@pytest.fixture
+def image_zip(tmp_path):
+    path = tmp_path / "digits.zip"
+    path.write_bytes(digit_zip(40)[0])
+    return path
+
+
+def post(api, path, **fields):
+    with path.open("rb") as handle:
+        return api.post("/v1/datasets", files={"file": (path.name, handle)}, data=fields)
+
+
+def test_an_image_zip_is_stored_as_the_uint8_npz_it_becomes(api, image_zip):
+    response = post(api, image_zip, **DIGITS_28)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    upload_sha = hashlib.sha256(image_zip.read_bytes()).hexdigest()
+    assert (body["format"], body["samples"], body["shape"], body["source_dtype"]) == (
+        "image-zip", 40, [1, 28, 28], "uint8")
+    assert body["processing"] == {"resize": 28, "center_crop": [28, 28], "color": "grayscale"}
+    assert body["images"] == {"png": 20, "jpeg": 20}
+    assert body["source_sha256"] == upload_sha and body["sha256"] != upload_sha
+    again = post(api, image_zip, **DIGITS_28)
+    assert again.status_code == 200 and again.json()["id"] == body["id"]
+    other = post(api, image_zip, resize="28", center_crop="24", color="grayscale")
+    assert other.status_code == 201 and other.json()["shape"] == [1, 24, 24]
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "message"),
+    [
+        ({}, 400, "all images must have the same size and mode: declare resize / center_crop"),
+        ({"resize": "28"}, 400, "declare center_crop (e.g. 224) so that every image ends the same size"),
+        ({"resize": "-3"}, 400, "resize must be N (the shorter side) or HxW"),
+        ({"center_crop": "64", "resize": "28"}, 400, "does not fit in it; declare a resize at least"),
+        ({"color": "sepia"}, 422, "color"),
+    ],
+)
+def test_bad_processing_is_refused_with_the_fix(api, image_zip, fields, status, message):
+    response = post(api, image_zip, **fields)
+    assert response.status_code == status, response.text
+    assert message in response.text
+
+
+def test_processing_an_npz_is_refused(api):
+    response = post(api, MODEL.parent / "digits-test.npz", resize="28")
+    assert response.status_code == 400 and "an .npz is used as it is" in response.json()["detail"]
+
+
+def test_an_evaluation_of_the_processed_zip_equals_the_local_one(settings, start_worker, image_zip, tmp_path):
+    spec = {"samples": 40, "seed": 1, "attacks": [{"name": "fgsm", "eps": [0.1]}]}
+    start_worker(settings)
+    with gateway(settings) as api:
+        model = upload(api, "models", MODEL).json()
+        dataset = post(api, image_zip, **DIGITS_28).json()
+        job = api.post("/v1/evaluations", json={**spec, "model_id": model["id"], "dataset_id": dataset["id"]})
+        assert job.status_code == 202, job.text
+        final = wait_for(api, job.json()["id"])
+        assert final["state"] == "succeeded", final
+        result = api.get(f"/v1/evaluations/{final['id']}/result").json()
+    local = load_dataset_file(image_zip, processing=ImageProcessing.parse(**DIGITS_28))
+    expected = evaluate(MODEL.read_bytes(), local, EvaluationSpec.model_validate(spec)).result
+    expected_json = expected.model_dump(mode="json", exclude={"timing"})
+    result.pop("timing")
+    assert result["attacks"] == expected_json["attacks"]
+    assert result["clean_accuracy"] == expected_json["clean_accuracy"] > 0.5
+    assert result["dataset"]["sha256"] == dataset["sha256"]
+
+
+def test_robustness_submit_sends_the_processing(settings, image_zip, tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("samples: 8\nattacks:\n  - name: fgsm\n    eps: 0.1\n")
+    parser = argparse.ArgumentParser(prog="robustness")
+    add_submit_parser(parser.add_subparsers(dest="command", required=True))
+    with gateway(settings) as api:
+        args = parser.parse_args(["submit", str(MODEL), str(image_zip), "--spec", str(spec), "--server",
+                                  "http://testserver", "--resize", "28", "--center-crop", "28",
+                                  "--color", "grayscale"])
+        assert run_submit(args, transport=api._transport) == 0
+        datasets = api.get("/v1/datasets").json()["items"]
+    assert [(d["format"], d["shape"]) for d in datasets] == [("image-zip", [1, 28, 28])]
+    assert "processed into 40 images of 1x28x28" in capsys.readouterr().err

@@ -1,0 +1,317 @@
+"""Zips of image class folders (``classname/image.png``), as torchvision's ImageFolder reads them:
+classes sorted by name give labels 0..K-1.
+
+Images are PNG or JPEG, told from their content. A zip of PNGs that all have one size and mode
+(8-bit grayscale "L" or "RGB") is stored as uploaded. Anything else is processed once, at
+upload, as declared there (:class:`ImageProcessing`, torchvision's eval transforms): ``color``
+converts every image ("rgb" is ImageFolder's own loader), ``resize`` scales the shorter side
+to n pixels (or to exactly HxW) with bilinear filtering, ``center_crop`` cuts the centre. The
+result is written, one image at a time, as a uint8 .npz (x [N, C, H, W], y [N]): memory stays
+at one decoded image however many there are, and workers read pixels without decoding again.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from workers.dataset_archive import Limits, read_member
+from workers.datasets import DatasetError
+from workers.errors import TooLargeError, first_lines, quoted
+
+MODES = {"L": 1, "RGB": 3}  # mode -> channels, as stored
+COLORS = {"rgb": "RGB", "grayscale": "L"}
+CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La"}  # 8-bit modes
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+MAX_SIDE = 8192  # of a declared resize or crop
+SKIPPED = ("__MACOSX/",)  # folders that macOS's Finder adds to every zip
+SKIPPED_NAMES = (".DS_Store", "Thumbs.db", "desktop.ini")
+_FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the same upload gives the same bytes, hence the same sha256
+
+
+@dataclass(frozen=True)
+class ImageProcessing:
+    """What an upload declares to make images of any size into one dataset."""
+
+    resize: int | tuple[int, int] | None = None  # int: the shorter side (aspect kept); (H, W): exact
+    center_crop: tuple[int, int] | None = None  # (H, W)
+    color: str | None = None  # "rgb" or "grayscale"
+
+    @property
+    def declared(self) -> bool:
+        return self.resize is not None or self.center_crop is not None or self.color is not None
+
+    def as_dict(self) -> dict:
+        return {"resize": _listed(self.resize), "center_crop": _listed(self.center_crop), "color": self.color}
+
+    @classmethod
+    def parse(cls, resize: str | int | None = None, center_crop: str | int | None = None,
+              color: str | None = None) -> ImageProcessing:
+        """From an upload's form fields: sizes "224" or "224x256" (HxW); raises DatasetError."""
+        if color is not None and color not in COLORS:
+            raise DatasetError(f"color must be one of {', '.join(COLORS)}, got {quoted(str(color))}")
+        crop = _size("center_crop", center_crop)
+        return cls(resize=_size("resize", resize, shorter_side=True),
+                   center_crop=(crop, crop) if isinstance(crop, int) else crop, color=color)
+
+
+NO_PROCESSING = ImageProcessing()
+
+
+def _listed(size: int | tuple[int, int] | None) -> int | list[int] | None:
+    return list(size) if isinstance(size, tuple) else size
+
+
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*(?:[xX,]\s*(\d{1,5})\s*)?$")
+
+
+def _size(name: str, value: str | int | None, shorter_side: bool = False) -> int | tuple[int, int] | None:
+    if value is None or value == "":
+        return None
+    match = _SIZE.match(str(value))
+    sides = [int(s) for s in match.groups() if s is not None] if match else []
+    if not sides or not all(1 <= s <= MAX_SIDE for s in sides):
+        shape = "N (the shorter side) or HxW" if shorter_side else "N (a square) or HxW"
+        raise DatasetError(f"{name} must be {shape} with sides from 1 to {MAX_SIDE} pixels, "
+                           f"got {quoted(str(value))}; e.g. resize=256 center_crop=224 for ImageNet")
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
+
+
+def is_image_folder_zip(files: list[zipfile.ZipInfo]) -> bool:
+    return all(i.filename.count("/") == 1 for i in image_members(files))
+
+
+def image_members(files: list[zipfile.ZipInfo]) -> list[zipfile.ZipInfo]:
+    """The members that can be images: not macOS's or Windows's bookkeeping files."""
+    return [i for i in files if not i.filename.startswith(SKIPPED)
+            and i.filename.rsplit("/", 1)[-1] not in SKIPPED_NAMES
+            and not i.filename.rsplit("/", 1)[-1].startswith("._")]
+
+
+@dataclass
+class FolderImages:
+    """A zip of class folders, read: the images are decoded one at a time by :meth:`pixels`."""
+
+    files: list[zipfile.ZipInfo]  # in label order, then by name
+    classes: list[str]
+    labels: np.ndarray  # int64 [N]
+    formats: dict[str, int]  # "png" / "jpeg" -> how many
+
+    def needs_processing(self, processing: ImageProcessing) -> bool:
+        return processing.declared or self.formats.get("jpeg", 0) > 0
+
+
+def read_folders(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits: Limits) -> FolderImages:
+    """The class folders' members, each checked to be a PNG or JPEG from its first bytes."""
+    files = image_members(files)
+    if not files:
+        raise DatasetError("the archive holds no images; zip folders of PNG or JPEG images named "
+                           "after their class (classname/image.png)")
+    if len(files) > limits.max_samples:
+        raise TooLargeError(f"the archive holds {len(files)} images, over the limit of {limits.max_samples}")
+    files = sorted(files, key=lambda i: i.filename.split("/"))
+    classes = sorted({i.filename.split("/")[0] for i in files})
+    label = {name: k for k, name in enumerate(classes)}
+    formats: dict[str, int] = {}
+    for info in files:
+        kind = _format(_head(archive, info), info.filename)
+        formats[kind] = formats.get(kind, 0) + 1
+    labels = np.array([label[i.filename.split("/")[0]] for i in files], np.int64)
+    return FolderImages(files, classes, labels, formats)
+
+
+def _head(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    try:
+        with archive.open(info) as member:
+            return member.read(min(info.file_size, 32))
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
+        raise DatasetError(
+            f"archive member {quoted(info.filename)} is corrupt ({first_lines(exc)}); re-create the archive"
+        ) from None
+
+
+def _format(head: bytes, name: str) -> str:
+    if head.startswith(PNG_SIGNATURE):
+        return "png"
+    if head.startswith(JPEG_SIGNATURE):
+        return "jpeg"
+    raise DatasetError(f"archive member {quoted(name)} is neither a PNG nor a JPEG image; a zip dataset "
+                       "holds only class folders of images (classname/image.png)")
+
+
+def decoded_images(archive: zipfile.ZipFile, folders: FolderImages, limits: Limits,
+                   processing: ImageProcessing = NO_PROCESSING) -> Iterator[np.ndarray]:
+    """Each image as uint8 [C, H, W], processed; all have one shape (or DatasetError says why).
+    The first shape is checked against the decoded-size budget before the second is decoded."""
+    first: tuple[str, tuple, tuple] | None = None
+    for info in folders.files:
+        with _open_image(read_member(archive, info), info.filename) as image:
+            source = (image.mode, *image.size)
+            converted = _processed(image, processing, info.filename)
+            pixels = _pixels(converted, info.filename)
+        if first is None:
+            _check_budget(len(folders.files), pixels.shape, limits, processing)
+            first = (info.filename, source, pixels.shape)
+        elif pixels.shape != first[2]:
+            raise DatasetError(_mismatch(info.filename, source, pixels.shape, first, processing))
+        yield pixels
+
+
+def _check_budget(count: int, shape: tuple[int, ...], limits: Limits, processing: ImageProcessing) -> None:
+    channels, height, width = shape
+    decoded = count * (channels * height * width + 8)
+    if decoded > limits.max_decoded_bytes:
+        what = "processed " if processing.declared else ""
+        raise TooLargeError(
+            f"{count} {what}images of {width}x{height} {'RGB' if channels == 3 else 'L'} take {decoded} "
+            f"bytes once decoded, over the limit of {limits.max_decoded_bytes} bytes; upload fewer or "
+            "smaller images" + (", or declare a smaller resize / center_crop" if processing.declared else ""))
+
+
+def _mismatch(name: str, source: tuple, shape: tuple, first: tuple, processing: ImageProcessing) -> str:
+    first_name, first_source, first_shape = first
+    if processing.declared:
+        return (f"{quoted(name)} ({source[1]}x{source[2]} {source[0]}) becomes {_shown(shape)} but "
+                f"{quoted(first_name)} ({first_source[1]}x{first_source[2]} {first_source[0]}) becomes "
+                f"{_shown(first_shape)}; declare center_crop (e.g. 224) so that every image ends the same "
+                "size" + ("" if processing.color else ", and color=rgb to give every image 3 channels"))
+    return (f"{quoted(name)} is {source[1]}x{source[2]} {source[0]} but {quoted(first_name)} is "
+            f"{first_source[1]}x{first_source[2]} {first_source[0]}; all images must have the same size and "
+            "mode: declare resize / center_crop (and color=rgb) at upload, or resize and convert them")
+
+
+def _shown(shape: tuple[int, ...]) -> str:
+    channels, height, width = shape
+    return f"{width}x{height} {'RGB' if channels == 3 else 'L'}"
+
+
+_IMAGE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    zlib.error,
+    struct.error,
+    Image.DecompressionBombError,
+)
+
+
+def _open_image(data: bytes, name: str) -> Image.Image:
+    """The image, opened lazily (only its header is read) once its size is within limits."""
+    kind = _format(data[:8], name)
+    if kind == "png":  # before Pillow, which only warns below twice the limit
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise DatasetError(f"{quoted(name)} is not a readable PNG image (no IHDR header)")
+        _check_pixels(name, *struct.unpack_from(">2I", data, 16))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below
+            image = Image.open(io.BytesIO(data), formats=["PNG" if kind == "png" else "JPEG"])
+    except _IMAGE_ERRORS as exc:
+        raise DatasetError(f"{quoted(name)} is not a readable {kind.upper()} image "
+                           f"({first_lines(exc)})") from None
+    try:
+        _check_pixels(name, *image.size)
+    except TooLargeError:
+        image.close()
+        raise
+    return image
+
+
+def _check_pixels(name: str, width: int, height: int) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise TooLargeError(f"{quoted(name)} is {width}x{height} pixels, over the limit of {limit} "
+                            "pixels per image")
+
+
+def _processed(image: Image.Image, processing: ImageProcessing, name: str) -> Image.Image:
+    """``image`` converted, resized and cropped as declared (torchvision's eval transforms, PIL path)."""
+    if processing.color is not None:
+        if image.mode not in CONVERTIBLE:
+            raise DatasetError(f"{quoted(name)} has mode {image.mode}; only 8-bit images can be converted: "
+                               "save it with 8 bits per channel")
+        image = _loaded(image, name).convert(COLORS[processing.color])
+    elif image.mode not in MODES:
+        raise DatasetError(
+            f"{quoted(name)} has mode {image.mode}; only 8-bit grayscale (L) and RGB images are accepted "
+            "as they are: declare color=rgb (or grayscale) at upload to convert every image, or convert "
+            "it, e.g. Image.open(p).convert('RGB').save(p)")
+    if processing.resize is not None:
+        width, height = image.size
+        if isinstance(processing.resize, int):  # torchvision's Resize(n): the shorter side to n
+            short, long = sorted((width, height))
+            new_short, new_long = processing.resize, int(processing.resize * long / short)
+            size = (new_short, new_long) if width <= height else (new_long, new_short)
+        else:
+            size = (processing.resize[1], processing.resize[0])
+        if size != image.size:
+            image = _loaded(image, name).resize(size, Image.Resampling.BILINEAR)
+    if processing.center_crop is not None:
+        crop_height, crop_width = processing.center_crop
+        width, height = image.size
+        if crop_height > height or crop_width > width:
+            raise DatasetError(
+                f"{quoted(name)} is {width}x{height} (after resize) and center_crop "
+                f"{crop_width}x{crop_height} does not fit in it; declare a resize at least as large as "
+                "the crop (resize=256 center_crop=224)")
+        top = int(round((height - crop_height) / 2.0))  # as torchvision's center_crop rounds
+        left = int(round((width - crop_width) / 2.0))
+        image = _loaded(image, name).crop((left, top, left + crop_width, top + crop_height))
+    return image
+
+
+def _loaded(image: Image.Image, name: str) -> Image.Image:
+    try:
+        image.load()
+    except _IMAGE_ERRORS as exc:
+        raise DatasetError(f"{quoted(name)} is not a readable {image.format or ''} image "
+                           f"({first_lines(exc)})".replace("  ", " ")) from None
+    return image
+
+
+def _pixels(image: Image.Image, name: str) -> np.ndarray:
+    """[C, H, W] uint8."""
+    array = np.asarray(_loaded(image, name), dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def write_npz(out: Path, images: Iterator[np.ndarray], labels: np.ndarray) -> list[int]:
+    """Stream ``images`` (uint8 [C, H, W], one shape) into ``out`` as an .npz with x [N, C, H, W]
+    and y [N], stored uncompressed with fixed timestamps; returns one image's shape."""
+    count = len(labels)
+    shape: list[int] = []
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open(zipfile.ZipInfo("x.npy", _FIXED_TIME), "w", force_zip64=True) as member:
+            for n, pixels in enumerate(images):
+                if n == 0:
+                    shape = [int(s) for s in pixels.shape]
+                    np.lib.format.write_array_header_1_0(
+                        member, {"descr": "|u1", "fortran_order": False, "shape": (count, *shape)})
+                member.write(np.ascontiguousarray(pixels).tobytes())
+        with archive.open(zipfile.ZipInfo("y.npy", _FIXED_TIME), "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, labels.astype(np.int64), allow_pickle=False)
+    return shape
+
+
+def stacked(images: Iterator[np.ndarray], count: int) -> np.ndarray:
+    """The images as one uint8 [N, C, H, W] array, filled as they are decoded."""
+    x: np.ndarray | None = None
+    for n, pixels in enumerate(images):
+        if x is None:
+            x = np.empty((count, *pixels.shape), np.uint8)
+        x[n] = pixels
+    assert x is not None
+    return x
+
