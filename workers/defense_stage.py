@@ -10,7 +10,7 @@ import numpy as np
 
 from schemas.evaluation import AttackResult, EvaluationSpec
 from workers.attack_runs import attack_runs, attack_seed, unit_targets
-from workers.datasets import DatasetError, Images
+from workers.datasets import DatasetError, Images, Pixels
 from workers.defenses import DEFENSES, DefendedModel, adaptive_model, build_defense
 from workers.layout import to_nchw
 from workers.plan import StageProgress, stage_work
@@ -39,7 +39,9 @@ def build_defenses(spec: EvaluationSpec, pool: Images, models: dict[str, bytes],
                 raise DatasetError(f"defenses[{index}].fit_samples: the dataset has {len(pool)} samples; "
                                    f"{selected} are evaluated and {entry.fit_samples} more are needed to fit "
                                    f"{entry.name} on held-out data; lower `samples` or `fit_samples`")
-            defense.fit(np.asarray(pool[len(pool) - entry.fit_samples:], np.float32))
+            held_out = slice(len(pool) - entry.fit_samples, None)
+            defense.fit(pool.rows(held_out) if isinstance(pool, Pixels)
+                        else np.asarray(pool[held_out], np.float32))
         if entry.fit_dataset is not None:
             fit = fit_images.get(entry.key)
             if fit is None:
@@ -49,7 +51,7 @@ def build_defenses(spec: EvaluationSpec, pool: Images, models: dict[str, bytes],
             if fit.shape[1:] != pool.shape[1:]:
                 raise DatasetError(f"defenses[{index}].fit_dataset: its images are {list(fit.shape[1:])} but "
                                    f"the evaluated ones are {list(pool.shape[1:])} (NCHW)")
-            defense.fit(np.asarray(fit, np.float32))
+            defense.fit(fit if isinstance(fit, Pixels) else np.asarray(fit, np.float32))
         defenses[entry.key] = defense
     return defenses
 

@@ -91,7 +91,7 @@ def test_random_defenses_need_an_rng(name):
     ("pca", {"variance": 0}, r"`variance` must be a finite number in \(0, 1\], got 0"),
     ("pca", {"variance": 1.5}, r"`variance` must be a finite number in \(0, 1\]"),
     ("pca", {"variance": float("nan")}, r"`variance` must be a finite number"),
-    ("pca", {"solver": "svd"}, r"`solver` must be one of auto, covariance, gram, got 'svd'"),
+    ("pca", {"solver": "svd"}, r"`solver` must be one of auto, covariance, gram, randomized, got 'svd'"),
     ("pca", {"clip": (1, 0)}, r"`clip` must be \(low, high\) with low < high, got \(1, 0\)"),
     ("uniform_noise", {"low": 0.2, "high": 0.1}, r"`low` must be below `high`, got low=0.2, high=0.1"),
     ("uniform_noise", {"low": "a", "high": 0.1}, r"`low` must be a finite number, got 'a'"),

@@ -25,6 +25,7 @@ import onnx
 from onnx import helper
 
 from workers.attacks.base import check
+from workers.datasets import Images
 from workers.errors import InvalidParameter, UserError
 from workers.onnxgrad.dtypes import half_dtype
 from workers.onnxgrad.prepare import image_input, load_model, normalise_opset
@@ -53,8 +54,9 @@ class Defense(ABC):
 
     params: dict
 
-    def fit(self, x_fit: np.ndarray) -> None:
-        """Learn what the stage needs from clean images (only PCA needs it)."""
+    def fit(self, x_fit: Images) -> None:
+        """Learn what the stage needs from clean images (only PCA needs it): float32, or uint8
+        Pixels that read as float32."""
         return None
 
     @abstractmethod
