@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     worker_nice: int = Field(10, ge=0, le=19)
     # ONNX Runtime threads per worker process; default: the cores shared out among processes
     ort_threads: int | None = Field(None, ge=1)
+    # memory one gradient call of a worker process may take: batches shrink to fit it (measured
+    # per model, workers/memory_budget.py); default: half the memory available when the worker
+    # starts, shared out among its processes
+    worker_memory_mb: int | None = Field(None, ge=16)
     job_time_limit_s: float = Field(6 * 3600, gt=0)  # per shard: stopped, then failed as time_limit
     lease_s: float = Field(60, gt=0)  # a running shard renews its lease; an expired lease is reaped
     max_attempts: int = Field(3, ge=1)  # shard runs before a lost worker fails the job
@@ -104,6 +108,15 @@ class Settings(BaseSettings):
     @property
     def threads_per_worker(self) -> int:
         return self.ort_threads or max(1, (os.cpu_count() or 1) // self.worker_concurrency)
+
+    @property
+    def worker_memory_budget(self) -> int:
+        """Bytes one gradient call of a worker process may take."""
+        if self.worker_memory_mb is not None:
+            return self.worker_memory_mb << 20
+        from workers.memory_budget import default_budget
+
+        return default_budget(self.worker_concurrency)
 
     @property
     def pool_size(self) -> int:

@@ -198,7 +198,8 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
     with sessions() as db:
         job, spec, model, dataset = _inputs(db, claim, store)
         transfer_models = dict(job.models or {})
-        options = RuntimeOptions(batch_size=spec.batch_size, intra_op_threads=settings.threads_per_worker)
+        options = RuntimeOptions(batch_size=spec.batch_size, intra_op_threads=settings.threads_per_worker,
+                                 memory_budget=settings.worker_memory_budget)
         if claim.kind == jobs.FINISH:
             parts = db.execute(
                 select(Shard.output_sha256, Shard.timing)

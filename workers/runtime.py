@@ -19,6 +19,8 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
+from workers import memory_budget
+from workers.memory_budget import MiB
 from workers.onnxgrad import InvalidModelError, build_gradient_model, prepare_classifier
 from workers.onnxgrad.dtypes import feed_dtype
 from workers.onnxgrad.losses import LOSS_INPUTS, LOSSES
@@ -40,12 +42,16 @@ class RuntimeOptions:
     providers: tuple[str, ...] | None = None  # None: CUDA when available, else CPU
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
     allow_spinning: bool = False  # spinning threads compete with Python loops on small machines
+    # bytes one gradient call may take (workers/memory_budget.py): batches shrink to fit; None: no bound
+    memory_budget: int | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {self.batch_size}")
         if self.intra_op_threads < 0:
             raise ValueError(f"`intra_op_threads` must be >= 0, got {self.intra_op_threads}")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise ValueError(f"`memory_budget` must be a positive number of bytes, got {self.memory_budget}")
 
 
 def choose_providers(requested: tuple[str, ...] | None) -> list[str]:
@@ -131,30 +137,32 @@ _SESSIONS = _LruCache(16)
 _logged_devices: set[str] = set()
 
 
-def _session(key: tuple, model_bytes: Callable[[], bytes], options: RuntimeOptions):
-    def create():
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.intra_op_threads
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning",
-                                    "1" if options.allow_spinning else "0")
-        so.log_severity_level = 3
-        providers = [(p, PROVIDER_OPTIONS[p]) if p in PROVIDER_OPTIONS else p
-                     for p in choose_providers(options.providers)]
-        try:
-            session = ort.InferenceSession(model_bytes(), so, providers=providers)
-        except MODEL_REFUSED as exc:  # the model's fault; a device failure stays ours
-            raise InvalidModelError(
-                f"ONNX Runtime {ort.__version__} cannot load the model: {str(exc).splitlines()[0][:300]}; "
-                "check that it runs with onnxruntime.InferenceSession, or export it again"
-            ) from None
-        device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
-        if device not in _logged_devices:
-            _logged_devices.add(device)
-            log.info("runtime.device %s providers=%s", device, session.get_providers())
-        return session
+def new_session(model_bytes: bytes, options: RuntimeOptions):
+    """An ONNX Runtime session with ``options``' threads and providers (not cached)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning",
+                                "1" if options.allow_spinning else "0")
+    so.log_severity_level = 3
+    providers = [(p, PROVIDER_OPTIONS[p]) if p in PROVIDER_OPTIONS else p
+                 for p in choose_providers(options.providers)]
+    try:
+        session = ort.InferenceSession(model_bytes, so, providers=providers)
+    except MODEL_REFUSED as exc:  # the model's fault; a device failure stays ours
+        raise InvalidModelError(
+            f"ONNX Runtime {ort.__version__} cannot load the model: {str(exc).splitlines()[0][:300]}; "
+            "check that it runs with onnxruntime.InferenceSession, or export it again"
+        ) from None
+    device = "cuda" if session.get_providers()[0] == CUDA else "cpu"
+    if device not in _logged_devices:
+        _logged_devices.add(device)
+        log.info("runtime.device %s providers=%s", device, session.get_providers())
+    return session
 
-    return _SESSIONS.get_or_create(key + (options,), create)
+
+def _session(key: tuple, model_bytes: Callable[[], bytes], options: RuntimeOptions):
+    return _SESSIONS.get_or_create(key + (options,), lambda: new_session(model_bytes(), options))
 
 
 def clear_caches() -> None:
@@ -166,10 +174,11 @@ class Classifier:
     """An ONNX image classifier on ONNX Runtime, with exact input gradients.
 
     ``x`` arrays are float32 in the model's input layout, labels int64 [N]. Every method
-    works in batches of ``options.batch_size`` and returns arrays for the whole input. A model
-    exported with a fixed batch size that its graph depends on (a constant concatenated along
-    the batch axis, say) runs in batches of exactly that size, the last one padded: slower,
-    but what the upload promised (``fixed_batch`` says so).
+    works in batches of ``batch_size`` (options.batch_size, or fewer within
+    options.memory_budget) and returns arrays for the whole input. A model exported with a
+    fixed batch size that its graph depends on (a constant concatenated along the batch axis,
+    say) runs in batches of exactly that size, the last one padded: slower, but what the
+    upload promised (``fixed_batch`` says so).
     """
 
     def __init__(self, model: bytes | onnx.ModelProto, options: RuntimeOptions | None = None,
@@ -195,6 +204,7 @@ class Classifier:
             self.fixed_batch = prepared.fixed_batch
             log.info("runtime.fixed_batch %s: the graph depends on its batch size %d; running "
                      "batches of exactly that size", self.model_hash[:12], self.fixed_batch)
+        self._batch_sizes: dict[str, int] = {}  # "forward" / "gradient" -> samples per call
         self.num_classes = prepared.num_classes or int(self.logits(self._probe(1)).shape[1])
         self.device = "cuda" if self._forward.get_providers()[0] == CUDA else "cpu"
 
@@ -233,12 +243,55 @@ class Classifier:
         dims = [d if isinstance(d, int) else 1 for d in self.input_shape[1:]]
         return np.zeros([n] + dims, self._feed_dtype)
 
-    def _gradient_session(self, loss: str):
+    def _gradient_bytes(self, loss: str) -> bytes:
         check_loss(loss)
         key = (self.model_hash, self._output_name, loss, self.device)
-        grad_bytes = _GRADIENT_MODELS.get_or_create(key, lambda: build_gradient_model(
+        return _GRADIENT_MODELS.get_or_create(key, lambda: build_gradient_model(
             self._raw, loss, self._output_name, device=self.device).SerializeToString())
+
+    def _gradient_session(self, loss: str):
+        key = (self.model_hash, self._output_name, loss, self.device)
+        grad_bytes = self._gradient_bytes(loss)
         return _session(key + ("gradient",), lambda: grad_bytes, self.options)
+
+    def batch_size(self, kind: str = "gradient") -> int:
+        """Samples per call: the options' batch size, or fewer where a ``kind`` call ("forward"
+        or "gradient") of that many would take more than ``options.memory_budget`` (measured once
+        per model and process)."""
+        if kind not in self._batch_sizes:
+            self._batch_sizes[kind] = self._budgeted_batch(kind)
+        return self._batch_sizes[kind]
+
+    def _budgeted_batch(self, kind: str) -> int:
+        cap, budget = self.options.batch_size, self.options.memory_budget
+        if budget is None or self.fixed_batch or not memory_budget.peak_tracking_available():
+            return cap
+        model = self._gradient_bytes("auto") if kind == "gradient" else self._forward_bytes
+
+        def measure(batch: int) -> int:
+            feeds = {self.input_name: self._probe(batch)}
+            if kind == "gradient":
+                feeds = {self.input_name: feeds[self.input_name].astype(np.float32),
+                         "labels": np.zeros(batch, np.int64)}
+            def twice() -> None:  # the second run is the session's steady state (memory_budget.py)
+                session = new_session(model, self.options)
+                _run(session, None, feeds)
+                _run(session, None, feeds)
+
+            return memory_budget.peak_of(twice)
+
+        key = (self.model_hash, self._output_name, kind, self.device, self.options.intra_op_threads)
+        footprint = memory_budget.footprint(key, measure, cap)
+        batch = footprint.batch_within(budget, cap)
+        if batch < 1:
+            raise memory_budget.OverMemoryBudget(
+                f"a {kind} call on one image takes {footprint.at(1) / MiB:.0f} MB, over this worker's memory "
+                f"budget of {budget / MiB:.0f} MB (ROBUSTNESS_WORKER_MEMORY_MB on the server); run it on a "
+                "worker with more memory, or evaluate a smaller input size")
+        if batch < cap:
+            log.info("runtime.batch %s %s: %d instead of %d within %.0f MB (%.1f MB per sample)",
+                     self.model_hash[:12], kind, batch, cap, budget / MiB, footprint.per_sample / MiB)
+        return batch
 
     def check_inputs(self, x: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         x = np.asarray(x)
@@ -262,11 +315,11 @@ class Classifier:
                              f"got [{labels.min()}, {labels.max()}]")
         return x, labels.astype(np.int64)
 
-    def _run_batches(self, session, outputs: list[str] | None, feeds: dict[str, np.ndarray]
-                     ) -> list[np.ndarray] | None:
+    def _run_batches(self, session, outputs: list[str] | None, feeds: dict[str, np.ndarray],
+                     kind: str = "forward") -> list[np.ndarray] | None:
         """``session``'s outputs over every row of ``feeds``, in batches; None for no rows."""
         n = len(next(iter(feeds.values())))
-        step = self.fixed_batch or self.options.batch_size
+        step = self.fixed_batch or self.batch_size(kind)
         parts = []
         for start in range(0, n, step):
             stop = min(start + step, n)
@@ -318,7 +371,7 @@ class Classifier:
 
     def _run_gradient(self, loss: str, x: np.ndarray, feeds: dict[str, np.ndarray]):
         outputs = self._run_batches(self._gradient_session(loss), ["logits", "loss", "grad"],
-                                    {self.input_name: x, **feeds})
+                                    {self.input_name: x, **feeds}, kind="gradient")
         if outputs is None:
             return (np.zeros((0, self.num_classes), np.float32), np.zeros(0, np.float32),
                     np.zeros_like(x))

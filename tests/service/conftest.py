@@ -54,6 +54,8 @@ def env_for(settings: Settings) -> dict[str, str]:
         "MAX_CONCURRENT_JOBS": settings.max_concurrent_jobs,
         "ORT_THREADS": settings.ort_threads or 1,
     }
+    if settings.worker_memory_mb is not None:
+        values["WORKER_MEMORY_MB"] = settings.worker_memory_mb
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTNESS_")}
     env.update({f"ROBUSTNESS_{k}": str(v) for k, v in values.items()})
     return env

@@ -102,6 +102,19 @@ def test_embedded_broker_runs_a_sharded_job_to_the_in_process_result(settings, s
     assert log.count("evaluation.shard_succeeded") == 3 and "evaluation.succeeded" in log
 
 
+def test_a_worker_shrinks_its_batches_to_its_memory_budget(tmp_path, start_worker):
+    settings = make_settings(tmp_path / "data", worker_memory_mb=16)
+    body = {**QUICK, "batch_size": 4096}  # ~0.2 MB per digit in a gradient call: 4,096 need 800 MB
+    worker = start_worker(settings)
+    with gateway(settings) as api:
+        job = submit(api, body)
+        final = wait_for(api, job["id"])
+        assert final["state"] == "succeeded", final
+        check_same_as_in_process(api, job, body)
+    log = worker.log.read_text()
+    assert "runtime.batch" in log and "instead of 4096 within 16 MB" in log, log[-3000:]
+
+
 def test_universal_perturbations_run_on_the_whole_set_beside_the_shards(settings, start_worker):
     body = {
         "samples": 40,

@@ -1,0 +1,99 @@
+"""Batch sizes from a memory budget: the footprint of a model's calls is measured (peak resident
+memory of a fresh session at two batch sizes), and batches shrink so that a call fits."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from infra.settings import Settings
+from workers import memory_budget
+from workers.memory_budget import Footprint, OverMemoryBudget, peak_of
+from workers.runtime import Classifier, RuntimeOptions
+
+pytestmark = pytest.mark.skipif(
+    not memory_budget.peak_tracking_available(),
+    reason="the process's peak memory is not readable here (/proc/self/clear_refs)")
+MiB = 1 << 20
+SIZE = 96  # 32 channels of 96 x 96: 1.2 MB per activation and image
+
+
+def wide_cnn(seed: int) -> bytes:
+    """Conv(3->32) ReLU Conv(32->32) ReLU GlobalAveragePool Flatten Gemm(10): big activations."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "w1": rng.normal(0, 0.2, (32, 3, 3, 3)), "b1": np.zeros(32),
+        "w2": rng.normal(0, 0.06, (32, 32, 3, 3)), "b2": np.zeros(32),
+        "w3": rng.normal(0, 0.2, (10, 32)), "b3": np.zeros(10),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def images(n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.random((n, 3, SIZE, SIZE), dtype=np.float32), rng.integers(0, 10, n)
+
+
+def test_batches_shrink_to_fit_the_budget_and_a_call_stays_within_it():
+    model = wide_cnn(seed=1)
+    budget = 60 * MiB
+    bounded = Classifier(model, RuntimeOptions(batch_size=64, intra_op_threads=1, memory_budget=budget))
+    batch = bounded.batch_size("gradient")
+    assert 1 <= batch < 64
+    footprint = memory_budget._FOOTPRINTS[(bounded.model_hash, None, "gradient", "cpu", 1)]
+    assert footprint.per_sample > 2 * SIZE * SIZE * 32 * 4  # at least two stored activations per image
+    assert footprint.at(batch) <= budget < footprint.at(batch + 1)
+    x, y = images(3 * batch + 1)
+    results = {}
+    peak = peak_of(lambda: results.update(out=bounded.loss_and_grad(x, y)))  # the session's first calls
+    assert peak <= budget, (peak / MiB, budget / MiB)
+    free = Classifier(model, RuntimeOptions(batch_size=64, intra_op_threads=1))
+    for got, want in zip(results["out"], free.loss_and_grad(x, y), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert free.batch_size("gradient") == 64  # no budget, no bound
+
+
+def test_a_model_too_large_for_the_budget_at_one_image_is_refused_with_the_setting():
+    classifier = Classifier(wide_cnn(seed=2), RuntimeOptions(batch_size=8, intra_op_threads=1,
+                                                             memory_budget=1 * MiB))
+    with pytest.raises(OverMemoryBudget) as error:
+        classifier.loss_and_grad(*images(2))
+    assert ("over this worker's memory budget of 1 MB (ROBUSTNESS_WORKER_MEMORY_MB on the server)"
+            in str(error.value))
+
+
+@pytest.mark.parametrize(
+    ("footprint", "budget", "cap", "want"),
+    [
+        (Footprint(base=10, per_sample=5), 100, 64, 18),
+        (Footprint(base=10, per_sample=5), 100, 8, 8),
+        (Footprint(base=10, per_sample=5), 14, 8, 0),
+        (Footprint(base=10, per_sample=0), 100, 8, 8),
+        (Footprint(base=200, per_sample=0), 100, 8, 0),
+    ],
+)
+def test_the_largest_batch_within_the_budget(footprint, budget, cap, want):
+    assert footprint.batch_within(budget, cap) == want
+
+
+def test_the_worker_budget_is_a_setting_with_a_measured_default(tmp_path):
+    assert Settings(data_dir=tmp_path, worker_memory_mb=512).worker_memory_budget == 512 * MiB
+    default = Settings(data_dir=tmp_path, worker_concurrency=2).worker_memory_budget
+    assert 64 * MiB < default < memory_budget.default_budget(1)

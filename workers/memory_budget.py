@@ -1,0 +1,126 @@
+"""Batch sizes from a memory budget: a gradient call must not take more memory than a worker has.
+
+A 224x224 model's gradient graph holds every activation of the forward pass for the backward
+one: ResNet-50 needs about 100 MB per image, so the spec's batch of 64 would take 6 GB per
+worker. The footprint of a model's calls is measured once per process (and cached): a fresh
+ONNX Runtime session runs a batch of 1, then of ``PROBE_BATCH`` (larger, up to the spec's batch,
+until memory grows by ``RESOLUTION``), twice each, while the
+process's peak resident memory (Linux's VmHWM, reset through /proc/self/clear_refs) is read,
+and memory is taken as ``base + per_sample x batch``. Twice, because from its second run of a
+shape ONNX Runtime's memory pattern allocates one block for all the intermediate tensors
+while its arena keeps the first run's: a session's steady state takes about twice a first
+run's peak. Freed heap is handed back to the system (malloc_trim) before each measurement, so
+that the growth seen is the call's own. The batch used is the largest within the
+budget, at most the spec's. Where the peak cannot be read (not Linux) the spec's batch is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+PROBE_BATCH = 4
+RESOLUTION = 8 * MiB  # a smaller growth between the two probes is measured again at a larger batch
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+class OverMemoryBudget(UserError):
+    status = 422
+    type = "over_budget"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Memory of one gradient call, beyond what the process held before it."""
+
+    base: int  # bytes at any batch size (the session's own buffers)
+    per_sample: int  # bytes per sample of the batch
+
+    def at(self, batch: int) -> int:
+        return self.base + self.per_sample * batch
+
+    def batch_within(self, budget: int, cap: int) -> int:
+        """The largest batch, at most ``cap``, whose call fits in ``budget``; 0 if none does."""
+        if self.per_sample <= 0:
+            return cap if self.base <= budget else 0
+        return max(0, min(cap, (budget - self.base) // self.per_sample))
+
+
+def peak_tracking_available() -> bool:
+    try:
+        _reset_peak()
+        return _status("VmHWM") > 0
+    except OSError:
+        return False
+
+
+def _status(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise OSError(f"{_STATUS} has no {field}")
+
+
+def _reset_peak() -> None:
+    with _CLEAR_REFS.open("w") as handle:
+        handle.write("5")  # resets VmHWM to the current resident size
+
+
+def _trim() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: freed heap may hide some growth
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def peak_of(run: Callable[[], object]) -> int:
+    """Bytes by which the process's resident memory peaked above its size before ``run``."""
+    _trim()
+    before = _status("VmRSS")
+    _reset_peak()
+    run()
+    return max(0, _status("VmHWM") - before)
+
+
+_FOOTPRINTS: dict[tuple, Footprint] = {}
+_LOCK = threading.Lock()
+
+
+def footprint(key: tuple, measure: Callable[[int], int], cap: int) -> Footprint:
+    """The cached footprint under ``key``, measured with ``measure(batch)`` -> peak bytes."""
+    with _LOCK:
+        if key in _FOOTPRINTS:
+            return _FOOTPRINTS[key]
+    probe = min(PROBE_BATCH, cap)
+    small = measure(1)
+    large = measure(probe) if probe > 1 else small
+    while large - small < RESOLUTION and probe < cap:  # a small model: its growth hides in the arena's chunks
+        probe = min(cap, probe * 4)
+        large = measure(probe)
+    per_sample = max((large - small) // (probe - 1), 0) if probe > 1 else large
+    found = Footprint(base=max(large - per_sample * probe, 0), per_sample=per_sample)
+    with _LOCK:
+        _FOOTPRINTS[key] = found
+    log.info("memory.footprint key=%s base=%.1fMB per_sample=%.1fMB", key[0][:12], found.base / MiB,
+             found.per_sample / MiB)
+    return found
+
+
+def default_budget(concurrency: int, share: float = 0.5) -> int:
+    """``share`` of the memory available now, split between ``concurrency`` worker processes."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        available = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(available * share / max(1, concurrency))
