@@ -7,7 +7,6 @@ renewals and turns a cancel or a deadline into a stop of ONNX Runtime.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
@@ -16,7 +15,6 @@ import time
 from collections import OrderedDict
 from functools import lru_cache
 
-import numpy as np
 from sqlalchemy import select
 
 from infra import jobs
@@ -27,6 +25,7 @@ from infra.dispatch import dispatch
 from infra.records import Job, Shard, StoredDataset, StoredModel
 from infra.settings import get_settings
 from schemas.evaluation import EvaluationResult, EvaluationSpec
+from workers.artifacts import stored_artifact
 from workers.dataset_files import load_dataset_file
 from workers.datasets import Dataset
 from workers.errors import UserError
@@ -34,6 +33,7 @@ from workers.evaluate import finish, run_unit
 from workers.plan import EvaluationCancelled, plan
 from workers.report import render_report
 from workers.runtime import RunsInterrupted, RuntimeOptions, interrupt_runs, resume_runs
+from workers.subject import select_samples
 from workers.units import UnitOutput
 
 log = logging.getLogger("robustness.worker")
@@ -214,9 +214,10 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
             model, dataset, spec, outputs, progress=watch.progress, options=options, baselines=baselines
         )
         artifacts = {}
+        clean = select_samples(dataset.x, dataset.y, spec.samples)[0]
         for name, array in evaluation.artifacts.items():
-            data = _npz_bytes(name.rsplit("/", 1)[-1], array)
-            artifacts[artifact_name(name)] = {"sha256": store.put_bytes(data), "size": len(data)}
+            stored_name, data = stored_artifact(name, array, clean)
+            artifacts[stored_name] = {"sha256": store.put_bytes(data), "size": len(data)}
         result = evaluation.result.model_dump(mode="json")
         report = _report(evaluation, claim.job_id, names, store)
         with sessions() as db:
@@ -283,12 +284,4 @@ def _without_paths(message: str, settings) -> str:
     return message
 
 
-def artifact_name(name: str) -> str:
-    """``pgd@0.1/x_adv`` -> ``pgd@0.1.x_adv``: one path segment for the download URL."""
-    return name.replace("/", ".")
 
-
-def _npz_bytes(key: str, array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, allow_pickle=False, **{key: array})  # adversarial images barely compress
-    return buffer.getvalue()

@@ -93,10 +93,11 @@ def test_embedded_broker_runs_a_sharded_job_to_the_in_process_result(settings, s
         check_same_as_in_process(api, job, QUICK)
         artifacts = api.get(f"/v1/evaluations/{job['id']}/artifacts").json()["items"]
         names = {a["name"] for a in artifacts}
-        assert "fgsm@0.1.x_adv" in names, names
-        data = api.get(f"/v1/evaluations/{job['id']}/artifacts/fgsm@0.1.x_adv")
-        x_adv = np.load(io.BytesIO(data.content))["x_adv"]
-        assert x_adv.shape == (40, 1, 28, 28)
+        assert "fgsm@0.1.delta" in names, names
+        data = api.get(f"/v1/evaluations/{job['id']}/artifacts/fgsm@0.1.delta")
+        delta = np.load(io.BytesIO(data.content))["delta"]
+        assert delta.shape == (40, 1, 28, 28) and delta.dtype == np.float16
+        assert np.abs(delta.astype(np.float32)).max() <= 0.1 * (1 + 2**-11)
     log = worker.log.read_text()
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
     assert log.count("evaluation.shard_succeeded") == 3 and "evaluation.succeeded" in log
