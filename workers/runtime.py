@@ -316,10 +316,14 @@ class Classifier:
         return x, labels.astype(np.int64)
 
     def _run_batches(self, session, outputs: list[str] | None, feeds: dict[str, np.ndarray],
-                     kind: str = "forward") -> list[np.ndarray] | None:
-        """``session``'s outputs over every row of ``feeds``, in batches; None for no rows."""
+                     kind: str = "forward", constants: dict[str, np.ndarray] | None = None
+                     ) -> list[np.ndarray] | None:
+        """``session``'s outputs over every row of ``feeds``, in batches (``constants`` go with
+        every batch whole); None for no rows."""
         n = len(next(iter(feeds.values())))
         step = self.fixed_batch or self.batch_size(kind)
+        if 0 < n <= step and not self.fixed_batch:  # one batch: no slices, no concatenation
+            return list(_run(session, outputs, {**feeds, **(constants or {})}))
         parts = []
         for start in range(0, n, step):
             stop = min(start + step, n)
@@ -327,7 +331,8 @@ class Classifier:
             if self.fixed_batch and stop - start < step:  # pad with copies of the last row
                 batch = {name: np.concatenate([value, np.repeat(value[-1:], step - len(value), axis=0)])
                          for name, value in batch.items()}
-            parts.append([out[:stop - start] for out in _run(session, outputs, batch)])
+            results = _run(session, outputs, {**batch, **(constants or {})})
+            parts.append([out[:stop - start] for out in results])
         return [np.concatenate(column) for column in zip(*parts, strict=True)] if parts else None
 
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -369,6 +374,28 @@ class Classifier:
         logits, _, grad = self._run_gradient("cotangent", x, {"dlogits": dlogits})
         return logits, grad
 
+    def linf_step(self, x_adv: np.ndarray, x: np.ndarray, labels: np.ndarray, *, loss: str, step: float,
+                  eps: float, bounds: tuple[float, float]) -> np.ndarray:
+        """One L-inf projected-gradient step in one ONNX Runtime call per batch:
+        clip(x + clip(x_adv + step * sign(d loss / d x_adv) - x, -eps, eps), *bounds), in the
+        float32 operations and order of the numpy step (workers/attacks/gradient.py), so the
+        result is the same to the bit. A negative ``step`` descends (a targeted attack)."""
+        x_adv, labels = self.check_inputs(x_adv, labels)
+        (x,) = self.check_inputs(x)
+        scalars = {"step": step, "eps": eps, "low": bounds[0], "high": bounds[1]}
+        constants = {f"{_STEP}{name}": np.array(value, np.float32) for name, value in scalars.items()}
+        outputs = self._run_batches(self._step_session(loss), [f"{_STEP}x_next"],
+                                    {self.input_name: x_adv, f"{_STEP}x": x, "labels": labels},
+                                    kind="gradient", constants=constants)
+        return np.zeros_like(x_adv) if outputs is None else outputs[0]
+
+    def _step_session(self, loss: str):
+        key = (self.model_hash, self._output_name, loss, self.device, "linf_step")
+        step_bytes = _GRADIENT_MODELS.get_or_create(
+            key, lambda: linf_step_model(onnx.load_from_string(self._gradient_bytes(loss)),
+                                         self.input_name).SerializeToString())
+        return _session(key, lambda: step_bytes, self.options)
+
     def _run_gradient(self, loss: str, x: np.ndarray, feeds: dict[str, np.ndarray]):
         outputs = self._run_batches(self._gradient_session(loss), ["logits", "loss", "grad"],
                                     {self.input_name: x, **feeds}, kind="gradient")
@@ -376,6 +403,43 @@ class Classifier:
             return (np.zeros((0, self.num_classes), np.float32), np.zeros(0, np.float32),
                     np.zeros_like(x))
         return tuple(outputs)
+
+
+_STEP = "linf_step/"
+
+
+def linf_step_model(gradient: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
+    """The gradient model with one L-inf PGD step appended: inputs (x_adv as ``input_name``,
+    linf_step/x, labels, and the scalars linf_step/step, eps, low, high), output
+    linf_step/x_next. Each node is one of the numpy step's float32 operations, in its order."""
+    from onnx import helper
+
+    graph = gradient.graph
+    image = next(i for i in graph.input if i.name == input_name)
+    clean = onnx.ValueInfoProto()
+    clean.CopyFrom(image)
+    clean.name = f"{_STEP}x"
+    graph.input.append(clean)
+    for name in ("step", "eps", "low", "high"):
+        graph.input.append(helper.make_tensor_value_info(f"{_STEP}{name}", onnx.TensorProto.FLOAT, []))
+    grad = "grad"
+    p = _STEP
+    graph.node.extend([
+        helper.make_node("Sign", [grad], [p + "sign"]),
+        helper.make_node("Mul", [p + "step", p + "sign"], [p + "move"]),
+        helper.make_node("Add", [input_name, p + "move"], [p + "moved"]),
+        helper.make_node("Sub", [p + "moved", p + "x"], [p + "delta"]),
+        helper.make_node("Neg", [p + "eps"], [p + "neg_eps"]),
+        helper.make_node("Clip", [p + "delta", p + "neg_eps", p + "eps"], [p + "projected"]),
+        helper.make_node("Add", [p + "x", p + "projected"], [p + "unboxed"]),
+        helper.make_node("Clip", [p + "unboxed", p + "low", p + "high"], [p + "x_next"]),
+    ])
+    following = onnx.ValueInfoProto()
+    following.CopyFrom(image)
+    following.name = p + "x_next"
+    del graph.output[:]
+    graph.output.append(following)
+    return gradient
 
 
 def check_loss(loss: str) -> None:
