@@ -1,12 +1,14 @@
 """Where a gradient graph's time goes on ONNX Runtime's CPU provider, kernel by kernel.
 
     .venv/bin/python bench/gradient_profile.py [--models lenet,mobilenet_v2] [--batch 64]
-        [--threads 2] [--runs 30] [--top 12]
+        [--threads 2] [--runs 30] [--top 12] [--zoo small|imagenet]
 
-For each model (from tests.zoo) it profiles the forward session and the session of
-build_gradient_model(model, loss="cross_entropy"), both as bench/gradients.py builds them
-(spinning off), and splits the gradient session's kernel time, read from ONNX Runtime's own
-profile after ONNX Runtime's graph optimizations (blocked layout, fusions), into
+For each model (from tests.zoo; with --zoo imagenet from tests.imagenet_zoo as
+bench/gradients.py names them, e.g. vit_s16@torchscript or vit_s16@dynamo) it profiles the
+forward session and the session of build_gradient_model(model, loss="cross_entropy"), both as
+bench/gradients.py builds them (spinning off), and splits the gradient session's kernel time,
+read from ONNX Runtime's own profile after ONNX Runtime's graph optimizations (blocked layout,
+fusions), into
 
   forward part   nodes the logits depend on: the forward pass inside the gradient graph
   gradient part  everything else (with any node ONNX Runtime inserted unnamed), by
@@ -38,9 +40,9 @@ if str(REPO) not in sys.path:
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from bench import zoo_models  # noqa: E402
+from bench import gradients  # noqa: E402
 from bench.gradients import build_ort_gradient, make_batch  # noqa: E402
-from tests import zoo  # noqa: E402
+from bench.zoos import get_zoo  # noqa: E402
 
 DEFAULT_MODELS = ("lenet", "mobilenet_v2")
 WARMUP_RUNS = 10
@@ -119,7 +121,7 @@ def kind(node: onnx.NodeProto) -> str:
 
 
 def profile_model(name: str, args) -> dict:
-    model = zoo.export(name)
+    model = gradients.ZOO.export(name)
     input_name = model.graph.input[0].name
     x, labels = make_batch(name, args.batch)
     forward_bytes = model.SerializeToString()
@@ -187,13 +189,21 @@ def print_profile(result: dict, top: int) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=zoo_models, default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help="comma-separated names of the --zoo")
+    parser.add_argument("--zoo", choices=("small", "imagenet"), default="small")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=30, help="timed and profiled runs")
     parser.add_argument("--top", type=int, default=12, help="gradient-part rows to list")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    zoo = gradients.ZOO = get_zoo(args.zoo)  # make_batch reads the module's zoo
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in zoo.names]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r} in the {args.zoo} zoo; "
+                     f"choose from {', '.join(zoo.names)}")
     return args
 
 
