@@ -74,6 +74,26 @@ class WaitTimeout(TimeoutError):
                          f"(state {evaluation['state']}{stage}); it keeps running on the server")
 
 
+def _processing_record(processing: dict) -> dict | None:
+    """resize / center_crop / color as the server records them ("224" -> 224 for resize, the
+    shorter side; [224, 224] for a square crop; "HxW" -> [H, W]); None for what it cannot read,
+    which then matches no record."""
+    record: dict = {"resize": None, "center_crop": None, "color": processing.get("color")}
+    for field in ("resize", "center_crop"):
+        value = processing.get(field)
+        if value is None:
+            continue
+        sides = str(value).lower().replace(",", "x").split("x")
+        if not all(side.strip().isdigit() for side in sides) or len(sides) > 2:
+            return None
+        numbers = [int(side) for side in sides]
+        if len(numbers) == 1:
+            record[field] = numbers[0] if field == "resize" else numbers * 2
+        else:
+            record[field] = numbers
+    return record
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """The hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -247,11 +267,18 @@ class RobustnessClient:
     def ensure_dataset(self, path: str | os.PathLike, name: str | None = None,
                        sha256: str | None = None, **processing) -> tuple[dict, bool]:
         """Like `ensure_model`: (DatasetPublic, uploaded). With ``processing`` (upload_dataset's
-        resize, center_crop, color) the zip is sent again: the server stores what it becomes,
-        and answers with the existing record when that is already stored."""
+        resize, center_crop, color) the record found is the one the server made from this zip
+        with the same processing."""
         declared = {k: v for k, v in processing.items() if v is not None}
-        found = None if declared else self.find_dataset(sha256 or sha256_file(path))
+        digest = sha256 or sha256_file(path)
+        found = self.find_processed_dataset(digest, declared) if declared else self.find_dataset(digest)
         return (found, False) if found else (self.upload_dataset(path, name, **declared), True)
+
+    def find_processed_dataset(self, source_sha256: str, processing: dict) -> dict | None:
+        """The dataset the server made from the upload ``source_sha256`` with ``processing``."""
+        wanted = _processing_record(processing)
+        items = self._get("/v1/datasets", {"source_sha256": source_sha256})["items"]
+        return next((item for item in items if item.get("processing") == wanted), None)
 
     # ------------------------------------------------------------------------ evaluations
 

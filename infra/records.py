@@ -81,6 +81,8 @@ class StoredDataset(Base):
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
     info: Mapped[dict] = mapped_column(JSON)  # format, samples, shape, classes
+    # an image zip processed at upload: the zip's sha256 (``sha256`` is the stored .npz's)
+    source_sha256: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

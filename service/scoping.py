@@ -22,23 +22,29 @@ def owned(db: Session, table, record_id: str, tenant: Tenant):
     return row
 
 
-def tenant_records(db: Session, table, tenant: Tenant, sha256: str | None, limit: int) -> list:
-    """The tenant's models or datasets, newest first, optionally those with given bytes."""
+def tenant_records(db: Session, table, tenant: Tenant, sha256: str | None, limit: int,
+                   source_sha256: str | None = None) -> list:
+    """The tenant's models or datasets, newest first, optionally those with given bytes (or,
+    for datasets, made from a given upload)."""
     query = select(table).where(table.tenant_id == tenant.id)
     if sha256:
         query = query.where(table.sha256 == sha256)
+    if source_sha256:
+        query = query.where(table.source_sha256 == source_sha256)
     return list(db.scalars(query.order_by(table.created_at.desc()).limit(limit)))
 
 
 def store_record(
-    db: Session, table, prefix: str, tenant: Tenant, *, sha256: str, size: int, name: str, info: dict
+    db: Session, table, prefix: str, tenant: Tenant, *, sha256: str, size: int, name: str, info: dict,
+    **columns,
 ):
     """(record, created): the tenant's record of these bytes, made if it is new. The same
     upload twice, even at once, gives one record."""
     existing = db.scalar(select(table).where(table.tenant_id == tenant.id, table.sha256 == sha256))
     if existing is not None:
         return existing, False
-    row = table(id=new_id(prefix), tenant_id=tenant.id, name=name, sha256=sha256, size=size, info=info)
+    row = table(id=new_id(prefix), tenant_id=tenant.id, name=name, sha256=sha256, size=size, info=info,
+                **columns)
     db.add(row)
     try:
         db.commit()
@@ -54,6 +60,18 @@ def validated_info(sessions: sessionmaker[Session], table, sha256: str) -> dict 
     is not validated twice."""
     with sessions() as db:
         return db.scalar(select(table.info).where(table.sha256 == sha256).limit(1))
+
+
+def processed_before(sessions: sessionmaker[Session], source_sha256: str, processing: dict | None
+                     ) -> tuple[str, int, dict] | None:
+    """(sha256, size, info) of what an earlier upload of these exact bytes with the same
+    processing became, from any tenant's record: the result is a function of both."""
+    with sessions() as db:
+        rows = db.scalars(select(StoredDataset).where(StoredDataset.source_sha256 == source_sha256))
+        for row in rows:
+            if row.info.get("processing") == processing:
+                return row.sha256, row.size, dict(row.info)
+    return None
 
 
 def store_record_in(sessions: sessionmaker[Session], table, prefix: str, tenant: Tenant, **fields):

@@ -46,20 +46,24 @@ async def _received(upload: UploadFile, store: LocalBlobStore, limit: int, what:
         yield path, sha256, size
 
 
+# what earlier uploads of these bytes (sha256, size) became: (stored sha256, size, info)
+Stored = Callable[[str, int], Awaitable[tuple[str, int, dict] | None]]
+
+
 async def receive(
     upload: UploadFile, store: LocalBlobStore, limit: int, what: str,
-    validate: Callable[[Path, Path], Awaitable[tuple[Any, bool]]], known: Known | None,
+    validate: Callable[[Path, Path], Awaitable[tuple[Any, bool]]], stored: Stored,
 ) -> tuple[str, int, dict]:
     """(sha256, size, what ``validate`` returned, as a dict) of what is stored. ``validate(path,
     out)`` runs the validator away from the event loop (service/validation_pool.py) and returns
     (info, whether it wrote what is to be stored to ``out``, in place of the upload: an image zip
-    made into a uint8 .npz). Bytes already stored and validated are not validated again when
-    ``known`` looks them up."""
+    made into a uint8 .npz). Bytes that ``stored`` finds were validated (and processed) before
+    are not validated again."""
     async with AsyncExitStack() as stack:
         path, sha256, size = await stack.enter_async_context(_received(upload, store, limit, what))
-        found = await known(sha256) if known is not None and store.exists(sha256) else None
-        if found is not None:
-            return sha256, size, found
+        found = await stored(sha256, size)
+        if found is not None and store.exists(found[0]):
+            return found
         out, handle = stack.enter_context(store.temp_file())
         handle.close()
         info, wrote = await validate(path, out)  # a UserError answers its own 4xx

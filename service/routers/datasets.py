@@ -18,6 +18,7 @@ from service.errors import ERROR_RESPONSES, printable_name
 from service.scoping import (
     delete_record,
     owned,
+    processed_before,
     refuse_if_in_use,
     store_record_in,
     tenant_records,
@@ -67,6 +68,8 @@ async def upload_dataset(
     processed once, here, one image at a time, and stored as a uint8 .npz (format "image-zip";
     its sha256 is that file's, the upload's is ``source_sha256``)."""
     processing = ImageProcessing.parse(resize, center_crop, color)
+    declared = processing.as_dict() if processing.declared else None
+    sessions = request.app.state.sessions
     validate = partial(validate_dataset, max_bytes=settings.max_dataset_bytes,
                        max_samples=settings.max_samples, max_decoded_bytes=settings.max_dataset_decoded_bytes,
                        processing=processing)
@@ -78,15 +81,19 @@ async def upload_dataset(
             source["sha256"] = await run_in_threadpool(uploads.sha256_of, path)
         return info, info.format == "image-zip"
 
-    sha256, size, info = await uploads.receive(
-        file,
-        store,
-        settings.max_dataset_bytes,
-        "dataset",
-        validated,
-        None if processing.declared else
-        (lambda sha256: run_in_threadpool(validated_info, request.app.state.sessions, StoredDataset, sha256)),
-    )
+    async def stored(sha256: str, size: int):
+        """An earlier upload of these bytes: processed the same way, or stored as it is."""
+        found = await run_in_threadpool(processed_before, sessions, sha256, declared)
+        if found is not None:
+            source["sha256"] = sha256
+            return found
+        if declared is None and store.exists(sha256):
+            info = await run_in_threadpool(validated_info, sessions, StoredDataset, sha256)
+            return None if info is None else (sha256, size, info)
+        return None
+
+    sha256, size, info = await uploads.receive(file, store, settings.max_dataset_bytes, "dataset", validated,
+                                               stored)
     if source:
         info["source_sha256"] = source["sha256"]
     row, created = await run_in_threadpool(
@@ -99,6 +106,7 @@ async def upload_dataset(
         size=size,
         name=name or file.filename or sha256[:12],
         info=info,
+        source_sha256=source.get("sha256"),
     )
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -110,9 +118,12 @@ def list_datasets(
     tenant: TenantDep,
     db: SessionDep,
     sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$")] = None,
+    source_sha256: Annotated[str | None, Query(
+        pattern="^[0-9a-f]{64}$", description="datasets made from this upload (an image zip, processed)",
+    )] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> DatasetList:
-    rows = tenant_records(db, StoredDataset, tenant, sha256, limit)
+    rows = tenant_records(db, StoredDataset, tenant, sha256, limit, source_sha256=source_sha256)
     return DatasetList(items=[public(r) for r in rows], count=len(rows))
 
 

@@ -9,7 +9,9 @@ import hashlib
 import pytest
 
 from client.submit_cli import add_submit_parser, run_submit
+from infra.database import migrate, session_factory
 from schemas.evaluation import EvaluationSpec
+from service.auth import create_key
 from tests.service.conftest import MODEL, gateway, upload, wait_for
 from tests.test_image_folders import digit_zip
 from workers.dataset_files import load_dataset_file
@@ -45,6 +47,38 @@ def test_an_image_zip_is_stored_as_the_uint8_npz_it_becomes(api, image_zip):
     assert again.status_code == 200 and again.json()["id"] == body["id"]
     other = post(api, image_zip, resize="28", center_crop="24", color="grayscale")
     assert other.status_code == 201 and other.json()["shape"] == [1, 24, 24]
+    made = api.get("/v1/datasets", params={"source_sha256": upload_sha}).json()["items"]
+    assert sorted(d["id"] for d in made) == sorted([body["id"], other.json()["id"]])
+
+
+def test_the_same_zip_with_the_same_processing_is_not_processed_again(settings, image_zip):
+    migrate(settings.database_url)
+    with session_factory(settings.database_url)() as db:
+        tenants = [{"Authorization": f"Bearer {create_key(db, name)}"} for name in ("ci", "other")]
+
+    def send(headers, **fields):
+        with image_zip.open("rb") as handle:
+            return api.post("/v1/datasets", files={"file": (image_zip.name, handle)}, data=fields,
+                            headers=headers)
+
+    with gateway(settings) as api:
+        validations = []
+        run = api.app.state.validation.run
+
+        async def counted(*args):
+            validations.append(args[0])
+            return await run(*args)
+
+        api.app.state.validation.run = counted
+        first = send(tenants[0], **DIGITS_28).json()
+        again = send(tenants[1], **DIGITS_28)
+        assert again.status_code == 201, again.text  # a record of its own, the same stored file
+        assert again.json()["sha256"] == first["sha256"] and again.json()["id"] != first["id"]
+        assert again.json()["source_sha256"] == first["source_sha256"]
+        assert validations == ["dataset"]  # converted once
+        assert send(tenants[0], **DIGITS_28).json()["id"] == first["id"]
+        send(tenants[0], resize="28", center_crop="26", color="grayscale")
+        assert validations == ["dataset", "dataset"]
 
 
 @pytest.mark.parametrize(
@@ -98,6 +132,8 @@ def test_robustness_submit_sends_the_processing(settings, image_zip, tmp_path, c
                                   "http://testserver", "--resize", "28", "--center-crop", "28",
                                   "--color", "grayscale"])
         assert run_submit(args, transport=api._transport) == 0
+        assert "processed into 40 images of 1x28x28" in capsys.readouterr().err
+        assert run_submit(args, transport=api._transport) == 0  # the next CI run: nothing is sent
         datasets = api.get("/v1/datasets").json()["items"]
     assert [(d["format"], d["shape"]) for d in datasets] == [("image-zip", [1, 28, 28])]
-    assert "processed into 40 images of 1x28x28" in capsys.readouterr().err
+    assert f"dataset {image_zip}: already on the server as {datasets[0]['id']}" in capsys.readouterr().err
