@@ -170,3 +170,20 @@ def print_result(result: EvaluationResult) -> None:
     for entry in result.transfer or []:
         print(f"\ntransfer: {entry.attack} (error rates of the targets on examples crafted on each row)")
         print(transfer_table(entry.table))
+    if result.certify is not None:
+        print("\n" + certify_table(result.certify))
+
+
+def certify_table(section) -> str:
+    """certified <= true robust accuracy <= attacked, per method and budget."""
+    if not section.available:
+        return f"certify: not available: {section.reason}"
+    lines = ["certify: certified accuracy (a lower bound) <= robust accuracy <= attacked (the attacks' "
+             "lowest)",
+             f"  {'method':8s} {'norm':5s} {'eps':>8s} {'certified':>10s} {'attacked':>9s} "
+             f"{'certified':>9s} {'broken':>7s} {'unknown':>8s}"]
+    for e in section.entries:
+        attacked = "-" if e.attacked_accuracy is None else f"{e.attacked_accuracy:.3f}"
+        lines.append(f"  {e.method:8s} {e.norm:5s} {e.eps:8.4g} {e.certified_accuracy:10.3f} {attacked:>9s} "
+                     f"{e.certified:9d} {e.broken:7d} {e.unknown:8d}")
+    return "\n".join(lines)

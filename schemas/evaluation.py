@@ -20,8 +20,13 @@ TargetMode = Literal["random", "least_likely", "all", "dataset"]
 AttackLoss = Literal["auto", "cross_entropy", "margin", "ce", "dlr", "dlr_targeted"]
 GateMetric = Literal[
     "clean_accuracy", "robust_accuracy", "success_rate", "mean_l2", "median_l2",
-    "mean_linf", "median_linf", "distortion", "rho",
+    "mean_linf", "median_linf", "distortion", "rho", "certified_accuracy",
 ]
+CertifyMethod = Literal["ibp"]
+
+
+def _default_methods() -> list[CertifyMethod]:
+    return ["ibp"]
 
 
 class InputSpec(BaseModel):
@@ -287,6 +292,25 @@ class TransferSpec(BaseModel):
         return [MAIN_MODEL, *self.models] if value == "all" else list(value)
 
 
+class CertifySpec(BaseModel):
+    """Certified robustness: a sound lower bound on robust accuracy per budget, from bound
+    graphs built from the model (workers/certify/), beside the attacks' upper bounds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    methods: list[CertifyMethod] = Field(default_factory=_default_methods, min_length=1, max_length=4,
+                                         description="ibp: interval bound propagation")
+    eps: list[float] = Field(min_length=1, max_length=32, description="L-inf budgets, in pixel units")
+    norm: Literal["linf"] = "linf"
+
+    @field_validator("eps")
+    @classmethod
+    def _budgets(cls, values: list[float]) -> list[float]:
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise ValueError(f"certify.eps values must be finite and >= 0, got {values}")
+        return values
+
+
 class EvaluationSpec(BaseModel):
     """What to evaluate: input conventions, how many samples, which attacks, which gates."""
 
@@ -308,6 +332,9 @@ class EvaluationSpec(BaseModel):
     transfer: TransferSpec | None = None
     lipschitz: bool = False  # per-layer Lipschitz upper bounds and their product (Szegedy et al.)
     defenses: list[DefenseSpec] = Field(default_factory=list, max_length=16)
+    certify: CertifySpec | None = Field(None, description=(
+        "certified accuracy per budget (a lower bound on robust accuracy) beside the attacks' (an upper "
+        "bound); gates read it as metric certified_accuracy with `attack` the method (ibp)"))
 
     @model_validator(mode="before")
     @classmethod
@@ -336,8 +363,13 @@ class EvaluationSpec(BaseModel):
             if duplicates:
                 raise ValueError(f"{what} {sorted(duplicates)} appear twice; give each a distinct `label`")
         keys = [a.key for a in self.attacks]
+        methods = self.certify.methods if self.certify is not None else []
         for index, gate in enumerate(self.gates):
-            if gate.attack is not None and gate.attack not in keys:
+            if gate.metric == "certified_accuracy":
+                if gate.attack not in methods:
+                    raise ValueError(f"gates[{index}]: certified_accuracy reads a `certify` method as its "
+                                     f"`attack`; {gate.attack!r} is not among certify.methods {methods}")
+            elif gate.attack is not None and gate.attack not in keys:
                 raise ValueError(f"gates[{index}].attack: {gate.attack!r} is not among the attacks "
                                  f"{keys}")
         return self
@@ -403,6 +435,26 @@ class GateResult(BaseModel):
         return self
 
 
+class CertifiedEntry(BaseModel):
+    """One certification method at one budget: the bracket certified <= true <= attacked."""
+
+    method: str
+    norm: str
+    eps: float
+    samples: int
+    certified_accuracy: float  # share of samples no image of the ball misclassifies (a lower bound)
+    certified: int
+    broken: int  # misclassified, or an attack of the evaluation found an adversarial example at this eps
+    unknown: int
+    attacked_accuracy: float | None = None  # the lowest robust accuracy of the attacks at this eps and norm
+
+
+class CertifySection(BaseModel):
+    available: bool
+    reason: str | None = None  # why not, e.g. an operator without a bound rule
+    entries: list[CertifiedEntry] = Field(default_factory=list)
+
+
 class EvaluationResult(BaseModel):
     """The result document. Everything but ``timing`` is a deterministic function of the
     model, the data, the spec and the seed (on a given device)."""
@@ -429,6 +481,7 @@ class EvaluationResult(BaseModel):
     # accuracy, the defended model's on examples crafted on the bare model (non-adaptive) and
     # on examples crafted against the defense itself (adaptive: composed graph, EOT or BPDA)
     defenses: list[DefenseResult] | None = None
+    certify: CertifySection | None = None  # certified accuracy per method and budget, when spec.certify
     # seconds of work summed over the units (not wall time when they run in parallel): "clean", one
     # entry per attack key, "fooling", "finish" and their "total"
     timing: dict[str, float]

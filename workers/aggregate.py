@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from schemas.evaluation import AttackResult, EvaluationResult, EvaluationSpec, overall_verdict
+from schemas.evaluation import AttackResult, CertifySection, EvaluationResult, EvaluationSpec, overall_verdict
 from schemas.results import DefenseResult, FoolingSection, LipschitzSection, TransferEntry
 from workers import metrics
 from workers.attacks.fooling import fooling_rate_of_noise, gradient_ascent_fooling
+from workers.certify.stage import certify_section
 from workers.datasets import Dataset, Images
 from workers.defense_stage import defense_results
 from workers.gates import evaluate_gate
@@ -47,10 +48,15 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
     entries: list[AttackResult] = []
     artifacts: dict[str, np.ndarray] = {}
     examples: dict[str, dict[str, np.ndarray]] = {}
+    broken: dict[tuple[str, float], np.ndarray] = {}  # (norm, eps) -> samples some attack fooled there
     for index, attack_spec in enumerate(spec.attacks):
         attack = build_attack(attack_spec)
         for run in _merged_runs(outputs, index):
             entries.append(_summarise(attack, attack_spec, classifier.num_classes, x, y, clean_pred, run))
+            if run.eps is not None and entries[-1].norm is not None:
+                budget = (entries[-1].norm, float(run.eps))
+                fooled = run.success & (clean_pred == y)
+                broken[budget] = broken.get(budget, np.zeros(len(y), bool)) | fooled
             artifacts.update(_artifacts(attack_spec.key, run, subject))
             examples[entry_label(attack_spec.key, run.eps)] = _examples(x, y, clean_pred, run, subject)
 
@@ -66,8 +72,24 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
     warnings += [f"{entry_label(e.attack, e.eps)}: {component} skipped: {reason}" for e in entries
                  for component, reason in ((e.details or {}).get("skipped") or {}).items()]
     clean_accuracy = metrics.accuracy(clean_pred, y)
-    gates = [evaluate_gate(gate, clean_accuracy, entries, baselines) for gate in spec.gates]
+    certify = None
+    if spec.certify is not None:
+        report("certify", 0, 1)
+        started_certify = time.perf_counter()
+        attacked: dict[tuple[str, float], float] = {}
+        for e in entries:
+            if e.eps is not None and e.norm is not None:
+                budget = (e.norm, float(e.eps))
+                attacked[budget] = min(attacked.get(budget, 1.0), e.robust_accuracy)
+        certify = CertifySection.model_validate(certify_section(
+            spec.certify, classifier, x, y, clean_pred, broken, attacked,
+            (spec.input.range[0], spec.input.range[1])))
+        report("certify", 1, 1)
+    gates = [evaluate_gate(gate, clean_accuracy, entries, baselines, certify.entries if certify else None)
+             for gate in spec.gates]
     timing = _summed_timing(outputs)
+    if certify is not None:
+        timing["certify"] = time.perf_counter() - started_certify
     fooling = None
     if spec.fooling is not None:
         report("fooling", 0, 1)
@@ -100,6 +122,7 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
         lipschitz=None if lipschitz is None else LipschitzSection.model_validate(lipschitz),
         defenses=([DefenseResult.model_validate(d) for d in defense_results(spec, outputs, entries)]
                   if spec.defenses else None),
+        certify=certify,
         timing={k: round(v, 3) for k, v in timing.items()},
     )
     return Evaluation(result=result, artifacts=artifacts, examples=examples)

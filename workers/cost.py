@@ -21,7 +21,7 @@ from workers.spec_checks import build_attack
 @dataclass(frozen=True)
 class Cost:
     total: int
-    parts: dict[str, int]  # "clean", each attack's key, "defense:<key>", "transfer", "fooling"
+    parts: dict[str, int]  # "clean", each attack's key, "defense:<key>", "transfer", "fooling", "certify"
 
 
 def attack_calls(attack: AttackSpec, num_classes: int) -> int:
@@ -54,4 +54,6 @@ def estimate(spec: EvaluationSpec, num_samples: int, num_classes: int) -> Cost:
         parts["transfer"] = n * sources * (crafted + examples * targets)
     if spec.fooling is not None:
         parts["fooling"] = spec.fooling.samples * (1 + num_classes * (spec.fooling.steps + 1))
+    if spec.certify is not None:  # interval bounds: about two forward passes per budget
+        parts["certify"] = n * len(spec.certify.methods) * len(spec.certify.eps) * 2
     return Cost(sum(parts.values()), parts)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from schemas.evaluation import AttackResult, EvaluationResult, GateResult, GateSpec
+from schemas.evaluation import AttackResult, CertifiedEntry, EvaluationResult, GateResult, GateSpec
 
 
 def evaluate_gate(gate: GateSpec, clean_accuracy: float, entries: list[AttackResult],
-                  baselines: dict[str, EvaluationResult] | None = None) -> GateResult:
+                  baselines: dict[str, EvaluationResult] | None = None,
+                  certified: list[CertifiedEntry] | None = None) -> GateResult:
     """Find the metric a gate names and compare it with its bounds and its baseline.
 
     Without ``eps`` the gate reads the entry with the largest budget (the hardest test). With
@@ -15,7 +16,7 @@ def evaluate_gate(gate: GateSpec, clean_accuracy: float, entries: list[AttackRes
     overstates robustness, so a failure stands): passed only with ``allow_inconclusive``.
     """
     base = gate.model_dump()
-    value, reason, entry = _gate_value(gate, clean_accuracy, entries)
+    value, reason, entry = _gate_value(gate, clean_accuracy, entries, certified)
     if value is None:
         return GateResult(**base, value=None, passed=False, verdict="failed", reason=reason)
     passed = (gate.min is None or value >= gate.min) and (gate.max is None or value <= gate.max)
@@ -25,7 +26,8 @@ def evaluate_gate(gate: GateSpec, clean_accuracy: float, entries: list[AttackRes
         if baseline is None:
             return GateResult(**base, value=value, passed=False, verdict="failed",
                               reason=f"the baseline {gate.baseline!r} is not available")
-        reference, reason, _ = _gate_value(gate, baseline.clean_accuracy, baseline.attacks)
+        reference, reason, _ = _gate_value(gate, baseline.clean_accuracy, baseline.attacks,
+                                           baseline.certify.entries if baseline.certify else None)
         if reference is None:
             return GateResult(**base, value=value, passed=False, verdict="failed",
                               reason=f"baseline {gate.baseline!r}: {reason}")
@@ -51,11 +53,20 @@ def evaluate_gate(gate: GateSpec, clean_accuracy: float, entries: list[AttackRes
                       reason=f"inconclusive: {warnings[0]}{more}", warnings=warnings)
 
 
-def _gate_value(gate: GateSpec, clean_accuracy: float, entries: list[AttackResult]
+def _gate_value(gate: GateSpec, clean_accuracy: float, entries: list[AttackResult],
+                certified: list[CertifiedEntry] | None = None
                 ) -> tuple[float | None, str | None, AttackResult | None]:
     """The value of the gate's metric in a result and the entry it comes from, or None and why not."""
     if gate.metric == "clean_accuracy":
         return clean_accuracy, None, None
+    if gate.metric == "certified_accuracy":
+        bounds = [c for c in certified or [] if c.method == gate.attack
+                  and (gate.eps is None or abs(c.eps - gate.eps) < 1e-9)
+                  and (gate.norm is None or c.norm == gate.norm)]
+        if not bounds:
+            return None, (f"no certified accuracy of {gate.attack} at eps={gate.eps} (is certify "
+                          "available for this model?)"), None
+        return max(bounds, key=lambda c: c.eps).certified_accuracy, None, None
     matching = [e for e in entries if e.attack == gate.attack
                 and (gate.eps is None or (e.eps is not None and abs(e.eps - gate.eps) < 1e-9))
                 and (gate.norm is None or e.norm == gate.norm)]

@@ -1,0 +1,83 @@
+"""`certify` in an evaluation: the bracket certified <= attacked per budget, gates on
+certified_accuracy, and a model without bound rules reported as unavailable while the rest runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from pydantic import ValidationError
+
+from schemas.evaluation import EvaluationSpec
+from tests import digits
+from workers.cost import estimate
+from workers.datasets import Dataset
+from workers.evaluate import evaluate
+
+SPEC = {
+    "samples": 150,
+    "attacks": [{"name": "pgd", "eps": [0.01, 0.03], "steps": 10}],
+    "certify": {"eps": [0.0, 0.01, 0.03]},
+    "gates": [
+        {"metric": "certified_accuracy", "attack": "ibp", "eps": 0.01, "min": 0.05},
+        {"metric": "certified_accuracy", "attack": "ibp", "eps": 0.03, "min": 0.5},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def dataset() -> Dataset:
+    _, _, x, y = digits.digits()
+    return Dataset(x=x, y=y, source_dtype="float32")
+
+
+def test_the_bracket_and_the_gates(dataset):
+    result = evaluate(digits.onnx_bytes("cnn"), dataset, EvaluationSpec.model_validate(SPEC)).result
+    section = result.certify
+    assert section is not None and section.available
+    by_eps = {e.eps: e for e in section.entries}
+    assert by_eps[0.0].certified_accuracy == pytest.approx(result.clean_accuracy)
+    for eps in (0.01, 0.03):
+        entry = by_eps[eps]
+        attacked = min(a.robust_accuracy for a in result.attacks if a.eps == eps)
+        assert entry.attacked_accuracy == attacked
+        assert entry.certified_accuracy <= attacked
+        assert entry.certified + entry.broken + entry.unknown == entry.samples == 150
+    assert by_eps[0.01].certified_accuracy > by_eps[0.03].certified_accuracy
+    assert [g.verdict for g in result.gates] == ["passed", "failed"]
+    assert "certify" in result.timing
+
+
+def test_a_model_without_bound_rules_is_reported_and_the_rest_runs(dataset):
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "w"], ["h"], transB=1),
+         helper.make_node("Sin", ["h"], ["logits"])],
+        "sin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.1, (10, 784)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    spec = EvaluationSpec.model_validate({**SPEC, "gates": SPEC["gates"][:1]})
+    result = evaluate(model.SerializeToString(), dataset, spec).result
+    assert result.certify is not None and not result.certify.available
+    assert "operator Sin" in result.certify.reason and "has no interval-bound rule" in result.certify.reason
+    assert len(result.attacks) == 2  # the attacks still ran
+    assert result.gates[0].verdict == "failed" and "is certify available" in result.gates[0].reason
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"certify": {"eps": [-0.1]}}, "certify.eps values must be finite and >= 0"),
+        ({"certify": {"eps": [0.1], "methods": ["crown"]}}, "Input should be 'ibp'"),
+        ({"gates": [{"metric": "certified_accuracy", "attack": "pgd", "eps": 0.01, "min": 0.1}]},
+         "certified_accuracy reads a `certify` method as its `attack`; 'pgd' is not among certify.methods"),
+    ],
+)
+def test_bad_certify_specs_are_refused(change, message):
+    with pytest.raises(ValidationError, match=message):
+        EvaluationSpec.model_validate({**SPEC, **change})
+
+
+def test_the_cost_counts_the_bounds():
+    cost = estimate(EvaluationSpec.model_validate(SPEC), 1000, 10)
+    assert cost.parts["certify"] == 150 * 3 * 2

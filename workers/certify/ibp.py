@@ -1,0 +1,339 @@
+"""Interval bound propagation (Gowal et al. 2018) as an ONNX graph built from the model.
+
+Every tensor that depends on the image becomes a pair (lower, upper) with lower <= value <=
+upper for every image in the input box [x_low, x_high]; tensors that do not depend on it
+(weights, shapes) stay what they are. Each operator has one rule in ``RULES``, as each has
+one gradient rule in the gradient builder:
+
+- affine with constant weights (Conv, Gemm, MatMul, BatchNormalization): centre and radius,
+  op(centre) +- op_|W|(radius);
+- Add, Sub, and Mul or Div by a constant: interval arithmetic;
+- every operator that is monotone non-decreasing in its image input (Relu, LeakyRelu with a
+  non-negative slope, Sigmoid, Tanh, Clip, Softplus, MaxPool, AveragePool and the global
+  pools, ReduceMean/Sum/Max, and the shape operators: Reshape, Flatten, Transpose, Concat,
+  Squeeze, Unsqueeze, Slice, Gather, Pad, Identity): applied to the lower and upper bounds
+  apart.
+
+The graph's outputs are the bounds of the logits and, per sample and class j, a lower bound
+of the margin z_y - z_j. When the logits come from a Gemm or MatMul (+ bias) with constant
+weights, the margins are bounded through that layer (W_y - W_j applied to the bounds of its
+input, the usual "elision" of the last layer), which is much tighter than the difference of
+logit bounds. Float32 rounding can move a bound by a few units in the last place; a margin
+certifies a sample only above ``MARGIN_TOLERANCE`` (certify.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from workers.onnxgrad.errors import InvalidModelError
+from workers.onnxgrad.graph import GraphBuilder, static_shape, tensor_types
+from workers.onnxgrad.prepare import PreparedClassifier, prepare_classifier
+
+
+class UnsupportedForBounds(InvalidModelError):
+    """The model has an operator without an interval rule; the message names it."""
+
+
+Interval = tuple[str, str]
+Rule = Callable[["_Builder", onnx.NodeProto], list[Interval]]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*op_types: str):
+    def register(function: Rule) -> Rule:
+        for op_type in op_types:
+            RULES[op_type] = function
+        return function
+    return register
+
+
+def supported_op_types() -> list[str]:
+    return sorted(RULES)
+
+
+class _Builder:
+    def __init__(self, prepared: PreparedClassifier):
+        self.model = prepared.model
+        graph = self.model.graph
+        taken = {t for n in graph.node for t in (*n.input, *n.output)} | {i.name for i in graph.initializer}
+        self.g = GraphBuilder(prepared.opset, taken, prefix="ibp/")
+        self.constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        self.bounds: dict[str, Interval] = {}
+        self.types = tensor_types(graph)
+
+    def interval(self, name: str) -> Interval | None:
+        return self.bounds.get(name)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        return self.constants.get(name)
+
+    def attrs(self, node: onnx.NodeProto) -> dict:
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    def copy(self, node: onnx.NodeProto, inputs: list[str], hint: str) -> list[str]:
+        """``node`` again with other inputs (the bounds), fresh outputs."""
+        outputs = [self.g.fresh(f"{hint}_{o}") if o else "" for o in node.output]
+        self.g.nodes.append(helper.make_node(node.op_type, inputs, outputs, name=self.g.fresh(node.op_type),
+                                             domain=node.domain, **self.attrs(node)))
+        return outputs
+
+
+def _centre_radius(b: _Builder, interval: Interval) -> tuple[str, str]:
+    lo, hi = interval
+    g = b.g
+    return g.op("Mul", g.op("Add", lo, hi), g.const(0.5)), g.op("Mul", g.op("Sub", hi, lo), g.const(0.5))
+
+
+def _from_centre(b: _Builder, centre: str, radius: str) -> Interval:
+    return b.g.op("Sub", centre, radius), b.g.op("Add", centre, radius)
+
+
+def _absolute(b: _Builder, name: str) -> str:
+    value = b.constant(name)
+    if value is None:
+        raise UnsupportedForBounds(f"interval bounds need constant weights; {name!r} is computed")
+    return b.g.const(np.abs(value).astype(value.dtype))
+
+
+def _image_input(b: _Builder, node: onnx.NodeProto, position: int = 0) -> Interval:
+    found = b.interval(node.input[position])
+    others = [n for i, n in enumerate(node.input) if i != position and n]
+    if found is None or any(b.interval(n) is not None for n in others):
+        raise UnsupportedForBounds(f"{node.op_type} {node.name!r}: interval bounds support only its input "
+                                   f"{position} depending on the image")
+    return found
+
+
+@rule("Conv")
+def _conv(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
+    centre, radius = _centre_radius(b, _image_input(b, node))
+    attrs = b.attrs(node)
+    w = node.input[1]
+    mid = b.g.op("Conv", centre, *node.input[1:], **attrs)
+    rad = b.g.op("Conv", radius, _absolute(b, w), **attrs)
+    return [_from_centre(b, mid, rad)]
+
+
+@rule("Gemm")
+def _gemm(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
+    attrs = b.attrs(node)
+    if attrs.get("transA", 0):
+        raise UnsupportedForBounds(f"Gemm {node.name!r}: transA is not supported by interval bounds")
+    centre, radius = _centre_radius(b, _image_input(b, node))
+    mid = b.g.op("Gemm", centre, *node.input[1:], **attrs)
+    rad_attrs = {k: v for k, v in attrs.items() if k not in ("beta", "alpha")}
+    rad = b.g.op("Gemm", radius, _absolute(b, node.input[1]), alpha=abs(float(attrs.get("alpha", 1.0))),
+                 **rad_attrs)
+    return [_from_centre(b, mid, rad)]
+
+
+@rule("MatMul")
+def _matmul(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
+    if b.interval(node.input[0]) is not None:
+        centre, radius = _centre_radius(b, _image_input(b, node, 0))
+        mid = b.g.op("MatMul", centre, node.input[1])
+        rad = b.g.op("MatMul", radius, _absolute(b, node.input[1]))
+    else:
+        centre, radius = _centre_radius(b, _image_input(b, node, 1))
+        mid = b.g.op("MatMul", node.input[0], centre)
+        rad = b.g.op("MatMul", _absolute(b, node.input[0]), radius)
+    return [_from_centre(b, mid, rad)]
+
+
+@rule("BatchNormalization")
+def _batch_norm(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
+    centre, radius = _centre_radius(b, _image_input(b, node))
+    scale, var = b.constant(node.input[1]), b.constant(node.input[4])
+    if scale is None or var is None:
+        raise UnsupportedForBounds(f"BatchNormalization {node.name!r}: its scale and variance must be "
+                                   "constant")
+    epsilon = float(b.attrs(node).get("epsilon", 1e-5))
+    factor = np.abs(scale / np.sqrt(var + epsilon)).astype(np.float32)
+    mid = b.g.op("BatchNormalization", centre, *node.input[1:5], epsilon=epsilon)
+    shape = static_shape(b.types.get(node.input[0]))
+    rank = len(shape) if shape is not None else 4
+    rad = b.g.op("Mul", radius, b.g.const(factor.reshape(-1, *([1] * (rank - 2)))))
+    return [_from_centre(b, mid, rad)]
+
+
+@rule("Add", "Sub")
+def _add_sub(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
+    left, right = (b.interval(n) for n in node.input[:2])
+    g = b.g
+    if left is not None and right is not None:
+        if node.op_type == "Add":
+            return [(g.op("Add", left[0], right[0]), g.op("Add", left[1], right[1]))]
+        return [(g.op("Sub", left[0], right[1]), g.op("Sub", left[1], right[0]))]
+    if left is not None:
+        return [(g.op(node.op_type, left[0], node.input[1]), g.op(node.op_type, left[1], node.input[1]))]
+    assert right is not None
+    if node.op_type == "Add":
+        return [(g.op("Add", node.input[0], right[0]), g.op("Add", node.input[0], right[1]))]
+    return [(g.op("Sub", node.input[0], right[1]), g.op("Sub", node.input[0], right[0]))]
+
+
+@rule("Mul", "Div")
+def _scale(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
+    g = b.g
+    if node.op_type == "Div" or b.interval(node.input[0]) is not None:
+        lo, hi = _image_input(b, node, 0)
+        first, second = g.op(node.op_type, lo, node.input[1]), g.op(node.op_type, hi, node.input[1])
+    else:
+        lo, hi = _image_input(b, node, 1)
+        first, second = g.op("Mul", node.input[0], lo), g.op("Mul", node.input[0], hi)
+    return [(g.op("Min", first, second), g.op("Max", first, second))]
+
+
+_MONOTONE = ("Relu", "Sigmoid", "Tanh", "Clip", "Softplus", "MaxPool", "AveragePool", "GlobalAveragePool",
+             "GlobalMaxPool", "ReduceMean", "ReduceSum", "ReduceMax", "Reshape", "Flatten", "Transpose",
+             "Squeeze", "Unsqueeze", "Slice", "Gather", "Pad", "Identity", "Concat", "Dropout", "LeakyRelu")
+
+
+@rule(*_MONOTONE)
+def _monotone(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
+    if node.op_type == "LeakyRelu" and float(b.attrs(node).get("alpha", 0.01)) < 0:
+        raise UnsupportedForBounds(f"LeakyRelu {node.name!r}: a negative slope is not monotone")
+    if node.op_type in ("Clip", "Pad") and any(b.interval(n) is not None for n in node.input[1:] if n):
+        raise UnsupportedForBounds(f"{node.op_type} {node.name!r}: its bounds must not depend on the image")
+    if node.op_type == "Gather" and b.interval(node.input[1]) is not None:
+        raise UnsupportedForBounds(f"Gather {node.name!r}: indices that depend on the image")
+    sides = []
+    for side in (0, 1):
+        inputs = [b.interval(n)[side] if b.interval(n) is not None else n for n in node.input]  # type: ignore[index]
+        sides.append(b.copy(node, inputs, ("lo", "hi")[side]))
+    return [(sides[0][k], sides[1][k]) for k in range(len(node.output))]
+
+
+def build_bounds_model(model: bytes | onnx.ModelProto) -> tuple[onnx.ModelProto, PreparedClassifier]:
+    """The interval-bounds graph of a classifier: inputs ``x_low``, ``x_high`` (the box, in the
+    model's input layout) and ``labels`` int64 [N]; outputs ``logits_low``, ``logits_high``
+    [N, K] and ``margin_low`` [N, K] (a lower bound of z_y - z_j; +inf at j = y)."""
+    prepared = prepare_classifier(model)
+    b = _Builder(prepared)
+    graph = b.model.graph
+    image = prepared.input_name
+    b.bounds[image] = ("x_low", "x_high")
+    final = _final_affine(b, prepared.logits_name)
+    for node in graph.node:
+        if final is not None and node is final[0]:
+            break
+        if not any(b.interval(n) is not None for n in node.input if n):
+            b.g.nodes.append(node)  # depends on constants only
+            continue
+        if node.op_type in ("Shape", "Size"):  # reads the image's shape, not its values
+            b.g.nodes.append(helper.make_node(node.op_type, [b.bounds[node.input[0]][0]], list(node.output),
+                                              name=b.g.fresh(node.op_type), **b.attrs(node)))
+            continue
+        if node.op_type not in RULES:
+            raise UnsupportedForBounds(
+                f"operator {node.op_type} ({node.name!r}) has no interval-bound rule; supported: "
+                f"{', '.join(supported_op_types())}")
+        for output, interval in zip(node.output, RULES[node.op_type](b, node), strict=False):
+            if output:
+                b.bounds[output] = interval
+        if prepared.logits_name in b.bounds:
+            break
+    g = b.g
+    if final is not None:
+        _, hidden, weight, bias = final
+        low, high = _elided_margins(b, b.bounds[hidden], weight, bias)
+    else:
+        logits_low, logits_high = b.bounds[prepared.logits_name]
+        low = g.op("Identity", logits_low)
+        high = g.op("Identity", logits_high)
+    margin = _margins(b, low, high, final is not None)
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, _dims(prepared.input_shape))
+              for name in ("x_low", "x_high")]
+    inputs.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["N"]))
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+               for name in ("logits_low", "logits_high", "margin_low")]
+    g.nodes.extend([helper.make_node("Identity", [low], ["logits_low"]),
+                    helper.make_node("Identity", [high], ["logits_high"]),
+                    helper.make_node("Identity", [margin], ["margin_low"])])
+    bounds_graph = helper.make_graph(g.nodes, "interval_bounds", inputs, outputs,
+                                     list(graph.initializer) + g.initializers)
+    bounds = helper.make_model(bounds_graph, opset_imports=list(b.model.opset_import),
+                               ir_version=b.model.ir_version)
+    return bounds, prepared
+
+
+def _dims(shape) -> list:
+    return [d if isinstance(d, int) else "N" if i == 0 else f"d{i}" for i, d in enumerate(shape)]
+
+
+def _final_affine(b: _Builder, logits: str) -> tuple[onnx.NodeProto, str, np.ndarray, np.ndarray] | None:
+    """(node, its image input, W [D, K], bias [K]) when the logits are h @ W + bias with
+    constant W: a Gemm (transA 0), or a MatMul optionally followed by Add of a constant."""
+    producers = {o: n for n in b.model.graph.node for o in n.output}
+    node = producers.get(logits)
+    bias = None
+    if node is not None and node.op_type == "Add":
+        constant = [n for n in node.input if b.constant(n) is not None]
+        other = [n for n in node.input if b.constant(n) is None]
+        if len(constant) == 1 and len(other) == 1 and producers.get(other[0]) is not None \
+                and producers[other[0]].op_type == "MatMul":
+            bias = b.constant(constant[0])
+            node = producers[other[0]]
+        else:
+            return None
+    if node is None:
+        return None
+    if node.op_type == "MatMul" and b.constant(node.input[1]) is not None:
+        weight = b.constant(node.input[1])
+        assert weight is not None
+        return node, node.input[0], weight, np.zeros(weight.shape[1], np.float32) if bias is None else bias
+    if node.op_type == "Gemm" and bias is None:
+        attrs = b.attrs(node)
+        weight = b.constant(node.input[1])
+        if weight is None or attrs.get("transA", 0):
+            return None
+        weight = (weight.T if attrs.get("transB", 0) else weight) * float(attrs.get("alpha", 1.0))
+        c = b.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and c is None:
+            return None
+        bias = np.zeros(weight.shape[1]) if c is None else np.broadcast_to(c, (weight.shape[1],))
+        return node, node.input[0], weight, bias * float(attrs.get("beta", 1.0))
+    return None
+
+
+def _elided_margins(b: _Builder, hidden: Interval, weight: np.ndarray, bias: np.ndarray) -> Interval:
+    """Bounds of the logits [N, K] and, stored for _margins, the per-class margin terms:
+    here the logits' own bounds; the margins are built from the hidden interval."""
+    g = b.g
+    centre, radius = _centre_radius(b, hidden)
+    w, c = g.const(weight.astype(np.float32)), g.const(np.asarray(bias, np.float32))
+    mid = g.op("Add", g.op("MatMul", centre, w), c)
+    rad = g.op("MatMul", radius, g.const(np.abs(weight).astype(np.float32)))
+    b.elision = (centre, radius, weight.astype(np.float32), np.asarray(bias, np.float32))  # type: ignore[attr-defined]
+    return _from_centre(b, mid, rad)
+
+
+def _margins(b: _Builder, low: str, high: str, elided: bool) -> str:
+    """Lower bounds of z_y - z_j [N, K]; a large positive value at j = y."""
+    g = b.g
+    labels = "labels"
+    if elided:
+        centre, radius, weight, bias = b.elision  # type: ignore[attr-defined]
+        # W_y - W_j for every j: [N, D, K] from W [D, K] and the label's column
+        w = g.const(weight)
+        columns = g.const(np.ascontiguousarray(weight.T))
+        w_y = g.op("Unsqueeze", g.op("Gather", columns, labels, axis=0), g.ints([2]))  # [N, D, 1]
+        difference = g.op("Sub", w_y, w)  # [N, D, K]
+        b_y = g.op("Unsqueeze", g.op("Gather", g.const(bias), labels, axis=0), g.ints([1]))  # [N, 1]
+        centre_3 = g.op("Unsqueeze", centre, g.ints([1]))  # [N, 1, D]
+        radius_3 = g.op("Unsqueeze", radius, g.ints([1]))
+        mid = g.op("Squeeze", g.op("MatMul", centre_3, difference), g.ints([1]))  # [N, K]
+        mid = g.op("Add", mid, g.op("Sub", b_y, g.const(bias)))
+        rad = g.op("Squeeze", g.op("MatMul", radius_3, g.op("Abs", difference)), g.ints([1]))
+        margin = g.op("Sub", mid, rad)
+    else:
+        low_y = g.op("GatherElements", low, g.op("Unsqueeze", labels, g.ints([1])), axis=1)  # [N, 1]
+        margin = g.op("Sub", low_y, high)
+    classes = g.op("Shape", low, start=1, end=2)
+    own = g.op("OneHot", labels, classes, g.const(np.array([0.0, 1e30], np.float32)), axis=-1)
+    return g.op("Add", margin, own)
