@@ -1,0 +1,99 @@
+"""Benchmark certified bounds: the time of interval bound propagation (workers/certify) against
+the model's own forward pass, on the small zoo, in this one process.
+
+    .venv/bin/python bench/certify.py [--models mlp,lenet,resnet18,mobilenet_v2] [--batch 64]
+        [--threads 2] [--rounds 5] [--eps 1/255] [--json PATH]
+
+Per model (tests.zoo, exported with a symbolic batch axis, seeded weights) it times, on the same
+--batch random images, Classifier.logits (the forward pass) and IntervalBounds.certify (the
+bounds graph: lower and upper bounds of every layer, the margins through the last layer), in
+interleaved rounds, and prints the median times and their ratio, and the share of samples
+certified at --eps (of a model with random weights: a check that the bounds ran, not a
+robustness figure). auto_LiRPA, the reference verifier, is not compared: its release on PyPI
+(0.3) requires torch < 1.13 and numpy < 2 and fails to import beside torch 2.13
+(torch.onnx.symbolic_helper._set_opset_version is gone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from tests import zoo  # noqa: E402
+from workers.certify import IntervalBounds, UnsupportedForBounds  # noqa: E402
+from workers.runtime import Classifier, RuntimeOptions  # noqa: E402
+
+MIN_SECONDS = 0.5
+
+
+def timed(call) -> float:
+    """Seconds per call: calls repeated for at least MIN_SECONDS."""
+    call()
+    count, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < MIN_SECONDS or count == 0:
+        call()
+        count += 1
+    return elapsed / count
+
+
+def bench(name: str, args) -> dict:
+    model = zoo.export(name).SerializeToString()
+    options = RuntimeOptions(batch_size=args.batch, intra_op_threads=args.threads)
+    rng = np.random.default_rng(0)
+    x = rng.random((args.batch, *zoo.input_shape(name)), dtype=np.float32)
+    classifier = Classifier(model, options)
+    y = classifier.predict(x)
+    try:
+        bounds = IntervalBounds(model, options)
+    except UnsupportedForBounds as exc:
+        return {"model": name, "unsupported": str(exc)}
+    forward, certify = [], []
+    for _ in range(args.rounds):
+        forward.append(timed(lambda: classifier.logits(x)))
+        certify.append(timed(lambda: bounds.certify(x, y, args.eps)))
+    return {
+        "model": name,
+        "forward_ms": round(statistics.median(forward) * 1e3, 3),
+        "ibp_ms": round(statistics.median(certify) * 1e3, 3),
+        "ibp_over_forward": round(statistics.median(c / f for c, f in zip(certify, forward, strict=True)), 2),
+        "certified_at_eps": float(bounds.certify(x, y, args.eps).certified.mean()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="mlp,lenet,resnet18,mobilenet_v2")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--eps", type=lambda s: float(Fraction(s)), default=1 / 255)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    results = [bench(name.strip(), args) for name in args.models.split(",") if name.strip()]
+    print(f"interval bounds vs forward, batch {args.batch}, {args.threads} threads, "
+          f"median of {args.rounds} rounds")
+    print(f"{'model':14s} {'forward ms':>11s} {'ibp ms':>9s} {'ibp/fwd':>8s} {'certified':>10s}")
+    for r in results:
+        if "unsupported" in r:
+            print(f"{r['model']:14s} unsupported: {r['unsupported']}")
+            continue
+        print(f"{r['model']:14s} {r['forward_ms']:11.3f} {r['ibp_ms']:9.3f} {r['ibp_over_forward']:8.2f} "
+              f"{r['certified_at_eps']:10.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
