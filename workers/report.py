@@ -73,6 +73,7 @@ def render_report(result: EvaluationResult | dict, examples: dict[str, dict] | N
         "transfer": [_transfer_entry(t) for t in result.transfer] if result.transfer else None,
         "defenses": [_defense(d) for d in result.defenses] if result.defenses else None,
         "lipschitz": result.lipschitz,
+        "certify": result.certify,
         "fooling": result.fooling,
         "spec_json": json.dumps(result.spec.model_dump(mode="json", exclude_defaults=True), indent=2),
     }
@@ -227,8 +228,10 @@ def _accuracy_section(result: EvaluationResult) -> dict:
     for entry in result.attacks:
         groups.setdefault(entry.norm, []).append(entry)
     plots = []
+    certified = list(result.certify.entries) if result.certify else []
     for norm, entries in groups.items():
-        image = _accuracy_plot(result.clean_accuracy, norm, entries, targeted)
+        image = _accuracy_plot(result.clean_accuracy, norm, entries, targeted,
+                               [c for c in certified if c.norm == norm])
         if image is not None:
             plots.append({"norm": norm or "noise", "image": image})
     rows = [{"attack": e.attack, "targeted": e.attack in targeted, "kind": e.kind, "norm": e.norm,
@@ -242,7 +245,11 @@ def _accuracy_section(result: EvaluationResult) -> dict:
 _NORM_NAMES: dict[str | None, str] = {"linf": "L∞", "l2": "L2"}
 
 
-def _accuracy_plot(clean: float, norm: str | None, entries: list[AttackResult], targeted: set[str]):
+def _accuracy_plot(clean: float, norm: str | None, entries: list[AttackResult], targeted: set[str],
+                   certified: list | None = None):
+    """Robust accuracy against the budget per attack; with ``certified`` entries, each method's
+    certified accuracy too, and the band between it and the attacks' lowest accuracy, where the
+    true robust accuracy lies."""
     figure = Figure(figsize=(7, 3.8))
     ax = figure.add_subplot()
     curves: dict[str, list[tuple[float, float]]] = {}
@@ -264,6 +271,20 @@ def _accuracy_plot(clean: float, norm: str | None, entries: list[AttackResult], 
             ax.plot(curve_eps, bound, linestyle="--", color=_COLORS[drawn % 10],
                     label=_plot_text(f"{entry.attack} (minimal: upper bound)"))
             drawn += 1
+    methods: dict[str, list] = {}
+    for entry in certified or []:
+        methods.setdefault(entry.method, []).append(entry)
+    for method, found in methods.items():
+        bounds = sorted(found, key=lambda c: c.eps)
+        color = _COLORS[drawn % 10]
+        ax.plot([c.eps for c in bounds], [c.certified_accuracy for c in bounds], marker="s", markersize=4,
+                linestyle=":", color=color, label=_plot_text(f"{method} (certified: lower bound)"))
+        bracketed = [c for c in bounds if c.attacked_accuracy is not None]
+        if bracketed:
+            ax.fill_between([c.eps for c in bracketed], [c.certified_accuracy for c in bracketed],
+                            [c.attacked_accuracy for c in bracketed], color=color, alpha=0.12,
+                            label=_plot_text("true robust accuracy lies here"))
+        drawn += 1
     if not drawn:
         return None
     shown = _NORM_NAMES.get(norm, (norm or "").upper())

@@ -81,3 +81,16 @@ def test_bad_certify_specs_are_refused(change, message):
 def test_the_cost_counts_the_bounds():
     cost = estimate(EvaluationSpec.model_validate(SPEC), 1000, 10)
     assert cost.parts["certify"] == 150 * 3 * 2
+
+
+def test_the_report_shows_the_bracket_and_the_unavailable_reason(dataset):
+    from workers.report import render_report
+
+    result = evaluate(digits.onnx_bytes("cnn"), dataset, EvaluationSpec.model_validate(SPEC)).result
+    html = render_report(result)
+    section = html[html.index('<section id="certify">'):]
+    assert section.count("<tr><td>ibp</td>") == 3 and "sound lower bound" in section
+    reason = "ibp: operator Sin has no interval-bound rule"
+    unavailable = result.model_copy(update={"certify": result.certify.model_copy(
+        update={"available": False, "reason": reason, "entries": []})})
+    assert "Not available for this model: ibp: operator Sin" in render_report(unavailable)
