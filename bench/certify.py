@@ -4,15 +4,15 @@ the model's own forward pass, on the small zoo, in this one process.
     .venv/bin/python bench/certify.py [--models mlp,lenet,resnet18,mobilenet_v2] [--batch 64]
         [--threads 2] [--rounds 5] [--eps 1/255] [--json PATH]
 
-Per model (tests.zoo, exported with a symbolic batch axis, seeded weights) it times, on the same
---batch random images, Classifier.logits (the forward pass) and IntervalBounds.certify (the
-bounds graph: lower and upper bounds of every layer, the margins through the last layer), in
-interleaved rounds, and prints the median times and their ratio, and the share of samples
-certified at --eps (of a model with random weights: a check that the bounds ran, not a
-robustness figure). auto_LiRPA, the reference verifier, is not compared: its release on PyPI
-(0.3) requires torch < 1.13 and numpy < 2 and fails to import beside torch 2.13
-(torch.onnx.symbolic_helper._set_opset_version is gone).
-"""
+Per model (tests.zoo, exported with a symbolic batch axis, seeded weights) it times, on the
+same --batch random images, Classifier.logits (the forward pass) and IntervalBounds.certify
+with each method (ibp: lower and upper bounds of every layer, the margins through the last
+layer; crown_ibp: that, then the linear relaxation backwards from the margins), in interleaved
+rounds, and prints the median times and their ratio, and the share of samples certified at
+--eps (of a model with random weights: a check that the bounds ran, not a robustness figure).
+auto_LiRPA, the reference verifier, is not compared: its release on PyPI (0.3) requires torch <
+1.13 and numpy < 2 and fails to import beside torch 2.13
+(torch.onnx.symbolic_helper._set_opset_version is gone). """
 
 from __future__ import annotations
 
@@ -54,21 +54,25 @@ def bench(name: str, args) -> dict:
     x = rng.random((args.batch, *zoo.input_shape(name)), dtype=np.float32)
     classifier = Classifier(model, options)
     y = classifier.predict(x)
-    try:
-        bounds = IntervalBounds(model, options)
-    except UnsupportedForBounds as exc:
-        return {"model": name, "unsupported": str(exc)}
-    forward, certify = [], []
-    for _ in range(args.rounds):
-        forward.append(timed(lambda: classifier.logits(x)))
-        certify.append(timed(lambda: bounds.certify(x, y, args.eps)))
-    return {
-        "model": name,
-        "forward_ms": round(statistics.median(forward) * 1e3, 3),
-        "ibp_ms": round(statistics.median(certify) * 1e3, 3),
-        "ibp_over_forward": round(statistics.median(c / f for c, f in zip(certify, forward, strict=True)), 2),
-        "certified_at_eps": float(bounds.certify(x, y, args.eps).certified.mean()),
-    }
+    result: dict = {"model": name}
+    forward = [timed(lambda: classifier.logits(x)) for _ in range(args.rounds)]
+    result["forward_ms"] = round(statistics.median(forward) * 1e3, 3)
+    for method in ("ibp", "crown_ibp"):
+        try:
+            bounds = IntervalBounds(model, options, method=method)
+        except UnsupportedForBounds as exc:
+            result[method] = {"unsupported": str(exc)}
+            continue
+        times = []
+        for _ in range(args.rounds):  # interleaved with the forward pass
+            forward_time = timed(lambda: classifier.logits(x))
+            times.append((timed(lambda: bounds.certify(x, y, args.eps)), forward_time))  # noqa: B023
+        result[method] = {
+            "ms": round(statistics.median(t for t, _ in times) * 1e3, 3),
+            "over_forward": round(statistics.median(t / f for t, f in times), 2),
+            "certified_at_eps": float(bounds.certify(x, y, args.eps).certified.mean()),
+        }
+    return result
 
 
 def main() -> None:
@@ -84,13 +88,16 @@ def main() -> None:
     results = [bench(name.strip(), args) for name in args.models.split(",") if name.strip()]
     print(f"interval bounds vs forward, batch {args.batch}, {args.threads} threads, "
           f"median of {args.rounds} rounds")
-    print(f"{'model':14s} {'forward ms':>11s} {'ibp ms':>9s} {'ibp/fwd':>8s} {'certified':>10s}")
+    print(f"{'model':14s} {'method':10s} {'forward ms':>11s} {'bounds ms':>10s} {'x forward':>10s} "
+          f"{'certified':>10s}")
     for r in results:
-        if "unsupported" in r:
-            print(f"{r['model']:14s} unsupported: {r['unsupported']}")
-            continue
-        print(f"{r['model']:14s} {r['forward_ms']:11.3f} {r['ibp_ms']:9.3f} {r['ibp_over_forward']:8.2f} "
-              f"{r['certified_at_eps']:10.3f}")
+        for method in ("ibp", "crown_ibp"):
+            m = r[method]
+            if "unsupported" in m:
+                print(f"{r['model']:14s} {method:10s} unsupported: {m['unsupported'][:70]}")
+                continue
+            print(f"{r['model']:14s} {method:10s} {r['forward_ms']:11.3f} {m['ms']:10.3f} "
+                  f"{m['over_forward']:10.2f} {m['certified_at_eps']:10.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

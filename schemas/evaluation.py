@@ -22,7 +22,7 @@ GateMetric = Literal[
     "clean_accuracy", "robust_accuracy", "success_rate", "mean_l2", "median_l2",
     "mean_linf", "median_linf", "distortion", "rho", "certified_accuracy",
 ]
-CertifyMethod = Literal["ibp"]
+CertifyMethod = Literal["ibp", "crown_ibp"]
 
 
 def _default_methods() -> list[CertifyMethod]:
@@ -299,7 +299,9 @@ class CertifySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     methods: list[CertifyMethod] = Field(default_factory=_default_methods, min_length=1, max_length=4,
-                                         description="ibp: interval bound propagation")
+                                         description=(
+                                             "ibp: interval bound propagation; crown_ibp: linear relaxation "
+                                             "backwards from the margins over IBP's intermediate bounds"))
     eps: list[float] = Field(min_length=1, max_length=32, description="L-inf budgets, in pixel units")
     norm: Literal["linf"] = "linf"
 
@@ -450,8 +452,9 @@ class CertifiedEntry(BaseModel):
 
 
 class CertifySection(BaseModel):
-    available: bool
-    reason: str | None = None  # why not, e.g. an operator without a bound rule
+    available: bool  # some method ran
+    reason: str | None = None  # why none did, e.g. an operator without a bound rule
+    unavailable: dict[str, str] = Field(default_factory=dict)  # method -> why it did not run
     entries: list[CertifiedEntry] = Field(default_factory=list)
 
 

@@ -94,3 +94,17 @@ def test_the_report_shows_the_bracket_and_the_unavailable_reason(dataset):
     unavailable = result.model_copy(update={"certify": result.certify.model_copy(
         update={"available": False, "reason": reason, "entries": []})})
     assert "Not available for this model: ibp: operator Sin" in render_report(unavailable)
+
+
+def test_crown_ibp_beside_ibp_and_a_method_that_cannot_run_is_named(dataset):
+    spec = EvaluationSpec.model_validate({**SPEC, "certify": {"eps": [0.01], "methods": ["ibp", "crown_ibp"]},
+                                          "gates": []})
+    fc = evaluate(digits.onnx_bytes("fc100"), dataset, spec).result.certify
+    assert fc is not None and fc.available and not fc.unavailable
+    ibp, crown = fc.entries
+    assert (ibp.method, crown.method) == ("ibp", "crown_ibp")
+    assert crown.certified_accuracy > ibp.certified_accuracy + 0.2  # much tighter on an MLP
+    assert crown.certified_accuracy <= crown.attacked_accuracy
+    cnn = evaluate(digits.onnx_bytes("cnn"), dataset, spec).result.certify
+    assert cnn is not None and cnn.available and [e.method for e in cnn.entries] == ["ibp"]
+    assert "operator MaxPool" in cnn.unavailable["crown_ibp"]

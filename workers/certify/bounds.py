@@ -25,13 +25,15 @@ class Certificate:
 
 
 class IntervalBounds:
-    """Interval bound propagation through a classifier (workers/certify/ibp.py)."""
+    """Bounds of a classifier over L-inf balls: interval propagation (``method`` "ibp",
+    workers/certify/ibp.py), or with the margins also bounded by CROWN-IBP ("crown_ibp",
+    workers/certify/crown.py)."""
 
-    method = "ibp"
-
-    def __init__(self, model: bytes | onnx.ModelProto, options: RuntimeOptions | None = None):
+    def __init__(self, model: bytes | onnx.ModelProto, options: RuntimeOptions | None = None,
+                 method: str = "ibp"):
         self.options = options or RuntimeOptions()
-        graph, prepared = build_bounds_model(model)
+        self.method = method
+        graph, prepared = build_bounds_model(model, method)
         self.input_shape = prepared.input_shape
         self._session = new_session(graph.SerializeToString(), self.options)
 

@@ -209,16 +209,20 @@ def _monotone(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
     return [(sides[0][k], sides[1][k]) for k in range(len(node.output))]
 
 
-def build_bounds_model(model: bytes | onnx.ModelProto) -> tuple[onnx.ModelProto, PreparedClassifier]:
-    """The interval-bounds graph of a classifier: inputs ``x_low``, ``x_high`` (the box, in the
-    model's input layout) and ``labels`` int64 [N]; outputs ``logits_low``, ``logits_high``
-    [N, K] and ``margin_low`` [N, K] (a lower bound of z_y - z_j; +inf at j = y)."""
+def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp"
+                       ) -> tuple[onnx.ModelProto, PreparedClassifier]:
+    """The bounds graph of a classifier: inputs ``x_low``, ``x_high`` (the box, in the model's
+    input layout) and ``labels`` int64 [N]; outputs ``logits_low``, ``logits_high`` [N, K] and
+    ``margin_low`` [N, K] (a lower bound of z_y - z_j; +inf at j = y). ``method`` "ibp", or
+    "crown_ibp": the margins also bounded by linear relaxation backwards from the logits
+    (workers/certify/crown.py), the larger of the two lower bounds kept."""
     prepared = prepare_classifier(model)
     b = _Builder(prepared)
     graph = b.model.graph
     image = prepared.input_name
     b.bounds[image] = ("x_low", "x_high")
     final = _final_affine(b, prepared.logits_name)
+    b.path = []  # type: ignore[attr-defined]  # the image-dependent nodes, in order
     for node in graph.node:
         if final is not None and node is final[0]:
             break
@@ -236,6 +240,7 @@ def build_bounds_model(model: bytes | onnx.ModelProto) -> tuple[onnx.ModelProto,
         for output, interval in zip(node.output, RULES[node.op_type](b, node), strict=False):
             if output:
                 b.bounds[output] = interval
+        b.path.append(node)  # type: ignore[attr-defined]
         if prepared.logits_name in b.bounds:
             break
     g = b.g
@@ -247,6 +252,17 @@ def build_bounds_model(model: bytes | onnx.ModelProto) -> tuple[onnx.ModelProto,
         low = g.op("Identity", logits_low)
         high = g.op("Identity", logits_high)
     margin = _margins(b, low, high, final is not None)
+    if method == "crown_ibp":
+        from workers.certify.crown import crown_margins
+
+        producers = {o: n for n in graph.node for o in n.output}
+        path = list(b.path)  # type: ignore[attr-defined]
+        if final is not None:  # the final affine node(s), after the hidden layer
+            tail = [final[0]]
+            if final[0].output[0] != prepared.logits_name:
+                tail.append(producers[prepared.logits_name])
+            path += tail
+        margin = g.op("Max", margin, crown_margins(b, prepared, path))
     inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, _dims(prepared.input_shape))
               for name in ("x_low", "x_high")]
     inputs.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["N"]))

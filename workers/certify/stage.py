@@ -11,7 +11,6 @@ from workers.certify.ibp import UnsupportedForBounds
 from workers.datasets import Images
 from workers.runtime import Classifier
 
-METHODS = {"ibp": IntervalBounds}
 _BLOCK = 256  # samples made float at a time
 
 
@@ -20,12 +19,13 @@ def certify_section(spec: CertifySpec, classifier: Classifier, x: Images, y: np.
                     attacked: dict[tuple[str, float], float], bounds: tuple[float, float]) -> dict:
     """The result's ``certify`` section as a dict. ``broken[(norm, eps)]``: samples an attack
     fooled at that budget; ``attacked[(norm, eps)]``: the attacks' lowest robust accuracy there."""
-    entries = []
+    entries, unavailable = [], {}
     for method in spec.methods:
         try:
-            bounder = METHODS[method](classifier.model_bytes, classifier.options)
+            bounder = IntervalBounds(classifier.model_bytes, classifier.options, method=method)
         except UnsupportedForBounds as exc:
-            return {"available": False, "reason": f"{method}: {exc}", "entries": []}
+            unavailable[method] = str(exc)
+            continue
         for eps in spec.eps:
             certified = np.concatenate([
                 bounder.certify(x[start:start + _BLOCK], y[start:start + _BLOCK], eps, bounds).certified
@@ -41,7 +41,10 @@ def certify_section(spec: CertifySpec, classifier: Classifier, x: Images, y: np.
                 "unknown": int(len(y) - certified.sum() - fooled.sum()),
                 "attacked_accuracy": _near(attacked, spec.norm, eps, None),
             })
-    return {"available": True, "reason": None, "entries": entries}
+    if not entries:
+        return {"available": False, "reason": "; ".join(f"{m}: {r}" for m, r in unavailable.items()),
+                "unavailable": unavailable, "entries": []}
+    return {"available": True, "reason": None, "unavailable": unavailable, "entries": entries}
 
 
 def _near(table: dict, norm: str, eps: float, default):

@@ -1,0 +1,231 @@
+"""Linear relaxation backwards from the margins (CROWN, Zhang et al. 2018), with the
+pre-activation bounds of every ReLU taken from interval propagation: CROWN-IBP (Zhang et al.
+2020), as an ONNX graph.
+
+The margins m_j = z_y - z_j are linear in the logits, m = C z with one row per class j. Going
+backwards through the graph, each operator turns a lower bound ``m >= L_out . out + beta`` into
+one on its input: an affine operator by its adjoint (the same transposed operators as the
+gradient builder's: Gemm and MatMul by the transposed weight, Conv by ConvTranspose, reshapes
+by reshaping back) plus its offset; a ReLU with input bounds [l, u] by its linear relaxation,
+``alpha x <= relu(x) <= s (x - l)`` (s = u / (u - l) where l < 0 < u; alpha = 1 where u >= -l),
+the lower line taken for positive coefficients and the upper line for negative ones. At the
+image, the minimum of ``L . x + beta`` over the box is ``L . centre - |L| . radius + beta``.
+
+Coefficients L are tensors [N * K, *shape of the tensor]: the K rows of each sample batched,
+so every adjoint is an ordinary ONNX operator. Supported: Gemm, MatMul (2-D, constant weight),
+Conv, BatchNormalization, Add / Sub (constant or two image-dependent tensors), Mul / Div by a
+constant, GlobalAveragePool, Flatten, Reshape, Identity, Dropout and Relu; anything else is named
+as unsupported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from workers.certify.ibp import UnsupportedForBounds, _Builder
+from workers.onnxgrad.graph import static_shape
+from workers.onnxgrad.prepare import PreparedClassifier
+from workers.onnxgrad.rules.linear import resolve_pads, transpose_output_padding, window_params
+
+SUPPORTED = ("Gemm", "MatMul", "Conv", "BatchNormalization", "Add", "Sub", "Mul", "Div", "Flatten", "Reshape",
+             "Identity", "Dropout", "Relu", "GlobalAveragePool")
+
+
+class _Backward:
+    def __init__(self, b: _Builder, prepared: PreparedClassifier):
+        self.b, self.g = b, b.g
+        self.k = prepared.num_classes
+        if self.k is None:
+            raise UnsupportedForBounds("crown_ibp: the number of classes is not known from the model's "
+                                       "shapes")
+        self.coefficients: dict[str, str] = {}
+        self.offsets: list[str] = []  # [N * K] each
+
+    def shape(self, name: str) -> list[int]:
+        shape = static_shape(self.b.types.get(name))
+        dims = [] if shape is None else list(shape[1:])
+        if shape is None or not all(isinstance(d, int) for d in dims):
+            raise UnsupportedForBounds(f"crown_ibp: the shape of {name!r} is not static")
+        return [d for d in dims if isinstance(d, int)]  # without the batch axis
+
+    def add(self, name: str, coefficient: str) -> None:
+        if name in self.b.bounds:  # only image-dependent tensors carry coefficients
+            existing = self.coefficients.get(name)
+            self.coefficients[name] = (coefficient if existing is None
+                                       else self.g.op("Add", existing, coefficient))
+
+    def offset(self, coefficient: str, constant: str) -> None:
+        """beta += sum over the tensor's axes of coefficient * constant (broadcast)."""
+        product = self.g.op("Mul", coefficient, constant)
+        self.offsets.append(self.g.reduce("ReduceSum", self.g.op("Flatten", product, axis=1), [1], False))
+
+
+def crown_margins(b: _Builder, prepared: PreparedClassifier, path: list[onnx.NodeProto]) -> str:
+    """Lower bounds [N, K] of z_y - z_j by CROWN-IBP, for the graph's nodes ``path`` (image to
+    logits, in order); 0 at j = y."""
+    back = _Backward(b, prepared)
+    g = b.g
+    k = back.k
+    assert k is not None
+    eye = g.const(np.eye(k, dtype=np.float32))
+    one_hot = g.op("OneHot", "labels", g.const(np.array([k], np.int64)),
+                   g.const(np.array([0.0, 1.0], np.float32)), axis=-1)
+    own = g.op("Unsqueeze", one_hot, g.ints([1]))  # [N, 1, K]
+    spec = g.op("Sub", own, eye)  # [N, K, K]: row j is e_y - e_j
+    back.coefficients[prepared.logits_name] = g.op("Reshape", spec, g.ints([-1, k]))
+    for node in reversed(path):
+        out = node.output[0]
+        coefficient = back.coefficients.pop(out, None)
+        if coefficient is None:
+            continue
+        if node.op_type not in SUPPORTED:
+            raise UnsupportedForBounds(f"crown_ibp: operator {node.op_type} ({node.name!r}) has no linear "
+                                       f"relaxation; supported: {', '.join(SUPPORTED)}")
+        _RULES[node.op_type](back, node, coefficient)
+    image = prepared.input_name
+    final = back.coefficients.get(image)
+    if final is None:
+        raise UnsupportedForBounds("crown_ibp: the logits do not depend on the image through supported "
+                                   "operators")
+    size = int(np.prod(back.shape(image)))
+    lam = g.op("Reshape", final, g.ints([-1, k, size]))  # [N, K, D]
+    low, high = b.bounds[image]
+    centre = g.op("Reshape", g.op("Mul", g.op("Add", low, high), g.const(0.5)), g.ints([-1, size, 1]))
+    radius = g.op("Reshape", g.op("Mul", g.op("Sub", high, low), g.const(0.5)), g.ints([-1, size, 1]))
+    bound = g.op("Sub", g.op("MatMul", lam, centre), g.op("MatMul", g.op("Abs", lam), radius))  # [N, K, 1]
+    bound = g.op("Squeeze", bound, g.ints([2]))
+    if back.offsets:
+        offset = back.offsets[0] if len(back.offsets) == 1 else g.op("Sum", *back.offsets)
+        bound = g.op("Add", bound, g.op("Reshape", offset, g.ints([-1, k])))
+    return bound
+
+
+def _constant(back: _Backward, name: str, what: str) -> np.ndarray:
+    value = back.b.constant(name)
+    if value is None:
+        raise UnsupportedForBounds(f"crown_ibp: {what} {name!r} must be a constant")
+    return value
+
+
+def _gemm(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    attrs = back.b.attrs(node)
+    if attrs.get("transA", 0):
+        raise UnsupportedForBounds(f"crown_ibp: Gemm {node.name!r} with transA")
+    weight = _constant(back, node.input[1], "the Gemm weight")
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    forward = weight.T if attrs.get("transB", 0) else weight  # y = alpha x @ forward + beta c
+    g = back.g
+    back.add(node.input[0], g.op("MatMul", lam, g.const((alpha * forward.T).astype(np.float32))))
+    if len(node.input) > 2 and node.input[2]:
+        c = np.broadcast_to(_constant(back, node.input[2], "the Gemm bias"), (forward.shape[1],))
+        back.offsets.append(g.op("MatMul", lam, g.const((beta * c).astype(np.float32))))
+
+
+def _matmul(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    weight = back.b.constant(node.input[1])
+    if weight is None or weight.ndim != 2 or len(back.shape(node.input[0])) != 1:
+        raise UnsupportedForBounds(f"crown_ibp: MatMul {node.name!r} needs a 2-D input and a constant weight")
+    back.add(node.input[0], back.g.op("MatMul", lam, back.g.const(np.ascontiguousarray(weight.T))))
+
+
+def _conv(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    weight = _constant(back, node.input[1], "the Conv weight")
+    attrs = back.b.attrs(node)
+    kernel = list(weight.shape[2:])
+    spatial_in = back.shape(node.input[0])[1:]
+    spatial_out = back.shape(node.output[0])[1:]
+    strides, dilations = window_params(node, len(kernel), kernel)
+    pads = resolve_pads(node, spatial_in, kernel, strides, dilations)
+    g = back.g
+    back.add(node.input[0], g.op(
+        "ConvTranspose", lam, node.input[1], strides=strides, dilations=dilations, pads=pads,
+        group=int(attrs.get("group", 1)), kernel_shape=kernel,
+        output_padding=transpose_output_padding(spatial_in, spatial_out, kernel, strides, dilations, pads)))
+    if len(node.input) > 2 and node.input[2]:
+        bias = _constant(back, node.input[2], "the Conv bias")
+        back.offset(lam, g.const(bias.reshape(-1, *([1] * len(kernel))).astype(np.float32)))
+
+
+def _batch_norm(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    scale, bias, mean, var = (_constant(back, n, "a BatchNormalization parameter") for n in node.input[1:5])
+    epsilon = float(back.b.attrs(node).get("epsilon", 1e-5))
+    factor = scale / np.sqrt(var + epsilon)
+    rank = len(back.shape(node.input[0]))
+    per_channel = (-1, *([1] * (rank - 1)))
+    g = back.g
+    back.add(node.input[0], g.op("Mul", lam, g.const(factor.reshape(per_channel).astype(np.float32))))
+    back.offset(lam, g.const((bias - mean * factor).reshape(per_channel).astype(np.float32)))
+
+
+def _add_sub(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    g = back.g
+    left, right = node.input[0], node.input[1]
+    sign = -1.0 if node.op_type == "Sub" else 1.0
+    for name, factor in ((left, 1.0), (right, sign)):
+        if name in back.b.bounds:
+            if back.shape(name) != back.shape(node.output[0]):
+                raise UnsupportedForBounds(f"crown_ibp: {node.op_type} {node.name!r} broadcasts an "
+                                           "image-dependent input")
+            back.add(name, lam if factor > 0 else g.op("Neg", lam))
+        else:
+            back.offset(lam, name if factor > 0 else g.op("Neg", name))
+
+
+def _scale(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    g = back.g
+    image, constant = (node.input[0], node.input[1]) if node.input[0] in back.b.bounds else (
+        node.input[1], node.input[0])
+    if node.op_type == "Div" and image != node.input[0]:
+        raise UnsupportedForBounds(f"crown_ibp: Div {node.name!r} divides by the image")
+    if constant in back.b.bounds:
+        raise UnsupportedForBounds(f"crown_ibp: {node.op_type} {node.name!r} of two image-dependent tensors")
+    if back.shape(image) != back.shape(node.output[0]):
+        raise UnsupportedForBounds(f"crown_ibp: {node.op_type} {node.name!r} broadcasts its image input")
+    back.add(image, g.op(node.op_type, lam, constant))
+
+
+def _reshape(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    back.add(node.input[0], back.g.op("Reshape", lam, back.g.ints([-1, *back.shape(node.input[0])])))
+
+
+def _global_average_pool(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    shape = back.shape(node.input[0])
+    area = float(np.prod(shape[1:]))
+    share = back.g.op("Div", lam, back.g.const(np.float32(area)))
+    spread = back.g.op("Expand", share, back.g.ints([1, *shape]))
+    back.add(node.input[0], spread)
+
+
+def _identity(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    back.add(node.input[0], lam)
+
+
+def _relu(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    g, k = back.g, back.k
+    assert k is not None
+    shape = back.shape(node.input[0])
+    low, high = back.b.bounds[node.input[0]]
+
+    def per_row(bound: str) -> str:  # [N, *shape] -> [N * K, *shape]
+        expanded = g.op("Expand", g.op("Unsqueeze", bound, g.ints([1])), g.ints([1, k, *shape]))
+        return g.op("Reshape", expanded, g.ints([-1, *shape]))
+
+    up = g.op("Relu", high)
+    down = g.op("Min", low, g.const(np.float32(0.0)))
+    slope = g.op("Div", up, g.op("Max", g.op("Sub", up, down), g.const(np.float32(1e-12))))
+    lower_slope = g.op("Cast", g.op("GreaterOrEqual", g.op("Add", up, down), g.const(np.float32(0.0))),
+                       to=onnx.TensorProto.FLOAT)
+    intercept = g.op("Neg", g.op("Mul", slope, down))  # the upper line: slope * (x - down)
+    positive = g.op("Relu", lam)
+    negative = g.op("Sub", lam, positive)
+    back.add(node.input[0], g.op("Add", g.op("Mul", positive, per_row(lower_slope)),
+                                 g.op("Mul", negative, per_row(slope))))
+    back.offset(negative, per_row(intercept))
+
+
+_RULES = {
+    "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "BatchNormalization": _batch_norm, "Add": _add_sub,
+    "Sub": _add_sub, "Mul": _scale, "Div": _scale, "Flatten": _reshape, "Reshape": _reshape,
+    "Identity": _identity, "Dropout": _identity, "Relu": _relu, "GlobalAveragePool": _global_average_pool,
+}
