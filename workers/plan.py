@@ -44,7 +44,14 @@ def stage_work(spec: EvaluationSpec, unit: WorkUnit) -> dict[str, int]:
     for defense in spec.defenses:
         adaptive_runs = runs if defense.adaptive and unit.kind == "shard" else 0
         work[f"defense:{defense.key}"] = unit.samples * (1 + runs + adaptive_runs)
+    if spec.certify is not None and unit.kind == "shard":
+        work["certify"] = certify_work(spec, unit.samples)
     return work
+
+
+def certify_work(spec: EvaluationSpec, samples: int) -> int:
+    assert spec.certify is not None
+    return samples * len(spec.certify.methods) * len(spec.certify.eps)
 
 
 def budget_count(attack_spec: AttackSpec) -> int:

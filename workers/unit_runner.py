@@ -11,9 +11,10 @@ import numpy as np
 from schemas.evaluation import MAIN_MODEL, EvaluationSpec
 from workers import metrics
 from workers.attack_runs import attack_runs, attack_seed, run_output, unit_targets
+from workers.certify.stage import certify_shard
 from workers.datasets import DatasetError
 from workers.defense_stage import defend
-from workers.plan import StageProgress, budget_count
+from workers.plan import StageProgress, budget_count, certify_work
 from workers.runtime import Classifier
 from workers.spec_checks import build_attack
 from workers.subject import Subject, compose_for
@@ -51,8 +52,19 @@ def run_unit_on(subject: Subject, spec: EvaluationSpec, unit: WorkUnit, report: 
     if spec.defenses:
         document = {"defenses": defend(subject, spec, unit, runs, clean_logits, models or {},
                                        fit_images or {}, report, timing)}
+    certified: dict[str, np.ndarray] = {}
+    unavailable: dict[str, str] = {}
+    if spec.certify is not None and unit.kind == "shard":
+        started_certify = time.perf_counter()
+        work = certify_work(spec, len(ys))
+        report("certify", 0, work)
+        certified, unavailable = certify_shard(spec.certify, classifier, xs, ys,
+                                               (spec.input.range[0], spec.input.range[1]))
+        timing["certify"] = time.perf_counter() - started_certify
+        report("certify", work, work)
     timing["total"] = time.perf_counter() - started
-    return UnitOutput(unit=unit, clean_logits=clean_logits, runs=runs, document=document, timing=timing)
+    return UnitOutput(unit=unit, clean_logits=clean_logits, runs=runs, document=document, timing=timing,
+                      certified=certified, certify_unavailable=unavailable)
 
 
 class GradientProbe:

@@ -55,6 +55,10 @@ class UnitOutput:
     clean_logits: np.ndarray | None  # [n, K]; None for a "whole" unit
     runs: list[RunOutput]
     document: dict[str, Any] | None = None  # JSON results of a unit that is not per-sample (transfer)
+    # spec.certify on a shard's samples: "method@eps index" -> certified bool [n]; and per method
+    # that could not run, why
+    certified: dict[str, np.ndarray] = field(default_factory=dict)
+    certify_unavailable: dict[str, str] = field(default_factory=dict)
     # seconds per stage; not part of the bytes (a redelivered unit must give the same bytes):
     # carry it beside them and hand it back to from_bytes
     timing: dict[str, float] = field(default_factory=dict)
@@ -67,7 +71,9 @@ class UnitOutput:
             arrays.update({f"runs/{i}/{name}": array for name, array in _run_arrays(run).items()})
             runs.append({"attack": run.attack, "eps": run.eps, "extra": run.extra,
                          "arrays": list(run.arrays), "queries": run.queries is not None})
-        meta = {"format": _FORMAT, "unit": asdict(self.unit), "runs": runs, "document": self.document}
+        arrays.update({f"certify/{key}": mask for key, mask in self.certified.items()})
+        meta = {"format": _FORMAT, "unit": asdict(self.unit), "runs": runs, "document": self.document,
+                "certified": list(self.certified), "certify_unavailable": self.certify_unavailable}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
         return _write_npz(arrays)
 
@@ -84,7 +90,9 @@ class UnitOutput:
             unit = WorkUnit(**{**meta["unit"], "attacks": tuple(meta["unit"]["attacks"])})
             runs = [_run_from_arrays(run, arrays, f"runs/{i}/") for i, run in enumerate(meta["runs"])]
             return cls(unit=unit, clean_logits=arrays.get("clean_logits"), runs=runs,
-                       document=meta.get("document"), timing=timing or {})
+                       document=meta.get("document"), timing=timing or {},
+                       certified={key: arrays[f"certify/{key}"] for key in meta.get("certified", [])},
+                       certify_unavailable=meta.get("certify_unavailable", {}))
         except KeyError as exc:
             raise UnitOutputError(f"not a serialized unit output: it lacks {exc}") from None
         except (OSError, EOFError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as exc:

@@ -108,3 +108,17 @@ def test_crown_ibp_beside_ibp_and_a_method_that_cannot_run_is_named(dataset):
     cnn = evaluate(digits.onnx_bytes("cnn"), dataset, spec).result.certify
     assert cnn is not None and cnn.available and [e.method for e in cnn.entries] == ["ibp"]
     assert "operator MaxPool" in cnn.unavailable["crown_ibp"]
+
+
+def test_each_shard_bounds_its_own_samples_and_the_masks_travel_with_its_output(dataset):
+    from workers.evaluate import run_unit
+    from workers.plan import plan
+    from workers.units import UnitOutput
+
+    spec = EvaluationSpec.model_validate({"samples": 40, "shard_size": 25, "certify": {"eps": [0.0, 0.01]}})
+    shards = [u for u in plan(spec, len(dataset.y)) if u.kind == "shard"]
+    assert [u.samples for u in shards] == [25, 15]
+    output = run_unit(digits.onnx_bytes("cnn"), dataset, spec, shards[1])
+    again = UnitOutput.from_bytes(output.to_bytes())
+    assert set(again.certified) == {"ibp@0", "ibp@1"} and len(again.certified["ibp@0"]) == 15
+    np.testing.assert_array_equal(again.certified["ibp@1"], output.certified["ibp@1"])
