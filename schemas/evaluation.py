@@ -302,8 +302,9 @@ class CertifySpec(BaseModel):
                                          description=(
                                              "ibp: interval bound propagation; crown_ibp: linear relaxation "
                                              "backwards from the margins over IBP's intermediate bounds"))
-    eps: list[float] = Field(min_length=1, max_length=32, description="L-inf budgets, in pixel units")
-    norm: Literal["linf"] = "linf"
+    eps: list[float] = Field(min_length=1, max_length=32, description="budgets in `norm`, in pixel units")
+    norm: Literal["linf", "l2"] = Field("linf", description=(
+        "l2: bounded through the box around the ball (ibp) and the ball's dual norm (crown_ibp)"))
 
     @field_validator("eps")
     @classmethod

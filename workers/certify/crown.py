@@ -61,9 +61,11 @@ class _Backward:
         self.offsets.append(self.g.reduce("ReduceSum", self.g.op("Flatten", product, axis=1), [1], False))
 
 
-def crown_margins(b: _Builder, prepared: PreparedClassifier, path: list[onnx.NodeProto]) -> str:
+def crown_margins(b: _Builder, prepared: PreparedClassifier, path: list[onnx.NodeProto]) -> tuple[str, str]:
     """Lower bounds [N, K] of z_y - z_j by CROWN-IBP, for the graph's nodes ``path`` (image to
-    logits, in order); 0 at j = y."""
+    logits, in order), 0 at j = y: over the box [x_low, x_high], and over the L2 ball of radius
+    ``l2_eps`` around ``x`` (graph inputs; the box must contain that ball, as the intermediate
+    bounds come from it): L . x - l2_eps ||L||_2 + beta, the box ignored, which only lowers it."""
     back = _Backward(b, prepared)
     g = b.g
     k = back.k
@@ -95,10 +97,15 @@ def crown_margins(b: _Builder, prepared: PreparedClassifier, path: list[onnx.Nod
     radius = g.op("Reshape", g.op("Mul", g.op("Sub", high, low), g.const(0.5)), g.ints([-1, size, 1]))
     bound = g.op("Sub", g.op("MatMul", lam, centre), g.op("MatMul", g.op("Abs", lam), radius))  # [N, K, 1]
     bound = g.op("Squeeze", bound, g.ints([2]))
+    image_column = g.op("Reshape", "x", g.ints([-1, size, 1]))
+    norms = g.op("Sqrt", g.reduce("ReduceSum", g.op("Mul", lam, lam), [2], False))  # [N, K]
+    ball = g.op("Sub", g.op("Squeeze", g.op("MatMul", lam, image_column), g.ints([2])),
+                g.op("Mul", norms, "l2_eps"))
     if back.offsets:
-        offset = back.offsets[0] if len(back.offsets) == 1 else g.op("Sum", *back.offsets)
-        bound = g.op("Add", bound, g.op("Reshape", offset, g.ints([-1, k])))
-    return bound
+        offset = g.op("Reshape", back.offsets[0] if len(back.offsets) == 1 else g.op("Sum", *back.offsets),
+                      g.ints([-1, k]))
+        bound, ball = g.op("Add", bound, offset), g.op("Add", ball, offset)
+    return bound, ball
 
 
 def _constant(back: _Backward, name: str, what: str) -> np.ndarray:

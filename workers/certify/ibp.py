@@ -65,6 +65,10 @@ class _Builder:
         self.constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
         self.bounds: dict[str, Interval] = {}
         self.types = tensor_types(graph)
+        # with an L2 budget: tensors that are the image under shifts, reshapes and scalings,
+        # as (the same operators applied to the centre image "x", bound on how they stretch
+        # an L2 ball): the first affine layer then bounds each output over the ball itself
+        self.balls: dict[str, tuple[str, float]] = {}
 
     def interval(self, name: str) -> Interval | None:
         return self.bounds.get(name)
@@ -109,6 +113,16 @@ def _image_input(b: _Builder, node: onnx.NodeProto, position: int = 0) -> Interv
     return found
 
 
+def _within_ball(b: _Builder, node: onnx.NodeProto, box: Interval, mid: str, norms: np.ndarray) -> Interval:
+    """``box`` intersected with each output's bound over the L2 ball: mid +- eps * scale * ||w||_2,
+    where ``mid`` is the operator on the ball's centre and ``norms`` the L2 norms of the weights
+    that make each output (broadcast over it)."""
+    _, scale = b.balls[node.input[0]]
+    g = b.g
+    radius = g.op("Mul", g.const((norms * scale).astype(np.float32)), "l2_eps")
+    return (g.op("Max", box[0], g.op("Sub", mid, radius)), g.op("Min", box[1], g.op("Add", mid, radius)))
+
+
 @rule("Conv")
 def _conv(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
     centre, radius = _centre_radius(b, _image_input(b, node))
@@ -116,7 +130,13 @@ def _conv(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
     w = node.input[1]
     mid = b.g.op("Conv", centre, *node.input[1:], **attrs)
     rad = b.g.op("Conv", radius, _absolute(b, w), **attrs)
-    return [_from_centre(b, mid, rad)]
+    box = _from_centre(b, mid, rad)
+    weight = b.constant(w)
+    if node.input[0] in b.balls and weight is not None:
+        ball_mid = b.g.op("Conv", b.balls[node.input[0]][0], *node.input[1:], **attrs)
+        norms = np.sqrt((weight.astype(np.float64) ** 2).reshape(len(weight), -1).sum(axis=1))
+        return [_within_ball(b, node, box, ball_mid, norms.reshape(-1, *([1] * (weight.ndim - 2))))]
+    return [box]
 
 
 @rule("Gemm")
@@ -129,7 +149,14 @@ def _gemm(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
     rad_attrs = {k: v for k, v in attrs.items() if k not in ("beta", "alpha")}
     rad = b.g.op("Gemm", radius, _absolute(b, node.input[1]), alpha=abs(float(attrs.get("alpha", 1.0))),
                  **rad_attrs)
-    return [_from_centre(b, mid, rad)]
+    box = _from_centre(b, mid, rad)
+    weight = b.constant(node.input[1])
+    if node.input[0] in b.balls and weight is not None:
+        forward = weight.T if attrs.get("transB", 0) else weight  # [in, out]
+        norms = abs(float(attrs.get("alpha", 1.0))) * np.sqrt((forward.astype(np.float64) ** 2).sum(axis=0))
+        ball_mid = b.g.op("Gemm", b.balls[node.input[0]][0], *node.input[1:], **attrs)
+        return [_within_ball(b, node, box, ball_mid, norms)]
+    return [box]
 
 
 @rule("MatMul")
@@ -138,6 +165,11 @@ def _matmul(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
         centre, radius = _centre_radius(b, _image_input(b, node, 0))
         mid = b.g.op("MatMul", centre, node.input[1])
         rad = b.g.op("MatMul", radius, _absolute(b, node.input[1]))
+        weight = b.constant(node.input[1])
+        if node.input[0] in b.balls and weight is not None and weight.ndim == 2:
+            ball_mid = b.g.op("MatMul", b.balls[node.input[0]][0], node.input[1])
+            norms = np.sqrt((weight.astype(np.float64) ** 2).sum(axis=0))
+            return [_within_ball(b, node, _from_centre(b, mid, rad), ball_mid, norms)]
     else:
         centre, radius = _centre_radius(b, _image_input(b, node, 1))
         mid = b.g.op("MatMul", node.input[0], centre)
@@ -170,8 +202,14 @@ def _add_sub(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
             return [(g.op("Add", left[0], right[0]), g.op("Add", left[1], right[1]))]
         return [(g.op("Sub", left[0], right[1]), g.op("Sub", left[1], right[0]))]
     if left is not None:
+        if node.input[0] in b.balls:
+            centre, scale = b.balls[node.input[0]]
+            b.balls[node.output[0]] = (g.op(node.op_type, centre, node.input[1]), scale)
         return [(g.op(node.op_type, left[0], node.input[1]), g.op(node.op_type, left[1], node.input[1]))]
     assert right is not None
+    if node.input[1] in b.balls:
+        centre, scale = b.balls[node.input[1]]
+        b.balls[node.output[0]] = (g.op(node.op_type, node.input[0], centre), scale)
     if node.op_type == "Add":
         return [(g.op("Add", node.input[0], right[0]), g.op("Add", node.input[0], right[1]))]
     return [(g.op("Sub", node.input[0], right[1]), g.op("Sub", node.input[0], right[0]))]
@@ -183,9 +221,18 @@ def _scale(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
     if node.op_type == "Div" or b.interval(node.input[0]) is not None:
         lo, hi = _image_input(b, node, 0)
         first, second = g.op(node.op_type, lo, node.input[1]), g.op(node.op_type, hi, node.input[1])
+        image, factor = node.input[0], node.input[1]
     else:
         lo, hi = _image_input(b, node, 1)
         first, second = g.op("Mul", node.input[0], lo), g.op("Mul", node.input[0], hi)
+        image, factor = node.input[1], node.input[0]
+    constant = b.constant(factor)
+    if image in b.balls and constant is not None and constant.size and np.all(constant != 0):
+        centre, scale = b.balls[image]
+        magnitudes = np.abs(constant)
+        stretch = float(magnitudes.max()) if node.op_type == "Mul" else 1 / float(magnitudes.min())
+        moved = g.op(node.op_type, centre, factor) if image == node.input[0] else g.op("Mul", factor, centre)
+        b.balls[node.output[0]] = (moved, scale * stretch)
     return [(g.op("Min", first, second), g.op("Max", first, second))]
 
 
@@ -206,10 +253,16 @@ def _monotone(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
     for side in (0, 1):
         inputs = [b.interval(n)[side] if b.interval(n) is not None else n for n in node.input]  # type: ignore[index]
         sides.append(b.copy(node, inputs, ("lo", "hi")[side]))
+    if node.op_type in _ISOMETRIES and node.input[0] in b.balls:  # moves entries, keeps L2 norms
+        centre, scale = b.balls[node.input[0]]
+        b.balls[node.output[0]] = (b.copy(node, [centre, *node.input[1:]], "ball")[0], scale)
     return [(sides[0][k], sides[1][k]) for k in range(len(node.output))]
 
 
-def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp"
+_ISOMETRIES = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout")
+
+
+def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp", norm: str = "linf"
                        ) -> tuple[onnx.ModelProto, PreparedClassifier]:
     """The bounds graph of a classifier: inputs ``x_low``, ``x_high`` (the box, in the model's
     input layout) and ``labels`` int64 [N]; outputs ``logits_low``, ``logits_high`` [N, K] and
@@ -221,6 +274,8 @@ def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp"
     graph = b.model.graph
     image = prepared.input_name
     b.bounds[image] = ("x_low", "x_high")
+    if norm == "l2":
+        b.balls[image] = ("x", 1.0)
     final = _final_affine(b, prepared.logits_name)
     b.path = []  # type: ignore[attr-defined]  # the image-dependent nodes, in order
     for node in graph.node:
@@ -262,15 +317,24 @@ def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp"
             if final[0].output[0] != prepared.logits_name:
                 tail.append(producers[prepared.logits_name])
             path += tail
-        margin = g.op("Max", margin, crown_margins(b, prepared, path))
+        over_box, over_ball = crown_margins(b, prepared, path)
+        ball_margin = g.op("Max", margin, g.op("Add", over_ball, _own_class(b, low)))
+        margin = g.op("Max", margin, over_box)
+    ball = method == "crown_ibp" or norm == "l2"
+    names = ("x_low", "x_high", "x") if ball else ("x_low", "x_high")
     inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, _dims(prepared.input_shape))
-              for name in ("x_low", "x_high")]
+              for name in names]
     inputs.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["N"]))
+    if ball:
+        inputs.append(helper.make_tensor_value_info("l2_eps", TensorProto.FLOAT, []))
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
                for name in ("logits_low", "logits_high", "margin_low")]
     g.nodes.extend([helper.make_node("Identity", [low], ["logits_low"]),
                     helper.make_node("Identity", [high], ["logits_high"]),
                     helper.make_node("Identity", [margin], ["margin_low"])])
+    if method == "crown_ibp":
+        outputs.append(helper.make_tensor_value_info("margin_l2", TensorProto.FLOAT, None))
+        g.nodes.append(helper.make_node("Identity", [ball_margin], ["margin_l2"]))
     bounds_graph = helper.make_graph(g.nodes, "interval_bounds", inputs, outputs,
                                      list(graph.initializer) + g.initializers)
     bounds = helper.make_model(bounds_graph, opset_imports=list(b.model.opset_import),
@@ -350,6 +414,11 @@ def _margins(b: _Builder, low: str, high: str, elided: bool) -> str:
     else:
         low_y = g.op("GatherElements", low, g.op("Unsqueeze", labels, g.ints([1])), axis=1)  # [N, 1]
         margin = g.op("Sub", low_y, high)
-    classes = g.op("Shape", low, start=1, end=2)
-    own = g.op("OneHot", labels, classes, g.const(np.array([0.0, 1e30], np.float32)), axis=-1)
-    return g.op("Add", margin, own)
+    return g.op("Add", margin, _own_class(b, low))
+
+
+def _own_class(b: _Builder, like: str) -> str:
+    """[N, K]: 1e30 at j = y, 0 elsewhere (the margin of a class over itself is no constraint)."""
+    g = b.g
+    classes = g.op("Shape", like, start=1, end=2)
+    return g.op("OneHot", "labels", classes, g.const(np.array([0.0, 1e30], np.float32)), axis=-1)

@@ -28,7 +28,8 @@ def certify_shard(spec: CertifySpec, classifier: Classifier, x: Images, y: np.nd
     unavailable: dict[str, str] = {}
     for method in spec.methods:
         try:
-            bounder = IntervalBounds(classifier.model_bytes, classifier.options, method=method)
+            bounder = IntervalBounds(classifier.model_bytes, classifier.options, method=method,
+                                     norm=spec.norm)
         except UnsupportedForBounds as exc:
             unavailable[method] = str(exc)
             continue
