@@ -14,14 +14,16 @@ image, the minimum of ``L . x + beta`` over the box is ``L . centre - |L| . radi
 Coefficients L are tensors [N * K, *shape of the tensor]: the K rows of each sample batched,
 so every adjoint is an ordinary ONNX operator. Supported: Gemm, MatMul (2-D, constant weight),
 Conv, BatchNormalization, Add / Sub (constant or two image-dependent tensors), Mul / Div by a
-constant, GlobalAveragePool, Flatten, Reshape, Identity, Dropout and Relu; anything else is named
-as unsupported.
+constant, GlobalAveragePool, Flatten, Reshape, Identity, Dropout, Relu and MaxPool (at least the
+cell with the largest lower bound, at most the largest upper bound); anything else is named as
+unsupported.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from workers.certify.ibp import UnsupportedForBounds, _Builder
 from workers.onnxgrad.graph import static_shape
@@ -29,7 +31,7 @@ from workers.onnxgrad.prepare import PreparedClassifier
 from workers.onnxgrad.rules.linear import resolve_pads, transpose_output_padding, window_params
 
 SUPPORTED = ("Gemm", "MatMul", "Conv", "BatchNormalization", "Add", "Sub", "Mul", "Div", "Flatten", "Reshape",
-             "Identity", "Dropout", "Relu", "GlobalAveragePool")
+             "Identity", "Dropout", "Relu", "GlobalAveragePool", "MaxPool")
 
 
 class _Backward:
@@ -48,6 +50,13 @@ class _Backward:
         if shape is None or not all(isinstance(d, int) for d in dims):
             raise UnsupportedForBounds(f"crown_ibp: the shape of {name!r} is not static")
         return [d for d in dims if isinstance(d, int)]  # without the batch axis
+
+    def per_row(self, bound: str, shape: list[int]) -> str:
+        """A tensor [N, *shape] repeated for each of a sample's K rows: [N * K, *shape]."""
+        assert self.k is not None
+        expanded = self.g.op("Expand", self.g.op("Unsqueeze", bound, self.g.ints([1])),
+                             self.g.ints([1, self.k, *shape]))
+        return self.g.op("Reshape", expanded, self.g.ints([-1, *shape]))
 
     def add(self, name: str, coefficient: str) -> None:
         if name in self.b.bounds:  # only image-dependent tensors carry coefficients
@@ -209,14 +218,12 @@ def _identity(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
 
 
 def _relu(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
-    g, k = back.g, back.k
-    assert k is not None
+    g = back.g
     shape = back.shape(node.input[0])
     low, high = back.b.bounds[node.input[0]]
 
-    def per_row(bound: str) -> str:  # [N, *shape] -> [N * K, *shape]
-        expanded = g.op("Expand", g.op("Unsqueeze", bound, g.ints([1])), g.ints([1, k, *shape]))
-        return g.op("Reshape", expanded, g.ints([-1, *shape]))
+    def per_row(bound: str) -> str:
+        return back.per_row(bound, shape)
 
     up = g.op("Relu", high)
     down = g.op("Min", low, g.const(np.float32(0.0)))
@@ -231,8 +238,33 @@ def _relu(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
     back.offset(negative, per_row(intercept))
 
 
+def _max_pool(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    """max over a window >= the cell with the largest lower bound (its coefficient goes there,
+    as a gradient goes to an argmax), and <= the largest upper bound (a constant)."""
+    attrs = {k: v for k, v in back.b.attrs(node).items() if k != "storage_order"}
+    if back.b.attrs(node).get("storage_order", 0):
+        raise UnsupportedForBounds(f"crown_ibp: MaxPool {node.name!r} with storage_order 1")
+    g = back.g
+    shape_in, shape_out = back.shape(node.input[0]), back.shape(node.output[0])
+    size_in, size_out = int(np.prod(shape_in)), int(np.prod(shape_out))
+    low, high = back.b.bounds[node.input[0]]
+    _, indices = g.op("MaxPool", low, outputs=2, **attrs)  # flat over N * C * H * W
+    local = g.op("Mod", indices, g.const(np.array(size_in, np.int64)))  # within the sample
+    rows = g.op("Reshape", back.per_row(local, shape_out), g.ints([-1, size_out]))
+    positive = g.op("Relu", lam)
+    negative = g.op("Sub", lam, positive)
+    flat = g.op("Reshape", positive, g.ints([-1, size_out]))
+    count = g.op("Shape", flat, start=0, end=1)
+    zeros = g.op("ConstantOfShape", g.op("Concat", count, g.ints([size_in]), axis=0),
+                 value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    spread = g.op("ScatterElements", zeros, rows, flat, axis=1, reduction="add")
+    back.add(node.input[0], g.op("Reshape", spread, g.ints([-1, *shape_in])))
+    back.offset(negative, back.per_row(g.op("MaxPool", high, **attrs), shape_out))
+
+
 _RULES = {
     "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "BatchNormalization": _batch_norm, "Add": _add_sub,
     "Sub": _add_sub, "Mul": _scale, "Div": _scale, "Flatten": _reshape, "Reshape": _reshape,
     "Identity": _identity, "Dropout": _identity, "Relu": _relu, "GlobalAveragePool": _global_average_pool,
+    "MaxPool": _max_pool,
 }
