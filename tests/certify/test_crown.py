@@ -179,11 +179,11 @@ def test_max_pooling_is_bounded_soundly_and_tighter_than_ibp(data):
 
 def test_an_operator_without_a_relaxation_is_named():
     torch.manual_seed(0)
-    module = nn.Sequential(nn.Flatten(), nn.Linear(784, 20), nn.Sigmoid(), nn.Linear(20, 10)).eval()
+    module = nn.Sequential(nn.Flatten(), nn.Linear(784, 20), nn.Softplus(), nn.Linear(20, 10)).eval()
     onnx_bytes = export_onnx(module, (1, 28, 28)).SerializeToString()
-    IntervalBounds(onnx_bytes, OPTIONS)  # IBP bounds a sigmoid: it is monotone
+    IntervalBounds(onnx_bytes, OPTIONS)  # IBP bounds a softplus: it is monotone
     with pytest.raises(UnsupportedForBounds,
-                       match=r"crown_ibp: operator Sigmoid .* has no linear relaxation"):
+                       match=r"crown_ibp: operator Softplus .* has no linear relaxation"):
         IntervalBounds(onnx_bytes, OPTIONS, method="crown_ibp")
 
 
@@ -218,3 +218,32 @@ def test_residual_blocks_and_global_pooling_are_bounded_soundly(data):
         logits = classifier.logits(point)
         margins = np.where(np.eye(10, dtype=bool)[y], np.inf, logits[np.arange(len(y)), y][:, None] - logits)
         assert np.all(margins.min(axis=1) >= crown.margin_low - 1e-5)
+
+
+@pytest.mark.parametrize("activation", [nn.Sigmoid, nn.Tanh, lambda: nn.LeakyReLU(0.1)],
+                         ids=["sigmoid", "tanh", "leaky_relu"])
+def test_s_shaped_and_leaky_activations_are_bounded_soundly(activation, data):
+    torch.manual_seed(7)
+    module = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), activation(), nn.Linear(64, 32), activation(),
+                           nn.Linear(32, 10)).eval()
+    onnx_bytes = export_onnx(module, (1, 28, 28)).SerializeToString()
+    x = data[0][:40]
+    classifier = Classifier(onnx_bytes, OPTIONS)
+    y = classifier.predict(x)
+    for eps in (0.002, 0.02, 0.1):  # one-sided bounds at first, straddling 0 later
+        crown = IntervalBounds(onnx_bytes, OPTIONS, method="crown_ibp").certify(x, y, eps)
+        ibp = IntervalBounds(onnx_bytes, OPTIONS).certify(x, y, eps)
+        assert np.all(crown.margin_low >= ibp.margin_low)
+        if eps == 0.002:  # one-sided bounds: the chords and tangents beat the intervals
+            assert crown.margin_low.mean() > ibp.margin_low.mean()
+        rng = np.random.default_rng(3)
+        points = [np.clip(x + eps * rng.choice([-1.0, 1.0], x.shape).astype(np.float32), 0, 1)
+                  for _ in range(15)]
+        points += [np.clip(x + rng.uniform(-eps, eps, x.shape).astype(np.float32), 0, 1)
+                   for _ in range(15)]
+        points.append(PGD(steps=20, loss="margin")(classifier, x, y, eps=[eps], seed=0)[0].x_adv)
+        for point in points:
+            logits = classifier.logits(point)
+            own = logits[np.arange(len(y)), y][:, None]
+            margins = np.where(np.eye(10, dtype=bool)[y], np.inf, own - logits)
+            assert np.all(margins.min(axis=1) >= crown.margin_low - 1e-5)

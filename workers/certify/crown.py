@@ -31,7 +31,7 @@ from workers.onnxgrad.prepare import PreparedClassifier
 from workers.onnxgrad.rules.linear import resolve_pads, transpose_output_padding, window_params
 
 SUPPORTED = ("Gemm", "MatMul", "Conv", "BatchNormalization", "Add", "Sub", "Mul", "Div", "Flatten", "Reshape",
-             "Identity", "Dropout", "Relu", "GlobalAveragePool", "MaxPool")
+             "Identity", "Dropout", "Relu", "GlobalAveragePool", "MaxPool", "LeakyRelu", "Sigmoid", "Tanh")
 
 
 class _Backward:
@@ -217,25 +217,92 @@ def _identity(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
     back.add(node.input[0], lam)
 
 
-def _relu(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+def _relaxed(back: _Backward, node: onnx.NodeProto, lam: str, lower: tuple[str, str | None],
+             upper: tuple[str, str | None]) -> None:
+    """An elementwise function between two lines over its input's bounds, each (slope,
+    intercept or None) [N, *shape]: positive coefficients take the lower line, negative ones
+    the upper."""
     g = back.g
     shape = back.shape(node.input[0])
+    positive = g.op("Relu", lam)
+    negative = g.op("Sub", lam, positive)
+    back.add(node.input[0], g.op("Add", g.op("Mul", positive, back.per_row(lower[0], shape)),
+                                 g.op("Mul", negative, back.per_row(upper[0], shape))))
+    for part, (_, intercept) in ((positive, lower), (negative, upper)):
+        if intercept is not None:
+            back.offset(part, back.per_row(intercept, shape))
+
+
+def _float(g, condition: str) -> str:
+    return g.op("Cast", condition, to=onnx.TensorProto.FLOAT)
+
+
+def _relu(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    """alpha x <= relu(x) <= s (x - l): s = u / (u - l) where l < 0 < u, alpha = 1 where u >= -l."""
+    g = back.g
     low, high = back.b.bounds[node.input[0]]
-
-    def per_row(bound: str) -> str:
-        return back.per_row(bound, shape)
-
     up = g.op("Relu", high)
     down = g.op("Min", low, g.const(np.float32(0.0)))
     slope = g.op("Div", up, g.op("Max", g.op("Sub", up, down), g.const(np.float32(1e-12))))
-    lower_slope = g.op("Cast", g.op("GreaterOrEqual", g.op("Add", up, down), g.const(np.float32(0.0))),
-                       to=onnx.TensorProto.FLOAT)
+    lower_slope = _float(g, g.op("GreaterOrEqual", g.op("Add", up, down), g.const(np.float32(0.0))))
     intercept = g.op("Neg", g.op("Mul", slope, down))  # the upper line: slope * (x - down)
-    positive = g.op("Relu", lam)
-    negative = g.op("Sub", lam, positive)
-    back.add(node.input[0], g.op("Add", g.op("Mul", positive, per_row(lower_slope)),
-                                 g.op("Mul", negative, per_row(slope))))
-    back.offset(negative, per_row(intercept))
+    _relaxed(back, node, lam, (lower_slope, None), (slope, intercept))
+
+
+def _leaky_relu(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    """max(x, a x) with 0 <= a <= 1 is convex: below it either line through 0 (x where
+    u >= -l, else a x), above it the chord from (l, f(l)) to (u, f(u))."""
+    a = float(back.b.attrs(node).get("alpha", 0.01))
+    if not 0 <= a <= 1:
+        raise UnsupportedForBounds(f"crown_ibp: LeakyRelu {node.name!r} with a slope outside [0, 1]")
+    g = back.g
+    low, high = back.b.bounds[node.input[0]]
+    f_low, f_high = g.op("LeakyRelu", low, alpha=a), g.op("LeakyRelu", high, alpha=a)
+    width = g.op("Sub", high, low)
+    chord = g.op("Div", g.op("Sub", f_high, f_low), g.op("Max", width, g.const(np.float32(1e-12))))
+    flat = _float(g, g.op("LessOrEqual", width, g.const(np.float32(0.0))))  # l = u: the slope there
+    chord = g.op("Add", g.op("Mul", chord, g.op("Sub", g.const(np.float32(1.0)), flat)),
+                 g.op("Mul", flat, g.op("Where", g.op("GreaterOrEqual", low, g.const(np.float32(0.0))),
+                                        g.const(np.float32(1.0)), g.const(np.float32(a)))))
+    intercept = g.op("Sub", f_low, g.op("Mul", chord, low))
+    steep = _float(g, g.op("GreaterOrEqual", g.op("Add", high, low), g.const(np.float32(0.0))))
+    lower_slope = g.op("Add", steep, g.op("Mul", g.op("Sub", g.const(np.float32(1.0)), steep),
+                                           g.const(np.float32(a))))
+    _relaxed(back, node, lam, (lower_slope, None), (chord, intercept))
+
+
+def _s_shaped(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    """Sigmoid and Tanh, convex below 0 and concave above. Where the bounds lie on one side the
+    chord and the tangent at the midpoint bound it (chord above and tangent below where convex,
+    the other way where concave); where they straddle 0, the constants f(l) and f(u)."""
+    g = back.g
+    op = node.op_type
+    low, high = back.b.bounds[node.input[0]]
+    zero, one = g.const(np.float32(0.0)), g.const(np.float32(1.0))
+    f_low, f_high = g.op(op, low), g.op(op, high)
+    width = g.op("Sub", high, low)
+    chord = g.op("Div", g.op("Sub", f_high, f_low), g.op("Max", width, g.const(np.float32(1e-12))))
+    middle = g.op("Mul", g.op("Add", low, high), g.const(np.float32(0.5)))
+    f_middle = g.op(op, middle)
+    if op == "Sigmoid":
+        derivative = g.op("Mul", f_middle, g.op("Sub", one, f_middle))
+    else:
+        derivative = g.op("Sub", one, g.op("Mul", f_middle, f_middle))
+    chord_cut = g.op("Sub", f_low, g.op("Mul", chord, low))
+    tangent_cut = g.op("Sub", f_middle, g.op("Mul", derivative, middle))
+    convex = _float(g, g.op("LessOrEqual", high, zero))
+    concave = _float(g, g.op("GreaterOrEqual", low, zero))
+    straddles = g.op("Sub", one, g.op("Add", convex, concave))  # l = u = 0 counts as convex and concave
+
+    def mix(on_convex: str, on_concave: str, on_straddle: str) -> str:
+        straddle_only = g.op("Relu", straddles)
+        concave_only = g.op("Sub", concave, g.op("Mul", convex, concave))
+        return g.op("Sum", g.op("Mul", convex, on_convex), g.op("Mul", concave_only, on_concave),
+                    g.op("Mul", straddle_only, on_straddle))
+
+    lower = (mix(derivative, chord, zero), mix(tangent_cut, chord_cut, f_low))
+    upper = (mix(chord, derivative, zero), mix(chord_cut, tangent_cut, f_high))
+    _relaxed(back, node, lam, lower, upper)
 
 
 def _max_pool(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
@@ -266,5 +333,5 @@ _RULES = {
     "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "BatchNormalization": _batch_norm, "Add": _add_sub,
     "Sub": _add_sub, "Mul": _scale, "Div": _scale, "Flatten": _reshape, "Reshape": _reshape,
     "Identity": _identity, "Dropout": _identity, "Relu": _relu, "GlobalAveragePool": _global_average_pool,
-    "MaxPool": _max_pool,
+    "MaxPool": _max_pool, "LeakyRelu": _leaky_relu, "Sigmoid": _s_shaped, "Tanh": _s_shaped,
 }
