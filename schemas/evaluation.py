@@ -22,7 +22,7 @@ GateMetric = Literal[
     "clean_accuracy", "robust_accuracy", "success_rate", "mean_l2", "median_l2",
     "mean_linf", "median_linf", "distortion", "rho", "certified_accuracy",
 ]
-CertifyMethod = Literal["ibp", "crown_ibp"]
+CertifyMethod = Literal["ibp", "crown_ibp", "alpha_crown"]
 
 
 def _default_methods() -> list[CertifyMethod]:
@@ -301,7 +301,8 @@ class CertifySpec(BaseModel):
     methods: list[CertifyMethod] = Field(default_factory=_default_methods, min_length=1, max_length=4,
                                          description=(
                                              "ibp: interval bound propagation; crown_ibp: linear relaxation "
-                                             "backwards from the margins over IBP's intermediate bounds"))
+                                             "backwards from the margins over IBP's intermediate bounds; "
+                                             "alpha_crown: crown_ibp with its ReLU slopes optimised"))
     eps: list[float] = Field(min_length=1, max_length=32, description="budgets in `norm`, in pixel units")
     norm: Literal["linf", "l2"] = Field("linf", description=(
         "l2: bounded through the box around the ball (ibp) and the ball's dual norm (crown_ibp)"))

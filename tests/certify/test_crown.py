@@ -247,3 +247,32 @@ def test_s_shaped_and_leaky_activations_are_bounded_soundly(activation, data):
             own = logits[np.arange(len(y)), y][:, None]
             margins = np.where(np.eye(10, dtype=bool)[y], np.inf, own - logits)
             assert np.all(margins.min(axis=1) >= crown.margin_low - 1e-5)
+
+
+def test_alpha_crown_optimises_the_slopes_soundly(data):
+    onnx_bytes = digits.onnx_bytes("fc100")
+    x, y = data[0][:40], data[1][:40]
+    classifier = Classifier(onnx_bytes, OPTIONS)
+    alpha = IntervalBounds(onnx_bytes, OPTIONS, method="alpha_crown")
+    crown = IntervalBounds(onnx_bytes, OPTIONS, method="crown_ibp")
+    for eps in (0.01, 0.03):
+        optimised, fixed = alpha.certify(x, y, eps), crown.certify(x, y, eps)
+        assert np.all(optimised.margin_low >= fixed.margin_low - 1e-6)
+        assert optimised.margin_low.mean() > fixed.margin_low.mean() + 0.005  # the slopes moved
+        rng = np.random.default_rng(5)
+        points = [np.clip(x + eps * rng.choice([-1.0, 1.0], x.shape).astype(np.float32), 0, 1)
+                  for _ in range(20)]
+        points.append(PGD(steps=30, loss="margin")(classifier, x, y, eps=[eps], seed=2)[0].x_adv)
+        for point in points:
+            logits = classifier.logits(point)
+            own = logits[np.arange(len(y)), y][:, None]
+            margins = np.where(np.eye(10, dtype=bool)[y], np.inf, own - logits)
+            assert np.all(margins.min(axis=1) >= optimised.margin_low - 1e-5)
+
+
+def test_alpha_crown_names_what_it_cannot_differentiate():
+    with pytest.raises(UnsupportedForBounds,
+                       match="alpha_crown: the bound cannot be differentiated: .*ScatterElements"):
+        IntervalBounds(digits.onnx_bytes("cnn"), OPTIONS, method="alpha_crown")  # max-pool's scatter
+    with pytest.raises(UnsupportedForBounds, match="alpha_crown: only L-inf budgets"):
+        IntervalBounds(digits.onnx_bytes("fc100"), OPTIONS, method="alpha_crown", norm="l2")

@@ -218,15 +218,16 @@ def _identity(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
 
 
 def _relaxed(back: _Backward, node: onnx.NodeProto, lam: str, lower: tuple[str, str | None],
-             upper: tuple[str, str | None]) -> None:
+             upper: tuple[str, str | None], lower_rows: str | None = None) -> None:
     """An elementwise function between two lines over its input's bounds, each (slope,
     intercept or None) [N, *shape]: positive coefficients take the lower line, negative ones
-    the upper."""
+    the upper. ``lower_rows`` [N * K, *shape]: a lower slope per row instead (alpha-CROWN)."""
     g = back.g
     shape = back.shape(node.input[0])
     positive = g.op("Relu", lam)
     negative = g.op("Sub", lam, positive)
-    back.add(node.input[0], g.op("Add", g.op("Mul", positive, back.per_row(lower[0], shape)),
+    slopes = lower_rows if lower_rows is not None else back.per_row(lower[0], shape)
+    back.add(node.input[0], g.op("Add", g.op("Mul", positive, slopes),
                                  g.op("Mul", negative, back.per_row(upper[0], shape))))
     for part, (_, intercept) in ((positive, lower), (negative, upper)):
         if intercept is not None:
@@ -246,7 +247,23 @@ def _relu(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
     slope = g.op("Div", up, g.op("Max", g.op("Sub", up, down), g.const(np.float32(1e-12))))
     lower_slope = _float(g, g.op("GreaterOrEqual", g.op("Add", up, down), g.const(np.float32(0.0))))
     intercept = g.op("Neg", g.op("Mul", slope, down))  # the upper line: slope * (x - down)
-    _relaxed(back, node, lam, (lower_slope, None), (slope, intercept))
+    alphas = getattr(back.b, "alphas", None)
+    if alphas is None:
+        _relaxed(back, node, lam, (lower_slope, None), (slope, intercept))
+        return
+    # alpha-CROWN: any lower slope in [0, 1] is sound where l < 0 < u; it is a graph input per
+    # row, optimised by workers/certify/bounds.py, and the heuristic one is its start
+    shape = back.shape(node.input[0])
+    name = f"alpha/{len(alphas)}"
+    unstable = _float(g, g.op("And", g.op("Less", low, g.const(np.float32(0.0))),
+                              g.op("Greater", high, g.const(np.float32(0.0)))))
+    unstable_rows = back.per_row(unstable, shape)
+    stable = g.op("Sub", g.const(np.float32(1.0)), unstable)
+    fixed_rows = back.per_row(g.op("Mul", lower_slope, stable), shape)
+    chosen = g.op("Clip", name, g.const(np.float32(0.0)), g.const(np.float32(1.0)))
+    rows = g.op("Add", fixed_rows, g.op("Mul", unstable_rows, chosen))
+    alphas.append((name, back.per_row(lower_slope, shape), shape))
+    _relaxed(back, node, lam, (lower_slope, None), (slope, intercept), lower_rows=rows)
 
 
 def _leaky_relu(back: _Backward, node: onnx.NodeProto, lam: str) -> None:

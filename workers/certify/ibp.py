@@ -307,7 +307,9 @@ def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp", norm
         low = g.op("Identity", logits_low)
         high = g.op("Identity", logits_high)
     margin = _margins(b, low, high, final is not None)
-    if method == "crown_ibp":
+    crownish = method in ("crown_ibp", "alpha_crown")
+    b.alphas = [] if method == "alpha_crown" else None  # type: ignore[attr-defined]
+    if crownish:
         from workers.certify.crown import crown_margins
 
         producers = {o: n for n in graph.node for o in n.output}
@@ -319,8 +321,9 @@ def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp", norm
             path += tail
         over_box, over_ball = crown_margins(b, prepared, path)
         ball_margin = g.op("Max", margin, g.op("Add", over_ball, _own_class(b, low)))
+        ibp_margin = margin
         margin = g.op("Max", margin, over_box)
-    ball = method == "crown_ibp" or norm == "l2"
+    ball = crownish or norm == "l2"
     names = ("x_low", "x_high", "x") if ball else ("x_low", "x_high")
     inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, _dims(prepared.input_shape))
               for name in names]
@@ -332,9 +335,18 @@ def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp", norm
     g.nodes.extend([helper.make_node("Identity", [low], ["logits_low"]),
                     helper.make_node("Identity", [high], ["logits_high"]),
                     helper.make_node("Identity", [margin], ["margin_low"])])
-    if method == "crown_ibp":
+    if crownish:
         outputs.append(helper.make_tensor_value_info("margin_l2", TensorProto.FLOAT, None))
         g.nodes.append(helper.make_node("Identity", [ball_margin], ["margin_l2"]))
+    if method == "alpha_crown":  # what the slope optimisation reads (workers/certify/bounds.py)
+        outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+                    for name in ("margin_ibp", "crown_box")]
+        g.nodes += [helper.make_node("Identity", [ibp_margin], ["margin_ibp"]),
+                    helper.make_node("Identity", [over_box], ["crown_box"])]
+        for index, (name, init, shape) in enumerate(b.alphas):  # type: ignore[attr-defined]
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["NK", *shape]))
+            outputs.append(helper.make_tensor_value_info(f"alpha_init/{index}", TensorProto.FLOAT, None))
+            g.nodes.append(helper.make_node("Identity", [init], [f"alpha_init/{index}"]))
     bounds_graph = helper.make_graph(g.nodes, "interval_bounds", inputs, outputs,
                                      list(graph.initializer) + g.initializers)
     bounds = helper.make_model(bounds_graph, opset_imports=list(b.model.opset_import),
