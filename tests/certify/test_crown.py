@@ -276,3 +276,38 @@ def test_alpha_crown_names_what_it_cannot_differentiate():
         IntervalBounds(digits.onnx_bytes("cnn"), OPTIONS, method="alpha_crown")  # max-pool's scatter
     with pytest.raises(UnsupportedForBounds, match="alpha_crown: only L-inf budgets"):
         IntervalBounds(digits.onnx_bytes("fc100"), OPTIONS, method="alpha_crown", norm="l2")
+
+
+class ClipConcatPool(nn.Module):
+    """ReLU6 and hardtanh (Clip), a channel Concat of two branches, an average pool."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.left, self.right = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(1, 4, 5, padding=2)
+        self.head = nn.Linear(10 * 7 * 7, 10)
+
+    def forward(self, x):
+        h = torch.cat([F.relu6(self.left(x) * 3), F.hardtanh(self.right(x) * 3)], dim=1)
+        return self.head(torch.flatten(F.avg_pool2d(h, 4), 1))
+
+
+def test_clip_concat_and_average_pooling_are_bounded_soundly(data):
+    onnx_bytes = export_onnx(ClipConcatPool().eval(), (1, 28, 28)).SerializeToString()
+    x = data[0][:40]
+    classifier = Classifier(onnx_bytes, OPTIONS)
+    y = classifier.predict(x)
+    for eps in (0.005, 0.02, 0.1):  # pieces, one kink crossed, both
+        crown = IntervalBounds(onnx_bytes, OPTIONS, method="crown_ibp").certify(x, y, eps)
+        ibp = IntervalBounds(onnx_bytes, OPTIONS).certify(x, y, eps)
+        assert np.all(crown.margin_low >= ibp.margin_low)
+        rng = np.random.default_rng(6)
+        points = [np.clip(x + eps * rng.choice([-1.0, 1.0], x.shape).astype(np.float32), 0, 1)
+                  for _ in range(20)]
+        points.append(PGD(steps=20, loss="margin")(classifier, x, y, eps=[eps], seed=0)[0].x_adv)
+        for point in points:
+            logits = classifier.logits(point)
+            own = logits[np.arange(len(y)), y][:, None]
+            margins = np.where(np.eye(10, dtype=bool)[y], np.inf, own - logits)
+            assert np.all(margins.min(axis=1) >= crown.margin_low - 1e-5)
+    assert crown.certified.mean() > ibp.certified.mean()

@@ -31,7 +31,8 @@ from workers.onnxgrad.prepare import PreparedClassifier
 from workers.onnxgrad.rules.linear import resolve_pads, transpose_output_padding, window_params
 
 SUPPORTED = ("Gemm", "MatMul", "Conv", "BatchNormalization", "Add", "Sub", "Mul", "Div", "Flatten", "Reshape",
-             "Identity", "Dropout", "Relu", "GlobalAveragePool", "MaxPool", "LeakyRelu", "Sigmoid", "Tanh")
+             "Identity", "Dropout", "Relu", "GlobalAveragePool", "MaxPool", "LeakyRelu", "Sigmoid", "Tanh",
+             "Clip", "Concat", "AveragePool")
 
 
 class _Backward:
@@ -288,6 +289,96 @@ def _leaky_relu(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
     _relaxed(back, node, lam, (lower_slope, None), (chord, intercept))
 
 
+def _clip(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    """clip(x, a, b) with constant a, b (ReLU6, hardtanh): exact where the bounds lie in one
+    piece; where they cross only a (convex there, like a ReLU shifted to a) a line through
+    (a, a) below and the chord above; where they cross only b (concave) the chord below and a
+    line through (b, b) above; across both, the constants clip(l) and clip(u)."""
+    g = back.g
+    limits = []
+    for position, default in ((1, -1e30), (2, 1e30)):  # finite stand-ins: 0 * inf would be NaN
+        name = node.input[position] if len(node.input) > position else ""
+        value = back.b.constant(name) if name else np.float32(default)
+        if value is None or np.size(value) != 1:
+            raise UnsupportedForBounds(f"crown_ibp: Clip {node.name!r} needs constant scalar bounds")
+        limits.append(np.float32(np.asarray(value).reshape(())))
+    a, b = limits
+    low, high = back.b.bounds[node.input[0]]
+    zero, one = g.const(np.float32(0.0)), g.const(np.float32(1.0))
+    const_a, const_b = g.const(a), g.const(b)
+    f_low, f_high = g.op("Clip", low, const_a, const_b), g.op("Clip", high, const_a, const_b)
+    width = g.op("Sub", high, low)
+    chord = g.op("Div", g.op("Sub", f_high, f_low), g.op("Max", width, g.const(np.float32(1e-12))))
+    chord_cut = g.op("Sub", f_low, g.op("Mul", chord, low))
+    crosses_a = _float(g, g.op("And", g.op("Less", low, const_a), g.op("Greater", high, const_a)))
+    crosses_b = _float(g, g.op("And", g.op("Less", low, const_b), g.op("Greater", high, const_b)))
+    only_a = g.op("Mul", crosses_a, g.op("Sub", one, crosses_b))
+    only_b = g.op("Mul", crosses_b, g.op("Sub", one, crosses_a))
+    both = g.op("Mul", crosses_a, crosses_b)
+    inside = _float(g, g.op("And", g.op("GreaterOrEqual", low, const_a), g.op("LessOrEqual", high, const_b)))
+    in_piece = g.op("Sub", g.op("Sub", g.op("Sub", one, only_a), only_b), both)  # one piece: exact
+    # within one piece the function is x (inside [a, b]) or a constant: slope 1 or 0, cut f(l) - slope l
+    piece_slope = inside
+    piece_cut = g.op("Sub", f_low, g.op("Mul", piece_slope, low))
+    # crossing only a: below, the line through (a, a) with slope 1 where u - a >= a - l, else the constant a
+    steep = _float(g, g.op("GreaterOrEqual", g.op("Sub", high, const_a), g.op("Sub", const_a, low)))
+    a_slope, a_cut = steep, g.op("Mul", g.op("Sub", one, steep), const_a)
+    # crossing only b: above, the line through (b, b) with slope 1 where b - l >= u - b, else the constant b
+    flat = _float(g, g.op("GreaterOrEqual", g.op("Sub", const_b, low), g.op("Sub", high, const_b)))
+    b_slope, b_cut = flat, g.op("Mul", g.op("Sub", one, flat), const_b)
+
+    def mix(piece: str, on_a: str, on_b: str, on_both: str) -> str:
+        return g.op("Sum", g.op("Mul", in_piece, piece), g.op("Mul", only_a, on_a), g.op("Mul", only_b, on_b),
+                    g.op("Mul", both, on_both))
+
+    lower = (mix(piece_slope, a_slope, chord, zero), mix(piece_cut, a_cut, chord_cut, f_low))
+    upper = (mix(piece_slope, chord, b_slope, zero), mix(piece_cut, chord_cut, b_cut, f_high))
+    _relaxed(back, node, lam, lower, upper)
+
+
+def _concat(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    axis = int(back.b.attrs(node)["axis"])
+    rank = len(back.shape(node.output[0])) + 1
+    axis = axis + rank if axis < 0 else axis
+    if axis == 0:
+        raise UnsupportedForBounds(f"crown_ibp: Concat {node.name!r} along the batch axis")
+    g = back.g
+    start = 0
+    for name in node.input:
+        constant = back.b.constant(name)
+        if name in back.b.bounds:
+            length = back.shape(name)[axis - 1]
+        elif constant is not None:
+            length = int(constant.shape[axis])
+        else:
+            raise UnsupportedForBounds(f"crown_ibp: Concat {node.name!r} of a computed tensor")
+        if name in back.b.bounds:
+            back.add(name, g.op("Slice", lam, g.ints([start]), g.ints([start + length]), g.ints([axis])))
+        else:  # a constant piece adds its own term
+            back.offset(g.op("Slice", lam, g.ints([start]), g.ints([start + length]), g.ints([axis])), name)
+        start += length
+
+
+def _average_pool(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    """Without padding, the adjoint of an average pool is a transposed conv of each channel
+    with a kernel of 1 / (window size)."""
+    attrs = back.b.attrs(node)
+    kernel = list(attrs["kernel_shape"])
+    padded = any(attrs.get("pads", [0] * 2 * len(kernel)))
+    if padded or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or attrs.get("ceil_mode", 0):
+        raise UnsupportedForBounds(f"crown_ibp: AveragePool {node.name!r} with padding or ceil_mode")
+    shape_in, shape_out = back.shape(node.input[0]), back.shape(node.output[0])
+    channels = shape_in[0]
+    strides = list(attrs.get("strides", [1] * len(kernel)))
+    ones = np.full((channels, 1, *kernel), 1.0 / float(np.prod(kernel)), np.float32)
+    pads = [0] * 2 * len(kernel)
+    dilations = [1] * len(kernel)
+    back.add(node.input[0], back.g.op(
+        "ConvTranspose", lam, back.g.const(ones), strides=strides, group=channels, kernel_shape=kernel,
+        output_padding=transpose_output_padding(shape_in[1:], shape_out[1:], kernel, strides, dilations,
+                                                pads)))
+
+
 def _s_shaped(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
     """Sigmoid and Tanh, convex below 0 and concave above. Where the bounds lie on one side the
     chord and the tangent at the midpoint bound it (chord above and tangent below where convex,
@@ -351,4 +442,5 @@ _RULES = {
     "Sub": _add_sub, "Mul": _scale, "Div": _scale, "Flatten": _reshape, "Reshape": _reshape,
     "Identity": _identity, "Dropout": _identity, "Relu": _relu, "GlobalAveragePool": _global_average_pool,
     "MaxPool": _max_pool, "LeakyRelu": _leaky_relu, "Sigmoid": _s_shaped, "Tanh": _s_shaped,
+    "Clip": _clip, "Concat": _concat, "AveragePool": _average_pool,
 }

@@ -63,6 +63,11 @@ class _Builder:
         taken = {t for n in graph.node for t in (*n.input, *n.output)} | {i.name for i in graph.initializer}
         self.g = GraphBuilder(prepared.opset, taken, prefix="ibp/")
         self.constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        for node in graph.node:  # Constant nodes that constant folding left in place
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if node.op_type == "Constant" and value is not None \
+                    and value.data_location != onnx.TensorProto.EXTERNAL:
+                self.constants[node.output[0]] = numpy_helper.to_array(value)
         self.bounds: dict[str, Interval] = {}
         self.types = tensor_types(graph)
         # with an L2 budget: tensors that are the image under shifts, reshapes and scalings,
