@@ -74,15 +74,17 @@ async def upload_dataset(
                        max_samples=settings.max_samples, max_decoded_bytes=settings.max_dataset_decoded_bytes,
                        processing=processing)
     source: dict[str, str] = {}
+    upload: dict[str, str] = {}  # the upload's sha256, which uploads.receive hands to `stored` first
 
     async def validated(path, out):
         info = await request.app.state.validation.run("dataset", validate, path, out)
         if info.format == "image-zip":
-            source["sha256"] = await run_in_threadpool(uploads.sha256_of, path)
+            source["sha256"] = upload["sha256"]
         return info, info.format == "image-zip"
 
     async def stored(sha256: str, size: int):
         """An earlier upload of these bytes: processed the same way, or stored as it is."""
+        upload["sha256"] = sha256
         found = await run_in_threadpool(processed_before, sessions, sha256, declared)
         if found is not None:
             source["sha256"] = sha256
