@@ -86,6 +86,9 @@ EXPECTED_REFUSALS = {
     "test_training_dropout_mask": "training-mode Dropout",
     "test_training_dropout_zero_ratio": "training-mode Dropout",
     "test_training_dropout_zero_ratio_mask": "training-mode Dropout",
+    "test_scatter_elements_with_reduction_max": "reduction 'max' is not supported",
+    "test_scatter_elements_with_reduction_min": "reduction 'min' is not supported",
+    "test_scatter_elements_with_reduction_mul": "reduction 'mul' is not supported",
 }
 
 # Cases the float64 harness cannot check: case name -> reason.

@@ -101,6 +101,26 @@ def selection(ctx, node, dy):
     return [replay_on_positions(ctx, node, dy[0])]
 
 
+@register("ScatterElements", inputs=(0, 2))
+def scatter_elements(ctx, node, dy):
+    """The updates' gradient is dy at the positions they were written to; the data's is dy,
+    with those positions zeroed when the updates replaced the data there (reduction "none",
+    whose indices ONNX requires to be unique) and whole when they were added."""
+    reduction = attr(node, "reduction", "none")
+    if reduction not in ("none", "add"):
+        raise unsupported(node, f"reduction {reduction!r} is not supported (only none and add)")
+    g = ctx.g
+    axis = attr(node, "axis", 0)
+    indices = node.input[1]
+    grads: list[str | None] = [None, None, None]
+    if ctx.needs(node.input[2]):
+        grads[2] = g.op("GatherElements", dy[0], indices, axis=axis)
+    if ctx.needs(node.input[0]):
+        grads[0] = dy[0] if reduction == "add" else g.op(
+            "ScatterElements", dy[0], indices, g.zeros_like(node.input[2]), axis=axis)
+    return grads
+
+
 @register("Slice")
 def slice_(ctx, node, dy):
     """A contiguous slice (constant bounds, steps of 1, static sizes on the sliced axes, as
