@@ -48,11 +48,7 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("model", help="an .onnx image classifier")
     parser.add_argument("data", help="an .npz with x (images) and y (labels), or a .zip of PNG / JPEG "
                         "class folders")
-    parser.add_argument("--resize", metavar="N|HxW",
-                        help="a zip of images: scale each image's shorter side to N pixels (or to HxW)")
-    parser.add_argument("--center-crop", metavar="N|HxW",
-                        help="a zip of images: cut the central N x N pixels, after --resize")
-    parser.add_argument("--color", choices=("rgb", "grayscale"), help="a zip of images: convert every image")
+    add_image_processing_arguments(parser)
     parser.add_argument("--spec", required=True, help="evaluation spec, YAML or JSON")
     parser.add_argument("--server", metavar="URL", default=os.environ.get("ROBUSTNESS_SERVER"),
                         help="the server's base URL (default: $ROBUSTNESS_SERVER)")
@@ -142,6 +138,15 @@ def _submit(args, transport) -> int:
         if args.html:
             Path(args.html).write_text(api.report(final["id"]))
     return _report(args, final, document)
+
+
+def add_image_processing_arguments(parser: argparse.ArgumentParser) -> None:
+    """--resize, --center-crop and --color: how a zip of images becomes a dataset."""
+    parser.add_argument("--resize", metavar="N|HxW",
+                        help="a zip of images: scale each image's shorter side to N pixels (or to HxW)")
+    parser.add_argument("--center-crop", metavar="N|HxW",
+                        help="a zip of images: cut the central N x N pixels, after --resize")
+    parser.add_argument("--color", choices=("rgb", "grayscale"), help="a zip of images: convert every image")
 
 
 def _ensure(ensure, path: str, name: str | None, kind: str) -> dict:

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from client.errors import CommandError
 from client.present import ProgressBar, exit_code, print_result
 from client.spec_file import format_validation_error, load_spec
+from client.submit_cli import add_image_processing_arguments
 from schemas.evaluation import EvaluationResult, EvaluationSpec
 from service.runner import add_server_parsers
 
@@ -263,12 +264,7 @@ def add_server_commands(commands) -> None:
     evaluate.add_argument("model", help="an .onnx image classifier")
     evaluate.add_argument("data", help="an .npz with x (images) and y (labels), or a .zip of PNG / JPEG "
                           "class folders")
-    evaluate.add_argument("--resize", metavar="N|HxW",
-                          help="a zip of images: scale each image's shorter side to N pixels (or to HxW)")
-    evaluate.add_argument("--center-crop", metavar="N|HxW",
-                          help="a zip of images: cut the central N x N pixels, after --resize")
-    evaluate.add_argument("--color", choices=("rgb", "grayscale"),
-                          help="a zip of images: convert every image")
+    add_image_processing_arguments(evaluate)
     evaluate.add_argument("--spec", required=True, help="evaluation spec, YAML or JSON")
     evaluate.add_argument("--out", help="write the result document (JSON) here")
     evaluate.add_argument("--artifacts", help="write arrays (e.g. universal perturbations) to this .npz")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -121,19 +120,6 @@ def load_dataset_file(
         x = stacked(decoded_images(archive, folders, limits, processing), len(folders.labels))
     return Dataset(x=Pixels(x, value_range), y=folders.labels, source_dtype="uint8",
                    sha256=_file_sha256(path))
-
-
-def processed_dataset_file(path: Path, processing: ImageProcessing, folder: Path, **limits) -> Path:
-    """The file a server would store for this upload: ``path`` itself, or the uint8 .npz its
-    images become (written into ``folder``)."""
-    out = Path(tempfile.mkstemp(suffix=".npz", dir=folder)[1])
-    info = validate_dataset(path, processing=processing, out=out, max_bytes=limits.get("max_bytes", 1 << 62),
-                            max_samples=limits.get("max_samples", MAX_SAMPLES),
-                            max_decoded_bytes=limits.get("max_decoded_bytes", MAX_BYTES))
-    if info.format == "image-zip":
-        return out
-    out.unlink()
-    return path
 
 
 def _uint8_npz(path: Path, archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], x_header: _NpyHeader,

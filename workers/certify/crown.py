@@ -248,7 +248,7 @@ def _relu(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
     slope = g.op("Div", up, g.op("Max", g.op("Sub", up, down), g.const(np.float32(1e-12))))
     lower_slope = _float(g, g.op("GreaterOrEqual", g.op("Add", up, down), g.const(np.float32(0.0))))
     intercept = g.op("Neg", g.op("Mul", slope, down))  # the upper line: slope * (x - down)
-    alphas = getattr(back.b, "alphas", None)
+    alphas = back.b.alphas
     if alphas is None:
         _relaxed(back, node, lam, (lower_slope, None), (slope, intercept))
         return

@@ -74,6 +74,11 @@ class _Builder:
         # as (the same operators applied to the centre image "x", bound on how they stretch
         # an L2 ball): the first affine layer then bounds each output over the ball itself
         self.balls: dict[str, tuple[str, float]] = {}
+        self.path: list[onnx.NodeProto] = []  # the image-dependent nodes, in order
+        # alpha-CROWN: (graph input, its starting value, shape) per optimised slope tensor
+        self.alphas: list[tuple[str, str, list[int]]] | None = None
+        # the last layer's elision: (centre, radius of its input, W [D, K], bias [K])
+        self.elision: tuple[str, str, np.ndarray, np.ndarray] | None = None
 
     def interval(self, name: str) -> Interval | None:
         return self.bounds.get(name)
@@ -282,7 +287,6 @@ def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp", norm
     if norm == "l2":
         b.balls[image] = ("x", 1.0)
     final = _final_affine(b, prepared.logits_name)
-    b.path = []  # type: ignore[attr-defined]  # the image-dependent nodes, in order
     for node in graph.node:
         if final is not None and node is final[0]:
             break
@@ -300,7 +304,7 @@ def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp", norm
         for output, interval in zip(node.output, RULES[node.op_type](b, node), strict=False):
             if output:
                 b.bounds[output] = interval
-        b.path.append(node)  # type: ignore[attr-defined]
+        b.path.append(node)
         if prepared.logits_name in b.bounds:
             break
     g = b.g
@@ -313,12 +317,12 @@ def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp", norm
         high = g.op("Identity", logits_high)
     margin = _margins(b, low, high, final is not None)
     crownish = method in ("crown_ibp", "alpha_crown")
-    b.alphas = [] if method == "alpha_crown" else None  # type: ignore[attr-defined]
+    b.alphas = [] if method == "alpha_crown" else None
     if crownish:
         from workers.certify.crown import crown_margins
 
         producers = {o: n for n in graph.node for o in n.output}
-        path = list(b.path)  # type: ignore[attr-defined]
+        path = list(b.path)
         if final is not None:  # the final affine node(s), after the hidden layer
             tail = [final[0]]
             if final[0].output[0] != prepared.logits_name:
@@ -348,7 +352,7 @@ def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp", norm
                     for name in ("margin_ibp", "crown_box")]
         g.nodes += [helper.make_node("Identity", [ibp_margin], ["margin_ibp"]),
                     helper.make_node("Identity", [over_box], ["crown_box"])]
-        for index, (name, init, shape) in enumerate(b.alphas):  # type: ignore[attr-defined]
+        for index, (name, init, shape) in enumerate(b.alphas or []):
             inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["NK", *shape]))
             outputs.append(helper.make_tensor_value_info(f"alpha_init/{index}", TensorProto.FLOAT, None))
             g.nodes.append(helper.make_node("Identity", [init], [f"alpha_init/{index}"]))
@@ -406,7 +410,7 @@ def _elided_margins(b: _Builder, hidden: Interval, weight: np.ndarray, bias: np.
     w, c = g.const(weight.astype(np.float32)), g.const(np.asarray(bias, np.float32))
     mid = g.op("Add", g.op("MatMul", centre, w), c)
     rad = g.op("MatMul", radius, g.const(np.abs(weight).astype(np.float32)))
-    b.elision = (centre, radius, weight.astype(np.float32), np.asarray(bias, np.float32))  # type: ignore[attr-defined]
+    b.elision = (centre, radius, weight.astype(np.float32), np.asarray(bias, np.float32))
     return _from_centre(b, mid, rad)
 
 
@@ -415,7 +419,8 @@ def _margins(b: _Builder, low: str, high: str, elided: bool) -> str:
     g = b.g
     labels = "labels"
     if elided:
-        centre, radius, weight, bias = b.elision  # type: ignore[attr-defined]
+        assert b.elision is not None
+        centre, radius, weight, bias = b.elision
         # W_y - W_j for every j: [N, D, K] from W [D, K] and the label's column
         w = g.const(weight)
         columns = g.const(np.ascontiguousarray(weight.T))
