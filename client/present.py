@@ -180,10 +180,10 @@ def certify_table(section) -> str:
         return f"certify: not available: {section.reason}"
     lines = ["certify: certified accuracy (a lower bound) <= robust accuracy <= attacked (the attacks' "
              "lowest)",
-             f"  {'method':8s} {'norm':5s} {'eps':>8s} {'certified':>10s} {'attacked':>9s} "
+             f"  {'method':11s} {'norm':5s} {'eps':>8s} {'certified':>10s} {'attacked':>9s} "
              f"{'certified':>9s} {'broken':>7s} {'unknown':>8s}"]
     for e in section.entries:
         attacked = "-" if e.attacked_accuracy is None else f"{e.attacked_accuracy:.3f}"
-        lines.append(f"  {e.method:8s} {e.norm:5s} {e.eps:8.4g} {e.certified_accuracy:10.3f} {attacked:>9s} "
+        lines.append(f"  {e.method:11s} {e.norm:5s} {e.eps:8.4g} {e.certified_accuracy:10.3f} {attacked:>9s} "
                      f"{e.certified:9d} {e.broken:7d} {e.unknown:8d}")
     return "\n".join(lines)

@@ -31,6 +31,12 @@ def attack_calls(attack: AttackSpec, num_classes: int) -> int:
     return budget_count(attack) * targets * per_run
 
 
+# model calls per sample and budget, from bench/certify.py's times against a forward pass:
+# IBP 2.5-6x, CROWN-IBP 20-24x; alpha-CROWN adds a forward and a backward of that graph per step
+# (workers.certify.bounds.ALPHA_STEPS, 20)
+CERTIFY_CALLS = {"ibp": 4, "crown_ibp": 24, "alpha_crown": 24 * (1 + 2 * 20)}
+
+
 def estimate(spec: EvaluationSpec, num_samples: int, num_classes: int) -> Cost:
     """The cost of evaluating the first ``spec.samples`` of ``num_samples`` samples; ``spec``
     passed workers.spec_checks.check_spec."""
@@ -54,6 +60,7 @@ def estimate(spec: EvaluationSpec, num_samples: int, num_classes: int) -> Cost:
         parts["transfer"] = n * sources * (crafted + examples * targets)
     if spec.fooling is not None:
         parts["fooling"] = spec.fooling.samples * (1 + num_classes * (spec.fooling.steps + 1))
-    if spec.certify is not None:  # interval bounds: about two forward passes per budget
-        parts["certify"] = n * len(spec.certify.methods) * len(spec.certify.eps) * 2
+    if spec.certify is not None:
+        per_budget = sum(CERTIFY_CALLS[method] for method in spec.certify.methods)
+        parts["certify"] = n * len(spec.certify.eps) * per_budget
     return Cost(sum(parts.values()), parts)

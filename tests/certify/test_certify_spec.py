@@ -82,7 +82,10 @@ def test_bad_certify_specs_are_refused(change, message):
 
 def test_the_cost_counts_the_bounds():
     cost = estimate(EvaluationSpec.model_validate(SPEC), 1000, 10)
-    assert cost.parts["certify"] == 150 * 3 * 2
+    assert cost.parts["certify"] == 150 * 3 * 4  # IBP: about four forward passes per budget
+    both = EvaluationSpec.model_validate({**SPEC, "certify": {"eps": [0.01],
+                                                              "methods": ["ibp", "alpha_crown"]}})
+    assert estimate(both, 1000, 10).parts["certify"] == 150 * (4 + 24 * 41)
 
 
 def test_the_report_shows_the_bracket_and_the_unavailable_reason(dataset):
