@@ -2,6 +2,13 @@
 
     .venv/bin/python bench/attacks.py [--models mlp,lenet,resnet18] [--batch 64] [--threads 2]
         [--repeats 5] [--warmup 2] [--budget 270] [--eps 8/255] [--step 2/255] [--json PATH]
+        [--provider cpu|cuda]
+
+--provider cuda runs every engine on the GPU (needs onnxruntime-gpu and a CUDA build of torch,
+not the CPU wheel the tests pin): ours keeps each batch's iterates in ONNX Runtime's device
+buffers (Classifier.linf_steps, I/O binding), so no host-device copy happens during the steps:
+the images go to the device once and x_adv comes back once; torchattacks and ART get the same
+images as host arrays, as their users give them.
 
 Per model (from tests.zoo) it attacks the same --images random images in [0, 1] (seeded), labelled
 with the torch model's clean predictions, with the same eps and step size, 10 steps, no random
@@ -96,7 +103,8 @@ class Setup:
         self.shape = zoo.input_shape(name)
         rng = np.random.default_rng(args.seed)
         self.x = rng.random((args.images, *self.shape), dtype=np.float32)
-        self.torch_model = zoo.make_model(name)
+        self.device = torch.device("cuda" if args.provider == "cuda" else "cpu")
+        self.torch_model = zoo.make_model(name).to(self.device)
         for parameter in self.torch_model.parameters():
             parameter.requires_grad_(args.unfrozen)
         self.labels = self.predict_torch(self.x)
@@ -104,17 +112,19 @@ class Setup:
 
     def predict_torch(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            parts = [self.torch_model(torch.from_numpy(x[i : i + self.args.batch])).argmax(1)
+            parts = [self.torch_model(torch.from_numpy(x[i : i + self.args.batch]).to(self.device)).argmax(1)
                      for i in range(0, len(x), self.args.batch)]
-        return torch.cat(parts).numpy()
+        return torch.cat(parts).cpu().numpy()
 
     def runner(self, engine: str, steps: int = STEPS) -> Callable[[], np.ndarray]:
         """A zero-argument callable attacking all images once and returning x_adv (numpy)."""
         a = self.args
         x, labels = self.x, self.labels
         if engine in ("ours", "ours_spin"):
+            providers = (("CUDAExecutionProvider", "CPUExecutionProvider") if a.provider == "cuda"
+                         else ("CPUExecutionProvider",))
             options = RuntimeOptions(batch_size=a.batch, intra_op_threads=a.threads,
-                                     allow_spinning=engine == "ours_spin")
+                                     allow_spinning=engine == "ours_spin", providers=providers)
             classifier = Classifier(self.onnx_bytes, options)
             attack = PGD(norm="linf", steps=steps, step_size=a.step, random_start=False)
             return lambda: attack(classifier, x, labels, eps=[a.eps], bounds=(0.0, 1.0), seed=0)[0].x_adv
@@ -128,7 +138,7 @@ class Setup:
                 input_shape=self.shape,
                 nb_classes=zoo.NUM_CLASSES,
                 clip_values=(0.0, 1.0),
-                device_type="cpu",
+                device_type="gpu" if a.provider == "cuda" else "cpu",
             )
             attack = ProjectedGradientDescent(
                 estimator, norm=np.inf, eps=a.eps, eps_step=a.step, max_iter=steps,
@@ -141,10 +151,12 @@ class Setup:
             attack = torchattacks.PGD(self.torch_model, eps=a.eps, alpha=a.step, steps=steps,
                                       random_start=False)
             xt, yt = torch.from_numpy(x), torch.from_numpy(labels)
+            device = self.device
 
             def run() -> np.ndarray:
-                parts = [attack(xt[i : i + a.batch], yt[i : i + a.batch]) for i in range(0, len(xt), a.batch)]
-                return torch.cat(parts).numpy()
+                parts = [attack(xt[i : i + a.batch].to(device), yt[i : i + a.batch].to(device))
+                         for i in range(0, len(xt), a.batch)]
+                return torch.cat(parts).cpu().numpy()
 
             return run
         raise ValueError(f"unknown engine {engine!r}")
@@ -387,6 +399,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--agree", type=float, default=5.0, help="robust-accuracy tolerance, points")
     parser.add_argument("--unfrozen", action="store_true", help="leave the torch parameters trainable")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu",
+                        help="where every engine runs (cuda: onnxruntime-gpu and a CUDA build of torch)")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -399,6 +413,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--images must be a positive multiple of --batch")
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be positive")
+    if args.provider == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            parser.error("--provider cuda needs onnxruntime-gpu; this onnxruntime offers "
+                         f"{ort.get_available_providers()}")
+        if not torch.cuda.is_available():
+            parser.error(f"--provider cuda needs a CUDA build of torch and a GPU; torch {torch.__version__} "
+                         "sees none")
     return args
 
 

@@ -7,7 +7,7 @@ broker, real Celery worker processes, uvicorn on loopback).
 1. overhead: the same PGD evaluation (examples/digits-cnn.onnx on --samples images of
    examples/digits-test.npz, L-inf eps 0.1, --steps steps, 2 shards) run in this process
    through workers.evaluate.evaluate, and end to end through `robustness serve` (upload,
-   submit, poll every 0.2 s until it succeeded). The overhead compares equal compute: the
+   submit, long-poll (?wait=10) until it succeeded). The overhead compares equal compute: the
    engine with ONNX Runtime's default threads (every core) against `serve --workers 1` (one
    worker process with every core). The embedded default (one single-threaded worker process
    per core, the shards in parallel) is reported beside it. --rounds interleaved rounds of
@@ -142,14 +142,16 @@ class Server:
         )
         job.raise_for_status()
         job_id = job.json()["id"]
-        while True:
-            state = self.client.get(f"/v1/evaluations/{job_id}").json()
+        while True:  # long polls, as `robustness submit --wait` makes them
+            state = self.client.get(f"/v1/evaluations/{job_id}", params={"wait": 10}).json()
             if state["state"] in ("succeeded", "failed", "cancelled"):
                 break
-            time.sleep(0.2)
         elapsed = time.perf_counter() - started
         if state["state"] != "succeeded":
             raise RuntimeError(f"job ended {state}")
+        # the report is rendered after the result: wait for it, untimed, so the next round
+        # (in process) does not share the cores with it
+        self.client.get(f"/v1/evaluations/{job_id}/report").raise_for_status()
         return elapsed, job_id
 
     def close(self) -> None:

@@ -31,7 +31,8 @@ from typing import IO, Any
 
 import httpx
 
-DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+READ_TIMEOUT_S, CONNECT_TIMEOUT_S = 30.0, 5.0
+DEFAULT_TIMEOUT = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
 RETRY_STATUSES = frozenset({502, 503, 504})
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 CHUNK = 1 << 20
@@ -291,8 +292,14 @@ class RobustnessClient:
         return self._json("POST", "/v1/evaluations", retry=idempotency_key is not None, headers=headers,
                           json={**spec, "model_id": model_id, "dataset_id": dataset_id})
 
-    def get_evaluation(self, evaluation_id: str) -> dict:
-        return self._get(f"/v1/evaluations/{evaluation_id}")
+    def get_evaluation(self, evaluation_id: str, wait: float = 0) -> dict:
+        """The evaluation's status; with ``wait`` seconds (<= 30), a long poll that answers
+        when its state changes or after that long."""
+        if wait <= 0:
+            return self._get(f"/v1/evaluations/{evaluation_id}")
+        wait = round(min(wait, 30), 3)
+        return self._json("GET", f"/v1/evaluations/{evaluation_id}", retry=True, params={"wait": wait},
+                          timeout=httpx.Timeout(wait + READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
 
     def list_evaluations(self, state: str | None = None, model_id: str | None = None) -> list[dict]:
         return self._get("/v1/evaluations", {"state": state, "model_id": model_id})["items"]
@@ -335,21 +342,26 @@ class RobustnessClient:
              on_progress: Callable[[dict], None] | None = None) -> dict:
         """Poll until the evaluation succeeded, failed or was cancelled and return its final
         EvaluationPublic; ``on_progress`` sees every polled one. `WaitTimeout` after ``timeout``
-        seconds (the evaluation is not cancelled)."""
+        seconds (the evaluation is not cancelled). Each poll after the first is a long poll of
+        up to ``poll_interval`` seconds, which the server answers as soon as the state changes;
+        a server that answers sooner with the same state (an older one) is polled at that pace."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        evaluation = self.get_evaluation(evaluation_id)
         while True:
-            evaluation = self.get_evaluation(evaluation_id)
             if on_progress is not None:
                 on_progress(evaluation)
             if evaluation["state"] in TERMINAL_STATES:
                 return evaluation
+            wait = poll_interval
             if deadline is not None and timeout is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
                     raise WaitTimeout(evaluation, timeout)
-                time.sleep(min(poll_interval, left))
-            else:
-                time.sleep(poll_interval)
+            asked = time.monotonic()
+            previous, evaluation = evaluation, self.get_evaluation(evaluation_id, wait=wait)
+            early = wait - (time.monotonic() - asked)
+            if evaluation["state"] == previous["state"] and early > 0:
+                time.sleep(early)
 
 
 def _describe(exc: httpx.TransportError) -> str:

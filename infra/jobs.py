@@ -239,13 +239,15 @@ def verdict_of(job: Any) -> str | None:
 
 
 def complete_job(db: Session, claim: Claim, result: dict, passed: bool, artifacts: dict,
-                 report_sha256: str | None = None, verdict: str | None = None) -> bool:
+                 verdict: str | None = None) -> bool:
+    """The job succeeded with ``result``; its report is rendered after this (attach_report),
+    so the result is not kept waiting for it."""
     finished = _write(
         db,
         update(Job)
         .where(Job.id == claim.job_id, Job.state == "running")
         .values(state="succeeded", result=result, passed=passed, artifacts=artifacts,
-                report_sha256=report_sha256, finished_at=utcnow(),
+                report_state="rendering", finished_at=utcnow(),
                 verdict=verdict or ("passed" if passed else "failed"))
     )
     db.execute(
@@ -255,6 +257,15 @@ def complete_job(db: Session, claim: Claim, result: dict, passed: bool, artifact
     )
     db.commit()
     return finished.rowcount == 1
+
+
+def attach_report(db: Session, job_id: str, report_sha256: str | None) -> None:
+    """The rendered report of a succeeded job, or None: it could not be rendered."""
+    db.execute(
+        update(Job).where(Job.id == job_id)
+        .values(report_sha256=report_sha256, report_state="ready" if report_sha256 else "failed")
+    )
+    db.commit()
 
 
 def fail_job(db: Session, job_id: str, code: str, message: str) -> bool:
@@ -395,7 +406,7 @@ def forget_lost_deliveries(db: Session, sent_before: float) -> int:
 STATUS_COLUMNS = (
     Job.id, Job.tenant_id, Job.model_id, Job.dataset_id, Job.state, Job.created_at, Job.started_at,
     Job.finished_at, Job.error_code, Job.error_message, Job.passed, Job.verdict, Job.shards, Job.cost,
-    Job.report_sha256,
+    Job.report_sha256, Job.report_state,
 )
 _SHARD_COLUMNS = (
     Shard.job_id, Shard.position, Shard.kind, Shard.state, Shard.stage, Shard.done, Shard.total,
@@ -475,6 +486,13 @@ def active_jobs(db: Session, tenant_id: str) -> int:
     return db.scalars(
         select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.state.in_(ACTIVE))
     ).one()
+
+
+def seconds_since(when: datetime | None) -> float:
+    """Seconds from a stored time (naive UTC; PostgreSQL may hand back an aware one) to now."""
+    if when is None:
+        return float("inf")
+    return (utcnow() - when.replace(tzinfo=None)).total_seconds()
 
 
 def iso(value: datetime | None) -> str | None:

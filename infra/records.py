@@ -120,6 +120,8 @@ class Job(Base):
     result: Mapped[dict | None] = mapped_column(JSON, default=None)
     artifacts: Mapped[dict] = mapped_column(JSON, default=dict)  # name -> {"sha256", "size"}
     report_sha256: Mapped[str | None] = mapped_column(String(64), default=None)  # the HTML report
+    # rendering (after the result is stored) | ready | failed; None before migration 0007
+    report_state: Mapped[str | None] = mapped_column(String(16), default=None)
 
 
 class Shard(Base):

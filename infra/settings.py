@@ -26,6 +26,14 @@ class Settings(BaseSettings):
     broker_url: str  # default: the embedded SQLite broker, embedded+sqlite:///<data_dir>/broker.db
     blob_dir: Path  # default: <data_dir>/blobs
 
+    # Workers on other machines (no folder shared with the gateway): a worker given
+    # gateway_url fetches blobs from the gateway by sha256 into blob_dir (a cache of at most
+    # blob_cache_mb) and sends what it writes back there, authenticated with worker_token; a
+    # gateway given worker_token serves those /internal routes (and only to that token)
+    gateway_url: str | None = None
+    worker_token: str | None = Field(None, min_length=32)
+    blob_cache_mb: int = Field(20_000, ge=1)
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     # With no API keys in the database the gateway refuses requests unless this is false and it
@@ -75,6 +83,11 @@ class Settings(BaseSettings):
     auth_cache_s: float = Field(2.0, ge=0, le=60)
     # one evaluation's status is read from the database at most this often per gateway process
     status_cache_s: float = Field(0.25, ge=0, le=10)
+    # long polls (?wait=S, at most max_status_wait_s): the states waited on are read this often;
+    # past max_status_waiters concurrent long polls a request is answered at once, as a plain poll
+    status_wait_interval_s: float = Field(0.05, gt=0, le=5)
+    max_status_wait_s: float = Field(30, ge=0, le=30)
+    max_status_waiters: int = Field(10_000, ge=0)
 
     worker_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     # worker processes run at this nice level (0-19): on a machine shared with the gateway the

@@ -18,10 +18,11 @@ from functools import lru_cache
 from sqlalchemy import select
 
 from infra import jobs
-from infra.blobs import LocalBlobStore
+from infra.blobs import BlobStore
 from infra.broker import celery_app
 from infra.database import session_factory
 from infra.dispatch import dispatch
+from infra.gateway_blobs import blob_store_of_worker
 from infra.records import Job, Shard, StoredDataset, StoredModel
 from infra.settings import get_settings
 from schemas.evaluation import EvaluationResult, EvaluationSpec
@@ -55,8 +56,8 @@ _datasets = _Cache()
 
 
 @lru_cache
-def _store() -> LocalBlobStore:
-    return LocalBlobStore(get_settings().blob_dir)
+def _store() -> BlobStore:
+    return blob_store_of_worker(get_settings())
 
 
 def worker_name() -> str:
@@ -75,6 +76,7 @@ class _Watch(threading.Thread):
         self.stages: dict[str, int] = {}
         self.stage: str | None = None
         self.stop_reason: str | None = None
+        self.finishing = False  # set once the job's result is stored: its end is not a stop
         self._closing = threading.Event()
 
     def progress(self, stage: str, done: int, total: int) -> None:
@@ -99,7 +101,7 @@ class _Watch(threading.Thread):
                 continue
             if state == "lease_lost":
                 self._halt("lease_lost")
-            elif state not in jobs.ACTIVE:
+            elif state not in jobs.ACTIVE and not self.finishing:
                 self._halt("cancelled")
             elif time.monotonic() > self.deadline:
                 self._halt("time_limit")
@@ -219,11 +221,15 @@ def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
             stored_name, data = stored_artifact(name, array, clean)
             artifacts[stored_name] = {"sha256": store.put_bytes(data), "size": len(data)}
         result = evaluation.result.model_dump(mode="json")
-        report = _report(evaluation, claim.job_id, names, store)
+        watch.finishing = True  # the job is about to succeed: that is no reason to stop
         with sessions() as db:
-            jobs.complete_job(db, claim, result, evaluation.result.passed, artifacts, report,
-                              verdict=evaluation.result.verdict)
+            succeeded = jobs.complete_job(db, claim, result, evaluation.result.passed, artifacts,
+                                          verdict=evaluation.result.verdict)
         log.info("evaluation.succeeded job=%s verdict=%s", claim.job_id, evaluation.result.verdict)
+        if succeeded:  # the report follows the result (GET /report waits for it)
+            report = _report(evaluation, claim.job_id, names, store)
+            with sessions() as db:
+                jobs.attach_report(db, claim.job_id, report)
         return
     unit = plan(spec, len(dataset.y))[claim.position]
     models, fit_images = None, None

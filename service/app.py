@@ -20,8 +20,9 @@ from service.errors import RequestIdMiddleware, install_handlers
 from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics
 from service.reaper import Reaper
-from service.routers import dashboard, datasets, evaluations, health, models
+from service.routers import dashboard, datasets, evaluations, health, internal, models
 from service.status_reads import StatusReads
+from service.status_waits import StatusWaits
 from service.validation_pool import ValidationPool
 
 log = logging.getLogger("robustness.gateway")
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
             )
             sweeper.start()
         yield
+        app.state.waits.close()
         if sweeper:
             sweeper.stop()
 
@@ -68,6 +70,8 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
     app.state.tenants = TenantCache(app.state.sessions, settings)
     app.state.validation = ValidationPool(settings.validation_processes, settings.validation_cpu_s)
     app.state.status = StatusReads(app.state.sessions, settings.status_cache_s, evaluations.owned_publics)
+    app.state.waits = StatusWaits(app.state.sessions, settings.status_wait_interval_s,
+                                  settings.max_status_waiters, app.state.status.forget)
     app.state.store = LocalBlobStore(settings.blob_dir)
     app.state.celery = make_celery(settings)
     app.state.metrics = ServiceMetrics()
@@ -75,7 +79,8 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost of ours: a 413 carries its id too
     install_docs(app)
-    for router in (health.router, models.router, datasets.router, evaluations.router, dashboard.router):
+    for router in (health.router, models.router, datasets.router, evaluations.router, dashboard.router,
+                   internal.router):
         app.include_router(router)
     if not settings.api_keys_required and not is_loopback(settings.host):
         log.warning("gateway.open_on_network host=%s: requests need API keys once any exists", settings.host)

@@ -58,7 +58,10 @@ def add_server_parsers(commands) -> None:
     api.add_argument("--host")
     api.add_argument("--port", type=int)
     worker = commands.add_parser("worker", help="run a Celery worker against the configured broker")
-    worker.add_argument("--concurrency", type=int, help="worker processes (default: one per core)")
+    worker.add_argument("--concurrency", type=int, help="worker processes (default: one per core; "
+                        "with --gpus: per GPU, default 1)")
+    worker.add_argument("--gpus", help="GPU ids, e.g. 0,1: one worker per GPU, each pinned to its device "
+                        "(CUDA_VISIBLE_DEVICES) and restarted if it dies")
     migrate = commands.add_parser("migrate", help="create or upgrade the metadata database schema")
     migrate.add_argument("--verbose", action="store_true", help="print each migration step")
     keys = commands.add_parser("keys", help="API keys: create, list, revoke")
@@ -155,9 +158,16 @@ EXIT_GRACE_S = 10
 
 
 def worker(settings: Settings, args) -> int:
+    if getattr(args, "gpus", None):
+        return _workers_per_gpu(settings, args)
     from infra.broker import QUEUE, celery_app
     from jobrunner import pool_watchdog
 
+    if settings.gateway_url:
+        problem = _check_gateway(settings)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     app = celery_app()
     code: object = 0  # a SystemExit code
     try:
@@ -180,6 +190,46 @@ def worker(settings: Settings, args) -> int:
     status = pool_watchdog.exit_status(code)
     pool_watchdog.exit_within(EXIT_GRACE_S, status)
     return status
+
+
+def _workers_per_gpu(settings: Settings, args) -> int:
+    """`worker --gpus 0,1`: a `robustness worker` per GPU, each seeing only its device, with
+    the cores shared out among them; stops them all on SIGTERM or SIGINT."""
+    gpus = [g.strip() for g in args.gpus.split(",")]
+    if not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+        print(f"error: --gpus takes distinct GPU ids separated by commas (e.g. 0,1), not {args.gpus!r}",
+              file=sys.stderr)
+        return 2
+    per_gpu = args.concurrency or 1
+    threads = settings.ort_threads or max(1, (os.cpu_count() or 1) // (len(gpus) * per_gpu))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    supervisors = []
+    for gpu in gpus:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "ROBUSTNESS_WORKER_CONCURRENCY": str(per_gpu),
+               "ROBUSTNESS_ORT_THREADS": str(threads)}
+        supervisor = _WorkerSupervisor(env, name=f"gpu {gpu}")
+        supervisor.start()
+        supervisors.append(supervisor)
+    print(f"workers: {len(gpus)} (GPUs {','.join(gpus)}), {per_gpu} process(es) and {threads} "
+          "ONNX Runtime thread(s) each", flush=True)
+    stop.wait()
+    for supervisor in supervisors:  # all asked at once, then waited for
+        supervisor.stop_soon()
+    for supervisor in supervisors:
+        supervisor.stop()
+    return 0
+
+
+def _check_gateway(settings: Settings) -> str | None:
+    """A worker on another machine: None when the gateway answers and takes its token."""
+    if not settings.worker_token:
+        return "ROBUSTNESS_GATEWAY_URL is set but ROBUSTNESS_WORKER_TOKEN is not: set the gateway's token"
+    from infra.gateway_blobs import GatewayBlobStore
+
+    return GatewayBlobStore(settings.gateway_url or "", settings.worker_token, settings.blob_dir,
+                            settings.blob_cache_mb << 20).check_token()
 
 
 def _check_exposure(settings: Settings) -> str | None:
@@ -214,24 +264,31 @@ def api(settings: Settings, args) -> int:
 
 
 class _WorkerSupervisor(threading.Thread):
-    """Keeps the embedded worker running: one killed or out of memory is started again
-    (its shards come back through the lease reaper)."""
+    """Keeps a `robustness worker` child running (the embedded one, or one per GPU): one killed
+    or out of memory is started again (its shards come back through the lease reaper)."""
 
-    def __init__(self):
-        super().__init__(daemon=True, name="worker-supervisor")
+    def __init__(self, env: dict[str, str] | None = None, name: str = "embedded"):
+        super().__init__(daemon=True, name=f"worker-supervisor ({name})")
+        self.env, self.label = env or dict(os.environ), name
         self.process = self._start()
         self._stopping = threading.Event()
 
-    @staticmethod
-    def _start() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "client.cli", "worker"], env=dict(os.environ),
+    def _start(self) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "client.cli", "worker"], env=self.env,
                                 preexec_fn=_terminate_with_parent)
 
     def run(self) -> None:
         while not self._stopping.wait(1.0):
             if self.process.poll() is not None and not self._stopping.is_set():
-                log.warning("serve.worker_exited code=%s: starting a new worker", self.process.returncode)
+                log.warning("worker.exited worker=%s code=%s: starting a new one", self.label,
+                            self.process.returncode)
                 self.process = self._start()
+
+    def stop_soon(self) -> None:
+        """Ask the worker to stop (warm shutdown) without waiting."""
+        self._stopping.set()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -264,19 +321,25 @@ def serve(settings: Settings, args) -> int:
         flush=True,
     )
     try:
-        _run_until_signalled(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                                            log_level="warning"))
+        app = create_app(settings)
+        _run_until_signalled(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"),
+                             on_exit=app.state.waits.close_from_signal)
     finally:
         workers.stop()
     return 0
 
 
-def _run_until_signalled(config) -> None:
+def _run_until_signalled(config, on_exit) -> None:
     """uvicorn re-raises SIGTERM/SIGINT once it has shut down, which would end the process
-    before `serve` stops its worker; this server only asks itself to exit."""
+    before `serve` stops its worker; this server only asks itself to exit, and calls
+    ``on_exit`` first (uvicorn waits for open requests such as long polls before it stops)."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            on_exit()
+            super().handle_exit(sig, frame)
+
         @contextlib.contextmanager
         def capture_signals(self):
             previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -7,6 +7,7 @@ validates the file against Compose's own schema where either is installed; no en
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -25,8 +26,10 @@ OUR_SERVICES = ("api", "worker", "worker-cpu", "migrate")  # built from our Dock
 SUBCOMMANDS = {"api", "worker", "migrate"}
 # Settings every service of ours needs (infra/settings.py, prefix ROBUSTNESS_).
 REQUIRED_ENV = {"ROBUSTNESS_DATABASE_URL", "ROBUSTNESS_BROKER_URL", "ROBUSTNESS_DATA_DIR",
-                "ROBUSTNESS_API_KEYS_REQUIRED"}
-KNOWN_ENV = REQUIRED_ENV | {"ROBUSTNESS_HOST", "ROBUSTNESS_PORT", "ROBUSTNESS_WORKER_CONCURRENCY"}
+                "ROBUSTNESS_API_KEYS_REQUIRED", "ROBUSTNESS_WORKER_TOKEN"}
+KNOWN_ENV = REQUIRED_ENV | {"ROBUSTNESS_HOST", "ROBUSTNESS_PORT", "ROBUSTNESS_WORKER_CONCURRENCY",
+                            "ROBUSTNESS_GATEWAY_URL"}
+WORKERS = ("worker", "worker-cpu")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +155,7 @@ def test_postgres_and_flower(services):
 
 
 @pytest.mark.parametrize("name", OUR_SERVICES)
-def test_our_services_share_settings_and_the_blob_volume(services, name):
+def test_our_services_share_settings_and_workers_share_no_volume(services, name):
     service = services[name]
     env = environment(service)
     assert not REQUIRED_ENV - set(env), f"{name} misses {REQUIRED_ENV - set(env)}"
@@ -162,8 +165,13 @@ def test_our_services_share_settings_and_the_blob_volume(services, name):
     assert "@postgres:5432/" in env["ROBUSTNESS_DATABASE_URL"]
     assert env["ROBUSTNESS_BROKER_URL"] == "redis://redis:6379/0"
     assert env["ROBUSTNESS_API_KEYS_REQUIRED"] == "true"
-    if name != "migrate":  # the gateway and every worker see the same blobs
+    assert env["ROBUSTNESS_WORKER_TOKEN"].startswith("${WORKER_TOKEN:?")  # required, never a default
+    if name == "api":
         assert f"blobs:{env['ROBUSTNESS_DATA_DIR']}" in service["volumes"]
+    if name in WORKERS:  # workers on other machines: the gateway's blobs come over HTTP
+        assert not service.get("volumes"), f"{name} mounts {service.get('volumes')}"
+        assert env["ROBUSTNESS_GATEWAY_URL"] == "http://api:8000"
+        assert service["depends_on"]["api"]["condition"] == "service_healthy"
 
 
 def test_environment_names_are_fields_of_the_settings(services):
@@ -193,7 +201,8 @@ def test_compose_file_is_valid_for_compose():
                     "(or install the `docker compose` plugin)")
     for profile in ([], ["--profile", "cpu"]):
         run = subprocess.run([*cmd, "-f", str(COMPOSE), *profile, "config", "-q"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "WORKER_TOKEN": "a-secret-of-at-least-32-characters-long"})
         assert run.returncode == 0, run.stderr or run.stdout
 
 

@@ -121,6 +121,15 @@ def _run(session, outputs, feeds, options=None):
         raise
 
 
+def _run_bound(session, binding) -> None:
+    try:
+        session.run_with_iobinding(binding, _RUN_OPTIONS)
+    except Exception as exc:  # ONNX Runtime raises its own exception types
+        if _RUN_OPTIONS.terminate:
+            raise RunsInterrupted("ONNX Runtime calls were interrupted") from exc
+        raise
+
+
 # what ONNX Runtime raises for a model it cannot load (not for a device or memory failure)
 MODEL_REFUSED = (ort_errors.InvalidGraph, ort_errors.InvalidArgument, ort_errors.InvalidProtobuf,
                  ort_errors.NotImplemented, ort_errors.Fail)
@@ -388,6 +397,54 @@ class Classifier:
                                     {self.input_name: x_adv, f"{_STEP}x": x, "labels": labels},
                                     kind="gradient", constants=constants)
         return np.zeros_like(x_adv) if outputs is None else outputs[0]
+
+    def linf_steps(self, x_adv: np.ndarray, x: np.ndarray, labels: np.ndarray, *, steps: int, loss: str,
+                   step: float, eps: float, bounds: tuple[float, float],
+                   progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """``steps`` calls of `linf_step`, with the iterates kept in ONNX Runtime's own buffers
+        between steps (I/O binding): each batch's clean images, labels and two iterate buffers
+        are placed on the session's device once, each step's output buffer is the next step's
+        input, and the host receives x_adv once, after the last step. On CUDA no byte crosses
+        between host and device during the steps (the copy loop crosses four arrays per batch
+        and step); on the CPU the buffers are host memory and the result is the same to the
+        bit as the copy loop's. ``progress(i)`` runs after step i, between batches' calls."""
+        x_adv, labels = self.check_inputs(x_adv, labels)
+        (x,) = self.check_inputs(x)
+        if len(x_adv) == 0 or steps <= 0:
+            return x_adv.copy()
+        session = self._step_session(loss)
+        device = "cuda" if self.device == "cuda" else "cpu"
+
+        def placed(array: np.ndarray) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
+
+        scalars = {"step": step, "eps": eps, "low": bounds[0], "high": bounds[1]}
+        constants = {f"{_STEP}{name}": placed(np.array(value, np.float32)) for name, value in scalars.items()}
+        batches = []  # [iterate, spare, clean, labels, rows] per batch
+        size = self.fixed_batch or self.batch_size("gradient")
+        for start in range(0, len(x_adv), size):
+            rows = slice(start, min(start + size, len(x_adv)))
+            parts = [x_adv[rows], x[rows], labels[rows]]
+            if self.fixed_batch and len(parts[0]) < size:  # padded as _run_batches pads
+                parts = [np.concatenate([p, np.repeat(p[-1:], size - len(p), axis=0)]) for p in parts]
+            iterate = placed(parts[0].copy())  # written to by every other step: never the caller's
+            spare = ort.OrtValue.ortvalue_from_shape_and_type(parts[0].shape, np.float32, device, 0)
+            batches.append([iterate, spare, placed(parts[1]), placed(parts[2]), rows.stop - rows.start])
+        binding = session.io_binding()
+        for name, value in constants.items():
+            binding.bind_ortvalue_input(name, value)
+        for i in range(steps):
+            for batch in batches:
+                iterate, spare, clean, batch_labels, _ = batch
+                binding.bind_ortvalue_input(self.input_name, iterate)
+                binding.bind_ortvalue_input(f"{_STEP}x", clean)
+                binding.bind_ortvalue_input("labels", batch_labels)
+                binding.bind_ortvalue_output(f"{_STEP}x_next", spare)
+                _run_bound(session, binding)
+                batch[0], batch[1] = spare, iterate
+            if progress is not None:
+                progress(i + 1)
+        return np.concatenate([batch[0].numpy()[:batch[4]] for batch in batches])
 
     def _step_session(self, loss: str):
         key = (self.model_hash, self._output_name, loss, self.device, "linf_step")

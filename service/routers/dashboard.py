@@ -70,7 +70,8 @@ def _render(db, tenant, signed_in: bool) -> str:
                 "passed": row.passed,
                 "verdict": jobs.verdict_of(row),
                 "created": jobs.iso(row.created_at),
-                "report": row.report_sha256 is not None,
+                # a report being rendered is linked: GET /report waits for it
+                "report": row.report_sha256 is not None or row.report_state == "rendering",
             }
         )
     return templates.get_template("dashboard.html.j2").render(

@@ -3,14 +3,17 @@ queued), poll, read the result, cancel, download artifacts."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
 
 from infra import jobs
 from infra.dispatch import dispatch
@@ -26,13 +29,22 @@ from schemas.api import (
 from schemas.evaluation import MAIN_MODEL, EvaluationResult, EvaluationSpec
 from service.budgets import check_bounds, check_quota
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from service.errors import ERROR_RESPONSES, JSON_ERRORS_OF_A_FILE_ROUTE, Conflict, NotFound, TooManyJobs
+from service.errors import (
+    ERROR_RESPONSES,
+    JSON_ERRORS_OF_A_FILE_ROUTE,
+    Conflict,
+    NotFound,
+    TooManyJobs,
+    Unavailable,
+)
 from service.fit_checks import check_fit, needs_gradients
 from service.scoping import owned
 from workers.cost import estimate
 from workers.errors import InvalidSpecError
 from workers.plan import plan, unit_work
 from workers.spec_checks import check_spec
+
+MAX_WAIT_S = 30  # a long poll's longest wait (ROBUSTNESS_MAX_STATUS_WAIT_S may lower it)
 
 router = APIRouter(prefix="/v1/evaluations", tags=["evaluations"], responses=ERROR_RESPONSES)
 
@@ -270,9 +282,24 @@ def list_evaluations(
 
 
 @router.get("/{evaluation_id}", response_model=EvaluationPublic)
-async def get_evaluation(evaluation_id: str, tenant: TenantDep, request: Request) -> Response:
-    """The evaluation's state and progress; poll it (service/status_reads.py keeps it cheap)."""
-    body = await request.app.state.status.read(evaluation_id, tenant)
+async def get_evaluation(
+    evaluation_id: str,
+    tenant: TenantDep,
+    request: Request,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description=(
+        "long poll: answer when the state changes (the evaluation starts or ends) or after this "
+        "many seconds, whichever is first; 0 answers at once"))] = 0,
+) -> Response:
+    """The evaluation's state and progress; poll it (service/status_reads.py keeps it cheap),
+    or long-poll it with ``wait`` (service/status_waits.py)."""
+    status_reads = request.app.state.status
+    body = await status_reads.read(evaluation_id, tenant)
+    if wait > 0:
+        state = json.loads(body)["state"]
+        wait = min(wait, request.app.state.settings.max_status_wait_s)
+        waits = request.app.state.waits
+        if state not in jobs.TERMINAL and await waits.until_changed(evaluation_id, state, wait):
+            body = await status_reads.read(evaluation_id, tenant)
     return Response(body, media_type="application/json")
 
 
@@ -298,25 +325,47 @@ def cancel(evaluation_id: str, tenant: TenantDep, db: SessionDep, request: Reque
     return public(db, row)
 
 
+REPORT_WAIT_S = 30  # GET /report waits this long for a report being rendered
+REPORT_LOST_AFTER_S = 300  # a report still "rendering" this long after the result: its worker died
+
+
 @router.get(
     "/{evaluation_id}/report",
     response_class=HTMLResponse,
     responses={**JSON_ERRORS_OF_A_FILE_ROUTE,
                200: {"content": {"text/html": {}}, "description": "a self-contained HTML report"}},
 )
-def get_report(evaluation_id: str, tenant: TenantDep, db: SessionDep, store: StoreDep):
-    """The evaluation's report: curves, examples, transfer, defenses, Lipschitz bounds."""
-    row = owned(db, Job, evaluation_id, tenant)
-    if row.state != "succeeded":
-        raise Conflict(f"the evaluation is {row.state}; the report exists once it has succeeded")
-    if row.report_sha256 is None:
-        raise NotFound(
-            f"evaluation {evaluation_id} has no report (it could not be rendered; see the worker log)"
-        )
+async def get_report(evaluation_id: str, tenant: TenantDep, request: Request, store: StoreDep):
+    """The evaluation's report: curves, examples, transfer, defenses, Lipschitz bounds. It is
+    rendered just after the result is stored; a request in between waits for it."""
+    deadline = time.monotonic() + REPORT_WAIT_S
+    while True:
+        row = await run_in_threadpool(_report_row, request.app.state.sessions, evaluation_id, tenant)
+        if row.state != "succeeded":
+            raise Conflict(f"the evaluation is {row.state}; the report exists once it has succeeded")
+        if row.report_sha256 is not None:
+            break
+        rendering = row.report_state == "rendering" and (
+            jobs.seconds_since(row.finished_at) < REPORT_LOST_AFTER_S)
+        if not rendering:
+            why = "" if row.report_state == "failed" else ": its worker stopped"
+            raise NotFound(f"evaluation {evaluation_id} has no report (it could not be rendered{why}; "
+                           "see the worker log)")
+        if time.monotonic() > deadline:
+            raise Unavailable(f"the report of evaluation {evaluation_id} is still being rendered; "
+                              "try again in a few seconds", headers={"Retry-After": "5"})
+        await asyncio.sleep(0.05)
     return HTMLResponse(
         store.get_bytes(row.report_sha256).decode(),
         headers={"Content-Security-Policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'"},
     )
+
+
+def _report_row(sessions, evaluation_id: str, tenant):
+    with sessions() as db:
+        row = owned(db, Job, evaluation_id, tenant)
+        db.expunge(row)
+        return row
 
 
 @router.get("/{evaluation_id}/artifacts", response_model=ArtifactList)

@@ -56,6 +56,9 @@ def env_for(settings: Settings) -> dict[str, str]:
     }
     if settings.worker_memory_mb is not None:
         values["WORKER_MEMORY_MB"] = settings.worker_memory_mb
+    for name in ("gateway_url", "worker_token"):
+        if getattr(settings, name):
+            values[name.upper()] = getattr(settings, name)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROBUSTNESS_")}
     env.update({f"ROBUSTNESS_{k}": str(v) for k, v in values.items()})
     return env

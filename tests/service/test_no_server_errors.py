@@ -164,7 +164,8 @@ def _schemathesis_run(app, ids: dict[str, str]) -> tuple[int, list[str], dict[in
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(any_settings):
     from service.app import create_app
 
-    app = create_app(any_settings)
+    # the job below stays queued (no worker): long polls of it wait at most 0.05 s here
+    app = create_app(any_settings.model_copy(update={"max_status_wait_s": 0.05}))
     with TestClient(app) as api:  # its lifespan migrates the database for the run below
         model = upload(api, "models", MODEL).json()
         dataset = upload(api, "datasets", DATA).json()

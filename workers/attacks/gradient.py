@@ -132,15 +132,20 @@ class PGD(Attack):
                  else np.zeros_like(x))
         x_adv = clip_to_box(x + delta, bounds)
         # a model that takes the whole L-inf step in one call (workers.runtime.Classifier) does
-        # the same float32 operations without a trip through numpy per step
-        fused = getattr(model, "linf_step", None) if self.geometry.name == "linf" else None
+        # the same float32 operations without a trip through numpy per step, and keeps the
+        # iterates in ONNX Runtime's buffers (on the GPU: on the device) from step to step
+        steps_at_once = getattr(model, "linf_steps", None) if self.geometry.name == "linf" else None
+        if steps_at_once is not None:
+            def advanced(i: int) -> None:
+                if progress is not None:
+                    progress(restart * self.steps + i, self.restarts * self.steps)
+
+            return steps_at_once(x_adv, x, labels, steps=self.steps, loss=self.loss, step=sign * step,
+                                 eps=eps, bounds=bounds, progress=advanced)
         for i in range(self.steps):
-            if fused is not None:
-                x_adv = fused(x_adv, x, labels, loss=self.loss, step=sign * step, eps=eps, bounds=bounds)
-            else:
-                _, _, grad = model.loss_and_grad(x_adv, labels, loss=self.loss)
-                x_adv = x_adv + np.float32(step) * self.geometry.ascent_direction(sign * grad)
-                x_adv = clip_to_box(x + self.geometry.project(x_adv - x, eps), bounds)
+            _, _, grad = model.loss_and_grad(x_adv, labels, loss=self.loss)
+            x_adv = x_adv + np.float32(step) * self.geometry.ascent_direction(sign * grad)
+            x_adv = clip_to_box(x + self.geometry.project(x_adv - x, eps), bounds)
             if progress is not None:
                 progress(restart * self.steps + i + 1, self.restarts * self.steps)
         return x_adv

@@ -1,0 +1,168 @@
+"""A worker's blob store when it shares no folder with the gateway: blobs come from the
+gateway by sha256 (``GET /internal/blobs/{sha256}``, authenticated with the worker token) into
+a local cache, and what the worker writes (shard outputs, artifacts, reports) goes to the
+gateway (``PUT``) before the worker records it in the database.
+
+Every byte that arrives is hashed on the way into the cache and kept only if the hash is the
+blob's name, so a truncated or altered transfer is never used. The cache is bounded
+(``max_cache_bytes``): past it, the blobs used longest ago are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import httpx
+
+from infra.blobs import CHUNK, BlobStore, LocalBlobStore, check_digest
+
+_ATTEMPTS = 4  # a gateway restarting, a dropped connection: tried again after 0.5, 1, 2 s
+
+
+class GatewayUnreachable(OSError):
+    pass
+
+
+class GatewayBlobStore(BlobStore):
+    def __init__(self, gateway_url: str, token: str, cache_root: Path, max_cache_bytes: int,
+                 transport: httpx.BaseTransport | None = None):
+        self.cache = LocalBlobStore(cache_root)
+        self.max_cache_bytes = max_cache_bytes
+        self.http = httpx.Client(base_url=gateway_url.rstrip("/"), transport=transport,
+                                 headers={"Authorization": f"Bearer {token}"},
+                                 timeout=httpx.Timeout(120.0, connect=10.0))
+
+    # ------------------------------------------------------------------ reads
+
+    def local_path(self, sha256: str) -> Path:
+        check_digest(sha256)
+        if not self.cache.exists(sha256):
+            self._fetch(sha256)
+        path = self.cache.local_path(sha256)
+        os.utime(path)  # most recently used: the last to be evicted
+        return path
+
+    def get_bytes(self, sha256: str) -> bytes:
+        return self.local_path(sha256).read_bytes()
+
+    def exists(self, sha256: str) -> bool:
+        check_digest(sha256)
+        if self.cache.exists(sha256):
+            return True
+        response = self._request("HEAD", sha256)
+        return response.status_code == 200
+
+    def _fetch(self, sha256: str) -> None:
+        def download() -> None:
+            with self.cache.temp_file() as (path, handle), \
+                    self.http.stream("GET", f"/internal/blobs/{sha256}") as response:
+                if response.status_code == 404:
+                    raise FileNotFoundError(f"blob {sha256} is missing from the gateway's store")
+                _raise_for_status(response)
+                digest = hashlib.sha256()
+                for chunk in response.iter_bytes(CHUNK):
+                    digest.update(chunk)
+                    handle.write(chunk)
+                handle.close()
+                if digest.hexdigest() != sha256:
+                    raise GatewayUnreachable(f"blob {sha256} arrived altered or truncated")
+                self._make_room()
+                self.cache.put_file(path, sha256)
+
+        self._retried(download)
+
+    # ------------------------------------------------------------------ writes
+
+    def put_bytes(self, data: bytes) -> str:
+        sha256 = self.cache.put_bytes(data)
+        self._send(sha256)
+        return sha256
+
+    def put_file(self, path: Path, sha256: str) -> None:
+        self.cache.put_file(path, sha256)
+        self._send(sha256)
+
+    def _send(self, sha256: str) -> None:
+        def upload() -> None:
+            with self.cache.local_path(sha256).open("rb") as handle:
+                response = self.http.put(f"/internal/blobs/{sha256}", content=_chunks(handle))
+            _raise_for_status(response)
+
+        self._retried(upload)
+        self._make_room()
+
+    def delete(self, sha256: str) -> None:
+        self.cache.delete(sha256)  # the gateway's copy is the gateway's to delete
+
+    def reachable(self) -> bool:
+        try:
+            return self._request("HEAD", "0" * 64).status_code in (200, 404)
+        except GatewayUnreachable:
+            return False
+
+    def check_token(self) -> str | None:
+        """None when the gateway answers and accepts the token, else what is wrong."""
+        try:
+            status = self._request("HEAD", "0" * 64).status_code
+        except GatewayUnreachable as exc:
+            return str(exc)
+        if status in (401, 403):
+            return "the gateway refused the worker token (ROBUSTNESS_WORKER_TOKEN must equal the gateway's)"
+        if status not in (200, 404):
+            return f"the gateway answered {status} to a blob request; is ROBUSTNESS_GATEWAY_URL the gateway?"
+        return None
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _request(self, method: str, sha256: str) -> httpx.Response:
+        return self._retried(lambda: self.http.request(method, f"/internal/blobs/{sha256}"))
+
+    def _retried(self, call):
+        for attempt in range(_ATTEMPTS):
+            try:
+                return call()
+            except (httpx.TransportError, GatewayUnreachable) as exc:
+                if attempt == _ATTEMPTS - 1:
+                    raise GatewayUnreachable(f"the gateway at {self.http.base_url} failed: {exc}") from None
+                time.sleep(0.5 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _make_room(self) -> None:
+        """Remove the least recently used cached blobs while the cache is over its bound."""
+        entries = []
+        for folder in self.cache.root.iterdir():
+            if len(folder.name) == 2 and folder.is_dir():
+                for blob in folder.iterdir():
+                    info = blob.stat()
+                    entries.append((info.st_mtime, info.st_size, blob))
+        total = sum(size for _, size, _ in entries)
+        for _, size, blob in sorted(entries):
+            if total <= self.max_cache_bytes:
+                break
+            blob.unlink(missing_ok=True)
+            total -= size
+
+
+def _chunks(handle):
+    while chunk := handle.read(CHUNK):
+        yield chunk
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    if response.status_code in (502, 503, 504):
+        raise GatewayUnreachable(f"the gateway answered {response.status_code}")
+    if response.is_error:
+        response.read()
+        raise OSError(f"the gateway refused a blob transfer: {response.status_code} {response.text[:300]}")
+
+
+def blob_store_of_worker(settings) -> BlobStore:
+    """The gateway's store over HTTP when the worker is given ROBUSTNESS_GATEWAY_URL, else the
+    shared folder ``blob_dir``."""
+    if settings.gateway_url:
+        return GatewayBlobStore(settings.gateway_url, settings.worker_token or "", settings.blob_dir,
+                                settings.blob_cache_mb << 20)
+    return LocalBlobStore(settings.blob_dir)
