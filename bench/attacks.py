@@ -10,8 +10,9 @@ buffers (Classifier.linf_steps, I/O binding), so no host-device copy happens dur
 the images go to the device once and x_adv comes back once; torchattacks and ART get the same
 images as host arrays, as their users give them.
 
-Per model (from tests.zoo) it attacks the same --images random images in [0, 1] (seeded), labelled
-with the torch model's clean predictions, with the same eps and step size, 10 steps, no random
+Per model (from tests.zoo; with --zoo imagenet from tests.imagenet_zoo, bench/zoos.py) it
+attacks the same --images random images in [0, 1] (seeded), labelled with the torch model's
+clean predictions, with the same eps and step size, 10 steps, no random
 start, batches of --batch, and measures images/s of
 
   ours          workers.attacks.gradient.PGD on workers.runtime.Classifier with the default
@@ -67,9 +68,8 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from bench import zoo_models  # noqa: E402
 from bench.load import ForeignLoad  # noqa: E402
-from tests import zoo  # noqa: E402
+from bench.zoos import ZOOS, get_zoo  # noqa: E402
 from workers.attacks.gradient import PGD  # noqa: E402
 from workers.runtime import Classifier, RuntimeOptions  # noqa: E402
 
@@ -100,15 +100,16 @@ class Setup:
     def __init__(self, name: str, args: argparse.Namespace) -> None:
         self.name = name
         self.args = args
-        self.shape = zoo.input_shape(name)
+        self.zoo = get_zoo(args.zoo)
+        self.shape = self.zoo.input_shape(name)
         rng = np.random.default_rng(args.seed)
         self.x = rng.random((args.images, *self.shape), dtype=np.float32)
         self.device = torch.device("cuda" if args.provider == "cuda" else "cpu")
-        self.torch_model = zoo.make_model(name).to(self.device)
+        self.torch_model = self.zoo.make_model(name).to(self.device)
         for parameter in self.torch_model.parameters():
             parameter.requires_grad_(args.unfrozen)
         self.labels = self.predict_torch(self.x)
-        self.onnx_bytes = zoo.export(name).SerializeToString()
+        self.onnx_bytes = self.zoo.export(name).SerializeToString()
 
     def predict_torch(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -136,7 +137,7 @@ class Setup:
                 self.torch_model,
                 loss=torch.nn.CrossEntropyLoss(),
                 input_shape=self.shape,
-                nb_classes=zoo.NUM_CLASSES,
+                nb_classes=self.zoo.NUM_CLASSES,
                 clip_values=(0.0, 1.0),
                 device_type="gpu" if a.provider == "cuda" else "cpu",
             )
@@ -303,7 +304,7 @@ def bench_model(name: str, args: argparse.Namespace, deadline: float, models_lef
         "calls_per_timing": calls,
         "attempt_foreign_cpu": attempts,
         "ort_agrees_with_torch": ort_agrees,
-        "clean_label_counts": np.bincount(setup.labels, minlength=zoo.NUM_CLASSES).tolist(),
+        "clean_label_counts": np.bincount(setup.labels, minlength=setup.zoo.NUM_CLASSES).tolist(),
         "engines": engines,
         "ratios": ratios,
         "check": check_outputs(setup, outputs, args),
@@ -329,8 +330,13 @@ def _ratio(value: dict | None, key: str = "median_paired") -> str:
 
 def print_report(results: list[dict], args: argparse.Namespace) -> None:
     print(f"\nPGD-{STEPS} L-inf, eps {args.eps:.5f}, step {args.step:.5f}, {args.images} images, "
-          f"batch {args.batch}, {args.threads} ORT / {args.torch_threads} torch threads; "
+          f"batch {args.batch}, {args.threads} ORT / {args.torch_threads} torch threads, {args.provider}; "
           "images/s (median over rounds)")
+    if args.provider == "cuda":
+        print("host-device copies: ours none during the steps (per batch: x, labels and the start "
+              "placed once, x_adv read once: Classifier.linf_steps); torchattacks: the batch moved to "
+              "the device once per call; ART: its PGD loop runs in numpy, so x_adv and the gradient "
+              "cross every step")
     for key, title in (("images_per_s", "median"), ("best_images_per_s", "best")):
         rkey = "median_paired" if key == "images_per_s" else "best"
         if key != "images_per_s":
@@ -378,7 +384,10 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=zoo_models, default=",".join(DEFAULT_MODELS))
+    parser.add_argument("--zoo", choices=sorted(ZOOS), default="small",
+                        help="imagenet: ImageNet-size models (e.g. --models resnet50@dynamo at 224)")
+    parser.add_argument("--models", help=f"comma-separated (default: {','.join(DEFAULT_MODELS)}; with "
+                        "--zoo imagenet, resnet50@dynamo)")
     parser.add_argument("--engines", default=",".join(ENGINES), help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--images", type=int, help="images attacked per call (a multiple of --batch; "
@@ -403,6 +412,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where every engine runs (cuda: onnxruntime-gpu and a CUDA build of torch)")
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
+    zoo = get_zoo(args.zoo)
+    default = DEFAULT_MODELS if args.zoo == "small" else ("resnet50@dynamo",)
+    args.models = [m.strip() for m in (args.models or ",".join(default)).split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in zoo.names]
+    if unknown:
+        parser.error(f"unknown models {unknown}; --zoo {args.zoo} has {', '.join(zoo.names)}")
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for engine in args.engines:
         if engine not in ENGINES:
