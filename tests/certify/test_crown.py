@@ -175,13 +175,24 @@ def test_max_pooling_is_bounded_soundly_and_tighter_than_ibp(data):
     assert_above(classifier, points, y, crown.margin_low)
 
 
+class MaxOfPairs(nn.Module):
+    """An MLP whose hidden units are maxed in pairs (ReduceMax): monotone, so IBP bounds it;
+    CROWN-IBP has no relaxation for ReduceMax."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.head = nn.Linear(784, 20), nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.head(self.hidden(torch.flatten(x, 1)).view(-1, 10, 2).amax(2))
+
+
 def test_an_operator_without_a_relaxation_is_named():
-    torch.manual_seed(0)
-    module = nn.Sequential(nn.Flatten(), nn.Linear(784, 20), nn.Softplus(), nn.Linear(20, 10)).eval()
-    onnx_bytes = export_onnx(module, (1, 28, 28)).SerializeToString()
-    IntervalBounds(onnx_bytes, OPTIONS)  # IBP bounds a softplus: it is monotone
+    onnx_bytes = export_onnx(MaxOfPairs().eval(), (1, 28, 28)).SerializeToString()
+    IntervalBounds(onnx_bytes, OPTIONS)  # IBP bounds a max: it is monotone
     with pytest.raises(UnsupportedForBounds,
-                       match=r"crown_ibp: operator Softplus .* has no linear relaxation"):
+                       match=r"crown_ibp: operator ReduceMax .* has no linear relaxation"):
         IntervalBounds(onnx_bytes, OPTIONS, method="crown_ibp")
 
 
@@ -215,8 +226,8 @@ def test_residual_blocks_and_global_pooling_are_bounded_soundly(data):
     assert_above(classifier, points, y, crown.margin_low)
 
 
-@pytest.mark.parametrize("activation", [nn.Sigmoid, nn.Tanh, lambda: nn.LeakyReLU(0.1)],
-                         ids=["sigmoid", "tanh", "leaky_relu"])
+@pytest.mark.parametrize("activation", [nn.Sigmoid, nn.Tanh, lambda: nn.LeakyReLU(0.1), nn.Softplus],
+                         ids=["sigmoid", "tanh", "leaky_relu", "softplus"])
 def test_s_shaped_and_leaky_activations_are_bounded_soundly(activation, data):
     torch.manual_seed(7)
     module = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), activation(), nn.Linear(64, 32), activation(),
@@ -300,3 +311,59 @@ def test_clip_concat_and_average_pooling_are_bounded_soundly(data):
         points.append(PGD(steps=20, loss="margin")(classifier, x, y, eps=[eps], seed=0)[0].x_adv)
         assert_above(classifier, points, y, crown.margin_low)
     assert crown.certified.mean() > ibp.certified.mean()
+
+
+class PaddedPool(nn.Module):
+    """A conv, an average pool with padding (count_include_pad as given), a linear head: with
+    no activation, CROWN's bound of each margin over the box is its exact minimum."""
+
+    def __init__(self, count_include_pad: bool, relu: bool = False):
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv, self.relu = nn.Conv2d(1, 4, 3, padding=1), relu
+        self.pool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=count_include_pad)
+        self.head = nn.Linear(4 * 14 * 14, 10)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(torch.flatten(self.pool(torch.relu(h) if self.relu else h), 1))
+
+
+@pytest.mark.parametrize("count_include_pad", [False, True])
+def test_padded_average_pooling_is_bounded_exactly_where_the_network_is_linear(data, count_include_pad):
+    module = PaddedPool(count_include_pad).eval()
+    onnx_bytes = export_onnx(module, (1, 28, 28)).SerializeToString()
+    x, eps = data[0][:12], 0.03
+    y = Classifier(onnx_bytes, OPTIONS).predict(x)
+    bound = IntervalBounds(onnx_bytes, OPTIONS, method="crown_ibp").certify(x, y, eps).margin_low
+    exact = module.double()
+    low, high = np.clip(x - eps, 0, 1).astype(np.float64), np.clip(x + eps, 0, 1).astype(np.float64)
+    want = []
+    for i in range(len(x)):  # margin_j(x) = c_j . x + d_j: its minimum over the box, then over j
+        centre = torch.tensor((low[i] + high[i]) / 2)[None].requires_grad_()
+        logits = exact(centre)[0]
+        worst = np.inf
+        for j in range(10):
+            if j == y[i]:
+                continue
+            (c,) = torch.autograd.grad(logits[y[i]] - logits[j], centre, retain_graph=True)
+            radius = np.abs(c.numpy()[0]) * (high[i] - low[i]) / 2
+            worst = min(worst, float((logits[y[i]] - logits[j]).detach()) - radius.sum())
+        want.append(worst)
+    np.testing.assert_allclose(bound, want, rtol=1e-4, atol=1e-4)
+
+
+def test_padded_average_pooling_after_relus_is_sound_and_tighter_than_ibp(data):
+    onnx_bytes = export_onnx(PaddedPool(False, relu=True).eval(), (1, 28, 28)).SerializeToString()
+    classifier = Classifier(onnx_bytes, OPTIONS)
+    x = data[0][:40]
+    y = classifier.predict(x)
+    eps = 0.02
+    crown = IntervalBounds(onnx_bytes, OPTIONS, method="crown_ibp").certify(x, y, eps)
+    ibp = IntervalBounds(onnx_bytes, OPTIONS).certify(x, y, eps)
+    assert np.all(crown.margin_low >= ibp.margin_low) and crown.margin_low.mean() > ibp.margin_low.mean()
+    rng = np.random.default_rng(8)
+    points = [np.clip(x + eps * rng.choice([-1.0, 1.0], x.shape).astype(np.float32), 0, 1)
+              for _ in range(20)]
+    points.append(PGD(steps=20, loss="margin")(classifier, x, y, eps=[eps], seed=0)[0].x_adv)
+    assert_above(classifier, points, y, crown.margin_low)

@@ -12,11 +12,12 @@ the lower line taken for positive coefficients and the upper line for negative o
 image, the minimum of ``L . x + beta`` over the box is ``L . centre - |L| . radius + beta``.
 
 Coefficients L are tensors [N * K, *shape of the tensor]: the K rows of each sample batched,
-so every adjoint is an ordinary ONNX operator. Supported: Gemm, MatMul (2-D, constant weight),
-Conv, BatchNormalization, Add / Sub (constant or two image-dependent tensors), Mul / Div by a
-constant, GlobalAveragePool, Flatten, Reshape, Identity, Dropout, Relu and MaxPool (at least the
-cell with the largest lower bound, at most the largest upper bound); anything else is named as
-unsupported.
+so every adjoint is an ordinary ONNX operator. Supported (the registry at the end): Gemm,
+MatMul (2-D, constant weight), Conv, BatchNormalization, Add / Sub (constant or two
+image-dependent tensors), Mul / Div by a constant, Concat, AveragePool (padded too) and
+GlobalAveragePool, Flatten, Reshape, Identity, Dropout, Relu, LeakyRelu, Sigmoid, Tanh,
+Softplus, Clip and MaxPool (at least the cell with the largest lower bound, at most the largest upper bound);
+anything else is named as unsupported.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from workers.onnxgrad.rules.linear import resolve_pads, transpose_output_padding
 
 SUPPORTED = ("Gemm", "MatMul", "Conv", "BatchNormalization", "Add", "Sub", "Mul", "Div", "Flatten", "Reshape",
              "Identity", "Dropout", "Relu", "GlobalAveragePool", "MaxPool", "LeakyRelu", "Sigmoid", "Tanh",
-             "Clip", "Concat", "AveragePool")
+             "Clip", "Concat", "AveragePool", "Softplus")
 
 
 class _Backward:
@@ -360,23 +361,47 @@ def _concat(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
 
 
 def _average_pool(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
-    """Without padding, the adjoint of an average pool is a transposed conv of each channel
-    with a kernel of 1 / (window size)."""
+    """An average pool is linear: its adjoint spreads each output's coefficient over its
+    window, a transposed conv of each channel with a kernel of ones and the pool's pads, after
+    dividing by the window's divisor: its size, or with padding and count_include_pad 0 (the
+    default) the number of its elements inside the input, a constant per output position."""
     attrs = back.b.attrs(node)
     kernel = list(attrs["kernel_shape"])
-    padded = any(attrs.get("pads", [0] * 2 * len(kernel)))
-    if padded or attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or attrs.get("ceil_mode", 0):
-        raise UnsupportedForBounds(f"crown_ibp: AveragePool {node.name!r} with padding or ceil_mode")
+    rank = len(kernel)
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or attrs.get("ceil_mode", 0):
+        raise UnsupportedForBounds(f"crown_ibp: AveragePool {node.name!r} with auto_pad SAME or ceil_mode")
+    if any(d != 1 for d in attrs.get("dilations", [1] * rank)):
+        raise UnsupportedForBounds(f"crown_ibp: AveragePool {node.name!r} with dilations")
+    pads = list(attrs.get("pads", [0] * 2 * rank))
     shape_in, shape_out = back.shape(node.input[0]), back.shape(node.output[0])
     channels = shape_in[0]
-    strides = list(attrs.get("strides", [1] * len(kernel)))
-    ones = np.full((channels, 1, *kernel), 1.0 / float(np.prod(kernel)), np.float32)
-    pads = [0] * 2 * len(kernel)
-    dilations = [1] * len(kernel)
-    back.add(node.input[0], back.g.op(
-        "ConvTranspose", lam, back.g.const(ones), strides=strides, group=channels, kernel_shape=kernel,
-        output_padding=transpose_output_padding(shape_in[1:], shape_out[1:], kernel, strides, dilations,
-                                                pads)))
+    strides = list(attrs.get("strides", [1] * rank))
+    g = back.g
+    if attrs.get("count_include_pad", 0) or not any(pads):
+        scaled = g.op("Mul", lam, g.const(np.float32(1.0 / float(np.prod(kernel)))))
+    else:
+        counts = _window_counts(shape_in[1:], shape_out[1:], kernel, strides, pads)
+        scaled = g.op("Div", lam, g.const(counts.astype(np.float32)))
+    ones = np.ones((channels, 1, *kernel), np.float32)
+    back.add(node.input[0], g.op(
+        "ConvTranspose", scaled, g.const(ones), strides=strides, group=channels, kernel_shape=kernel,
+        pads=pads, output_padding=transpose_output_padding(shape_in[1:], shape_out[1:], kernel, strides,
+                                                           [1] * rank, pads)))
+
+
+def _window_counts(spatial_in, spatial_out, kernel, strides, pads) -> np.ndarray:
+    """How many input elements each output position's window covers (padding excluded), shaped
+    [1, ..., *spatial_out] to divide the coefficients by."""
+    rank = len(kernel)
+    per_axis = []
+    for i in range(rank):
+        starts = np.arange(spatial_out[i]) * strides[i] - pads[i]
+        ends = starts + kernel[i]
+        per_axis.append(np.minimum(ends, spatial_in[i]) - np.maximum(starts, 0))
+    counts = per_axis[0]
+    for axis in per_axis[1:]:
+        counts = np.multiply.outer(counts, axis)
+    return counts.reshape(1, 1, *spatial_out).astype(np.float64)
 
 
 def _s_shaped(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
@@ -413,6 +438,21 @@ def _s_shaped(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
     _relaxed(back, node, lam, lower, upper)
 
 
+def _softplus(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
+    """Softplus is convex: above it the chord from l to u, below it the tangent at the midpoint
+    (slope sigmoid(m))."""
+    g = back.g
+    low, high = back.b.bounds[node.input[0]]
+    f_low, f_high = g.op("Softplus", low), g.op("Softplus", high)
+    width = g.op("Sub", high, low)
+    chord = g.op("Div", g.op("Sub", f_high, f_low), g.op("Max", width, g.const(np.float32(1e-12))))
+    middle = g.op("Mul", g.op("Add", low, high), g.const(np.float32(0.5)))
+    slope = g.op("Sigmoid", middle)
+    tangent_cut = g.op("Sub", g.op("Softplus", middle), g.op("Mul", slope, middle))
+    chord_cut = g.op("Sub", f_low, g.op("Mul", chord, low))
+    _relaxed(back, node, lam, (slope, tangent_cut), (chord, chord_cut))
+
+
 def _max_pool(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
     """max over a window >= the cell with the largest lower bound (its coefficient goes there,
     as a gradient goes to an argmax), and <= the largest upper bound (a constant)."""
@@ -442,5 +482,5 @@ _RULES = {
     "Sub": _add_sub, "Mul": _scale, "Div": _scale, "Flatten": _reshape, "Reshape": _reshape,
     "Identity": _identity, "Dropout": _identity, "Relu": _relu, "GlobalAveragePool": _global_average_pool,
     "MaxPool": _max_pool, "LeakyRelu": _leaky_relu, "Sigmoid": _s_shaped, "Tanh": _s_shaped,
-    "Clip": _clip, "Concat": _concat, "AveragePool": _average_pool,
+    "Clip": _clip, "Concat": _concat, "AveragePool": _average_pool, "Softplus": _softplus,
 }
