@@ -348,7 +348,7 @@ async def get_report(evaluation_id: str, tenant: TenantDep, request: Request, st
         rendering = row.report_state == "rendering" and (
             jobs.seconds_since(row.finished_at) < REPORT_LOST_AFTER_S)
         if not rendering:
-            why = "" if row.report_state == "failed" else ": its worker stopped"
+            why = ": its worker stopped" if row.report_state == "rendering" else ""
             raise NotFound(f"evaluation {evaluation_id} has no report (it could not be rendered{why}; "
                            "see the worker log)")
         if time.monotonic() > deadline:
