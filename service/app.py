@@ -21,6 +21,7 @@ from service.limits import BodyLimitMiddleware
 from service.metrics import ServiceMetrics
 from service.reaper import Reaper
 from service.routers import dashboard, datasets, evaluations, health, internal, models
+from service.status_fast_path import StatusFastPath
 from service.status_reads import StatusReads
 from service.status_waits import StatusWaits
 from service.validation_pool import ValidationPool
@@ -76,6 +77,8 @@ def create_app(settings: Settings | None = None, *, reaper: bool = True) -> Fast
     app.state.celery = make_celery(settings)
     app.state.metrics = ServiceMetrics()
     install_handlers(app)
+    # innermost of ours: the polls it answers still get a request id and the body limit
+    app.add_middleware(StatusFastPath, status_body=evaluations.status_body, max_wait_s=evaluations.MAX_WAIT_S)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost of ours: a 413 carries its id too
     install_docs(app)

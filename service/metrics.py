@@ -35,6 +35,9 @@ class ServiceMetrics:
         self.submissions = Counter(
             "robustness_submissions", "Evaluations submitted to this gateway", registry=self.registry
         )
+        self.status_polls = Counter(
+            "robustness_status_polls", "Status polls answered: before routing (fast) or by the route",
+            ["path"], registry=self.registry)
         self._seen: set[str] = set()
 
     def submitted(self) -> None:

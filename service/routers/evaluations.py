@@ -291,16 +291,22 @@ async def get_evaluation(
         "many seconds, whichever is first; 0 answers at once"))] = 0,
 ) -> Response:
     """The evaluation's state and progress; poll it (service/status_reads.py keeps it cheap),
-    or long-poll it with ``wait`` (service/status_waits.py)."""
-    status_reads = request.app.state.status
-    body = await status_reads.read(evaluation_id, tenant)
-    if wait > 0:
-        state = json.loads(body)["state"]
-        wait = min(wait, request.app.state.settings.max_status_wait_s)
-        waits = request.app.state.waits
-        if state not in jobs.TERMINAL and await waits.until_changed(evaluation_id, state, wait):
-            body = await status_reads.read(evaluation_id, tenant)
+    or long-poll it with ``wait`` (service/status_waits.py). Polls that need no validation
+    are answered before routing (service/status_fast_path.py), by `status_body` too."""
+    body = await status_body(request.app.state, evaluation_id, tenant, wait)
+    request.app.state.metrics.status_polls.labels("routed").inc()
     return Response(body, media_type="application/json")
+
+
+async def status_body(state, evaluation_id: str, tenant, wait: float) -> bytes:
+    """The JSON status of the tenant's evaluation, after a long poll of ``wait`` seconds."""
+    body = await state.status.read(evaluation_id, tenant)
+    if wait > 0:
+        seen = json.loads(body)["state"]
+        wait = min(wait, state.settings.max_status_wait_s)
+        if seen not in jobs.TERMINAL and await state.waits.until_changed(evaluation_id, seen, wait):
+            body = await state.status.read(evaluation_id, tenant)
+    return body
 
 
 @router.get("/{evaluation_id}/result", response_model=EvaluationResult,
