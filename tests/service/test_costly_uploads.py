@@ -75,7 +75,9 @@ def _upload_model(api, tmp_path, model: onnx.ModelProto, name: str):
 
 
 def test_a_model_too_costly_to_validate_is_refused_while_the_gateway_answers(tmp_path):
-    settings = make_settings(tmp_path / "data", validation_cpu_s=1)
+    # 3 s of validation CPU: a gateway that validated in its own process would stall at least
+    # that long; a busy 2-core machine delays an answer by up to about 1 s (measured 0.99 s)
+    settings = make_settings(tmp_path / "data", validation_cpu_s=3)
     with gateway(settings) as api:
         result = {}
         worker = threading.Thread(
@@ -93,7 +95,7 @@ def test_a_model_too_costly_to_validate_is_refused_while_the_gateway_answers(tmp
         assert refused.status_code == 422, refused.text
         body = refused.json()
         assert body["type"] == "too_costly" and "ROBUSTNESS_VALIDATION_CPU_S" in body["detail"]
-        assert slowest < 0.5, f"the gateway took {slowest:.2f} s to answer while validating"
+        assert slowest < 1.5, f"the gateway took {slowest:.2f} s to answer while validating"
         assert upload(api, "models", MODEL).status_code == 201  # the next upload is validated as usual
 
 
