@@ -7,9 +7,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
 from tests import zoo
+from tests.fixed_batch import expand_to_batch_of_two
 from workers import runtime
 from workers.onnxgrad import InvalidModelError
 from workers.runtime import Classifier, RuntimeOptions
@@ -116,26 +116,17 @@ def test_model_that_hard_codes_its_batch_runs_in_batches_of_that_size(capfd):
     time (the last batch padded), with the results of a model that had a free batch axis, and
     finding that out prints nothing (ONNX Runtime logs a failed run as an error)."""
     rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")
-    shape = numpy_helper.from_array(np.array([2, 3], np.int64), "shape")
-    bias = numpy_helper.from_array(rng.standard_normal((1, 3)).astype(np.float32), "bias")
-    graph = helper.make_graph(
-        [helper.make_node("Expand", ["bias", "shape"], ["b2"]),
-         helper.make_node("MatMul", ["x", "W"], ["h"]),
-         helper.make_node("Add", ["h", "b2"], ["z"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])], [w, shape, bias])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    model, w, bias = expand_to_batch_of_two(rng)
     onnx.checker.check_model(model)
     classifier = Classifier(model, RuntimeOptions(batch_size=64))
     assert classifier.fixed_batch == 2 and classifier.num_classes == 3
     x = rng.standard_normal((5, 4)).astype(np.float32)
     labels = np.array([0, 1, 2, 1, 0])
-    want = x @ numpy_helper.to_array(w) + numpy_helper.to_array(bias)
+    want = x @ w + bias
     np.testing.assert_allclose(classifier.logits(x), want, rtol=1e-5, atol=1e-6)
     logits, loss, grad = classifier.loss_and_grad(x, labels, loss="margin")
     others = np.where(np.eye(3, dtype=bool)[labels], -np.inf, want)
     np.testing.assert_allclose(loss, others.max(1) - want[np.arange(5), labels], rtol=1e-5, atol=1e-5)
-    weights = numpy_helper.to_array(w)
+    weights = w
     np.testing.assert_allclose(grad, (weights[:, others.argmax(1)] - weights[:, labels]).T, rtol=1e-5)
     assert "onnxruntime" not in capfd.readouterr().err

@@ -121,6 +121,12 @@ def _run(session, outputs, feeds, options=None):
         raise
 
 
+def _padded(rows: np.ndarray, size: int) -> np.ndarray:
+    """``rows`` padded to ``size`` rows with copies of the last one (a fixed-batch model's last
+    batch; the padding's outputs are dropped)."""
+    return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)])
+
+
 def _run_bound(session, binding) -> None:
     try:
         session.run_with_iobinding(binding, _RUN_OPTIONS)
@@ -337,9 +343,8 @@ class Classifier:
         for start in range(0, n, step):
             stop = min(start + step, n)
             batch = {name: value[start:stop] for name, value in feeds.items()}
-            if self.fixed_batch and stop - start < step:  # pad with copies of the last row
-                batch = {name: np.concatenate([value, np.repeat(value[-1:], step - len(value), axis=0)])
-                         for name, value in batch.items()}
+            if self.fixed_batch and stop - start < step:
+                batch = {name: _padded(value, step) for name, value in batch.items()}
             results = _run(session, outputs, {**batch, **(constants or {})})
             parts.append([out[:stop - start] for out in results])
         return [np.concatenate(column) for column in zip(*parts, strict=True)] if parts else None
@@ -425,8 +430,8 @@ class Classifier:
         for start in range(0, len(x_adv), size):
             rows = slice(start, min(start + size, len(x_adv)))
             parts = [x_adv[rows], x[rows], labels[rows]]
-            if self.fixed_batch and len(parts[0]) < size:  # padded as _run_batches pads
-                parts = [np.concatenate([p, np.repeat(p[-1:], size - len(p), axis=0)]) for p in parts]
+            if self.fixed_batch and len(parts[0]) < size:
+                parts = [_padded(p, size) for p in parts]
             iterate = placed(parts[0].copy())  # written to by every other step: never the caller's
             spare = ort.OrtValue.ortvalue_from_shape_and_type(parts[0].shape, np.float32, device, 0)
             batches.append([iterate, spare, placed(parts[1]), placed(parts[2]), rows.stop - rows.start])

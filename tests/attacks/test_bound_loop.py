@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from tests import zoo
 from tests.cuda import requires_cuda
+from tests.fixed_batch import expand_to_batch_of_two
 from workers.runtime import Classifier, RunsInterrupted, RuntimeOptions, interrupt_runs, resume_runs
 
 ZOO = ["mlp", "lenet", "vgg", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "squeezenet", "vit",
@@ -46,16 +46,7 @@ def test_the_bound_loop_equals_the_copy_loop_to_the_bit(name):
 def test_a_fixed_batch_model_is_padded_as_the_copy_loop_pads_it():
     # Expand to a constant batch of 2 (tests/test_runtime.py): runs two samples at a time
     rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "W")
-    shape = numpy_helper.from_array(np.array([2, 3], np.int64), "shape")
-    bias = numpy_helper.from_array(rng.standard_normal((1, 3)).astype(np.float32), "bias")
-    graph = helper.make_graph(
-        [helper.make_node("Expand", ["bias", "shape"], ["b2"]),
-         helper.make_node("MatMul", ["x", "W"], ["h"]),
-         helper.make_node("Add", ["h", "b2"], ["z"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])], [w, shape, bias])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    model, _, _ = expand_to_batch_of_two(rng)
     classifier = Classifier(model, RuntimeOptions(batch_size=64))
     assert classifier.fixed_batch == 2
     x, y = rng.random((5, 4), dtype=np.float32), np.array([0, 1, 2, 1, 0])

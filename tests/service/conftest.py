@@ -64,6 +64,16 @@ def env_for(settings: Settings) -> dict[str, str]:
     return env
 
 
+def tenant_headers(settings: Settings, *tenants: str) -> list[dict[str, str]]:
+    """Authorization headers with a new API key for each tenant, in the settings' database."""
+    from infra.database import migrate, session_factory
+    from service.auth import create_key
+
+    migrate(settings.database_url)
+    with session_factory(settings.database_url)() as db:
+        return [{"Authorization": f"Bearer {create_key(db, tenant)}"} for tenant in tenants]
+
+
 def make_settings(data_dir: Path, **overrides) -> Settings:
     values = dict(data_dir=data_dir, lease_s=4, progress_interval_s=0.5, reaper_interval_s=1, ort_threads=1)
     values.update(overrides)

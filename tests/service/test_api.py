@@ -7,9 +7,7 @@ import hashlib
 
 import pytest
 
-from infra.database import migrate, session_factory
-from service.auth import create_key
-from tests.service.conftest import DATA, MODEL, gateway, make_settings, upload
+from tests.service.conftest import DATA, MODEL, gateway, make_settings, tenant_headers, upload
 
 
 def spec(model_id: str, dataset_id: str, **extra) -> dict:
@@ -182,11 +180,9 @@ def test_openapi_docs_are_served(api):
 
 @pytest.fixture
 def two_tenants(settings):
-    migrate(settings.database_url)
-    with session_factory(settings.database_url)() as db:
-        alice, bob = create_key(db, "alice"), create_key(db, "bob")
+    a, b = tenant_headers(settings, "alice", "bob")
     with gateway(settings) as api:
-        yield api, {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+        yield api, a, b
 
 
 def test_keys_are_required_once_one_exists(two_tenants):

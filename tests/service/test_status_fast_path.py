@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import re
 
-from infra.database import migrate, session_factory
-from service.auth import create_key
-from tests.service.conftest import DATA, MODEL, gateway, make_settings, upload
+from tests.service.conftest import DATA, MODEL, gateway, make_settings, tenant_headers, upload
 from tests.service.test_api import spec
 
 
@@ -21,10 +19,7 @@ def _polls(api, path: str) -> float:
 
 def test_fast_polls_answer_what_the_route_answers(tmp_path):
     settings = make_settings(tmp_path / "data")
-    migrate(settings.database_url)
-    with session_factory(settings.database_url)() as db:
-        alice, bob = create_key(db, "alice"), create_key(db, "bob")
-    a, b = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+    a, b = tenant_headers(settings, "alice", "bob")
     with gateway(settings) as api:
         ids = [upload(api, kind, path, headers=a).json()["id"] for kind, path in (("models", MODEL),
                                                                                  ("datasets", DATA))]

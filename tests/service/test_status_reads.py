@@ -10,7 +10,15 @@ import pytest
 from bench import pollers
 from infra.database import migrate, session_factory
 from service.auth import create_key
-from tests.service.conftest import DATA, MODEL, gateway, make_settings, upload, uvicorn_gateway
+from tests.service.conftest import (
+    DATA,
+    MODEL,
+    gateway,
+    make_settings,
+    tenant_headers,
+    upload,
+    uvicorn_gateway,
+)
 from tests.service.test_api import spec
 
 
@@ -53,10 +61,7 @@ def test_hundreds_of_pollers_and_a_small_pool_give_no_error(tmp_path, request, b
 
 def test_a_cancel_is_seen_at_once_and_other_tenants_see_nothing(tmp_path):
     settings = make_settings(tmp_path / "data", status_cache_s=10)  # reads kept 10 s
-    migrate(settings.database_url)
-    with session_factory(settings.database_url)() as db:
-        alice, bob = create_key(db, "alice"), create_key(db, "bob")
-    a, b = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+    a, b = tenant_headers(settings, "alice", "bob")
     with gateway(settings) as api:
         ids = [upload(api, kind, path, headers=a).json()["id"] for kind, path in (("models", MODEL),
                                                                                  ("datasets", DATA))]

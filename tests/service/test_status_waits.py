@@ -14,9 +14,8 @@ import pytest
 
 from infra import jobs
 from infra.database import migrate, session_factory
-from service.auth import create_key
 from service.status_waits import StatusWaits
-from tests.service.conftest import DATA, MODEL, make_settings, upload, uvicorn_gateway
+from tests.service.conftest import DATA, MODEL, make_settings, tenant_headers, upload, uvicorn_gateway
 from tests.service.test_api import spec
 
 
@@ -64,10 +63,7 @@ def test_an_unchanged_job_waits_out_the_wait_and_finished_ones_answer_at_once(tm
 
 def test_other_tenants_and_a_full_waiter_table_answer_at_once(tmp_path):
     settings = make_settings(tmp_path / "data", max_status_waiters=0)
-    migrate(settings.database_url)
-    with session_factory(settings.database_url)() as db:
-        alice, bob = create_key(db, "alice"), create_key(db, "bob")
-    a, b = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+    a, b = tenant_headers(settings, "alice", "bob")
     with uvicorn_gateway(settings) as url, httpx.Client(base_url=url, timeout=60) as client:
         job_id = _queued_job(client, a)
         started = time.monotonic()
