@@ -47,6 +47,9 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(512 * MiB, ge=1024)  # any request; 413 before the handler runs
     max_model_bytes: int = Field(256 * MiB, ge=1024)
+    # a model with data files past this keeps its large tensors in them (workers/onnxgrad/weights.py);
+    # protobuf's 2 GiB limit, lowered only to try that path on small models
+    inline_model_bytes: int = Field(2**31 - 1, ge=1024, le=2**31 - 1)
     max_dataset_bytes: int = Field(512 * MiB, ge=1024)  # the uploaded file
     max_dataset_decoded_bytes: int = Field(2048 * MiB, ge=1024)  # x and y once decoded
     max_samples: int = Field(200_000, ge=1)

@@ -31,6 +31,8 @@ from workers.dataset_files import load_dataset_file
 from workers.datasets import Dataset
 from workers.errors import UserError
 from workers.evaluate import finish, run_unit
+from workers.onnxgrad import InvalidModelError, weights
+from workers.onnxgrad.prepare import load_model
 from workers.plan import EvaluationCancelled, plan
 from workers.report import render_report
 from workers.runtime import RunsInterrupted, RuntimeOptions, interrupt_runs, resume_runs
@@ -192,7 +194,7 @@ def _inputs(db, claim: jobs.Claim, store):
         (job.dataset_sha256, value_range),
         lambda: load_dataset_file(store.local_path(job.dataset_sha256), value_range),
     )
-    return job, spec, model, dataset
+    return job, spec, _with_weights(store, model), dataset  # last: the most recently used in a cache
 
 
 def _run_claimed(sessions, claim: jobs.Claim, watch: _Watch, settings) -> None:
@@ -279,8 +281,25 @@ def _load_extras(store, stored: dict[str, str], spec: EvaluationSpec) -> tuple[d
         if name in fit_keys:
             fit_images[fit_keys[name]] = load_dataset_file(store.local_path(sha), spec.input.range).x
         else:
-            models[name] = store.get_bytes(sha)
+            models[name] = _with_weights(store, store.get_bytes(sha))
     return models, fit_images
+
+
+def _with_weights(store: BlobStore, model: bytes) -> bytes:
+    """``model``, with the data files of a model past protobuf's limit made local (fetched into a
+    remote worker's cache) and the store's root made the weights folder that names them."""
+    if not weights.might_have_external(model):
+        return model
+    for location in weights.locations(load_model(model)):
+        blob = weights.blob_of(location)
+        if blob is None:
+            raise InvalidModelError("the stored model names external data that is not in the store; "
+                                    "upload it again with its data files")
+        root = store.local_path(blob).parents[1]
+        if weights.folder() not in (None, root.resolve()):
+            raise RuntimeError(f"a second weights folder {root} beside {weights.folder()}")
+        weights.set_folder(root)
+    return model
 
 
 def _without_paths(message: str, settings) -> str:

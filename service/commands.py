@@ -8,7 +8,10 @@ is there. Heavy modules are imported when a command runs, not when the parser is
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +25,7 @@ from client.submit_cli import add_image_processing_arguments
 from schemas.evaluation import EvaluationResult, EvaluationSpec
 from service.runner import add_server_parsers
 
-MAX_MODEL_BYTES = 2 << 30
+MAX_MODEL_BYTES = 64 << 30  # the engine's own cap on a model and its data files
 # losses of one label per sample: what `inspect --check` can time on a random batch
 LABEL_LOSSES = ("auto", "cross_entropy", "margin", "dlr", "logit")
 GRADIENT_LOSSES = (*LABEL_LOSSES, "dlr_targeted", "cotangent")  # workers.onnxgrad.LOSSES
@@ -39,16 +42,31 @@ GRADIENT_LOSS_HELP = LOSS_HELP + (
 
 
 def read_model(path: str) -> bytes:
-    """The model at ``path`` as one self-contained model: an .onnx with its external data files
-    next to it (PyTorch's default exporter writes model.onnx.data), or a .zip / .tar.gz bundle."""
-    from workers.onnxgrad.external import self_contained
+    """The model at ``path`` with its external data files next to it (PyTorch's default exporter
+    writes model.onnx.data), or a .zip / .tar.gz bundle: one self-contained model, or past
+    protobuf's 2 GiB the model whose large tensors stay in those files (the weights folder,
+    workers/onnxgrad/weights.py, becomes the model's own folder or the unpacked bundle's)."""
+    from workers.onnxgrad import weights
+    from workers.onnxgrad.external import PathFile, assemble_file
 
     file = Path(path)
     if not file.is_file():
         raise CommandError(f"{path}: no such file")
-    if file.stat().st_size > MAX_MODEL_BYTES:
-        raise CommandError(f"{path}: larger than 2 GiB; protobuf cannot hold one model that large")
-    return self_contained(file, MAX_MODEL_BYTES)
+    data, outside = assemble_file(file, MAX_MODEL_BYTES)
+    if not outside:
+        return data
+    if all(isinstance(f, PathFile) and f.path.parent == file.parent for f in outside.values()):
+        folder = file.parent.resolve()
+    else:  # members of an archive
+        folder = Path(tempfile.mkdtemp(prefix="robustness-weights-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        for name, member in outside.items():
+            (folder / name).write_bytes(member.read(0, member.size))
+    if weights.folder() not in (None, folder):
+        raise CommandError(f"{path}: a second model over 2 GiB with its data files in another folder; put "
+                           "the large models' data files in one folder")
+    weights.set_folder(folder)
+    return data
 
 
 def inspect_model(data: bytes, loss: str) -> dict:

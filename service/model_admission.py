@@ -17,11 +17,12 @@ message says what is wrong and how to fix it and never names a server path.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,10 @@ from workers.onnxgrad import (
     UnsupportedOperatorError,
     build_gradient_model,
     prepare_classifier,
+    weights,
 )
 from workers.onnxgrad.dtypes import HALF
-from workers.onnxgrad.external import PathFile, is_archive, self_contained
+from workers.onnxgrad.external import DataFile, PathFile, assemble_file, is_archive
 from workers.onnxgrad.prepare import image_input, make_batch_dynamic
 
 MiB = 1 << 20
@@ -59,6 +61,7 @@ class ModelInfo:
     operators: dict[str, int]  # operator -> count, after constant folding
     dtype: str = "float32"  # float16 / bfloat16: predictions in it, gradients of its float32 twin
     output_squeezed_from: list | None = None  # the output's own shape when it was [N, K, 1, 1] or such
+    weights: list[str] = field(default_factory=list)  # sha256 of the data files kept outside the model
 
 
 @dataclass
@@ -94,13 +97,20 @@ DEFAULT_MAX_LOOP_ITERATIONS = 100_000
 
 
 def validate_model(path: Path, *, max_bytes: int,
-                   max_loop_iterations: int = DEFAULT_MAX_LOOP_ITERATIONS) -> ModelInfo:
-    """Check an uploaded .onnx file; raises a UserError (workers/errors.py) saying why it is refused."""
+                   max_loop_iterations: int = DEFAULT_MAX_LOOP_ITERATIONS,
+                   weights_outside: bool = False) -> ModelInfo:
+    """Check an uploaded .onnx file; raises a UserError (workers/errors.py) saying why it is refused.
+    ``weights_outside``: the model is one ``validate_model_upload`` assembled, whose large tensors
+    name blobs in the weights folder it set (weights.py); any other external data is refused."""
     data = _read_model_file(Path(path), max_bytes)
     model = _parse_model(data)
-    refuse_external_data(model)  # first: nothing below may follow a path named in the file
+    if weights_outside:
+        _check_outside_locations(model)
+    else:
+        refuse_external_data(model)  # first: nothing below may follow a path named in the file
     for item in _tensors(model):
-        _check_tensor(item)
+        if not (weights_outside and isinstance(item, TensorProto) and weights.is_external(item)):
+            _check_tensor(item)  # an outside tensor's extent was checked when it was assembled
     _check_domains(model)
     opset = _check_opset(model)
     _check_loops(model.graph, max_loop_iterations)
@@ -118,6 +128,7 @@ def validate_model(path: Path, *, max_bytes: int,
             "export the model with a static class axis, logits of shape [N, K]"
         )
     return ModelInfo(
+        weights=[blob for name in weights.locations(model) if (blob := weights.blob_of(name))],
         input_name=prepared.input_name,
         input_shape=[d if isinstance(d, int) else None for d in prepared.input_shape],
         num_classes=int(prepared.num_classes),
@@ -132,7 +143,8 @@ def validate_model(path: Path, *, max_bytes: int,
 
 
 def validate_model_upload(path: Path, data: dict[str, Path], out: Path, *, max_bytes: int,
-                          max_loop_iterations: int = DEFAULT_MAX_LOOP_ITERATIONS) -> tuple[ModelInfo, bool]:
+                          max_loop_iterations: int = DEFAULT_MAX_LOOP_ITERATIONS,
+                          inline_bytes: int | None = None) -> tuple[ModelInfo, bool]:
     """An uploaded model: a plain .onnx, validated as it is ((info, False)); or a model with its
     external data files, or a .zip / .tar.gz bundle of them, made one self-contained model in
     ``out`` and validated there ((info, True)). Data files come only from the upload: nothing is
@@ -145,8 +157,48 @@ def validate_model_upload(path: Path, data: dict[str, Path], out: Path, *, max_b
         raise InvalidModelError("send either a .zip / .tar.gz bundle, or the .onnx file with its data files; "
                                 "not both")
     files = {name: PathFile(file, file.stat().st_size) for name, file in data.items()}
-    out.write_bytes(self_contained(path, max_bytes, files))
-    return validate_model(out, max_bytes=max_bytes, max_loop_iterations=max_loop_iterations), True
+    model, outside = assemble_file(path, max_bytes, files, lambda name, file: weights.blob_location(
+        file_sha256(file)), inline_bytes)
+    out.write_bytes(model)
+    if not outside:
+        return validate_model(out, max_bytes=max_bytes, max_loop_iterations=max_loop_iterations), True
+    folder = outside_weights_folder(out)
+    for location, file in outside.items():
+        weights.place(_local_path(file), folder / location)
+    weights.set_folder(folder)
+    try:
+        return validate_model(out, max_bytes=max_bytes, max_loop_iterations=max_loop_iterations,
+                              weights_outside=True), True
+    finally:
+        weights.set_folder(None)
+
+
+def outside_weights_folder(out: Path) -> Path:
+    """Where ``validate_model_upload`` puts the data files it kept outside the model written to
+    ``out``, as ``<blob location>`` (the caller stores them, then removes the folder)."""
+    return out.with_name(out.name + ".weights")
+
+
+def file_sha256(file: DataFile) -> str:
+    digest = hashlib.sha256()
+    for start in range(0, file.size, 1 << 24):
+        digest.update(file.read(start, min(1 << 24, file.size - start)))
+    return digest.hexdigest()
+
+
+def _local_path(file: DataFile) -> Path:
+    if not isinstance(file, PathFile):  # archive members: written out
+        raise InvalidModelError("a bundle this large must be uploaded as the .onnx file with its data "
+                                "files (multipart `data` parts), not as one archive")
+    return file.path
+
+
+def _check_outside_locations(model: onnx.ModelProto) -> None:
+    for name in weights.locations(model):
+        if weights.blob_of(name) is None:
+            raise InvalidModelError(f"the model names external data {quoted(name)}; upload its data files "
+                                    "with it")
+    weights.check_resolvable(model)
 
 
 def _check_runtime_loads(model: onnx.ModelProto) -> None:
@@ -159,6 +211,7 @@ def _check_runtime_loads(model: onnx.ModelProto) -> None:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # loading is the check
+    weights.configure_session(options)
     try:
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except MODEL_REFUSED as exc:
@@ -451,7 +504,7 @@ def _check_opset(model: onnx.ModelProto) -> int:
 def _check_structure(model: onnx.ModelProto) -> None:
     """onnx.checker and strict shape inference."""
     try:
-        onnx.checker.check_model(model, full_check=False)
+        weights.check_model(model, full_check=False)
     except Exception as exc:  # ValidationError, or errors from the C++ checker
         raise InvalidModelError(f"the model is not valid ONNX: {first_lines(exc)}") from None
     try:

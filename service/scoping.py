@@ -3,7 +3,7 @@ and another tenant's id answers exactly like an id that does not exist."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import String, cast, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -100,3 +100,8 @@ def delete_record(db: Session, store: BlobStore, row) -> None:
     others = db.scalar(select(func.count()).select_from(table).where(table.sha256 == row.sha256))
     if not others:
         store.delete(row.sha256)
+        for blob in (row.info or {}).get("weights", []):  # a large model's data files (weights.py)
+            mentioned = db.scalar(select(func.count()).select_from(table).where(
+                cast(table.info, String).contains(blob)))
+            if not mentioned:
+                store.delete(blob)

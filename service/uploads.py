@@ -1,13 +1,16 @@
 """Receiving an uploaded file: streamed into the blob store's tmp folder while hashed,
 validated there, then moved into the store under its sha256. A model may come with its
 external data files (PyTorch's default exporter writes model.onnx.data): they are received
-the same way, and what is stored is the one self-contained model made of them. A zip of
+the same way, and what is stored is the one self-contained model made of them (past
+protobuf's 2 GiB: the model with its large tensors' data files stored beside it as blobs,
+workers/onnxgrad/weights.py). A zip of
 images that need processing is stored as the uint8 .npz they become."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict
@@ -18,6 +21,8 @@ from fastapi import UploadFile
 
 from infra.blobs import BlobTooLarge, LocalBlobStore, stream_to_file
 from service.errors import ApiError, TooLarge
+from service.model_admission import outside_weights_folder
+from workers.onnxgrad.weights import blob_location
 
 CHUNK = 1 << 20
 # what was found in already stored bytes (service.scoping.validated_info), None when they are new
@@ -106,9 +111,15 @@ async def receive_model(
             received += part_size
         out, handle = stack.enter_context(store.temp_file())
         handle.close()
+        outside = outside_weights_folder(out)
+        stack.callback(shutil.rmtree, outside, ignore_errors=True)
         info, bundled = await validate(path, files, out)
         if bundled:
             path, sha256, size = out, await asyncio.to_thread(sha256_of, out), out.stat().st_size
+        for blob in info.weights:  # a model past protobuf's limit: its large tensors' data files
+            if not store.exists(blob):
+                await asyncio.to_thread(store.put_file, outside / blob_location(blob), blob)
+            size += store.local_path(blob).stat().st_size
         if not store.exists(sha256):
             await asyncio.to_thread(store.put_file, path, sha256)
     return sha256, size, asdict(info)

@@ -22,6 +22,7 @@ from service.model_admission import validate_model_upload
 from tests.service.conftest import gateway, make_settings, upload
 from tests.zoo import export_default, export_onnx, make_model
 from workers.errors import UserError
+from workers.onnxgrad.weights import blob_location
 from workers.runtime import Classifier
 
 LIMIT = 1 << 30
@@ -210,3 +211,10 @@ def test_a_name_clash_is_refused(tmp_path):
         escaping = api.post("/v1/models", files=[("file", ("model.onnx", model)),
                                                  ("data", ("../weights.bin", weights))])
         assert escaping.status_code == 400, escaping.text
+
+
+def test_an_outside_location_a_user_wrote_is_refused(tmp_path):
+    """The blob form is the store's own: a user's model naming it is refused like any path."""
+    location = blob_location("ab" * 32)
+    message = _refused(tmp_path, _external_model(tmp_path, location), {"weights.bin": _weights(tmp_path)})
+    assert "plain file name" in message

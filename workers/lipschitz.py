@@ -44,7 +44,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from scipy.sparse.linalg import svds
 
-from workers.onnxgrad import GradientBuildError, build_vjp_model, prepare_classifier
+from workers.onnxgrad import GradientBuildError, build_vjp_model, prepare_classifier, weights
 from workers.onnxgrad.autodiff import attr
 from workers.onnxgrad.graph import same_dim, static_shape, tensor_types
 from workers.onnxgrad.rules.linear import resolve_pads
@@ -182,7 +182,7 @@ class _Context:
         self.model = model
         self.types = tensor_types(model.graph)
         self.iterations, self.tol, self.seed = iterations, tol, seed
-        self.constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.constants = weights.values(model.graph.initializer)
         for node in model.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
@@ -336,6 +336,7 @@ def _gram_session(ctx: _Context, node: onnx.NodeProto, in_shape: list[int]) -> o
     g.node.insert(after_forward, helper.make_node("Identity", ["y"], ["cotangent"]))
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    weights.configure_session(options)
     return ort.InferenceSession(vjp.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from workers.layout import LAYOUTS, model_layout
+from workers.onnxgrad import weights
 from workers.onnxgrad.dtypes import half_dtype
 from workers.onnxgrad.prepare import image_input, load_model
 
@@ -114,5 +115,5 @@ def compose_preprocessing(
     del graph.node[:]
     graph.node.extend(new_nodes)
     del graph.value_info[:]
-    onnx.checker.check_model(model)
+    weights.check_model(model)
     return model

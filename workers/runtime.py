@@ -21,7 +21,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from workers import memory_budget
 from workers.memory_budget import MiB
-from workers.onnxgrad import InvalidModelError, build_gradient_model, prepare_classifier
+from workers.onnxgrad import InvalidModelError, build_gradient_model, prepare_classifier, weights
 from workers.onnxgrad.dtypes import feed_dtype
 from workers.onnxgrad.losses import LOSS_INPUTS, LOSSES
 
@@ -160,6 +160,7 @@ def new_session(model_bytes: bytes, options: RuntimeOptions):
     so.add_session_config_entry("session.intra_op.allow_spinning",
                                 "1" if options.allow_spinning else "0")
     so.log_severity_level = 3
+    weights.configure_session(so, model_bytes)
     providers = [(p, PROVIDER_OPTIONS[p]) if p in PROVIDER_OPTIONS else p
                  for p in choose_providers(options.providers)]
     try:

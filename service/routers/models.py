@@ -74,7 +74,8 @@ async def upload_model(
         settings.max_model_bytes,
         lambda path, files, out: request.app.state.validation.run(
             "model", partial(validate_model_upload, max_bytes=settings.max_model_bytes,
-                             max_loop_iterations=settings.max_loop_iterations), path, files, out),
+                             max_loop_iterations=settings.max_loop_iterations,
+                             inline_bytes=settings.inline_model_bytes), path, files, out),
         lambda sha256: run_in_threadpool(validated_info, request.app.state.sessions, StoredModel, sha256),
     )
     row, created = await run_in_threadpool(

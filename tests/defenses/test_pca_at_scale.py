@@ -144,3 +144,31 @@ def test_a_gram_too_large_points_to_the_randomized_solver(monkeypatch):
     defense = build_defense("pca", components=30)
     defense.fit(x)
     assert defense.solver_used == "randomized"
+
+
+def test_a_projection_that_would_pass_2_gib_is_kept_outside_the_composed_model(monkeypatch, tmp_path):
+    """At 224x224 the kept components (5,964 x 150,528 float32: 3.6 GB) cannot sit in one
+    protobuf; past the inline limit (lowered here) they go to a file of the weights folder named
+    by their sha256, and the composed model's logits and gradients are unchanged."""
+    from tests.defenses.conftest import EXAMPLES
+    from workers.onnxgrad import weights
+    from workers.runtime import Classifier
+
+    model = (EXAMPLES / "digits-cnn.onnx").read_bytes()
+    x = spectrum_images(200, seed=3)[:, :1, :28, :28]
+    defense = build_defense("pca", components=40)
+    defense.fit(x)
+    inside = defense.compose(model)
+    monkeypatch.setenv("ROBUSTNESS_INLINE_MODEL_BYTES", str(len(model) + 1000))
+    monkeypatch.setattr(weights, "_folder", tmp_path.resolve())
+    outside = defense.compose(model)
+    kept = [t for t in outside.graph.initializer if weights.is_external(t)]
+    assert [t.name for t in kept] == ["defense/pca/components"]
+    stored = tmp_path / weights.locations(outside)[0]
+    assert stored.read_bytes() == defense.components.astype(np.float32).tobytes()
+    assert outside.ByteSize() < inside.ByteSize() - defense.components.nbytes // 2
+    ours, theirs = Classifier(outside), Classifier(inside)
+    labels = np.arange(16) % 10
+    np.testing.assert_allclose(ours.logits(x[:16]), theirs.logits(x[:16]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.loss_and_grad(x[:16], labels, "cross_entropy")[2],
+                               theirs.loss_and_grad(x[:16], labels, "cross_entropy")[2], rtol=1e-4, atol=1e-6)

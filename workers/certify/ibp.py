@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from workers.onnxgrad import weights
 from workers.onnxgrad.errors import InvalidModelError
 from workers.onnxgrad.graph import GraphBuilder, static_shape, tensor_types
 from workers.onnxgrad.prepare import PreparedClassifier, prepare_classifier
@@ -62,7 +63,7 @@ class _Builder:
         graph = self.model.graph
         taken = {t for n in graph.node for t in (*n.input, *n.output)} | {i.name for i in graph.initializer}
         self.g = GraphBuilder(prepared.opset, taken, prefix="ibp/")
-        self.constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        self.constants = weights.values(graph.initializer)
         for node in graph.node:  # Constant nodes that constant folding left in place
             value = next((a.t for a in node.attribute if a.name == "value"), None)
             if node.op_type == "Constant" and value is not None \

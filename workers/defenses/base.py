@@ -27,6 +27,7 @@ from onnx import helper
 from workers.attacks.base import check
 from workers.datasets import Images
 from workers.errors import InvalidParameter, UserError
+from workers.onnxgrad import weights
 from workers.onnxgrad.dtypes import half_dtype
 from workers.onnxgrad.prepare import image_input, load_model, normalise_opset
 
@@ -231,7 +232,7 @@ def prepend_stage(model: onnx.ModelProto, x: onnx.ValueInfoProto, nodes: list[on
     graph.node.extend(new_nodes)
     graph.initializer.extend(initializers)
     del graph.value_info[:]
-    onnx.checker.check_model(model)
+    weights.check_model(model)
     return model
 
 

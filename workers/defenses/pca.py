@@ -40,6 +40,8 @@ from onnx import numpy_helper
 
 from workers.attacks.base import check, check_positive
 from workers.datasets import Images, Pixels
+from workers.onnxgrad import weights
+from workers.onnxgrad.external import inline_limit
 
 from .base import (
     Defense,
@@ -171,7 +173,11 @@ class PCA(Defense):
         if self.clip is not None:
             constants["low"] = np.array(self.clip[0], np.float32)
             constants["high"] = np.array(self.clip[1], np.float32)
-        initializers = [numpy_helper.from_array(v, p + k) for k, v in constants.items()]
+        initializers = [numpy_helper.from_array(v, p + k) for k, v in constants.items() if k != "components"]
+        if model.ByteSize() + self.components.nbytes > inline_limit():  # 224x224, thousands of components
+            initializers.append(weights.write_outside(self.components, p + "components"))
+        else:
+            initializers.append(numpy_helper.from_array(self.components, p + "components"))
         nodes = [
             node("Reshape", [x.name, p + "flat_shape"], p + "flat", p),
             node("Sub", [p + "flat", p + "mean"], p + "centred", p),

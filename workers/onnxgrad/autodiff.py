@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import weights
 from .errors import UnsupportedNode, UnsupportedOperatorError
 from .graph import (
     FLOAT_TYPES,
@@ -70,9 +71,7 @@ class Context:
         self.graph = graph
         self._types = tensor_types(graph)
         self._active = active
-        self._constants: dict[str, np.ndarray] = {
-            init.name: numpy_helper.to_array(init) for init in graph.initializer
-        }
+        self._constants = weights.values(graph.initializer)
         self._producers = {out: node for node in graph.node for out in node.output if out}
         for node in graph.node:
             if node.op_type == "Constant" and len(node.output) == 1:
@@ -121,8 +120,15 @@ class Context:
         return tp.tensor_type.elem_type if tp is not None else None
 
     def constant(self, name: str) -> np.ndarray | None:
-        """The value of an initializer or Constant output, else None."""
+        """The value of an initializer or Constant output, else None (also for a weight kept
+        outside the model: weights.py; a rule then emits graph operators on it, not a copy)."""
+        if self._constants.is_external(name):
+            return None
         return self._constants.get(name)
+
+    def is_external(self, name: str) -> bool:
+        """Whether ``name`` is a weight kept outside the model (weights.py)."""
+        return self._constants.is_external(name)
 
     def producer(self, name: str) -> onnx.NodeProto | None:
         """The forward node that outputs ``name`` (None for inputs and initializers)."""

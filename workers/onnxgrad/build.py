@@ -5,7 +5,10 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from . import rules  # noqa: F401  (fills the registry)
+from . import (
+    rules,  # noqa: F401  (fills the registry)
+    weights,
+)
 from .autodiff import differentiate
 from .errors import InvalidModelError
 from .graph import GraphBuilder, opset_of, tensor_types
@@ -82,7 +85,7 @@ def _assemble(
         new_graph, opset_imports=list(source.opset_import), ir_version=source.ir_version,
         producer_name="robustness-service.onnxgrad",
     )
-    onnx.checker.check_model(model)
+    weights.check_model(model)
     return model
 
 

@@ -83,8 +83,22 @@ def _widen_node(node: onnx.NodeProto) -> None:
 
 
 def _widen_graph(graph: onnx.GraphProto) -> None:
+    casts = []
     for tensor in graph.initializer:
-        _widen_tensor(tensor)
+        if tensor.data_type in HALF and tensor.data_location == TensorProto.EXTERNAL:
+            # a weight kept outside the model (weights.py) stays as it is; a Cast widens it in the graph
+            half = f"{tensor.name}/{HALF[tensor.data_type]}"
+            casts.append(helper.make_node("Cast", [half], [tensor.name], to=TensorProto.FLOAT,
+                                          name=f"widen/{tensor.name}"))
+            graph.value_info.append(helper.make_tensor_value_info(tensor.name, TensorProto.FLOAT,
+                                                                  list(tensor.dims)))
+            tensor.name = half
+        else:
+            _widen_tensor(tensor)
+    if casts:
+        nodes = casts + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
     for value in (*graph.input, *graph.output, *graph.value_info):
         _widen_type(value)
     for node in graph.node:

@@ -9,17 +9,19 @@ the model: every ``location`` must be the plain name of a file in the bundle (no
 length are checked against its file's size and against the tensor's own size before a byte is
 read. The result is one self-contained model, stored and hashed as one unit.
 
-Protobuf cannot serialise a model of 2 GiB or more, so such a model is refused here with a
-message saying so; the rest of the engine works on serialised models.
+Protobuf cannot serialise a model of 2 GiB or more. A bundle past ``inline_limit()`` keeps its
+large tensors in their data files (``assemble``), and the engine reads them from the process's
+weights folder (weights.py).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
 import tarfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -28,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from . import weights
 from .errors import InvalidModelError
 from .prepare import all_tensors, load_model
 
@@ -113,47 +116,120 @@ def _expected_bytes(tensor: TensorProto) -> int | None:
     return count * itemsize
 
 
+def inline_limit() -> int:
+    """Bundles up to this many bytes become one self-contained model; larger ones keep their large
+    tensors outside (weights.py). Protobuf's limit unless ``ROBUSTNESS_INLINE_MODEL_BYTES`` sets
+    less (tests use it to run the outside path on small models)."""
+    try:
+        return min(int(os.environ.get("ROBUSTNESS_INLINE_MODEL_BYTES", PROTOBUF_LIMIT)), PROTOBUF_LIMIT)
+    except ValueError:
+        return PROTOBUF_LIMIT
+
+
+@dataclass
+class Extent:
+    """Where one external tensor's bytes are, checked against its data file and its own size."""
+
+    tensor: TensorProto
+    location: str
+    offset: int
+    length: int
+
+
+def _extent(tensor: TensorProto, files: Mapping[str, DataFile]) -> Extent:
+    location = _location(tensor)
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    if location not in files:
+        given = ", ".join(sorted(files)) or "none"
+        raise InvalidModelError(
+            f"tensor {tensor.name!r} keeps its data in {location!r}, which was not given (data files "
+            f"given: {given}); upload it with the model, or put it next to the .onnx file"
+        )
+    file = files[location]
+    try:
+        offset = int(entries.get("offset", "0"))
+        length = int(entries["length"]) if "length" in entries else file.size - offset
+    except ValueError:
+        raise InvalidModelError(f"tensor {tensor.name!r}: its offset or length is not an integer") from None
+    if offset < 0 or length < 0 or offset + length > file.size:
+        raise InvalidModelError(
+            f"tensor {tensor.name!r} reads bytes {offset}..{offset + length} of {location!r}, which has "
+            f"{file.size} bytes; the data file does not belong to this model (export them together)"
+        )
+    expected = _expected_bytes(tensor)
+    if expected is not None and length != expected:
+        raise InvalidModelError(
+            f"tensor {tensor.name!r} is {list(tensor.dims)} of type "
+            f"{TensorProto.DataType.Name(tensor.data_type)}, {expected} bytes, but its external data "
+            f"has {length}; the data file does not belong to this model"
+        )
+    return Extent(tensor, location, offset, length)
+
+
+def _bring_in(extent: Extent, file: DataFile) -> None:
+    extent.tensor.raw_data = file.read(extent.offset, extent.length)
+    del extent.tensor.external_data[:]
+    extent.tensor.data_location = TensorProto.DEFAULT
+
+
 def internalize(model: onnx.ModelProto, files: Mapping[str, DataFile], max_bytes: int) -> onnx.ModelProto:
     """``model`` (in place) with every external tensor's bytes read from ``files`` into it."""
-    total = model.ByteSize()
-    for tensor in list(external_tensors(model)):
-        location = _location(tensor)
-        entries = {entry.key: entry.value for entry in tensor.external_data}
-        if location not in files:
-            given = ", ".join(sorted(files)) or "none"
-            raise InvalidModelError(
-                f"tensor {tensor.name!r} keeps its data in {location!r}, which was not given (data files "
-                f"given: {given}); upload it with the model, or put it next to the .onnx file"
-            )
-        file = files[location]
-        try:
-            offset = int(entries.get("offset", "0"))
-            length = int(entries["length"]) if "length" in entries else file.size - offset
-        except ValueError:
-            raise InvalidModelError(
-                f"tensor {tensor.name!r}: its offset or length is not an integer") from None
-        if offset < 0 or length < 0 or offset + length > file.size:
-            raise InvalidModelError(
-                f"tensor {tensor.name!r} reads bytes {offset}..{offset + length} of {location!r}, which has "
-                f"{file.size} bytes; the data file does not belong to this model (export them together)"
-            )
-        expected = _expected_bytes(tensor)
-        if expected is not None and length != expected:
-            raise InvalidModelError(
-                f"tensor {tensor.name!r} is {list(tensor.dims)} of type "
-                f"{TensorProto.DataType.Name(tensor.data_type)}, {expected} bytes, but its external data "
-                f"has {length}; the data file does not belong to this model"
-            )
-        total += length
-        if total > min(max_bytes, PROTOBUF_LIMIT):
-            raise InvalidModelError(
-                f"the model with its data files is larger than {min(max_bytes, PROTOBUF_LIMIT)} bytes "
-                "(the size limit, or protobuf's 2 GiB for one model); make it smaller"
-            )
-        tensor.raw_data = file.read(offset, length)
-        del tensor.external_data[:]
-        tensor.data_location = TensorProto.DEFAULT
+    extents = [_extent(tensor, files) for tensor in list(external_tensors(model))]
+    _check_total(model.ByteSize() + sum(e.length for e in extents), min(max_bytes, PROTOBUF_LIMIT))
+    for extent in extents:
+        _bring_in(extent, files[extent.location])
     return model
+
+
+def _check_total(total: int, limit: int) -> None:
+    if total > limit:
+        raise InvalidModelError(
+            f"the model with its data files is {total} bytes, larger than {limit} bytes (the model size "
+            "limit); make it smaller, or raise the limit (ROBUSTNESS_MAX_MODEL_BYTES on a server)")
+
+
+@dataclass
+class Assembled:
+    """A model and its data files: self-contained (``outside`` empty), or, past the inline limit,
+    its large tensors left in data files, named in the model by the keys of ``outside``."""
+
+    model: onnx.ModelProto
+    outside: dict[str, DataFile]
+
+
+def assemble(model: onnx.ModelProto, files: Mapping[str, DataFile], max_bytes: int,
+             name_outside: Callable[[str, DataFile], str] = lambda name, file: name,
+             inline_bytes: int | None = None) -> Assembled:
+    """``model`` (in place) with its data files: all of it inside when the whole fits the inline
+    limit (``inline_bytes``, None: ``inline_limit()``); otherwise tensors under
+    ``weights.INLINE_TENSOR_BYTES`` inside and the rest outside, their locations renamed by
+    ``name_outside(location, file)`` (a worker's blob path, say)."""
+    extents = [_extent(tensor, files) for tensor in list(external_tensors(model))]
+    total = model.ByteSize() + sum(e.length for e in extents)
+    _check_total(total, max_bytes)
+    if total <= (inline_limit() if inline_bytes is None else inline_bytes):
+        for extent in extents:
+            _bring_in(extent, files[extent.location])
+        return Assembled(model, {})
+    outside: dict[str, DataFile] = {}
+    renamed: dict[str, str] = {}
+    for extent in extents:
+        file = files[extent.location]
+        if extent.length < weights.INLINE_TENSOR_BYTES:
+            _bring_in(extent, file)
+            continue
+        if extent.location not in renamed:
+            renamed[extent.location] = name_outside(extent.location, file)
+        outside[renamed[extent.location]] = file
+        entries = {"location": renamed[extent.location], "offset": str(extent.offset),
+                   "length": str(extent.length)}
+        del extent.tensor.external_data[:]
+        for key, value in entries.items():
+            extent.tensor.external_data.add(key=key, value=value)
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        raise InvalidModelError("the model's graph and small tensors alone pass protobuf's 2 GiB; "
+                                "keep more of its tensors in data files")
+    return Assembled(model, outside)
 
 
 def files_next_to(model_path: Path, names: list[str]) -> dict[str, DataFile]:
@@ -271,10 +347,13 @@ def _check_count(count: int) -> None:
             f"the bundle holds more than {_ARCHIVE_MEMBERS} files; put one model and its data files in it")
 
 
-def self_contained(path: Path, max_bytes: int, data_files: Mapping[str, DataFile] | None = None) -> bytes:
-    """The model at ``path`` as one self-contained model: an .onnx whose data files are
+def assemble_file(path: Path, max_bytes: int, data_files: Mapping[str, DataFile] | None = None,
+                  name_outside: Callable[[str, DataFile], str] = lambda name, file: name,
+                  inline_bytes: int | None = None) -> tuple[bytes, dict[str, DataFile]]:
+    """The model at ``path`` with its data files (``assemble``): an .onnx whose data files are
     ``data_files`` (None: the files next to it, on the command line only), or a .zip or .tar.gz
-    bundle. A model without external data comes back byte for byte."""
+    bundle. Returns the model's bytes and the data files left outside it (by the names the
+    model now gives them). A model without external data comes back byte for byte."""
     with path.open("rb") as handle:
         if is_archive(handle.read(4)):
             handle.seek(0)
@@ -285,6 +364,16 @@ def self_contained(path: Path, max_bytes: int, data_files: Mapping[str, DataFile
     model = load_model(data)
     names = data_file_names(model)
     if not names:
-        return data
+        return data, {}
     files = data_files if data_files is not None else files_next_to(path, names)
-    return internalize(model, files, max_bytes).SerializeToString()
+    assembled = assemble(model, files, max_bytes, name_outside, inline_bytes)
+    return assembled.model.SerializeToString(), assembled.outside
+
+
+def self_contained(path: Path, max_bytes: int, data_files: Mapping[str, DataFile] | None = None) -> bytes:
+    """The model at ``path`` as one self-contained model (see ``assemble_file``); refused past
+    the inline limit."""
+    data, outside = assemble_file(path, max_bytes, data_files)
+    if outside:
+        raise InvalidModelError("the model with its data files is too large for one self-contained model")
+    return data

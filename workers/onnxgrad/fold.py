@@ -12,6 +12,7 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from . import weights
 from .graph import all_static, static_shape, tensor_types
 
 _NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -22,7 +23,7 @@ _MAX_FOLDED_ELEMENTS = 1 << 24
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose input-independent nodes are replaced by initializers."""
     graph = model.graph
-    known = {i.name for i in graph.initializer}
+    known = {i.name for i in graph.initializer if not weights.is_external(i)}  # weights outside stay
     foldable: list[onnx.NodeProto] = []
     for node in graph.node:
         if (node.domain in ("", "ai.onnx") and node.op_type not in _NEVER_FOLD
@@ -40,7 +41,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
     used_inits = {i for n in foldable for i in n.input}
-    known_values = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name in used_inits}
+    known_values = {i.name: weights.array(i) for i in graph.initializer if i.name in used_inits}
     evaluated = _evaluate_within_budget(foldable, known_values, model)
     if evaluated is None:  # too large, or something the reference cannot evaluate: left unfolded
         return model
@@ -106,7 +107,7 @@ def fold_static_shape_reads(model: onnx.ModelProto) -> bool:
     """
     graph = model.graph
     types = tensor_types(graph)
-    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    constants = weights.values(graph.initializer)
     shapes: dict[str, tuple] = {}
     changed = False
     for position, node in enumerate(graph.node):

@@ -15,6 +15,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
 
+from . import weights
 from .autodiff import attr
 from .dtypes import HALF, float32_twin, forward_model, half_dtype, half_inside
 from .errors import InvalidModelError
@@ -100,13 +101,14 @@ def all_tensors(graph: onnx.GraphProto):
 
 
 def refuse_external_data(model: onnx.ModelProto) -> None:
+    """External data only where it resolves inside the weights folder (weights.py): a model over
+    protobuf's 2 GiB limit, whose data files were given with it."""
+    weights.check_resolvable(model)
     for tensor in all_tensors(model.graph):
-        if tensor.data_location == TensorProto.EXTERNAL or tensor.external_data:
+        if tensor.external_data and not weights.is_external(tensor):
             raise InvalidModelError(
-                f"tensor {tensor.name!r} refers to external data; external data is refused. "
-                "Save the model with all tensors inside the file "
-                "(onnx.save_model(model, path, save_as_external_data=False))"
-            )
+                f"tensor {tensor.name!r} has external data entries but keeps its data inside the file; "
+                "export the model again")
 
 
 def normalise_opset(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -185,7 +187,7 @@ def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> int | None:
     for node in graph.node:
         if node.op_type != "Reshape" or node.input[1] not in initializers:
             continue
-        shape = numpy_helper.to_array(initializers[node.input[1]]).copy()
+        shape = weights.array(initializers[node.input[1]]).copy()
         if shape.size == 0 or shape[0] != fixed:
             continue
         shape[0] = -1 if -1 not in shape[1:] else 0
@@ -211,7 +213,7 @@ def prepare_classifier(
     refuse_external_data(model)
     model = normalise_opset(model)
     try:
-        onnx.checker.check_model(model)
+        weights.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise InvalidModelError(f"the model is not valid ONNX: {str(exc).splitlines()[0]}") from None
     x = image_input(model)

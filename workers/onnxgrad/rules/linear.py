@@ -35,7 +35,11 @@ def matmul(ctx, node, dy):
             grads[1] = unbroadcast(ctx, g.op("Mul", dy_col, a), b, out_shape=ctx.shape(a))
         return grads
     y_shape = ctx.shape(y)
-    if ctx.needs(a):
+    if ctx.needs(a) and ra == rb == 2 and ctx.is_external(b):
+        # a weight outside the model (over 2 GiB): a Transpose of it would be folded into a second
+        # copy by ONNX Runtime; Gemm reads it transposed in place
+        grads[0] = g.op("Gemm", dy[0], b, transB=1)
+    elif ctx.needs(a):
         da = g.op("MatMul", dy[0], _swap_last_two(ctx, b, rb))
         a_shape = ctx.shape(a)
         out_shape = None if y_shape is None or a_shape is None else y_shape[:-2] + a_shape[-2:]
