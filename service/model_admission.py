@@ -157,12 +157,14 @@ def validate_model_upload(path: Path, data: dict[str, Path], out: Path, *, max_b
         raise InvalidModelError("send either a .zip / .tar.gz bundle, or the .onnx file with its data files; "
                                 "not both")
     files = {name: PathFile(file, file.stat().st_size) for name, file in data.items()}
+    folder = outside_weights_folder(out)
+    spill = folder / "bundle"  # an archive's members, streamed out of it (removed with the folder)
+    spill.mkdir(parents=True, exist_ok=True)
     model, outside = assemble_file(path, max_bytes, files, lambda name, file: weights.blob_location(
-        file_sha256(file)), inline_bytes)
+        file_sha256(file)), inline_bytes, spill)
     out.write_bytes(model)
     if not outside:
         return validate_model(out, max_bytes=max_bytes, max_loop_iterations=max_loop_iterations), True
-    folder = outside_weights_folder(out)
     for location, file in outside.items():
         weights.place(_local_path(file), folder / location)
     weights.set_folder(folder)
@@ -187,9 +189,7 @@ def file_sha256(file: DataFile) -> str:
 
 
 def _local_path(file: DataFile) -> Path:
-    if not isinstance(file, PathFile):  # archive members: written out
-        raise InvalidModelError("a bundle this large must be uploaded as the .onnx file with its data "
-                                "files (multipart `data` parts), not as one archive")
+    assert isinstance(file, PathFile), "the upload's data files and an archive's spilled members are files"
     return file.path
 
 

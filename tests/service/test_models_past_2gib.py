@@ -8,6 +8,8 @@ weight over weights.INLINE_TENSOR_BYTES; tests/test_huge_model.py builds a real 
 from __future__ import annotations
 
 import hashlib
+import io
+import tarfile
 
 import numpy as np
 import onnx
@@ -33,6 +35,16 @@ def wide(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wide")
     export_default(module, (1, 28, 28), folder / "wide.onnx")
     return folder, export_onnx(module, (1, 28, 28)).SerializeToString()
+
+
+def _tar_gz(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -88,6 +100,10 @@ def test_past_the_inline_limit_the_service_stores_the_data_files_as_blobs(wide, 
         again = api.post("/v1/models", files=[("file", ("wide.onnx", model)),
                                               ("data", ("wide.onnx.data", data))])
         assert again.status_code == 200 and again.json()["id"] == record["id"]
+        bundle = api.post("/v1/models", files={"file": ("wide.tar.gz", _tar_gz({"wide.onnx": model,
+                                                                                 "wide.onnx.data": data}))})
+        assert bundle.status_code == 200 and bundle.json()["id"] == record["id"], bundle.text
+        assert sorted(p.name for p in (settings.blob_dir / "tmp").iterdir()) == []  # nothing left behind
         dataset = upload(api, "datasets", DATA).json()
         job = api.post("/v1/evaluations", json={**spec, "model_id": record["id"],
                                                 "dataset_id": dataset["id"]}).json()

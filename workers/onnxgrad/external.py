@@ -24,7 +24,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol
 
 import numpy as np
 import onnx
@@ -247,25 +247,28 @@ def files_next_to(model_path: Path, names: list[str]) -> dict[str, DataFile]:
     return found
 
 
-def read_archive(handle: BinaryIO, max_bytes: int) -> tuple[str, bytes, dict[str, DataFile]]:
+def read_archive(handle: BinaryIO, max_bytes: int, spill: Path | None = None
+                 ) -> tuple[str, bytes, dict[str, DataFile]]:
     """(the .onnx member's name, its bytes, the other members) of a .zip or .tar.gz bundle:
-    regular files with plain names only, at most ``max_bytes`` unpacked in all."""
+    regular files with plain names only, at most ``max_bytes`` unpacked in all. The other
+    members are held in memory, or with ``spill`` (an empty folder) streamed into files there."""
     start = handle.read(4)
     handle.seek(0)
+    sink = _Members(max_bytes, spill)
     if start.startswith(b"PK\x03\x04"):
-        members = _zip_members(handle, max_bytes)
+        _zip_members(handle, sink)
     elif start.startswith(b"\x1f\x8b"):
-        members = _tar_members(handle, max_bytes)
+        _tar_members(handle, sink)
     else:
         raise InvalidModelError("not a .zip or .tar.gz bundle")
-    models = [name for name in members if name.endswith(".onnx")]
+    models = [name for name in sink.files if name.endswith(".onnx")]
     if len(models) != 1:
         raise InvalidModelError(
             f"the bundle holds {len(models)} .onnx files ({', '.join(models) or 'none'}); put exactly one "
             "model and its data files at the top of the archive"
         )
-    model = members.pop(models[0])
-    return models[0], model, {name: BytesFile(data) for name, data in members.items()}
+    model = sink.files.pop(models[0])
+    return models[0], model.read(0, model.size), sink.files
 
 
 def is_archive(start: bytes) -> bool:
@@ -281,38 +284,57 @@ def _member_name(name: str) -> str:
     return name
 
 
-def _zip_members(handle: BinaryIO, max_bytes: int) -> dict[str, bytes]:
+class _Members:
+    """The bundle's members as they are read: names checked, sizes within the budget, bytes in
+    memory or (``spill``) in files."""
+
+    def __init__(self, max_bytes: int, spill: Path | None):
+        self.max_bytes, self.budget, self.spill = max_bytes, max_bytes, spill
+        self.files: dict[str, DataFile] = {}
+
+    def add(self, name: str, declared: int, reader: IO[bytes]) -> None:
+        if name in self.files:
+            raise InvalidModelError(f"the bundle holds {name!r} twice")
+        _check_count(len(self.files) + 1)
+        if declared > self.budget:
+            raise _too_large(self.max_bytes)
+        file: DataFile
+        if self.spill is None or name.endswith(".onnx"):
+            data = reader.read(declared + 1)
+            size, file = len(data), BytesFile(data)
+        else:
+            path = self.spill / name
+            size = 0
+            with path.open("xb") as out:
+                while size <= declared and (chunk := reader.read(min(1 << 22, declared + 1 - size))):
+                    out.write(chunk)
+                    size += len(chunk)
+            file = PathFile(path, size)
+        if size != declared:
+            raise InvalidModelError(f"the bundle's member {name!r} is not the size its header declares")
+        self.budget -= size
+        self.files[name] = file
+
+
+def _zip_members(handle: BinaryIO, sink: _Members) -> None:
     try:
         archive = zipfile.ZipFile(handle)
     except zipfile.BadZipFile as exc:
         raise InvalidModelError(f"the bundle is not a readable .zip ({exc})") from None
     infos = [info for info in archive.infolist() if not info.is_dir()]
     _check_count(len(infos))
-    members: dict[str, bytes] = {}
-    budget = max_bytes
     for info in infos:
         name = _member_name(info.filename)
         if (info.external_attr >> 16) & 0o170000 == 0o120000:
             raise InvalidModelError(f"the bundle's member {name!r} is a symbolic link; bundle regular files")
-        if name in members:
-            raise InvalidModelError(f"the bundle holds {name!r} twice")
-        if info.file_size > budget:
-            raise _too_large(max_bytes)
         try:
             with archive.open(info) as member:
-                data = member.read(info.file_size + 1)
+                sink.add(name, info.file_size, member)
         except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
             raise InvalidModelError(f"the bundle's member {name!r} cannot be read ({exc})") from None
-        if len(data) != info.file_size:
-            raise InvalidModelError(f"the bundle's member {name!r} is not the size its header declares")
-        budget -= len(data)
-        members[name] = data
-    return members
 
 
-def _tar_members(handle: BinaryIO, max_bytes: int) -> dict[str, bytes]:
-    members: dict[str, bytes] = {}
-    budget = max_bytes
+def _tar_members(handle: BinaryIO, sink: _Members) -> None:
     try:
         with tarfile.open(fileobj=handle, mode="r:gz") as archive:
             for info in archive:
@@ -323,18 +345,10 @@ def _tar_members(handle: BinaryIO, max_bytes: int) -> dict[str, bytes]:
                     raise InvalidModelError(
                         f"the bundle's member {name!r} is not a regular file (a link or device); "
                         "bundle regular files")
-                if name in members:
-                    raise InvalidModelError(f"the bundle holds {name!r} twice")
-                _check_count(len(members) + 1)
-                if info.size > budget:
-                    raise _too_large(max_bytes)
                 extracted = archive.extractfile(info)
-                data = extracted.read() if extracted is not None else b""
-                budget -= len(data)
-                members[name] = data
+                sink.add(name, info.size, extracted if extracted is not None else io.BytesIO())
     except (tarfile.TarError, EOFError, OSError, io.UnsupportedOperation) as exc:
         raise InvalidModelError(f"the bundle is not a readable .tar.gz ({exc})") from None
-    return members
 
 
 def _too_large(max_bytes: int) -> InvalidModelError:
@@ -349,15 +363,17 @@ def _check_count(count: int) -> None:
 
 def assemble_file(path: Path, max_bytes: int, data_files: Mapping[str, DataFile] | None = None,
                   name_outside: Callable[[str, DataFile], str] = lambda name, file: name,
-                  inline_bytes: int | None = None) -> tuple[bytes, dict[str, DataFile]]:
+                  inline_bytes: int | None = None, spill: Path | None = None
+                  ) -> tuple[bytes, dict[str, DataFile]]:
     """The model at ``path`` with its data files (``assemble``): an .onnx whose data files are
     ``data_files`` (None: the files next to it, on the command line only), or a .zip or .tar.gz
-    bundle. Returns the model's bytes and the data files left outside it (by the names the
-    model now gives them). A model without external data comes back byte for byte."""
+    bundle (its data members in memory, or in files in the empty folder ``spill``). Returns the
+    model's bytes and the data files left outside it (by the names the model now gives them). A
+    model without external data comes back byte for byte."""
     with path.open("rb") as handle:
         if is_archive(handle.read(4)):
             handle.seek(0)
-            _, data, data_files = read_archive(handle, max_bytes)
+            _, data, data_files = read_archive(handle, max_bytes, spill)
         else:
             handle.seek(0)
             data = handle.read()
