@@ -111,3 +111,27 @@ def test_no_float_kernel_of_the_gradient_graph_falls_back_to_the_cpu(name, tmp_p
     on_cpu = _cpu_kernels(grad.SerializeToString(), feeds, tmp_path)
     floats = [k for k in on_cpu if any(t not in ("int64", "bool") for t in k[2])]
     assert not floats, floats
+
+
+def test_a_float16_model_runs_natively_on_the_gpu(tmp_path):
+    """Predictions of a float16 model run in float16 on the GPU (no float16 kernel falls back to
+    the CPU, which computes some layers in float32) and equal the file's own session on CUDA;
+    gradients are the float32 twin's, as on the CPU."""
+    from tests.test_model_files import as_half, with_rounded_weights
+
+    model = zoo.export("lenet")
+    half = as_half(model)
+    x = np.random.default_rng(0).random((16, *zoo.input_shape("lenet")), dtype=np.float32)
+    labels = np.arange(16) % zoo.NUM_CLASSES
+    gpu = Classifier(half.SerializeToString(), RuntimeOptions(providers=(runtime.CUDA, runtime.CPU)))
+    assert gpu.dtype == "float16" and gpu.device == "cuda"
+    own = ort.InferenceSession(half.SerializeToString(), providers=[runtime.CUDA])
+    expected = own.run(None, {own.get_inputs()[0].name: x.astype(np.float16)})[0].astype(np.float32)
+    np.testing.assert_array_equal(gpu.logits(x), expected)
+    feeds = {half.graph.input[0].name: x.astype(np.float16)}
+    on_cpu = _cpu_kernels(half.SerializeToString(), feeds, tmp_path)
+    assert not [k for k in on_cpu if "float16" in k[2]], on_cpu
+    twin = Classifier(with_rounded_weights(model).SerializeToString(),
+                      RuntimeOptions(providers=(runtime.CPU,)))
+    assert _relative(gpu.loss_and_grad(x, labels, "cross_entropy")[2],
+                     twin.loss_and_grad(x, labels, "cross_entropy")[2]) < 1e-4
