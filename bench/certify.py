@@ -7,8 +7,9 @@ the model's own forward pass, on the small zoo, in this one process.
 Per model (tests.zoo, exported with a symbolic batch axis, seeded weights) it times, on the
 same --batch random images, Classifier.logits (the forward pass) and IntervalBounds.certify
 with each method (ibp: lower and upper bounds of every layer, the margins through the last
-layer; crown_ibp: that, then the linear relaxation backwards from the margins), in interleaved
-rounds, and prints the median times and their ratio, and the share of samples certified at
+layer; crown_ibp: that, then the linear relaxation backwards from the margins; crown: full CROWN,
+every relaxed operator's input bounded backwards too where small enough), in interleaved rounds,
+and prints the median times and their ratio, and the share of samples certified at
 --eps (of a model with random weights: a check that the bounds ran, not a robustness figure).
 auto_LiRPA, the reference verifier, is not compared: its release on PyPI (0.3) requires torch <
 1.13 and numpy < 2 and fails to import beside torch 2.13
@@ -25,6 +26,7 @@ from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+METHODS = ("ibp", "crown_ibp", "crown")
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -57,7 +59,7 @@ def bench(name: str, args) -> dict:
     result: dict = {"model": name}
     forward = [timed(lambda: classifier.logits(x)) for _ in range(args.rounds)]
     result["forward_ms"] = round(statistics.median(forward) * 1e3, 3)
-    for method in ("ibp", "crown_ibp"):
+    for method in METHODS:
         try:
             bounds = IntervalBounds(model, options, method=method)
         except UnsupportedForBounds as exc:
@@ -91,7 +93,7 @@ def main() -> None:
     print(f"{'model':14s} {'method':10s} {'forward ms':>11s} {'bounds ms':>10s} {'x forward':>10s} "
           f"{'certified':>10s}")
     for r in results:
-        for method in ("ibp", "crown_ibp"):
+        for method in METHODS:
             m = r[method]
             if "unsupported" in m:
                 print(f"{r['model']:14s} {method:10s} unsupported: {m['unsupported'][:70]}")

@@ -22,7 +22,7 @@ GateMetric = Literal[
     "clean_accuracy", "robust_accuracy", "success_rate", "mean_l2", "median_l2",
     "mean_linf", "median_linf", "distortion", "rho", "certified_accuracy",
 ]
-CertifyMethod = Literal["ibp", "crown_ibp", "alpha_crown"]
+CertifyMethod = Literal["ibp", "crown_ibp", "crown", "alpha_crown"]
 
 
 def _default_methods() -> list[CertifyMethod]:
@@ -302,6 +302,8 @@ class CertifySpec(BaseModel):
                                          description=(
                                              "ibp: interval bound propagation; crown_ibp: linear relaxation "
                                              "backwards from the margins over IBP's intermediate bounds; "
+                                             "crown: full CROWN, intermediate bounds by linear "
+                                             "relaxation too (small layers; IBP's elsewhere); "
                                              "alpha_crown: crown_ibp with its ReLU slopes optimised"))
     eps: list[float] = Field(min_length=1, max_length=32, description="budgets in `norm`, in pixel units")
     norm: Literal["linf", "l2"] = Field("linf", description=(

@@ -70,7 +70,7 @@ def test_a_model_without_bound_rules_is_reported_and_the_rest_runs(dataset):
     ("change", "message"),
     [
         ({"certify": {"eps": [-0.1]}}, "certify.eps values must be finite and >= 0"),
-        ({"certify": {"eps": [0.1], "methods": ["crown"]}}, "Input should be 'ibp'"),
+        ({"certify": {"eps": [0.1], "methods": ["crown_full"]}}, "Input should be 'ibp'"),
         ({"gates": [{"metric": "certified_accuracy", "attack": "pgd", "eps": 0.01, "min": 0.1}]},
          "certified_accuracy reads a `certify` method as its `attack`; 'pgd' is not among certify.methods"),
     ],
@@ -102,13 +102,14 @@ def test_the_report_shows_the_bracket_and_the_unavailable_reason(dataset):
 
 
 def test_crown_ibp_beside_ibp_and_a_method_that_cannot_run_is_named(dataset):
-    spec = EvaluationSpec.model_validate({**SPEC, "certify": {"eps": [0.01], "methods": ["ibp", "crown_ibp"]},
-                                          "gates": []})
+    spec = EvaluationSpec.model_validate({**SPEC, "certify": {"eps": [0.03], "methods": [
+        "ibp", "crown_ibp", "crown"]}, "gates": []})
     fc = evaluate(digits.onnx_bytes("fc100"), dataset, spec).result.certify
     assert fc is not None and fc.available and not fc.unavailable
-    ibp, crown = fc.entries
-    assert (ibp.method, crown.method) == ("ibp", "crown_ibp")
-    assert crown.certified_accuracy > ibp.certified_accuracy + 0.2  # much tighter on an MLP
+    ibp, crown_ibp, crown = fc.entries
+    assert (ibp.method, crown_ibp.method, crown.method) == ("ibp", "crown_ibp", "crown")
+    assert crown_ibp.certified_accuracy > ibp.certified_accuracy + 0.2  # much tighter on an MLP
+    assert crown.certified_accuracy > crown_ibp.certified_accuracy + 0.1  # and full CROWN more so
     assert crown.certified_accuracy <= crown.attacked_accuracy
     model = export_onnx(MaxOfPairs().eval(), (1, 28, 28)).SerializeToString()
     section = evaluate(model, dataset, spec).result.certify

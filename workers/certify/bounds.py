@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from workers.certify.ibp import UnsupportedForBounds, build_bounds_model
+from workers.certify.ibp import CROWN_METHODS, UnsupportedForBounds, build_bounds_model
 from workers.onnxgrad import build_vjp_model
 from workers.runtime import RuntimeOptions, new_session
 
@@ -32,9 +32,11 @@ ALPHA_RATE = 0.1
 class IntervalBounds:
     """Bounds of a classifier over L-inf balls: interval propagation (``method`` "ibp",
     workers/certify/ibp.py), or with the margins also bounded by CROWN-IBP ("crown_ibp",
-    workers/certify/crown.py), or by CROWN-IBP with its ReLU lower slopes optimised per sample
-    and margin ("alpha_crown", Xu et al. 2021: every slope in [0, 1] gives a sound bound, so
-    each is a step of projected gradient ascent on the bound, the best step kept)."""
+    workers/certify/crown.py), or by full CROWN ("crown": every relaxed operator's input bounds by
+    CROWN too, where its coefficients fit FULL_CROWN_ELEMENTS), or by CROWN-IBP with its ReLU
+    lower slopes optimised per sample and margin ("alpha_crown", Xu et al. 2021: every slope in
+    [0, 1] gives a sound bound, so each is a step of projected gradient ascent on the bound, the
+    best step kept)."""
 
     def __init__(self, model: bytes | onnx.ModelProto, options: RuntimeOptions | None = None,
                  method: str = "ibp", norm: str = "linf"):
@@ -79,13 +81,13 @@ class IntervalBounds:
         for start in range(0, len(x), step):
             rows = slice(start, start + step)
             feeds = {"x_low": low[rows], "x_high": high[rows], "labels": y[rows]}
-            if self.method in ("crown_ibp", "alpha_crown") or norm == "l2":
+            if self.method in CROWN_METHODS or norm == "l2":
                 feeds.update(x=x[rows], l2_eps=np.array(eps, np.float32))
             if self._slopes is not None:
                 parts.append(self._optimised(feeds))
                 continue
             outputs = self._session.run(None, feeds)
-            if norm == "l2" and self.method == "crown_ibp":
+            if norm == "l2" and self.method in ("crown_ibp", "crown"):
                 outputs[2] = np.maximum(outputs[2], outputs[3])
             parts.append(outputs[:3])
         logits_low, logits_high, margins = (np.concatenate(column) for column in zip(*parts, strict=True))

@@ -37,9 +37,12 @@ SUPPORTED = ("Gemm", "MatMul", "Conv", "BatchNormalization", "Add", "Sub", "Mul"
 
 
 class _Backward:
-    def __init__(self, b: _Builder, prepared: PreparedClassifier):
+    """One backward pass: ``k`` rows of coefficients per sample (the margins, or an intermediate
+    tensor's neurons for full CROWN)."""
+
+    def __init__(self, b: _Builder, rows: int | None):
         self.b, self.g = b, b.g
-        self.k = prepared.num_classes
+        self.k = rows
         if self.k is None:
             raise UnsupportedForBounds("crown_ibp: the number of classes is not known from the model's "
                                        "shapes")
@@ -77,16 +80,26 @@ def crown_margins(b: _Builder, prepared: PreparedClassifier, path: list[onnx.Nod
     logits, in order), 0 at j = y: over the box [x_low, x_high], and over the L2 ball of radius
     ``l2_eps`` around ``x`` (graph inputs; the box must contain that ball, as the intermediate
     bounds come from it): L . x - l2_eps ||L||_2 + beta, the box ignored, which only lowers it."""
-    back = _Backward(b, prepared)
     g = b.g
-    k = back.k
-    assert k is not None
+    k = prepared.num_classes
+    if k is None:
+        raise UnsupportedForBounds("crown_ibp: the number of classes is not known from the model's shapes")
     eye = g.const(np.eye(k, dtype=np.float32))
     one_hot = g.op("OneHot", "labels", g.const(np.array([k], np.int64)),
                    g.const(np.array([0.0, 1.0], np.float32)), axis=-1)
     own = g.op("Unsqueeze", one_hot, g.ints([1]))  # [N, 1, K]
     spec = g.op("Sub", own, eye)  # [N, K, K]: row j is e_y - e_j
-    back.coefficients[prepared.logits_name] = g.op("Reshape", spec, g.ints([-1, k]))
+    return _linear_bounds(b, prepared.input_name, path, prepared.logits_name,
+                          g.op("Reshape", spec, g.ints([-1, k])), k)
+
+
+def _linear_bounds(b: _Builder, image: str, path: list[onnx.NodeProto], target: str, spec: str,
+                   rows: int) -> tuple[str, str]:
+    """Lower bounds [N, rows] of spec . target (``spec`` [N * rows, *target's shape]) over the box
+    and over the L2 ball, by the relaxations backwards through ``path``."""
+    back = _Backward(b, rows)
+    g = b.g
+    back.coefficients[target] = spec
     for node in reversed(path):
         out = node.output[0]
         coefficient = back.coefficients.pop(out, None)
@@ -96,27 +109,61 @@ def crown_margins(b: _Builder, prepared: PreparedClassifier, path: list[onnx.Nod
             raise UnsupportedForBounds(f"crown_ibp: operator {node.op_type} ({node.name!r}) has no linear "
                                        f"relaxation; supported: {', '.join(SUPPORTED)}")
         _RULES[node.op_type](back, node, coefficient)
-    image = prepared.input_name
     final = back.coefficients.get(image)
     if final is None:
         raise UnsupportedForBounds("crown_ibp: the logits do not depend on the image through supported "
                                    "operators")
     size = int(np.prod(back.shape(image)))
-    lam = g.op("Reshape", final, g.ints([-1, k, size]))  # [N, K, D]
+    lam = g.op("Reshape", final, g.ints([-1, rows, size]))  # [N, rows, D]
     low, high = b.bounds[image]
     centre = g.op("Reshape", g.op("Mul", g.op("Add", low, high), g.const(0.5)), g.ints([-1, size, 1]))
     radius = g.op("Reshape", g.op("Mul", g.op("Sub", high, low), g.const(0.5)), g.ints([-1, size, 1]))
-    bound = g.op("Sub", g.op("MatMul", lam, centre), g.op("MatMul", g.op("Abs", lam), radius))  # [N, K, 1]
+    bound = g.op("Sub", g.op("MatMul", lam, centre), g.op("MatMul", g.op("Abs", lam), radius))  # [N, rows, 1]
     bound = g.op("Squeeze", bound, g.ints([2]))
     image_column = g.op("Reshape", "x", g.ints([-1, size, 1]))
-    norms = g.op("Sqrt", g.reduce("ReduceSum", g.op("Mul", lam, lam), [2], False))  # [N, K]
+    norms = g.op("Sqrt", g.reduce("ReduceSum", g.op("Mul", lam, lam), [2], False))  # [N, rows]
     ball = g.op("Sub", g.op("Squeeze", g.op("MatMul", lam, image_column), g.ints([2])),
                 g.op("Mul", norms, "l2_eps"))
     if back.offsets:
         offset = g.op("Reshape", back.offsets[0] if len(back.offsets) == 1 else g.op("Sum", *back.offsets),
-                      g.ints([-1, k]))
+                      g.ints([-1, rows]))
         bound, ball = g.op("Add", bound, offset), g.op("Add", ball, offset)
     return bound, ball
+
+
+# full CROWN: an intermediate tensor is bounded backwards only while its coefficients stay within
+# this many elements per sample (2 x its neurons x the largest tensor before it); past it the
+# interval bounds stand (sound, looser): a conv layer's neurons times its input would need gigabytes
+FULL_CROWN_ELEMENTS = 1 << 21
+RELAXED = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Softplus", "Clip", "MaxPool")
+
+
+def tighten(b: _Builder, image: str, path: list[onnx.NodeProto], target: str, l2: bool) -> bool:
+    """Full CROWN (Zhang et al. 2018) for one relaxed operator's input ``target``: its bounds
+    replaced by their intersection with CROWN's, backwards through ``path`` (the nodes before
+    it, whose relaxations use the bounds tightened before). False where its coefficients would
+    pass FULL_CROWN_ELEMENTS per sample (the interval bounds stand)."""
+    g = b.g
+    back = _Backward(b, 1)
+    shape = back.shape(target)
+    neurons = int(np.prod(shape))
+    sizes = [int(np.prod(back.shape(n.input[0]))) for n in path if n.input and n.input[0] in b.bounds]
+    if not path or 2 * neurons * max(sizes + [neurons]) > FULL_CROWN_ELEMENTS:
+        return False
+    eye = np.eye(neurons, dtype=np.float32).reshape(neurons, *shape)
+    both = np.concatenate([eye, -eye])[None]  # [1, 2M, *shape]: each neuron, and its negation
+    batch = g.op("Shape", "labels")
+    spec = g.op("Expand", g.const(both), g.op("Concat", batch, g.ints([2 * neurons, *shape]), axis=0))
+    box, ball = _linear_bounds(b, image, path, target, g.op("Reshape", spec, g.ints([-1, *shape])),
+                               2 * neurons)
+    lows = g.op("Max", box, ball) if l2 else box  # the box holds an L2 ball, never an L-inf one
+    low = g.op("Reshape", g.op("Slice", lows, g.ints([0]), g.ints([neurons]), g.ints([1])),
+               g.ints([-1, *shape]))
+    high = g.op("Neg", g.op("Reshape", g.op("Slice", lows, g.ints([neurons]), g.ints([2 * neurons]),
+                                            g.ints([1])), g.ints([-1, *shape])))
+    ibp_low, ibp_high = b.bounds[target]
+    b.bounds[target] = (g.op("Max", ibp_low, low), g.op("Min", ibp_high, high))
+    return True
 
 
 def _constant(back: _Backward, name: str, what: str) -> np.ndarray:

@@ -273,13 +273,19 @@ def _monotone(b: _Builder, node: onnx.NodeProto) -> list[Interval]:
 _ISOMETRIES = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Dropout")
 
 
+CROWN_METHODS = ("crown_ibp", "crown", "alpha_crown")  # bound the margins backwards (crown.py)
+
+
 def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp", norm: str = "linf"
                        ) -> tuple[onnx.ModelProto, PreparedClassifier]:
     """The bounds graph of a classifier: inputs ``x_low``, ``x_high`` (the box, in the model's
     input layout) and ``labels`` int64 [N]; outputs ``logits_low``, ``logits_high`` [N, K] and
     ``margin_low`` [N, K] (a lower bound of z_y - z_j; +inf at j = y). ``method`` "ibp", or
     "crown_ibp": the margins also bounded by linear relaxation backwards from the logits
-    (workers/certify/crown.py), the larger of the two lower bounds kept."""
+    (workers/certify/crown.py), the larger of the two lower bounds kept; "crown": that, with
+    the relaxed operators' input bounds also from CROWN (full CROWN, where small enough)."""
+    from workers.certify.crown import RELAXED, tighten  # crown.py builds on this module
+
     prepared = prepare_classifier(model)
     b = _Builder(prepared)
     graph = b.model.graph
@@ -302,6 +308,8 @@ def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp", norm
             raise UnsupportedForBounds(
                 f"operator {node.op_type} ({node.name!r}) has no interval-bound rule; supported: "
                 f"{', '.join(supported_op_types())}")
+        if method == "crown" and node.op_type in RELAXED and node.input[0] in b.bounds:
+            tighten(b, image, b.path, node.input[0], norm == "l2")  # before IBP reads them on
         for output, interval in zip(node.output, RULES[node.op_type](b, node), strict=False):
             if output:
                 b.bounds[output] = interval
@@ -317,7 +325,7 @@ def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp", norm
         low = g.op("Identity", logits_low)
         high = g.op("Identity", logits_high)
     margin = _margins(b, low, high, final is not None)
-    crownish = method in ("crown_ibp", "alpha_crown")
+    crownish = method in CROWN_METHODS
     b.alphas = [] if method == "alpha_crown" else None
     if crownish:
         from workers.certify.crown import crown_margins
