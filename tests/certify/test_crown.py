@@ -278,8 +278,25 @@ def test_alpha_crown_through_max_pooling_and_what_it_refuses(data):
     classifier = Classifier(onnx_bytes, OPTIONS)
     point = PGD(steps=30, loss="margin")(classifier, x, y, eps=[0.01], seed=2)[0].x_adv
     assert_above(classifier, [point], y, optimised.margin_low)
-    with pytest.raises(UnsupportedForBounds, match="alpha_crown: only L-inf budgets"):
-        IntervalBounds(digits.onnx_bytes("fc100"), OPTIONS, method="alpha_crown", norm="l2")
+
+
+def test_alpha_crown_under_an_l2_budget_optimises_the_ball_bound_soundly(data):
+    onnx_bytes = digits.onnx_bytes("fc100")
+    x, y = data[0][:40], data[1][:40]
+    optimised = IntervalBounds(onnx_bytes, OPTIONS, method="alpha_crown", norm="l2").certify(x, y, 0.5)
+    fixed = IntervalBounds(onnx_bytes, OPTIONS, method="crown_ibp", norm="l2").certify(x, y, 0.5)
+    assert np.all(optimised.margin_low >= fixed.margin_low - 1e-5)
+    assert optimised.margin_low.mean() > fixed.margin_low.mean()
+    classifier = Classifier(onnx_bytes, OPTIONS)
+    rng = np.random.default_rng(4)
+    points = []
+    for _ in range(20):
+        step = rng.standard_normal(x.shape).astype(np.float32)
+        step *= 0.5 / np.linalg.norm(step.reshape(len(x), -1), axis=1).reshape(-1, 1, 1, 1)
+        points.append(np.clip(x + step, 0, 1))
+    points += [PGD(steps=30, norm="l2", loss="margin")(classifier, x, y, eps=[0.5], seed=s)[0].x_adv
+               for s in range(2)]
+    assert_above(classifier, points, y, optimised.margin_low)
 
 
 class ClipConcatPool(nn.Module):

@@ -44,8 +44,6 @@ class IntervalBounds:
             raise ValueError(f"`norm` must be linf or l2, got {norm!r}")
         self.options = options or RuntimeOptions()
         self.method, self.norm = method, norm
-        if method == "alpha_crown" and norm != "linf":
-            raise UnsupportedForBounds("alpha_crown: only L-inf budgets for now; use crown_ibp for L2")
         graph, prepared = build_bounds_model(model, method, norm)
         self.input_shape = prepared.input_shape
         self._session = new_session(graph.SerializeToString(), self.options)
@@ -59,7 +57,7 @@ class IntervalBounds:
                 raise UnsupportedForBounds("alpha_crown: the model has no ReLU whose slope could be "
                                            "optimised")
             try:
-                vjp = build_vjp_model(graph, wrt=self._alphas, output="crown_box")
+                vjp = build_vjp_model(graph, wrt=self._alphas, output="crown_objective")
             except Exception as exc:  # the gradient builder's own refusal names the operator
                 raise UnsupportedForBounds(f"alpha_crown: the bound cannot be differentiated: "
                                            f"{exc}") from None
@@ -104,7 +102,7 @@ class IntervalBounds:
         placeholders = {a: np.zeros((rows, *self._alpha_shapes[a]), np.float32) for a in self._alphas}
         start = dict(zip(names, self._session.run(None, {**feeds, **placeholders}), strict=True))
         alphas = [start[f"alpha_init/{i}"].astype(np.float32) for i in range(len(self._alphas))]
-        best = start["crown_box"]
+        best = start["crown_objective"]
         first, second = [np.zeros_like(a) for a in alphas], [np.zeros_like(a) for a in alphas]
         cotangent = np.ones_like(best)
         for step in range(1, ALPHA_STEPS + 1):

@@ -357,10 +357,13 @@ def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp", norm
         outputs.append(helper.make_tensor_value_info("margin_l2", TensorProto.FLOAT, None))
         g.nodes.append(helper.make_node("Identity", [ball_margin], ["margin_l2"]))
     if method == "alpha_crown":  # what the slope optimisation reads (workers/certify/bounds.py)
+        # the bound the slopes maximise: over the box, or under an L2 budget the better of the box
+        # (which holds the ball) and the ball's dual norm, a subgradient flowing to the better one
+        objective = over_box if norm == "linf" else g.op("Max", over_box, over_ball)
         outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-                    for name in ("margin_ibp", "crown_box")]
+                    for name in ("margin_ibp", "crown_objective")]
         g.nodes += [helper.make_node("Identity", [ibp_margin], ["margin_ibp"]),
-                    helper.make_node("Identity", [over_box], ["crown_box"])]
+                    helper.make_node("Identity", [objective], ["crown_objective"])]
         for index, (name, init, shape) in enumerate(b.alphas or []):
             inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["NK", *shape]))
             outputs.append(helper.make_tensor_value_info(f"alpha_init/{index}", TensorProto.FLOAT, None))
