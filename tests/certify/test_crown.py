@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -334,12 +335,14 @@ class PaddedPool(nn.Module):
     """A conv, an average pool with padding (count_include_pad as given), a linear head: with
     no activation, CROWN's bound of each margin over the box is its exact minimum."""
 
-    def __init__(self, count_include_pad: bool, relu: bool = False):
+    def __init__(self, count_include_pad: bool, relu: bool = False, ceil_mode: bool = False):
         super().__init__()
         torch.manual_seed(4)
         self.conv, self.relu = nn.Conv2d(1, 4, 3, padding=1), relu
-        self.pool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=count_include_pad)
-        self.head = nn.Linear(4 * 14 * 14, 10)
+        self.pool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=count_include_pad,
+                                 ceil_mode=ceil_mode)
+        side = 15 if ceil_mode else 14
+        self.head = nn.Linear(4 * side * side, 10)
 
     def forward(self, x):
         h = self.conv(x)
@@ -368,6 +371,45 @@ def test_padded_average_pooling_is_bounded_exactly_where_the_network_is_linear(d
             worst = min(worst, float((logits[y[i]] - logits[j]).detach()) - radius.sum())
         want.append(worst)
     np.testing.assert_allclose(bound, want, rtol=1e-4, atol=1e-4)
+
+
+def _affine_minimum(onnx_bytes: bytes, x: np.ndarray, y: np.ndarray, eps: float) -> np.ndarray:
+    """The exact minimum over the box of each margin of a network that is affine in its input,
+    its coefficients read by ONNX Runtime one input element at a time (a unit step from the
+    centre: exact for an affine map, up to float32 rounding)."""
+    classifier = Classifier(onnx_bytes, OPTIONS)
+    low, high = np.clip(x - eps, 0, 1), np.clip(x + eps, 0, 1)
+    want = []
+    for i in range(len(x)):
+        centre = ((low[i] + high[i]) / 2).astype(np.float32)
+        steps = np.repeat(centre[None], centre.size + 1, axis=0).reshape(centre.size + 1, -1)
+        steps[1:] += np.eye(centre.size, dtype=np.float32)
+        logits = classifier.logits(steps.reshape(-1, *centre.shape)).astype(np.float64)
+        margins = logits[:, y[i]][:, None] - logits  # [D + 1, K]
+        coefficients = margins[1:] - margins[0]  # [D, K]
+        spread = np.abs(coefficients).T @ ((high[i] - low[i]) / 2).reshape(-1)
+        worst = margins[0] - spread
+        worst[y[i]] = np.inf
+        want.append(worst.min())
+    return np.array(want)
+
+
+@pytest.mark.parametrize("variant", ["ceil_mode", "ceil_mode_with_pads_counted", "same_upper"])
+def test_ceil_mode_and_same_average_pooling_are_bounded_exactly_where_the_network_is_linear(data, variant):
+    """The relaxation of an average pool is the gradient builder's adjoint, with ONNX Runtime's
+    divisors for ceil_mode's overhanging windows and for SAME padding."""
+    module = PaddedPool(variant == "ceil_mode_with_pads_counted", ceil_mode=variant != "same_upper").eval()
+    model = export_onnx(module, (1, 28, 28))
+    if variant == "same_upper":  # 28 -> 14 with one row and column of padding at the end only
+        pool = next(n for n in model.graph.node if n.op_type == "AveragePool")
+        kept = [a for a in pool.attribute if a.name not in ("pads", "auto_pad")]
+        del pool.attribute[:]
+        pool.attribute.extend(kept + [onnx.helper.make_attribute("auto_pad", "SAME_UPPER")])
+    onnx_bytes = model.SerializeToString()
+    x, eps = data[0][:6], 0.03
+    y = Classifier(onnx_bytes, OPTIONS).predict(x)
+    bound = IntervalBounds(onnx_bytes, OPTIONS, method="crown_ibp").certify(x, y, eps).margin_low
+    np.testing.assert_allclose(bound, _affine_minimum(onnx_bytes, x, y, eps), rtol=1e-4, atol=1e-4)
 
 
 def test_padded_average_pooling_after_relus_is_sound_and_tighter_than_ibp(data):

@@ -14,7 +14,7 @@ image, the minimum of ``L . x + beta`` over the box is ``L . centre - |L| . radi
 Coefficients L are tensors [N * K, *shape of the tensor]: the K rows of each sample batched,
 so every adjoint is an ordinary ONNX operator. Supported (the registry at the end): Gemm,
 MatMul (2-D, constant weight), Conv, BatchNormalization, Add / Sub (constant or two
-image-dependent tensors), Mul / Div by a constant, Concat, AveragePool (padded too) and
+image-dependent tensors), Mul / Div by a constant, Concat, AveragePool (any padding, ceil_mode) and
 GlobalAveragePool, Flatten, Reshape, Identity, Dropout, Relu, LeakyRelu, Sigmoid, Tanh,
 Softplus, Clip and MaxPool (at least the cell with the largest lower bound, at most the largest upper bound);
 anything else is named as unsupported.
@@ -27,6 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from workers.certify.ibp import UnsupportedForBounds, _Builder
+from workers.onnxgrad.autodiff import REGISTRY, Context
 from workers.onnxgrad.graph import static_shape
 from workers.onnxgrad.prepare import PreparedClassifier
 from workers.onnxgrad.rules.linear import resolve_pads, transpose_output_padding, window_params
@@ -408,47 +409,17 @@ def _concat(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
 
 
 def _average_pool(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
-    """An average pool is linear: its adjoint spreads each output's coefficient over its
-    window, a transposed conv of each channel with a kernel of ones and the pool's pads, after
-    dividing by the window's divisor: its size, or with padding and count_include_pad 0 (the
-    default) the number of its elements inside the input, a constant per output position."""
-    attrs = back.b.attrs(node)
-    kernel = list(attrs["kernel_shape"])
-    rank = len(kernel)
-    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or attrs.get("ceil_mode", 0):
-        raise UnsupportedForBounds(f"crown_ibp: AveragePool {node.name!r} with auto_pad SAME or ceil_mode")
-    if any(d != 1 for d in attrs.get("dilations", [1] * rank)):
-        raise UnsupportedForBounds(f"crown_ibp: AveragePool {node.name!r} with dilations")
-    pads = list(attrs.get("pads", [0] * 2 * rank))
-    shape_in, shape_out = back.shape(node.input[0]), back.shape(node.output[0])
-    channels = shape_in[0]
-    strides = list(attrs.get("strides", [1] * rank))
-    g = back.g
-    if attrs.get("count_include_pad", 0) or not any(pads):
-        scaled = g.op("Mul", lam, g.const(np.float32(1.0 / float(np.prod(kernel)))))
-    else:
-        counts = _window_counts(shape_in[1:], shape_out[1:], kernel, strides, pads)
-        scaled = g.op("Div", lam, g.const(counts.astype(np.float32)))
-    ones = np.ones((channels, 1, *kernel), np.float32)
-    back.add(node.input[0], g.op(
-        "ConvTranspose", scaled, g.const(ones), strides=strides, group=channels, kernel_shape=kernel,
-        pads=pads, output_padding=transpose_output_padding(shape_in[1:], shape_out[1:], kernel, strides,
-                                                           [1] * rank, pads)))
-
-
-def _window_counts(spatial_in, spatial_out, kernel, strides, pads) -> np.ndarray:
-    """How many input elements each output position's window covers (padding excluded), shaped
-    [1, ..., *spatial_out] to divide the coefficients by."""
-    rank = len(kernel)
-    per_axis = []
-    for i in range(rank):
-        starts = np.arange(spatial_out[i]) * strides[i] - pads[i]
-        ends = starts + kernel[i]
-        per_axis.append(np.minimum(ends, spatial_in[i]) - np.maximum(starts, 0))
-    counts = per_axis[0]
-    for axis in per_axis[1:]:
-        counts = np.multiply.outer(counts, axis)
-    return counts.reshape(1, 1, *spatial_out).astype(np.float64)
+    """An average pool is linear, so its relaxation is its adjoint: the gradient builder's own
+    AveragePool rule (a transposed conv of ones over each output's divisor, as ONNX Runtime
+    counts it: padding, count_include_pad, ceil_mode's overhanging windows, SAME padding,
+    dilations), applied to the coefficients, whose batch axis it never reads."""
+    if back.b.adjoints is None:
+        back.b.adjoints = Context(back.b.model.graph, back.g, set())
+    adjoint = REGISTRY["AveragePool"].fn
+    assert adjoint is not None
+    (grad,) = adjoint(back.b.adjoints, node, [lam])
+    assert grad is not None
+    back.add(node.input[0], grad)
 
 
 def _s_shaped(back: _Backward, node: onnx.NodeProto, lam: str) -> None:

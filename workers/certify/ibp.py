@@ -31,6 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from workers.onnxgrad import weights
+from workers.onnxgrad.autodiff import Context
 from workers.onnxgrad.errors import InvalidModelError
 from workers.onnxgrad.graph import GraphBuilder, static_shape, tensor_types
 from workers.onnxgrad.prepare import PreparedClassifier, prepare_classifier
@@ -80,6 +81,9 @@ class _Builder:
         self.alphas: list[tuple[str, str, list[int]]] | None = None
         # the last layer's elision: (centre, radius of its input, W [D, K], bias [K])
         self.elision: tuple[str, str, np.ndarray, np.ndarray] | None = None
+        # the gradient builder's view of the graph, for linear operators whose relaxation is their
+        # adjoint (crown.py), made when first needed
+        self.adjoints: Context | None = None
 
     def interval(self, name: str) -> Interval | None:
         return self.bounds.get(name)
