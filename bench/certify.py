@@ -11,9 +11,10 @@ layer; crown_ibp: that, then the linear relaxation backwards from the margins; c
 every relaxed operator's input bounded backwards too where small enough), in interleaved rounds,
 and prints the median times and their ratio, and the share of samples certified at
 --eps (of a model with random weights: a check that the bounds ran, not a robustness figure).
-auto_LiRPA, the reference verifier, is not compared: its release on PyPI (0.3) requires torch <
-1.13 and numpy < 2 and fails to import beside torch 2.13
-(torch.onnx.symbolic_helper._set_opset_version is gone). """
+With --auto-lirpa it also times auto_LiRPA 0.3, the reference verifier, on the same module, box
+and margins (installed with --no-deps by the test command; tests/certify/auto_lirpa.py gives
+back the three torch and numpy APIs it imports) and prints its time over ours.
+"""
 
 from __future__ import annotations
 
@@ -59,22 +60,50 @@ def bench(name: str, args) -> dict:
     result: dict = {"model": name}
     forward = [timed(lambda: classifier.logits(x)) for _ in range(args.rounds)]
     result["forward_ms"] = round(statistics.median(forward) * 1e3, 3)
+    reference = their_bounds(name, x, y, args.eps) if args.auto_lirpa else None
     for method in METHODS:
         try:
             bounds = IntervalBounds(model, options, method=method)
         except UnsupportedForBounds as exc:
             result[method] = {"unsupported": str(exc)}
             continue
+        theirs = None if reference is None else reference(method)
         times = []
-        for _ in range(args.rounds):  # interleaved with the forward pass
+        for _ in range(args.rounds):  # interleaved with the forward pass and auto_LiRPA
             forward_time = timed(lambda: classifier.logits(x))
-            times.append((timed(lambda: bounds.certify(x, y, args.eps)), forward_time))  # noqa: B023
+            ours = timed(lambda: bounds.certify(x, y, args.eps))  # noqa: B023
+            times.append((ours, forward_time, timed(theirs) if theirs is not None else None))
         result[method] = {
-            "ms": round(statistics.median(t for t, _ in times) * 1e3, 3),
-            "over_forward": round(statistics.median(t / f for t, f in times), 2),
+            "ms": round(statistics.median(t for t, _, _ in times) * 1e3, 3),
+            "over_forward": round(statistics.median(t / f for t, f, _ in times), 2),
             "certified_at_eps": float(bounds.certify(x, y, args.eps).certified.mean()),
         }
+        if theirs is not None:
+            result[method]["auto_lirpa_over_ours"] = round(statistics.median(a / t for t, _, a in times), 2)
     return result
+
+
+def their_bounds(name: str, x: np.ndarray, y: np.ndarray, eps: float):
+    """method -> a call of auto_LiRPA's bounds of the same margins on the same module and box, or
+    None where auto_LiRPA cannot parse the module."""
+    import torch
+
+    from tests.certify.auto_lirpa import load
+
+    lirpa = load()
+    try:
+        module = lirpa.BoundedModule(zoo.make_model(name).eval(), torch.zeros(1, *x.shape[1:]))
+    except Exception as exc:  # its parser's own errors
+        print(f"auto_LiRPA cannot parse {name}: {str(exc)[:100]}")
+        return lambda method: None
+    images, labels = torch.from_numpy(x), torch.from_numpy(y)
+    ball = lirpa.PerturbationLpNorm(norm=np.inf, eps=eps, x_L=(images - eps).clamp(0, 1),
+                                    x_U=(images + eps).clamp(0, 1))
+    bounded = lirpa.BoundedTensor(images, ball)
+    k = zoo.NUM_CLASSES
+    spec = torch.nn.functional.one_hot(labels, k).float()[:, None, :] - torch.eye(k)[None]
+    names = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN"}
+    return lambda method: lambda: module.compute_bounds(x=(bounded,), C=spec, method=names[method])
 
 
 def main() -> None:
@@ -86,7 +115,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--eps", type=lambda s: float(Fraction(s)), default=1 / 255)
     parser.add_argument("--json")
+    parser.add_argument("--auto-lirpa", action="store_true",
+                        help="also time auto_LiRPA 0.3 on the same batch (tests/certify/auto_lirpa.py)")
     args = parser.parse_args()
+    if args.auto_lirpa:
+        import torch
+
+        torch.set_num_threads(args.threads)
     results = [bench(name.strip(), args) for name in args.models.split(",") if name.strip()]
     print(f"interval bounds vs forward, batch {args.batch}, {args.threads} threads, "
           f"median of {args.rounds} rounds")
@@ -98,8 +133,10 @@ def main() -> None:
             if "unsupported" in m:
                 print(f"{r['model']:14s} {method:10s} unsupported: {m['unsupported'][:70]}")
                 continue
+            ratio = m.get("auto_lirpa_over_ours")
+            theirs = f" auto_LiRPA {ratio:.2f}x ours" if ratio is not None else ""
             print(f"{r['model']:14s} {method:10s} {r['forward_ms']:11.3f} {m['ms']:10.3f} "
-                  f"{m['over_forward']:10.2f} {m['certified_at_eps']:10.3f}")
+                  f"{m['over_forward']:10.2f} {m['certified_at_eps']:10.3f}{theirs}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -473,7 +473,9 @@ def _softplus(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
 
 def _max_pool(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
     """max over a window >= the cell with the largest lower bound (its coefficient goes there,
-    as a gradient goes to an argmax), and <= the largest upper bound (a constant)."""
+    as a gradient goes to an argmax), and <= the largest upper bound (a constant); where that
+    cell's lower bound reaches every other cell's upper bound the max is that cell, above too
+    (windows that do not overlap: masking a cell for one window must not touch another)."""
     attrs = {k: v for k, v in back.b.attrs(node).items() if k != "storage_order"}
     if back.b.attrs(node).get("storage_order", 0):
         raise UnsupportedForBounds(f"crown_ibp: MaxPool {node.name!r} with storage_order 1")
@@ -481,18 +483,38 @@ def _max_pool(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
     shape_in, shape_out = back.shape(node.input[0]), back.shape(node.output[0])
     size_in, size_out = int(np.prod(shape_in)), int(np.prod(shape_out))
     low, high = back.b.bounds[node.input[0]]
-    _, indices = g.op("MaxPool", low, outputs=2, **attrs)  # flat over N * C * H * W
+    best_low, indices = g.op("MaxPool", low, outputs=2, **attrs)  # flat over N * C * H * W
     local = g.op("Mod", indices, g.const(np.array(size_in, np.int64)))  # within the sample
     rows = g.op("Reshape", back.per_row(local, shape_out), g.ints([-1, size_out]))
     positive = g.op("Relu", lam)
     negative = g.op("Sub", lam, positive)
-    flat = g.op("Reshape", positive, g.ints([-1, size_out]))
+    best_high = g.op("MaxPool", high, **attrs)
+    if _disjoint_windows(attrs, len(shape_in) - 1):
+        flat_high = g.op("Reshape", high, g.ints([1, -1]))
+        flat_indices = g.op("Reshape", indices, g.ints([1, -1]))
+        lowest = g.op("Expand", g.const(np.full((1, 1), -3e38, np.float32)), g.op("Shape", flat_indices))
+        others = g.op("Reshape", g.op("ScatterElements", flat_high, flat_indices, lowest, axis=1),
+                      g.op("Shape", high))
+        exact = _float(g, g.op("GreaterOrEqual", best_low, g.op("MaxPool", others, **attrs)))
+        exact_rows = back.per_row(exact, shape_out)
+        to_cells = g.op("Add", positive, g.op("Mul", negative, exact_rows))
+        best_high = g.op("Mul", best_high, g.op("Sub", g.const(np.float32(1.0)), exact))
+    else:
+        to_cells = positive
+    flat = g.op("Reshape", to_cells, g.ints([-1, size_out]))
     count = g.op("Shape", flat, start=0, end=1)
     zeros = g.op("ConstantOfShape", g.op("Concat", count, g.ints([size_in]), axis=0),
                  value=numpy_helper.from_array(np.zeros(1, np.float32)))
     spread = g.op("ScatterElements", zeros, rows, flat, axis=1, reduction="add")
     back.add(node.input[0], g.op("Reshape", spread, g.ints([-1, *shape_in])))
-    back.offset(negative, back.per_row(g.op("MaxPool", high, **attrs), shape_out))
+    back.offset(negative, back.per_row(best_high, shape_out))
+
+
+def _disjoint_windows(attrs: dict, rank: int) -> bool:
+    kernel = list(attrs["kernel_shape"])
+    return (list(attrs.get("strides", [1] * rank)) == kernel and not any(attrs.get("pads", []))
+            and attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and not attrs.get("ceil_mode", 0)
+            and all(d == 1 for d in attrs.get("dilations", [1] * rank)))
 
 
 _RULES = {
