@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 from tests import zoo  # noqa: E402
 from workers.certify import IntervalBounds, UnsupportedForBounds  # noqa: E402
+from workers import memory_budget  # noqa: E402
 from workers.runtime import Classifier, RuntimeOptions  # noqa: E402
 
 MIN_SECONDS = 0.5
@@ -52,7 +53,8 @@ def timed(call) -> float:
 
 def bench(name: str, args) -> dict:
     model = zoo.export(name).SerializeToString()
-    options = RuntimeOptions(batch_size=args.batch, intra_op_threads=args.threads)
+    options = RuntimeOptions(batch_size=args.batch, intra_op_threads=args.threads,
+                             memory_budget=memory_budget.default_budget(1))  # as a worker bounds them
     rng = np.random.default_rng(0)
     x = rng.random((args.batch, *zoo.input_shape(name)), dtype=np.float32)
     classifier = Classifier(model, options)
@@ -77,6 +79,7 @@ def bench(name: str, args) -> dict:
             "ms": round(statistics.median(t for t, _, _ in times) * 1e3, 3),
             "over_forward": round(statistics.median(t / f for t, f, _ in times), 2),
             "certified_at_eps": float(bounds.certify(x, y, args.eps).certified.mean()),
+            "batch": bounds.batch_size(),  # samples per call within the memory budget
         }
         if theirs is not None:
             result[method]["auto_lirpa_over_ours"] = round(statistics.median(a / t for t, _, a in times), 2)
@@ -126,7 +129,7 @@ def main() -> None:
     print(f"interval bounds vs forward, batch {args.batch}, {args.threads} threads, "
           f"median of {args.rounds} rounds")
     print(f"{'model':14s} {'method':10s} {'forward ms':>11s} {'bounds ms':>10s} {'x forward':>10s} "
-          f"{'certified':>10s}")
+          f"{'certified':>10s} {'batch':>6s}")
     for r in results:
         for method in METHODS:
             m = r[method]
@@ -136,7 +139,7 @@ def main() -> None:
             ratio = m.get("auto_lirpa_over_ours")
             theirs = f" auto_LiRPA {ratio:.2f}x ours" if ratio is not None else ""
             print(f"{r['model']:14s} {method:10s} {r['forward_ms']:11.3f} {m['ms']:10.3f} "
-                  f"{m['over_forward']:10.2f} {m['certified_at_eps']:10.3f}{theirs}")
+                  f"{m['over_forward']:10.2f} {m['certified_at_eps']:10.3f} {m['batch']:6d}{theirs}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

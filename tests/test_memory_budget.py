@@ -97,3 +97,29 @@ def test_the_worker_budget_is_a_setting_with_a_measured_default(tmp_path):
     assert Settings(data_dir=tmp_path, worker_memory_mb=512).worker_memory_budget == 512 * MiB
     default = Settings(data_dir=tmp_path, worker_concurrency=2).worker_memory_budget
     assert 64 * MiB < default < memory_budget.default_budget(1)
+
+
+def test_certified_bounds_run_in_batches_within_the_budget():
+    """CROWN's coefficients hold K rows of every activation per sample: its calls shrink too, the
+    bounds stay those of the unbounded call, and a budget too small for one image makes the
+    method unavailable with the reason (the rest of an evaluation runs)."""
+    from workers.certify import IntervalBounds, UnsupportedForBounds
+
+    model = wide_cnn(seed=2)
+    budget = 200 * MiB
+    bounded = IntervalBounds(model, RuntimeOptions(batch_size=32, intra_op_threads=1, memory_budget=budget),
+                             method="crown_ibp")
+    batch = bounded.batch_size()
+    assert 1 <= batch < 32
+    x, y = images(2 * batch + 1)
+    results = {}
+    peak = peak_of(lambda: results.update(out=bounded.certify(x, y, 0.002)))
+    assert peak <= budget, (peak / MiB, budget / MiB)
+    free = IntervalBounds(model, RuntimeOptions(batch_size=32, intra_op_threads=1), method="crown_ibp")
+    assert free.batch_size() == 32
+    np.testing.assert_allclose(results["out"].margin_low, free.certify(x, y, 0.002).margin_low, rtol=1e-5,
+                               atol=1e-5)
+    tiny = IntervalBounds(model, RuntimeOptions(batch_size=32, intra_op_threads=1, memory_budget=2 * MiB),
+                          method="crown_ibp")
+    with pytest.raises(UnsupportedForBounds, match="over this worker's memory budget of 2 MB"):
+        tiny.batch_size()

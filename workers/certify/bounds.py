@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
+from workers import memory_budget
 from workers.certify.ibp import CROWN_METHODS, UnsupportedForBounds, build_bounds_model
 from workers.onnxgrad import build_vjp_model
 from workers.runtime import RuntimeOptions, new_session
@@ -46,12 +48,16 @@ class IntervalBounds:
         self.method, self.norm = method, norm
         graph, prepared = build_bounds_model(model, method, norm)
         self.input_shape = prepared.input_shape
-        self._session = new_session(graph.SerializeToString(), self.options)
+        self._graph = graph.SerializeToString()
+        self._key = hashlib.sha256(self._graph).hexdigest()
+        self._batch: int | None = None
+        self._session = new_session(self._graph, self.options)
         self._alphas = [i.name for i in graph.graph.input if i.name.startswith("alpha/")]
         self._alpha_shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim[1:]]
                               for i in graph.graph.input if i.name.startswith("alpha/")}
         self.num_classes = prepared.num_classes
         self._slopes = None
+        self._slopes_graph = b""
         if method == "alpha_crown":
             if not self._alphas:
                 raise UnsupportedForBounds("alpha_crown: the model has no ReLU whose slope could be "
@@ -61,7 +67,8 @@ class IntervalBounds:
             except Exception as exc:  # the gradient builder's own refusal names the operator
                 raise UnsupportedForBounds(f"alpha_crown: the bound cannot be differentiated: "
                                            f"{exc}") from None
-            self._slopes = new_session(vjp.SerializeToString(), self.options)
+            self._slopes_graph = vjp.SerializeToString()
+            self._slopes = new_session(self._slopes_graph, self.options)
 
     def certify(self, x: np.ndarray, y: np.ndarray, eps: float,
                 bounds: tuple[float, float] = (0.0, 1.0)) -> Certificate:
@@ -75,7 +82,7 @@ class IntervalBounds:
         low = np.clip(x - np.float32(eps), bounds[0], bounds[1]).astype(np.float32)
         high = np.clip(x + np.float32(eps), bounds[0], bounds[1]).astype(np.float32)
         parts = []
-        step = self.options.batch_size
+        step = self.batch_size()
         for start in range(0, len(x), step):
             rows = slice(start, start + step)
             feeds = {"x_low": low[rows], "x_high": high[rows], "labels": y[rows]}
@@ -92,6 +99,46 @@ class IntervalBounds:
         margin_low = margins.min(axis=1)
         return Certificate(eps=float(eps), certified=margin_low > MARGIN_TOLERANCE, margin_low=margin_low,
                            logits_low=logits_low, logits_high=logits_high)
+
+    def batch_size(self) -> int:
+        """Samples per call: the options' batch size, or fewer where a call of that many would take
+        more than ``options.memory_budget`` (measured once per model, method and process: CROWN's
+        coefficients are K rows of every activation per sample, 150 MB for a CIFAR MobileNetV2)."""
+        if self._batch is None:
+            self._batch = self._budgeted_batch()
+        return self._batch
+
+    def _budgeted_batch(self) -> int:
+        cap, budget = self.options.batch_size, self.options.memory_budget
+        if budget is None or not memory_budget.peak_tracking_available():
+            return cap
+        session = self._slopes if self._slopes is not None else self._session
+        model = self._slopes_graph if self._slopes is not None else self._graph
+
+        def measure(batch: int) -> int:
+            feeds = {}
+            for value in session.get_inputs():
+                dims = [batch if not isinstance(d, int) or i == 0 else d for i, d in enumerate(value.shape)]
+                if value.name in self._alphas:
+                    dims[0] = batch * (self.num_classes or 1)
+                kind = np.int64 if value.type == "tensor(int64)" else np.float32
+                feeds[value.name] = np.zeros(dims if value.shape else [], kind)
+
+            def twice() -> None:  # the second run is the session's steady state (memory_budget.py)
+                fresh = new_session(model, self.options)
+                fresh.run(None, feeds)
+                fresh.run(None, feeds)
+
+            return memory_budget.peak_of(twice)
+
+        found = memory_budget.footprint((self._key, self.options.intra_op_threads), measure, cap)
+        batch = found.batch_within(budget, cap)
+        if batch < 1:
+            mib = memory_budget.MiB
+            raise UnsupportedForBounds(
+                f"{self.method}: bounding one image takes {found.at(1) / mib:.0f} MB, over this worker's "
+                f"memory budget of {budget / mib:.0f} MB (ROBUSTNESS_WORKER_MEMORY_MB)")
+        return batch
 
     def _optimised(self, feeds: dict) -> list[np.ndarray]:
         """(logits_low, logits_high, margin_low) with the slopes optimised by Adam on the sum of

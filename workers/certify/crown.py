@@ -64,6 +64,15 @@ class _Backward:
                              self.g.ints([1, self.k, *shape]))
         return self.g.op("Reshape", expanded, self.g.ints([-1, *shape]))
 
+    def times(self, rows: str, bound: str, shape: list[int]) -> str:
+        """``rows`` [N * K, *shape] times a tensor [N, *shape] of each row's sample, broadcast over
+        the K rows (never materialised K times: in a deep network every layer's slopes would be
+        alive at once, K times over)."""
+        assert self.k is not None
+        by_sample = self.g.op("Reshape", rows, self.g.ints([-1, self.k, *shape]))
+        product = self.g.op("Mul", by_sample, self.g.op("Unsqueeze", bound, self.g.ints([1])))
+        return self.g.op("Reshape", product, self.g.ints([-1, *shape]))
+
     def add(self, name: str, coefficient: str) -> None:
         if name in self.b.bounds:  # only image-dependent tensors carry coefficients
             existing = self.coefficients.get(name)
@@ -72,7 +81,13 @@ class _Backward:
 
     def offset(self, coefficient: str, constant: str) -> None:
         """beta += sum over the tensor's axes of coefficient * constant (broadcast)."""
-        product = self.g.op("Mul", coefficient, constant)
+        self._sum(self.g.op("Mul", coefficient, constant))
+
+    def offset_per_sample(self, coefficient: str, constant: str, shape: list[int]) -> None:
+        """beta += sum over the tensor's axes of coefficient * constant, ``constant`` [N, *shape]."""
+        self._sum(self.times(coefficient, constant, shape))
+
+    def _sum(self, product: str) -> None:
         self.offsets.append(self.g.reduce("ReduceSum", self.g.op("Flatten", product, axis=1), [1], False))
 
 
@@ -276,12 +291,12 @@ def _relaxed(back: _Backward, node: onnx.NodeProto, lam: str, lower: tuple[str, 
     shape = back.shape(node.input[0])
     positive = g.op("Relu", lam)
     negative = g.op("Sub", lam, positive)
-    slopes = lower_rows if lower_rows is not None else back.per_row(lower[0], shape)
-    back.add(node.input[0], g.op("Add", g.op("Mul", positive, slopes),
-                                 g.op("Mul", negative, back.per_row(upper[0], shape))))
+    below = (g.op("Mul", positive, lower_rows) if lower_rows is not None
+             else back.times(positive, lower[0], shape))
+    back.add(node.input[0], g.op("Add", below, back.times(negative, upper[0], shape)))
     for part, (_, intercept) in ((positive, lower), (negative, upper)):
         if intercept is not None:
-            back.offset(part, back.per_row(intercept, shape))
+            back.offset_per_sample(part, intercept, shape)
 
 
 def _float(g, condition: str) -> str:
@@ -496,8 +511,7 @@ def _max_pool(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
         others = g.op("Reshape", g.op("ScatterElements", flat_high, flat_indices, lowest, axis=1),
                       g.op("Shape", high))
         exact = _float(g, g.op("GreaterOrEqual", best_low, g.op("MaxPool", others, **attrs)))
-        exact_rows = back.per_row(exact, shape_out)
-        to_cells = g.op("Add", positive, g.op("Mul", negative, exact_rows))
+        to_cells = g.op("Add", positive, back.times(negative, exact, shape_out))
         best_high = g.op("Mul", best_high, g.op("Sub", g.const(np.float32(1.0)), exact))
     else:
         to_cells = positive
@@ -507,7 +521,7 @@ def _max_pool(back: _Backward, node: onnx.NodeProto, lam: str) -> None:
                  value=numpy_helper.from_array(np.zeros(1, np.float32)))
     spread = g.op("ScatterElements", zeros, rows, flat, axis=1, reduction="add")
     back.add(node.input[0], g.op("Reshape", spread, g.ints([-1, *shape_in])))
-    back.offset(negative, back.per_row(best_high, shape_out))
+    back.offset_per_sample(negative, best_high, shape_out)
 
 
 def _disjoint_windows(attrs: dict, rank: int) -> bool:

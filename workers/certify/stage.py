@@ -30,6 +30,7 @@ def certify_shard(spec: CertifySpec, classifier: Classifier, x: Images, y: np.nd
         try:
             bounder = IntervalBounds(classifier.model_bytes, classifier.options, method=method,
                                      norm=spec.norm)
+            bounder.batch_size()  # within the worker's memory budget, or unavailable saying so
         except UnsupportedForBounds as exc:
             unavailable[method] = str(exc)
             continue
