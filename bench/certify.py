@@ -34,8 +34,8 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from tests import zoo  # noqa: E402
-from workers.certify import IntervalBounds, UnsupportedForBounds  # noqa: E402
 from workers import memory_budget  # noqa: E402
+from workers.certify import IntervalBounds, UnsupportedForBounds  # noqa: E402
 from workers.runtime import Classifier, RuntimeOptions  # noqa: E402
 
 MIN_SECONDS = 0.5
