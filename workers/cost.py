@@ -33,9 +33,10 @@ def attack_calls(attack: AttackSpec, num_classes: int) -> int:
 
 # model calls per sample and budget, from bench/certify.py's times against a forward pass:
 # IBP 2.5-6x, CROWN-IBP 20-24x; alpha-CROWN adds a forward and a backward of that graph per step
-# (workers.certify.bounds.ALPHA_STEPS, 20); full CROWN took 16x CROWN-IBP's time on FC-100 and
-# 17-37x on the digits CNN (its layers within workers.certify.crown.FULL_CROWN_ELEMENTS)
-CERTIFY_CALLS = {"ibp": 4, "crown_ibp": 24, "crown": 24 * 40, "alpha_crown": 24 * (1 + 2 * 20)}
+# (workers.certify.bounds.ALPHA_STEPS, 20); full CROWN: 1,100x a forward pass on the small zoo's
+# MLP, 2,200x on its LeNet, 22x on ResNet-18 (whose layers all pass
+# workers.certify.crown.FULL_CROWN_ELEMENTS): charged at the dearest
+CERTIFY_CALLS = {"ibp": 4, "crown_ibp": 24, "crown": 2200, "alpha_crown": 24 * (1 + 2 * 20)}
 
 
 def estimate(spec: EvaluationSpec, num_samples: int, num_classes: int) -> Cost:
