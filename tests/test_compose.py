@@ -110,6 +110,31 @@ def test_worker_reserves_one_nvidia_gpu_and_scales(services):
     assert depends_on(worker)["redis"] == depends_on(worker)["postgres"] == "service_healthy"
 
 
+def test_several_gpus_get_one_service_each_or_one_supervisor(services):
+    """One service per GPU pinned by device_ids, or one container with every GPU whose
+    `robustness worker --gpus` starts a worker per GPU: both optional (profile multi-gpu), both
+    the GPU image `worker` builds, neither sharing a GPU by accident."""
+    pinned = []
+    for name in ("worker-gpu0", "worker-gpu1"):
+        service = services[name]
+        assert service["profiles"] == ["multi-gpu"] and command(service) == ["worker"]
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "count" not in device and "gpu" in device["capabilities"]
+        pinned += device["device_ids"]
+        assert service["image"] == services["worker"]["image"]
+        assert service["build"]["args"] == services["worker"]["build"]["args"]
+        assert environment(service)["ROBUSTNESS_GATEWAY_URL"] == "http://api:8000"
+    assert pinned == ["0", "1"]
+    supervisor = services["worker-all-gpus"]
+    assert supervisor["profiles"] == ["multi-gpu"]
+    assert command(supervisor) == ["worker", "--gpus", "0,1"]
+    (device,) = supervisor["deploy"]["resources"]["reservations"]["devices"]
+    assert device["count"] == "all"
+    from client.cli import build_parser
+
+    assert build_parser().parse_args(command(supervisor)).gpus == "0,1"
+
+
 def test_cpu_worker_is_optional_and_needs_no_gpu(services):
     cpu = services["worker-cpu"]
     assert cpu["profiles"] == ["cpu"], "only with --profile cpu"
