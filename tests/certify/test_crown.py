@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests import digits
-from tests.certify.soundness import assert_above
+from tests.certify.soundness import assert_above, margins
 from tests.zoo import export_onnx
 from workers.attacks.gradient import PGD
 from workers.certify import IntervalBounds, UnsupportedForBounds
@@ -53,6 +53,18 @@ def network(request):
 def data():
     _, _, x, y = digits.digits()
     return x[:80], y[:80]
+
+
+def relu_relaxed(lam: torch.Tensor, low: torch.Tensor, high: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients [N, R, *shape] through a ReLU with input bounds [N, *shape], and the offset
+    [N, R] they gain: alpha x <= relu(x) <= s (x - l), alpha = 1 where u >= -l, else 0."""
+    up, down = high.clamp(min=0), low.clamp(max=0)
+    slope = up / (up - down).clamp(min=1e-12)
+    alpha = ((up + down) >= 0).double()
+    positive, negative = lam.clamp(min=0), lam.clamp(max=0)
+    offset = (negative * (-slope * down)[:, None]).flatten(2).sum(2)
+    return positive * alpha[:, None] + negative * slope[:, None], offset
 
 
 @torch.no_grad()
@@ -99,13 +111,8 @@ def crown_ibp_reference(module: nn.Sequential, x: np.ndarray, y: np.ndarray, eps
         elif isinstance(layer, nn.Flatten):
             lam = lam.reshape(n, k, *shapes[index])
         elif isinstance(layer, nn.ReLU):
-            l, u = relu_bounds[index]
-            up, down = u.clamp(min=0), l.clamp(max=0)
-            slope = up / (up - down).clamp(min=1e-12)
-            alpha = ((up + down) >= 0).double()
-            positive, negative = lam.clamp(min=0), lam.clamp(max=0)
-            offset += (negative * (-slope * down)[:, None]).flatten(2).sum(2)
-            lam = positive * alpha[:, None] + negative * slope[:, None]
+            lam, shift = relu_relaxed(lam, *relu_bounds[index])
+            offset += shift
         elif isinstance(layer, nn.BatchNorm2d):
             a = layer.weight / torch.sqrt(layer.running_var + layer.eps)
             c = layer.bias - layer.running_mean * a
@@ -146,17 +153,20 @@ def test_sound_and_never_looser_than_ibp(network, data, eps):
     crown = bounds.certify(x, y, eps)
     ibp = IntervalBounds(onnx_bytes, OPTIONS).certify(x, y, eps)
     assert np.all(crown.margin_low >= ibp.margin_low)
-    rng = np.random.default_rng(0)
+    slack = 1e-5 * (1 + np.abs(crown.logits_high).max())
+    for point in corners_and_attacks(classifier, x, y, eps, seed=0):
+        found = margins(classifier.logits(point), y)
+        assert np.all(found >= crown.margin_low - slack)
+        assert not np.any(crown.certified & (found <= 0))
+
+
+def corners_and_attacks(classifier, x, y, eps: float, seed: int) -> list[np.ndarray]:
+    """20 random corners of the L-inf ball (in the box) and 3 PGD points on the margin loss."""
+    rng = np.random.default_rng(seed)
     points = [np.clip(x + eps * rng.choice([-1.0, 1.0], x.shape).astype(np.float32), 0, 1)
               for _ in range(20)]
-    points += [PGD(steps=20, loss="margin")(classifier, x, y, eps=[eps], seed=s)[0].x_adv for s in range(3)]
-    slack = 1e-5 * (1 + np.abs(crown.logits_high).max())
-    for point in points:
-        logits = classifier.logits(point)
-        own = logits[np.arange(len(y)), y][:, None]
-        margins = np.where(np.eye(10, dtype=bool)[y], np.inf, own - logits).min(axis=1)
-        assert np.all(margins >= crown.margin_low - slack)
-        assert not np.any(crown.certified & (margins <= 0))
+    return points + [PGD(steps=20, loss="margin")(classifier, x, y, eps=[eps], seed=s)[0].x_adv
+                     for s in range(3)]
 
 
 def test_max_pooling_is_bounded_soundly_and_tighter_than_ibp(data):
@@ -289,12 +299,7 @@ def test_alpha_crown_under_an_l2_budget_optimises_the_ball_bound_soundly(data):
     assert np.all(optimised.margin_low >= fixed.margin_low - 1e-5)
     assert optimised.margin_low.mean() > fixed.margin_low.mean()
     classifier = Classifier(onnx_bytes, OPTIONS)
-    rng = np.random.default_rng(4)
-    points = []
-    for _ in range(20):
-        step = rng.standard_normal(x.shape).astype(np.float32)
-        step *= 0.5 / np.linalg.norm(step.reshape(len(x), -1), axis=1).reshape(-1, 1, 1, 1)
-        points.append(np.clip(x + step, 0, 1))
+    points = l2_sphere_points(x, 0.5, seed=4)
     points += [PGD(steps=30, norm="l2", loss="margin")(classifier, x, y, eps=[0.5], seed=s)[0].x_adv
                for s in range(2)]
     assert_above(classifier, points, y, optimised.margin_low)
@@ -443,13 +448,8 @@ def _relaxed_backward(layers: list, lam: torch.Tensor, relu_bounds: dict, n: int
             offset += lam @ layer.bias
             lam = lam @ layer.weight
         elif isinstance(layer, nn.ReLU):
-            l, u = relu_bounds[index]
-            up, down = u.clamp(min=0), l.clamp(max=0)
-            slope = up / (up - down).clamp(min=1e-12)
-            alpha = ((up + down) >= 0).double()
-            positive, negative = lam.clamp(min=0), lam.clamp(max=0)
-            offset += (negative * (-slope * down)[:, None]).sum(2)
-            lam = positive * alpha[:, None] + negative * slope[:, None]
+            lam, shift = relu_relaxed(lam, *relu_bounds[index])
+            offset += shift
         else:
             assert isinstance(layer, nn.Flatten)
     return lam, offset
@@ -518,16 +518,8 @@ def test_full_crown_is_sound_and_never_looser_than_crown_ibp(network, data, eps)
     if name == "fc100" and eps == 0.03:
         assert full.certified.sum() > partial.certified.sum()
     classifier = Classifier(onnx_bytes, OPTIONS)
-    rng = np.random.default_rng(1)
-    points = [np.clip(x + eps * rng.choice([-1.0, 1.0], x.shape).astype(np.float32), 0, 1)
-              for _ in range(20)]
-    points += [PGD(steps=20, loss="margin")(classifier, x, y, eps=[eps], seed=s)[0].x_adv for s in range(3)]
-    slack = 1e-5 * (1 + np.abs(full.logits_high).max())
-    for point in points:
-        logits = classifier.logits(point)
-        own = logits[np.arange(len(y)), y][:, None]
-        margins = np.where(np.eye(10, dtype=bool)[y], np.inf, own - logits).min(axis=1)
-        assert np.all(margins >= full.margin_low - slack)
+    assert_above(classifier, corners_and_attacks(classifier, x, y, eps, seed=1), y, full.margin_low,
+                 slack=1e-5 * (1 + np.abs(full.logits_high).max()))
 
 
 def test_full_crown_under_an_l2_budget_is_sound(data):
@@ -537,11 +529,15 @@ def test_full_crown_under_an_l2_budget_is_sound(data):
     partial = IntervalBounds(onnx_bytes, OPTIONS, method="crown_ibp", norm="l2").certify(x, y, 0.5)
     assert np.all(full.margin_low >= partial.margin_low - 1e-5)
     classifier = Classifier(onnx_bytes, OPTIONS)
-    rng = np.random.default_rng(2)
-    for _ in range(20):
+    assert_above(classifier, l2_sphere_points(x, 0.5, seed=2), y, full.margin_low, slack=1e-4)
+
+
+def l2_sphere_points(x: np.ndarray, radius: float, seed: int, count: int = 20) -> list[np.ndarray]:
+    """``count`` random points at L2 distance ``radius`` from each image, clipped to the box."""
+    rng = np.random.default_rng(seed)
+    points = []
+    for _ in range(count):
         step = rng.standard_normal(x.shape).astype(np.float32)
-        step *= 0.5 / np.linalg.norm(step.reshape(len(x), -1), axis=1).reshape(-1, 1, 1, 1)
-        logits = classifier.logits(np.clip(x + step, 0, 1))
-        own = logits[np.arange(len(y)), y][:, None]
-        margins = np.where(np.eye(10, dtype=bool)[y], np.inf, own - logits).min(axis=1)
-        assert np.all(margins >= full.margin_low - 1e-4)
+        step *= radius / np.linalg.norm(step.reshape(len(x), -1), axis=1).reshape(-1, *[1] * (x.ndim - 1))
+        points.append(np.clip(x + step, 0, 1))
+    return points
