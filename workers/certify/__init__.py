@@ -2,7 +2,8 @@
 the ONNX model and run on ONNX Runtime (ibp.py: interval bound propagation)."""
 
 from workers.certify.bounds import Certificate, IntervalBounds
-from workers.certify.ibp import RULES, UnsupportedForBounds, build_bounds_model, supported_op_types
+from workers.certify.bounds_graph import build_bounds_model
+from workers.certify.ibp import RULES, UnsupportedForBounds, supported_op_types
 
 __all__ = ["RULES", "Certificate", "IntervalBounds", "UnsupportedForBounds", "build_bounds_model",
            "supported_op_types"]

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 
 from workers import memory_budget
-from workers.certify.ibp import CROWN_METHODS, UnsupportedForBounds, build_bounds_model
+from workers.certify.bounds_graph import CROWN_METHODS, build_bounds_model
+from workers.certify.ibp import UnsupportedForBounds
 from workers.onnxgrad import build_vjp_model
 from workers.runtime import RuntimeOptions, new_session
 
