@@ -18,6 +18,7 @@ from infra.records import Job, Shard
 from service.auth import create_key
 from tests.service.conftest import ROOT, make_settings, uvicorn_gateway
 from tests.service.test_jobs_end_to_end import QUICK, in_process
+from tests.service.test_models_past_2gib import assert_same_up_to_rounding
 
 TOKEN = secrets.token_urlsafe(32)
 
@@ -127,3 +128,57 @@ def test_a_worker_with_a_wrong_token_refuses_to_start(tmp_path):
         done = subprocess.run([sys.executable, "-m", "client.cli", "worker"], env=env_for(settings), cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "refused the worker token" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_remote_worker_fetches_the_data_files_of_a_model_past_the_inline_limit(
+        distributed_settings, start_worker, tmp_path):
+    """A model whose large tensors stay in their data file (workers/onnxgrad/weights.py): the
+    worker fetches the model and its data file by sha256 into its own cache, whose root is where
+    ONNX Runtime reads the weights; the result is the one of the same model made self-contained."""
+    import torch
+
+    from schemas.evaluation import EvaluationSpec
+    from service.commands import read_model
+    from tests.zoo import export_default
+    from workers.dataset_files import load_dataset_file
+    from workers.evaluate import evaluate
+    from workers.onnxgrad import weights
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 400), torch.nn.ReLU(),
+                                 torch.nn.Linear(400, 10)).eval()
+    export_default(module, (1, 28, 28), tmp_path / "wide.onnx")
+    data = (tmp_path / "wide.onnx.data").read_bytes()
+    gateway_settings = make_settings(tmp_path / "gateway", database_url=distributed_settings.database_url,
+                                     broker_url=distributed_settings.broker_url, worker_token=TOKEN,
+                                     inline_model_bytes=100_000)
+    migrate(gateway_settings.database_url)
+    with session_factory(gateway_settings.database_url)() as db:
+        key = create_key(db, "ci")
+    headers = {"Authorization": f"Bearer {key}"}
+    spec = {"samples": 40, "shard_size": 20, "seed": 3, "batch_size": 16,
+            "attacks": [{"name": "pgd", "eps": [0.1], "steps": 5, "random_start": True}]}
+    with uvicorn_gateway(gateway_settings) as url, httpx.Client(base_url=url, timeout=60) as api:
+        worker = _worker_settings(distributed_settings, tmp_path / "worker", url)
+        start_worker(worker)
+        model = api.post("/v1/models", headers=headers, files=[
+            ("file", ("wide.onnx", (tmp_path / "wide.onnx").read_bytes())),
+            ("data", ("wide.onnx.data", data))]).json()
+        with (ROOT / "examples" / "digits-test.npz").open("rb") as handle:
+            dataset = api.post("/v1/datasets", files={"file": handle}, headers=headers).json()
+        job = api.post("/v1/evaluations", headers=headers,
+                       json={**spec, "model_id": model["id"], "dataset_id": dataset["id"]}).json()
+        state = job
+        while state["state"] not in ("succeeded", "failed", "cancelled"):
+            state = api.get(f"/v1/evaluations/{job['id']}", params={"wait": 10}, headers=headers).json()
+        assert state["state"] == "succeeded", state
+        result = api.get(f"/v1/evaluations/{job['id']}/result", headers=headers).json()
+    data_sha = hashlib.sha256(data).hexdigest()
+    assert {model["sha256"], data_sha} <= _blobs(worker.blob_dir)  # both fetched into its own cache
+    assert data_sha in _blobs(gateway_settings.blob_dir)
+    expected = evaluate(read_model(str(tmp_path / "wide.onnx")),
+                        load_dataset_file(ROOT / "examples" / "digits-test.npz", (0.0, 1.0)),
+                        EvaluationSpec.model_validate(spec)).result.model_dump(mode="json")
+    weights.set_folder(None)
+    assert result["clean_accuracy"] == expected["clean_accuracy"]
+    assert_same_up_to_rounding(result["attacks"], expected["attacks"])
