@@ -71,6 +71,10 @@ def test_past_the_inline_limit_the_command_line_keeps_weights_in_their_file(wide
     for loss in ("cross_entropy", "margin"):
         np.testing.assert_allclose(ours.loss_and_grad(x, y, loss)[2], theirs.loss_and_grad(x, y, loss)[2],
                                    rtol=1e-4, atol=1e-6)
+    from workers.certify import IntervalBounds, UnsupportedForBounds
+
+    with pytest.raises(UnsupportedForBounds, match="weights stay outside it"):  # certify says so, no crash
+        IntervalBounds(data, method="ibp")
 
 
 def test_past_the_inline_limit_the_service_stores_the_data_files_as_blobs(wide, outside, tmp_path,

@@ -19,6 +19,7 @@ from workers.certify.ibp import (
     _from_centre,
     supported_op_types,
 )
+from workers.onnxgrad import weights
 from workers.onnxgrad.prepare import PreparedClassifier, prepare_classifier
 
 CROWN_METHODS = ("crown_ibp", "crown", "alpha_crown")  # bound the margins backwards (crown.py)
@@ -33,6 +34,9 @@ def build_bounds_model(model: bytes | onnx.ModelProto, method: str = "ibp", norm
     (workers/certify/crown.py), the larger of the two lower bounds kept; "crown": that, with
     the relaxed operators' input bounds also from CROWN (full CROWN, where small enough)."""
     prepared = prepare_classifier(model)
+    if weights.has_external(prepared.model):  # |W| and the relaxations' constants would be copies
+        raise UnsupportedForBounds(f"{method}: a model whose weights stay outside it (over 2 GiB) is not "
+                                   "bounded yet")
     b = _Builder(prepared)
     graph = b.model.graph
     image = prepared.input_name
