@@ -166,9 +166,14 @@ def cmd_inspect(args) -> int:
 def cmd_gradient_model(args) -> int:
     import onnx
 
-    from workers.onnxgrad import build_gradient_model
+    from workers.onnxgrad import build_gradient_model, weights
 
     grad_model = build_gradient_model(read_model(args.model), loss=args.loss, device=args.device)
+    folder = weights.folder()
+    if weights.has_external(grad_model) and folder is not None and Path(args.out).resolve().parent != folder:
+        files = ", ".join(weights.locations(grad_model))
+        raise CommandError(f"{args.model} keeps its weights in {files}, which the gradient model reads "
+                           f"beside itself: write it into {folder} (--out)")
     onnx.save_model(grad_model, args.out)
     print(f"wrote {args.out}: inputs {[i.name for i in grad_model.graph.input]}, "
           f"outputs {[o.name for o in grad_model.graph.output]}")

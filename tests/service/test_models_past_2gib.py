@@ -54,7 +54,7 @@ def outside(monkeypatch):
     weights.set_folder(None)
 
 
-def test_past_the_inline_limit_the_command_line_keeps_weights_in_their_file(wide, outside):
+def test_past_the_inline_limit_the_command_line_keeps_weights_in_their_file(wide, outside, tmp_path):
     from service.commands import read_model
 
     folder, legacy = wide
@@ -71,6 +71,15 @@ def test_past_the_inline_limit_the_command_line_keeps_weights_in_their_file(wide
     for loss in ("cross_entropy", "margin"):
         np.testing.assert_allclose(ours.loss_and_grad(x, y, loss)[2], theirs.loss_and_grad(x, y, loss)[2],
                                    rtol=1e-4, atol=1e-6)
+    from client.cli import main
+
+    assert main(["gradient-model", str(folder / "wide.onnx"), "--out", str(tmp_path / "grad.onnx")]) == 2
+    assert main(["gradient-model", str(folder / "wide.onnx"), "--out", str(folder / "grad.onnx")]) == 0
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "grad.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["grad"], {"input": x, "labels": y})[0],  # its default loss: auto
+                               theirs.loss_and_grad(x, y, "auto")[2], rtol=1e-4, atol=1e-6)
     from workers.certify import IntervalBounds, UnsupportedForBounds
 
     with pytest.raises(UnsupportedForBounds, match="weights stay outside it"):  # certify says so, no crash
