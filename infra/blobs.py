@@ -134,3 +134,12 @@ async def stream_to_file(chunks: AsyncIterator[bytes], handle, limit: int) -> tu
         handle.write(chunk)
     handle.flush()
     return digest.hexdigest(), size
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

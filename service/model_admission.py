@@ -17,7 +17,6 @@ message says what is wrong and how to fix it and never names a server path.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 from collections import Counter
@@ -29,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
+from infra.blobs import file_sha256
 from workers.errors import TooLargeError, first_lines, quoted
 from workers.onnxgrad import (
     InvalidModelError,
@@ -161,7 +161,7 @@ def validate_model_upload(path: Path, data: dict[str, Path], out: Path, *, max_b
     spill = folder / "bundle"  # an archive's members, streamed out of it (removed with the folder)
     spill.mkdir(parents=True, exist_ok=True)
     model, outside = assemble_file(path, max_bytes, files, lambda name, file: weights.blob_location(
-        file_sha256(file)), inline_bytes, spill)
+        file_sha256(_local_path(file))), inline_bytes, spill)
     out.write_bytes(model)
     if not outside:
         return validate_model(out, max_bytes=max_bytes, max_loop_iterations=max_loop_iterations), True
@@ -179,13 +179,6 @@ def outside_weights_folder(out: Path) -> Path:
     """Where ``validate_model_upload`` puts the data files it kept outside the model written to
     ``out``, as ``<blob location>`` (the caller stores them, then removes the folder)."""
     return out.with_name(out.name + ".weights")
-
-
-def file_sha256(file: DataFile) -> str:
-    digest = hashlib.sha256()
-    for start in range(0, file.size, 1 << 24):
-        digest.update(file.read(start, min(1 << 24, file.size - start)))
-    return digest.hexdigest()
 
 
 def _local_path(file: DataFile) -> Path:

@@ -9,7 +9,6 @@ images that need processing is stored as the uint8 .npz they become."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -19,7 +18,7 @@ from typing import Any
 
 from fastapi import UploadFile
 
-from infra.blobs import BlobTooLarge, LocalBlobStore, stream_to_file
+from infra.blobs import BlobTooLarge, LocalBlobStore, file_sha256, stream_to_file
 from service.errors import ApiError, TooLarge
 from service.model_admission import outside_weights_folder
 from workers.onnxgrad.weights import blob_location
@@ -73,7 +72,7 @@ async def receive(
         handle.close()
         info, wrote = await validate(path, out)  # a UserError answers its own 4xx
         if wrote:
-            path, sha256, size = out, await asyncio.to_thread(sha256_of, out), out.stat().st_size
+            path, sha256, size = out, await asyncio.to_thread(file_sha256, out), out.stat().st_size
         if not store.exists(sha256):
             await asyncio.to_thread(store.put_file, path, sha256)
     return sha256, size, asdict(info)
@@ -115,7 +114,7 @@ async def receive_model(
         stack.callback(shutil.rmtree, outside, ignore_errors=True)
         info, bundled = await validate(path, files, out)
         if bundled:
-            path, sha256, size = out, await asyncio.to_thread(sha256_of, out), out.stat().st_size
+            path, sha256, size = out, await asyncio.to_thread(file_sha256, out), out.stat().st_size
         for blob in info.weights:  # a model past protobuf's limit: its large tensors' data files
             if not store.exists(blob):
                 await asyncio.to_thread(store.put_file, outside / blob_location(blob), blob)
@@ -125,9 +124,3 @@ async def receive_model(
     return sha256, size, asdict(info)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -181,6 +181,17 @@ def new_session(model_bytes: bytes, options: RuntimeOptions):
     return session
 
 
+def session_peak(model_bytes: bytes, options: RuntimeOptions, feeds: dict[str, np.ndarray]) -> int:
+    """Bytes by which a fresh session of ``model_bytes`` raises the process's peak memory over
+    two runs on ``feeds`` (the second is its steady state: memory_budget.py)."""
+    def twice() -> None:
+        session = new_session(model_bytes, options)
+        _run(session, None, feeds)
+        _run(session, None, feeds)
+
+    return memory_budget.peak_of(twice)
+
+
 def _session(key: tuple, model_bytes: Callable[[], bytes], options: RuntimeOptions):
     return _SESSIONS.get_or_create(key + (options,), lambda: new_session(model_bytes(), options))
 
@@ -293,12 +304,7 @@ class Classifier:
             if kind == "gradient":
                 feeds = {self.input_name: feeds[self.input_name].astype(np.float32),
                          "labels": np.zeros(batch, np.int64)}
-            def twice() -> None:  # the second run is the session's steady state (memory_budget.py)
-                session = new_session(model, self.options)
-                _run(session, None, feeds)
-                _run(session, None, feeds)
-
-            return memory_budget.peak_of(twice)
+            return session_peak(model, self.options, feeds)
 
         key = (self.model_hash, self._output_name, kind, self.device, self.options.intra_op_threads)
         footprint = memory_budget.footprint(key, measure, cap)

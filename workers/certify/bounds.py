@@ -12,7 +12,7 @@ from workers import memory_budget
 from workers.certify.bounds_graph import CROWN_METHODS, build_bounds_model
 from workers.certify.ibp import UnsupportedForBounds
 from workers.onnxgrad import build_vjp_model
-from workers.runtime import RuntimeOptions, new_session
+from workers.runtime import RuntimeOptions, new_session, session_peak
 
 # a margin bound certifies a sample only above this: float32 rounding of the bound graph can
 # move a bound by a few units in its last place, never by this much on logits of order 1-100
@@ -124,13 +124,7 @@ class IntervalBounds:
                     dims[0] = batch * (self.num_classes or 1)
                 kind = np.int64 if value.type == "tensor(int64)" else np.float32
                 feeds[value.name] = np.zeros(dims if value.shape else [], kind)
-
-            def twice() -> None:  # the second run is the session's steady state (memory_budget.py)
-                fresh = new_session(model, self.options)
-                fresh.run(None, feeds)
-                fresh.run(None, feeds)
-
-            return memory_budget.peak_of(twice)
+            return session_peak(model, self.options, feeds)
 
         found = memory_budget.footprint((self._key, self.options.intra_op_threads), measure, cap)
         batch = found.batch_within(budget, cap)

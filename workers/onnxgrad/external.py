@@ -32,7 +32,7 @@ from onnx import TensorProto, helper
 
 from . import weights
 from .errors import InvalidModelError
-from .prepare import all_tensors, load_model
+from .prepare import load_model
 
 PROTOBUF_LIMIT = 2**31 - 1
 _ARCHIVE_MEMBERS = 64  # a model and its data files: a few; more is not a model bundle
@@ -73,7 +73,7 @@ class BytesFile:
 
 def external_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
     """Every tensor of the model (initializers, attributes, subgraphs) whose data is external."""
-    for tensor in all_tensors(model.graph):
+    for tensor in weights.graph_tensors(model.graph):
         if tensor.data_location == TensorProto.EXTERNAL or tensor.external_data:
             yield tensor
 

@@ -86,25 +86,11 @@ def _constants_leave_inputs(graph: onnx.GraphProto) -> None:
     graph.input.extend(kept)
 
 
-def all_tensors(graph: onnx.GraphProto):
-    """Every tensor of a graph: initializers, node attributes, subgraphs."""
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                yield a.t
-            yield from a.tensors
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from all_tensors(a.g)
-            for sub in a.graphs:
-                yield from all_tensors(sub)
-
-
 def refuse_external_data(model: onnx.ModelProto) -> None:
     """External data only where it resolves inside the weights folder (weights.py): a model over
     protobuf's 2 GiB limit, whose data files were given with it."""
     weights.check_resolvable(model)
-    for tensor in all_tensors(model.graph):
+    for tensor in weights.graph_tensors(model.graph):
         if tensor.external_data and not weights.is_external(tensor):
             raise InvalidModelError(
                 f"tensor {tensor.name!r} has external data entries but keeps its data inside the file; "
