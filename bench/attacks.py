@@ -6,7 +6,7 @@
 
 --provider cuda runs every engine on the GPU (needs onnxruntime-gpu and a CUDA build of torch,
 not the CPU wheel the tests pin): ours keeps each batch's iterates in ONNX Runtime's device
-buffers (Classifier.linf_steps, I/O binding), so no host-device copy happens during the steps:
+buffers (Classifier.pgd_steps, I/O binding), so no host-device copy happens during the steps:
 the images go to the device once and x_adv comes back once; torchattacks and ART get the same
 images as host arrays, as their users give them.
 
@@ -334,7 +334,7 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
           "images/s (median over rounds)")
     if args.provider == "cuda":
         print("host-device copies: ours none during the steps (per batch: x, labels and the start "
-              "placed once, x_adv read once: Classifier.linf_steps); torchattacks: the batch moved to "
+              "placed once, x_adv read once: Classifier.pgd_steps); torchattacks: the batch moved to "
               "the device once per call; ART: its PGD loop runs in numpy, so x_adv and the gradient "
               "cross every step")
     for key, title in (("images_per_s", "median"), ("best_images_per_s", "best")):

@@ -7,12 +7,14 @@ built once per model hash, loss and options and shared by every Classifier in th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -20,6 +22,9 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from workers import memory_budget
+from workers.bound_loop import BoundLoop, padded
+from workers.loop_graphs import LoopGraph, pgd_step_model
+from workers.loop_graphs import P as LOOP
 from workers.memory_budget import MiB
 from workers.onnxgrad import InvalidModelError, build_gradient_model, prepare_classifier, weights
 from workers.onnxgrad.dtypes import feed_dtype
@@ -123,12 +128,6 @@ def _run(session, outputs, feeds, options=None):
         if _RUN_OPTIONS.terminate:
             raise RunsInterrupted("ONNX Runtime calls were interrupted") from exc
         raise
-
-
-def _padded(rows: np.ndarray, size: int) -> np.ndarray:
-    """``rows`` padded to ``size`` rows with copies of the last one (a fixed-batch model's last
-    batch; the padding's outputs are dropped)."""
-    return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)])
 
 
 def _run_bound(session, binding) -> None:
@@ -355,7 +354,7 @@ class Classifier:
             stop = min(start + step, n)
             batch = {name: value[start:stop] for name, value in feeds.items()}
             if self.fixed_batch and stop - start < step:
-                batch = {name: _padded(value, step) for name, value in batch.items()}
+                batch = {name: padded(value, step) for name, value in batch.items()}
             results = _run(session, outputs, {**batch, **(constants or {})})
             parts.append([out[:stop - start] for out in results])
         return [np.concatenate(column) for column in zip(*parts, strict=True)] if parts else None
@@ -399,75 +398,66 @@ class Classifier:
         logits, _, grad = self._run_gradient("cotangent", x, {"dlogits": dlogits})
         return logits, grad
 
-    def linf_step(self, x_adv: np.ndarray, x: np.ndarray, labels: np.ndarray, *, loss: str, step: float,
-                  eps: float, bounds: tuple[float, float]) -> np.ndarray:
-        """One L-inf projected-gradient step in one ONNX Runtime call per batch:
-        clip(x + clip(x_adv + step * sign(d loss / d x_adv) - x, -eps, eps), *bounds), in the
-        float32 operations and order of the numpy step (workers/attacks/gradient.py), so the
+    def pgd_step(self, x_adv: np.ndarray, x: np.ndarray, labels: np.ndarray, *, norm: str, loss: str,
+                 step: float, eps: float, bounds: tuple[float, float]) -> np.ndarray:
+        """One projected-gradient step (``norm`` "linf" or "l2") in one ONNX Runtime call per
+        batch: clip(x + project(x_adv + step * ascent(d loss / d x_adv) - x, eps), *bounds), in
+        the float32 operations and order of the numpy step (workers/attacks/gradient.py), so the
         result is the same to the bit. A negative ``step`` descends (a targeted attack)."""
         x_adv, labels = self.check_inputs(x_adv, labels)
         (x,) = self.check_inputs(x)
-        scalars = {"step": step, "eps": eps, "low": bounds[0], "high": bounds[1]}
-        constants = {f"{_STEP}{name}": np.array(value, np.float32) for name, value in scalars.items()}
-        outputs = self._run_batches(self._step_session(loss), [f"{_STEP}x_next"],
-                                    {self.input_name: x_adv, f"{_STEP}x": x, "labels": labels},
-                                    kind="gradient", constants=constants)
+        session, graph = self._pgd_session(norm, loss)
+        (output,) = graph.writes
+        feeds = {self.input_name: x_adv, LOOP + "x": x, "labels": labels}
+        outputs = self._run_batches(session, [output], feeds, kind="gradient",
+                                    constants=_pgd_scalars(step, eps, bounds))
         return np.zeros_like(x_adv) if outputs is None else outputs[0]
 
-    def linf_steps(self, x_adv: np.ndarray, x: np.ndarray, labels: np.ndarray, *, steps: int, loss: str,
-                   step: float, eps: float, bounds: tuple[float, float],
-                   progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """``steps`` calls of `linf_step`, with the iterates kept in ONNX Runtime's own buffers
-        between steps (I/O binding): each batch's clean images, labels and two iterate buffers
-        are placed on the session's device once, each step's output buffer is the next step's
-        input, and the host receives x_adv once, after the last step. On CUDA no byte crosses
-        between host and device during the steps (the copy loop crosses four arrays per batch
-        and step); on the CPU the buffers are host memory and the result is the same to the
-        bit as the copy loop's. ``progress(i)`` runs after step i, between batches' calls."""
+    def pgd_steps(self, x_adv: np.ndarray, x: np.ndarray, labels: np.ndarray, *, norm: str, steps: int,
+                  loss: str, step: float, eps: float, bounds: tuple[float, float],
+                  progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """``steps`` calls of `pgd_step`, with the iterates kept in ONNX Runtime's own buffers
+        between steps (a `BoundLoop`): each batch's clean images, labels and iterates are placed
+        on the session's device once, each step's output buffer is the next step's input, and
+        the host receives x_adv once, after the last step. On CUDA no byte crosses between host
+        and device during the steps (the copy loop crosses four arrays per batch and step); on
+        the CPU the result is the same to the bit as the copy loop's. ``progress(i)`` runs after
+        step i."""
         x_adv, labels = self.check_inputs(x_adv, labels)
         (x,) = self.check_inputs(x)
         if len(x_adv) == 0 or steps <= 0:
             return x_adv.copy()
-        session = self._step_session(loss)
-        device = "cuda" if self.device == "cuda" else "cpu"
-
-        def placed(array: np.ndarray) -> ort.OrtValue:
-            return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
-
-        scalars = {"step": step, "eps": eps, "low": bounds[0], "high": bounds[1]}
-        constants = {f"{_STEP}{name}": placed(np.array(value, np.float32)) for name, value in scalars.items()}
-        batches = []  # [iterate, spare, clean, labels, rows] per batch
-        size = self.fixed_batch or self.batch_size("gradient")
-        for start in range(0, len(x_adv), size):
-            rows = slice(start, min(start + size, len(x_adv)))
-            parts = [x_adv[rows], x[rows], labels[rows]]
-            if self.fixed_batch and len(parts[0]) < size:
-                parts = [_padded(p, size) for p in parts]
-            iterate = placed(parts[0].copy())  # written to by every other step: never the caller's
-            spare = ort.OrtValue.ortvalue_from_shape_and_type(parts[0].shape, np.float32, device, 0)
-            batches.append([iterate, spare, placed(parts[1]), placed(parts[2]), rows.stop - rows.start])
-        binding = session.io_binding()
-        for name, value in constants.items():
-            binding.bind_ortvalue_input(name, value)
+        session, graph = self._pgd_session(norm, loss)
+        loop = self.bound_loop({self.input_name: x_adv, LOOP + "x": x, "labels": labels})
+        scalars = _pgd_scalars(step, eps, bounds)
         for i in range(steps):
-            for batch in batches:
-                iterate, spare, clean, batch_labels, _ = batch
-                binding.bind_ortvalue_input(self.input_name, iterate)
-                binding.bind_ortvalue_input(f"{_STEP}x", clean)
-                binding.bind_ortvalue_input("labels", batch_labels)
-                binding.bind_ortvalue_output(f"{_STEP}x_next", spare)
-                _run_bound(session, binding)
-                batch[0], batch[1] = spare, iterate
+            loop.apply(session, graph, scalars)
             if progress is not None:
                 progress(i + 1)
-        return np.concatenate([batch[0].numpy()[:batch[4]] for batch in batches])
+        return loop.fetch(self.input_name)
 
-    def _step_session(self, loss: str):
-        key = (self.model_hash, self._output_name, loss, self.device, "linf_step")
-        step_bytes = _GRADIENT_MODELS.get_or_create(
-            key, lambda: linf_step_model(onnx.load_from_string(self._gradient_bytes(loss)),
-                                         self.input_name).SerializeToString())
-        return _session(key, lambda: step_bytes, self.options)
+    def _pgd_session(self, norm: str, loss: str):
+        return self.loop_session(("pgd", norm), loss,
+                                 lambda gradient: pgd_step_model(gradient, self.input_name, norm))
+
+    def bound_loop(self, arrays: dict[str, np.ndarray]) -> BoundLoop:
+        """Per-sample ``arrays`` placed on this classifier's device, in its gradient batches,
+        for loop graphs (`loop_session`) to read and replace without copies to the host."""
+        return BoundLoop(arrays, device=self.device, batch=self.fixed_batch or self.batch_size("gradient"),
+                         pad=bool(self.fixed_batch), run=_run_bound)
+
+    def loop_session(self, kind: tuple, loss: str | None, build: Callable[[Any], LoopGraph]
+                     ) -> tuple[ort.InferenceSession, LoopGraph]:
+        """The session of ``build(the gradient model of loss)`` (``loss`` None: ``build(None)``,
+        a graph without the model), built once per model, loss, device and ``kind``."""
+        key = (self.model_hash, self._output_name, loss, self.device, "loop", *kind)
+
+        def create() -> tuple[bytes, LoopGraph]:
+            graph = build(None if loss is None else onnx.load_from_string(self._gradient_bytes(loss)))
+            return graph.model.SerializeToString(), dataclasses.replace(graph, model=onnx.ModelProto())
+
+        model_bytes, graph = _GRADIENT_MODELS.get_or_create(key, create)
+        return _session(key, lambda: model_bytes, self.options), graph
 
     def _run_gradient(self, loss: str, x: np.ndarray, feeds: dict[str, np.ndarray]):
         outputs = self._run_batches(self._gradient_session(loss), ["logits", "loss", "grad"],
@@ -478,41 +468,9 @@ class Classifier:
         return tuple(outputs)
 
 
-_STEP = "linf_step/"
-
-
-def linf_step_model(gradient: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
-    """The gradient model with one L-inf PGD step appended: inputs (x_adv as ``input_name``,
-    linf_step/x, labels, and the scalars linf_step/step, eps, low, high), output
-    linf_step/x_next. Each node is one of the numpy step's float32 operations, in its order."""
-    from onnx import helper
-
-    graph = gradient.graph
-    image = next(i for i in graph.input if i.name == input_name)
-    clean = onnx.ValueInfoProto()
-    clean.CopyFrom(image)
-    clean.name = f"{_STEP}x"
-    graph.input.append(clean)
-    for name in ("step", "eps", "low", "high"):
-        graph.input.append(helper.make_tensor_value_info(f"{_STEP}{name}", onnx.TensorProto.FLOAT, []))
-    grad = "grad"
-    p = _STEP
-    graph.node.extend([
-        helper.make_node("Sign", [grad], [p + "sign"]),
-        helper.make_node("Mul", [p + "step", p + "sign"], [p + "move"]),
-        helper.make_node("Add", [input_name, p + "move"], [p + "moved"]),
-        helper.make_node("Sub", [p + "moved", p + "x"], [p + "delta"]),
-        helper.make_node("Neg", [p + "eps"], [p + "neg_eps"]),
-        helper.make_node("Clip", [p + "delta", p + "neg_eps", p + "eps"], [p + "projected"]),
-        helper.make_node("Add", [p + "x", p + "projected"], [p + "unboxed"]),
-        helper.make_node("Clip", [p + "unboxed", p + "low", p + "high"], [p + "x_next"]),
-    ])
-    following = onnx.ValueInfoProto()
-    following.CopyFrom(image)
-    following.name = p + "x_next"
-    del graph.output[:]
-    graph.output.append(following)
-    return gradient
+def _pgd_scalars(step: float, eps: float, bounds: tuple[float, float]) -> dict[str, np.ndarray]:
+    values = {"step": step, "eps": eps, "low": bounds[0], "high": bounds[1]}
+    return {LOOP + name: np.array(value, np.float32) for name, value in values.items()}
 
 
 def check_loss(loss: str) -> None:

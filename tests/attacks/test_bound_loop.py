@@ -1,7 +1,8 @@
-"""The attack loop with I/O binding (Classifier.linf_steps: the iterates stay in ONNX Runtime's
-buffers from step to step, the host sees x_adv once) gives the copy loop's adversarial
-examples (Classifier.linf_step once per step, every array through numpy) to the bit, on every
-model of the small zoo; on CUDA the same code keeps the loop on the device."""
+"""The attack loops with I/O binding (workers/bound_loop.py: the state stays in ONNX Runtime's
+buffers from step to step, the host sees the results once) give the copy loops' adversarial
+examples (PGD: Classifier.pgd_step once per step; APGD: the numpy loop, every array through
+numpy) to the bit, on every model of the small zoo, under both norms; on CUDA the same code
+keeps the loop on the device."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from tests import zoo
 from tests.cuda import requires_cuda
 from tests.fixed_batch import expand_to_batch_of_two
+from workers.attacks.apgd import APGD
 from workers.runtime import Classifier, RunsInterrupted, RuntimeOptions, interrupt_runs, resume_runs
 
 ZOO = ["mlp", "lenet", "vgg", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "squeezenet", "vit",
@@ -24,23 +26,70 @@ def _images(name: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def _copy_loop(classifier, x_adv, x, y, steps, **step):
     for _ in range(steps):
-        x_adv = classifier.linf_step(x_adv, x, y, **step)
+        x_adv = classifier.pgd_step(x_adv, x, y, **step)
     return x_adv
 
 
+STEPS = {"linf": dict(step=0.01, eps=0.03), "l2": dict(step=0.2, eps=0.6)}
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("name", ZOO)
-def test_the_bound_loop_equals_the_copy_loop_to_the_bit(name):
+def test_the_bound_loop_equals_the_copy_loop_to_the_bit(name, norm):
     options = RuntimeOptions(batch_size=8, intra_op_threads=1)
     classifier = Classifier(zoo.export(name).SerializeToString(), options)
     x, y = _images(name, 19)  # three batches, the last one short
-    start = np.clip(x + np.random.default_rng(1).uniform(-0.03, 0.03, x.shape).astype(np.float32), 0, 1)
+    start = np.clip(x + np.random.default_rng(1).uniform(-0.01, 0.01, x.shape).astype(np.float32), 0, 1)
     before = start.copy()
-    step = dict(loss="auto", step=0.01, eps=0.03, bounds=(0.0, 1.0))
+    step = dict(loss="auto", norm=norm, bounds=(0.0, 1.0), **STEPS[norm])
     seen = []
-    bound = classifier.linf_steps(start, x, y, steps=4, progress=seen.append, **step)
+    bound = classifier.pgd_steps(start, x, y, steps=4, progress=seen.append, **step)
     np.testing.assert_array_equal(bound, _copy_loop(classifier, start, x, y, 4, **step))
     np.testing.assert_array_equal(start, before)  # the caller's array is never a buffer of the loop
     assert seen == [1, 2, 3, 4] and not np.array_equal(bound, start)
+
+
+class CopyLoop:
+    """The classifier without its bound loops: APGD runs its numpy loop on it."""
+
+    def __init__(self, classifier: Classifier):
+        self.classifier, self.num_classes = classifier, classifier.num_classes
+
+    def logits(self, x):
+        return self.classifier.logits(x)
+
+    def loss_and_grad(self, x, labels, loss="auto", targets=None):
+        return self.classifier.loss_and_grad(x, labels, loss=loss, targets=targets)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", ZOO)
+def test_the_bound_apgd_loop_equals_the_numpy_loop_to_the_bit(name, norm):
+    options = RuntimeOptions(batch_size=8, intra_op_threads=1)
+    classifier = Classifier(zoo.export(name).SerializeToString(), options)
+    x, y = _images(name, 19)
+    attack = APGD(norm=norm, steps=10)  # checkpoints after steps 2, 4, 6, 8 and 10
+    eps = STEPS[norm]["eps"]
+    bound = attack.run(classifier, x, y, eps, None, (0.0, 1.0), np.random.default_rng(3), None)
+    numpy = attack.run(CopyLoop(classifier), x, y, eps, None, (0.0, 1.0), np.random.default_rng(3), None)
+    np.testing.assert_array_equal(bound.x_adv, numpy.x_adv)
+    np.testing.assert_array_equal(bound.success, numpy.success)
+
+
+@pytest.mark.parametrize("attack", [APGD(steps=10, loss="ce"), APGD(norm="l2", steps=10, loss="ce"),
+                                    APGD(steps=6, loss="dlr")], ids=["ce-targeted", "ce-targeted-l2", "dlr"])
+def test_bound_apgd_equals_the_numpy_loop_on_a_fixed_batch_model(attack):
+    rng = np.random.default_rng(0)
+    model, _, _ = expand_to_batch_of_two(rng)
+    classifier = Classifier(model, RuntimeOptions(batch_size=64))
+    assert classifier.fixed_batch == 2  # runs two samples at a time, the last batch padded
+    x, y = rng.random((5, 4), dtype=np.float32), np.array([0, 1, 2, 1, 0])
+    targets = None if attack.loss == "dlr" else (y + 1) % classifier.num_classes
+    eps = 0.3 if attack.norm == "linf" else 0.6
+    runs = [attack.run(m, x, y, eps, targets, (0.0, 1.0), np.random.default_rng(1), None)
+            for m in (classifier, CopyLoop(classifier))]
+    np.testing.assert_array_equal(runs[0].x_adv, runs[1].x_adv)
+    np.testing.assert_array_equal(runs[0].success, runs[1].success)
 
 
 def test_a_fixed_batch_model_is_padded_as_the_copy_loop_pads_it():
@@ -50,8 +99,9 @@ def test_a_fixed_batch_model_is_padded_as_the_copy_loop_pads_it():
     classifier = Classifier(model, RuntimeOptions(batch_size=64))
     assert classifier.fixed_batch == 2
     x, y = rng.random((5, 4), dtype=np.float32), np.array([0, 1, 2, 1, 0])
-    step = dict(loss="cross_entropy", step=-0.01, eps=0.05, bounds=(0.0, 1.0))  # targeted: descends
-    np.testing.assert_array_equal(classifier.linf_steps(x, x, y, steps=3, **step),
+    # targeted: descends
+    step = dict(loss="cross_entropy", norm="linf", step=-0.01, eps=0.05, bounds=(0.0, 1.0))
+    np.testing.assert_array_equal(classifier.pgd_steps(x, x, y, steps=3, **step),
                                   _copy_loop(classifier, x, x, y, 3, **step))
 
 
@@ -60,8 +110,8 @@ def test_a_cancel_interrupts_the_bound_loop():
     x, y = _images("mlp", 12)
     try:
         with pytest.raises(RunsInterrupted):
-            classifier.linf_steps(x, x, y, steps=50, loss="auto", step=0.01, eps=0.1, bounds=(0.0, 1.0),
-                                  progress=lambda i: interrupt_runs() if i == 2 else None)
+            classifier.pgd_steps(x, x, y, steps=50, loss="auto", norm="linf", step=0.01, eps=0.1,
+                                 bounds=(0.0, 1.0), progress=lambda i: interrupt_runs() if i == 2 else None)
     finally:
         resume_runs()
 
@@ -72,6 +122,11 @@ def test_on_cuda_the_bound_loop_equals_the_copy_loop(name):
     classifier = Classifier(zoo.export(name).SerializeToString(), RuntimeOptions(batch_size=8))
     assert classifier.device == "cuda"
     x, y = _images(name, 19)
-    step = dict(loss="auto", step=0.01, eps=0.03, bounds=(0.0, 1.0))
-    np.testing.assert_array_equal(classifier.linf_steps(x, x, y, steps=4, **step),
-                                  _copy_loop(classifier, x, x, y, 4, **step))
+    for norm in ("linf", "l2"):
+        step = dict(loss="auto", norm=norm, bounds=(0.0, 1.0), **STEPS[norm])
+        np.testing.assert_array_equal(classifier.pgd_steps(x, x, y, steps=4, **step),
+                                      _copy_loop(classifier, x, x, y, 4, **step))
+        attack = APGD(norm=norm, steps=10)
+        runs = [attack.run(m, x, y, step["eps"], None, (0.0, 1.0), np.random.default_rng(3), None)
+                for m in (classifier, CopyLoop(classifier))]
+        np.testing.assert_array_equal(runs[0].x_adv, runs[1].x_adv)

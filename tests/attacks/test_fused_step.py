@@ -1,13 +1,16 @@
-"""The L-inf step fused into one ONNX Runtime call (Classifier.linf_step) gives the numpy
-step's results to the bit, for every attack that takes it."""
+"""Attack steps fused into one ONNX Runtime call (workers/loop_graphs.py: Classifier.pgd_steps,
+APGD's loop graphs) give the numpy steps' results to the bit, for every attack that takes them,
+under both norms."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from workers.attacks.apgd import APGD, APGDT
 from workers.attacks.gradient import BIM, FGSM, PGD
-from workers.runtime import Classifier, RuntimeOptions, linf_step_model
+from workers.loop_graphs import pgd_step_model
+from workers.runtime import Classifier, RuntimeOptions
 
 
 class NumpySteps:
@@ -33,26 +36,42 @@ class NumpySteps:
         (PGD(steps=3, random_target=True), False),
         (BIM(steps=5), False),
         (FGSM(), False),
+        (PGD(norm="l2", steps=5), False),
+        (PGD(norm="l2", steps=4, loss="cross_entropy"), True),
+        (APGD(steps=12), False),
+        (APGD(norm="l2", steps=12, restarts=2), False),
+        (APGD(steps=12, loss="ce"), True),
+        (APGD(steps=12, loss="dlr"), False),
+        (APGDT(norm="l2", steps=8, n_target_classes=2), False),
+        (APGD(steps=8, loss="dlr_targeted"), True),
     ],
-    ids=["pgd", "pgd-restarts", "pgd-margin", "pgd-targeted", "pgd-random-target", "bim", "fgsm"],
+    ids=["pgd", "pgd-restarts", "pgd-margin", "pgd-targeted", "pgd-random-target", "bim", "fgsm",
+         "pgd-l2", "pgd-l2-targeted", "apgd", "apgd-l2-restarts", "apgd-ce-targeted", "apgd-dlr",
+         "apgd-t-l2", "apgd-dlr-targeted"],
 )
 @pytest.mark.parametrize("model", ["cnn", "fc100"])
 def test_the_fused_step_equals_the_numpy_step_to_the_bit(attack, targeted, model, classifiers, data):
     x, y = data[0][:90], data[1][:90]
     classifier = Classifier(classifiers(model).model_bytes, RuntimeOptions(batch_size=32, intra_op_threads=1))
     targets = (y + 3) % 10 if targeted else None
-    fused = attack(classifier, x, y, eps=[0.05, 0.2], targets=targets, seed=5)
-    numpy = attack(NumpySteps(classifier), x, y, eps=[0.05, 0.2], targets=targets, seed=5)
+    eps = [0.05, 0.2] if attack.norm == "linf" else [0.5, 2.0]
+    fused = attack(classifier, x, y, eps=eps, targets=targets, seed=5)
+    numpy = attack(NumpySteps(classifier), x, y, eps=eps, targets=targets, seed=5)
     for a, b in zip(fused, numpy, strict=True):
         np.testing.assert_array_equal(a.x_adv, b.x_adv)
         np.testing.assert_array_equal(a.success, b.success)
-    assert np.abs(fused[1].x_adv - x).max() <= 0.2 + 1e-6
+    size = attack.geometry.size(fused[1].x_adv - x) if attack.norm == "l2" else np.abs(fused[1].x_adv - x)
+    assert size.max() <= eps[1] * (1 + 1e-6)
+    assert fused[1].success.mean() > 0  # the steps did something
 
 
-def test_the_step_model_outputs_only_the_next_iterate(classifiers):
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_the_step_model_outputs_only_the_next_iterate(classifiers, norm):
     import onnx
 
     classifier = classifiers("cnn")
-    model = linf_step_model(onnx.load_from_string(classifier._gradient_bytes("auto")), classifier.input_name)
-    assert [o.name for o in model.graph.output] == ["linf_step/x_next"]
-    onnx.checker.check_model(model)
+    gradient = onnx.load_from_string(classifier._gradient_bytes("auto"))
+    graph = pgd_step_model(gradient, classifier.input_name, norm)
+    (output,) = [o.name for o in graph.model.graph.output]
+    assert graph.writes == {output: classifier.input_name}
+    onnx.checker.check_model(graph.model)

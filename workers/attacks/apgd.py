@@ -35,7 +35,11 @@ highest-loss point; always inside the eps ball and the box.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from workers.loop_graphs import P, apgd_checkpoint_model, apgd_objective_model, apgd_update_model
 
 from .base import (
     Attack,
@@ -138,30 +142,33 @@ class APGD(Attack):
 
     def _single_run(self, model, x, y, targets, targeted, eps, bounds, rng):
         """One APGD run: (adversarial iterates, success, highest-loss points, their loss)."""
-        norm, steps = self.geometry, self.steps
+        x_adv = clip_to_box(x + sphere_start(rng, self.norm, x.shape, eps), bounds)
+        logits, loss, grad = self._objective(model, x_adv, y, targets, targeted)
+        success = is_adversarial(logits, y, targets if targeted else None)
+        step = np.full(len(x), 2.0 * eps, np.float32)
+        # a model that runs a whole iteration in one call (workers.runtime.Classifier) keeps the
+        # state in ONNX Runtime's buffers (on the GPU: on the device): the same float32 operations
+        if getattr(model, "bound_loop", None) is not None:
+            return self._bound_iterations(model, x, y, targets, targeted, eps, bounds,
+                                          x_adv, loss, grad, success, step)
+        norm = self.geometry
         column = (-1,) + (1,) * (x.ndim - 1)
-        criterion = targets if targeted else None
 
         def project(z):
             return clip_to_box(x + norm.project(z - x, eps), bounds)
 
-        x_adv = clip_to_box(x + sphere_start(rng, self.norm, x.shape, eps), bounds)
-        logits, loss, grad = self._objective(model, x_adv, y, targets, targeted)
-        success = is_adversarial(logits, y, criterion)
         found = x_adv.copy()
         x_best, loss_best, grad_best = x_adv.copy(), loss.copy(), grad.copy()
-        step = np.full(len(x), 2.0 * eps, np.float32)
         x_prev, last_loss = x_adv, loss
-        period, min_period, decrease = (max(int(p * steps), 1) for p in (0.22, 0.06, 0.03))
-        since_check, increases = 0, np.zeros(len(x), np.int64)
+        increases = np.zeros(len(x), np.int64)
         best_at_check, halved_at_check = loss_best.copy(), np.ones(len(x), bool)
-        for i in range(steps):
+        for i, threshold in enumerate(checkpoints(self.steps, self.rho)):
             z = project(x_adv + step.reshape(column) * norm.ascent_direction(grad))
             if i > 0:
                 z = project(x_adv + MOMENTUM * (z - x_adv) + (1 - MOMENTUM) * (x_adv - x_prev))
             x_prev, x_adv = x_adv, z
             logits, loss, grad = self._objective(model, x_adv, y, targets, targeted)
-            hit = is_adversarial(logits, y, criterion)
+            hit = is_adversarial(logits, y, targets if targeted else None)
             found[hit] = x_adv[hit]
             success |= hit
             improved = loss > loss_best
@@ -169,16 +176,66 @@ class APGD(Attack):
                 x_adv[improved], grad[improved], loss[improved])
             increases += loss > last_loss
             last_loss = loss
-            since_check += 1
-            if since_check == period:  # checkpoint w_j
-                halve = (increases <= self.rho * period) | (~halved_at_check & (loss_best <= best_at_check))
+            if threshold is not None:  # checkpoint w_j
+                halve = (increases <= threshold) | (~halved_at_check & (loss_best <= best_at_check))
                 step[halve] /= 2
                 x_adv[halve], grad[halve] = x_best[halve], grad_best[halve]
                 last_loss[halve] = loss_best[halve]
                 halved_at_check, best_at_check = halve, loss_best.copy()
-                since_check, increases[:] = 0, 0
-                period = max(period - decrease, min_period)
+                increases[:] = 0
         return found, success, x_best, loss_best
+
+    def _bound_iterations(self, model, x, y, targets, targeted, eps, bounds,
+                          x_adv, loss, grad, success, step):
+        """The iterations of `_single_run` as loop graphs (workers/loop_graphs.py): per
+        iteration and batch one ONNX Runtime call for the next iterate, one for the objective
+        and the bookkeeping, one more at a checkpoint; the host sends the starting state once
+        and receives the four results once. (The objective's graph starts from its input, as the
+        plain gradient graph does: ONNX Runtime then runs the gradient with the same kernels.)"""
+        gradient_loss = {"ce": "cross_entropy"}.get(self.loss, self.loss)
+        negate = targeted and gradient_loss in ("auto", "cross_entropy")  # as in _objective
+        hit_when = ("labels" if negate else "targets") if targeted else "differs"
+        iterate = model.input_name
+        state = {P + "x": x, "labels": targets if negate else y, iterate: x_adv, P + "x_prev": x_adv,
+                 P + "grad": grad, P + "step": step, P + "found": x_adv, P + "success": success,
+                 P + "x_best": x_adv, P + "grad_best": grad, P + "loss_best": loss, P + "last_loss": loss,
+                 P + "increases": np.zeros(len(x), np.int64), P + "halved": np.ones(len(x), bool),
+                 P + "best_at_check": loss}
+        if gradient_loss == "dlr_targeted":
+            state["targets"] = targets
+        update = model.loop_session(
+            ("apgd_update", self.norm), None,
+            lambda _: apgd_update_model(model.input_shape, iterate, self.norm, MOMENTUM))
+        objective = model.loop_session(
+            ("apgd_objective", negate, hit_when), gradient_loss,
+            lambda gradient: apgd_objective_model(gradient, iterate, negate=negate, hit_when=hit_when))
+        checkpoint = model.loop_session(("apgd_checkpoint",), None,
+                                        lambda _: apgd_checkpoint_model(model.input_shape, iterate))
+        loop = model.bound_loop(state)
+        scalars = {P + "eps": np.float32(eps), P + "low": np.float32(bounds[0]),
+                   P + "high": np.float32(bounds[1])}
+        for i, threshold in enumerate(checkpoints(self.steps, self.rho)):
+            loop.apply(*update, {**scalars, P + "momentum": np.bool_(i > 0)})
+            loop.apply(*objective)
+            if threshold is not None:
+                loop.apply(*checkpoint, {P + "threshold": np.int64(threshold)})
+        return tuple(loop.fetch(P + name) for name in ("found", "success", "x_best", "loss_best"))
+
+
+def checkpoints(steps: int, rho: float) -> list[int | None]:
+    """Per iteration: None, or (a checkpoint follows it) the most steps of the period that may
+    have raised the loss for the step size to be halved, floor(rho * period)."""
+    period, min_period, decrease = (max(int(p * steps), 1) for p in (0.22, 0.06, 0.03))
+    schedule: list[int | None] = []
+    since_check = 0
+    for _ in range(steps):
+        since_check += 1
+        if since_check == period:
+            schedule.append(math.floor(rho * period))
+            since_check, period = 0, max(period - decrease, min_period)
+        else:
+            schedule.append(None)
+    return schedule
 
 
 @register_attack

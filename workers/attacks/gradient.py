@@ -131,17 +131,17 @@ class PGD(Attack):
         delta = (self.geometry.random_start(rng, x.shape, eps) if self.random_start
                  else np.zeros_like(x))
         x_adv = clip_to_box(x + delta, bounds)
-        # a model that takes the whole L-inf step in one call (workers.runtime.Classifier) does
-        # the same float32 operations without a trip through numpy per step, and keeps the
-        # iterates in ONNX Runtime's buffers (on the GPU: on the device) from step to step
-        steps_at_once = getattr(model, "linf_steps", None) if self.geometry.name == "linf" else None
+        # a model that takes a whole step in one call (workers.runtime.Classifier) does the same
+        # float32 operations without a trip through numpy per step, and keeps the iterates in
+        # ONNX Runtime's buffers (on the GPU: on the device) from step to step
+        steps_at_once = getattr(model, "pgd_steps", None)
         if steps_at_once is not None:
             def advanced(i: int) -> None:
                 if progress is not None:
                     progress(restart * self.steps + i, self.restarts * self.steps)
 
-            return steps_at_once(x_adv, x, labels, steps=self.steps, loss=self.loss, step=sign * step,
-                                 eps=eps, bounds=bounds, progress=advanced)
+            return steps_at_once(x_adv, x, labels, norm=self.geometry.name, steps=self.steps, loss=self.loss,
+                                 step=sign * step, eps=eps, bounds=bounds, progress=advanced)
         for i in range(self.steps):
             _, _, grad = model.loss_and_grad(x_adv, labels, loss=self.loss)
             x_adv = x_adv + np.float32(step) * self.geometry.ascent_direction(sign * grad)

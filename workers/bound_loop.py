@@ -1,0 +1,103 @@
+"""An attack's state in ONNX Runtime's buffers, batch by batch, between the calls of its loop.
+
+A `BoundLoop` places named per-sample arrays (clean images, labels, iterates, best points, step
+sizes...) on a session's device once, in the batches the classifier runs, and applies loop
+graphs (workers/loop_graphs.py) to them with I/O binding: a graph's inputs are bound to the
+current buffers, its outputs to spare buffers that then become the state, and the replaced
+buffers become the spares of the next call. No array crosses between host and device during the
+loop (scalars are placed once per value); `fetch` brings back what results need. On the CPU the
+buffers are host memory and the arithmetic is the same as the numpy loop's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from workers.loop_graphs import LoopGraph
+
+
+def padded(rows: np.ndarray, size: int) -> np.ndarray:
+    """``rows`` padded to ``size`` rows with copies of the last one (a fixed-batch model's last
+    batch; the padding's outputs are dropped)."""
+    return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)])
+
+
+class BoundLoop:
+    """Named per-sample state on ``device`` ("cpu" or "cuda"), in batches of ``batch`` rows
+    (``pad``: the last batch padded to a full one, for a fixed-batch model). ``run`` is how a
+    bound session is run (the classifier's: interruptible)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], *, device: str, batch: int, pad: bool,
+                 run: Callable[[ort.InferenceSession, ort.IOBinding], None]):
+        self.device, self._run = device, run
+        n = len(next(iter(arrays.values())))
+        if any(len(a) != n for a in arrays.values()):
+            raise ValueError("every state array needs one row per sample")
+        self._rows: list[int] = []
+        self._state: list[dict[str, ort.OrtValue]] = []
+        self._spares: list[dict[str, ort.OrtValue]] = []  # a replaced buffer, written next
+        self._scalars: dict[tuple, ort.OrtValue] = {}
+        self._bindings: dict[int, tuple[ort.IOBinding, list[str]]] = {}
+        for start in range(0, n, batch):
+            rows = min(start + batch, n) - start
+            parts = {name: array[start:start + rows] for name, array in arrays.items()}
+            if pad and rows < batch:
+                parts = {name: padded(part, batch) for name, part in parts.items()}
+            # copies: a buffer is written by later calls and must never be the caller's array
+            self._state.append({name: self._place(part.copy()) for name, part in parts.items()})
+            self._rows.append(rows)
+            self._spares.append({})
+
+    def _place(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def _scalar(self, name: str, value) -> ort.OrtValue:
+        array = np.asarray(value)
+        key = (name, array.dtype.str, array.tobytes())
+        if key not in self._scalars:
+            self._scalars[key] = self._place(array)
+        return self._scalars[key]
+
+    def apply(self, session: ort.InferenceSession, graph: LoopGraph,
+              scalars: Mapping[str, object] | None = None) -> None:
+        """One call of ``session`` (built from ``graph``) per batch: its inputs read the state
+        and ``scalars`` (numpy scalars of the input's type), its outputs replace state."""
+        placed = {name: self._scalar(name, value) for name, value in (scalars or {}).items()}
+        if id(session) not in self._bindings:
+            self._bindings[id(session)] = (session.io_binding(), [i.name for i in session.get_inputs()])
+        binding, inputs = self._bindings[id(session)]
+        for state, spares in zip(self._state, self._spares, strict=True):
+            for name in inputs:
+                binding.bind_ortvalue_input(name, placed[name] if name in placed else state[name])
+            targets = {}
+            for output, name in graph.writes.items():
+                old = state[name]
+                target = spares.pop(name, None)
+                if target is None:
+                    target = ort.OrtValue.ortvalue_from_shape_and_type(old.shape(), _numpy_type(old),
+                                                                       self.device, 0)
+                binding.bind_ortvalue_output(output, target)
+                targets[name] = target
+            self._run(session, binding)
+            for name, target in targets.items():
+                spares[name], state[name] = state[name], target
+            for later, earlier in graph.shifts.items():  # `later` takes `earlier`'s replaced buffer
+                spares[earlier], state[later] = state[later], spares[earlier]
+
+    def fetch(self, name: str) -> np.ndarray:
+        """The state ``name`` for every sample, as a host array."""
+        return np.concatenate([state[name].numpy()[:rows] for state, rows in zip(self._state, self._rows,
+                                                                                strict=True)])
+
+
+_NUMPY_TYPES = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(bool)": np.bool_,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float16)": np.float16,
+}
+
+
+def _numpy_type(value: ort.OrtValue):
+    return _NUMPY_TYPES[value.data_type()]

@@ -1,0 +1,245 @@
+"""Attack updates as ONNX nodes around a gradient model: one ONNX Runtime call per attack step.
+
+The builders take a gradient model (workers/onnxgrad: inputs the image and ``labels``, outputs
+``logits``, ``loss`` and ``grad``) and add an attack's own update to it, so that an attack's
+state (iterates, best points, step sizes) can stay in ONNX Runtime's buffers between calls
+(workers/bound_loop.py): on a GPU, on the device. Each node is one of the numpy
+implementation's float32 operations, in its order (the norms of workers/attacks/base.py, PGD of
+gradient.py, APGD of apgd.py), so the loop of calls gives the numpy loop's adversarial examples
+to the bit. The L2 norm sums its squares in float64 on both sides (``Norm.size``): the sums'
+different orders then agree to double rounding, and the float32 norm the update uses differs
+only where the two sums straddle a float32 rounding boundary, about once in 10^8 norms.
+
+A loop graph reads state tensors (its inputs) and writes new values of some of them: a
+``LoopGraph`` says which output replaces which state. State names start with ``loop/`` except
+the gradient model's own inputs (the image, ``labels``, ``targets``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from workers.onnxgrad.graph import GraphBuilder
+
+P = "loop/"
+
+
+@dataclass(frozen=True)
+class LoopGraph:
+    """A model whose outputs replace state tensors: ``writes`` maps output -> state name; after
+    a call, each state of ``shifts`` (later -> earlier) takes the value that ``earlier`` had
+    before the call (APGD's previous iterate), without a copy."""
+
+    model: onnx.ModelProto
+    writes: dict[str, str]
+    shifts: dict[str, str] = field(default_factory=dict)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+class _Update:
+    """Emits an attack update's nodes for images of rank ``rank`` (batch first)."""
+
+    def __init__(self, model: onnx.ModelProto, rank: int):
+        taken = {n for node in model.graph.node for n in [*node.input, *node.output]}
+        taken |= {t.name for t in [*model.graph.input, *model.graph.output, *model.graph.initializer]}
+        self.g = GraphBuilder(_opset(model), taken, prefix=P)
+        self.axes = list(range(1, rank))
+        self.column = [-1] + [1] * (rank - 1)
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        return self.g.op(op_type, *inputs, **attrs)
+
+    def col(self, per_sample: str) -> str:
+        """A [N] tensor as [N, 1, ..., 1], to broadcast over images."""
+        return self.op("Reshape", per_sample, self.g.ints(self.column))
+
+    def size(self, t: str) -> str:
+        """Norm.size of L2: the per-sample norm, its squares summed in float64, as float32 [N,1..1]."""
+        wide = self.op("Cast", t, to=TensorProto.DOUBLE)
+        total = self.g.reduce("ReduceSum", self.op("Mul", wide, wide), self.axes, keepdims=True)
+        return self.op("Cast", self.op("Sqrt", total), to=TensorProto.FLOAT)
+
+    def ascent(self, norm: str, grad: str) -> str:
+        """Norm.ascent_direction."""
+        if norm == "linf":
+            return self.op("Sign", grad)
+        peak = self.g.reduce("ReduceMax", self.op("Abs", grad), self.axes, keepdims=True)
+        zero, one = self.g.const(np.float32(0)), self.g.const(np.float32(1))
+        scaled = self.op("Div", grad, self.op("Where", self.op("Greater", peak, zero), peak, one))
+        norms = self.op("Max", self.size(scaled), self.g.const(np.float32(1e-12)))
+        return self.op("Div", scaled, norms)
+
+    def project(self, norm: str, delta: str, eps: str) -> str:
+        """Norm.project onto the ball of radius ``eps`` (a float32 scalar input)."""
+        if norm == "linf":
+            return self.op("Clip", delta, self.op("Neg", eps), eps)
+        norms = self.op("Max", self.size(delta), self.g.const(np.float32(1e-12)))
+        factor = self.op("Min", self.op("Div", eps, norms), self.g.const(np.float32(1)))
+        return self.op("Mul", delta, factor)
+
+    def into_box(self, norm: str, x: str, point: str, eps: str, low: str, high: str) -> str:
+        """clip_to_box(x + project(point - x, eps), bounds): the attacks' projection."""
+        delta = self.project(norm, self.op("Sub", point, x), eps)
+        return self.op("Clip", self.op("Add", x, delta), low, high)
+
+    def where_rows(self, rows: str, a: str, b: str) -> str:
+        """a where ``rows`` (bool [N]) else b, for image-shaped a and b."""
+        return self.op("Where", self.col(rows), a, b)
+
+    def attach(self, model: onnx.ModelProto) -> None:
+        model.graph.node.extend(self.g.nodes)
+        model.graph.initializer.extend(self.g.initializers)
+
+
+def _float_input(graph: onnx.GraphProto, name: str, shape) -> None:
+    graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+
+
+def _image_input(graph: onnx.GraphProto, input_name: str) -> onnx.ValueInfoProto:
+    return next(i for i in graph.input if i.name == input_name)
+
+
+def _like(image: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    value = onnx.ValueInfoProto()
+    value.CopyFrom(image)
+    value.name = name
+    return value
+
+
+def _set_outputs(graph: onnx.GraphProto, outputs: list[onnx.ValueInfoProto]) -> None:
+    del graph.output[:]
+    graph.output.extend(outputs)
+
+
+def _rank(image: onnx.ValueInfoProto) -> int:
+    return len(image.type.tensor_type.shape.dim)
+
+
+def pgd_step_model(gradient: onnx.ModelProto, input_name: str, norm: str) -> LoopGraph:
+    """One PGD step after the gradient (workers/attacks/gradient.py): the iterate (the model's
+    input) moves to clip(x + project(x_adv + step * ascent(grad) - x, eps), bounds). Scalars
+    loop/step (negative: descend), loop/eps, loop/low, loop/high; state loop/x (clean images)."""
+    graph = gradient.graph
+    image = _image_input(graph, input_name)
+    graph.input.append(_like(image, P + "x"))
+    for name in ("step", "eps", "low", "high"):
+        _float_input(graph, P + name, [])
+    u = _Update(gradient, _rank(image))
+    moved = u.op("Add", input_name, u.op("Mul", P + "step", u.ascent(norm, "grad")))
+    following = u.op("Identity", u.into_box(norm, P + "x", moved, P + "eps", P + "low", P + "high"))
+    u.attach(gradient)
+    _set_outputs(graph, [_like(image, following)])
+    return LoopGraph(gradient, {following: input_name})
+
+
+def _standalone(name: str) -> onnx.ModelProto:
+    return helper.make_model(helper.make_graph([], name, [], []), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _images(graph: onnx.GraphProto, names, image_shape: tuple) -> None:
+    for name in names:
+        _float_input(graph, name, [None, *image_shape[1:]])
+
+
+def apgd_update_model(image_shape: tuple, iterate: str, norm: str, momentum: float) -> LoopGraph:
+    """APGD's next iterate (workers/attacks/apgd.py, Croce and Hein 2020): a step from the
+    iterate (state ``iterate``) along the ascent direction of loop/grad, projected, then, where
+    the bool scalar loop/momentum is set, the momentum step between it and loop/x_prev. The
+    previous iterate becomes loop/x_prev."""
+    model = _standalone("apgd_update")
+    graph = model.graph
+    _images(graph, (iterate, P + "x", P + "x_prev", P + "grad"), image_shape)
+    _float_input(graph, P + "step", [None])
+    graph.input.append(helper.make_tensor_value_info(P + "momentum", TensorProto.BOOL, []))
+    for name in ("eps", "low", "high"):
+        _float_input(graph, P + name, [])
+    u = _Update(model, len(image_shape))
+    bounds, x = (P + "eps", P + "low", P + "high"), P + "x"
+    move = u.op("Mul", u.col(P + "step"), u.ascent(norm, P + "grad"))
+    first = u.into_box(norm, x, u.op("Add", iterate, move), *bounds)
+    towards = u.op("Mul", u.g.const(np.float32(momentum)), u.op("Sub", first, iterate))
+    back = u.op("Mul", u.g.const(np.float32(1 - momentum)), u.op("Sub", iterate, P + "x_prev"))
+    later = u.into_box(norm, x, u.op("Add", u.op("Add", iterate, towards), back), *bounds)
+    following = u.op("Where", P + "momentum", later, first)
+    u.attach(model)
+    _set_outputs(graph, [helper.make_empty_tensor_value_info(following)])
+    return LoopGraph(model, {following: iterate}, shifts={P + "x_prev": iterate})
+
+
+def apgd_objective_model(gradient: onnx.ModelProto, input_name: str, *, negate: bool,
+                         hit_when: str) -> LoopGraph:
+    """APGD's objective and its gradient at the iterate (the model's input; negated for a
+    targeted cross-entropy), then the bookkeeping: found points, best points, the count of the
+    loss's increases, the last loss.
+
+    ``hit_when``: "differs" (an untargeted success: the prediction is not ``labels``) or
+    "targets" / "labels" (the prediction equals that input)."""
+    graph = gradient.graph
+    image = _image_input(graph, input_name)
+    for name in ("found", "x_best", "grad_best"):
+        graph.input.append(_like(image, P + name))
+    for name in ("loss_best", "last_loss"):
+        _float_input(graph, P + name, [None])
+    graph.input.append(helper.make_tensor_value_info(P + "success", TensorProto.BOOL, [None]))
+    graph.input.append(helper.make_tensor_value_info(P + "increases", TensorProto.INT64, [None]))
+    u = _Update(gradient, _rank(image))
+    loss, grad = ("loss", "grad") if not negate else (u.op("Neg", "loss"), u.op("Neg", "grad"))
+    predicted = u.op("ArgMax", "logits", axis=1, keepdims=0)
+    if hit_when == "differs":
+        hit = u.op("Not", u.op("Equal", predicted, "labels"))
+    else:
+        hit = u.op("Equal", predicted, hit_when)
+    improved = u.op("Greater", loss, P + "loss_best")
+    rises = u.op("Cast", u.op("Greater", loss, P + "last_loss"), to=TensorProto.INT64)
+    writes = {
+        grad: P + "grad",
+        u.where_rows(hit, input_name, P + "found"): P + "found",
+        u.op("Or", P + "success", hit): P + "success",
+        u.where_rows(improved, input_name, P + "x_best"): P + "x_best",
+        u.where_rows(improved, grad, P + "grad_best"): P + "grad_best",
+        u.op("Where", improved, loss, P + "loss_best"): P + "loss_best",
+        u.op("Add", P + "increases", rises): P + "increases",
+        loss: P + "last_loss",
+    }
+    u.attach(gradient)
+    _set_outputs(graph, [helper.make_empty_tensor_value_info(name) for name in writes])
+    return LoopGraph(gradient, writes)
+
+
+def apgd_checkpoint_model(image_shape: tuple, iterate: str) -> LoopGraph:
+    """APGD's checkpoint: where the loss rose in at most loop/threshold of the period's steps
+    (int64: floor(rho * period)), or the best loss did not improve since the last checkpoint
+    that did not halve, halve the step and restart from the best point."""
+    model = _standalone("apgd_checkpoint")
+    graph = model.graph
+    _images(graph, (iterate, P + "grad", P + "x_best", P + "grad_best"), image_shape)
+    for name in ("step", "loss_best", "last_loss", "best_at_check"):
+        _float_input(graph, P + name, [None])
+    graph.input.append(helper.make_tensor_value_info(P + "halved", TensorProto.BOOL, [None]))
+    graph.input.append(helper.make_tensor_value_info(P + "increases", TensorProto.INT64, [None]))
+    graph.input.append(helper.make_tensor_value_info(P + "threshold", TensorProto.INT64, []))
+    u = _Update(model, len(image_shape))
+    few_rises = u.op("LessOrEqual", P + "increases", P + "threshold")
+    no_better = u.op("LessOrEqual", P + "loss_best", P + "best_at_check")
+    stalled = u.op("And", u.op("Not", P + "halved"), no_better)
+    halve = u.op("Or", few_rises, stalled)
+    halved_step = u.op("Div", P + "step", u.g.const(np.float32(2)))
+    writes = {
+        u.op("Where", halve, halved_step, P + "step"): P + "step",
+        u.where_rows(halve, P + "x_best", iterate): iterate,
+        u.where_rows(halve, P + "grad_best", P + "grad"): P + "grad",
+        u.op("Where", halve, P + "loss_best", P + "last_loss"): P + "last_loss",
+        halve: P + "halved",
+        u.op("Identity", P + "loss_best"): P + "best_at_check",
+        u.op("Sub", P + "increases", P + "increases"): P + "increases",
+    }
+    u.attach(model)
+    _set_outputs(graph, [helper.make_empty_tensor_value_info(name) for name in writes])
+    return LoopGraph(model, writes)
