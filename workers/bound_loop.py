@@ -52,7 +52,8 @@ class BoundLoop:
             self._spares.append({})
 
     def _place(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+        # (np.ascontiguousarray would make a 0-d scalar 1-d)
+        return ort.OrtValue.ortvalue_from_numpy(np.asarray(array, order="C"), self.device, 0)
 
     def _scalar(self, name: str, value) -> ort.OrtValue:
         array = np.asarray(value)

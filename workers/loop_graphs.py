@@ -243,3 +243,115 @@ def apgd_checkpoint_model(image_shape: tuple, iterate: str) -> LoopGraph:
     u.attach(model)
     _set_outputs(graph, [helper.make_empty_tensor_value_info(name) for name in writes])
     return LoopGraph(model, writes)
+
+
+def _double(graph: onnx.GraphProto, name: str) -> None:
+    graph.input.append(helper.make_tensor_value_info(name, TensorProto.DOUBLE, [None]))
+
+
+def deepfool_check_model(forward: onnx.ModelProto, input_name: str) -> LoopGraph:
+    """DeepFool's test after a step (workers/attacks/deepfool.py): the samples stay active
+    where the forward model's prediction at the iterate is still ``labels`` (the host reads
+    which stopped: those are fooled)."""
+    graph = forward.graph
+    logits = graph.output[0].name
+    graph.input.append(helper.make_tensor_value_info(P + "active", TensorProto.BOOL, [None]))
+    graph.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, [None]))
+    u = _Update(forward, _rank(_image_input(graph, input_name)))
+    kept = u.op("Equal", u.op("ArgMax", logits, axis=1, keepdims=0), "labels")
+    writes = {u.op("And", P + "active", kept): P + "active"}
+    u.attach(forward)
+    _set_outputs(graph, [helper.make_empty_tensor_value_info(name) for name in writes])
+    return LoopGraph(forward, writes)
+
+
+def deepfool_candidate_model(gradient: onnx.ModelProto, input_name: str, norm: str,
+                             num_classes: int) -> LoopGraph:
+    """One candidate class of a DeepFool iteration: the gradient of z_k - z_y at the iterate
+    (the cotangent gradient model, its ``dlogits`` made here from loop/others[:, loop/j] and
+    ``labels``), the distance |f_k| / ||w_k||_dual to its linearised boundary in float64, and
+    the nearest boundary so far (loop/best_dist, best_f, best_w; reset where the bool scalar
+    loop/first is set)."""
+    graph = gradient.graph
+    image = _image_input(graph, input_name)
+    dlogits = next(i for i in graph.input if i.name == "dlogits")
+    graph.input.remove(dlogits)
+    if not any(i.name == "labels" for i in graph.input):
+        graph.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, [None]))
+    graph.input.append(helper.make_tensor_value_info(P + "others", TensorProto.INT64, [None, None]))
+    graph.input.append(helper.make_tensor_value_info(P + "j", TensorProto.INT64, []))
+    graph.input.append(helper.make_tensor_value_info(P + "first", TensorProto.BOOL, []))
+    graph.input.append(_like(image, P + "best_w"))
+    for name in ("best_dist", "best_f"):
+        _double(graph, P + name)
+    u = _Update(gradient, _rank(image))
+    g = u.g
+    candidate = u.op("Gather", P + "others", P + "j", axis=1)  # [N]
+    depth = g.ints([num_classes])
+    off_on = g.const(np.array([0, 1], np.float32))
+    rising = u.op("OneHot", candidate, depth, off_on, axis=-1)
+    falling = u.op("OneHot", "labels", depth, off_on, axis=-1)
+    g.nodes.append(helper.make_node("Sub", [rising, falling], ["dlogits"], name=g.fresh("Sub")))
+
+    def at(index: str) -> str:
+        picked = u.op("GatherElements", "logits", u.op("Reshape", index, g.ints([-1, 1])), axis=1)
+        return u.op("Reshape", picked, g.ints([-1]))
+
+    f = u.op("Abs", u.op("Cast", u.op("Sub", at(candidate), at("labels")), to=TensorProto.DOUBLE))
+    wide = u.op("Cast", "grad", to=TensorProto.DOUBLE)
+    if norm == "linf":
+        dual = g.reduce("ReduceSum", u.op("Abs", wide), u.axes, keepdims=False)
+    else:
+        dual = u.op("Sqrt", g.reduce("ReduceSum", u.op("Mul", wide, wide), u.axes, keepdims=False))
+    dist = u.op("Div", f, u.op("Add", dual, g.const(1e-12, np.float64)))
+    best_dist = u.op("Where", P + "first", g.const(np.inf, np.float64), P + "best_dist")
+    best_f = u.op("Where", P + "first", g.const(0, np.float64), P + "best_f")
+    best_w = u.op("Where", P + "first", g.const(np.float32(0)), P + "best_w")
+    better = u.op("Less", dist, best_dist)
+    writes = {
+        u.op("Where", better, dist, best_dist): P + "best_dist",
+        u.op("Where", better, f, best_f): P + "best_f",
+        u.where_rows(better, "grad", best_w): P + "best_w",
+    }
+    u.attach(gradient)
+    _set_outputs(graph, [helper.make_empty_tensor_value_info(name) for name in writes])
+    return LoopGraph(gradient, writes)
+
+
+def deepfool_step_model(image_shape: tuple, iterate: str, norm: str, overshoot: float) -> LoopGraph:
+    """DeepFool's step to the nearest linearised boundary, for the active samples: r += (|f_l| +
+    1e-4) / ||w_l||_dual^(1 or 2) * (sign(w_l) or w_l) in float64, the iterate clip(x + (1 +
+    overshoot) r) in float32, and one more iteration counted."""
+    model = _standalone("deepfool_step")
+    graph = model.graph
+    _images(graph, (iterate, P + "x", P + "best_w"), image_shape)
+    graph.input.append(helper.make_tensor_value_info(P + "r", TensorProto.DOUBLE, [None, *image_shape[1:]]))
+    _double(graph, P + "best_f")
+    graph.input.append(helper.make_tensor_value_info(P + "active", TensorProto.BOOL, [None]))
+    graph.input.append(helper.make_tensor_value_info(P + "iterations", TensorProto.INT64, [None]))
+    for name in ("low", "high"):
+        _float_input(graph, P + name, [])
+    u = _Update(model, len(image_shape))
+    g = u.g
+    wide = u.op("Cast", P + "best_w", to=TensorProto.DOUBLE)
+    if norm == "linf":
+        dual = g.reduce("ReduceSum", u.op("Abs", wide), u.axes, keepdims=False)
+        direction = u.op("Sign", P + "best_w")
+    else:
+        dual = g.reduce("ReduceSum", u.op("Mul", wide, wide), u.axes, keepdims=False)
+        direction = P + "best_w"
+    scale = u.op("Div", u.op("Add", P + "best_f", g.const(1e-4, np.float64)),
+                 u.op("Add", dual, g.const(1e-12, np.float64)))
+    r_step = u.op("Mul", u.col(scale), u.op("Cast", direction, to=TensorProto.DOUBLE))
+    r = u.where_rows(P + "active", u.op("Add", P + "r", r_step), P + "r")
+    overshot = u.op("Mul", g.const(1 + overshoot, np.float64), r)
+    shifted = u.op("Add", u.op("Cast", P + "x", to=TensorProto.DOUBLE), overshot)
+    landed = u.op("Clip", u.op("Cast", shifted, to=TensorProto.FLOAT), P + "low", P + "high")
+    writes = {
+        r: P + "r",
+        u.where_rows(P + "active", landed, iterate): iterate,
+        u.op("Add", P + "iterations", u.op("Cast", P + "active", to=TensorProto.INT64)): P + "iterations",
+    }
+    u.attach(model)
+    _set_outputs(graph, [helper.make_empty_tensor_value_info(name) for name in writes])
+    return LoopGraph(model, writes)

@@ -446,14 +446,19 @@ class Classifier:
         return BoundLoop(arrays, device=self.device, batch=self.fixed_batch or self.batch_size("gradient"),
                          pad=bool(self.fixed_batch), run=_run_bound)
 
-    def loop_session(self, kind: tuple, loss: str | None, build: Callable[[Any], LoopGraph]
+    def loop_session(self, kind: tuple, base: str | None, build: Callable[[Any], LoopGraph]
                      ) -> tuple[ort.InferenceSession, LoopGraph]:
-        """The session of ``build(the gradient model of loss)`` (``loss`` None: ``build(None)``,
-        a graph without the model), built once per model, loss, device and ``kind``."""
-        key = (self.model_hash, self._output_name, loss, self.device, "loop", *kind)
+        """The session of ``build(model)`` for the ``base`` model: the gradient model of that
+        loss, "forward" (the forward model) or None (a graph of its own: ``build(None)``);
+        built once per model, base, device and ``kind``."""
+        key = (self.model_hash, self._output_name, base, self.device, "loop", *kind)
 
         def create() -> tuple[bytes, LoopGraph]:
-            graph = build(None if loss is None else onnx.load_from_string(self._gradient_bytes(loss)))
+            if base is None:
+                graph = build(None)
+            else:
+                model = self._forward_bytes if base == "forward" else self._gradient_bytes(base)
+                graph = build(onnx.load_from_string(model))
             return graph.model.SerializeToString(), dataclasses.replace(graph, model=onnx.ModelProto())
 
         model_bytes, graph = _GRADIENT_MODELS.get_or_create(key, create)

@@ -1,7 +1,7 @@
 """The attack loops with I/O binding (workers/bound_loop.py: the state stays in ONNX Runtime's
 buffers from step to step, the host sees the results once) give the copy loops' adversarial
-examples (PGD: Classifier.pgd_step once per step; APGD: the numpy loop, every array through
-numpy) to the bit, on every model of the small zoo, under both norms; on CUDA the same code
+examples (PGD: Classifier.pgd_step once per step; APGD and DeepFool: their numpy loops, every
+array through numpy) to the bit, on every model of the small zoo, under both norms; on CUDA the same code
 keeps the loop on the device."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from tests import zoo
 from tests.cuda import requires_cuda
 from tests.fixed_batch import expand_to_batch_of_two
 from workers.attacks.apgd import APGD
+from workers.attacks.deepfool import DeepFool
 from workers.runtime import Classifier, RunsInterrupted, RuntimeOptions, interrupt_runs, resume_runs
 
 ZOO = ["mlp", "lenet", "vgg", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "squeezenet", "vit",
@@ -61,6 +62,9 @@ class CopyLoop:
     def loss_and_grad(self, x, labels, loss="auto", targets=None):
         return self.classifier.loss_and_grad(x, labels, loss=loss, targets=targets)
 
+    def logits_vjp(self, x, dlogits):
+        return self.classifier.logits_vjp(x, dlogits)
+
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("name", ZOO)
@@ -74,6 +78,24 @@ def test_the_bound_apgd_loop_equals_the_numpy_loop_to_the_bit(name, norm):
     numpy = attack.run(CopyLoop(classifier), x, y, eps, None, (0.0, 1.0), np.random.default_rng(3), None)
     np.testing.assert_array_equal(bound.x_adv, numpy.x_adv)
     np.testing.assert_array_equal(bound.success, numpy.success)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("name", ZOO)
+def test_the_bound_deepfool_loop_equals_the_numpy_loop_to_the_bit(name, norm):
+    options = RuntimeOptions(batch_size=8, intra_op_threads=1)
+    classifier = Classifier(zoo.export(name).SerializeToString(), options)
+    x, _ = _images(name, 19)
+    y = classifier.predict(x)
+    y[::3] = (y[::3] + 1) % classifier.num_classes  # misclassified from the start: never attacked
+    attack = DeepFool(norm=norm, max_iter=8, candidates=4)
+    seen = []
+    bound = attack.run(classifier, x, y, None, None, (0.0, 1.0), None, lambda done, total: seen.append(done))
+    numpy = attack.run(CopyLoop(classifier), x, y, None, None, (0.0, 1.0), None, None)
+    np.testing.assert_array_equal(bound.x_adv, numpy.x_adv)
+    np.testing.assert_array_equal(bound.success, numpy.success)
+    np.testing.assert_array_equal(bound.extra["iterations"], numpy.extra["iterations"])
+    assert seen[0] == 7 and seen == sorted(seen)  # progress counts the samples done
 
 
 @pytest.mark.parametrize("attack", [APGD(steps=10, loss="ce"), APGD(norm="l2", steps=10, loss="ce"),

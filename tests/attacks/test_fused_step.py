@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from workers.attacks.apgd import APGD, APGDT
+from workers.attacks.deepfool import DeepFool
 from workers.attacks.gradient import BIM, FGSM, PGD
 from workers.loop_graphs import pgd_step_model
 from workers.runtime import Classifier, RuntimeOptions
@@ -24,6 +25,9 @@ class NumpySteps:
 
     def loss_and_grad(self, x, labels, loss="auto", targets=None):
         return self.classifier.loss_and_grad(x, labels, loss=loss, targets=targets)
+
+    def logits_vjp(self, x, dlogits):
+        return self.classifier.logits_vjp(x, dlogits)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +67,18 @@ def test_the_fused_step_equals_the_numpy_step_to_the_bit(attack, targeted, model
     size = attack.geometry.size(fused[1].x_adv - x) if attack.norm == "l2" else np.abs(fused[1].x_adv - x)
     assert size.max() <= eps[1] * (1 + 1e-6)
     assert fused[1].success.mean() > 0  # the steps did something
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("model", ["cnn", "fc100"])
+def test_deepfool_on_loop_graphs_equals_the_numpy_loop_to_the_bit(norm, model, classifiers, data):
+    x, y = data[0][:90], data[1][:90]
+    classifier = Classifier(classifiers(model).model_bytes, RuntimeOptions(batch_size=32, intra_op_threads=1))
+    attack = DeepFool(norm=norm, max_iter=20)
+    fused, numpy = (attack(m, x, y, seed=5)[0] for m in (classifier, NumpySteps(classifier)))
+    np.testing.assert_array_equal(fused.x_adv, numpy.x_adv)
+    np.testing.assert_array_equal(fused.extra["iterations"], numpy.extra["iterations"])
+    assert fused.success.mean() > 0.9
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from workers.loop_graphs import P, deepfool_candidate_model, deepfool_check_model, deepfool_step_model
+
 from .base import (
     Attack,
     AttackModel,
@@ -75,6 +77,11 @@ def deepfool_search(model: AttackModel, x: np.ndarray, labels: np.ndarray, *, no
     active = z0.argmax(axis=1) == labels
     fooled = ~active
     iterations = np.zeros(n, np.int64)
+    if getattr(model, "bound_loop", None) is not None:  # the same steps as loop graphs: on the device
+        _bound_search(model, x, labels, others, x_adv, r_total, active, fooled, iterations,
+                      norm=norm, overshoot=overshoot, max_iter=max_iter, bounds=bounds, progress=progress)
+        x_adv[~fooled] = x[~fooled]
+        return x_adv, fooled, iterations
     linf = norm == "linf"
     for step in range(max_iter + 1):
         idx = np.flatnonzero(active)
@@ -115,6 +122,59 @@ def deepfool_search(model: AttackModel, x: np.ndarray, labels: np.ndarray, *, no
         x_adv[idx] = clip_to_box((x[idx] + (1.0 + overshoot) * r_total[idx]).astype(np.float32), bounds)
     x_adv[~fooled] = x[~fooled]
     return x_adv, fooled, iterations
+
+
+def _bound_search(model, x, labels, others, x_adv, r_total, active, fooled, iterations, *, norm, overshoot,
+                  max_iter, bounds, progress) -> None:
+    """`deepfool_search`'s iterations as loop graphs (workers/loop_graphs.py), filling its
+    arrays in place: per iteration and batch one ONNX Runtime call per candidate class, one
+    for the step, one for the test of the labels. The host receives the active flags ([N]
+    bools) after each test; when at most half the samples in the loop are still active, their
+    state comes back and the loop goes on with the active ones only, as the numpy loop does."""
+    iterate = model.input_name
+    check = model.loop_session(("deepfool_check",), "forward",
+                               lambda forward: deepfool_check_model(forward, iterate))
+    candidate = model.loop_session(
+        ("deepfool_candidate", norm), "cotangent",
+        lambda gradient: deepfool_candidate_model(gradient, iterate, norm, model.num_classes))
+    step_graph = model.loop_session(
+        ("deepfool_step", norm, overshoot), None,
+        lambda _: deepfool_step_model(model.input_shape, iterate, norm, overshoot))
+    box = {P + "low": np.float32(bounds[0]), P + "high": np.float32(bounds[1])}
+    idx, loop, in_loop = np.flatnonzero(active), None, np.zeros(0, bool)
+
+    def harvest(loop) -> None:  # the loop's samples back into the host arrays
+        x_adv[idx], r_total[idx], iterations[idx] = (loop.fetch(name) for name in (iterate, P + "r",
+                                                                                   P + "iterations"))
+
+    for step in range(max_iter + 1):
+        if step > 0 and loop is not None:
+            loop.apply(*check)
+            still = loop.fetch(P + "active")
+            fooled[idx[in_loop & ~still]] = True
+            active[idx[in_loop & ~still]] = False
+            in_loop = still
+        remaining = int(active.sum())
+        if progress is not None:
+            progress(len(x) - remaining, len(x))
+        if not remaining or step == max_iter:
+            break
+        if loop is not None and remaining <= len(idx) // 2:
+            harvest(loop)
+            idx, loop = np.flatnonzero(active), None
+        if loop is None:
+            m = len(idx)
+            loop = model.bound_loop({
+                iterate: x_adv[idx], P + "x": x[idx], P + "r": r_total[idx], "labels": labels[idx],
+                P + "others": others[idx], P + "active": np.ones(m, bool), P + "iterations": iterations[idx],
+                P + "best_w": np.zeros_like(x[idx]), P + "best_dist": np.full(m, np.inf),
+                P + "best_f": np.zeros(m)})
+            in_loop = np.ones(m, bool)
+        for j in range(others.shape[1]):
+            loop.apply(*candidate, {P + "j": np.int64(j), P + "first": np.bool_(j == 0)})
+        loop.apply(*step_graph, box)
+    if loop is not None:
+        harvest(loop)
 
 
 @register_attack
