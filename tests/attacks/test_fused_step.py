@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from workers.attacks.apgd import APGD, APGDT
+from workers.attacks.cw import CarliniWagnerL2
 from workers.attacks.deepfool import DeepFool
 from workers.attacks.gradient import BIM, FGSM, PGD
 from workers.loop_graphs import pgd_step_model
@@ -79,6 +80,18 @@ def test_deepfool_on_loop_graphs_equals_the_numpy_loop_to_the_bit(norm, model, c
     np.testing.assert_array_equal(fused.x_adv, numpy.x_adv)
     np.testing.assert_array_equal(fused.extra["iterations"], numpy.extra["iterations"])
     assert fused.success.mean() > 0.9
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_cw_on_loop_graphs_follows_the_numpy_loop(targeted, classifiers, data):
+    x, y = data[0][:90], data[1][:90]
+    classifier = Classifier(classifiers("cnn").model_bytes, RuntimeOptions(batch_size=32, intra_op_threads=1))
+    targets = (y + 3) % 10 if targeted else None
+    attack = CarliniWagnerL2(max_iter=30, binary_search_steps=3, learning_rate=0.05, initial_const=0.1)
+    fused, numpy = (attack(m, x, y, targets=targets, seed=5)[0] for m in (classifier, NumpySteps(classifier)))
+    np.testing.assert_array_equal(fused.success, numpy.success)
+    np.testing.assert_allclose(fused.x_adv, numpy.x_adv, rtol=0, atol=1e-6)
+    assert fused.success.mean() > 0.5
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

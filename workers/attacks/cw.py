@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from workers.loop_graphs import P, cw_step_model
+
 from .base import (
     Attack,
     AttackModel,
@@ -95,7 +97,6 @@ class CarliniWagnerL2(Attack):
         n = len(x)
         targeted = targets is not None
         labels = targets if targets is not None else y
-        sign = 1.0 if targeted else -1.0  # f = max(sign * margin(labels), -kappa)
         low, high = bounds
         span = high - low
         unit = (x.astype(np.float64) - low) / span
@@ -105,49 +106,16 @@ class CarliniWagnerL2(Attack):
         best_l2 = np.full(n, np.inf)
         best_x = x.copy()
         best_const = np.full(n, np.nan)
-        check_every = max(1, self.max_iter // 10)
         total = self.binary_search_steps * self.max_iter
+        # a model that runs a whole step in one call (workers.runtime.Classifier) keeps the state
+        # in ONNX Runtime's buffers (on the GPU: on the device)
+        one_round = self._bound_round if getattr(model, "bound_loop", None) is not None else self._numpy_round
         for round_ in range(self.binary_search_steps):
-            modifier = np.zeros_like(w0)
-            m1, m2 = np.zeros_like(w0), np.zeros_like(w0)
-            active = np.ones(n, bool)
-            succeeded = np.zeros(n, bool)
-            previous = np.full(n, np.inf)
-            for step in range(self.max_iter):
-                idx = np.flatnonzero(active)
-                if not idx.size:
-                    break
-                tanh = np.tanh(w0[idx] + modifier[idx])
-                x_adv = (low + (tanh + 1.0) / 2.0 * span).astype(np.float32)
-                logits, margin, grad = model.loss_and_grad(x_adv, labels[idx], loss="margin")
-                diff = x_adv.astype(np.float64) - x[idx]
-                l2sq = np.square(diff.reshape(len(idx), -1)).sum(axis=1)
-                f_raw = sign * margin.astype(np.float64)
-                f = np.maximum(f_raw, -self.confidence)
-                objective = l2sq + const[idx] * f
-
-                goal = reaches_goal(logits, labels[idx], targeted, self.confidence)
-                succeeded[idx] |= goal
-                better = goal & (l2sq < best_l2[idx])
-                won = idx[better]
-                best_l2[won], best_x[won], best_const[won] = l2sq[better], x_adv[better], const[won]
-
-                # d objective / d w = (2 (x' - x) + c * d f / d x') * (1 - tanh^2) / 2 * span
-                c_grad = const[idx] * sign * (f_raw > -self.confidence)
-                grad_x = 2.0 * diff + _broadcast(c_grad, diff.ndim) * grad
-                grad_w = grad_x * (1.0 - np.square(tanh)) / 2.0 * span
-                t = step + 1
-                m1[idx] = _BETA1 * m1[idx] + (1 - _BETA1) * grad_w
-                m2[idx] = _BETA2 * m2[idx] + (1 - _BETA2) * np.square(grad_w)
-                corrected = np.sqrt(1 - _BETA2 ** t) / (1 - _BETA1 ** t)
-                modifier[idx] -= self.learning_rate * corrected * m1[idx] / (np.sqrt(m2[idx]) + _ADAM_EPS)
-
-                if self.abort_early and step % check_every == 0:
-                    stalled = objective > previous[idx] * 0.9999
-                    active[idx[stalled]] = False
-                    previous[idx] = objective
-                if progress is not None and step % check_every == 0:
-                    progress(round_ * self.max_iter + step, total)
+            before = best_l2.copy()
+            succeeded = one_round(model, x, labels, targeted, w0, const, best_l2, best_x, bounds, round_,
+                                  progress)
+            improved = best_l2 < before
+            best_const[improved] = const[improved]
 
             # the binary search on c, per sample (the authors' update)
             upper[succeeded] = np.minimum(upper[succeeded], const[succeeded])
@@ -160,3 +128,96 @@ class CarliniWagnerL2(Attack):
         success = np.isfinite(best_l2)
         return AttackRun(eps=None, x_adv=clip_to_box(best_x, bounds), success=success,
                          extra={"const": best_const})
+
+    def _numpy_round(self, model, x, labels, targeted, w0, const, best_l2, best_x, bounds, round_, progress):
+        """One round of Adam steps at the constants ``const``, in numpy; updates best_l2 and
+        best_x in place and returns which samples reached the goal."""
+        n, low, span = len(x), bounds[0], bounds[1] - bounds[0]
+        sign = 1.0 if targeted else -1.0  # f = max(sign * margin(labels), -kappa)
+        check_every = max(1, self.max_iter // 10)
+        total = self.binary_search_steps * self.max_iter
+        modifier = np.zeros_like(w0)
+        m1, m2 = np.zeros_like(w0), np.zeros_like(w0)
+        active = np.ones(n, bool)
+        succeeded = np.zeros(n, bool)
+        previous = np.full(n, np.inf)
+        for step in range(self.max_iter):
+            idx = np.flatnonzero(active)
+            if not idx.size:
+                break
+            tanh = np.tanh(w0[idx] + modifier[idx])
+            x_adv = (low + (tanh + 1.0) / 2.0 * span).astype(np.float32)
+            logits, margin, grad = model.loss_and_grad(x_adv, labels[idx], loss="margin")
+            diff = x_adv.astype(np.float64) - x[idx]
+            l2sq = np.square(diff.reshape(len(idx), -1)).sum(axis=1)
+            f_raw = sign * margin.astype(np.float64)
+            f = np.maximum(f_raw, -self.confidence)
+            objective = l2sq + const[idx] * f
+
+            goal = reaches_goal(logits, labels[idx], targeted, self.confidence)
+            succeeded[idx] |= goal
+            better = goal & (l2sq < best_l2[idx])
+            won = idx[better]
+            best_l2[won], best_x[won] = l2sq[better], x_adv[better]
+
+            # d objective / d w = (2 (x' - x) + c * d f / d x') * (1 - tanh^2) / 2 * span
+            c_grad = const[idx] * sign * (f_raw > -self.confidence)
+            grad_x = 2.0 * diff + _broadcast(c_grad, diff.ndim) * grad
+            grad_w = grad_x * (1.0 - np.square(tanh)) / 2.0 * span
+            t = step + 1
+            m1[idx] = _BETA1 * m1[idx] + (1 - _BETA1) * grad_w
+            m2[idx] = _BETA2 * m2[idx] + (1 - _BETA2) * np.square(grad_w)
+            corrected = np.sqrt(1 - _BETA2 ** t) / (1 - _BETA1 ** t)
+            modifier[idx] -= self.learning_rate * corrected * m1[idx] / (np.sqrt(m2[idx]) + _ADAM_EPS)
+
+            if self.abort_early and step % check_every == 0:
+                stalled = objective > previous[idx] * 0.9999
+                active[idx[stalled]] = False
+                previous[idx] = objective
+            if progress is not None and step % check_every == 0:
+                progress(round_ * self.max_iter + step, total)
+        return succeeded
+
+    def _bound_round(self, model, x, labels, targeted, w0, const, best_l2, best_x, bounds, round_, progress):
+        """`_numpy_round` as one loop graph (workers/loop_graphs.py): one ONNX Runtime call per
+        Adam step and batch. The host reads the active flags at the early-abort checks and
+        goes on with the active samples only once half of the loop's have stopped."""
+        n = len(x)
+        check_every = max(1, self.max_iter // 10)
+        total = self.binary_search_steps * self.max_iter
+        session = model.loop_session(
+            ("cw", targeted, self.confidence, tuple(bounds)), "margin",
+            lambda gradient: cw_step_model(gradient, model.input_name, targeted=targeted,
+                                           confidence=self.confidence, bounds=bounds))
+        host = {P + "w0": w0, P + "modifier": np.zeros_like(w0), P + "m1": np.zeros_like(w0),
+                P + "m2": np.zeros_like(w0), P + "x": x, P + "best_x": best_x, P + "const": const,
+                P + "best_l2": best_l2, P + "previous": np.full(n, np.inf), P + "active": np.ones(n, bool),
+                P + "succeeded": np.zeros(n, bool), "labels": labels}
+        carried = (P + "modifier", P + "m1", P + "m2", P + "best_x", P + "best_l2", P + "previous",
+                   P + "active", P + "succeeded")
+        idx = np.arange(n)
+        loop = model.bound_loop({name: value[idx] for name, value in host.items()})
+        for step in range(self.max_iter):
+            check = self.abort_early and step % check_every == 0
+            t = step + 1
+            rate = self.learning_rate * (np.sqrt(1 - _BETA2 ** t) / (1 - _BETA1 ** t))
+            loop.apply(*session, {P + "check": np.bool_(check), P + "rate": np.float64(rate)})
+            if progress is not None and step % check_every == 0:
+                progress(round_ * self.max_iter + step, total)
+            if not check:
+                continue
+            still = loop.fetch(P + "active")
+            if still.all():
+                continue
+            for name in carried:  # the loop's samples back into the host arrays
+                host[name][idx] = loop.fetch(name)
+            if not still.any():
+                loop = None
+                break
+            if still.sum() <= len(idx) // 2:
+                idx = idx[still]
+                loop = model.bound_loop({name: value[idx] for name, value in host.items()})
+        if loop is not None:
+            for name in carried:
+                host[name][idx] = loop.fetch(name)
+        return host[P + "succeeded"]
