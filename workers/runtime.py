@@ -49,6 +49,10 @@ class RuntimeOptions:
     allow_spinning: bool = False  # spinning threads compete with Python loops on small machines
     # bytes one gradient call may take (workers/memory_budget.py): batches shrink to fit; None: no bound
     memory_budget: int | None = None
+    # APGD, DeepFool and C&W as loop graphs on state in ONNX Runtime's buffers (workers/bound_loop.py):
+    # None: where the session runs on CUDA (on 2 CPU threads they measured 6-14% slower than their
+    # numpy loops on the small zoo, as the copies they save cost nothing there); True / False: always / never
+    device_loops: bool | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -237,6 +241,9 @@ class Classifier:
         self._batch_sizes: dict[str, int] = {}  # "forward" / "gradient" -> samples per call
         self.num_classes = prepared.num_classes or int(self.logits(self._probe(1)).shape[1])
         self.device = "cuda" if self._forward.get_providers()[0] == CUDA else "cpu"
+        # whether attacks should run their loops as loop graphs (`bound_loop`), see RuntimeOptions
+        self.device_loops = (self.device == "cuda" if self.options.device_loops is None
+                             else self.options.device_loops)
 
     @property
     def model_bytes(self) -> bytes:

@@ -38,7 +38,7 @@ STEPS = {"linf": dict(step=0.01, eps=0.03), "l2": dict(step=0.2, eps=0.6)}
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("name", ZOO)
 def test_the_bound_loop_equals_the_copy_loop_to_the_bit(name, norm):
-    options = RuntimeOptions(batch_size=8, intra_op_threads=1)
+    options = RuntimeOptions(batch_size=8, intra_op_threads=1, device_loops=True)
     classifier = Classifier(zoo.export(name).SerializeToString(), options)
     x, y = _images(name, 19)  # three batches, the last one short
     start = np.clip(x + np.random.default_rng(1).uniform(-0.01, 0.01, x.shape).astype(np.float32), 0, 1)
@@ -49,6 +49,13 @@ def test_the_bound_loop_equals_the_copy_loop_to_the_bit(name, norm):
     np.testing.assert_array_equal(bound, _copy_loop(classifier, start, x, y, 4, **step))
     np.testing.assert_array_equal(start, before)  # the caller's array is never a buffer of the loop
     assert seen == [1, 2, 3, 4] and not np.array_equal(bound, start)
+
+
+def test_device_loops_default_to_where_the_session_runs_on_cuda():
+    model = zoo.export("mlp").SerializeToString()
+    assert Classifier(model, RuntimeOptions()).device_loops is (Classifier(model).device == "cuda")
+    assert Classifier(model, RuntimeOptions(device_loops=True)).device_loops is True
+    assert Classifier(model, RuntimeOptions(device_loops=False)).device_loops is False
 
 
 class CopyLoop:
@@ -70,7 +77,7 @@ class CopyLoop:
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("name", ZOO)
 def test_the_bound_apgd_loop_equals_the_numpy_loop_to_the_bit(name, norm):
-    options = RuntimeOptions(batch_size=8, intra_op_threads=1)
+    options = RuntimeOptions(batch_size=8, intra_op_threads=1, device_loops=True)
     classifier = Classifier(zoo.export(name).SerializeToString(), options)
     x, y = _images(name, 19)
     attack = APGD(norm=norm, steps=10)  # checkpoints after steps 2, 4, 6, 8 and 10
@@ -84,7 +91,7 @@ def test_the_bound_apgd_loop_equals_the_numpy_loop_to_the_bit(name, norm):
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 @pytest.mark.parametrize("name", ZOO)
 def test_the_bound_deepfool_loop_equals_the_numpy_loop_to_the_bit(name, norm):
-    options = RuntimeOptions(batch_size=8, intra_op_threads=1)
+    options = RuntimeOptions(batch_size=8, intra_op_threads=1, device_loops=True)
     classifier = Classifier(zoo.export(name).SerializeToString(), options)
     x, _ = _images(name, 19)
     y = classifier.predict(x)
@@ -104,7 +111,7 @@ def test_the_bound_deepfool_loop_equals_the_numpy_loop_to_the_bit(name, norm):
 def test_the_bound_cw_loop_follows_the_numpy_loop(name, targeted):
     # ONNX Runtime's float64 tanh differs from numpy's in the last bits: the float64 states
     # differ there, the float32 iterates (almost always) not at all
-    options = RuntimeOptions(batch_size=8, intra_op_threads=1)
+    options = RuntimeOptions(batch_size=8, intra_op_threads=1, device_loops=True)
     classifier = Classifier(zoo.export(name).SerializeToString(), options)
     x, _ = _images(name, 19)
     y = classifier.predict(x)
@@ -122,7 +129,7 @@ def test_the_bound_cw_loop_follows_the_numpy_loop(name, targeted):
 def test_bound_apgd_equals_the_numpy_loop_on_a_fixed_batch_model(attack):
     rng = np.random.default_rng(0)
     model, _, _ = expand_to_batch_of_two(rng)
-    classifier = Classifier(model, RuntimeOptions(batch_size=64))
+    classifier = Classifier(model, RuntimeOptions(batch_size=64, device_loops=True))
     assert classifier.fixed_batch == 2  # runs two samples at a time, the last batch padded
     x, y = rng.random((5, 4), dtype=np.float32), np.array([0, 1, 2, 1, 0])
     targets = None if attack.loss == "dlr" else (y + 1) % classifier.num_classes
@@ -137,7 +144,7 @@ def test_a_fixed_batch_model_is_padded_as_the_copy_loop_pads_it():
     # Expand to a constant batch of 2 (tests/test_runtime.py): runs two samples at a time
     rng = np.random.default_rng(0)
     model, _, _ = expand_to_batch_of_two(rng)
-    classifier = Classifier(model, RuntimeOptions(batch_size=64))
+    classifier = Classifier(model, RuntimeOptions(batch_size=64, device_loops=True))
     assert classifier.fixed_batch == 2
     x, y = rng.random((5, 4), dtype=np.float32), np.array([0, 1, 2, 1, 0])
     # targeted: descends

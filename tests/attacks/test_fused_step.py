@@ -14,6 +14,8 @@ from workers.attacks.gradient import BIM, FGSM, PGD
 from workers.loop_graphs import pgd_step_model
 from workers.runtime import Classifier, RuntimeOptions
 
+LOOPS = RuntimeOptions(batch_size=32, intra_op_threads=1, device_loops=True)  # loop graphs on the CPU too
+
 
 class NumpySteps:
     """The classifier through the attack protocol alone: the attacks step in numpy."""
@@ -57,7 +59,7 @@ class NumpySteps:
 @pytest.mark.parametrize("model", ["cnn", "fc100"])
 def test_the_fused_step_equals_the_numpy_step_to_the_bit(attack, targeted, model, classifiers, data):
     x, y = data[0][:90], data[1][:90]
-    classifier = Classifier(classifiers(model).model_bytes, RuntimeOptions(batch_size=32, intra_op_threads=1))
+    classifier = Classifier(classifiers(model).model_bytes, LOOPS)
     targets = (y + 3) % 10 if targeted else None
     eps = [0.05, 0.2] if attack.norm == "linf" else [0.5, 2.0]
     fused = attack(classifier, x, y, eps=eps, targets=targets, seed=5)
@@ -74,7 +76,7 @@ def test_the_fused_step_equals_the_numpy_step_to_the_bit(attack, targeted, model
 @pytest.mark.parametrize("model", ["cnn", "fc100"])
 def test_deepfool_on_loop_graphs_equals_the_numpy_loop_to_the_bit(norm, model, classifiers, data):
     x, y = data[0][:90], data[1][:90]
-    classifier = Classifier(classifiers(model).model_bytes, RuntimeOptions(batch_size=32, intra_op_threads=1))
+    classifier = Classifier(classifiers(model).model_bytes, LOOPS)
     attack = DeepFool(norm=norm, max_iter=20)
     fused, numpy = (attack(m, x, y, seed=5)[0] for m in (classifier, NumpySteps(classifier)))
     np.testing.assert_array_equal(fused.x_adv, numpy.x_adv)
@@ -85,7 +87,7 @@ def test_deepfool_on_loop_graphs_equals_the_numpy_loop_to_the_bit(norm, model, c
 @pytest.mark.parametrize("targeted", [False, True])
 def test_cw_on_loop_graphs_follows_the_numpy_loop(targeted, classifiers, data):
     x, y = data[0][:90], data[1][:90]
-    classifier = Classifier(classifiers("cnn").model_bytes, RuntimeOptions(batch_size=32, intra_op_threads=1))
+    classifier = Classifier(classifiers("cnn").model_bytes, LOOPS)
     targets = (y + 3) % 10 if targeted else None
     attack = CarliniWagnerL2(max_iter=30, binary_search_steps=3, learning_rate=0.05, initial_const=0.1)
     fused, numpy = (attack(m, x, y, targets=targets, seed=5)[0] for m in (classifier, NumpySteps(classifier)))

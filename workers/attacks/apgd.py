@@ -148,7 +148,7 @@ class APGD(Attack):
         step = np.full(len(x), 2.0 * eps, np.float32)
         # a model that runs a whole iteration in one call (workers.runtime.Classifier) keeps the
         # state in ONNX Runtime's buffers (on the GPU: on the device): the same float32 operations
-        if getattr(model, "bound_loop", None) is not None:
+        if getattr(model, "device_loops", False):
             return self._bound_iterations(model, x, y, targets, targeted, eps, bounds,
                                           x_adv, loss, grad, success, step)
         norm = self.geometry

@@ -109,7 +109,7 @@ class CarliniWagnerL2(Attack):
         total = self.binary_search_steps * self.max_iter
         # a model that runs a whole step in one call (workers.runtime.Classifier) keeps the state
         # in ONNX Runtime's buffers (on the GPU: on the device)
-        one_round = self._bound_round if getattr(model, "bound_loop", None) is not None else self._numpy_round
+        one_round = self._bound_round if getattr(model, "device_loops", False) else self._numpy_round
         for round_ in range(self.binary_search_steps):
             before = best_l2.copy()
             succeeded = one_round(model, x, labels, targeted, w0, const, best_l2, best_x, bounds, round_,

@@ -77,7 +77,7 @@ def deepfool_search(model: AttackModel, x: np.ndarray, labels: np.ndarray, *, no
     active = z0.argmax(axis=1) == labels
     fooled = ~active
     iterations = np.zeros(n, np.int64)
-    if getattr(model, "bound_loop", None) is not None:  # the same steps as loop graphs: on the device
+    if getattr(model, "device_loops", False):  # the same steps as loop graphs: on the device
         _bound_search(model, x, labels, others, x_adv, r_total, active, fooled, iterations,
                       norm=norm, overshoot=overshoot, max_iter=max_iter, bounds=bounds, progress=progress)
         x_adv[~fooled] = x[~fooled]
