@@ -32,8 +32,8 @@ class BoundLoop:
 
     def __init__(self, arrays: dict[str, np.ndarray], *, device: str, batch: int, pad: bool,
                  run: Callable[[ort.InferenceSession, ort.IOBinding], None]):
-        self.device, self._run = device, run
-        n = len(next(iter(arrays.values())))
+        self.device, self._run, self._batch, self._pad = device, run, batch, pad
+        n = self._n = len(next(iter(arrays.values())))
         if any(len(a) != n for a in arrays.values()):
             raise ValueError("every state array needs one row per sample")
         self._rows: list[int] = []
@@ -41,15 +41,19 @@ class BoundLoop:
         self._spares: list[dict[str, ort.OrtValue]] = []  # a replaced buffer, written next
         self._scalars: dict[tuple, ort.OrtValue] = {}
         self._bindings: dict[int, tuple[ort.IOBinding, list[str]]] = {}
-        for start in range(0, n, batch):
-            rows = min(start + batch, n) - start
-            parts = {name: array[start:start + rows] for name, array in arrays.items()}
-            if pad and rows < batch:
-                parts = {name: padded(part, batch) for name, part in parts.items()}
+        split = {name: self._split(array) for name, array in arrays.items()}
+        for i in range(len(next(iter(split.values())))):
             # copies: a buffer is written by later calls and must never be the caller's array
-            self._state.append({name: self._place(part.copy()) for name, part in parts.items()})
-            self._rows.append(rows)
+            self._state.append({name: self._place(parts[i].copy()) for name, parts in split.items()})
+            self._rows.append(min(self._batch, n - i * self._batch))
             self._spares.append({})
+
+    def _split(self, array: np.ndarray) -> list[np.ndarray]:
+        """``array``'s rows in this loop's batches (the last one padded where the model needs it)."""
+        parts = [array[start:start + self._batch] for start in range(0, self._n, self._batch)]
+        if self._pad and len(parts[-1]) < self._batch:
+            parts[-1] = padded(parts[-1], self._batch)
+        return parts
 
     def _place(self, array: np.ndarray) -> ort.OrtValue:
         # (np.ascontiguousarray would make a 0-d scalar 1-d)
@@ -63,16 +67,22 @@ class BoundLoop:
         return self._scalars[key]
 
     def apply(self, session: ort.InferenceSession, graph: LoopGraph,
-              scalars: Mapping[str, object] | None = None) -> None:
-        """One call of ``session`` (built from ``graph``) per batch: its inputs read the state
-        and ``scalars`` (numpy scalars of the input's type), its outputs replace state."""
+              scalars: Mapping[str, object] | None = None, sends: Mapping[str, np.ndarray] | None = None
+              ) -> None:
+        """One call of ``session`` (built from ``graph``) per batch: its inputs read the state,
+        ``scalars`` (numpy scalars of the input's type) and ``sends`` (small per-sample arrays
+        that change from call to call, such as an attack's random draws: sent with this call),
+        and its outputs replace state."""
         placed = {name: self._scalar(name, value) for name, value in (scalars or {}).items()}
+        sent = {name: [self._place(part) for part in self._split(np.asarray(array))]
+                for name, array in (sends or {}).items()}
         if id(session) not in self._bindings:
             self._bindings[id(session)] = (session.io_binding(), [i.name for i in session.get_inputs()])
         binding, inputs = self._bindings[id(session)]
-        for state, spares in zip(self._state, self._spares, strict=True):
+        for i, (state, spares) in enumerate(zip(self._state, self._spares, strict=True)):
             for name in inputs:
-                binding.bind_ortvalue_input(name, placed[name] if name in placed else state[name])
+                value = placed[name] if name in placed else sent[name][i] if name in sent else state[name]
+                binding.bind_ortvalue_input(name, value)
             targets = {}
             for output, name in graph.writes.items():
                 old = state[name]

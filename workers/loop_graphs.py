@@ -439,3 +439,75 @@ def cw_step_model(gradient: onnx.ModelProto, input_name: str, *, targeted: bool,
     u.attach(gradient)
     _set_outputs(graph, [helper.make_empty_tensor_value_info(name) for name in writes])
     return LoopGraph(gradient, writes)
+
+
+def square_propose_model(image_shape: tuple, iterate: str) -> LoopGraph:
+    """A Square Attack L-inf proposal (workers/attacks/square.py): the best point with one s x s
+    window per sample (corners loop/rows, loop/cols, sent per call with loop/change, the
+    window's +-2 eps per channel [N, C, 1, 1]) moved by loop/change, projected onto the eps ball
+    and the box; it becomes the iterate (the forward model's input)."""
+    model = _standalone("square_propose")
+    graph = model.graph
+    _images(graph, (P + "x", P + "best_x"), image_shape)
+    for name in ("rows", "cols"):
+        graph.input.append(helper.make_tensor_value_info(P + name, TensorProto.INT64, [None]))
+    graph.input.append(helper.make_tensor_value_info(P + "side", TensorProto.INT64, []))
+    _float_input(graph, P + "change", [None, image_shape[1], 1, 1])
+    for name in ("eps", "low", "high"):
+        _float_input(graph, P + name, [])
+    u = _Update(model, 4)
+    g = u.g
+    shape = u.op("Shape", P + "best_x")
+
+    def inside(corner: str, axis: int, column: list[int]) -> str:
+        """[N, 1, H, 1] or [N, 1, 1, W]: whether each row / column lies in the sample's window."""
+        extent = u.op("Gather", shape, g.const(np.int64(axis)), axis=0)
+        positions = u.op("Range", g.const(np.int64(0)), extent, g.const(np.int64(1)))
+        start = u.op("Reshape", corner, g.ints([-1, 1]))
+        after = u.op("GreaterOrEqual", positions, start)
+        before = u.op("Less", positions, u.op("Add", start, P + "side"))
+        return u.op("Reshape", u.op("And", after, before), g.ints(column))
+
+    window = u.op("And", inside(P + "rows", 2, [0, 1, -1, 1]), inside(P + "cols", 3, [0, 1, 1, -1]))
+    candidate = u.op("Where", window, u.op("Add", P + "best_x", P + "change"), P + "best_x")
+    projected = u.into_box("linf", P + "x", candidate, P + "eps", P + "low", P + "high")
+    u.attach(model)
+    _set_outputs(graph, [helper.make_empty_tensor_value_info(projected)])
+    return LoopGraph(model, {projected: iterate})
+
+
+def square_judge_model(forward: onnx.ModelProto, input_name: str, *, targeted: bool) -> LoopGraph:
+    """A Square Attack query: the forward model at the proposal (its input), the margin of
+    ``labels`` (the targets when ``targeted``), and, for the active samples, the proposal kept
+    where it was adversarial or lowered the margin; adversarial samples stop (the host reads
+    loop/active after each query)."""
+    graph = forward.graph
+    logits = graph.output[0].name
+    image = _image_input(graph, input_name)
+    graph.input.append(_like(image, P + "best_x"))
+    _float_input(graph, P + "best", [None])
+    graph.input.append(helper.make_tensor_value_info(P + "active", TensorProto.BOOL, [None]))
+    graph.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, [None]))
+    u = _Update(forward, 4)
+    g = u.g
+    index = u.op("Reshape", "labels", g.ints([-1, 1]))
+    at_label = u.op("Reshape", u.op("GatherElements", logits, index, axis=1), g.ints([-1]))
+    depth = u.op("Gather", u.op("Shape", logits), g.ints([1]), axis=0)
+    is_label = u.op("Cast", u.op("OneHot", "labels", depth, g.const(np.array([0, 1], np.float32)), axis=-1),
+                    to=TensorProto.BOOL)
+    others = u.op("Where", is_label, g.const(np.float32(-np.inf)), logits)
+    best_other = g.reduce("ReduceMax", others, [1], keepdims=False)
+    value = u.op("Sub", best_other, at_label) if targeted else u.op("Sub", at_label, best_other)
+    predicted = u.op("ArgMax", logits, axis=1, keepdims=0)
+    hit = u.op("Equal", predicted, "labels")
+    if not targeted:
+        hit = u.op("Not", hit)
+    keep = u.op("And", P + "active", u.op("Or", hit, u.op("Less", value, P + "best")))
+    writes = {
+        u.where_rows(keep, input_name, P + "best_x"): P + "best_x",
+        u.op("Where", keep, value, P + "best"): P + "best",
+        u.op("And", P + "active", u.op("Not", hit)): P + "active",
+    }
+    u.attach(forward)
+    _set_outputs(graph, [helper.make_empty_tensor_value_info(name) for name in writes])
+    return LoopGraph(forward, writes)

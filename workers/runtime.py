@@ -49,9 +49,10 @@ class RuntimeOptions:
     allow_spinning: bool = False  # spinning threads compete with Python loops on small machines
     # bytes one gradient call may take (workers/memory_budget.py): batches shrink to fit; None: no bound
     memory_budget: int | None = None
-    # APGD, DeepFool and C&W as loop graphs on state in ONNX Runtime's buffers (workers/bound_loop.py):
-    # None: where the session runs on CUDA (on 2 CPU threads they measured 6-16% slower than their
-    # numpy loops on the small zoo, as the copies they save cost nothing there); True / False: always / never
+    # APGD, DeepFool, C&W and Square as loop graphs on state in ONNX Runtime's buffers
+    # (workers/bound_loop.py): None: where the session runs on CUDA (on 2 CPU threads they measured
+    # 6-16% slower than their numpy loops on the small zoo, Square 35-75%: the copies they save cost
+    # nothing there); True / False: always / never
     device_loops: bool | None = None
 
     def __post_init__(self):

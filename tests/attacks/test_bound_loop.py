@@ -1,7 +1,7 @@
 """The attack loops with I/O binding (workers/bound_loop.py: the state stays in ONNX Runtime's
 buffers from step to step, the host sees the results once) give the copy loops' adversarial
-examples (PGD: Classifier.pgd_step once per step; APGD and DeepFool: their numpy loops, every
-array through numpy) to the bit (C&W: to float64 rounding, see its test), on every model of the
+examples (PGD: Classifier.pgd_step once per step; APGD, DeepFool and Square L-inf: their numpy
+loops, every array through numpy) to the bit (C&W: to float64 rounding, see its test), on every model of the
 small zoo, under both norms; on CUDA the same code keeps the loop on the device."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from tests.fixed_batch import expand_to_batch_of_two
 from workers.attacks.apgd import APGD
 from workers.attacks.cw import CarliniWagnerL2
 from workers.attacks.deepfool import DeepFool
+from workers.attacks.square import Square
 from workers.runtime import Classifier, RunsInterrupted, RuntimeOptions, interrupt_runs, resume_runs
 
 ZOO = ["mlp", "lenet", "vgg", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "squeezenet", "vit",
@@ -124,6 +125,22 @@ def test_the_bound_cw_loop_follows_the_numpy_loop(name, targeted):
     np.testing.assert_allclose(bound.x_adv, numpy.x_adv, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("targeted", [False, True])
+@pytest.mark.parametrize("name", ["mlp", "lenet", "mobilenet_v3_small", "vit", "ops_kitchen"])
+def test_the_bound_square_loop_equals_the_numpy_loop_to_the_bit(name, targeted):
+    options = RuntimeOptions(batch_size=8, intra_op_threads=1, device_loops=True)
+    classifier = Classifier(zoo.export(name).SerializeToString(), options)
+    x, _ = _images(name, 19)
+    y = classifier.predict(x)
+    targets = (y + 1) % classifier.num_classes if targeted else None
+    attack = Square(queries=150)
+    bound, numpy = (attack.run(m, x, y, 0.1, targets, (0.0, 1.0), np.random.default_rng(4), None)
+                    for m in (classifier, CopyLoop(classifier)))
+    np.testing.assert_array_equal(bound.x_adv, numpy.x_adv)
+    np.testing.assert_array_equal(bound.success, numpy.success)
+    np.testing.assert_array_equal(bound.queries, numpy.queries)
+
+
 @pytest.mark.parametrize("attack", [APGD(steps=10, loss="ce"), APGD(norm="l2", steps=10, loss="ce"),
                                     APGD(steps=6, loss="dlr")], ids=["ce-targeted", "ce-targeted-l2", "dlr"])
 def test_bound_apgd_equals_the_numpy_loop_on_a_fixed_batch_model(attack):
@@ -166,8 +183,8 @@ def test_a_cancel_interrupts_the_bound_loop():
 
 @requires_cuda
 @pytest.mark.parametrize("attack", [APGD(steps=10), APGD(norm="l2", steps=10), DeepFool(max_iter=10),
-                                    CarliniWagnerL2(max_iter=20, binary_search_steps=2)],
-                         ids=["apgd", "apgd-l2", "deepfool", "cw"])
+                                    CarliniWagnerL2(max_iter=20, binary_search_steps=2), Square(queries=100)],
+                         ids=["apgd", "apgd-l2", "deepfool", "cw", "square"])
 def test_on_cuda_the_bound_attacks_agree_with_the_copy_loops(attack):
     # on the GPU the loop graphs and the plain gradient graph may get different cuDNN kernels:
     # the same attack, not the same bits

@@ -11,6 +11,7 @@ from workers.attacks.apgd import APGD, APGDT
 from workers.attacks.cw import CarliniWagnerL2
 from workers.attacks.deepfool import DeepFool
 from workers.attacks.gradient import BIM, FGSM, PGD
+from workers.attacks.square import Square
 from workers.loop_graphs import pgd_step_model
 from workers.runtime import Classifier, RuntimeOptions
 
@@ -94,6 +95,19 @@ def test_cw_on_loop_graphs_follows_the_numpy_loop(targeted, classifiers, data):
     np.testing.assert_array_equal(fused.success, numpy.success)
     np.testing.assert_allclose(fused.x_adv, numpy.x_adv, rtol=0, atol=1e-6)
     assert fused.success.mean() > 0.5
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_square_on_loop_graphs_equals_the_numpy_loop_to_the_bit(targeted, classifiers, data):
+    x, y = data[0][:90], data[1][:90]
+    classifier = Classifier(classifiers("cnn").model_bytes, LOOPS)
+    targets = (y + 3) % 10 if targeted else None
+    attack = Square(queries=200)
+    fused, numpy = (attack(m, x, y, eps=0.2, targets=targets, seed=5)[0]
+                    for m in (classifier, NumpySteps(classifier)))
+    np.testing.assert_array_equal(fused.x_adv, numpy.x_adv)
+    np.testing.assert_array_equal(fused.queries, numpy.queries)
+    assert fused.success.mean() > 0.2
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

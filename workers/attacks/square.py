@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from workers.loop_graphs import P, square_judge_model, square_propose_model
+
 from .base import (
     Attack,
     AttackModel,
@@ -127,6 +129,11 @@ class Square(Attack):
         logits = model.logits(x_best)
         queries[todo] += 1
         won = is_adversarial(logits, ys, ts)
+        if self.norm == "linf" and getattr(model, "device_loops", False):
+            self._bound_queries(model, xs, ys, ts, x_best, margin(logits, ys, ts), won, queries, todo, eps,
+                                bounds, rng, progress)
+            x_adv[todo], success[todo] = x_best, won
+            return AttackRun(eps=eps, x_adv=x_adv, success=success, queries=queries)
         # the samples still running, gathered once per change of the set rather than per query
         active = np.flatnonzero(~won)
         xa, ya, ta = xs[active], ys[active], None if ts is None else ts[active]
@@ -151,6 +158,57 @@ class Square(Attack):
         x_best[active] = xb
         x_adv[todo], success[todo] = x_best, won
         return AttackRun(eps=eps, x_adv=x_adv, success=success, queries=queries)
+
+    def _bound_queries(self, model, xs, ys, ts, x_best, best, won, queries, todo, eps, bounds, rng, progress):
+        """`run`'s L-inf queries as loop graphs (workers/loop_graphs.py), filling x_best, won and
+        queries in place: per query and batch one ONNX Runtime call for the proposals, one for
+        the forward pass and the bookkeeping, with the same random draws as the numpy loop
+        (sent with each call: corners and signs, [N] and [N, C]); the host reads the active
+        flags after each query and goes on with the active samples only once half of the
+        loop's have stopped."""
+        _, c, h, w = xs.shape
+        iterate = model.input_name
+        propose = model.loop_session(("square_propose",), None,
+                                     lambda _: square_propose_model(model.input_shape, iterate))
+        targeted = ts is not None
+        judge = model.loop_session(("square_judge", targeted), "forward",
+                                   lambda forward: square_judge_model(forward, iterate, targeted=targeted))
+        labels = ys if ts is None else ts
+        box = {P + "eps": np.float32(eps), P + "low": np.float32(bounds[0]),
+               P + "high": np.float32(bounds[1])}
+        active = np.flatnonzero(~won)  # the numpy loop's running samples, in its order
+        rows, loop, running = active, None, np.zeros(0, bool)  # the loop's samples; which still run
+        for i in range(self.queries - 2):
+            if not len(active):
+                break
+            if loop is not None and len(active) <= len(rows) // 2:
+                x_best[rows], best[rows] = loop.fetch(P + "best_x"), loop.fetch(P + "best")
+                loop = None
+            if loop is None:
+                rows, running = active, np.ones(len(active), bool)
+                loop = model.bound_loop({iterate: x_best[rows], P + "x": xs[rows], P + "best_x": x_best[rows],
+                                         P + "best": best[rows], P + "active": running,
+                                         "labels": labels[rows]})
+            n, side = len(active), self.side(i, (c, h, w))
+            corners = [rng.integers(0, h - side + 1, n), rng.integers(0, w - side + 1, n)]
+            change = (2 * eps * rng.choice([-1.0, 1.0], size=(n, c, 1, 1))).astype(np.float32)
+            sends = {}
+            for name, drawn in zip((P + "rows", P + "cols", P + "change"), [*corners, change], strict=True):
+                full = np.zeros((len(rows), *drawn.shape[1:]), drawn.dtype)
+                full[running] = drawn
+                sends[name] = full
+            loop.apply(*propose, {**box, P + "side": np.int64(side)}, sends)
+            loop.apply(*judge)
+            queries[todo[active]] += 1
+            still = loop.fetch(P + "active")
+            if (running & ~still).any():
+                won[rows[running & ~still]] = True
+                running = still
+                active = rows[running]
+            if progress is not None and (i + 1) % 100 == 0:
+                progress(i + 2, self.queries)
+        if loop is not None:
+            x_best[rows] = loop.fetch(P + "best_x")
 
     def _project(self, x, candidate, eps, bounds):
         return clip_to_box(x + self.geometry.project(candidate - x, eps), bounds)
