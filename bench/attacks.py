@@ -76,6 +76,7 @@ import torch  # noqa: E402
 
 from bench.load import ForeignLoad  # noqa: E402
 from bench.zoos import ZOOS, get_zoo  # noqa: E402
+from tests.copy_loop import CopyLoop  # noqa: E402
 from workers.attacks.apgd import APGD  # noqa: E402
 from workers.attacks.gradient import PGD  # noqa: E402
 from workers.runtime import Classifier, RuntimeOptions  # noqa: E402
@@ -101,20 +102,6 @@ def parse_fraction(text: str) -> float:
 
 # --------------------------------------------------------------------------------------------
 # Inputs and engines
-
-
-class CopyLoop:
-    """The classifier through the attack protocol alone: the attack's numpy loop, each step's
-    arrays through the host (the copy loop the device loops replace)."""
-
-    def __init__(self, classifier: Classifier):
-        self.classifier, self.num_classes = classifier, classifier.num_classes
-
-    def logits(self, x):
-        return self.classifier.logits(x)
-
-    def loss_and_grad(self, x, labels, loss="auto", targets=None):
-        return self.classifier.loss_and_grad(x, labels, loss=loss, targets=targets)
 
 
 class Setup:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests import zoo
+from tests.copy_loop import CopyLoop
 from tests.cuda import requires_cuda
 from tests.fixed_batch import expand_to_batch_of_two
 from workers.attacks.apgd import APGD
@@ -57,22 +58,6 @@ def test_device_loops_default_to_where_the_session_runs_on_cuda():
     assert Classifier(model, RuntimeOptions()).device_loops is (Classifier(model).device == "cuda")
     assert Classifier(model, RuntimeOptions(device_loops=True)).device_loops is True
     assert Classifier(model, RuntimeOptions(device_loops=False)).device_loops is False
-
-
-class CopyLoop:
-    """The classifier without its bound loops: APGD runs its numpy loop on it."""
-
-    def __init__(self, classifier: Classifier):
-        self.classifier, self.num_classes = classifier, classifier.num_classes
-
-    def logits(self, x):
-        return self.classifier.logits(x)
-
-    def loss_and_grad(self, x, labels, loss="auto", targets=None):
-        return self.classifier.loss_and_grad(x, labels, loss=loss, targets=targets)
-
-    def logits_vjp(self, x, dlogits):
-        return self.classifier.logits_vjp(x, dlogits)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.copy_loop import CopyLoop
 from workers.attacks.apgd import APGD, APGDT
 from workers.attacks.cw import CarliniWagnerL2
 from workers.attacks.deepfool import DeepFool
@@ -16,22 +17,6 @@ from workers.loop_graphs import pgd_step_model
 from workers.runtime import Classifier, RuntimeOptions
 
 LOOPS = RuntimeOptions(batch_size=32, intra_op_threads=1, device_loops=True)  # loop graphs on the CPU too
-
-
-class NumpySteps:
-    """The classifier through the attack protocol alone: the attacks step in numpy."""
-
-    def __init__(self, classifier: Classifier):
-        self.classifier, self.num_classes = classifier, classifier.num_classes
-
-    def logits(self, x):
-        return self.classifier.logits(x)
-
-    def loss_and_grad(self, x, labels, loss="auto", targets=None):
-        return self.classifier.loss_and_grad(x, labels, loss=loss, targets=targets)
-
-    def logits_vjp(self, x, dlogits):
-        return self.classifier.logits_vjp(x, dlogits)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +49,7 @@ def test_the_fused_step_equals_the_numpy_step_to_the_bit(attack, targeted, model
     targets = (y + 3) % 10 if targeted else None
     eps = [0.05, 0.2] if attack.norm == "linf" else [0.5, 2.0]
     fused = attack(classifier, x, y, eps=eps, targets=targets, seed=5)
-    numpy = attack(NumpySteps(classifier), x, y, eps=eps, targets=targets, seed=5)
+    numpy = attack(CopyLoop(classifier), x, y, eps=eps, targets=targets, seed=5)
     for a, b in zip(fused, numpy, strict=True):
         np.testing.assert_array_equal(a.x_adv, b.x_adv)
         np.testing.assert_array_equal(a.success, b.success)
@@ -79,7 +64,7 @@ def test_deepfool_on_loop_graphs_equals_the_numpy_loop_to_the_bit(norm, model, c
     x, y = data[0][:90], data[1][:90]
     classifier = Classifier(classifiers(model).model_bytes, LOOPS)
     attack = DeepFool(norm=norm, max_iter=20)
-    fused, numpy = (attack(m, x, y, seed=5)[0] for m in (classifier, NumpySteps(classifier)))
+    fused, numpy = (attack(m, x, y, seed=5)[0] for m in (classifier, CopyLoop(classifier)))
     np.testing.assert_array_equal(fused.x_adv, numpy.x_adv)
     np.testing.assert_array_equal(fused.extra["iterations"], numpy.extra["iterations"])
     assert fused.success.mean() > 0.9
@@ -91,7 +76,7 @@ def test_cw_on_loop_graphs_follows_the_numpy_loop(targeted, classifiers, data):
     classifier = Classifier(classifiers("cnn").model_bytes, LOOPS)
     targets = (y + 3) % 10 if targeted else None
     attack = CarliniWagnerL2(max_iter=30, binary_search_steps=3, learning_rate=0.05, initial_const=0.1)
-    fused, numpy = (attack(m, x, y, targets=targets, seed=5)[0] for m in (classifier, NumpySteps(classifier)))
+    fused, numpy = (attack(m, x, y, targets=targets, seed=5)[0] for m in (classifier, CopyLoop(classifier)))
     np.testing.assert_array_equal(fused.success, numpy.success)
     np.testing.assert_allclose(fused.x_adv, numpy.x_adv, rtol=0, atol=1e-6)
     assert fused.success.mean() > 0.5
@@ -104,7 +89,7 @@ def test_square_on_loop_graphs_equals_the_numpy_loop_to_the_bit(targeted, classi
     targets = (y + 3) % 10 if targeted else None
     attack = Square(queries=200)
     fused, numpy = (attack(m, x, y, eps=0.2, targets=targets, seed=5)[0]
-                    for m in (classifier, NumpySteps(classifier)))
+                    for m in (classifier, CopyLoop(classifier)))
     np.testing.assert_array_equal(fused.x_adv, numpy.x_adv)
     np.testing.assert_array_equal(fused.queries, numpy.queries)
     assert fused.success.mean() > 0.2
