@@ -25,6 +25,11 @@ def padded(rows: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)])
 
 
+def chunks(n: int, size: int) -> list[slice]:
+    """``n`` rows in slices of at most ``size``."""
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 class BoundLoop:
     """Named per-sample state on ``device`` ("cpu" or "cuda"), in batches of ``batch`` rows
     (``pad``: the last batch padded to a full one, for a fixed-batch model). ``run`` is how a

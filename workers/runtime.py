@@ -156,6 +156,7 @@ def runtime_refusal(exc: Exception) -> InvalidModelError:
 
 
 _GRADIENT_MODELS = _LruCache(32)
+LOOP_BATCHES = 8  # gradient batches per bound loop (Classifier.loop_rows)
 _SESSIONS = _LruCache(16)
 _logged_devices: set[str] = set()
 
@@ -447,6 +448,13 @@ class Classifier:
     def _pgd_session(self, norm: str, loss: str):
         return self.loop_session(("pgd", norm), loss,
                                  lambda gradient: pgd_step_model(gradient, self.input_name, norm))
+
+    @property
+    def loop_rows(self) -> int:
+        """At most how many samples one bound loop holds: LOOP_BATCHES gradient batches, so that an
+        attack's state on the device grows with the batch the memory budget allows, not with the
+        shard (the attacks run larger inputs a chunk at a time)."""
+        return (self.fixed_batch or self.batch_size("gradient")) * LOOP_BATCHES
 
     def bound_loop(self, arrays: dict[str, np.ndarray]) -> BoundLoop:
         """Per-sample ``arrays`` placed on this classifier's device, in its gradient batches,

@@ -13,6 +13,7 @@ from tests import zoo
 from tests.copy_loop import CopyLoop
 from tests.cuda import requires_cuda
 from tests.fixed_batch import expand_to_batch_of_two
+from workers import runtime
 from workers.attacks.apgd import APGD
 from workers.attacks.cw import CarliniWagnerL2
 from workers.attacks.deepfool import DeepFool
@@ -124,6 +125,26 @@ def test_the_bound_square_loop_equals_the_numpy_loop_to_the_bit(name, targeted):
     np.testing.assert_array_equal(bound.x_adv, numpy.x_adv)
     np.testing.assert_array_equal(bound.success, numpy.success)
     np.testing.assert_array_equal(bound.queries, numpy.queries)
+
+
+@pytest.mark.parametrize("attack", [APGD(steps=10), DeepFool(max_iter=10),
+                                    CarliniWagnerL2(max_iter=12, binary_search_steps=2, initial_const=5.0)],
+                         ids=["apgd", "deepfool", "cw"])
+def test_the_bound_loops_hold_a_chunk_of_samples_at_a_time(attack, monkeypatch):
+    monkeypatch.setattr(runtime, "LOOP_BATCHES", 1)  # loops of one batch: 8 + 8 + 3 samples
+    options = RuntimeOptions(batch_size=8, intra_op_threads=1, device_loops=True)
+    classifier = Classifier(zoo.export("mlp").SerializeToString(), options)
+    assert classifier.loop_rows == 8
+    x, _ = _images("mlp", 19)
+    y = classifier.predict(x)
+    eps = 0.1 if attack.name == "apgd" else None
+    seen = []
+    (bound,) = attack(classifier, x, y, eps=eps, seed=1,
+                      progress=lambda done, total: seen.append(done / total))
+    numpy = attack(CopyLoop(classifier), x, y, eps=eps, seed=1)[0]
+    np.testing.assert_allclose(bound.x_adv, numpy.x_adv, rtol=0, atol=1e-6 if attack.name == "cw_l2" else 0)
+    np.testing.assert_array_equal(bound.success, numpy.success)
+    assert bound.success.any() and seen == sorted(seen) and seen[-1] == 1
 
 
 @pytest.mark.parametrize("attack", [APGD(steps=10, loss="ce"), APGD(norm="l2", steps=10, loss="ce"),

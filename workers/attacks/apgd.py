@@ -39,6 +39,7 @@ import math
 
 import numpy as np
 
+from workers.bound_loop import chunks
 from workers.loop_graphs import P, apgd_checkpoint_model, apgd_objective_model, apgd_update_model
 
 from .base import (
@@ -148,9 +149,13 @@ class APGD(Attack):
         step = np.full(len(x), 2.0 * eps, np.float32)
         # a model that runs a whole iteration in one call (workers.runtime.Classifier) keeps the
         # state in ONNX Runtime's buffers (on the GPU: on the device): the same float32 operations
-        if getattr(model, "device_loops", False):
-            return self._bound_iterations(model, x, y, targets, targeted, eps, bounds,
-                                          x_adv, loss, grad, success, step)
+        if getattr(model, "device_loops", False):  # a chunk of samples at a time: bounded device memory
+            parts = [self._bound_iterations(model, x[rows], y[rows],
+                                            None if targets is None else targets[rows],
+                                            targeted, eps, bounds, x_adv[rows], loss[rows], grad[rows],
+                                            success[rows], step[rows])
+                     for rows in chunks(len(x), model.loop_rows)]
+            return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
         norm = self.geometry
         column = (-1,) + (1,) * (x.ndim - 1)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from workers.bound_loop import chunks
 from workers.loop_graphs import P, cw_step_model
 
 from .base import (
@@ -95,6 +96,8 @@ class CarliniWagnerL2(Attack):
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
             progress: Progress | None) -> AttackRun:
         n = len(x)
+        if getattr(model, "device_loops", False) and n > getattr(model, "loop_rows", n):  # bounded memory
+            return self._in_chunks(model, x, y, targets, bounds, rng, progress)
         targeted = targets is not None
         labels = targets if targets is not None else y
         low, high = bounds
@@ -128,6 +131,21 @@ class CarliniWagnerL2(Attack):
         success = np.isfinite(best_l2)
         return AttackRun(eps=None, x_adv=clip_to_box(best_x, bounds), success=success,
                          extra={"const": best_const})
+
+    def _in_chunks(self, model, x, y, targets, bounds, rng, progress) -> AttackRun:
+        """`run` on chunks of ``model.loop_rows`` samples (they do not interact)."""
+        parts = chunks(len(x), getattr(model, "loop_rows", len(x)))
+        runs = []
+        for k, rows in enumerate(parts):
+            def chunk_progress(done: int, total: int, k: int = k) -> None:
+                if progress is not None:
+                    progress(k * total + done, len(parts) * total)
+
+            runs.append(self.run(model, x[rows], y[rows], None, None if targets is None else targets[rows],
+                                 bounds, rng, chunk_progress))
+        return AttackRun(eps=None, x_adv=np.concatenate([r.x_adv for r in runs]),
+                         success=np.concatenate([r.success for r in runs]),
+                         extra={"const": np.concatenate([r.extra["const"] for r in runs])})
 
     def _numpy_round(self, model, x, labels, targeted, w0, const, best_l2, best_x, bounds, round_, progress):
         """One round of Adam steps at the constants ``const``, in numpy; updates best_l2 and

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from workers.bound_loop import chunks
 from workers.loop_graphs import P, deepfool_candidate_model, deepfool_check_model, deepfool_step_model
 
 from .base import (
@@ -77,9 +78,15 @@ def deepfool_search(model: AttackModel, x: np.ndarray, labels: np.ndarray, *, no
     active = z0.argmax(axis=1) == labels
     fooled = ~active
     iterations = np.zeros(n, np.int64)
-    if getattr(model, "device_loops", False):  # the same steps as loop graphs: on the device
-        _bound_search(model, x, labels, others, x_adv, r_total, active, fooled, iterations,
-                      norm=norm, overshoot=overshoot, max_iter=max_iter, bounds=bounds, progress=progress)
+    if getattr(model, "device_loops", False):  # the same steps as loop graphs, a chunk at a time
+        for part in chunks(n, getattr(model, "loop_rows", n)):
+            def chunk_progress(done: int, total: int, before: int = part.start) -> None:
+                if progress is not None:
+                    progress(before + done, n)
+
+            _bound_search(model, x[part], labels[part], others[part], x_adv[part], r_total[part],
+                          active[part], fooled[part], iterations[part], norm=norm, overshoot=overshoot,
+                          max_iter=max_iter, bounds=bounds, progress=chunk_progress)
         x_adv[~fooled] = x[~fooled]
         return x_adv, fooled, iterations
     linf = norm == "linf"
