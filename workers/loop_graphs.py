@@ -511,3 +511,92 @@ def square_judge_model(forward: onnx.ModelProto, input_name: str, *, targeted: b
     u.attach(forward)
     _set_outputs(graph, [helper.make_empty_tensor_value_info(name) for name in writes])
     return LoopGraph(forward, writes)
+
+
+def square_l2_propose_model(image_shape: tuple, iterate: str) -> LoopGraph:
+    """A Square Attack L2 proposal (Algorithm 3; workers/attacks/square.py): the mass of a second
+    s x s window (corners loop/rows2, loop/cols2) moves into the first (loop/rows, loop/cols),
+    whose new content is the sample's eta pattern (loop/patterns [N, s, s], flipped by the
+    host) times a sign per channel (loop/signs [N, C, 1, 1]) plus the normalised old window,
+    scaled to keep the perturbation's norm; in float64, then rescaled to eps and projected.
+    The windows are masks over the image, so the window sums run over whole images with zeros
+    outside: equal to the numpy sums up to float64 rounding."""
+    model = _standalone("square_l2_propose")
+    graph = model.graph
+    _images(graph, (P + "x", P + "best_x"), image_shape)
+    for name in ("rows", "cols", "rows2", "cols2"):
+        graph.input.append(helper.make_tensor_value_info(P + name, TensorProto.INT64, [None]))
+    graph.input.append(helper.make_tensor_value_info(P + "side", TensorProto.INT64, []))
+    doubles: tuple[tuple[str, list], ...] = (("patterns", [None, None, None]),
+                                             ("signs", [None, image_shape[1], 1, 1]), ("eps64", []))
+    for name, extent in doubles:
+        graph.input.append(helper.make_tensor_value_info(P + name, TensorProto.DOUBLE, extent))
+    for name in ("eps", "low", "high"):
+        _float_input(graph, P + name, [])
+    u = _Update(model, 4)
+    g = u.g
+
+    def c(value: float) -> str:
+        return g.const(value, np.float64)
+
+    shape = u.op("Shape", P + "best_x")
+    extents = {axis: u.op("Gather", shape, g.const(np.int64(axis)), axis=0) for axis in (1, 2, 3)}
+    positions = {axis: u.op("Range", g.const(np.int64(0)), extents[axis], g.const(np.int64(1)))
+                 for axis in (2, 3)}
+
+    def offsets(corner: str, axis: int) -> str:
+        """[N, H] (or [N, W]): each row's (column's) offset from the sample's window corner."""
+        return u.op("Sub", positions[axis], u.op("Reshape", corner, g.ints([-1, 1])))
+
+    def window(rows: str, cols: str) -> str:
+        """[N, 1, H, W] bool: the s x s window at each sample's corner."""
+        def along(corner: str, axis: int, column: list[int]) -> str:
+            offset = offsets(corner, axis)
+            inside = u.op("And", u.op("GreaterOrEqual", offset, g.const(np.int64(0))),
+                          u.op("Less", offset, P + "side"))
+            return u.op("Reshape", inside, g.ints(column))
+
+        return u.op("And", along(rows, 2, [0, 1, -1, 1]), along(cols, 3, [0, 1, 1, -1]))
+
+    first, second = window(P + "rows", P + "cols"), window(P + "rows2", P + "cols2")
+    delta = u.op("Cast", u.op("Sub", P + "best_x", P + "x"), to=TensorProto.DOUBLE)
+    zero = c(0.0)
+
+    def norm(t: str, axes: list[int]) -> str:
+        return u.op("Sqrt", g.reduce("ReduceSum", u.op("Mul", t, t), axes, keepdims=True))
+
+    old = u.op("Where", first, delta, zero)
+    window_norms = norm(old, [2, 3])
+    image_norms = norm(delta, [1, 2, 3])
+    touched_norms = norm(u.op("Where", u.op("Or", first, second), delta, zero), [1, 2, 3])
+    # the eta patterns placed at the first window: rows then columns gathered from [N, s, s]
+    last = u.op("Sub", P + "side", g.const(np.int64(1)))
+    row_index = u.op("Clip", offsets(P + "rows", 2), g.const(np.int64(0)), last)  # [N, H]
+    col_index = u.op("Clip", offsets(P + "cols", 3), g.const(np.int64(0)), last)  # [N, W]
+    n = u.op("Gather", shape, g.const(np.int64(0)), axis=0)
+    unsq = g.ints([-1])
+
+    def dims(*names: str) -> str:
+        return u.op("Concat", *[u.op("Reshape", name, unsq) for name in names], axis=0)
+
+    rows_wide = u.op("Expand", u.op("Unsqueeze", row_index, g.ints([2])), dims(n, extents[2], P + "side"))
+    by_rows = u.op("GatherElements", P + "patterns", rows_wide, axis=1)  # [N, H, s]
+    cols_wide = u.op("Expand", u.op("Unsqueeze", col_index, g.ints([1])), dims(n, extents[2], extents[3]))
+    placed = u.op("GatherElements", by_rows, cols_wide, axis=2)  # [N, H, W]
+    pattern = u.op("Where", first, u.op("Mul", u.op("Unsqueeze", placed, g.ints([1])), P + "signs"), zero)
+    new = u.op("Add", pattern, u.op("Div", old, u.op("Add", window_norms, c(1e-12))))
+    new = u.op("Where", first, new, zero)
+    channels = u.op("Cast", extents[1], to=TensorProto.DOUBLE)
+    eps = P + "eps64"  # eps as given (a float32 eps would round it)
+    spare = u.op("Max", u.op("Sub", u.op("Mul", eps, eps), u.op("Mul", image_norms, image_norms)), zero)
+    touched = u.op("Mul", touched_norms, touched_norms)
+    budget = u.op("Sqrt", u.op("Add", u.op("Div", spare, channels), touched))
+    new = u.op("Mul", u.op("Div", new, u.op("Add", norm(new, [2, 3]), c(1e-12))), budget)
+    moved = u.op("Where", first, new, u.op("Where", second, zero, delta))
+    unit = u.op("Div", moved, u.op("Add", norm(moved, [1, 2, 3]), c(1e-12)))
+    rescaled = u.op("Cast", u.op("Mul", unit, eps), to=TensorProto.FLOAT)
+    candidate = u.op("Add", P + "x", rescaled)
+    projected = u.into_box("l2", P + "x", candidate, P + "eps", P + "low", P + "high")
+    u.attach(model)
+    _set_outputs(graph, [helper.make_empty_tensor_value_info(projected)])
+    return LoopGraph(model, {projected: iterate})

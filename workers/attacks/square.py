@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.loop_graphs import P, square_judge_model, square_propose_model
+from workers.loop_graphs import P, square_judge_model, square_l2_propose_model, square_propose_model
 
 from .base import (
     Attack,
@@ -129,7 +129,7 @@ class Square(Attack):
         logits = model.logits(x_best)
         queries[todo] += 1
         won = is_adversarial(logits, ys, ts)
-        if self.norm == "linf" and getattr(model, "device_loops", False):
+        if getattr(model, "device_loops", False):
             self._bound_queries(model, xs, ys, ts, x_best, margin(logits, ys, ts), won, queries, todo, eps,
                                 bounds, rng, progress)
             x_adv[todo], success[todo] = x_best, won
@@ -160,21 +160,22 @@ class Square(Attack):
         return AttackRun(eps=eps, x_adv=x_adv, success=success, queries=queries)
 
     def _bound_queries(self, model, xs, ys, ts, x_best, best, won, queries, todo, eps, bounds, rng, progress):
-        """`run`'s L-inf queries as loop graphs (workers/loop_graphs.py), filling x_best, won and
+        """`run`'s queries as loop graphs (workers/loop_graphs.py), filling x_best, won and
         queries in place: per query and batch one ONNX Runtime call for the proposals, one for
         the forward pass and the bookkeeping, with the same random draws as the numpy loop
-        (sent with each call: corners and signs, [N] and [N, C]); the host reads the active
-        flags after each query and goes on with the active samples only once half of the
-        loop's have stopped."""
+        (sent with each call: corners, signs and L2's patterns, a few numbers per sample); the
+        host reads the active flags after each query and goes on with the active samples only
+        once half of the loop's have stopped."""
         _, c, h, w = xs.shape
         iterate = model.input_name
-        propose = model.loop_session(("square_propose",), None,
-                                     lambda _: square_propose_model(model.input_shape, iterate))
+        build = square_propose_model if self.norm == "linf" else square_l2_propose_model
+        propose = model.loop_session(("square_propose", self.norm), None,
+                                     lambda _: build(model.input_shape, iterate))
         targeted = ts is not None
         judge = model.loop_session(("square_judge", targeted), "forward",
                                    lambda forward: square_judge_model(forward, iterate, targeted=targeted))
         labels = ys if ts is None else ts
-        box = {P + "eps": np.float32(eps), P + "low": np.float32(bounds[0]),
+        box = {P + "eps": np.float32(eps), P + "eps64": np.float64(eps), P + "low": np.float32(bounds[0]),
                P + "high": np.float32(bounds[1])}
         active = np.flatnonzero(~won)  # the numpy loop's running samples, in its order
         rows, loop, running = active, None, np.zeros(0, bool)  # the loop's samples; which still run
@@ -189,14 +190,12 @@ class Square(Attack):
                 loop = model.bound_loop({iterate: x_best[rows], P + "x": xs[rows], P + "best_x": x_best[rows],
                                          P + "best": best[rows], P + "active": running,
                                          "labels": labels[rows]})
-            n, side = len(active), self.side(i, (c, h, w))
-            corners = [rng.integers(0, h - side + 1, n), rng.integers(0, w - side + 1, n)]
-            change = (2 * eps * rng.choice([-1.0, 1.0], size=(n, c, 1, 1))).astype(np.float32)
+            side = self.side(i, (c, h, w))
             sends = {}
-            for name, drawn in zip((P + "rows", P + "cols", P + "change"), [*corners, change], strict=True):
+            for name, drawn in self._draws(rng, len(active), (c, h, w), side, eps).items():
                 full = np.zeros((len(rows), *drawn.shape[1:]), drawn.dtype)
                 full[running] = drawn
-                sends[name] = full
+                sends[P + name] = full
             loop.apply(*propose, {**box, P + "side": np.int64(side)}, sends)
             loop.apply(*judge)
             queries[todo[active]] += 1
@@ -209,6 +208,20 @@ class Square(Attack):
                 progress(i + 2, self.queries)
         if loop is not None:
             x_best[rows] = loop.fetch(P + "best_x")
+
+    def _draws(self, rng, n, shape, side, eps) -> dict[str, np.ndarray]:
+        """`_propose`'s random numbers, drawn in its order, for the loop graphs."""
+        c, h, w = shape
+        draws = {"rows": rng.integers(0, h - side + 1, n), "cols": rng.integers(0, w - side + 1, n)}
+        if self.norm == "linf":
+            draws["change"] = (2 * eps * rng.choice([-1.0, 1.0], size=(n, c, 1, 1))).astype(np.float32)
+            return draws
+        draws["rows2"], draws["cols2"] = rng.integers(0, h - side + 1, n), rng.integers(0, w - side + 1, n)
+        pattern = eta_pattern(side)
+        flip = rng.random(n) < 0.5
+        draws["patterns"] = np.where(flip[:, None, None], pattern.T, pattern)
+        draws["signs"] = rng.choice([-1.0, 1.0], size=(n, c, 1, 1))
+        return draws
 
     def _project(self, x, candidate, eps, bounds):
         return clip_to_box(x + self.geometry.project(candidate - x, eps), bounds)
