@@ -14,7 +14,7 @@ out="${1:-${OUT:-gpu-figures}}"
 mkdir -p "$out"
 py=.venv/bin/python
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-"$py" -m pytest -q tests/test_runtime_cuda.py tests/test_evaluate_cuda.py tests/attacks/test_bound_loop.py \
+"$py" -m pytest -q tests/test_runtime_cuda.py tests/test_evaluate_cuda.py tests/attacks/test_bound_loop.py tests/test_memory_budget.py \
     -k "cuda" -rs 2>&1 | tail -15 | tee "$out/tests.txt"
 "$py" bench/attacks.py --provider cuda --models mlp,lenet,resnet18 --batch 64 --images 256 --budget 150 \
     --json "$out/attacks_small.json" 2>&1 | tail -25 | tee "$out/attacks_small.txt"

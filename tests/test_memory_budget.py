@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from infra.settings import Settings
+from tests.cuda import requires_cuda
 from workers import memory_budget
 from workers.memory_budget import Footprint, OverMemoryBudget, peak_of
 from workers.runtime import Classifier, RuntimeOptions
@@ -123,3 +124,42 @@ def test_certified_bounds_run_in_batches_within_the_budget():
                           method="crown_ibp")
     with pytest.raises(UnsupportedForBounds, match="over this worker's memory budget of 2 MB"):
         tiny.batch_size()
+
+
+def fake_nvidia_smi(folder, used_mib: int, free_mib: int):
+    """An nvidia-smi that answers the memory query for the device it is asked about and logs it."""
+    script = folder / "nvidia-smi"
+    script.write_text("#!/bin/sh\n"
+                      f'echo "$@" >> "{folder}/asked"\n'
+                      f'echo "{used_mib}, {free_mib}"\n')
+    script.chmod(0o755)
+    return folder / "asked"
+
+
+def test_the_gpu_memory_is_read_for_the_device_this_process_sees(tmp_path, monkeypatch):
+    asked = fake_nvidia_smi(tmp_path, 1200, 30000)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1234,3")  # a worker pinned by --gpus sees one
+    assert memory_budget.gpu_memory() == (1200 * MiB, 30000 * MiB)
+    assert asked.read_text().split()[-2:] == ["-i", "GPU-1234"]
+
+
+def test_no_gpu_reading_where_nvidia_smi_is_absent_or_says_nothing_useful(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert memory_budget.gpu_memory() is None
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'No devices were found'\nexit 6\n")
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    assert memory_budget.gpu_memory() is None
+
+
+@requires_cuda
+def test_on_cuda_batches_shrink_to_fit_the_free_gpu_memory(monkeypatch):
+    classifier = Classifier(wide_cnn(3), RuntimeOptions(batch_size=256))
+    assert classifier.device == "cuda" and memory_budget.gpu_memory() is not None
+    free = memory_budget.gpu_memory()[1]
+    # a share of the free memory that holds a few images' activations but not 256 of them
+    monkeypatch.setattr(memory_budget, "GPU_SHARE", 64 * 2 * 1.2 * MiB / free)
+    batch = classifier.batch_size("gradient")
+    assert 1 <= batch < 256
+    x, y = images(batch + 3)
+    assert classifier.loss_and_grad(x, y)[2].shape == x.shape

@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,6 +115,26 @@ def footprint(key: tuple, measure: Callable[[int], int], cap: int) -> Footprint:
     log.info("memory.footprint key=%s base=%.1fMB per_sample=%.1fMB", key[0][:12], found.base / MiB,
              found.per_sample / MiB)
     return found
+
+
+GPU_SHARE = 0.8  # of the GPU memory free when a model's batch is chosen
+
+
+def gpu_memory() -> tuple[int, int] | None:
+    """(bytes in use, bytes free) on the GPU this process uses (the first of CUDA_VISIBLE_DEVICES,
+    an index or a UUID as nvidia-smi takes them; a worker started by ``--gpus`` sees one), read
+    from nvidia-smi; None where it cannot be read. ONNX Runtime's CUDA arena keeps what a session
+    allocated, so the growth in use while a session lives is its peak (rounded up to the arena's
+    chunks: a conservative figure)."""
+    device = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.free",
+                               "--format=csv,noheader,nounits", "-i", device],
+                              capture_output=True, text=True, timeout=10, check=True)
+        used, free = (int(value) for value in done.stdout.strip().splitlines()[0].split(","))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    return used * MiB, free * MiB
 
 
 def default_budget(concurrency: int, share: float = 0.5) -> int:

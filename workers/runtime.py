@@ -197,6 +197,18 @@ def session_peak(model_bytes: bytes, options: RuntimeOptions, feeds: dict[str, n
     return memory_budget.peak_of(twice)
 
 
+def session_device_peak(model_bytes: bytes, options: RuntimeOptions, feeds: dict[str, np.ndarray]) -> int:
+    """Bytes of GPU memory a fresh CUDA session of ``model_bytes`` holds after two runs on
+    ``feeds``: its arena keeps what the runs needed at their peak (memory_budget.gpu_memory)."""
+    before = memory_budget.gpu_memory()
+    session = new_session(model_bytes, options)
+    _run(session, None, feeds)
+    _run(session, None, feeds)
+    after = memory_budget.gpu_memory()
+    del session
+    return 0 if before is None or after is None else max(0, after[0] - before[0])
+
+
 def _session(key: tuple, model_bytes: Callable[[], bytes], options: RuntimeOptions):
     return _SESSIONS.get_or_create(key + (options,), lambda: new_session(model_bytes(), options))
 
@@ -302,29 +314,47 @@ class Classifier:
         return self._batch_sizes[kind]
 
     def _budgeted_batch(self, kind: str) -> int:
-        cap, budget = self.options.batch_size, self.options.memory_budget
-        if budget is None or self.fixed_batch or not memory_budget.peak_tracking_available():
+        """The batch within the host budget (options.memory_budget) and, on CUDA, within
+        GPU_SHARE of the GPU memory free now; each footprint measured once per model."""
+        cap = batch = self.options.batch_size
+        if self.fixed_batch:
             return cap
-        model = self._gradient_bytes("auto") if kind == "gradient" else self._forward_bytes
 
-        def measure(batch: int) -> int:
-            feeds = {self.input_name: self._probe(batch)}
+        def feeds(size: int) -> dict[str, np.ndarray]:
+            images = self._probe(size)
             if kind == "gradient":
-                feeds = {self.input_name: feeds[self.input_name].astype(np.float32),
-                         "labels": np.zeros(batch, np.int64)}
-            return session_peak(model, self.options, feeds)
+                return {self.input_name: images.astype(np.float32), "labels": np.zeros(size, np.int64)}
+            return {self.input_name: images}
+
+        def model() -> bytes:
+            return self._gradient_bytes("auto") if kind == "gradient" else self._forward_bytes
 
         key = (self.model_hash, self._output_name, kind, self.device, self.options.intra_op_threads)
-        footprint = memory_budget.footprint(key, measure, cap)
+        budget = self.options.memory_budget
+        if budget is not None and memory_budget.peak_tracking_available():
+            footprint = memory_budget.footprint(
+                key, lambda size: session_peak(model(), self.options, feeds(size)), cap)
+            batch = min(batch, self._within(kind, footprint, budget, cap, "memory budget of {mb:.0f} MB "
+                                            "(ROBUSTNESS_WORKER_MEMORY_MB on the server)"))
+        gpu = memory_budget.gpu_memory() if self.device == "cuda" else None
+        if gpu is not None:
+            footprint = memory_budget.footprint(
+                key + ("gpu",), lambda size: session_device_peak(model(), self.options, feeds(size)), cap)
+            budget = int(gpu[1] * memory_budget.GPU_SHARE)
+            batch = min(batch, self._within(kind, footprint, budget, cap,
+                                            "free GPU memory ({mb:.0f} MB usable)"))
+        return batch
+
+    def _within(self, kind: str, footprint: memory_budget.Footprint, budget: int, cap: int, what: str) -> int:
         batch = footprint.batch_within(budget, cap)
+        where = what.format(mb=budget / MiB)
         if batch < 1:
             raise memory_budget.OverMemoryBudget(
-                f"a {kind} call on one image takes {footprint.at(1) / MiB:.0f} MB, over this worker's memory "
-                f"budget of {budget / MiB:.0f} MB (ROBUSTNESS_WORKER_MEMORY_MB on the server); run it on a "
-                "worker with more memory, or evaluate a smaller input size")
+                f"a {kind} call on one image takes {footprint.at(1) / MiB:.0f} MB, over this worker's "
+                f"{where}; run it on a worker with more memory, or evaluate a smaller input size")
         if batch < cap:
-            log.info("runtime.batch %s %s: %d instead of %d within %.0f MB (%.1f MB per sample)",
-                     self.model_hash[:12], kind, batch, cap, budget / MiB, footprint.per_sample / MiB)
+            log.info("runtime.batch %s %s: %d instead of %d within the %s (%.1f MB per sample)",
+                     self.model_hash[:12], kind, batch, cap, where, footprint.per_sample / MiB)
         return batch
 
     def check_inputs(self, x: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
