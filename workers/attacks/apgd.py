@@ -147,9 +147,9 @@ class APGD(Attack):
         logits, loss, grad = self._objective(model, x_adv, y, targets, targeted)
         success = is_adversarial(logits, y, targets if targeted else None)
         step = np.full(len(x), 2.0 * eps, np.float32)
-        # a model that runs a whole iteration in one call (workers.runtime.Classifier) keeps the
-        # state in ONNX Runtime's buffers (on the GPU: on the device): the same float32 operations
-        if getattr(model, "device_loops", False):  # a chunk of samples at a time: bounded device memory
+        # a classifier with device loops (workers.runtime.Classifier on CUDA) keeps the state in ONNX
+        # Runtime's buffers on the device, with the same float32 operations, a chunk of samples at a time
+        if getattr(model, "device_loops", False):
             parts = [self._bound_iterations(model, x[rows], y[rows],
                                             None if targets is None else targets[rows],
                                             targeted, eps, bounds, x_adv[rows], loss[rows], grad[rows],

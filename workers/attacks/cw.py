@@ -110,8 +110,8 @@ class CarliniWagnerL2(Attack):
         best_x = x.copy()
         best_const = np.full(n, np.nan)
         total = self.binary_search_steps * self.max_iter
-        # a model that runs a whole step in one call (workers.runtime.Classifier) keeps the state
-        # in ONNX Runtime's buffers (on the GPU: on the device)
+        # a classifier with device loops (workers.runtime.Classifier on CUDA) keeps the state in ONNX
+        # Runtime's buffers on the device, one call per Adam step
         one_round = self._bound_round if getattr(model, "device_loops", False) else self._numpy_round
         for round_ in range(self.binary_search_steps):
             before = best_l2.copy()
