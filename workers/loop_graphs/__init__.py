@@ -1,0 +1,35 @@
+"""Attack updates as ONNX graphs: one ONNX Runtime call per attack step (or two, or one per class).
+
+The builders take a gradient model (workers/onnxgrad: inputs the image and ``labels``, outputs
+``logits``, ``loss`` and ``grad``), a forward model, or nothing, and add an attack's own update,
+so that the attack's state (iterates, best points, step sizes, moments) stays in ONNX Runtime's
+buffers between calls (workers/bound_loop.py): on a GPU, on the device. Each node is one of the
+numpy implementation's operations, in its order (the norms of workers/attacks/base.py, PGD,
+APGD, DeepFool, C&W and Square), so the loops give the numpy loops' adversarial examples: to the
+bit for PGD, APGD, DeepFool and Square L-inf; to float64 rounding for C&W (ONNX Runtime's
+float64 tanh is not numpy's) and Square L2 (its window sums run over whole images). The L2 norm
+sums its squares in float64 on both sides (``Norm.size``), so the sums' different orders agree
+to double rounding and the float32 norm differs only where two sums straddle a float32 rounding
+boundary, about once in 10^8 norms. The graphs of the bit-identical loops start from the
+model's input, as the plain gradient and forward graphs do, so that ONNX Runtime picks the same
+kernels for the model's part (C&W's graph makes its input from the tanh variables).
+
+A loop graph reads state tensors (its inputs) and writes new values of some of them: a
+``LoopGraph`` says which output replaces which state. State names start with ``loop/`` except
+the models' own inputs (the image, ``labels``, ``targets``).
+
+    gradient_steps  PGD's step; APGD's update, objective with bookkeeping, checkpoint
+    minimal         DeepFool's label test, candidate class and step; C&W's Adam step
+    square          Square's L-inf and L2 proposals and the forward pass that judges them
+"""
+
+from .core import LoopGraph, P
+from .gradient_steps import apgd_checkpoint_model, apgd_objective_model, apgd_update_model, pgd_step_model
+from .minimal import cw_step_model, deepfool_candidate_model, deepfool_check_model, deepfool_step_model
+from .square import square_judge_model, square_l2_propose_model, square_propose_model
+
+__all__ = [
+    "P", "LoopGraph", "apgd_checkpoint_model", "apgd_objective_model", "apgd_update_model", "cw_step_model",
+    "deepfool_candidate_model", "deepfool_check_model", "deepfool_step_model", "pgd_step_model",
+    "square_judge_model", "square_l2_propose_model", "square_propose_model",
+]

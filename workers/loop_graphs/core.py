@@ -1,0 +1,121 @@
+"""What every loop graph is built from: `LoopGraph` (which output replaces which state), the
+`Update` node emitter with the norms' operations, and the declarations of state inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from workers.onnxgrad.graph import GraphBuilder
+
+P = "loop/"
+
+
+@dataclass(frozen=True)
+class LoopGraph:
+    """A model whose outputs replace state tensors: ``writes`` maps output -> state name; after
+    a call, each state of ``shifts`` (later -> earlier) takes the value that ``earlier`` had
+    before the call (APGD's previous iterate), without a copy."""
+
+    model: onnx.ModelProto
+    writes: dict[str, str]
+    shifts: dict[str, str] = field(default_factory=dict)
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+class Update:
+    """Emits an attack update's nodes for images of rank ``rank`` (batch first)."""
+
+    def __init__(self, model: onnx.ModelProto, rank: int):
+        taken = {n for node in model.graph.node for n in [*node.input, *node.output]}
+        taken |= {t.name for t in [*model.graph.input, *model.graph.output, *model.graph.initializer]}
+        self.g = GraphBuilder(model_opset(model), taken, prefix=P)
+        self.axes = list(range(1, rank))
+        self.column = [-1] + [1] * (rank - 1)
+
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        return self.g.op(op_type, *inputs, **attrs)
+
+    def col(self, per_sample: str) -> str:
+        """A [N] tensor as [N, 1, ..., 1], to broadcast over images."""
+        return self.op("Reshape", per_sample, self.g.ints(self.column))
+
+    def size(self, t: str) -> str:
+        """Norm.size of L2: the per-sample norm, its squares summed in float64, as float32 [N,1..1]."""
+        wide = self.op("Cast", t, to=TensorProto.DOUBLE)
+        total = self.g.reduce("ReduceSum", self.op("Mul", wide, wide), self.axes, keepdims=True)
+        return self.op("Cast", self.op("Sqrt", total), to=TensorProto.FLOAT)
+
+    def ascent(self, norm: str, grad: str) -> str:
+        """Norm.ascent_direction."""
+        if norm == "linf":
+            return self.op("Sign", grad)
+        peak = self.g.reduce("ReduceMax", self.op("Abs", grad), self.axes, keepdims=True)
+        zero, one = self.g.const(np.float32(0)), self.g.const(np.float32(1))
+        scaled = self.op("Div", grad, self.op("Where", self.op("Greater", peak, zero), peak, one))
+        norms = self.op("Max", self.size(scaled), self.g.const(np.float32(1e-12)))
+        return self.op("Div", scaled, norms)
+
+    def project(self, norm: str, delta: str, eps: str) -> str:
+        """Norm.project onto the ball of radius ``eps`` (a float32 scalar input)."""
+        if norm == "linf":
+            return self.op("Clip", delta, self.op("Neg", eps), eps)
+        norms = self.op("Max", self.size(delta), self.g.const(np.float32(1e-12)))
+        factor = self.op("Min", self.op("Div", eps, norms), self.g.const(np.float32(1)))
+        return self.op("Mul", delta, factor)
+
+    def into_box(self, norm: str, x: str, point: str, eps: str, low: str, high: str) -> str:
+        """clip_to_box(x + project(point - x, eps), bounds): the attacks' projection."""
+        delta = self.project(norm, self.op("Sub", point, x), eps)
+        return self.op("Clip", self.op("Add", x, delta), low, high)
+
+    def where_rows(self, rows: str, a: str, b: str) -> str:
+        """a where ``rows`` (bool [N]) else b, for image-shaped a and b."""
+        return self.op("Where", self.col(rows), a, b)
+
+    def attach(self, model: onnx.ModelProto) -> None:
+        model.graph.node.extend(self.g.nodes)
+        model.graph.initializer.extend(self.g.initializers)
+
+
+def float_input(graph: onnx.GraphProto, name: str, shape) -> None:
+    graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+
+
+def image_input(graph: onnx.GraphProto, input_name: str) -> onnx.ValueInfoProto:
+    return next(i for i in graph.input if i.name == input_name)
+
+
+def like(image: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    value = onnx.ValueInfoProto()
+    value.CopyFrom(image)
+    value.name = name
+    return value
+
+
+def set_outputs(graph: onnx.GraphProto, outputs: list[onnx.ValueInfoProto]) -> None:
+    del graph.output[:]
+    graph.output.extend(outputs)
+
+
+def rank_of(image: onnx.ValueInfoProto) -> int:
+    return len(image.type.tensor_type.shape.dim)
+
+
+def standalone(name: str) -> onnx.ModelProto:
+    return helper.make_model(helper.make_graph([], name, [], []), opset_imports=[helper.make_opsetid("", 17)])
+
+
+def image_inputs(graph: onnx.GraphProto, names, image_shape: tuple) -> None:
+    for name in names:
+        float_input(graph, name, [None, *image_shape[1:]])
+
+
+def double_input(graph: onnx.GraphProto, name: str) -> None:
+    graph.input.append(helper.make_tensor_value_info(name, TensorProto.DOUBLE, [None]))
