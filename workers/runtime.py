@@ -334,27 +334,30 @@ class Classifier:
         if budget is not None and memory_budget.peak_tracking_available():
             footprint = memory_budget.footprint(
                 key, lambda size: session_peak(model(), self.options, feeds(size)), cap)
-            batch = min(batch, self._within(kind, footprint, budget, cap, "memory budget of {mb:.0f} MB "
+            batch = min(batch, self._within(kind, footprint, budget, cap, "", "memory budget of {mb:.0f} MB "
                                             "(ROBUSTNESS_WORKER_MEMORY_MB on the server)"))
         gpu = memory_budget.gpu_memory() if self.device == "cuda" else None
         if gpu is not None:
             footprint = memory_budget.footprint(
                 key + ("gpu",), lambda size: session_device_peak(model(), self.options, feeds(size)), cap)
             budget = int(gpu[1] * memory_budget.GPU_SHARE)
-            batch = min(batch, self._within(kind, footprint, budget, cap,
+            batch = min(batch, self._within(kind, footprint, budget, cap, " of free GPU memory",
                                             "free GPU memory ({mb:.0f} MB usable)"))
         return batch
 
-    def _within(self, kind: str, footprint: memory_budget.Footprint, budget: int, cap: int, what: str) -> int:
+    def _within(self, kind: str, footprint: memory_budget.Footprint, budget: int, cap: int, of: str,
+                what: str) -> int:
+        """The largest batch within ``budget`` bytes (``of``: what they are, for the log; ``what``:
+        the budget's name for the refusal, formatted with its MB), at most ``cap``."""
         batch = footprint.batch_within(budget, cap)
-        where = what.format(mb=budget / MiB)
         if batch < 1:
             raise memory_budget.OverMemoryBudget(
                 f"a {kind} call on one image takes {footprint.at(1) / MiB:.0f} MB, over this worker's "
-                f"{where}; run it on a worker with more memory, or evaluate a smaller input size")
+                f"{what.format(mb=budget / MiB)}; run it on a worker with more memory, or evaluate a "
+                "smaller input size")
         if batch < cap:
-            log.info("runtime.batch %s %s: %d instead of %d within the %s (%.1f MB per sample)",
-                     self.model_hash[:12], kind, batch, cap, where, footprint.per_sample / MiB)
+            log.info("runtime.batch %s %s: %d instead of %d within %.0f MB%s (%.1f MB per sample)",
+                     self.model_hash[:12], kind, batch, cap, budget / MiB, of, footprint.per_sample / MiB)
         return batch
 
     def check_inputs(self, x: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
