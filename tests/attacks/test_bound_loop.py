@@ -1,6 +1,6 @@
 """The attack loops with I/O binding (workers/bound_loop.py: the state stays in ONNX Runtime's
 buffers from step to step, the host sees the results once) give the copy loops' adversarial
-examples (PGD: Classifier.pgd_step once per step; APGD, DeepFool and Square: their numpy loops,
+examples (PGD: Classifier.pgd_step once per step; APGD, DeepFool, FAB and Square: their numpy loops,
 every array through numpy) to the bit (C&W and Square L2: to float64 rounding, see their tests),
 on every model of the small zoo, under both norms; on CUDA the same code keeps the loop on the
 device."""
@@ -8,6 +8,7 @@ device."""
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from tests import zoo
@@ -16,9 +17,12 @@ from tests.cuda import requires_cuda
 from tests.fixed_batch import expand_to_batch_of_two
 from workers import runtime
 from workers.attacks.apgd import APGD
+from workers.attacks.base import clip_to_box, get_norm
 from workers.attacks.cw import CarliniWagnerL2
 from workers.attacks.deepfool import DeepFool
+from workers.attacks.fab import FAB, project_onto_hyperplane
 from workers.attacks.square import Square
+from workers.loop_graphs import P, fab_step_model
 from workers.runtime import Classifier, RunsInterrupted, RuntimeOptions, interrupt_runs, resume_runs
 
 ZOO = ["mlp", "lenet", "vgg", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "squeezenet", "vit",
@@ -132,9 +136,55 @@ def test_the_bound_square_loop_equals_the_numpy_loop(name, targeted, norm):
     np.testing.assert_array_equal(bound.queries, numpy.queries)
 
 
+@pytest.mark.parametrize("mode", ["untargeted", "fab-t", "targeted"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", ["mlp", "lenet", "mobilenet_v3_small", "vit", "ops_kitchen"])
+def test_the_bound_fab_loop_equals_the_numpy_loop_to_the_bit(name, norm, mode):
+    options = RuntimeOptions(batch_size=8, intra_op_threads=1, device_loops=True)
+    classifier = Classifier(zoo.export(name).SerializeToString(), options)
+    x, _ = _images(name, 19)
+    y = classifier.predict(x)
+    targets = (y + 1) % classifier.num_classes if mode == "targeted" else None
+    attack = FAB(norm=norm, steps=5, restarts=2, multi_targeted=mode == "fab-t", n_target_classes=3)
+    bound, numpy = (attack.run(m, x, y, 0.03 if norm == "linf" else 0.5, targets, (0.0, 1.0),
+                               np.random.default_rng(3), None) for m in (classifier, CopyLoop(classifier)))
+    np.testing.assert_array_equal(bound.extra["distance"], numpy.extra["distance"])  # outside eps too
+    np.testing.assert_array_equal(bound.x_adv, numpy.x_adv)
+    np.testing.assert_array_equal(bound.success, numpy.success)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fabs_step_graph_projects_as_numpy_does(norm):
+    # the move's two exact projections onto the linearised boundary inside the box, on rows
+    # that make every branch happen: ties among the knots (pixels on the box's faces), zero
+    # gradient entries, boundaries out of the box's reach, and one already through the iterate
+    rng = np.random.default_rng(5)
+    n, shape, bounds = 12, (1, 6, 6), (0.0, 1.0)
+    x0 = rng.choice(np.float32([0.0, 0.25, 0.5, 1.0]), size=(n, *shape)).astype(np.float32)
+    x1 = np.clip(x0 + rng.uniform(-0.2, 0.2, x0.shape).astype(np.float32), 0, 1)
+    w = rng.standard_normal(x0.shape).astype(np.float32)
+    w[:, :, :2] = 0.0
+    f = rng.standard_normal(n) * 3
+    f[:3] *= 1e3  # far: the box stops the projection before the boundary
+    f[3] = 0.0
+    graph = fab_step_model((None, *shape), "image", norm, eta=1.05, alpha_max=0.1, bounds=bounds)
+    session = ort.InferenceSession(graph.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (landed,) = session.run(None, {"image": x1, P + "x": x0, P + "best_w": w, P + "best_f": f})
+    flat1, flat0, wf = x1.reshape(n, -1), x0.reshape(n, -1), w.reshape(n, -1)
+    b = np.einsum("ij,ij->i", wf, flat1, dtype=np.float64) - f
+    geometry = get_norm(norm)
+    d1, d0 = (project_onto_hyperplane(t, wf, b, bounds, norm) for t in (flat1, flat0))
+    a1, a0 = (np.maximum(geometry.size(d), 1e-8) for d in (d1, d0))
+    alpha = np.clip(a1 / (a1 + a0), 0.0, 0.1).reshape(-1, 1)
+    moved = (1 - alpha) * (flat1 + 1.05 * d1) + alpha * (flat0 + 1.05 * d0)
+    np.testing.assert_array_equal(landed, clip_to_box(moved.reshape(x0.shape), bounds))
+    assert not np.array_equal(landed, x1) and np.isfinite(landed).all()
+
+
 @pytest.mark.parametrize("attack", [APGD(steps=10), DeepFool(max_iter=10),
-                                    CarliniWagnerL2(max_iter=12, binary_search_steps=2, initial_const=5.0)],
-                         ids=["apgd", "deepfool", "cw"])
+                                    CarliniWagnerL2(max_iter=12, binary_search_steps=2, initial_const=5.0),
+                                    FAB(steps=5, restarts=2)],
+                         ids=["apgd", "deepfool", "cw", "fab"])
 def test_the_bound_loops_hold_a_chunk_of_samples_at_a_time(attack, monkeypatch):
     monkeypatch.setattr(runtime, "LOOP_BATCHES", 1)  # loops of one batch: 8 + 8 + 3 samples
     options = RuntimeOptions(batch_size=8, intra_op_threads=1, device_loops=True)
@@ -142,7 +192,7 @@ def test_the_bound_loops_hold_a_chunk_of_samples_at_a_time(attack, monkeypatch):
     assert classifier.loop_rows == 8
     x, _ = _images("mlp", 19)
     y = classifier.predict(x)
-    eps = 0.1 if attack.name == "apgd" else None
+    eps = {"apgd": 0.1, "fab": 0.05}.get(attack.name)
     seen = []
     (bound,) = attack(classifier, x, y, eps=eps, seed=1,
                       progress=lambda done, total: seen.append(done / total))
@@ -195,8 +245,8 @@ def test_a_cancel_interrupts_the_bound_loop():
 @requires_cuda
 @pytest.mark.parametrize("attack", [APGD(steps=10), APGD(norm="l2", steps=10), DeepFool(max_iter=10),
                                     CarliniWagnerL2(max_iter=20, binary_search_steps=2), Square(queries=100),
-                                    Square(norm="l2", queries=100)],
-                         ids=["apgd", "apgd-l2", "deepfool", "cw", "square", "square-l2"])
+                                    Square(norm="l2", queries=100), FAB(steps=10), FAB(norm="l2", steps=10)],
+                         ids=["apgd", "apgd-l2", "deepfool", "cw", "square", "square-l2", "fab", "fab-l2"])
 def test_on_cuda_the_bound_attacks_agree_with_the_copy_loops(attack):
     # on the GPU the loop graphs and the plain gradient graph may get different cuDNN kernels:
     # the same attack, not the same bits

@@ -40,6 +40,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from workers.bound_loop import chunks
+from workers.loop_graphs import (
+    P,
+    fab_candidate_model,
+    fab_judge_model,
+    fab_plane_model,
+    fab_rival_model,
+    fab_step_model,
+)
+
 from .apgd import sphere_start
 from .base import (
     Attack,
@@ -73,7 +83,7 @@ def project_onto_hyperplane(t: np.ndarray, w: np.ndarray, b: np.ndarray, bounds:
     moves = size > 0
     rate = np.ones_like(w) if norm == "linf" else np.where(moves, size, 1.0)
     knots = np.where(moves, room / rate, np.inf)
-    order = np.argsort(knots, axis=1)
+    order = np.argsort(knots, axis=1, kind="stable")  # ties in index order, as ONNX's TopK sorts them
     # per coordinate, in knot order: the gain once saturated, and d gain / d lam before that
     knots, full, rising = (np.take_along_axis(a, order, axis=1) for a in (knots, size * room, size * rate))
     saturated = np.cumsum(full, axis=1) - full  # gain of the coordinates saturated before knot k
@@ -171,21 +181,23 @@ class FAB(Attack):
             cotangent[rows, rival] -= 1.0
             logits, grad = model.logits_vjp(x1, cotangent)
             return logits[rows, plane] - logits[rows, rival], grad.reshape(n, -1)
-        values, distances = np.zeros((n, k)), np.full((n, k), np.inf)
-        grads = np.zeros((k, n, x1[0].size), np.float32)
-        dual = 1 if self.norm == "linf" else 2
+        # the nearest boundary so far, class by class (the first of equally near ones)
+        best_dist, best_f = np.full(n, np.inf), np.zeros(n)
+        best_w = np.zeros((n, x1[0].size), np.float32)
         for j in range(k):
             if np.all(y == j):
                 continue
             cotangent = -np.eye(k, dtype=np.float32)[y]
             cotangent[:, j] += 1.0
             logits, grad = model.logits_vjp(x1, cotangent)
-            grads[j] = grad.reshape(n, -1)
-            values[:, j] = logits[:, j] - logits[rows, y]
-            distance = np.abs(values[:, j]) / (np.linalg.norm(grads[j], ord=dual, axis=1) + 1e-12)
-            distances[:, j] = np.where(y == j, np.inf, distance)
-        closest = distances.argmin(axis=1)
-        return values[rows, closest], grads[closest, rows]
+            value = (logits[:, j] - logits[rows, y]).astype(np.float64)
+            wide = grad.reshape(n, -1).astype(np.float64)
+            dual = np.abs(wide).sum(axis=1) if self.norm == "linf" else np.linalg.norm(wide, axis=1)
+            distance = np.where(y == j, np.inf, np.abs(value) / (dual + 1e-12))
+            better = distance < best_dist
+            best_dist[better], best_f[better] = distance[better], value[better]
+            best_w[better] = grad.reshape(n, -1)[better]
+        return best_f, best_w
 
     def calls_per_sample(self, num_classes: int) -> int:
         """Untargeted: a vector-Jacobian product per class each step; multi-targeted: one run
@@ -196,16 +208,29 @@ class FAB(Attack):
 
     def _single_run(self, model, x0, y, plane, targets, eps, bounds, rng, random_start):
         """One FAB run: (closest adversarial point found [n, ...] or x0, its size [n] or inf)."""
-        n = len(x0)
         x1 = x0.copy()
         if random_start:
             x1 = clip_to_box(x0 + 0.5 * sphere_start(rng, self.norm, x0.shape, eps), bounds)
+        if not getattr(model, "device_loops", False):
+            return self._numpy_steps(model, x0, x1, y, plane, targets, bounds)
+        # a classifier with device loops (workers.runtime.Classifier on CUDA) keeps the iterates
+        # in ONNX Runtime's buffers on the device, a chunk of samples at a time
+        best_x, best = x0.copy(), np.full(len(x0), np.inf)
+        for rows in chunks(len(x0), getattr(model, "loop_rows", len(x0))):
+            best_x[rows], best[rows] = self._bound_steps(
+                model, x0[rows], x1[rows], y[rows], None if plane is None else plane[rows],
+                None if targets is None else targets[rows], bounds)
+        return best_x, best
+
+    def _numpy_steps(self, model, x0, x1, y, plane, targets, bounds):
+        """FAB's steps from x1, in numpy: (closest adversarial point [n, ...] or x0, its size or inf)."""
+        n = len(x0)
         best_x, best = x0.copy(), np.full(n, np.inf)
         flat0 = x0.reshape(n, -1)
         for _ in range(self.steps):
             f, w = self._boundary(model, x1, y, plane, targets is not None)
             flat1 = x1.reshape(n, -1)
-            b = np.einsum("ij,ij->i", w, flat1) - f
+            b = np.einsum("ij,ij->i", w, flat1, dtype=np.float64) - f
             d1 = project_onto_hyperplane(flat1, w, b, bounds, self.norm)
             d0 = project_onto_hyperplane(flat0, w, b, bounds, self.norm)
             a1 = np.maximum(self.geometry.size(d1), 1e-8)
@@ -219,3 +244,45 @@ class FAB(Attack):
             best_x[closer], best[closer] = x1[closer], size[closer]
             x1[hit] = x0[hit] + self.beta * (x1[hit] - x0[hit])
         return best_x, best
+
+    def _bound_steps(self, model, x0, x1, y, plane, targets, bounds):
+        """`_numpy_steps` as loop graphs (workers/loop_graphs/boundary.py): per step and batch one
+        ONNX Runtime call per candidate class (FAB-T: one, and one for the rival where targeted),
+        one for the move and one for the test; the host receives the closest points once."""
+        iterate, k = model.input_name, model.num_classes
+        targeted = targets is not None
+        step = model.loop_session(
+            ("fab_step", self.norm, self.eta, self.alpha_max, tuple(bounds)), None,
+            lambda _: fab_step_model(model.input_shape, iterate, self.norm, eta=self.eta,
+                                     alpha_max=self.alpha_max, bounds=bounds))
+        judge = model.loop_session(
+            ("fab_judge", self.norm, self.beta, targeted), "forward",
+            lambda forward: fab_judge_model(forward, iterate, self.norm, beta=self.beta, targeted=targeted))
+        n = len(x0)
+        state = {iterate: x1, P + "x": x0, "labels": y, P + "best_x": x0, P + "best": np.full(n, np.inf),
+                 P + "best_w": np.zeros_like(x0), P + "best_f": np.zeros(n),
+                 P + "best_dist": np.full(n, np.inf)}
+        if targeted:
+            state[P + "goal"] = targets
+        if plane is not None:
+            state[P + "plane"], state[P + "rival"] = plane, y
+            boundary = [model.loop_session(("fab_plane",), "cotangent",
+                                           lambda gradient: fab_plane_model(gradient, iterate, k))]
+            if targeted:
+                boundary.insert(0, model.loop_session(("fab_rival",), "forward",
+                                                      lambda forward: fab_rival_model(forward, iterate, k)))
+            calls = [(session, None) for session in boundary]
+        else:
+            candidate = model.loop_session(
+                ("fab_candidate", self.norm), "cotangent",
+                lambda gradient: fab_candidate_model(gradient, iterate, self.norm, k))
+            classes = [j for j in range(k) if not np.all(y == j)]
+            calls = [(candidate, {P + "j": np.int64(j), P + "first": np.bool_(j == classes[0])})
+                     for j in classes]
+        loop = model.bound_loop(state)
+        for _ in range(self.steps):
+            for session, scalars in calls:
+                loop.apply(*session, scalars)
+            loop.apply(*step)
+            loop.apply(*judge)
+        return loop.fetch(P + "best_x"), loop.fetch(P + "best")

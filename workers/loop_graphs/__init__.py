@@ -5,7 +5,7 @@ The builders take a gradient model (workers/onnxgrad: inputs the image and ``lab
 so that the attack's state (iterates, best points, step sizes, moments) stays in ONNX Runtime's
 buffers between calls (workers/bound_loop.py): on a GPU, on the device. Each node is one of the
 numpy implementation's operations, in its order (the norms of workers/attacks/base.py, PGD,
-APGD, DeepFool, C&W and Square), so the loops give the numpy loops' adversarial examples: to the
+APGD, DeepFool, FAB, C&W and Square), so the loops give the numpy loops' adversarial examples: to the
 bit for PGD, APGD, DeepFool and Square L-inf; to float64 rounding for C&W (ONNX Runtime's
 float64 tanh is not numpy's) and Square L2 (its window sums run over whole images). The L2 norm
 sums its squares in float64 on both sides (``Norm.size``), so the sums' different orders agree
@@ -20,9 +20,11 @@ the models' own inputs (the image, ``labels``, ``targets``).
 
     gradient_steps  PGD's step; APGD's update, objective with bookkeeping, checkpoint
     minimal         DeepFool's label test, candidate class and step; C&W's Adam step
+    boundary        the nearest linearised boundary (DeepFool, FAB); FAB's projections and test
     square          Square's L-inf and L2 proposals and the forward pass that judges them
 """
 
+from .boundary import fab_candidate_model, fab_judge_model, fab_plane_model, fab_rival_model, fab_step_model
 from .core import LoopGraph, P
 from .gradient_steps import apgd_checkpoint_model, apgd_objective_model, apgd_update_model, pgd_step_model
 from .minimal import cw_step_model, deepfool_candidate_model, deepfool_check_model, deepfool_step_model
@@ -30,6 +32,7 @@ from .square import square_judge_model, square_l2_propose_model, square_propose_
 
 __all__ = [
     "P", "LoopGraph", "apgd_checkpoint_model", "apgd_objective_model", "apgd_update_model", "cw_step_model",
-    "deepfool_candidate_model", "deepfool_check_model", "deepfool_step_model", "pgd_step_model",
+    "deepfool_candidate_model", "deepfool_check_model", "deepfool_step_model", "fab_candidate_model",
+    "fab_judge_model", "fab_plane_model", "fab_rival_model", "fab_step_model", "pgd_step_model",
     "square_judge_model", "square_l2_propose_model", "square_propose_model",
 ]

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .boundary import nearest_boundary_model
 from .core import (
     LoopGraph,
     P,
@@ -39,55 +40,17 @@ def deepfool_check_model(forward: onnx.ModelProto, input_name: str) -> LoopGraph
 
 def deepfool_candidate_model(gradient: onnx.ModelProto, input_name: str, norm: str,
                              num_classes: int) -> LoopGraph:
-    """One candidate class of a DeepFool iteration: the gradient of z_k - z_y at the iterate
-    (the cotangent gradient model, its ``dlogits`` made here from loop/others[:, loop/j] and
-    ``labels``), the distance |f_k| / ||w_k||_dual to its linearised boundary in float64, and
-    the nearest boundary so far (loop/best_dist, best_f, best_w; reset where the bool scalar
-    loop/first is set)."""
+    """One candidate class of a DeepFool iteration, loop/others[:, loop/j] (an int64 scalar):
+    the nearest linearised boundary so far, with |f| (workers/loop_graphs/boundary.py)."""
     graph = gradient.graph
-    image = image_input(graph, input_name)
-    dlogits = next(i for i in graph.input if i.name == "dlogits")
-    graph.input.remove(dlogits)
-    if not any(i.name == "labels" for i in graph.input):
-        graph.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, [None]))
     graph.input.append(helper.make_tensor_value_info(P + "others", TensorProto.INT64, [None, None]))
     graph.input.append(helper.make_tensor_value_info(P + "j", TensorProto.INT64, []))
-    graph.input.append(helper.make_tensor_value_info(P + "first", TensorProto.BOOL, []))
-    graph.input.append(like(image, P + "best_w"))
-    for name in ("best_dist", "best_f"):
-        double_input(graph, P + name)
-    u = Update(gradient, rank_of(image))
-    g = u.g
-    candidate = u.op("Gather", P + "others", P + "j", axis=1)  # [N]
-    depth = g.ints([num_classes])
-    off_on = g.const(np.array([0, 1], np.float32))
-    rising = u.op("OneHot", candidate, depth, off_on, axis=-1)
-    falling = u.op("OneHot", "labels", depth, off_on, axis=-1)
-    g.nodes.append(helper.make_node("Sub", [rising, falling], ["dlogits"], name=g.fresh("Sub")))
 
-    def at(index: str) -> str:
-        picked = u.op("GatherElements", "logits", u.op("Reshape", index, g.ints([-1, 1])), axis=1)
-        return u.op("Reshape", picked, g.ints([-1]))
+    def ranked(u: Update) -> str:
+        return u.op("Gather", P + "others", P + "j", axis=1)
 
-    f = u.op("Abs", u.op("Cast", u.op("Sub", at(candidate), at("labels")), to=TensorProto.DOUBLE))
-    wide = u.op("Cast", "grad", to=TensorProto.DOUBLE)
-    if norm == "linf":
-        dual = g.reduce("ReduceSum", u.op("Abs", wide), u.axes, keepdims=False)
-    else:
-        dual = u.op("Sqrt", g.reduce("ReduceSum", u.op("Mul", wide, wide), u.axes, keepdims=False))
-    dist = u.op("Div", f, u.op("Add", dual, g.const(1e-12, np.float64)))
-    best_dist = u.op("Where", P + "first", g.const(np.inf, np.float64), P + "best_dist")
-    best_f = u.op("Where", P + "first", g.const(0, np.float64), P + "best_f")
-    best_w = u.op("Where", P + "first", g.const(np.float32(0)), P + "best_w")
-    better = u.op("Less", dist, best_dist)
-    writes = {
-        u.op("Where", better, dist, best_dist): P + "best_dist",
-        u.op("Where", better, f, best_f): P + "best_f",
-        u.where_rows(better, "grad", best_w): P + "best_w",
-    }
-    u.attach(gradient)
-    set_outputs(graph, [helper.make_empty_tensor_value_info(name) for name in writes])
-    return LoopGraph(gradient, writes)
+    return nearest_boundary_model(gradient, input_name, norm, num_classes, candidate=ranked, signed=False,
+                                  skip_labels=False)
 
 
 def deepfool_step_model(image_shape: tuple, iterate: str, norm: str, overshoot: float) -> LoopGraph:
