@@ -38,6 +38,8 @@ else x.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from workers.bound_loop import chunks
@@ -271,7 +273,7 @@ class FAB(Attack):
             if targeted:
                 boundary.insert(0, model.loop_session(("fab_rival",), "forward",
                                                       lambda forward: fab_rival_model(forward, iterate, k)))
-            calls = [(session, None) for session in boundary]
+            calls: list[tuple[Any, dict | None]] = [(session, None) for session in boundary]
         else:
             candidate = model.loop_session(
                 ("fab_candidate", self.norm), "cotangent",
