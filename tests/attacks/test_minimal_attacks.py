@@ -11,6 +11,7 @@ import contextlib
 import random
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -146,6 +147,37 @@ def test_targeted_attacks_reach_their_targets(fc100, attack):
     print(f"\n{attack.name} targeted: success {run.success.mean():.3f}, mean L2 {targeted_l2:.3f} "
           f"(untargeted DeepFool {nearest_l2:.3f})")
     assert targeted_l2 > nearest_l2
+
+
+def pixel_model(model: bytes) -> bytes:
+    """``model`` fed pixels in [0, 255]: a Div by 255 in front of it (as many zoo files expect)."""
+    graph = onnx.load_from_string(model)
+    image = graph.graph.input[0].name
+    for node in graph.graph.node:
+        node.input[:] = ["unit" if name == image else name for name in node.input]
+    graph.graph.initializer.append(onnx.numpy_helper.from_array(np.float32(255), "full_scale"))
+    graph.graph.node.insert(0, onnx.helper.make_node("Div", [image, "full_scale"], ["unit"]))
+    return graph.SerializeToString()
+
+
+@pytest.mark.parametrize("attack", [CarliniWagnerL2(binary_search_steps=5, max_iter=100),
+                                    LBFGS(search_steps=6, max_iter=50)], ids=["cw_l2", "lbfgs"])
+def test_the_default_constants_serve_a_model_of_0_to_255_pixels(fc100, attack):
+    # the constants are in units of a [0, 1] box: fed 255 x the pixels, the same model gets the
+    # same search (C&W: the same iterates, Adam being blind to the objective's scale; L-BFGS-B
+    # is not, so about the same sizes); unscaled, C&W's default found nothing on such models
+    x, y = correct(fc100, 20)
+    pixels = Classifier(pixel_model(digits.onnx_bytes("fc100")))
+    unit = attack(fc100, x, y)[0]
+    wide = attack(pixels, 255 * x, y, bounds=(0.0, 255.0))[0]
+    np.testing.assert_array_equal(wide.success, pixels.predict(wide.x_adv) != y)
+    assert wide.x_adv.min() >= 0 and wide.x_adv.max() <= 255
+    assert wide.success.mean() >= 0.95 and unit.success.mean() >= 0.95
+    both = unit.success & wide.success
+    ratio = l2(wide.x_adv, 255 * x)[both].mean() / (255 * l2(unit.x_adv, x)[both].mean())
+    assert abs(ratio - 1) < (0.01 if attack.name == "cw_l2" else 0.1)
+    same_const = np.isclose(wide.extra["const"][both], unit.extra["const"][both], rtol=1e-6)
+    assert same_const.all() if attack.name == "cw_l2" else same_const.mean() >= 0.8
 
 
 def test_cw_confidence_buys_margin(fc100):

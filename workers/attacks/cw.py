@@ -21,13 +21,15 @@ Arguments (keyword-only):
     learning_rate: Adam's step size in w space (0.01).
     max_iter: Adam steps per binary-search round (1000; the authors use 10000).
     binary_search_steps: rounds of the search over c (9).
-    initial_const: the first c (1e-3).
+    initial_const: the first c (1e-3), in units of a [0, 1] box: the attack multiplies it by
+        (hi - lo)^2, so that c weighs the margin against squared distances of box-scaled pixels
+        and the same search finds the same points on a model whose inputs span [0, 255].
     abort_early: stop a sample's round when its objective stalls (True).
 
 Shapes: x float32 [N, ...] within ``bounds``; y int64 [N]; targets int64 [N] or None.
 Returns one ``AttackRun`` (eps None): x_adv [N, ...] the smallest adversarial example found
 per sample (x itself where none was found; success False there), extra["const"] float [N]
-the c of the best example (nan where none).
+the c of the best example in the units of ``initial_const`` (nan where none).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class CarliniWagnerL2(Attack):
         span = high - low
         unit = (x.astype(np.float64) - low) / span
         w0 = np.arctanh((2.0 * unit - 1.0) * _TANH_SHRINK)
-        const = np.full(n, self.initial_const)
+        const = np.full(n, self.initial_const * span ** 2)  # see initial_const
         lower, upper = np.zeros(n), np.full(n, _NO_UPPER)
         best_l2 = np.full(n, np.inf)
         best_x = x.copy()
@@ -130,7 +132,7 @@ class CarliniWagnerL2(Attack):
             progress(total, total)
         success = np.isfinite(best_l2)
         return AttackRun(eps=None, x_adv=clip_to_box(best_x, bounds), success=success,
-                         extra={"const": best_const})
+                         extra={"const": best_const / span ** 2})
 
     def _in_chunks(self, model, x, y, targets, bounds, rng, progress) -> AttackRun:
         """`run` on chunks of ``model.loop_rows`` samples (they do not interact)."""

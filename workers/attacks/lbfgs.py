@@ -20,14 +20,17 @@ Untargeted by default: the target is the most likely wrong class at x (per sampl
 ``targets`` the attack is targeted and success means classified as the target.
 
 Arguments (keyword-only):
-    initial_const: the first c (1.0; in units of 1 / pixel^2 of a [0, 1] box).
+    initial_const: the first c (1.0), in units of a [0, 1] box: the attack divides it by
+        (hi - lo)^2, so that the same search finds the same points on a model whose inputs span
+        [0, 255].
     search_steps: L-BFGS-B runs, i.e. values of c tried per sample (10).
     max_iter: L-BFGS-B iterations per run (100).
 
 Shapes: x float32 [N, ...] within ``bounds``; y int64 [N]; targets int64 [N] or None.
 Returns one ``AttackRun`` (eps None): x_adv [N, ...] the smallest successful example per
 sample (x where none; success False there), extra["targets"] int [N] the classes aimed at,
-extra["const"] float [N] the c of the best example (nan where none).
+extra["const"] float [N] the c of the best example in the units of ``initial_const`` (nan
+where none).
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ class LBFGS(Attack):
         n = len(x)
         targeted = targets is not None
         goal = targets if targets is not None else most_likely_wrong_class(model.logits(x), y)
-        const = np.full(n, self.initial_const)
+        scale = float(bounds[1] - bounds[0]) ** 2
+        const = np.full(n, self.initial_const / scale)  # see initial_const
         best_succeeding = np.zeros(n)  # the largest c known to reach the goal (0: none yet)
         smallest_failing = np.full(n, np.inf)
         best_l2 = np.full(n, np.inf)
@@ -127,7 +131,7 @@ class LBFGS(Attack):
                 progress(step + 1, self.search_steps)
         success = np.isfinite(best_l2)
         return AttackRun(eps=None, x_adv=clip_to_box(best_x, bounds), success=success,
-                         extra={"targets": goal, "const": best_const})
+                         extra={"targets": goal, "const": best_const * scale})
 
     def _minimise(self, model: AttackModel, x: np.ndarray, start: np.ndarray, goal: np.ndarray,
                   const: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
