@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from workers.bound_loop import chunks
+from workers.loop_graphs import P, fooling_final_model, fooling_step_model
 from workers.metrics import softmax
 
 from .base import AttackModel, Progress, check, check_positive, clip_to_box, get_norm
@@ -137,7 +139,30 @@ def gradient_ascent_fooling(model: AttackModel, target_classes: Sequence[int] | 
     predicted = np.zeros(n, np.int64)
     reached = np.zeros(n, bool)
     steps_used = np.zeros(n, np.int64)
-    active = np.arange(n)
+    if getattr(model, "device_loops", False):
+        # a classifier with device loops (workers.runtime.Classifier on CUDA) keeps the images in
+        # ONNX Runtime's buffers on the device, a chunk at a time
+        parts = chunks(n, getattr(model, "loop_rows", n))
+        for k, rows in enumerate(parts):
+            def chunk_progress(done: int, total: int, k: int = k) -> None:
+                if progress is not None:
+                    progress(k * total + done, len(parts) * total)
+
+            out = _bound_ascent(model, images[rows], targets[rows], steps, step_size, threshold, bounds, norm,
+                                loss, chunk_progress)
+            images[rows], confidences[rows], predicted[rows], reached[rows], steps_used[rows] = out
+    else:
+        _numpy_ascent(model, images, targets, confidences, predicted, reached, steps_used, steps, step_size,
+                      threshold, bounds, geometry, loss, progress)
+    return FoolingResult(images=images, target_classes=targets, confidences=confidences,
+                         predicted=predicted, reached=reached, steps_used=steps_used,
+                         threshold=float(threshold))
+
+
+def _numpy_ascent(model, images, targets, confidences, predicted, reached, steps_used, steps, step_size,
+                  threshold, bounds, geometry, loss, progress) -> None:
+    """`gradient_ascent_fooling`'s steps in numpy, filling its arrays in place."""
+    active = np.arange(len(images))
     for step in range(steps + 1):
         x, t = images[active], targets[active]
         if step < steps:
@@ -159,6 +184,31 @@ def gradient_ascent_fooling(model: AttackModel, target_classes: Sequence[int] | 
         steps_used[active] += 1
         if progress is not None:
             progress(step + 1, steps)
-    return FoolingResult(images=images, target_classes=targets, confidences=confidences,
-                         predicted=predicted, reached=reached, steps_used=steps_used,
-                         threshold=float(threshold))
+
+
+def _bound_ascent(model, images, targets, steps, step_size, threshold, bounds, norm, loss, progress):
+    """`_numpy_ascent` as loop graphs (workers/loop_graphs/gradient_steps.py): one ONNX Runtime
+    call per step and batch, one for the last scores; the host reads the [N] active flags after
+    each step (to stop when every image reached its target) and the results once."""
+    iterate, n = model.input_name, len(images)
+    step_graph = model.loop_session(
+        ("fooling_step", norm, loss, float(threshold)), loss,
+        lambda gradient: fooling_step_model(gradient, iterate, norm, threshold=threshold))
+    final = model.loop_session(("fooling_final", float(threshold)), "forward",
+                               lambda forward: fooling_final_model(forward, iterate, threshold=threshold))
+    loop = model.bound_loop({iterate: images, "labels": targets, P + "active": np.ones(n, bool),
+                             P + "reached": np.zeros(n, bool), P + "confidences": np.zeros(n),
+                             P + "predicted": np.zeros(n, np.int64), P + "steps_used": np.zeros(n, np.int64)})
+    descend = loss == "cross_entropy"  # of the target's cross-entropy; "logit" ascends
+    scalars = {P + "step": np.float32(-step_size if descend else step_size), P + "low": np.float32(bounds[0]),
+               P + "high": np.float32(bounds[1])}
+    for step in range(steps):
+        loop.apply(*step_graph, scalars)
+        if progress is not None:
+            progress(step + 1, steps)
+        if not loop.fetch(P + "active").any():
+            break
+    else:
+        loop.apply(*final)
+    return tuple(loop.fetch(name) for name in (iterate, P + "confidences", P + "predicted", P + "reached",
+                                               P + "steps_used"))

@@ -18,7 +18,8 @@ A loop graph reads state tensors (its inputs) and writes new values of some of t
 ``LoopGraph`` says which output replaces which state. State names start with ``loop/`` except
 the models' own inputs (the image, ``labels``, ``targets``).
 
-    gradient_steps  PGD's step; APGD's update, objective with bookkeeping, checkpoint
+    gradient_steps  PGD's step; APGD's update, objective with bookkeeping, checkpoint; the
+                    fooling images' ascent step and final scores
     minimal         DeepFool's label test, candidate class and step; C&W's Adam step
     boundary        the nearest linearised boundary (DeepFool, FAB); FAB's projections and test
     square          Square's L-inf and L2 proposals and the forward pass that judges them
@@ -26,13 +27,21 @@ the models' own inputs (the image, ``labels``, ``targets``).
 
 from .boundary import fab_candidate_model, fab_judge_model, fab_plane_model, fab_rival_model, fab_step_model
 from .core import LoopGraph, P
-from .gradient_steps import apgd_checkpoint_model, apgd_objective_model, apgd_update_model, pgd_step_model
+from .gradient_steps import (
+    apgd_checkpoint_model,
+    apgd_objective_model,
+    apgd_update_model,
+    fooling_final_model,
+    fooling_step_model,
+    pgd_step_model,
+)
 from .minimal import cw_step_model, deepfool_candidate_model, deepfool_check_model, deepfool_step_model
 from .square import square_judge_model, square_l2_propose_model, square_propose_model
 
 __all__ = [
     "P", "LoopGraph", "apgd_checkpoint_model", "apgd_objective_model", "apgd_update_model", "cw_step_model",
     "deepfool_candidate_model", "deepfool_check_model", "deepfool_step_model", "fab_candidate_model",
-    "fab_judge_model", "fab_plane_model", "fab_rival_model", "fab_step_model", "pgd_step_model",
+    "fab_judge_model", "fab_plane_model", "fab_rival_model", "fab_step_model", "fooling_final_model",
+    "fooling_step_model", "pgd_step_model",
     "square_judge_model", "square_l2_propose_model", "square_propose_model",
 ]

@@ -132,3 +132,71 @@ def apgd_checkpoint_model(image_shape: tuple, iterate: str) -> LoopGraph:
     u.attach(model)
     set_outputs(graph, [helper.make_empty_tensor_value_info(name) for name in writes])
     return LoopGraph(model, writes)
+
+
+def _fooling_scores(u: Update, logits: str, threshold: float, writes: dict[str, str]) -> str:
+    """The fooling images' bookkeeping at the iterate (workers/attacks/fooling.py): the softmax
+    (float64) probability of the target ``labels`` and the predicted class, recorded for the
+    active samples, and whether they reach the target with at least ``threshold``; returns that."""
+    g = u.g
+    wide = u.op("Cast", logits, to=TensorProto.DOUBLE)
+    shifted = u.op("Exp", u.op("Sub", wide, g.reduce("ReduceMax", wide, [1], keepdims=True)))
+    probs = u.op("Div", shifted, g.reduce("ReduceSum", shifted, [1], keepdims=True))
+    picked = u.op("GatherElements", probs, u.op("Reshape", "labels", g.ints([-1, 1])), axis=1)
+    confidence = u.op("Reshape", picked, g.ints([-1]))
+    predicted = u.op("ArgMax", probs, axis=1, keepdims=0)
+    done = u.op("And", u.op("Equal", predicted, "labels"),
+                u.op("GreaterOrEqual", confidence, g.const(float(threshold), np.float64)))
+    for value, name in ((confidence, "confidences"), (predicted, "predicted")):
+        writes[u.op("Where", P + "active", value, P + name)] = P + name
+    kept = u.op("And", u.op("Not", P + "active"), P + "reached")  # (ONNX Runtime has no bool Where)
+    writes[u.op("Or", u.op("And", P + "active", done), kept)] = P + "reached"
+    return done
+
+
+def _fooling_inputs(graph: onnx.GraphProto) -> None:
+    for name, kind in (("active", TensorProto.BOOL), ("reached", TensorProto.BOOL),
+                       ("confidences", TensorProto.DOUBLE), ("predicted", TensorProto.INT64),
+                       ("steps_used", TensorProto.INT64)):
+        graph.input.append(helper.make_tensor_value_info(P + name, kind, [None]))
+
+
+def fooling_step_model(gradient: onnx.ModelProto, input_name: str, norm: str, *,
+                       threshold: float) -> LoopGraph:
+    """One step of the fooling images' gradient ascent: the scores at the iterate, then, for
+    the active samples that have not reached their target, the iterate clip(x + loop/step *
+    ascent(grad)) (a negative step descends: ascent(-g) is -ascent(g) to the bit, and the
+    gradient stays the graph's last output, as in the plain gradient graph) and one more step
+    counted; those that reached it stop (loop/active). Scalars loop/step, loop/low, loop/high."""
+    graph = gradient.graph
+    image = image_input(graph, input_name)
+    _fooling_inputs(graph)
+    for name in ("step", "low", "high"):
+        float_input(graph, P + name, [])
+    u = Update(gradient, rank_of(image))
+    writes: dict[str, str] = {}
+    done = _fooling_scores(u, "logits", threshold, writes)
+    moving = u.op("And", P + "active", u.op("Not", done))
+    direction = u.ascent(norm, "grad")
+    moved = u.op("Clip", u.op("Add", input_name, u.op("Mul", P + "step", direction)), P + "low", P + "high")
+    writes[u.where_rows(moving, moved, input_name)] = input_name
+    writes[u.op("Add", P + "steps_used", u.op("Cast", moving, to=TensorProto.INT64))] = P + "steps_used"
+    writes[moving] = P + "active"
+    u.attach(gradient)
+    set_outputs(graph, [helper.make_empty_tensor_value_info(name) for name in writes])
+    return LoopGraph(gradient, writes)
+
+
+def fooling_final_model(forward: onnx.ModelProto, input_name: str, *, threshold: float) -> LoopGraph:
+    """The fooling images' scores after the last step (the forward model; no gradient)."""
+    graph = forward.graph
+    logits = graph.output[0].name
+    _fooling_inputs(graph)
+    if not any(i.name == "labels" for i in graph.input):
+        graph.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, [None]))
+    u = Update(forward, rank_of(image_input(graph, input_name)))
+    writes: dict[str, str] = {}
+    _fooling_scores(u, logits, threshold, writes)
+    u.attach(forward)
+    set_outputs(graph, [helper.make_empty_tensor_value_info(name) for name in writes])
+    return LoopGraph(forward, writes)
