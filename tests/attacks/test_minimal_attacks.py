@@ -14,13 +14,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from scipy.optimize import Bounds, minimize
 
 from tests import digits
 from workers.attacks.base import ATTACKS
 from workers.attacks.cw import CarliniWagnerL2
 from workers.attacks.deepfool import DeepFool
 from workers.attacks.gradient import FGSM
-from workers.attacks.lbfgs import LBFGS
+from workers.attacks.lbfgs import LBFGS, minimise
 from workers.attacks.universal import UniversalPerturbation, apply_universal
 from workers.runtime import Classifier
 
@@ -147,6 +148,42 @@ def test_targeted_attacks_reach_their_targets(fc100, attack):
     print(f"\n{attack.name} targeted: success {run.success.mean():.3f}, mean L2 {targeted_l2:.3f} "
           f"(untargeted DeepFool {nearest_l2:.3f})")
     assert targeted_l2 > nearest_l2
+
+
+@pytest.mark.parametrize("const", [0.05, 1.0])
+def test_our_box_constrained_lbfgs_minimises_as_well_as_scipys(fc100, const):
+    # the reference: scipy's L-BFGS-B (Fortran, Byrd-Lu-Nocedal-Zhu) on the same objective, one
+    # sample at a time; ours is a projected L-BFGS batched over the samples
+    x, y = correct(fc100, 20)
+    goal = (y + 3) % 10
+    c = np.full(len(x), const)
+    ours = minimise(fc100, x, x, goal, c, (0.0, 1.0), 100)
+
+    def objective(model, xi, v, gi, ci):
+        _, loss, grad = model.loss_and_grad(v.reshape(xi.shape).astype(np.float32), gi, loss="cross_entropy")
+        r = v.reshape(len(xi), -1) - xi.reshape(len(xi), -1)
+        value = ci * np.einsum("ij,ij->i", r, r) + loss.astype(np.float64)
+        return value, 2 * ci[:, None] * r + grad.reshape(len(xi), -1).astype(np.float64)
+
+    scipy_points = []
+    for i in range(len(x)):
+        part = slice(i, i + 1)
+
+        def fun(v, part=part):
+            value, grad = objective(fc100, x[part], v, goal[part], c[part])
+            return float(value.sum()), grad.ravel()
+
+        result = minimize(fun, x[part].astype(np.float64).ravel(), jac=True, method="L-BFGS-B",
+                          bounds=Bounds(0.0, 1.0), options={"maxiter": 100})
+        scipy_points.append(result.x.astype(np.float32).reshape(x[0].shape))
+    theirs = np.stack(scipy_points)
+    ours_value, _ = objective(fc100, x, ours.astype(np.float64), goal, c)
+    theirs_value, _ = objective(fc100, x, theirs.astype(np.float64), goal, c)
+    print(f"\nc={const}: objective ours {ours_value.mean():.5f}, scipy {theirs_value.mean():.5f}; "
+          f"ours lower on {np.mean(ours_value <= theirs_value):.2f} of the samples")
+    assert ours.min() >= 0 and ours.max() <= 1
+    assert ours_value.mean() <= theirs_value.mean() * 1.01
+    assert np.all(ours_value <= theirs_value * 1.05 + 1e-4)
 
 
 def pixel_model(model: bytes) -> bytes:
