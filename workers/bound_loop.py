@@ -12,6 +12,7 @@ buffers are host memory and the arithmetic is the same as the numpy loop's.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -30,10 +31,25 @@ def chunks(n: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+@dataclass
+class Traffic:
+    """What crossed between host and device: arrays and bytes each way (to the device: of which
+    ``scalars`` were 0-d scalars, such as a step size's new value), and the graph calls."""
+
+    to_device: int = 0
+    to_device_bytes: int = 0
+    scalars: int = 0
+    to_host: int = 0
+    to_host_bytes: int = 0
+    calls: int = 0
+
+
 class BoundLoop:
     """Named per-sample state on ``device`` ("cpu" or "cuda"), in batches of ``batch`` rows
     (``pad``: the last batch padded to a full one, for a fixed-batch model). ``run`` is how a
-    bound session is run (the classifier's: interruptible)."""
+    bound session is run (the classifier's: interruptible). ``traffic`` counts every array
+    placed on the device or brought back (on the CPU the same placements happen, so the counts
+    are the device's)."""
 
     def __init__(self, arrays: dict[str, np.ndarray], *, device: str, batch: int, pad: bool,
                  run: Callable[[ort.InferenceSession, ort.IOBinding], None]):
@@ -46,6 +62,7 @@ class BoundLoop:
         self._spares: list[dict[str, ort.OrtValue]] = []  # a replaced buffer, written next
         self._scalars: dict[tuple, ort.OrtValue] = {}
         self._bindings: dict[int, tuple[ort.IOBinding, list[str]]] = {}
+        self.traffic = Traffic()
         split = {name: self._split(array) for name, array in arrays.items()}
         for i in range(len(next(iter(split.values())))):
             # copies: a buffer is written by later calls and must never be the caller's array
@@ -61,6 +78,8 @@ class BoundLoop:
         return parts
 
     def _place(self, array: np.ndarray) -> ort.OrtValue:
+        self.traffic.to_device += 1
+        self.traffic.to_device_bytes += array.nbytes
         # (np.ascontiguousarray would make a 0-d scalar 1-d)
         return ort.OrtValue.ortvalue_from_numpy(np.asarray(array, order="C"), self.device, 0)
 
@@ -69,6 +88,7 @@ class BoundLoop:
         key = (name, array.dtype.str, array.tobytes())
         if key not in self._scalars:
             self._scalars[key] = self._place(array)
+            self.traffic.scalars += 1
         return self._scalars[key]
 
     def apply(self, session: ort.InferenceSession, graph: LoopGraph,
@@ -98,6 +118,7 @@ class BoundLoop:
                 binding.bind_ortvalue_output(output, target)
                 targets[name] = target
             self._run(session, binding)
+            self.traffic.calls += 1
             for name, target in targets.items():
                 spares[name], state[name] = state[name], target
             for later, earlier in graph.shifts.items():  # `later` takes `earlier`'s replaced buffer
@@ -105,8 +126,10 @@ class BoundLoop:
 
     def fetch(self, name: str) -> np.ndarray:
         """The state ``name`` for every sample, as a host array."""
-        return np.concatenate([state[name].numpy()[:rows] for state, rows in zip(self._state, self._rows,
-                                                                                strict=True)])
+        parts = [state[name].numpy()[:rows] for state, rows in zip(self._state, self._rows, strict=True)]
+        self.traffic.to_host += len(parts)
+        self.traffic.to_host_bytes += sum(part.nbytes for part in parts)
+        return np.concatenate(parts)
 
 
 _NUMPY_TYPES = {

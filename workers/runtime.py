@@ -49,10 +49,11 @@ class RuntimeOptions:
     allow_spinning: bool = False  # spinning threads compete with Python loops on small machines
     # bytes one gradient call may take (workers/memory_budget.py): batches shrink to fit; None: no bound
     memory_budget: int | None = None
-    # APGD, DeepFool, C&W and Square as loop graphs on state in ONNX Runtime's buffers
+    # APGD, DeepFool, C&W, Square and L-BFGS as loop graphs on state in ONNX Runtime's buffers
     # (workers/bound_loop.py): None: where the session runs on CUDA (on 2 CPU threads they measured
-    # 6-16% slower than their numpy loops on the small zoo, Square 35-75%: the copies they save cost
-    # nothing there); True / False: always / never
+    # 6-16% slower than their numpy loops on the small zoo, Square 35-75%, L-BFGS 5.5x: the copies
+    # they save cost nothing there; FAB and the fooling images run them on the CPU too, see
+    # Classifier.cheap_loops); True / False: always / never
     device_loops: bool | None = None
 
     def __post_init__(self):
@@ -258,6 +259,9 @@ class Classifier:
         # whether attacks should run their loops as loop graphs (`bound_loop`), see RuntimeOptions
         self.device_loops = (self.device == "cuda" if self.options.device_loops is None
                              else self.options.device_loops)
+        # FAB's and the fooling images' loop graphs took 0.62-1.0x their numpy loops' time on
+        # 2 CPU threads too (small zoo, measured), so they run unless device_loops is False
+        self.cheap_loops = self.options.device_loops is not False
 
     @property
     def model_bytes(self) -> bytes:

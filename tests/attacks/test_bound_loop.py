@@ -22,6 +22,7 @@ from workers.attacks.cw import CarliniWagnerL2
 from workers.attacks.deepfool import DeepFool
 from workers.attacks.fab import FAB, project_onto_hyperplane
 from workers.attacks.fooling import gradient_ascent_fooling
+from workers.attacks.gradient import PGD
 from workers.attacks.lbfgs import LBFGS
 from workers.attacks.square import Square
 from workers.loop_graphs import P, fab_step_model
@@ -61,11 +62,39 @@ def test_the_bound_loop_equals_the_copy_loop_to_the_bit(name, norm):
     assert seen == [1, 2, 3, 4] and not np.array_equal(bound, start)
 
 
+@pytest.mark.parametrize("make", [lambda steps: PGD(steps=steps), lambda steps: APGD(steps=steps),
+                                  lambda steps: FAB(steps=steps)], ids=["pgd", "apgd", "fab"])
+def test_nothing_crosses_between_host_and_device_during_the_steps(make):
+    # what crosses is counted where the arrays are placed and fetched (BoundLoop.traffic), the
+    # same on the CPU as on CUDA: twice the steps, the same arrays and bytes, more graph calls
+    # (and 0-d scalars placed once per value: APGD's checkpoints have thresholds of their own)
+    def traffic(steps: int):
+        classifier = Classifier(zoo.export("lenet").SerializeToString(),
+                                RuntimeOptions(batch_size=8, device_loops=True))
+        loops = []
+        make_loop = classifier.bound_loop
+        classifier.bound_loop = lambda arrays: loops.append(make_loop(arrays)) or loops[-1]
+        x, _ = _images("lenet", 19)
+        make(steps)(classifier, x, classifier.predict(x), eps=0.03, seed=0)
+        return [loop.traffic for loop in loops]
+
+    short, long = traffic(5), traffic(10)
+    assert len(short) == len(long) > 0
+    for a, b in zip(short, long, strict=True):
+        assert (a.to_device - a.scalars, a.to_host, a.to_host_bytes) == \
+            (b.to_device - b.scalars, b.to_host, b.to_host_bytes)
+        assert abs(a.to_device_bytes - b.to_device_bytes) <= 8 * abs(a.scalars - b.scalars)
+        assert b.calls > a.calls > 0
+
+
 def test_device_loops_default_to_where_the_session_runs_on_cuda():
     model = zoo.export("mlp").SerializeToString()
     assert Classifier(model, RuntimeOptions()).device_loops is (Classifier(model).device == "cuda")
     assert Classifier(model, RuntimeOptions(device_loops=True)).device_loops is True
     assert Classifier(model, RuntimeOptions(device_loops=False)).device_loops is False
+    # FAB's and the fooling images' loops run as graphs on the CPU too, unless turned off
+    assert Classifier(model, RuntimeOptions()).cheap_loops is True
+    assert Classifier(model, RuntimeOptions(device_loops=False)).cheap_loops is False
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

@@ -139,9 +139,9 @@ def gradient_ascent_fooling(model: AttackModel, target_classes: Sequence[int] | 
     predicted = np.zeros(n, np.int64)
     reached = np.zeros(n, bool)
     steps_used = np.zeros(n, np.int64)
-    if getattr(model, "device_loops", False):
-        # a classifier with device loops (workers.runtime.Classifier on CUDA) keeps the images in
-        # ONNX Runtime's buffers on the device, a chunk at a time
+    if getattr(model, "cheap_loops", False):
+        # a workers.runtime.Classifier keeps the images in ONNX Runtime's buffers (on CUDA on the
+        # device), a chunk at a time: as fast as the numpy loop on the CPU
         parts = chunks(n, getattr(model, "loop_rows", n))
         for k, rows in enumerate(parts):
             def chunk_progress(done: int, total: int, k: int = k) -> None:
