@@ -46,6 +46,20 @@ def _copy_loop(classifier, x_adv, x, y, steps, **step):
 STEPS = {"linf": dict(step=0.01, eps=0.03), "l2": dict(step=0.2, eps=0.6)}
 
 
+def _both_loops(name: str, attack, targeted: bool, eps: float | None = None, seed: int | None = None):
+    """(x, the bound loop's run, the numpy loop's run) of ``attack`` on 19 random images, aimed at
+    the next class where ``targeted``."""
+    options = RuntimeOptions(batch_size=8, intra_op_threads=1, device_loops=True)
+    classifier = Classifier(zoo.export(name).SerializeToString(), options)
+    x, _ = _images(name, 19)
+    y = classifier.predict(x)
+    targets = (y + 1) % classifier.num_classes if targeted else None
+    bound, numpy = (attack.run(m, x, y, eps, targets, (0.0, 1.0),
+                               None if seed is None else np.random.default_rng(seed), None)
+                    for m in (classifier, CopyLoop(classifier)))
+    return x, bound, numpy
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("name", ZOO)
 def test_the_bound_loop_equals_the_copy_loop_to_the_bit(name, norm):
@@ -134,14 +148,8 @@ def test_the_bound_deepfool_loop_equals_the_numpy_loop_to_the_bit(name, norm):
 def test_the_bound_cw_loop_follows_the_numpy_loop(name, targeted):
     # ONNX Runtime's float64 tanh differs from numpy's in the last bits: the float64 states
     # differ there, the float32 iterates (almost always) not at all
-    options = RuntimeOptions(batch_size=8, intra_op_threads=1, device_loops=True)
-    classifier = Classifier(zoo.export(name).SerializeToString(), options)
-    x, _ = _images(name, 19)
-    y = classifier.predict(x)
-    targets = (y + 1) % classifier.num_classes if targeted else None
     attack = CarliniWagnerL2(max_iter=12, binary_search_steps=3, learning_rate=0.05, initial_const=0.5)
-    bound = attack.run(classifier, x, y, None, targets, (0.0, 1.0), None, None)
-    numpy = attack.run(CopyLoop(classifier), x, y, None, targets, (0.0, 1.0), None, None)
+    _, bound, numpy = _both_loops(name, attack, targeted)
     np.testing.assert_array_equal(bound.success, numpy.success)
     np.testing.assert_array_equal(bound.extra["const"], numpy.extra["const"])
     np.testing.assert_allclose(bound.x_adv, numpy.x_adv, rtol=0, atol=1e-6)
@@ -153,15 +161,8 @@ def test_the_bound_cw_loop_follows_the_numpy_loop(name, targeted):
 def test_the_bound_square_loop_equals_the_numpy_loop(name, targeted, norm):
     # L2's window sums run over whole images in the loop graph (zeros outside the window): the
     # same float64 terms in another order, so equal up to float64 rounding (L-inf: to the bit)
-    options = RuntimeOptions(batch_size=8, intra_op_threads=1, device_loops=True)
-    classifier = Classifier(zoo.export(name).SerializeToString(), options)
-    x, _ = _images(name, 19)
-    y = classifier.predict(x)
-    targets = (y + 1) % classifier.num_classes if targeted else None
-    attack = Square(norm=norm, queries=150)
-    eps = 0.1 if norm == "linf" else 1.5
-    bound, numpy = (attack.run(m, x, y, eps, targets, (0.0, 1.0), np.random.default_rng(4), None)
-                    for m in (classifier, CopyLoop(classifier)))
+    _, bound, numpy = _both_loops(name, Square(norm=norm, queries=150), targeted,
+                                  eps=0.1 if norm == "linf" else 1.5, seed=4)
     np.testing.assert_allclose(bound.x_adv, numpy.x_adv, rtol=0, atol=0 if norm == "linf" else 1e-6)
     np.testing.assert_array_equal(bound.success, numpy.success)
     np.testing.assert_array_equal(bound.queries, numpy.queries)
@@ -189,14 +190,7 @@ def test_the_bound_fab_loop_equals_the_numpy_loop_to_the_bit(name, norm, mode):
 def test_the_bound_lbfgs_loop_follows_the_numpy_loop(name, targeted):
     # float64 dot products summed in another order: the same searches, with iterates that part
     # by rounding where a line search's test is close (measured: L2 sizes within 1.5%)
-    options = RuntimeOptions(batch_size=8, intra_op_threads=1, device_loops=True)
-    classifier = Classifier(zoo.export(name).SerializeToString(), options)
-    x, _ = _images(name, 19)
-    y = classifier.predict(x)
-    targets = (y + 1) % classifier.num_classes if targeted else None
-    attack = LBFGS(search_steps=3, max_iter=20)
-    bound, numpy = (attack.run(m, x, y, None, targets, (0.0, 1.0), None, None)
-                    for m in (classifier, CopyLoop(classifier)))
+    x, bound, numpy = _both_loops(name, LBFGS(search_steps=3, max_iter=20), targeted)
     np.testing.assert_array_equal(bound.success, numpy.success)
     np.testing.assert_array_equal(bound.extra["const"], numpy.extra["const"])
     sizes = [np.linalg.norm((run.x_adv - x).reshape(len(x), -1), axis=1) for run in (bound, numpy)]
