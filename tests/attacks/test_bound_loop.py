@@ -294,6 +294,20 @@ def test_bound_apgd_equals_the_numpy_loop_on_a_fixed_batch_model(attack):
     np.testing.assert_array_equal(runs[0].success, runs[1].success)
 
 
+@pytest.mark.parametrize("attack", [FAB(steps=5), FAB(norm="l2", steps=5, multi_targeted=True),
+                                    LBFGS(search_steps=2, max_iter=10)], ids=["fab", "fab-t-l2", "lbfgs"])
+def test_bound_fab_and_lbfgs_equal_the_numpy_loops_on_a_fixed_batch_model(attack):
+    rng = np.random.default_rng(0)
+    model, _, _ = expand_to_batch_of_two(rng)
+    classifier = Classifier(model, RuntimeOptions(batch_size=64, device_loops=True))
+    x, y = rng.random((5, 4), dtype=np.float32), np.array([0, 1, 2, 1, 0])
+    runs = [attack.run(m, x, y, 0.3, None, (0.0, 1.0), np.random.default_rng(1), None)
+            for m in (classifier, CopyLoop(classifier))]
+    np.testing.assert_array_equal(runs[0].x_adv, runs[1].x_adv)
+    np.testing.assert_array_equal(runs[0].success, runs[1].success)
+    assert runs[0].success.any()
+
+
 def test_a_fixed_batch_model_is_padded_as_the_copy_loop_pads_it():
     # Expand to a constant batch of 2 (tests/test_runtime.py): runs two samples at a time
     rng = np.random.default_rng(0)
