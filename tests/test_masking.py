@@ -124,7 +124,9 @@ def test_a_gate_over_a_masked_attack_is_inconclusive_unless_allowed():
     assert allowed.reason.startswith("accepted as inconclusive (allow_inconclusive): fgsm-cross_entropy")
     assert (honest.verdict, honest.passed, honest.warnings) == ("passed", True, [])
     assert (result.verdict, result.passed) == ("inconclusive", False)
-    failing = {"metric": "robust_accuracy", "attack": "pgd-cross_entropy", "min": 0.99}
+    # masked, the attack leaves robust every sample the model gets right (0.99 of these 100 on one
+    # machine, less on another: the digits CNN trains a little differently): max 0.5 fails on any
+    failing = {"metric": "robust_accuracy", "attack": "pgd-cross_entropy", "max": 0.5}
     result = evaluate(make(), dataset(scale, 100),
                       spec_for(scale, ("cross_entropy",), [failing, gates[0]])).result
     assert [g.verdict for g in result.gates] == ["failed", "inconclusive"]  # a failure stands
