@@ -71,7 +71,7 @@ def deepfool_step_model(image_shape: tuple, iterate: str, norm: str, overshoot: 
     wide = u.op("Cast", P + "best_w", to=TensorProto.DOUBLE)
     if norm == "linf":
         dual = g.reduce("ReduceSum", u.op("Abs", wide), u.axes, keepdims=False)
-        direction = u.op("Sign", P + "best_w")
+        direction = u.sign(P + "best_w")
     else:
         dual = g.reduce("ReduceSum", u.op("Mul", wide, wide), u.axes, keepdims=False)
         direction = P + "best_w"
