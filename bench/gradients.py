@@ -606,17 +606,18 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
         "onnx_ad": "onnx-ad",
     }
     names = variants(args.provider)
+    width = max([14] + [len(r["model"]) + 2 for r in results])  # zoo names run to 30 characters
     second = SECOND_VARIANT[args.provider]
     where = "CUDA execution provider" if args.provider == "cuda" else "CPU"
     if args.provider == "cuda":
         where += f" on {torch.cuda.get_device_name()}"
     print(f"\nimages/s, batch {args.batch}, {args.threads} threads, {where}, "
           f"median of {args.rounds} interleaved rounds")
-    header = f"{'model':<14}" + "".join(f"{short[v]:>13}" for v in names)
+    header = f"{'model':<{width}}" + "".join(f"{short[v]:>13}" for v in names)
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['model']:<14}" + "".join(f"{_cell(r['variants'][v]):>13}" for v in names))
+        print(f"{r['model']:<{width}}" + "".join(f"{_cell(r['variants'][v]):>13}" for v in names))
 
     if any(r["variants"][v].get("foreign_cpu", 0.0) > BUSY for r in results for v in names):
         print(f"* other processes used over {BUSY:.0%} of the CPUs during that timing")
@@ -624,7 +625,7 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
     print("\nratios (target: grad vs torch >= 1.2, the ORT gradient's throughput over torch eager's "
           "forward + input backward; grad/fwd time is for information)")
     on_device = second == "device"
-    header = (f"{'model':<14}{'grad/fwd t':>12}{'(' + ('on-dev' if on_device else second) + ')':>10}"
+    header = (f"{'model':<{width}}{'grad/fwd t':>12}{'(' + ('on-dev' if on_device else second) + ')':>10}"
               f"{'torch f+b/f':>13}{'vs torch':>10}" + (f"{'(on-dev)':>10}" if on_device else "")
               + f"{'vs onnx-ad':>12}")
     print(header)
@@ -636,7 +637,7 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
             return "-" if value is None else f"{value:.2f}"
 
         print(
-            f"{r['model']:<14}{fmt(q['ort_grad_over_fwd_time']):>12}"
+            f"{r['model']:<{width}}{fmt(q['ort_grad_over_fwd_time']):>12}"
             f"{fmt(q[f'ort_grad_over_fwd_time_{second}']):>10}"
             f"{fmt(q['torch_fwd_bwd_over_fwd_time']):>13}"
             f"{fmt(q['ort_grad_vs_torch_fwd_bwd_throughput']):>10}"
@@ -650,12 +651,12 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
             for graph, found in r.get("placement", {}).items():
                 nodes = ", ".join(f"{n} {p}" for p, n in sorted(found["nodes"].items()))
                 cpu = ", ".join(f"{op} x{n}" for op, n in sorted(found["cpu_ops"].items()))
-                print(f"{r['model']:<14}{graph:<10}{nodes}" + (f" ({cpu})" if cpu else ""))
+                print(f"{r['model']:<{width}}{graph:<10}{nodes}" + (f" ({cpu})" if cpu else ""))
 
     print("\ngradient/forward checks against torch (grads: samples matched, median rel err)")
     for r in results:
         cells = [f"{short[v]}: {_check_cell(r['variants'][v])}" for v in names]
-        print(f"{r['model']:<14}" + "; ".join(cells))
+        print(f"{r['model']:<{width}}" + "; ".join(cells))
 
     tables = [("increase_mb", "peak resident-set increase, MB (fresh subprocess per variant)")]
     if args.provider == "cuda":
@@ -663,7 +664,7 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
                        "context (ORT's arena and torch's cache keep their peak)"))
     for key, title in tables if args.memory else ():
         print(f"\n{title}")
-        header = f"{'model':<14}" + "".join(f"{short[v]:>13}" for v in names)
+        header = f"{'model':<{width}}" + "".join(f"{short[v]:>13}" for v in names)
         print(header)
         print("-" * len(header))
         for r in results:
@@ -675,7 +676,7 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
                     cells.append((entry.get("error") or memory.get("error")).split(":")[0])
                 else:
                     cells.append(f"{memory.get(key, float('nan')):.0f}")
-            print(f"{r['model']:<14}" + "".join(f"{c:>13}" for c in cells))
+            print(f"{r['model']:<{width}}" + "".join(f"{c:>13}" for c in cells))
 
     problems = [
         (r["model"], v, r["variants"][v]["error"])
