@@ -8,7 +8,9 @@
 # the CUDA tests (gradients, the digits evaluation, the I/O-bound attack loop against the copy
 # loop) and bench/attacks.py --provider cuda (PGD images/s against torchattacks and ART on the
 # same GPU, and against our own copy loop) on the small zoo and on ResNet-50 at 224, and APGD
-# against torchattacks and the copy loop, writing JSON to OUT_FOLDER ($OUT, else ./gpu-figures).
+# against torchattacks and the copy loop, and the arrays each attack's loop moves between host and
+# device (bench/loop_transfers.py, here on CUDA), writing JSON to OUT_FOLDER ($OUT, else
+# ./gpu-figures).
 set -u
 out="${1:-${OUT:-gpu-figures}}"
 mkdir -p "$out"
@@ -24,3 +26,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 "$py" bench/attacks.py --provider cuda --attack apgd --models lenet,resnet18 --batch 64 --images 256 \
     --budget 120 --engines ours,ours_copy,torchattacks --json "$out/apgd_small.json" 2>&1 | tail -20 \
     | tee "$out/apgd_small.txt"
+"$py" bench/loop_transfers.py --model lenet --images 64 --batch 32 --json "$out/loop_transfers.json" 2>&1 \
+    | tail -14 | tee "$out/loop_transfers.txt"
