@@ -906,6 +906,16 @@ _SAME_INPUT_TWICE = [
         "y",
     ),
     graph("pow_x_x", [node("Pow", ["a", "a"], ["y"])], {"a": pos(3, 4)}, "y"),
+    # SiLU (x sigmoid(x)) has a fused rule in Mul; the Sigmoid may also feed another node
+    graph("silu", [node("Sigmoid", ["a"], ["s"]), node("Mul", ["a", "s"], ["y"])],
+          {"a": x(3, 4, lo=-6, hi=6)}, "y"),
+    graph("silu_sigmoid_first", [node("Sigmoid", ["a"], ["s"]), node("Mul", ["s", "a"], ["y"])],
+          {"a": x(2, 5)}, "y"),
+    graph("silu_sigmoid_shared",
+          [node("Sigmoid", ["a"], ["s"]), node("Mul", ["a", "s"], ["m"]), node("Mul", ["s", "b"], ["t"]),
+           node("Add", ["m", "t"], ["y"])], {"a": x(3, 4), "b": x(3, 4)}, "y"),
+    graph("swish_of_another_tensor", [node("Sigmoid", ["b"], ["s"]), node("Mul", ["a", "s"], ["y"])],
+          {"a": x(3, 4), "b": x(3, 4)}, "y"),
 ]
 
 # Older opsets: build_vjp_model converts them to opset 17 first; the check runs the original.
@@ -1260,6 +1270,15 @@ def test_a_contiguous_slice_takes_the_pad_form(case: Case):
     model, _, wrt = build(case)
     ops = [n.op_type for n in build_vjp_model(model, wrt, case.output).graph.node]
     assert "Pad" in ops and "ScatterElements" not in ops and "Range" not in ops
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("silu", "silu_sigmoid_first")], ids=str)
+def test_silu_takes_the_fused_form(case: Case):
+    """x sigmoid(x)'s gradient in four passes: no second path through the Sigmoid, no Sum."""
+    model, _, wrt = build(case)
+    forward = len(model.graph.node)
+    ops = [n.op_type for n in build_vjp_model(model, wrt, case.output).graph.node][forward:]
+    assert "Sum" not in ops and ops.count("Mul") == 2 and ops.count("Sub") == 1, ops
 
 
 # --------------------------------------------------------------------------- kinks (exact values)

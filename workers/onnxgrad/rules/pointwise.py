@@ -76,11 +76,30 @@ def sub(ctx, node, dy):
     ]
 
 
+def _silu_operands(ctx: Context, a: str, b: str) -> tuple[str, str] | None:
+    """(x, s) when the Mul's operands are x and s = Sigmoid(x): SiLU / Swish, y = x sigmoid(x)."""
+    for x, s in ((a, b), (b, a)):
+        producer = ctx.producer(s)
+        if (producer is not None and producer.op_type == "Sigmoid" and producer.domain in ("", "ai.onnx")
+                and producer.input[0] == x and x != s):
+            return x, s
+    return None
+
+
 @register("Mul", inputs=(0, 1))
 def mul(ctx, node, dy):
     g = ctx.g
     a, b = node.input
     y = node.output[0]
+    silu = _silu_operands(ctx, a, b)
+    if silu is not None:
+        # SiLU: dy/dx = s + x s (1 - s) = s + y (1 - s), in four passes where the Mul's and the
+        # Sigmoid's rules and the Sum of x's two gradients take six (EfficientNet's blocks);
+        # s gets no gradient from here (other consumers of s still send theirs through Sigmoid)
+        x, s = silu
+        slope = g.op("Add", s, g.op("Mul", y, g.op("Sub", g.const(1.0), s)))
+        dx = g.op("Mul", dy[0], slope) if ctx.needs(x) else None
+        return [dx, None] if x == a else [None, dx]
     return [
         unbroadcast(ctx, g.op("Mul", dy[0], b), a, y) if ctx.needs(a) else None,
         unbroadcast(ctx, g.op("Mul", dy[0], a), b, y) if ctx.needs(b) else None,
