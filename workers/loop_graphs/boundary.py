@@ -14,23 +14,17 @@ from .core import (
     LoopGraph,
     P,
     Update,
+    bool_input,
     double_input,
     image_input,
     image_inputs,
+    int_input,
+    labels_input,
     like,
     rank_of,
     set_outputs,
     standalone,
 )
-
-
-def _int_input(graph: onnx.GraphProto, name: str, shape) -> None:
-    graph.input.append(helper.make_tensor_value_info(name, TensorProto.INT64, shape))
-
-
-def _with_labels(graph: onnx.GraphProto) -> None:
-    if not any(i.name == "labels" for i in graph.input):
-        _int_input(graph, "labels", [None])
 
 
 def _cotangent_between(u: Update, rising: str, falling: str, num_classes: int) -> str:
@@ -62,8 +56,8 @@ def nearest_boundary_model(gradient: onnx.ModelProto, input_name: str, norm: str
     graph = gradient.graph
     image = image_input(graph, input_name)
     _without_dlogits(graph)
-    _with_labels(graph)
-    graph.input.append(helper.make_tensor_value_info(P + "first", TensorProto.BOOL, []))
+    labels_input(graph)
+    bool_input(graph, P + "first", [])
     graph.input.append(like(image, P + "best_w"))
     for name in ("best_dist", "best_f"):
         double_input(graph, P + name)
@@ -97,7 +91,7 @@ def nearest_boundary_model(gradient: onnx.ModelProto, input_name: str, norm: str
 
 def fab_candidate_model(gradient: onnx.ModelProto, input_name: str, norm: str, num_classes: int) -> LoopGraph:
     """Untargeted FAB's candidate class: the int64 scalar loop/j (every class but the label)."""
-    _int_input(gradient.graph, P + "j", [])
+    int_input(gradient.graph, P + "j", [])
 
     def every_row(u: Update) -> str:
         return u.op("Expand", P + "j", u.op("Shape", "labels"))
@@ -110,8 +104,8 @@ def fab_rival_model(forward: onnx.ModelProto, input_name: str, num_classes: int)
     """Targeted FAB's rival at the iterate: the strongest class other than loop/plane."""
     graph = forward.graph
     logits = graph.output[0].name
-    _int_input(graph, P + "plane", [None])
-    _int_input(graph, P + "rival", [None])
+    int_input(graph, P + "plane", [None])
+    int_input(graph, P + "rival", [None])
     u = Update(forward, rank_of(image_input(graph, input_name)))
     g = u.g
     off_on = g.const(np.array([0, 1], np.float32))
@@ -131,7 +125,7 @@ def fab_plane_model(gradient: onnx.ModelProto, input_name: str, num_classes: int
     image = image_input(graph, input_name)
     _without_dlogits(graph)
     for name in ("plane", "rival"):
-        _int_input(graph, P + name, [None])
+        int_input(graph, P + name, [None])
     u = Update(gradient, rank_of(image))
     _cotangent_between(u, P + "plane", P + "rival", num_classes)
     value = u.op("Sub", _logit_at(u, P + "plane"), _logit_at(u, P + "rival"))
@@ -233,9 +227,9 @@ def fab_judge_model(forward: onnx.ModelProto, input_name: str, norm: str, *, bet
     graph = forward.graph
     logits = graph.output[0].name
     image = image_input(graph, input_name)
-    _with_labels(graph)
+    labels_input(graph)
     if targeted:
-        _int_input(graph, P + "goal", [None])
+        int_input(graph, P + "goal", [None])
     graph.input.append(like(image, P + "x"))
     graph.input.append(like(image, P + "best_x"))
     double_input(graph, P + "best")

@@ -98,6 +98,20 @@ def float_input(graph: onnx.GraphProto, name: str, shape) -> None:
     graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
 
 
+def int_input(graph: onnx.GraphProto, name: str, shape) -> None:
+    graph.input.append(helper.make_tensor_value_info(name, TensorProto.INT64, shape))
+
+
+def bool_input(graph: onnx.GraphProto, name: str, shape) -> None:
+    graph.input.append(helper.make_tensor_value_info(name, TensorProto.BOOL, shape))
+
+
+def labels_input(graph: onnx.GraphProto) -> None:
+    """The int64 [N] ``labels`` input, where the model (a forward one) lacks it."""
+    if not any(i.name == "labels" for i in graph.input):
+        int_input(graph, "labels", [None])
+
+
 def image_input(graph: onnx.GraphProto, input_name: str) -> onnx.ValueInfoProto:
     return next(i for i in graph.input if i.name == input_name)
 

@@ -10,9 +10,13 @@ from .core import (
     LoopGraph,
     P,
     Update,
+    bool_input,
+    double_input,
     float_input,
     image_input,
     image_inputs,
+    int_input,
+    labels_input,
     like,
     rank_of,
     set_outputs,
@@ -46,7 +50,7 @@ def apgd_update_model(image_shape: tuple, iterate: str, norm: str, momentum: flo
     graph = model.graph
     image_inputs(graph, (iterate, P + "x", P + "x_prev", P + "grad"), image_shape)
     float_input(graph, P + "step", [None])
-    graph.input.append(helper.make_tensor_value_info(P + "momentum", TensorProto.BOOL, []))
+    bool_input(graph, P + "momentum", [])
     for name in ("eps", "low", "high"):
         float_input(graph, P + name, [])
     u = Update(model, len(image_shape))
@@ -76,8 +80,8 @@ def apgd_objective_model(gradient: onnx.ModelProto, input_name: str, *, negate: 
         graph.input.append(like(image, P + name))
     for name in ("loss_best", "last_loss"):
         float_input(graph, P + name, [None])
-    graph.input.append(helper.make_tensor_value_info(P + "success", TensorProto.BOOL, [None]))
-    graph.input.append(helper.make_tensor_value_info(P + "increases", TensorProto.INT64, [None]))
+    bool_input(graph, P + "success", [None])
+    int_input(graph, P + "increases", [None])
     u = Update(gradient, rank_of(image))
     loss, grad = ("loss", "grad") if not negate else (u.op("Neg", "loss"), u.op("Neg", "grad"))
     predicted = u.op("ArgMax", "logits", axis=1, keepdims=0)
@@ -111,9 +115,9 @@ def apgd_checkpoint_model(image_shape: tuple, iterate: str) -> LoopGraph:
     image_inputs(graph, (iterate, P + "grad", P + "x_best", P + "grad_best"), image_shape)
     for name in ("step", "loss_best", "last_loss", "best_at_check"):
         float_input(graph, P + name, [None])
-    graph.input.append(helper.make_tensor_value_info(P + "halved", TensorProto.BOOL, [None]))
-    graph.input.append(helper.make_tensor_value_info(P + "increases", TensorProto.INT64, [None]))
-    graph.input.append(helper.make_tensor_value_info(P + "threshold", TensorProto.INT64, []))
+    bool_input(graph, P + "halved", [None])
+    int_input(graph, P + "increases", [None])
+    int_input(graph, P + "threshold", [])
     u = Update(model, len(image_shape))
     few_rises = u.op("LessOrEqual", P + "increases", P + "threshold")
     no_better = u.op("LessOrEqual", P + "loss_best", P + "best_at_check")
@@ -155,10 +159,11 @@ def _fooling_scores(u: Update, logits: str, threshold: float, writes: dict[str, 
 
 
 def _fooling_inputs(graph: onnx.GraphProto) -> None:
-    for name, kind in (("active", TensorProto.BOOL), ("reached", TensorProto.BOOL),
-                       ("confidences", TensorProto.DOUBLE), ("predicted", TensorProto.INT64),
-                       ("steps_used", TensorProto.INT64)):
-        graph.input.append(helper.make_tensor_value_info(P + name, kind, [None]))
+    for name in ("active", "reached"):
+        bool_input(graph, P + name, [None])
+    for name in ("predicted", "steps_used"):
+        int_input(graph, P + name, [None])
+    double_input(graph, P + "confidences")
 
 
 def fooling_step_model(gradient: onnx.ModelProto, input_name: str, norm: str, *,
@@ -192,8 +197,7 @@ def fooling_final_model(forward: onnx.ModelProto, input_name: str, *, threshold:
     graph = forward.graph
     logits = graph.output[0].name
     _fooling_inputs(graph)
-    if not any(i.name == "labels" for i in graph.input):
-        graph.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, [None]))
+    labels_input(graph)
     u = Update(forward, rank_of(image_input(graph, input_name)))
     writes: dict[str, str] = {}
     _fooling_scores(u, logits, threshold, writes)

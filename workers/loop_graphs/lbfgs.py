@@ -16,7 +16,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .core import LoopGraph, P, Update, double_input, image_input, like, set_outputs, standalone
+from .core import (
+    LoopGraph,
+    P,
+    Update,
+    bool_input,
+    double_input,
+    image_input,
+    int_input,
+    like,
+    set_outputs,
+    standalone,
+)
 
 
 def _state(graph: onnx.GraphProto, flat: tuple[str, ...] = (), history: tuple[str, ...] = (),
@@ -28,7 +39,7 @@ def _state(graph: onnx.GraphProto, flat: tuple[str, ...] = (), history: tuple[st
     for name in rows:
         double_input(graph, P + name)
     for name in flags:
-        graph.input.append(helper.make_tensor_value_info(P + name, TensorProto.BOOL, [None]))
+        bool_input(graph, P + name, [None])
 
 
 class _Ops:
@@ -124,8 +135,8 @@ def lbfgs_trial_model(gradient: onnx.ModelProto, input_name: str, history: int, 
     _state(graph, flat=("v", "g", "d"), history=("S", "Y"), rows=("f", "step", "const"),
            flags=("searching",))
     graph.input.append(helper.make_tensor_value_info(P + "rho", TensorProto.DOUBLE, [None, None]))
-    graph.input.append(helper.make_tensor_value_info(P + "spent", TensorProto.INT64, [None]))
-    graph.input.append(helper.make_tensor_value_info(P + "budget", TensorProto.INT64, []))
+    int_input(graph, P + "spent", [None])
+    int_input(graph, P + "budget", [])
     u = Update(gradient, 2)
     o = _Ops(u)
     g = u.g

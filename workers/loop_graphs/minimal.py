@@ -11,10 +11,12 @@ from .core import (
     LoopGraph,
     P,
     Update,
+    bool_input,
     double_input,
     float_input,
     image_input,
     image_inputs,
+    int_input,
     like,
     rank_of,
     set_outputs,
@@ -28,8 +30,8 @@ def deepfool_check_model(forward: onnx.ModelProto, input_name: str) -> LoopGraph
     which stopped: those are fooled)."""
     graph = forward.graph
     logits = graph.output[0].name
-    graph.input.append(helper.make_tensor_value_info(P + "active", TensorProto.BOOL, [None]))
-    graph.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, [None]))
+    bool_input(graph, P + "active", [None])
+    int_input(graph, "labels", [None])
     u = Update(forward, rank_of(image_input(graph, input_name)))
     kept = u.op("Equal", u.op("ArgMax", logits, axis=1, keepdims=0), "labels")
     writes = {u.op("And", P + "active", kept): P + "active"}
@@ -43,8 +45,8 @@ def deepfool_candidate_model(gradient: onnx.ModelProto, input_name: str, norm: s
     """One candidate class of a DeepFool iteration, loop/others[:, loop/j] (an int64 scalar):
     the nearest linearised boundary so far, with |f| (workers/loop_graphs/boundary.py)."""
     graph = gradient.graph
-    graph.input.append(helper.make_tensor_value_info(P + "others", TensorProto.INT64, [None, None]))
-    graph.input.append(helper.make_tensor_value_info(P + "j", TensorProto.INT64, []))
+    int_input(graph, P + "others", [None, None])
+    int_input(graph, P + "j", [])
 
     def ranked(u: Update) -> str:
         return u.op("Gather", P + "others", P + "j", axis=1)
@@ -62,8 +64,8 @@ def deepfool_step_model(image_shape: tuple, iterate: str, norm: str, overshoot: 
     image_inputs(graph, (iterate, P + "x", P + "best_w"), image_shape)
     graph.input.append(helper.make_tensor_value_info(P + "r", TensorProto.DOUBLE, [None, *image_shape[1:]]))
     double_input(graph, P + "best_f")
-    graph.input.append(helper.make_tensor_value_info(P + "active", TensorProto.BOOL, [None]))
-    graph.input.append(helper.make_tensor_value_info(P + "iterations", TensorProto.INT64, [None]))
+    bool_input(graph, P + "active", [None])
+    int_input(graph, P + "iterations", [None])
     for name in ("low", "high"):
         float_input(graph, P + name, [])
     u = Update(model, len(image_shape))
@@ -118,8 +120,8 @@ def cw_step_model(gradient: onnx.ModelProto, input_name: str, *, targeted: bool,
     for name in ("const", "best_l2", "previous"):
         double_input(graph, P + name)
     for name in ("active", "succeeded"):
-        graph.input.append(helper.make_tensor_value_info(P + name, TensorProto.BOOL, [None]))
-    graph.input.append(helper.make_tensor_value_info(P + "check", TensorProto.BOOL, []))
+        bool_input(graph, P + name, [None])
+    bool_input(graph, P + "check", [])
     graph.input.append(helper.make_tensor_value_info(P + "rate", TensorProto.DOUBLE, []))
     u = Update(gradient, rank)
     g = u.g

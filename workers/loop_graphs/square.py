@@ -6,7 +6,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .core import LoopGraph, P, Update, float_input, image_input, image_inputs, like, set_outputs, standalone
+from .core import (
+    LoopGraph,
+    P,
+    Update,
+    bool_input,
+    float_input,
+    image_input,
+    image_inputs,
+    int_input,
+    like,
+    set_outputs,
+    standalone,
+)
 
 
 def square_propose_model(image_shape: tuple, iterate: str) -> LoopGraph:
@@ -18,8 +30,8 @@ def square_propose_model(image_shape: tuple, iterate: str) -> LoopGraph:
     graph = model.graph
     image_inputs(graph, (P + "x", P + "best_x"), image_shape)
     for name in ("rows", "cols"):
-        graph.input.append(helper.make_tensor_value_info(P + name, TensorProto.INT64, [None]))
-    graph.input.append(helper.make_tensor_value_info(P + "side", TensorProto.INT64, []))
+        int_input(graph, P + name, [None])
+    int_input(graph, P + "side", [])
     float_input(graph, P + "change", [None, image_shape[1], 1, 1])
     for name in ("eps", "low", "high"):
         float_input(graph, P + name, [])
@@ -54,8 +66,8 @@ def square_judge_model(forward: onnx.ModelProto, input_name: str, *, targeted: b
     image = image_input(graph, input_name)
     graph.input.append(like(image, P + "best_x"))
     float_input(graph, P + "best", [None])
-    graph.input.append(helper.make_tensor_value_info(P + "active", TensorProto.BOOL, [None]))
-    graph.input.append(helper.make_tensor_value_info("labels", TensorProto.INT64, [None]))
+    bool_input(graph, P + "active", [None])
+    int_input(graph, "labels", [None])
     u = Update(forward, 4)
     g = u.g
     index = u.op("Reshape", "labels", g.ints([-1, 1]))
@@ -93,8 +105,8 @@ def square_l2_propose_model(image_shape: tuple, iterate: str) -> LoopGraph:
     graph = model.graph
     image_inputs(graph, (P + "x", P + "best_x"), image_shape)
     for name in ("rows", "cols", "rows2", "cols2"):
-        graph.input.append(helper.make_tensor_value_info(P + name, TensorProto.INT64, [None]))
-    graph.input.append(helper.make_tensor_value_info(P + "side", TensorProto.INT64, []))
+        int_input(graph, P + name, [None])
+    int_input(graph, P + "side", [])
     doubles: tuple[tuple[str, list], ...] = (("patterns", [None, None, None]),
                                              ("signs", [None, image_shape[1], 1, 1]), ("eps64", []))
     for name, extent in doubles:
