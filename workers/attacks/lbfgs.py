@@ -174,11 +174,11 @@ def direction(v, g, S, Y, rho, bounds):
     return d, step, reset
 
 
-def remember(S, Y, rho, s, y, accepted):
-    """The pair (s, y) as the newest of the accepted samples' histories where <s, y> > 0 (the
+def remember(S, Y, rho, s, y):
+    """The pair (s, y) as the newest of each sample's history where <s, y> > 0 (the
     curvature condition, as scipy's L-BFGS-B skips other pairs)."""
     sy = _dot(s, y)
-    keep = accepted & (sy > np.finfo(np.float64).eps * _dot(y, y))
+    keep = sy > np.finfo(np.float64).eps * _dot(y, y)
     S[keep] = np.concatenate([s[keep][:, None], S[keep][:, :-1]], axis=1)
     Y[keep] = np.concatenate([y[keep][:, None], Y[keep][:, :-1]], axis=1)
     rho[keep] = np.concatenate([(1.0 / sy[keep])[:, None], rho[keep][:, :-1]], axis=1)
@@ -228,7 +228,7 @@ def minimise(model, x, start, goal, const, bounds, max_iter) -> np.ndarray:
             won = rows[ok]
             s_, y_ = trial[ok] - v[won], g_t[ok] - g[won]
             sub_S, sub_Y, sub_rho = S[won], Y[won], rho[won]
-            remember(sub_S, sub_Y, sub_rho, s_, y_, np.ones(len(won), bool))
+            remember(sub_S, sub_Y, sub_rho, s_, y_)
             S[won], Y[won], rho[won] = sub_S, sub_Y, sub_rho
             v[won], f[won], g[won] = trial[ok], f_t[ok], g_t[ok]
             searching[at[ok]] = False
