@@ -21,8 +21,10 @@ clean predictions, with the same eps and step size, 10 steps, no random
 start, batches of --batch, and measures images/s of
 
   ours          workers.attacks.gradient.PGD on workers.runtime.Classifier with the default
-                RuntimeOptions (allow_spinning=False), intra-op threads --threads
-  ours_spin     the same with RuntimeOptions(allow_spinning=True)
+                RuntimeOptions (worker threads spin while a call lasts), intra-op threads
+                --threads
+  ours_nospin   the same with RuntimeOptions(allow_spinning=False) (threads sleep between
+                parallel kernels)
   art           ART's ProjectedGradientDescent (PyTorch implementation) on a PyTorchClassifier
                 wrapping the zoo's torch model (max_iter=10, num_random_init=0)
   ours_copy     ours through the attack's numpy loop (no I/O binding, no loop graphs)
@@ -40,7 +42,7 @@ to ours is reported; the robust accuracies must agree within --agree points.
 
 Timing, made for a shared machine: each engine is warmed up (a 1-step attack, then --warmup
 full attacks when they are fast), then the engines are timed in interleaved rounds (ours, ours
-spin, ART, torchattacks, repeated), each timing lasting at least MIN_TIMED_SECONDS (fast attacks
+nospin, ART, torchattacks, repeated), each timing lasting at least MIN_TIMED_SECONDS (fast attacks
 are run back to back). Throughput is the median over rounds; a ratio is the median of the
 per-round ratios, so a burst of foreign load hits both sides of a ratio. The best (minimum)
 time per engine is kept too. How busy other processes kept the CPUs is read from /proc/stat
@@ -82,8 +84,8 @@ from workers.attacks.gradient import PGD  # noqa: E402
 from workers.runtime import Classifier, RuntimeOptions  # noqa: E402
 
 DEFAULT_MODELS = ("mlp", "lenet", "resnet18")
-ENGINES = ("ours", "ours_spin", "ours_copy", "art", "torchattacks")
-LABELS = {"ours": "ours", "ours_spin": "ours spin", "ours_copy": "ours copy", "art": "ART",
+ENGINES = ("ours", "ours_nospin", "ours_copy", "art", "torchattacks")
+LABELS = {"ours": "ours", "ours_nospin": "ours nospin", "ours_copy": "ours copy", "art": "ART",
           "torchattacks": "torchattacks"}
 ATTACKS = ("pgd", "apgd")
 STEPS = 10
@@ -131,11 +133,11 @@ class Setup:
         """A zero-argument callable attacking all images once and returning x_adv (numpy)."""
         a = self.args
         x, labels = self.x, self.labels
-        if engine in ("ours", "ours_spin", "ours_copy"):
+        if engine in ("ours", "ours_nospin", "ours_copy"):
             providers = (("CUDAExecutionProvider", "CPUExecutionProvider") if a.provider == "cuda"
                          else ("CPUExecutionProvider",))
             options = RuntimeOptions(batch_size=a.batch, intra_op_threads=a.threads,
-                                     allow_spinning=engine == "ours_spin", providers=providers)
+                                     allow_spinning=engine != "ours_nospin", providers=providers)
             classifier = Classifier(self.onnx_bytes, options)
             model = CopyLoop(classifier) if engine == "ours_copy" else classifier
             if a.attack == "apgd":
@@ -280,9 +282,9 @@ def summarize(raw: dict, images: int) -> tuple[dict, dict]:
     ratios = {
         "ours_vs_torchattacks": ratio("ours", "torchattacks"),
         "ours_vs_art": ratio("ours", "art"),
-        "ours_spin_vs_torchattacks": ratio("ours_spin", "torchattacks"),
-        "ours_spin_vs_art": ratio("ours_spin", "art"),
-        "spin_vs_nospin": ratio("ours_spin", "ours"),
+        "ours_nospin_vs_torchattacks": ratio("ours_nospin", "torchattacks"),
+        "ours_nospin_vs_art": ratio("ours_nospin", "art"),
+        "spin_vs_nospin": ratio("ours", "ours_nospin"),
         "ours_vs_copy": ratio("ours", "ours_copy"),
     }
     return engines, ratios
@@ -368,20 +370,20 @@ def print_report(results: list[dict], args: argparse.Namespace) -> None:
         rkey = "median_paired" if key == "images_per_s" else "best"
         if key != "images_per_s":
             print(f"\nimages/s ({title} round) and ratios of the best times")
-        header = (f"{'model':<10}{'rounds':>7}{'ours':>9}{'ours spin':>11}{'copy':>9}{'ART':>9}"
-                  f"{'torchattacks':>14}{'ours/TA':>9}{'ours/ART':>10}{'spin/TA':>9}{'spin/ART':>10}"
+        header = (f"{'model':<10}{'rounds':>7}{'ours':>9}{'nospin':>9}{'copy':>9}{'ART':>9}"
+                  f"{'torchattacks':>14}{'ours/TA':>9}{'ours/ART':>10}{'nospin/TA':>11}{'nospin/ART':>12}"
                   f"{'spin/nospin':>13}{'ours/copy':>11}")
         print(header)
         print("-" * len(header))
         for r in results:
             e, q = r["engines"], r["ratios"]
             print(f"{r['model']:<10}{r['rounds']:>7}{_rate(e.get('ours'), key):>9}"
-                  f"{_rate(e.get('ours_spin'), key):>11}{_rate(e.get('ours_copy'), key):>9}"
+                  f"{_rate(e.get('ours_nospin'), key):>9}{_rate(e.get('ours_copy'), key):>9}"
                   f"{_rate(e.get('art'), key):>9}"
                   f"{_rate(e.get('torchattacks'), key):>14}"
                   f"{_ratio(q['ours_vs_torchattacks'], rkey):>9}{_ratio(q['ours_vs_art'], rkey):>10}"
-                  f"{_ratio(q['ours_spin_vs_torchattacks'], rkey):>9}"
-                  f"{_ratio(q['ours_spin_vs_art'], rkey):>10}"
+                  f"{_ratio(q['ours_nospin_vs_torchattacks'], rkey):>11}"
+                  f"{_ratio(q['ours_nospin_vs_art'], rkey):>12}"
                   f"{_ratio(q['spin_vs_nospin'], rkey):>13}{_ratio(q['ours_vs_copy'], rkey):>11}")
     print("targets (PGD, CPU): ours/TA >= 1.5, ours/ART >= 3; ratios are throughput ratios "
           "(median of per-round ratios)")
