@@ -17,6 +17,7 @@ behaviour at kinks is pinned by the explicit tests further down.
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, replace
 
@@ -916,6 +917,43 @@ _SAME_INPUT_TWICE = [
            node("Add", ["m", "t"], ["y"])], {"a": x(3, 4), "b": x(3, 4)}, "y"),
     graph("swish_of_another_tensor", [node("Sigmoid", ["b"], ["s"]), node("Mul", ["a", "s"], ["y"])],
           {"a": x(3, 4), "b": x(3, 4)}, "y"),
+    # exact GELU as the TorchScript exporter writes it, 0.5 * (x * (1 + erf(x / sqrt 2))), has a
+    # fused rule in Mul; its 1 + erf may also feed another node
+    graph("gelu_erf_div",
+          [node("Div", ["a", "r2"], ["h"]), node("Erf", ["h"], ["e"]), node("Add", ["e", "one"], ["b"]),
+           node("Mul", ["a", "b"], ["m"]), node("Mul", ["m", "half"], ["y"])],
+          {"a": x(3, 4, lo=-4, hi=4), "r2": cf(math.sqrt(2)), "one": cf(1.0), "half": cf(0.5)}, "y"),
+    graph("gelu_erf_mul_operands_swapped",
+          [node("Mul", ["inv_r2", "a"], ["h"]), node("Erf", ["h"], ["e"]), node("Add", ["one", "e"], ["b"]),
+           node("Mul", ["b", "a"], ["m"]), node("Mul", ["m", "half"], ["y"])],
+          {"a": x(2, 5, lo=-4, hi=4), "inv_r2": cf(1 / math.sqrt(2)), "one": cf(1.0), "half": cf(0.5)}, "y"),
+    graph("gelu_erf_shared",
+          [node("Div", ["a", "r2"], ["h"]), node("Erf", ["h"], ["e"]), node("Add", ["e", "one"], ["b"]),
+           node("Mul", ["a", "b"], ["m"]), node("Mul", ["b", "c"], ["t"]), node("Add", ["m", "t"], ["y"])],
+          {"a": x(3, 4), "c": x(3, 4), "r2": cf(math.sqrt(2)), "one": cf(1.0)}, "y"),
+    # a LayerNormalization of a channels-first tensor permuted channels-last is differentiated
+    # channels-first (ConvNeXt); the permuted tensor may feed other nodes too
+    graph("layernorm_channels_last_2d",
+          [node("Transpose", ["a"], ["t"], perm=[0, 2, 3, 1]),
+           node("LayerNormalization", ["t", "s", "b"], ["y"], axis=-1, epsilon=1e-6)],
+          {"a": x(2, 3, 4, 5), "s": c(3), "b": c(3)}, "y"),
+    graph("layernorm2d_permuted_back",
+          [node("Transpose", ["a"], ["t"], perm=[0, 2, 3, 1]),
+           node("LayerNormalization", ["t", "s", "b"], ["n"], axis=3),
+           node("Transpose", ["n"], ["y"], perm=[0, 3, 1, 2])],
+          {"a": x(2, 4, 3, 3), "s": c(4), "b": c(4)}, "y"),
+    graph("layernorm_channels_last_1d_shared",
+          [node("Transpose", ["a"], ["t"], perm=[0, 2, 1]),
+           node("LayerNormalization", ["t", "s"], ["n"], axis=-1), node("Mul", ["n", "t"], ["y"])],
+          {"a": x(2, 3, 5), "s": c(3)}, "y"),
+    graph("layernorm_of_other_permutation",  # channels moved elsewhere: the generic rule
+          [node("Transpose", ["a"], ["t"], perm=[0, 3, 1, 2]),
+           node("LayerNormalization", ["t", "s", "b"], ["y"], axis=-1)],
+          {"a": x(2, 3, 4, 5), "s": c(4), "b": c(4)}, "y"),
+    graph("erf_of_another_scale",  # x (1 + erf(x / 2)) is no GELU: the generic rules
+          [node("Div", ["a", "two"], ["h"]), node("Erf", ["h"], ["e"]), node("Add", ["e", "one"], ["b"]),
+           node("Mul", ["a", "b"], ["y"])],
+          {"a": x(3, 4), "two": cf(2.0), "one": cf(1.0)}, "y"),
 ]
 
 # Older opsets: build_vjp_model converts them to opset 17 first; the check runs the original.
@@ -1279,6 +1317,35 @@ def test_silu_takes_the_fused_form(case: Case):
     forward = len(model.graph.node)
     ops = [n.op_type for n in build_vjp_model(model, wrt, case.output).graph.node][forward:]
     assert "Sum" not in ops and ops.count("Mul") == 2 and ops.count("Sub") == 1, ops
+
+
+_ERF_GELUS = ("gelu_erf_div", "gelu_erf_mul_operands_swapped")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in _ERF_GELUS], ids=str)
+def test_erf_gelu_takes_the_fused_form(case: Case):
+    """x (1 + erf(x / sqrt 2))'s gradient from the forward's own x / sqrt 2 and 1 + erf: no Erf
+    recomputed, no second path through the Erf, no constant multiplied in a pass of its own."""
+    model, _, wrt = build(case)
+    forward = len(model.graph.node)
+    ops = [n.op_type for n in build_vjp_model(model, wrt, case.output).graph.node][forward:]
+    assert "Erf" not in ops and "Sum" not in ops and ops.count("Exp") == 1, ops
+    assert ops.count("Mul") == 4, ops  # 0.5 dy, h h, x bell, dy slope
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id.startswith("layernorm") and "channels_last" in c.id
+                                  or c.id == "layernorm2d_permuted_back"], ids=str)
+def test_a_channels_last_layernorm_is_differentiated_channels_first(case: Case):
+    """Its statistics broadcast over the channels-first tensor: the reductions run over axis 1."""
+    model, _, wrt = build(case)
+    forward = len(model.graph.node)
+    vjp = build_vjp_model(model, wrt, case.output)
+    initializers = {t.name: numpy_helper.to_array(t).tolist() for t in vjp.graph.initializer}
+    reductions = [n for n in vjp.graph.node[forward:] if n.op_type == "ReduceMean"]
+    axes = [initializers[n.input[1]] if len(n.input) > 1 else list(helper.get_attribute_value(
+                next(a for a in n.attribute if a.name == "axes")))
+            for n in reductions]
+    assert axes == [[1], [1]], axes
 
 
 # --------------------------------------------------------------------------- kinks (exact values)

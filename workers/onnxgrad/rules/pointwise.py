@@ -80,10 +80,49 @@ def _silu_operands(ctx: Context, a: str, b: str) -> tuple[str, str] | None:
     """(x, s) when the Mul's operands are x and s = Sigmoid(x): SiLU / Swish, y = x sigmoid(x)."""
     for x, s in ((a, b), (b, a)):
         producer = ctx.producer(s)
-        if (producer is not None and producer.op_type == "Sigmoid" and producer.domain in ("", "ai.onnx")
-                and producer.input[0] == x and x != s):
+        if _standard_op(producer, "Sigmoid") and producer.input[0] == x and x != s:
             return x, s
     return None
+
+
+def _is_scalar(ctx: Context, name: str, value: float) -> bool:
+    constant = ctx.constant(name)
+    return constant is not None and constant.size == 1 and math.isclose(
+        float(constant.reshape(-1)[0]), value, rel_tol=1e-6)
+
+
+def _standard_op(node, op_type: str) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+def _erf_gelu_operands(ctx: Context, a: str, b: str) -> tuple[str, str, str] | None:
+    """(x, b, h) when the Mul's operands are x and b = 1 + erf(h), h = x / sqrt(2): exact GELU
+    as torch's TorchScript exporter writes it, 0.5 * (x * (1 + erf(x / sqrt(2))))."""
+    for x, one_plus in ((a, b), (b, a)):
+        add = ctx.producer(one_plus)
+        if not _standard_op(add, "Add") or x == one_plus:
+            continue
+        for erf_out, one in (tuple(add.input), tuple(add.input)[::-1]):
+            erf = ctx.producer(erf_out)
+            if not (_is_scalar(ctx, one, 1.0) and _standard_op(erf, "Erf")):
+                continue
+            h = erf.input[0]
+            scale = ctx.producer(h)
+            if _standard_op(scale, "Div") and list(scale.input[:1]) == [x] and \
+                    _is_scalar(ctx, scale.input[1], math.sqrt(2)):
+                return x, one_plus, h
+            if _standard_op(scale, "Mul") and x in scale.input and \
+                    _is_scalar(ctx, scale.input[1 - list(scale.input).index(x)], 1 / math.sqrt(2)):
+                return x, one_plus, h
+    return None
+
+
+def _erf_gelu_slope(ctx: Context, x: str, one_plus: str, h: str) -> str:
+    """d/dx [x (1 + erf(h))] for h = x / sqrt(2): (1 + erf(h)) + x sqrt(2/pi) exp(-h^2), with
+    sqrt(2/pi) in the exponent (no pass multiplies by it)."""
+    g = ctx.g
+    bell = g.op("Exp", g.op("Sub", g.const(0.5 * math.log(2 / math.pi)), g.op("Mul", h, h)))
+    return g.op("Add", one_plus, g.op("Mul", x, bell))
 
 
 @register("Mul", inputs=(0, 1))
@@ -91,6 +130,15 @@ def mul(ctx, node, dy):
     g = ctx.g
     a, b = node.input
     y = node.output[0]
+    gelu = _erf_gelu_operands(ctx, a, b)
+    if gelu is not None:
+        # x (1 + erf(h)), h = x / sqrt(2): dy/dx = (1 + erf(h)) + x sqrt(2/pi) exp(-h^2), from the
+        # forward's own h and 1 + erf(h) in six passes, where the rules of the Mul, Add, Erf and
+        # Div took nine and a Sum of x's two gradients (ConvNeXt's and ViT's MLPs); sqrt(2/pi)
+        # rides in the exponent, so no pass multiplies by it
+        x, one_plus, h = gelu
+        dx = g.op("Mul", dy[0], _erf_gelu_slope(ctx, x, one_plus, h)) if ctx.needs(x) else None
+        return [dx, None] if x == a else [None, dx]
     silu = _silu_operands(ctx, a, b)
     if silu is not None:
         # SiLU: dy/dx = s + x s (1 - s) = s + y (1 - s), in four passes where the Mul's and the
@@ -355,12 +403,10 @@ def gelu(ctx, node, dy):
         local = g.op("Add", g.op("Mul", g.const(0.5), g.op("Add", g.const(1.0), t)),
                      g.op("Mul", g.op("Mul", g.op("Mul", g.const(0.5), x),
                                       g.op("Sub", g.const(1.0), g.op("Mul", t, t))), d_inner))
-    else:
-        cdf = g.op("Mul", g.const(0.5),
-                   g.op("Add", g.const(1.0), g.op("Erf", g.op("Mul", x, g.const(1 / math.sqrt(2))))))
-        pdf = g.op("Mul", g.op("Exp", g.op("Mul", g.op("Mul", x, x), g.const(-0.5))),
-                   g.const(1 / math.sqrt(2 * math.pi)))
-        local = g.op("Add", cdf, g.op("Mul", x, pdf))
+    else:  # 0.5 x (1 + erf(h)), h = x / sqrt(2); the 0.5 on dy (fused into a MatMul producing it)
+        h = g.op("Mul", x, g.const(1 / math.sqrt(2)))
+        one_plus = g.op("Add", g.op("Erf", h), g.const(1.0))
+        return [g.op("Mul", g.op("Mul", dy[0], g.const(0.5)), _erf_gelu_slope(ctx, x, one_plus, h))]
     return [g.op("Mul", dy[0], local)]
 
 
