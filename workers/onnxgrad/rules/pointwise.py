@@ -10,8 +10,10 @@ ReLU6 (inclusive where it clamps the model input, so pixels on the bounds keep a
 from __future__ import annotations
 
 import math
+from typing import TypeGuard
 
 import numpy as np
+import onnx
 
 from ..autodiff import ALL_INPUTS, Context, attr, refuse, register, unsupported
 from .broadcast import unbroadcast
@@ -91,7 +93,7 @@ def _is_scalar(ctx: Context, name: str, value: float) -> bool:
         float(constant.reshape(-1)[0]), value, rel_tol=1e-6)
 
 
-def _standard_op(node, op_type: str) -> bool:
+def _standard_op(node: onnx.NodeProto | None, op_type: str) -> TypeGuard[onnx.NodeProto]:
     return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
 
 
