@@ -90,6 +90,17 @@ def test_sessions_are_shared_per_model_hash():
     assert first._gradient_session("cross_entropy") is second._gradient_session("cross_entropy")
 
 
+@pytest.mark.parametrize("spinning", [True, False])
+def test_worker_threads_never_spin_after_a_call(spinning):
+    """Spinning (the default) lasts while a call runs: between calls the Python loop of an
+    attack, and the other sessions of the process, get the cores."""
+    session = runtime.new_session(zoo.export("mlp"), RuntimeOptions(allow_spinning=spinning))
+    entries = session.get_session_options().get_session_config_entry
+    assert RuntimeOptions().allow_spinning
+    assert entries("session.intra_op.allow_spinning") == ("1" if spinning else "0")
+    assert entries("session.force_spinning_stop") == "1"
+
+
 def test_bad_inputs_are_refused_with_the_expected_shape(lenet):
     with pytest.raises(InvalidModelError, match=r"expects \[N, 1, 28, 28\]"):
         lenet.logits(np.zeros((2, 3, 28, 28), np.float32))
