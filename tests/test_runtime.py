@@ -94,7 +94,8 @@ def test_sessions_are_shared_per_model_hash():
 def test_worker_threads_never_spin_after_a_call(spinning):
     """Spinning (the default) lasts while a call runs: between calls the Python loop of an
     attack, and the other sessions of the process, get the cores."""
-    session = runtime.new_session(zoo.export("mlp"), RuntimeOptions(allow_spinning=spinning))
+    model = zoo.export("mlp").SerializeToString()
+    session = runtime.new_session(model, RuntimeOptions(allow_spinning=spinning))
     entries = session.get_session_options().get_session_config_entry
     assert RuntimeOptions().allow_spinning
     assert entries("session.intra_op.allow_spinning") == ("1" if spinning else "0")
