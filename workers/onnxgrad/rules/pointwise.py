@@ -136,7 +136,7 @@ def mul(ctx, node, dy):
     if gelu is not None:
         # x (1 + erf(h)), h = x / sqrt(2): dy/dx = (1 + erf(h)) + x sqrt(2/pi) exp(-h^2), from the
         # forward's own h and 1 + erf(h) in six passes, where the rules of the Mul, Add, Erf and
-        # Div took nine and a Sum of x's two gradients (ConvNeXt's and ViT's MLPs); sqrt(2/pi)
+        # Div took eight and a Sum of x's two gradients (ConvNeXt's and ViT's MLPs); sqrt(2/pi)
         # rides in the exponent, so no pass multiplies by it
         x, one_plus, h = gelu
         dx = g.op("Mul", dy[0], _erf_gelu_slope(ctx, x, one_plus, h)) if ctx.needs(x) else None
