@@ -48,7 +48,8 @@ class RuntimeOptions:
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
     # worker threads spin while a call lasts (and stop at its end: session.force_spinning_stop, so
     # they never compete with the Python between calls); off, each parallel kernel wakes them from
-    # sleep: PGD-10 took 1.06-1.23x longer on 2 CPU threads (small zoo, measured)
+    # sleep: PGD-10 took 1.11-1.25x longer on the small zoo's MLP and LeNet on 2 CPU threads
+    # (measured; ResNet-18's, bound by its convolutions, the same)
     allow_spinning: bool = True
     # bytes one gradient call may take (workers/memory_budget.py): batches shrink to fit; None: no bound
     memory_budget: int | None = None

@@ -405,7 +405,8 @@ def gelu(ctx, node, dy):
         local = g.op("Add", g.op("Mul", g.const(0.5), g.op("Add", g.const(1.0), t)),
                      g.op("Mul", g.op("Mul", g.op("Mul", g.const(0.5), x),
                                       g.op("Sub", g.const(1.0), g.op("Mul", t, t))), d_inner))
-    else:  # 0.5 x (1 + erf(h)), h = x / sqrt(2); the 0.5 on dy (fused into a MatMul producing it)
+    else:  # 0.5 x (1 + erf(h)), h = x / sqrt(2); the 0.5 on dy (ONNX Runtime folds it into a
+        # MatMul that produces dy)
         h = g.op("Mul", x, g.const(1 / math.sqrt(2)))
         one_plus = g.op("Add", g.op("Erf", h), g.const(1.0))
         return [g.op("Mul", g.op("Mul", dy[0], g.const(0.5)), _erf_gelu_slope(ctx, x, one_plus, h))]
