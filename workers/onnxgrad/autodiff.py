@@ -134,6 +134,14 @@ class Context:
         """The forward node that outputs ``name`` (None for inputs and initializers)."""
         return self._producers.get(name)
 
+    def produced_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        """The forward node that outputs ``name`` when it is the default domain's ``op_type``
+        (the operand patterns that fused rules recognise), else None."""
+        node = self._producers.get(name)
+        if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+            return None
+        return node
+
     def is_graph_input(self, name: str) -> bool:
         return any(i.name == name for i in self.graph.input)
 

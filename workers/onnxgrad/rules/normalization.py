@@ -77,8 +77,8 @@ def layer_normalization(ctx, node, dy):
 def _channels_last_source(ctx: Context, node, x: str, axes: list[int]) -> tuple[str, list[int]] | None:
     """(x0, perm) when x = Transpose(x0, perm) moves axis 1 last and the LayerNormalization
     normalises that axis alone."""
-    producer = ctx.producer(x)
-    if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
+    producer = ctx.produced_by(x, "Transpose")
+    if producer is None:
         return None
     rank = ctx.require_rank(x, node)
     to_last = [0, *range(2, rank), 1]

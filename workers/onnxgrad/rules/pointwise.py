@@ -10,10 +10,8 @@ ReLU6 (inclusive where it clamps the model input, so pixels on the bounds keep a
 from __future__ import annotations
 
 import math
-from typing import TypeGuard
 
 import numpy as np
-import onnx
 
 from ..autodiff import ALL_INPUTS, Context, attr, refuse, register, unsupported
 from .broadcast import unbroadcast
@@ -81,8 +79,8 @@ def sub(ctx, node, dy):
 def _silu_operands(ctx: Context, a: str, b: str) -> tuple[str, str] | None:
     """(x, s) when the Mul's operands are x and s = Sigmoid(x): SiLU / Swish, y = x sigmoid(x)."""
     for x, s in ((a, b), (b, a)):
-        producer = ctx.producer(s)
-        if _standard_op(producer, "Sigmoid") and producer.input[0] == x and x != s:
+        producer = ctx.produced_by(s, "Sigmoid")
+        if producer is not None and producer.input[0] == x and x != s:
             return x, s
     return None
 
@@ -93,28 +91,23 @@ def _is_scalar(ctx: Context, name: str, value: float) -> bool:
         float(constant.reshape(-1)[0]), value, rel_tol=1e-6)
 
 
-def _standard_op(node: onnx.NodeProto | None, op_type: str) -> TypeGuard[onnx.NodeProto]:
-    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
-
-
 def _erf_gelu_operands(ctx: Context, a: str, b: str) -> tuple[str, str, str] | None:
     """(x, b, h) when the Mul's operands are x and b = 1 + erf(h), h = x / sqrt(2): exact GELU
     as torch's TorchScript exporter writes it, 0.5 * (x * (1 + erf(x / sqrt(2))))."""
     for x, one_plus in ((a, b), (b, a)):
-        add = ctx.producer(one_plus)
-        if not _standard_op(add, "Add") or x == one_plus:
+        add = ctx.produced_by(one_plus, "Add")
+        if add is None or x == one_plus:
             continue
         for erf_out, one in (tuple(add.input), tuple(add.input)[::-1]):
-            erf = ctx.producer(erf_out)
-            if not (_is_scalar(ctx, one, 1.0) and _standard_op(erf, "Erf")):
+            erf = ctx.produced_by(erf_out, "Erf")
+            if erf is None or not _is_scalar(ctx, one, 1.0):
                 continue
             h = erf.input[0]
-            scale = ctx.producer(h)
-            if _standard_op(scale, "Div") and list(scale.input[:1]) == [x] and \
-                    _is_scalar(ctx, scale.input[1], math.sqrt(2)):
+            div, mul = ctx.produced_by(h, "Div"), ctx.produced_by(h, "Mul")
+            if div is not None and div.input[0] == x and _is_scalar(ctx, div.input[1], math.sqrt(2)):
                 return x, one_plus, h
-            if _standard_op(scale, "Mul") and x in scale.input and \
-                    _is_scalar(ctx, scale.input[1 - list(scale.input).index(x)], 1 / math.sqrt(2)):
+            if mul is not None and x in mul.input and \
+                    _is_scalar(ctx, mul.input[1 - list(mul.input).index(x)], 1 / math.sqrt(2)):
                 return x, one_plus, h
     return None
 
@@ -405,12 +398,12 @@ def gelu(ctx, node, dy):
         local = g.op("Add", g.op("Mul", g.const(0.5), g.op("Add", g.const(1.0), t)),
                      g.op("Mul", g.op("Mul", g.op("Mul", g.const(0.5), x),
                                       g.op("Sub", g.const(1.0), g.op("Mul", t, t))), d_inner))
-    else:  # 0.5 x (1 + erf(h)), h = x / sqrt(2); the 0.5 on dy (ONNX Runtime folds it into a
-        # MatMul that produces dy)
-        h = g.op("Mul", x, g.const(1 / math.sqrt(2)))
-        one_plus = g.op("Add", g.op("Erf", h), g.const(1.0))
-        return [g.op("Mul", g.op("Mul", dy[0], g.const(0.5)), _erf_gelu_slope(ctx, x, one_plus, h))]
-    return [g.op("Mul", dy[0], local)]
+        return [g.op("Mul", dy[0], local)]
+    # 0.5 x (1 + erf(h)), h = x / sqrt(2); the 0.5 on dy (ONNX Runtime folds it into a MatMul
+    # that produces dy)
+    h = g.op("Mul", x, g.const(1 / math.sqrt(2)))
+    one_plus = g.op("Add", g.op("Erf", h), g.const(1.0))
+    return [g.op("Mul", g.op("Mul", dy[0], g.const(0.5)), _erf_gelu_slope(ctx, x, one_plus, h))]
 
 
 @register("Clip")
