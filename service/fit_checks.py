@@ -8,6 +8,7 @@ from schemas.evaluation import AttackSpec, EvaluationSpec
 from workers.attacks import ATTACKS
 from workers.errors import InvalidSpecError
 from workers.layout import LayoutError, image_nchw, model_layout
+from workers.spec_checks import held_out_shortfall
 
 
 def needs_gradients(attack: AttackSpec) -> bool:
@@ -37,6 +38,9 @@ def check_fit(spec: EvaluationSpec, model: dict, dataset: dict) -> None:
                 f"input.{name} has {len(values)} values; give 1 or one per channel ({channels}, on the "
                 f"channel axis of the {layout} model)"
             )
+    shortfall = held_out_shortfall(spec, dataset["samples"])
+    if shortfall is not None:
+        raise InvalidSpecError(shortfall)
     wanting = [a.key for a in spec.attacks if a.target_mode == "dataset"]
     if wanting and not dataset.get("targets"):
         raise InvalidSpecError(

@@ -15,17 +15,20 @@ from workers.defenses import DEFENSES, DefendedModel, adaptive_model, build_defe
 from workers.layout import to_nchw
 from workers.plan import StageProgress, stage_work
 from workers.runtime import Classifier
-from workers.spec_checks import build_attack, defense_class
+from workers.spec_checks import build_attack, defense_class, held_out_shortfall
 from workers.subject import Subject
 from workers.units import RunOutput, UnitOutput, WorkUnit
 
 
 def build_defenses(spec: EvaluationSpec, pool: Images, models: dict[str, bytes],
-                   fit_images: Mapping[str, Images], selected: int) -> dict:
+                   fit_images: Mapping[str, Images]) -> dict:
     """The spec's defenses, built and fitted: PCA on the last ``fit_samples`` of the dataset
-    (``pool``, NCHW), which must not overlap the ``selected`` samples under evaluation, or on
+    (``pool``, NCHW), which must not overlap the samples under evaluation (the first ones), or on
     the images ``fit_images[entry.key]`` of a separate fit dataset (in the dataset's layout);
     an autoencoder's model is ``models[entry.reference_key()]``."""
+    shortfall = held_out_shortfall(spec, len(pool))
+    if shortfall is not None:
+        raise DatasetError(shortfall)
     defenses = {}
     for index, entry in enumerate(spec.defenses):
         params = entry.params()
@@ -35,10 +38,6 @@ def build_defenses(spec: EvaluationSpec, pool: Images, models: dict[str, bytes],
             params["model"] = models[entry.reference_key()]
         defense = build_defense(entry.name, **params)
         if entry.fit_samples:
-            if selected + entry.fit_samples > len(pool):
-                raise DatasetError(f"defenses[{index}].fit_samples: the dataset has {len(pool)} samples; "
-                                   f"{selected} are evaluated and {entry.fit_samples} more are needed to fit "
-                                   f"{entry.name} on held-out data; lower `samples` or `fit_samples`")
             held_out = slice(len(pool) - entry.fit_samples, None)
             defense.fit(pool.rows(held_out) if isinstance(pool, Pixels)
                         else np.asarray(pool[held_out], np.float32))
@@ -64,7 +63,7 @@ def defend(subject: Subject, spec: EvaluationSpec, unit: WorkUnit, runs: list[Ru
     model (adaptive: composed graph, EOT or BPDA); lists of 0/1 merged in ``finish``."""
     classifier = subject.classifier
     xs, ys = subject.x[unit.start:unit.stop], subject.y[unit.start:unit.stop]
-    defenses = build_defenses(spec, subject.pool, models, fit_images, len(subject.y))
+    defenses = build_defenses(spec, subject.pool, models, fit_images)
     out = {}
     for position, entry in enumerate(spec.defenses):
         started = time.perf_counter()

@@ -97,3 +97,16 @@ def _check_defense(defense: DefenseSpec, where: str) -> None:
             build_defense(defense.name, **defense.params())
         except UserError as exc:
             raise InvalidSpecError(f"{where} ({defense.name}): {exc}") from None
+
+
+def held_out_shortfall(spec: EvaluationSpec, dataset_samples: int) -> str | None:
+    """Why a defense's ``fit_samples`` do not fit beside the evaluated samples in a dataset of
+    ``dataset_samples`` (PCA is fitted on the dataset's last samples, held out from the
+    evaluated first ones), or None when every one fits."""
+    selected = dataset_samples if spec.samples == "all" else min(spec.samples, dataset_samples)
+    for index, entry in enumerate(spec.defenses):
+        if entry.fit_samples and selected + entry.fit_samples > dataset_samples:
+            return (f"defenses[{index}].fit_samples: the dataset has {dataset_samples} samples; {selected} "
+                    f"are evaluated and {entry.fit_samples} more are needed to fit {entry.name} on "
+                    "held-out data; lower `samples` or `fit_samples`, or give a `fit_dataset`")
+    return None

@@ -102,6 +102,11 @@ def test_concurrent_retries_with_one_idempotency_key_make_one_job(api, stored):
             "not among the attacks",
         ),
         ({"input": {"mean": [0.5, 0.5]}}, 422, "input.mean has 2 values"),
+        (
+            {"defenses": [{"name": "pca", "variance": 0.99, "fit_samples": 100_000}]},
+            422,
+            "20 are evaluated and 100000 more are needed to fit pca on held-out data",
+        ),
         ({"model_id": "mdl_" + "0" * 32}, 404, "no model with id"),
     ],
 )
