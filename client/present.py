@@ -136,14 +136,17 @@ def summary_table(result: EvaluationResult) -> str:
 
 
 def defense_table(defenses: list[DefenseResult]) -> str:
-    lines = [f"{'defense':<18}{'attack':<16}{'eps':>7}{'bare':>8}{'non-adaptive':>14}{'adaptive':>10}"]
+    lines = [f"{'defense':<18}{'attack':<16}{'eps':>7}{'bare':>8}{'non-adaptive':>14}{'adaptive':>10}"
+             f"{'worst case':>12}"]
     for defense in defenses:
         lines.append(f"{defense.defense:<18}{'clean':<16}{'':>7}{'':>8}{defense.clean_accuracy:>14.3f}")
         for row in defense.attacks:
             eps = "" if row.eps is None else f"{row.eps:g}"
             adaptive = "" if row.adaptive is None else f"{row.adaptive:.3f}" + (" !" if row.flagged else "")
             bare = "" if row.bare is None else f"{row.bare:.3f}"
-            lines.append(f"{'':<18}{row.attack:<16}{eps:>7}{bare:>8}{row.non_adaptive:>14.3f}{adaptive:>10}")
+            worst = "" if row.worst_case is None else f"{row.worst_case:.3f}"
+            lines.append(f"{'':<18}{row.attack:<16}{eps:>7}{bare:>8}{row.non_adaptive:>14.3f}{adaptive:>10}"
+                         f"{worst:>12}")
     return "\n".join(lines)
 
 
@@ -164,7 +167,8 @@ def print_result(result: EvaluationResult) -> None:
     if result.defenses:
         print(
             "\ndefenses: accuracy through each defense (non-adaptive: examples crafted on the bare model; "
-            "adaptive: crafted against the defense; ! flags a large gap)"
+            "adaptive: crafted against the defense; worst case: correct on both, per sample; "
+            "! flags a large gap)"
         )
         print(defense_table(result.defenses))
     for entry in result.transfer or []:

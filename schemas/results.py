@@ -129,6 +129,10 @@ class DefenseRow(BaseModel):
     bare: float | None  # the undefended model's robust accuracy
     non_adaptive: float  # the defended model on examples crafted on the bare model
     adaptive: float | None  # ... on examples crafted against the defense (None: not run)
+    # per sample, correct on both kinds of examples (on the non-adaptive ones where the adaptive
+    # attack did not run): the defense's robust accuracy against this attack (None: a result
+    # from before this field)
+    worst_case: float | None = None
     flagged: bool  # adaptive more than ADAPTIVE_GAP below non-adaptive
 
 

@@ -14,7 +14,7 @@ from workers.errors import InvalidSpecError
 from workers.evaluate import evaluate, finish, run_unit
 from workers.plan import plan
 from workers.spec_checks import check_spec
-from workers.units import UnitOutput
+from workers.units import UnitOutput, WorkUnit
 
 ROOT = Path(__file__).resolve().parents[1]
 PGD = {"name": "pgd", "eps": [0.1, 0.15], "steps": 20}
@@ -93,6 +93,34 @@ def test_a_defense_far_weaker_adaptively_is_flagged(demo, monkeypatch):
     row = defense["attacks"][0]
     assert row["adaptive"] < row["non_adaptive"] and row["flagged"]
     assert "overstates its robustness" in defense["warnings"][0]
+
+
+def test_the_worst_case_is_robust_only_where_neither_example_fools_the_defense():
+    """Per sample, not the smaller of the two accuracies: shard 0's samples are each fooled by
+    one kind of example, so the worst case is below both columns; a run without an adaptive
+    attack (a whole-dataset universal perturbation) keeps its non-adaptive accuracy."""
+    spec = EvaluationSpec.model_validate({
+        "samples": 8, "attacks": [{"name": "pgd", "eps": [0.1]}, {"name": "universal", "eps": [0.1]}],
+        "defenses": [{"name": "median", "size": 3}],
+    })
+
+    def output(index: int, kind: str, clean, runs) -> UnitOutput:
+        unit = WorkUnit(index=index, start=4 * index, stop=4 * index + 4, attacks=(0,), kind=kind)
+        return UnitOutput(unit=unit, clean_logits=None, runs=[],
+                          document={"defenses": {"median": {"clean": clean, "runs": runs}}})
+
+    outputs = [
+        output(0, "shard", [1, 1, 1, 1], [{"attack": 0, "eps": 0.1, "non_adaptive": [1, 1, 0, 0],
+                                          "adaptive": [1, 0, 1, 0]}]),
+        output(1, "shard", [1, 1, 1, 1], [{"attack": 0, "eps": 0.1, "non_adaptive": [1, 1, 1, 1],
+                                          "adaptive": [1, 1, 1, 0]}]),
+        output(2, "whole", None, [{"attack": 1, "eps": 0.1, "non_adaptive": [1, 0, 1, 0, 1, 1, 1, 1],
+                                   "adaptive": None}]),
+    ]
+    (result,) = defense_stage.defense_results(spec, outputs, [])
+    pgd, universal = result["attacks"]
+    assert (pgd["non_adaptive"], pgd["adaptive"], pgd["worst_case"]) == (0.75, 0.625, 0.5)
+    assert (universal["non_adaptive"], universal["adaptive"], universal["worst_case"]) == (0.75, None, 0.75)
 
 
 def test_pca_needs_held_out_samples(demo):

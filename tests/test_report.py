@@ -161,7 +161,8 @@ def test_the_numbers_are_the_results(run, html):
     assert [row[1:-1] for row in shown[1:]] == [[fmt_pct(v) for v in row[1:-1]] for row in transfer[1:]]
     for defense, table in zip(result.defenses, found["defenses"], strict=True):
         assert [row[2:] for row in table[1:]] == [
-            [fmt_pct(r.bare), fmt_pct(r.non_adaptive), fmt_pct(r.adaptive)] for r in defense.attacks
+            [fmt_pct(r.bare), fmt_pct(r.non_adaptive), fmt_pct(r.adaptive), fmt_pct(r.worst_case)]
+            for r in defense.attacks
         ]
     flagged = sum(r.flagged for d in result.defenses for r in d.attacks)
     assert html.count('<tr class="flagged">') == flagged

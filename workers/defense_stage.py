@@ -118,7 +118,10 @@ ADAPTIVE_GAP = 0.1  # adaptive accuracy this far below the non-adaptive one is f
 
 def defense_results(spec: EvaluationSpec, outputs: list[UnitOutput],
                     entries: list[AttackResult]) -> list[dict]:
-    """Liang et al.'s tables per defense, non-adaptive and adaptive side by side."""
+    """Liang et al.'s tables per defense, non-adaptive and adaptive side by side, and their worst
+    case per sample: a sample counts as robust only where neither attack's example fools the
+    defended model (an attacker sends both), which neither column alone bounds when the adaptive
+    attack is the weaker one on some samples (EOT with few draws, BPDA)."""
     results = []
     for entry in spec.defenses:
         records = []
@@ -130,10 +133,14 @@ def defense_results(spec: EvaluationSpec, outputs: list[UnitOutput],
         merged: dict[tuple, dict] = {}
         for record in records:
             for run in record["runs"]:
-                slot = merged.setdefault((run["attack"], run["eps"]), {"non_adaptive": [], "adaptive": []})
+                slot = merged.setdefault((run["attack"], run["eps"]),
+                                         {"non_adaptive": [], "adaptive": [], "both": []})
                 slot["non_adaptive"] += run["non_adaptive"]
                 if run["adaptive"] is not None:
                     slot["adaptive"] += run["adaptive"]
+                    slot["both"] += [a & b for a, b in zip(run["non_adaptive"], run["adaptive"], strict=True)]
+                else:
+                    slot["both"] += run["non_adaptive"]
         rows, warnings = [], []
         for (index, eps), slot in sorted(merged.items(), key=lambda item: (item[0][0], item[0][1] or 0.0)):
             key = spec.attacks[index].key
@@ -147,7 +154,8 @@ def defense_results(spec: EvaluationSpec, outputs: list[UnitOutput],
                                 f"{adaptive:.3f}, from {non_adaptive:.3f} non-adaptive: the non-adaptive "
                                 "number overstates its robustness")
             rows.append({"attack": key, "eps": eps, "bare": bare, "non_adaptive": non_adaptive,
-                         "adaptive": adaptive, "flagged": flagged})
+                         "adaptive": adaptive, "worst_case": float(np.mean(slot["both"])),
+                         "flagged": flagged})
         result = {"defense": entry.key, "name": entry.name, "params": entry.params(),
                   "adaptive_method": _adaptive_method(entry) if entry.adaptive else None,
                   "clean_accuracy": float(np.mean(clean)), "attacks": rows, "warnings": warnings}
