@@ -76,10 +76,12 @@ class WaitTimeout(TimeoutError):
 
 
 def _processing_record(processing: dict) -> dict | None:
-    """resize / center_crop / color as the server records them ("224" -> 224 for resize, the
-    shorter side; [224, 224] for a square crop; "HxW" -> [H, W]); None for what it cannot read,
-    which then matches no record."""
+    """resize / center_crop / color / classes as the server records them ("224" -> 224 for resize,
+    the shorter side; [224, 224] for a square crop; "HxW" -> [H, W]; classes only where given);
+    None for what it cannot read, which then matches no record."""
     record: dict = {"resize": None, "center_crop": None, "color": processing.get("color")}
+    if processing.get("classes") is not None:
+        record["classes"] = list(processing["classes"])
     for field in ("resize", "center_crop"):
         value = processing.get(field)
         if value is None:
@@ -251,12 +253,14 @@ class RobustnessClient:
 
     def upload_dataset(self, path: str | os.PathLike, name: str | None = None, *,
                        resize: int | str | None = None, center_crop: int | str | None = None,
-                       color: str | None = None) -> dict:
+                       color: str | None = None, classes: Sequence[str] | None = None) -> dict:
         """Upload an .npz (x, y) or a .zip of PNG / JPEG class folders -> DatasetPublic. For a
         zip, ``resize`` (N: the shorter side, or "HxW"), ``center_crop`` (N or "HxW") and
-        ``color`` ("rgb" or "grayscale") are applied by the server, once, at upload."""
+        ``color`` ("rgb" or "grayscale") are applied by the server, once, at upload; ``classes``,
+        the model's class names in output order, label each folder by its name's position."""
         return self._upload("/v1/datasets", path, name,
-                            fields={"resize": resize, "center_crop": center_crop, "color": color})
+                            fields={"resize": resize, "center_crop": center_crop, "color": color,
+                                    "classes": None if classes is None else "\n".join(classes)})
 
     def find_dataset(self, sha256: str) -> dict | None:
         items = self._get("/v1/datasets", {"sha256": sha256})["items"]
@@ -268,7 +272,7 @@ class RobustnessClient:
     def ensure_dataset(self, path: str | os.PathLike, name: str | None = None,
                        sha256: str | None = None, **processing) -> tuple[dict, bool]:
         """Like `ensure_model`: (DatasetPublic, uploaded). With ``processing`` (upload_dataset's
-        resize, center_crop, color) the record found is the one the server made from this zip
+        resize, center_crop, color, classes) the record found is the one the server made from this zip
         with the same processing."""
         declared = {k: v for k, v in processing.items() if v is not None}
         digest = sha256 or sha256_file(path)

@@ -108,7 +108,8 @@ def _submit(args, transport) -> int:
     with RobustnessClient(args.server, api_key=api_key, transport=transport) as api:
         model = _ensure(api.ensure_model, args.model, args.name, "model")
         dataset = _ensure(partial(api.ensure_dataset, resize=args.resize, center_crop=args.center_crop,
-                                  color=args.color), args.data, None, "dataset")
+                                  color=args.color, classes=declared_classes(args.classes)),
+                          args.data, None, "dataset")
         key = idempotency_key(model, dataset, spec_json, args.idempotency_key)
         evaluation = api.submit(spec_json, model["id"], dataset["id"], idempotency_key=key)
         cost = evaluation.get("cost")
@@ -147,6 +148,30 @@ def add_image_processing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--center-crop", metavar="N|HxW",
                         help="a zip of images: cut the central N x N pixels, after --resize")
     parser.add_argument("--color", choices=("rgb", "grayscale"), help="a zip of images: convert every image")
+    parser.add_argument("--classes", metavar="FILE|a,b,c", help=(
+        "a zip of images: the model's class names in output order (a file with one per line, or a "
+        "comma-separated list); each folder is labelled by its name's position here, not among the "
+        "zip's folders, so the zip may hold some classes only"))
+
+
+def declared_classes(value: str | None) -> list[str] | None:
+    """--classes: the names in a file, one per line, or in a comma-separated list."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"--classes {value}: cannot read it as UTF-8 text ({exc})") from None
+        names = text.splitlines()
+    else:
+        names = value.split(",")
+    names = [name.strip() for name in names if name.strip()]
+    if not names:
+        raise CommandError(f"--classes {value}: names no class; give a file with one class name per "
+                           "line or a comma-separated list")
+    return names
 
 
 def _ensure(ensure, path: str, name: str | None, kind: str) -> dict:

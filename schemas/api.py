@@ -59,10 +59,10 @@ class DatasetPublic(BaseModel):
     samples: int
     shape: list[int]  # one image, as stored
     source_dtype: str
-    num_classes: int  # the largest label + 1
-    classes: list[str] | None = None  # class folder names of an image zip
+    num_classes: int  # the largest label + 1; an image zip's: its classes
+    classes: list[str] | None = None  # an image zip's class names in label order: declared, or its folders
     targets: bool = False  # the .npz has target labels t (for an attack's targets: dataset)
-    processing: dict | None = None  # an image zip's declared resize, center_crop and color
+    processing: dict | None = None  # an image zip's declared resize, center_crop, color and classes
     images: dict[str, int] | None = None  # an image zip's images by format (png, jpeg)
     source_sha256: str | None = None  # an image-zip's upload, before processing
     created_at: str

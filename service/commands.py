@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from client.errors import CommandError
 from client.present import ProgressBar, exit_code, print_result
 from client.spec_file import format_validation_error, load_spec
-from client.submit_cli import add_image_processing_arguments
+from client.submit_cli import add_image_processing_arguments, declared_classes
 from schemas.evaluation import EvaluationResult, EvaluationSpec
 from service.runner import add_server_parsers
 
@@ -192,7 +192,8 @@ def cmd_evaluate(args) -> int:
     data_path = Path(args.data)
     if not data_path.is_file():
         raise CommandError(f"{args.data}: no such file")
-    processing = ImageProcessing.parse(args.resize, args.center_crop, args.color)
+    processing = ImageProcessing.parse(args.resize, args.center_crop, args.color,
+                                       declared_classes(args.classes))
     dataset = load_dataset_file(data_path, spec.input.range, processing=processing)
     baselines = load_baselines(spec)
     models, fit_images = load_inputs(spec, Path(args.spec).parent)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from schemas.evaluation import AttackSpec, EvaluationSpec
 from workers.attacks import ATTACKS
 from workers.errors import InvalidSpecError
+from workers.image_folders import class_list_mismatch
 from workers.layout import LayoutError, image_nchw, model_layout
 from workers.spec_checks import held_out_shortfall
 
@@ -25,6 +26,10 @@ def check_fit(spec: EvaluationSpec, model: dict, dataset: dict) -> None:
     except LayoutError as exc:
         raise InvalidSpecError(f"the dataset's images ({dataset['shape']}, input.layout "
                                f"{spec.input.layout}) do not fit the model: {exc}") from None
+    mismatch = dataset.get("classes") and class_list_mismatch(
+        len(dataset["classes"]), model["num_classes"], "classes" in (dataset.get("processing") or {}))
+    if mismatch:
+        raise InvalidSpecError(mismatch)
     if dataset["num_classes"] > model["num_classes"]:
         raise InvalidSpecError(
             f"the dataset has labels up to {dataset['num_classes'] - 1} but the model has "

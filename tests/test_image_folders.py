@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -14,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from client.cli import main
 from workers.dataset_files import load_dataset_file, validate_dataset
 from workers.datasets import DatasetError, Pixels
 from workers.errors import TooLargeError
-from workers.image_folders import ImageProcessing
+from workers.image_folders import ImageProcessing, class_list_mismatch
 
 LIMITS = {"max_bytes": 1 << 30, "max_samples": 100_000, "max_decoded_bytes": 1 << 30}
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits-test.npz"
@@ -199,12 +201,86 @@ def test_a_crop_larger_than_the_image_is_refused(tmp_path):
         ({"center_crop": "224x"}, "center_crop must be N (a square) or HxW"),
         ({"center_crop": "99999"}, "center_crop must be N (a square) or HxW with sides from 1 to 8192"),
         ({"color": "cmyk"}, "color must be one of rgb, grayscale, got 'cmyk'"),
+        ({"classes": "cat\ndog\ncat"}, "classes names 'cat' more than once"),
+        ({"classes": "animals/cat,dog"}, "classes: 'animals/cat' is not a folder name"),
+        ({"classes": ["\n", " "]}, "classes must name from 1 to 100000 classes, got 0"),
     ],
 )
 def test_bad_processing_fields_are_refused(fields, message):
     with pytest.raises(DatasetError) as error:
         ImageProcessing.parse(**fields)
     assert str(error.value).startswith(message)
+
+
+def three_class_zip(folders: list[str]) -> bytes:
+    """Two 8x8 PNGs in each folder."""
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    return zipped({f"{folder}/{n}.png": encoded(pixels + n, "PNG") for folder in folders for n in range(2)})
+
+
+def test_declared_classes_label_each_folder_by_its_place_in_the_model_s_list(tmp_path):
+    """A zip of some classes only: folder positions would label bird and dog 0 and 1; the
+    declared list labels them as the model counts, and the stored npz keeps those labels."""
+    upload, out = tmp_path / "some.zip", tmp_path / "out.npz"
+    upload.write_bytes(three_class_zip(["dog", "bird"]))
+    folders = load_dataset_file(upload)
+    assert (folders.classes, list(folders.y), folders.classes_declared) == (
+        ["bird", "dog"], [0, 0, 1, 1], False)
+    processing = ImageProcessing.parse(classes="cat\ndog\nfrog\nbird\n")
+    info = validate_dataset(upload, out, processing=processing, **LIMITS)
+    assert (info.format, info.num_classes, info.classes) == ("image-zip", 4, ["cat", "dog", "frog", "bird"])
+    assert info.processing == {"resize": None, "center_crop": None, "color": None,
+                               "classes": ["cat", "dog", "frog", "bird"]}
+    assert list(load_dataset_file(out).y) == [3, 3, 1, 1]
+    local = load_dataset_file(upload, processing=processing)
+    assert (list(local.y), local.classes_declared) == ([3, 3, 1, 1], True)
+    assert ImageProcessing.parse(classes="cat, dog ,frog,bird").classes == ("cat", "dog", "frog", "bird")
+    # the same labels under another class list are another dataset: the file names its classes
+    for n, listed in enumerate(("bird,dog", "bird,dog,cat")):
+        processing = ImageProcessing.parse(classes=listed)
+        validate_dataset(upload, tmp_path / f"{n}.npz", processing=processing, **LIMITS)
+        with np.load(tmp_path / f"{n}.npz") as stored:
+            assert list(stored["y"]) == [0, 0, 1, 1]
+            assert bytes(stored["classes"]).decode() == listed.replace(",", "\n")
+    assert (tmp_path / "0.npz").read_bytes() != (tmp_path / "1.npz").read_bytes()
+
+
+def test_a_folder_missing_from_the_declared_classes_is_refused(tmp_path):
+    upload = tmp_path / "some.zip"
+    upload.write_bytes(three_class_zip(["dog", "Bird"]))
+    with pytest.raises(DatasetError) as error:
+        validate_dataset(upload, tmp_path / "out.npz", processing=ImageProcessing.parse(classes="bird,dog"),
+                         **LIMITS)
+    assert str(error.value) == ("1 class folder(s) ('Bird') are not among the 2 declared classes; name each "
+                                "folder exactly as its class in classes")
+
+
+def test_robustness_evaluate_refuses_folder_labels_that_miss_classes_and_takes_the_list(tmp_path, capsys):
+    members = {name: data for name, data in digit_zip(40)[1].items() if name.startswith(("digit2", "digit5"))}
+    upload, spec, classes = tmp_path / "some.zip", tmp_path / "spec.yaml", tmp_path / "classes.txt"
+    upload.write_bytes(zipped(members))
+    spec.write_text("samples: all\nattacks:\n  - {name: fgsm, eps: 0.05}\n")
+    classes.write_text("".join(f"digit{k}\n" for k in range(10)))
+    model = DIGITS.parent / "digits-cnn.onnx"
+    command = ["evaluate", str(model), str(upload), "--spec", str(spec), "--resize", "28",
+               "--center-crop", "28", "--color", "grayscale", "--out", str(tmp_path / "out.json")]
+    assert main(command) == 2
+    assert "the dataset's zip has 2 class folders and the model 10 classes" in capsys.readouterr().err
+    assert main(command + ["--classes", str(classes)]) == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["clean_accuracy"] >= 0.9  # labelled 0 and 1 (folder positions) it would be near 0
+
+
+@pytest.mark.parametrize(("classes", "model_classes", "declared", "message"), [
+    (4, 4, False, None),
+    (2, 4, False, "the dataset's zip has 2 class folders and the model 4 classes: without a declared class "
+                  "list a folder's label is its position in sorted order"),
+    (5, 4, True, "classes names 5 classes but the model has 4 outputs"),
+])
+def test_labels_from_a_class_list_are_refused_where_it_does_not_count_the_model_s_classes(
+        classes, model_classes, declared, message):
+    found = class_list_mismatch(classes, model_classes, declared)
+    assert found is None if message is None else found.startswith(message)
 
 
 def test_processing_an_npz_is_refused(tmp_path):

@@ -48,7 +48,7 @@ class DatasetInfo:
     shape: list[int]  # one image: as stored in an .npz, [C, H, W] from images
     source_dtype: str
     num_classes: int  # the largest label + 1
-    classes: list[str] | None  # class folder names of an image zip, in label order
+    classes: list[str] | None  # an image zip's class names in label order: its folders, or as declared
     targets: bool = False  # an .npz with target labels t (for targets: dataset)
     processing: dict | None = None  # an image zip's declared resize / center_crop / color
     images: dict[str, int] | None = field(default=None)  # an image zip's images by format
@@ -73,14 +73,14 @@ def validate_dataset(path: Path, out: Path | None = None, *, max_bytes: int, max
     with open_archive(path, limits) as (archive, files):
         if _archive_kind(files) == "npz":
             if processing.declared:
-                raise DatasetError("resize, center_crop and color apply to a zip of image class folders; "
-                                   "an .npz is used as it is: process its images before saving it")
+                raise DatasetError("resize, center_crop, color and classes apply to a zip of image class "
+                                   "folders; an .npz is used as it is: process its images before saving it")
             return _validate_npz(archive, files, limits)
-        folders = read_folders(archive, files, limits)
+        folders = read_folders(archive, files, limits, processing.classes)
         processed = folders.needs_processing(processing)
         images = decoded_images(archive, folders, limits, processing)
         if processed and out is not None:
-            shape = write_npz(Path(out), images, folders.labels)
+            shape = write_npz(Path(out), images, folders.labels, processing.classes)
         else:
             shape = []
             for pixels in images:
@@ -116,10 +116,11 @@ def load_dataset_file(
             if x_header.dtype != np.uint8 or x_header.fortran_order:
                 return load_npz(path.read_bytes(), value_range)
             return _uint8_npz(path, archive, files, x_header, y_header, value_range)
-        folders = read_folders(archive, files, limits)
+        folders = read_folders(archive, files, limits, processing.classes)
         x = stacked(decoded_images(archive, folders, limits, processing), len(folders.labels))
     return Dataset(x=Pixels(x, value_range), y=folders.labels, source_dtype="uint8",
-                   sha256=_file_sha256(path))
+                   sha256=_file_sha256(path),
+                   classes=folders.classes, classes_declared=processing.classes is not None)
 
 
 def _uint8_npz(path: Path, archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], x_header: _NpyHeader,

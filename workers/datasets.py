@@ -96,6 +96,8 @@ class Dataset:
     source_dtype: str
     t: np.ndarray | None = None  # int64 [N]: a target class per sample, != y (``targets: dataset``)
     sha256: str | None = None  # the file's, as the API and the CLI show it (None: made in memory)
+    classes: list[str] | None = None  # an image zip's: labels are positions in it
+    classes_declared: bool = False  # classes came with the upload (else: its folders, sorted)
 
 
 def _member_headers(archive: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -1,5 +1,8 @@
 """Zips of image class folders (``classname/image.png``), as torchvision's ImageFolder reads them:
-classes sorted by name give labels 0..K-1.
+classes sorted by name give labels 0..K-1. An upload may declare ``classes`` instead, the model's
+class names in output order: each folder's label is then its name's position there, so a zip
+holding images of only some classes is labelled as the model counts (folder positions would
+not be).
 
 Images are PNG or JPEG, told from their content. A zip of PNGs that all have one size and mode
 (8-bit grayscale "L" or "RGB") is stored as uploaded. Anything else is processed once, at
@@ -18,6 +21,7 @@ import struct
 import warnings
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,7 @@ CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 MAX_SIDE = 8192  # of a declared resize or crop
+MAX_CLASS_NAMES = 100_000  # in a declared ``classes``
 SKIPPED = ("__MACOSX/",)  # folders that macOS's Finder adds to every zip
 SKIPPED_NAMES = (".DS_Store", "Thumbs.db", "desktop.ini")
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the same upload gives the same bytes, hence the same sha256
@@ -42,28 +47,70 @@ _FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the same upload gives the same bytes, hen
 
 @dataclass(frozen=True)
 class ImageProcessing:
-    """What an upload declares to make images of any size into one dataset."""
+    """What an upload declares to make images of any size into one labelled dataset."""
 
     resize: int | tuple[int, int] | None = None  # int: the shorter side (aspect kept); (H, W): exact
     center_crop: tuple[int, int] | None = None  # (H, W)
     color: str | None = None  # "rgb" or "grayscale"
+    classes: tuple[str, ...] | None = None  # the model's class names in output order: folder labels
 
     @property
     def declared(self) -> bool:
-        return self.resize is not None or self.center_crop is not None or self.color is not None
+        return (self.resize is not None or self.center_crop is not None or self.color is not None
+                or self.classes is not None)
 
     def as_dict(self) -> dict:
-        return {"resize": _listed(self.resize), "center_crop": _listed(self.center_crop), "color": self.color}
+        """As the dataset record keeps it (``classes`` only where declared: older records lack it)."""
+        record = {"resize": _listed(self.resize), "center_crop": _listed(self.center_crop),
+                  "color": self.color}
+        return record if self.classes is None else {**record, "classes": list(self.classes)}
 
     @classmethod
     def parse(cls, resize: str | int | None = None, center_crop: str | int | None = None,
-              color: str | None = None) -> ImageProcessing:
-        """From an upload's form fields: sizes "224" or "224x256" (HxW); raises DatasetError."""
+              color: str | None = None, classes: str | list[str] | None = None) -> ImageProcessing:
+        """From an upload's form fields: sizes "224" or "224x256" (HxW); ``classes`` one name per
+        line (or comma-separated on one line); raises DatasetError."""
         if color is not None and color not in COLORS:
             raise DatasetError(f"color must be one of {', '.join(COLORS)}, got {quoted(str(color))}")
         crop = _size("center_crop", center_crop)
         return cls(resize=_size("resize", resize, shorter_side=True),
-                   center_crop=(crop, crop) if isinstance(crop, int) else crop, color=color)
+                   center_crop=(crop, crop) if isinstance(crop, int) else crop, color=color,
+                   classes=class_names(classes))
+
+
+def class_names(declared: str | list[str] | None) -> tuple[str, ...] | None:
+    """A declared class list: a list, or text with one name per line (or "a,b,c" on one line)."""
+    if declared is None or (isinstance(declared, str) and not declared.strip()):
+        return None
+    if isinstance(declared, str):
+        declared = declared.splitlines() if "\n" in declared.strip() else declared.split(",")
+    names = [name.strip() for name in declared if name.strip()]
+    if not names or len(names) > MAX_CLASS_NAMES:
+        raise DatasetError(f"classes must name from 1 to {MAX_CLASS_NAMES} classes, got {len(names)}")
+    bad = next((name for name in names if "/" in name or "\\" in name), None)
+    if bad is not None:
+        raise DatasetError(f"classes: {quoted(bad)} is not a folder name; name each class as its folder "
+                           "is named, one per line in the model's output order")
+    repeated = [name for name, count in Counter(names).items() if count > 1]
+    if repeated:
+        raise DatasetError(f"classes names {quoted(repeated[0])} more than once; each output of the model "
+                           "is one class")
+    return tuple(names)
+
+
+def class_list_mismatch(classes: int, model_classes: int, declared: bool) -> str | None:
+    """Why an image zip's labels, positions among its ``classes`` (declared, or its folders
+    sorted), cannot be the model's classes (the counts differ), or None."""
+    if classes == model_classes:
+        return None
+    if declared:
+        return (f"classes names {classes} classes but the model has {model_classes} outputs; name every "
+                "output of the model, in order, one per line")
+    return (f"the dataset's zip has {classes} class folders and the model {model_classes} classes: "
+            "without a declared class list a folder's label is its position in sorted order (as "
+            "torchvision's ImageFolder), which is the model's class only when every class has a folder; "
+            "upload the zip with classes, the model's class names in output order, one per line "
+            "(robustness submit|evaluate --classes FILE)")
 
 
 NO_PROCESSING = ImageProcessing()
@@ -112,8 +159,10 @@ class FolderImages:
         return processing.declared or self.formats.get("jpeg", 0) > 0
 
 
-def read_folders(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits: Limits) -> FolderImages:
-    """The class folders' members, each checked to be a PNG or JPEG from its first bytes."""
+def read_folders(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits: Limits,
+                 declared: tuple[str, ...] | None = None) -> FolderImages:
+    """The class folders' members, each checked to be a PNG or JPEG from its first bytes, labelled
+    by the folder's position among the ``declared`` classes, or among the folders sorted."""
     files = image_members(files)
     if not files:
         raise DatasetError("the archive holds no images; zip folders of PNG or JPEG images named "
@@ -121,8 +170,14 @@ def read_folders(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits:
     if len(files) > limits.max_samples:
         raise TooLargeError(f"the archive holds {len(files)} images, over the limit of {limits.max_samples}")
     files = sorted(files, key=lambda i: i.filename.split("/"))
-    classes = sorted({i.filename.split("/")[0] for i in files})
+    folders = sorted({i.filename.split("/")[0] for i in files})
+    classes = folders if declared is None else list(declared)
     label = {name: k for k, name in enumerate(classes)}
+    unknown = [name for name in folders if name not in label]
+    if unknown:
+        shown = ", ".join(quoted(name, 60) for name in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise DatasetError(f"{len(unknown)} class folder(s) ({shown}) are not among the {len(classes)} "
+                           "declared classes; name each folder exactly as its class in classes")
     formats: dict[str, int] = {}
     for info in files:
         kind = _format(_head(archive, info), info.filename)
@@ -287,9 +342,12 @@ def _pixels(image: Image.Image, name: str) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def write_npz(out: Path, images: Iterator[np.ndarray], labels: np.ndarray) -> list[int]:
+def write_npz(out: Path, images: Iterator[np.ndarray], labels: np.ndarray,
+              classes: tuple[str, ...] | None = None) -> list[int]:
     """Stream ``images`` (uint8 [C, H, W], one shape) into ``out`` as an .npz with x [N, C, H, W]
-    and y [N], stored uncompressed with fixed timestamps; returns one image's shape."""
+    and y [N], stored uncompressed with fixed timestamps; returns one image's shape. Declared
+    ``classes`` are kept in it too (``classes``: their names, one per line, as UTF-8 bytes), so
+    that its sha256, which names the stored dataset, covers what its labels mean."""
     count = len(labels)
     shape: list[int] = []
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
@@ -302,6 +360,10 @@ def write_npz(out: Path, images: Iterator[np.ndarray], labels: np.ndarray) -> li
                 member.write(np.ascontiguousarray(pixels).tobytes())
         with archive.open(zipfile.ZipInfo("y.npy", _FIXED_TIME), "w", force_zip64=True) as member:
             np.lib.format.write_array(member, labels.astype(np.int64), allow_pickle=False)
+        if classes is not None:
+            text = np.frombuffer("\n".join(classes).encode("utf-8"), np.uint8)
+            with archive.open(zipfile.ZipInfo("classes.npy", _FIXED_TIME), "w") as member:
+                np.lib.format.write_array(member, text, allow_pickle=False)
     return shape
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from schemas.evaluation import EvaluationSpec
 from workers.datasets import Dataset, DatasetError, Images, Pixels
+from workers.image_folders import class_list_mismatch
 from workers.layout import LayoutError, from_nchw, image_nchw, to_nchw
 from workers.preprocess import compose_for_images, model_input_shape
 from workers.runtime import Classifier, RuntimeOptions
@@ -63,7 +64,7 @@ def prepare(model: bytes, dataset: Dataset, spec: EvaluationSpec,
     classifier = Classifier(composed, options or RuntimeOptions(batch_size=spec.batch_size))
     x = to_nchw(x, spec.input.layout)
     t = None if dataset.t is None else np.asarray(select_samples(dataset.t, dataset.y, spec.samples)[0])
-    _check_fit(x, y, t, classifier)
+    _check_fit(x, y, t, classifier, dataset)
     return Subject(classifier, x, y, t, to_nchw(dataset.x, spec.input.layout), spec.input.layout, layout,
                     [None] + model_input_shape(model)[1:])
 
@@ -74,13 +75,18 @@ def select_samples(x: Images, y: np.ndarray, samples) -> tuple[Images, np.ndarra
     return (x.rows(slice(None, samples)) if isinstance(x, Pixels) else x[:samples]), y[:samples]
 
 
-def _check_fit(x: Images, y: np.ndarray, t: np.ndarray | None, classifier: Classifier) -> None:
+def _check_fit(x: Images, y: np.ndarray, t: np.ndarray | None, classifier: Classifier,
+               dataset: Dataset) -> None:
     expected = classifier.input_shape[1:]
     if x.ndim != len(classifier.input_shape) or any(
         isinstance(e, int) and e != g for e, g in zip(expected, x.shape[1:], strict=True)
     ):
         raise DatasetError(f"images are {list(x.shape[1:])} (NCHW) but the model (after input.layout) "
                            f"expects [{', '.join(map(str, expected))}]; check input.layout")
+    mismatch = dataset.classes and class_list_mismatch(len(dataset.classes), classifier.num_classes,
+                                                       dataset.classes_declared)
+    if mismatch:
+        raise DatasetError(mismatch)
     for name, labels in (("labels", y), ("target labels t", t)):
         if labels is not None and labels.size and labels.max() >= classifier.num_classes:
             raise DatasetError(f"{name} go up to {int(labels.max())} but the model has "

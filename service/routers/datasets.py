@@ -1,5 +1,5 @@
-"""/v1/datasets: upload (.npz, or a zip of PNG / JPEG class folders, resized and cropped as the
-upload declares), list, read and delete."""
+"""/v1/datasets: upload (.npz, or a zip of PNG / JPEG class folders, resized, cropped and labelled
+as the upload declares), list, read and delete."""
 
 from __future__ import annotations
 
@@ -62,12 +62,16 @@ async def upload_dataset(
         "image zips: cut the central N x N (or HxW) pixels, after resize"))] = None,
     color: Annotated[Literal["rgb", "grayscale"] | None, Form(description=(
         "image zips: convert every image to RGB (as torchvision's ImageFolder does) or grayscale"))] = None,
+    classes: Annotated[str | None, Form(max_length=1_000_000, description=(
+        "image zips: the model's class names in output order, one per line (or a,b,c): a folder's "
+        "label is its name's position here, not among the zip's folders, so a zip may hold some "
+        "classes only"))] = None,
 ) -> DatasetPublic:
     """Validate (without pickle; sizes checked before decoding) and store a labelled dataset.
     A zip of JPEGs, of images of several sizes, or with resize / center_crop / color declared is
     processed once, here, one image at a time, and stored as a uint8 .npz (format "image-zip";
     its sha256 is that file's, the upload's is ``source_sha256``)."""
-    processing = ImageProcessing.parse(resize, center_crop, color)
+    processing = ImageProcessing.parse(resize, center_crop, color, classes)
     declared = processing.as_dict() if processing.declared else None
     sessions = request.app.state.sessions
     validate = partial(validate_dataset, max_bytes=settings.max_dataset_bytes,

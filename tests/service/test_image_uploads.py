@@ -13,7 +13,7 @@ from infra.database import migrate, session_factory
 from schemas.evaluation import EvaluationSpec
 from service.auth import create_key
 from tests.service.conftest import MODEL, gateway, upload, wait_for
-from tests.test_image_folders import digit_zip
+from tests.test_image_folders import digit_zip, zipped
 from workers.dataset_files import load_dataset_file
 from workers.evaluate import evaluate
 from workers.image_folders import ImageProcessing
@@ -137,3 +137,71 @@ def test_robustness_submit_sends_the_processing(settings, image_zip, tmp_path, c
         datasets = api.get("/v1/datasets").json()["items"]
     assert [(d["format"], d["shape"]) for d in datasets] == [("image-zip", [1, 28, 28])]
     assert f"dataset {image_zip}: already on the server as {datasets[0]['id']}" in capsys.readouterr().err
+
+
+DIGIT_CLASSES = "\n".join(f"digit{k}" for k in range(10))
+
+
+def some_digits_zip(path, classes=(3, 7)):
+    members = {name: data for name, data in digit_zip(60)[1].items()
+               if int(name.split("/")[0][len("digit"):]) in classes}
+    path.write_bytes(zipped(members))
+    return path
+
+
+def test_a_zip_of_some_classes_is_labelled_by_the_declared_class_list(settings, start_worker, tmp_path):
+    """Folders digit3 and digit7 alone would be labels 0 and 1 (ImageFolder): the evaluation is
+    refused until the upload names the model's classes, and then measures the model's accuracy."""
+    spec = {"samples": "all", "attacks": [{"name": "fgsm", "eps": [0.05]}]}
+    zip_path = some_digits_zip(tmp_path / "some.zip")
+    start_worker(settings)
+    with gateway(settings) as api:
+        model = upload(api, "models", MODEL).json()
+        folders = post(api, zip_path, **DIGITS_28).json()
+        assert (folders["num_classes"], folders["classes"]) == (2, ["digit3", "digit7"])
+
+        def submit(dataset):
+            body = {**spec, "model_id": model["id"], "dataset_id": dataset["id"]}
+            return api.post("/v1/evaluations", json=body)
+
+        refused = submit(folders)
+        assert refused.status_code == 422, refused.text
+        assert "the dataset's zip has 2 class folders and the model 10 classes" in refused.json()["detail"]
+        assert "--classes FILE" in refused.json()["detail"]
+        declared = post(api, zip_path, **DIGITS_28, classes=DIGIT_CLASSES)
+        assert declared.status_code == 201, declared.text
+        body = declared.json()
+        assert (body["num_classes"], body["classes"][3], body["processing"]["classes"][7]) == (
+            10, "digit3", "digit7")
+        assert body["id"] != folders["id"] and body["source_sha256"] == folders["source_sha256"]
+        job = submit(body)
+        assert job.status_code == 202, job.text
+        final = wait_for(api, job.json()["id"])
+        assert final["state"] == "succeeded", final
+        result = api.get(f"/v1/evaluations/{final['id']}/result").json()
+        short = post(api, zip_path, **DIGITS_28, classes="digit3,digit7,digit9")
+        assert short.status_code == 201, short.text
+        too_few = submit(short.json())
+        assert too_few.status_code == 422 and "classes names 3 classes but the model has 10" in too_few.text
+    local = load_dataset_file(zip_path, processing=ImageProcessing.parse(**DIGITS_28, classes=DIGIT_CLASSES))
+    assert sorted(set(local.y.tolist())) == [3, 7]
+    assert result["clean_accuracy"] >= 0.9  # labelled 0 and 1 it would be near 0
+
+
+def test_robustness_submit_sends_the_class_list(settings, tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("samples: 4\nattacks:\n  - name: fgsm\n    eps: 0.1\n")
+    classes = tmp_path / "classes.txt"
+    classes.write_text(DIGIT_CLASSES + "\n")
+    zip_path = some_digits_zip(tmp_path / "some.zip")
+    parser = argparse.ArgumentParser(prog="robustness")
+    add_submit_parser(parser.add_subparsers(dest="command", required=True))
+    with gateway(settings) as api:
+        args = parser.parse_args(["submit", str(MODEL), str(zip_path), "--spec", str(spec), "--server",
+                                  "http://testserver", "--resize", "28", "--center-crop", "28",
+                                  "--color", "grayscale", "--classes", str(classes)])
+        assert run_submit(args, transport=api._transport) == 0
+        assert run_submit(args, transport=api._transport) == 0  # found on the server: nothing is sent
+        datasets = api.get("/v1/datasets").json()["items"]
+    assert [(d["num_classes"], d["processing"]["classes"][0]) for d in datasets] == [(10, "digit0")]
+    assert f"dataset {zip_path}: already on the server as {datasets[0]['id']}" in capsys.readouterr().err
