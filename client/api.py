@@ -31,6 +31,8 @@ from typing import IO, Any
 
 import httpx
 
+from schemas.api import upload_digest
+
 READ_TIMEOUT_S, CONNECT_TIMEOUT_S = 30.0, 5.0
 DEFAULT_TIMEOUT = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -244,10 +246,21 @@ class RobustnessClient:
 
     def ensure_model(self, path: str | os.PathLike, name: str | None = None,
                      sha256: str | None = None) -> tuple[dict, bool]:
-        """The server's record of this file, uploading it only if the server lacks its sha256;
-        returns (ModelPublic, uploaded)."""
-        found = None if data_files_of(Path(path)) else self.find_model(sha256 or sha256_file(path))
+        """The server's record of this file, uploading it only if the server lacks it; returns
+        (ModelPublic, uploaded). A plain .onnx is looked up by its sha256; a bundle (.zip /
+        .tar.gz), or a model with data files next to it, by the digest of what would be sent
+        (schemas.api.upload_digest), since the server stores the self-contained model they make."""
+        digest = sha256 or sha256_file(path)
+        data = {file.name: sha256_file(file) for file in data_files_of(Path(path))}
+        if data or not str(path).endswith(".onnx"):
+            found = self.find_model_made_from(upload_digest(digest, data))
+        else:
+            found = self.find_model(digest)
         return (found, False) if found else (self.upload_model(path, name), True)
+
+    def find_model_made_from(self, source_sha256: str) -> dict | None:
+        items = self._get("/v1/models", {"source_sha256": source_sha256})["items"]
+        return items[0] if items else None
 
     # ------------------------------------------------------------------------ datasets
 

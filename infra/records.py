@@ -68,6 +68,8 @@ class StoredModel(Base):
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size: Mapped[int] = mapped_column(BigInteger)
     info: Mapped[dict] = mapped_column(JSON)  # input, classes, opset, gradient verdict
+    # a bundle or a model sent with its data files: schemas.api.upload_digest of the upload
+    source_sha256: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -48,6 +49,19 @@ class ModelPublic(BaseModel):
     # float16 / bfloat16: predictions run in it; gradients are its float32 twin's
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     output_squeezed_from: list[int | None] | None = None  # logits [N, K, 1, 1] or [N, 1, K], squeezed
+    # a model not stored as sent (a bundle, or sent with data files): upload_digest of what was sent
+    source_sha256: str | None = None
+
+
+def upload_digest(file_sha256: str, data_files: dict[str, str]) -> str:
+    """What names a model upload as sent, for ``GET /v1/models?source_sha256=``: the file's sha256
+    (a .onnx, or a .zip / .tar.gz bundle), or, with data files (name -> sha256), the sha256 of
+    "onnx-upload-v1", the file's sha256 and each file's name and sha256, sorted by name, one per
+    line. Client and server compute it alike, so a re-upload is found before it is sent."""
+    if not data_files:
+        return file_sha256
+    lines = ["onnx-upload-v1", file_sha256] + [f"{name} {data_files[name]}" for name in sorted(data_files)]
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
 class DatasetPublic(BaseModel):

@@ -39,9 +39,15 @@ def store_record(
     **columns,
 ):
     """(record, created): the tenant's record of these bytes, made if it is new. The same
-    upload twice, even at once, gives one record."""
+    upload twice, even at once, gives one record; ``columns`` it lacks (a record from before
+    uploads were named by their source) are filled in."""
     existing = db.scalar(select(table).where(table.tenant_id == tenant.id, table.sha256 == sha256))
     if existing is not None:
+        missing = {k: v for k, v in columns.items() if v is not None and getattr(existing, k) is None}
+        if missing:
+            for key, value in missing.items():
+                setattr(existing, key, value)
+            db.commit()
         return existing, False
     row = table(id=new_id(prefix), tenant_id=tenant.id, name=name, sha256=sha256, size=size, info=info,
                 **columns)
@@ -72,6 +78,14 @@ def processed_before(sessions: sessionmaker[Session], source_sha256: str, proces
             if row.info.get("processing") == processing:
                 return row.sha256, row.size, dict(row.info)
     return None
+
+
+def made_from(sessions: sessionmaker[Session], table, source_sha256: str) -> dict | None:
+    """sha256, size and info of what an earlier upload with this digest became, from any
+    tenant's record: the stored model is a function of the upload."""
+    with sessions() as db:
+        row = db.scalars(select(table).where(table.source_sha256 == source_sha256).limit(1)).first()
+        return None if row is None else {"sha256": row.sha256, "size": row.size, "info": dict(row.info)}
 
 
 def store_record_in(sessions: sessionmaker[Session], table, prefix: str, tenant: Tenant, **fields):

@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import UploadFile
 
 from infra.blobs import BlobTooLarge, LocalBlobStore, file_sha256, stream_to_file
+from schemas.api import upload_digest
 from service.errors import ApiError, TooLarge
 from service.model_admission import outside_weights_folder
 from workers.onnxgrad.weights import blob_location
@@ -91,23 +92,33 @@ def _data_file_name(upload: UploadFile, seen: dict[str, Path]) -> str:
 async def receive_model(
     upload: UploadFile, data: list[UploadFile], store: LocalBlobStore, limit: int,
     validate: Callable[[Path, dict[str, Path], Path], Awaitable[tuple[Any, bool]]], known: Known,
-) -> tuple[str, int, dict]:
+    made_from: Known,
+) -> tuple[str, int, dict, str | None]:
     """A model with its data files (or a .zip / .tar.gz bundle in ``upload``): (sha256, size,
-    info) of what is stored. ``validate(model, data files by name, out)`` returns (info, whether
-    it wrote a self-contained model to ``out``, which is then stored in place of the upload)."""
+    info) of what is stored, and the upload's digest (schemas.api.upload_digest) where that is
+    not the upload as sent. ``validate(model, data files by name, out)`` returns (info, whether
+    it wrote a self-contained model to ``out``, which is then stored in place of the upload).
+    An upload that ``made_from(digest)`` finds made into a stored model before is not
+    validated again."""
     async with AsyncExitStack() as stack:
         path, sha256, size = await stack.enter_async_context(_received(upload, store, limit, "model"))
         if not data and store.exists(sha256):  # a plain model stored before: validated then
             found = await known(sha256)
             if found is not None:
-                return sha256, size, found
+                return sha256, size, found, None
         files: dict[str, Path] = {}
+        digests: dict[str, str] = {}
         received = size
         for part in data:
             name = _data_file_name(part, files)
-            files[name], _, part_size = await stack.enter_async_context(
+            files[name], digests[name], part_size = await stack.enter_async_context(
                 _received(part, store, limit - received, "model"))
             received += part_size
+        source = upload_digest(sha256, digests)
+        made = await made_from(source)
+        if made is not None and all(store.exists(blob)
+                                    for blob in (made["sha256"], *made["info"].get("weights", []))):
+            return made["sha256"], made["size"], made["info"], source
         out, handle = stack.enter_context(store.temp_file())
         handle.close()
         outside = outside_weights_folder(out)
@@ -121,6 +132,6 @@ async def receive_model(
             size += store.local_path(blob).stat().st_size
         if not store.exists(sha256):
             await asyncio.to_thread(store.put_file, path, sha256)
-    return sha256, size, asdict(info)
+    return sha256, size, asdict(info), source if bundled else None
 
 

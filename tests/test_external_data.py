@@ -6,6 +6,7 @@ is read."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 import zipfile
@@ -15,9 +16,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from sqlalchemy import update
 
 from client.api import RobustnessClient, data_files_of
 from client.cli import main
+from infra.records import StoredModel
+from schemas.api import upload_digest
 from service.model_admission import validate_model_upload
 from tests.service.conftest import gateway, make_settings, upload
 from tests.zoo import export_default, export_onnx, make_model
@@ -105,12 +109,50 @@ def test_the_service_stores_one_model_from_parts_or_bundles(exported, tmp_path):
         assert parts.status_code == 201, parts.text
         stored = parts.json()
         assert stored["attacks"] == "all" and stored["num_classes"] == 10
+        assert stored["source_sha256"] == upload_digest(_sha(model), {"lenet.onnx.data": _sha(data)})
         for name, bundle in bundles.items():
             again = api.post("/v1/models", files={"file": (name, bundle)})
             assert again.status_code == 200 and again.json()["id"] == stored["id"], again.text
         client = RobustnessClient("http://testserver", transport=api._transport)
-        record, uploaded = client.ensure_model(folder / "lenet.onnx")  # the client sends the data file
-        assert uploaded and record["id"] == stored["id"]
+        record, uploaded = client.ensure_model(folder / "lenet.onnx")  # found by what it would send
+        assert not uploaded and record == stored
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_bundle_sent_again_is_found_before_it_is_sent_and_not_validated_again(exported, tmp_path):
+    """A CI run re-sends its model every time: the client finds the self-contained model the
+    server made from the same bundle (or model and data files) by the upload's digest, and a
+    client that sends it anyway is answered without a second validation."""
+    folder, _ = exported
+    model, data = (folder / "lenet.onnx").read_bytes(), (folder / "lenet.onnx.data").read_bytes()
+    bundle = tmp_path / "lenet.zip"
+    bundle.write_bytes(_zip({"lenet.onnx": model, "lenet.onnx.data": data}))
+    with gateway(make_settings(tmp_path / "data")) as api:
+        validations = []
+        run = api.app.state.validation.run
+
+        async def counted(*args):
+            validations.append(args[0])
+            return await run(*args)
+
+        api.app.state.validation.run = counted
+        client = RobustnessClient("http://testserver", transport=api._transport)
+        first, uploaded = client.ensure_model(bundle)
+        assert uploaded and first["source_sha256"] == _sha(bundle.read_bytes()) != first["sha256"]
+        assert client.ensure_model(bundle) == (first, False)
+        again = api.post("/v1/models", files={"file": ("lenet.zip", bundle.read_bytes())})
+        assert again.status_code == 200 and again.json() == first
+        assert validations == ["model"]
+        listed = api.get("/v1/models", params={"source_sha256": first["source_sha256"]}).json()["items"]
+        assert [m["id"] for m in listed] == [first["id"]]
+        with api.app.state.sessions() as db:  # a record from before uploads were named by their source
+            db.execute(update(StoredModel).values(source_sha256=None))
+            db.commit()
+        assert client.ensure_model(bundle) == (first, True)  # sent, and the record learns its source
+        assert validations == ["model", "model"] and client.ensure_model(bundle) == (first, False)
 
 
 def _external_model(tmp_path, location: str, offset: int = 0, length: int | None = None) -> Path:

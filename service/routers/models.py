@@ -17,6 +17,7 @@ from service.errors import ERROR_RESPONSES, printable_name
 from service.model_admission import validate_model_upload
 from service.scoping import (
     delete_record,
+    made_from,
     owned,
     refuse_if_in_use,
     store_record_in,
@@ -42,6 +43,7 @@ def public(row: StoredModel) -> ModelPublic:
         attacks="all" if info["gradients_available"] else "black_box_only",
         dtype=info.get("dtype", "float32"),  # records from before half precision have none
         output_squeezed_from=info.get("output_squeezed_from"),
+        source_sha256=row.source_sha256,
     )
 
 
@@ -67,7 +69,7 @@ async def upload_model(
     """Validate and store an ONNX classifier; the answer says whether exact gradients are
     available or only black-box attacks, naming the operators that block gradients. A model
     with external data is stored as one self-contained model (its sha256 is that model's)."""
-    sha256, size, info = await uploads.receive_model(
+    sha256, size, info, source = await uploads.receive_model(
         file,
         data or [],
         store,
@@ -77,6 +79,7 @@ async def upload_model(
                              max_loop_iterations=settings.max_loop_iterations,
                              inline_bytes=settings.inline_model_bytes), path, files, out),
         lambda sha256: run_in_threadpool(validated_info, request.app.state.sessions, StoredModel, sha256),
+        lambda digest: run_in_threadpool(made_from, request.app.state.sessions, StoredModel, digest),
     )
     row, created = await run_in_threadpool(
         store_record_in,
@@ -88,6 +91,7 @@ async def upload_model(
         size=size,
         name=name or file.filename or sha256[:12],
         info=info,
+        source_sha256=source,
     )
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -99,9 +103,14 @@ def list_models(
     tenant: TenantDep,
     db: SessionDep,
     sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$")] = None,
+    source_sha256: Annotated[str | None, Query(
+        pattern="^[0-9a-f]{64}$", description=(
+            "models made from this upload: a bundle's sha256, or upload_digest of a model and its "
+            "data files (schemas/api.py)"),
+    )] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> ModelList:
-    rows = tenant_records(db, StoredModel, tenant, sha256, limit)
+    rows = tenant_records(db, StoredModel, tenant, sha256, limit, source_sha256=source_sha256)
     return ModelList(items=[public(r) for r in rows], count=len(rows))
 
 
