@@ -23,11 +23,15 @@ class ProgressBar:
     """One line on stderr: stage, samples done, ETA; redrawn at most 5 times a second.
 
     Stages may interleave (an evaluation runs its attacks shard after shard), so a stage's
-    elapsed time and ETA count only the time spent on that stage.
+    elapsed time and ETA count only the time spent on that stage. A ``job_wide`` bar (a
+    server's evaluation: done and total count the whole job while the stage shown changes)
+    shows the time since its first report and the ETA given with each report instead.
     """
 
-    def __init__(self, stream=None):
+    def __init__(self, stream=None, job_wide: bool = False):
         self.stream = stream or sys.stderr
+        self.job_wide = job_wide
+        self.started: float | None = None
         self.stage = None
         self.last_call: float | None = None
         self.spent: dict[str, float] = {}
@@ -35,14 +39,15 @@ class ProgressBar:
         self.interactive = self.stream.isatty()
         self.reported_done: set[str] = set()
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, stage: str, done: int, total: int, eta: float | None = None) -> None:
         now = time.monotonic()
+        self.started = now if self.started is None else self.started
         # the time since the previous report went into this stage's work
         since = now - self.last_call if self.last_call is not None else 0.0
         self.spent[stage] = self.spent.get(stage, 0.0) + since
         self.last_call = now
         if stage != self.stage:
-            if self.stage in self.reported_done and self.interactive:
+            if self.stage in self.reported_done and self.interactive and not self.job_wide:
                 self.stream.write("\n")  # keep the finished stage's line; else redraw over it
             self.stage = stage
         finished = done >= total
@@ -51,8 +56,9 @@ class ProgressBar:
         if finished:
             self.reported_done.add(stage)
         self.last_draw = now
-        elapsed = self.spent[stage]
-        eta = elapsed / done * (total - done) if done else float("nan")
+        elapsed = now - self.started if self.job_wide else self.spent[stage]
+        if eta is None or not self.job_wide:
+            eta = elapsed / done * (total - done) if done else float("nan")
         width = 24
         filled = int(width * done / total) if total else width
         line = (

@@ -118,7 +118,7 @@ def _submit(args, transport) -> int:
         if not (args.wait or args.json or args.junit or args.html):
             print(evaluation["id"])
             return 0
-        bar = ProgressBar()
+        bar = ProgressBar(job_wide=True)
         try:
             final = api.wait(evaluation["id"], poll_interval=args.poll, timeout=args.timeout,
                              on_progress=lambda ev: _show_progress(bar, ev))
@@ -191,7 +191,7 @@ def _show_progress(bar: ProgressBar, evaluation: dict) -> None:
     if evaluation["state"] == "queued":
         bar("queued", 0, 1)
     elif progress.get("stage") and progress.get("total"):
-        bar(progress["stage"], progress.get("done", 0), progress["total"])
+        bar(progress["stage"], progress.get("done", 0), progress["total"], progress.get("eta_seconds"))
 
 
 def _report(args, evaluation: dict, document: dict) -> int:
