@@ -32,7 +32,7 @@ class ProgressBar:
         self.stream = stream or sys.stderr
         self.job_wide = job_wide
         self.started: float | None = None
-        self.stage = None
+        self.stage: str | None = None
         self.last_call: float | None = None
         self.spent: dict[str, float] = {}
         self.last_draw = 0.0

@@ -155,14 +155,18 @@ def _run_attack(index: int, classifier: Classifier, x: np.ndarray, y: np.ndarray
     outputs = []
     budgets = attack_spec.eps if not attack.minimal else [None]
     assert budgets is not None  # build_attack refuses an attack that is not minimal without `eps`
-    for eps in budgets:
-        one_budget = attack_spec.model_copy(update={"eps": None if eps is None else [eps]})
-        for run in attack_runs(attack, one_budget, classifier, x, y, targets, spec, seed, attack_progress):
-            output = run_output(index, run, classifier.logits(run.x_adv))
+    # budget by budget (each reports its progress), or at once where they share work (FGSM)
+    groups = [list(budgets)] if attack.shares_budgets else [[eps] for eps in budgets]
+    for group in groups:
+        some_budgets = attack_spec.model_copy(update={"eps": None if group == [None] else group})
+        for run in attack_runs(attack, some_budgets, classifier, x, y, targets, spec, seed, attack_progress):
+            # the attack's own logits of x_adv are this classifier's: it attacked this classifier
+            logits = classifier.logits(run.x_adv) if run.logits is None else run.logits
+            output = run_output(index, run, logits)
             if gradients is not None:
                 output.extra["gradient_probe"] = gradients
             outputs.append(output)
-        done_before[0] += len(x)
+        done_before[0] += len(x) * len(group)
         report(stage, done_before[0], total)
     timing[stage] = time.perf_counter() - started
     return outputs

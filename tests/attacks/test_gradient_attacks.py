@@ -11,6 +11,7 @@ import torch
 
 from tests import digits
 from tests.attacks.conftest import N, robust_accuracy
+from tests.copy_loop import CopyLoop
 from workers.attacks.base import ATTACKS, get_norm
 from workers.attacks.gradient import BIM, FGSM, PGD
 
@@ -62,6 +63,30 @@ def test_targeted_attacks_reach_their_target(make, eps, classifiers, data):
     (run,) = make()(model, x, y, eps=eps, targets=targets, seed=0)
     np.testing.assert_array_equal(run.success, model.predict(run.x_adv) == targets)
     assert run.success.mean() >= 0.8, run.success.mean()
+
+
+class CountedGradients(CopyLoop):
+    gradients = 0
+
+    def loss_and_grad(self, x, labels, loss="auto", targets=None):
+        self.gradients += 1
+        return super().loss_and_grad(x, labels, loss=loss, targets=targets)
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_fgsm_takes_one_gradient_for_all_its_budgets_and_gives_each_budget_s_own_images(
+        targeted, classifiers, data):
+    x, y = data[0][:80], data[1][:80]
+    model = classifiers("cnn")
+    targets = (y + 3) % 10 if targeted else None
+    counted = CountedGradients(model)
+    together = FGSM()(counted, x, y, eps=[0.03, 0.06, 0.12], targets=targets)
+    assert counted.gradients == 1
+    for run in together:
+        (alone,) = FGSM()(model, x, y, eps=run.eps, targets=targets)  # the fused step, one budget
+        np.testing.assert_array_equal(run.x_adv, alone.x_adv)
+        np.testing.assert_array_equal(run.success, alone.success)
+    assert together[0].success.mean() <= together[2].success.mean() and together[2].success.any()
 
 
 def test_targeted_fgsm_descends_the_target_cross_entropy(classifiers, data):

@@ -80,6 +80,7 @@ class AttackRun:
     success: np.ndarray  # bool [N]: misclassified (untargeted) or classified as the target
     queries: np.ndarray | None = None  # int [N] model calls per sample (score-based attacks)
     extra: dict = field(default_factory=dict)  # attack-specific arrays (e.g. a universal delta)
+    logits: np.ndarray | None = None  # the attacked model's logits of x_adv, where the attack has them
 
 
 def check(condition: bool | np.bool_, message: str) -> None:
@@ -253,6 +254,14 @@ class Attack(ABC):
             for e in values:
                 check(e >= 0 and np.isfinite(e), f"`eps` values must be finite and >= 0, got {e}")
         rng = np.random.default_rng(seed)
+        return self.run_budgets(model, x, y, budgets, targets, bounds, rng, progress)
+
+    shares_budgets = False  # run_budgets does less than one run per budget (the unit runner asks it at once)
+
+    def run_budgets(self, model: AttackModel, x: np.ndarray, y: np.ndarray, budgets: Sequence[float | None],
+                    targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
+                    progress: Progress | None) -> list[AttackRun]:
+        """One run per budget, in order (an attack whose budgets can share work overrides it)."""
         return [self.run(model, x, y, e, targets, bounds, rng, progress) for e in budgets]
 
     @abstractmethod

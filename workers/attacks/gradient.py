@@ -116,12 +116,13 @@ class PGD(Attack):
             value = objective_from_logits(logits, y if targets is None else targets, self.loss,
                                           targets is not None)
             if restart == 0:
-                best_x, best_success, best_value = x_adv, success, value
+                best_x, best_success, best_value, best_logits = x_adv, success, value, logits
                 continue
             better = ~best_success & (success | (value > best_value))
             best_x[better], best_value[better] = x_adv[better], value[better]
+            best_logits[better] = logits[better]
             best_success = best_success | success
-        return AttackRun(eps=eps, x_adv=best_x, success=best_success, extra=extra)
+        return AttackRun(eps=eps, x_adv=best_x, success=best_success, extra=extra, logits=best_logits)
 
     def calls_per_sample(self, num_classes: int) -> int:
         return self.restarts * (self.steps + 1)
@@ -144,11 +145,14 @@ class PGD(Attack):
                                  step=sign * step, eps=eps, bounds=bounds, progress=advanced)
         for i in range(self.steps):
             _, _, grad = model.loss_and_grad(x_adv, labels, loss=self.loss)
-            x_adv = x_adv + np.float32(step) * self.geometry.ascent_direction(sign * grad)
-            x_adv = clip_to_box(x + self.geometry.project(x_adv - x, eps), bounds)
+            x_adv = self._step(x_adv, x, sign * grad, step, eps, bounds)
             if progress is not None:
                 progress(restart * self.steps + i + 1, self.restarts * self.steps)
         return x_adv
+
+    def _step(self, x_adv, x, ascent, step, eps, bounds):
+        x_adv = x_adv + np.float32(step) * self.geometry.ascent_direction(ascent)
+        return clip_to_box(x + self.geometry.project(x_adv - x, eps), bounds)
 
 
 @register_attack
@@ -175,3 +179,26 @@ class FGSM(PGD):
 
     def __init__(self, *, loss: str = "auto"):
         super().__init__(norm="linf", steps=1, rel_step_size=1.0, random_start=False, loss=loss)
+
+    @property
+    def shares_budgets(self) -> bool:  # type: ignore[override]
+        return not self.random_target
+
+    def run_budgets(self, model, x, y, budgets, targets, bounds, rng, progress):
+        """Every budget from one gradient: each is the step eps * sign(gradient at x) from x, and
+        that gradient does not depend on eps (the same float32 operations as one budget's run,
+        so the same images; a random target is drawn per budget, so those run one by one)."""
+        if self.random_target or len(budgets) < 2:
+            return super().run_budgets(model, x, y, budgets, targets, bounds, rng, progress)
+        labels, sign = (y, 1.0) if targets is None else (targets, -1.0)
+        start = clip_to_box(x, bounds)
+        ascent = sign * model.loss_and_grad(start, labels, loss=self.loss)[2]
+        runs = []
+        for eps in budgets:
+            x_adv = self._step(start, x, ascent, eps, eps, bounds)
+            if progress is not None:
+                progress(1, 1)
+            logits = model.logits(x_adv)
+            success = is_adversarial(logits, y, targets)
+            runs.append(AttackRun(eps=eps, x_adv=x_adv, success=success, logits=logits))
+        return runs
