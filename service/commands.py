@@ -77,6 +77,7 @@ def inspect_model(data: bytes, loss: str) -> dict:
     return {
         "input": {"name": prepared.input_name, "shape": list(prepared.input_shape)},
         "classes": prepared.num_classes,
+        "binary": prepared.binary,
         "opset": prepared.opset,
         "ends_in_softmax": prepared.ends_in_softmax,
         "operators": found.operators,
@@ -112,8 +113,8 @@ def check_gradients(data: bytes, loss: str, batch: int) -> dict:
         "forward_images_per_s": round(batch / timings["forward"], 1),
         "gradient_images_per_s": round(batch / timings["gradient"], 1),
         "gradient_over_forward_time": round(timings["gradient"] / timings["forward"], 2),
-        "mean_loss": float(losses.mean()),
-        "mean_gradient_l2": float(np.linalg.norm(grad.reshape(batch, -1), axis=1).mean()),
+        "mean_loss": float(losses.astype(np.float64).mean()),
+        "mean_gradient_l2": float(np.linalg.norm(grad.reshape(batch, -1).astype(np.float64), axis=1).mean()),
         "gradient_finite": bool(np.isfinite(grad).all()),
     }
 
@@ -121,7 +122,11 @@ def check_gradients(data: bytes, loss: str, batch: int) -> dict:
 def print_report(report: dict) -> None:
     shape = " x ".join(str(d) for d in report["input"]["shape"])
     print(f"input      {report['input']['name']}  [{shape}]")
-    print(f"classes    {report['classes']}")
+    print(f"classes    {report['classes']}" + {
+        "sigmoid": "  (one score, a Sigmoid's probability: class 1 where it is > 0.5; logits [-z/2, z/2] "
+                   "of the score z before it)",
+        "logit": "  (one score z, read as a logit: class 1 where z > 0; logits [-z/2, z/2])",
+    }.get(report.get("binary") or "", ""))
     print(f"opset      {report['opset']}" + ("  (ends in Softmax: differentiated before it)"
                                              if report["ends_in_softmax"] else ""))
     print(f"operators  {', '.join(f'{k} x{v}' for k, v in report['operators'].items())}")
@@ -138,6 +143,10 @@ def print_report(report: dict) -> None:
               f"{check['forward_images_per_s']} images/s, gradient {check['gradient_images_per_s']} "
               f"images/s ({check['gradient_over_forward_time']}x the forward time); "
               f"mean |grad| {check['mean_gradient_l2']:.4g}, finite: {check['gradient_finite']}")
+        if check["mean_gradient_l2"] == 0:
+            print("warning    the gradient is zero at every probe image: gradient attacks would find "
+                  "nothing to follow and report the clean accuracy as robust; check the model's output "
+                  "(its logits, not a thresholded or constant score)")
 
 
 def cmd_inspect(args) -> int:

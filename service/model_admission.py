@@ -61,6 +61,7 @@ class ModelInfo:
     operators: dict[str, int]  # operator -> count, after constant folding
     dtype: str = "float32"  # float16 / bfloat16: predictions in it, gradients of its float32 twin
     output_squeezed_from: list | None = None  # the output's own shape when it was [N, K, 1, 1] or such
+    binary: str | None = None  # one score read as two classes: "sigmoid" or "logit" (prepare.py)
     weights: list[str] = field(default_factory=list)  # sha256 of the data files kept outside the model
 
 
@@ -139,6 +140,7 @@ def validate_model(path: Path, *, max_bytes: int,
         dtype=prepared.dtype,
         output_squeezed_from=None if prepared.squeezed_from is None else [
             d if isinstance(d, int) else None for d in prepared.squeezed_from],
+        binary=prepared.binary,
     )
 
 

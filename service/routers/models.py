@@ -43,6 +43,7 @@ def public(row: StoredModel) -> ModelPublic:
         attacks="all" if info["gradients_available"] else "black_box_only",
         dtype=info.get("dtype", "float32"),  # records from before half precision have none
         output_squeezed_from=info.get("output_squeezed_from"),
+        binary=info.get("binary"),
         source_sha256=row.source_sha256,
     )
 

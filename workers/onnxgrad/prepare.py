@@ -1,7 +1,8 @@
 """Checking an uploaded classifier and putting it in the form the differentiator expects.
 
 Refuses what cannot be used (not a protobuf, external data, no single float input, logits
-that are not [N, K]) with a message that says how to fix it; converts opsets below 17
+that are not [N, K]) with a message that says how to fix it; reads a binary classifier's one
+score ([N, 1] or [N]) as two-class logits; converts opsets below 17
 (and to 18 where a faster gradient needs it); makes the batch dimension symbolic; runs
 shape inference.
 """
@@ -41,6 +42,9 @@ class PreparedClassifier:
     # ``model`` is then its float32 twin, which gradients differentiate)
     forward: onnx.ModelProto | None = None
     squeezed_from: Shape | None = None  # the output's shape when it was [N, K, 1, 1] or [N, 1, K]
+    # a binary classifier's one score: "sigmoid" (a probability, differentiated before its
+    # Sigmoid) or "logit"; its logits are then the two classes' [-z/2, z/2]
+    binary: str | None = None
 
 
 def load_model(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
@@ -226,6 +230,12 @@ def prepare_classifier(
         model = infer_shapes(model)
         types = tensor_types(model.graph)
         out_shape = static_shape(types.get(output_name))
+    binary = None
+    if out_shape is not None and all(d == 1 for d in out_shape[1:]):
+        output_name, binary = two_class_logits(model, output_name, len(out_shape))
+        model = infer_shapes(model)
+        types = tensor_types(model.graph)
+        out_shape = static_shape(types.get(output_name))
     if out_shape is not None and len(out_shape) != 2:
         raise InvalidModelError(
             f"output {output_name!r} has shape {list(out_shape)}; expected logits of shape [N, K] "
@@ -253,8 +263,56 @@ def prepare_classifier(
         model=model, input_name=x.name, input_shape=input_shape, logits_name=logits,
         num_classes=num_classes, ends_in_softmax=ends_in_softmax, opset=opset_of(model),
         fixed_batch=fixed_batch, dtype=HALF[half] if half is not None else "float32", forward=forward,
-        squeezed_from=squeezed_from,
+        squeezed_from=squeezed_from, binary=binary,
     )
+
+
+SHAPE_ONLY = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def two_class_logits(model: onnx.ModelProto, output_name: str, rank: int) -> tuple[str, str]:
+    """A binary classifier's one score per image (an output [N, 1], [N] or [N, 1, 1, 1]) as the
+    logits of two classes, [-z/2, z/2], the first output: their softmax is [1 - sigmoid(z),
+    sigmoid(z)], so the cross-entropy is the binary cross-entropy of z and class 1 is z > 0. z is
+    the score before a final Sigmoid (reshaped as the model reshapes its probability), so a
+    saturated probability keeps its gradient; without a Sigmoid the score is read as a logit.
+    Returns (the logits' name, "sigmoid" or "logit")."""
+    graph = model.graph
+    producers = {name: node for node in graph.node for name in node.output}
+    chain = []  # the shape-only nodes between a final Sigmoid and the output, last first
+    node = producers.get(output_name)
+    while node is not None and node.op_type in SHAPE_ONLY and node.domain in ("", "ai.onnx"):
+        chain.append(node)
+        node = producers.get(node.input[0])
+    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+        raise InvalidModelError(
+            f"the model ends in a {node.op_type} over one class, which is the same for every image; "
+            "export the score before it (a logit), or end a binary classifier in a Sigmoid")
+    score, binary = output_name, "logit"
+    if node is not None and node.op_type == "Sigmoid" and node.domain in ("", "ai.onnx"):
+        score, binary = node.input[0], "sigmoid"
+        for op in reversed(chain):
+            copy = helper.make_node(op.op_type, [score, *op.input[1:]], [f"{op.output[0]}/score"],
+                                    **{a.name: helper.get_attribute_value(a) for a in op.attribute})
+            graph.node.append(copy)
+            score = copy.output[0]
+    elem = next(o for o in graph.output if o.name == output_name).type.tensor_type.elem_type
+    column = f"{output_name}/score_column"
+    if rank == 1:
+        axes = f"{output_name}/axis_1"
+        graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), axes))
+        graph.node.append(helper.make_node("Unsqueeze", [score, axes], [column]))
+    else:
+        graph.node.append(helper.make_node("Flatten", [score], [column], axis=1))
+    half, minus, logits = (f"{output_name}/{part}" for part in ("half_score", "minus_half", "two_class"))
+    graph.initializer.append(helper.make_tensor(f"{output_name}/one_half", elem, [], [0.5]))
+    graph.node.extend([helper.make_node("Mul", [column, f"{output_name}/one_half"], [half]),
+                       helper.make_node("Neg", [half], [minus]),
+                       helper.make_node("Concat", [minus, half], [logits], axis=1)])
+    outputs = [o for o in graph.output if o.name != output_name]
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info(logits, elem, None), *outputs])
+    return logits, binary
 
 
 def _squeezable(shape: Shape) -> bool:

@@ -1,0 +1,134 @@
+"""Binary classifiers with one score per image (a Sigmoid's probability or a logit, [N, 1] or
+[N]): read as two classes whose logits are [-z/2, z/2], so that the cross-entropy is the binary
+cross-entropy of the score z and attacks have a gradient to follow. Read as one class, every
+image would be class 0 whatever an attack did: a robust accuracy equal to the clean one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from schemas.evaluation import EvaluationSpec
+from tests import digits
+from tests.zoo import export_default, export_onnx
+from workers.datasets import Dataset
+from workers.evaluate import evaluate
+from workers.onnxgrad.errors import InvalidModelError
+from workers.runtime import Classifier
+
+
+class Binary(nn.Module):
+    """Zeros against ones of the digits: a small CNN whose head is one score."""
+
+    def __init__(self, end: str = "sigmoid"):
+        super().__init__()
+        self.end = end
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(8 * 13 * 13, 1))
+
+    def score(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        z = self.body(x)
+        if self.end == "sigmoid":
+            return torch.sigmoid(z)
+        if self.end == "sigmoid_squeezed":
+            return torch.sigmoid(z).reshape(-1)
+        if self.end == "softmax":
+            return torch.softmax(z, dim=1)
+        return z
+
+
+@pytest.fixture(scope="module")
+def zeros_and_ones():
+    x_train, y_train, x_test, y_test = digits.digits()
+    keep, held = np.isin(y_train, (0, 1)), np.isin(y_test, (0, 1))
+    return x_train[keep], y_train[keep], x_test[held], y_test[held]
+
+
+@pytest.fixture(scope="module")
+def trained(zeros_and_ones):
+    x, y, _, _ = zeros_and_ones
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Binary()
+        optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(30):
+            optimiser.zero_grad()
+            loss = nn.functional.binary_cross_entropy_with_logits(
+                model.score(torch.tensor(x))[:, 0], torch.tensor(y, dtype=torch.float32))
+            loss.backward()
+            optimiser.step()
+    return model.eval()
+
+
+def with_end(model: Binary, end: str) -> Binary:
+    other = Binary(end)
+    other.load_state_dict(model.state_dict())
+    return other.eval()
+
+
+@pytest.mark.parametrize(("end", "binary"), [("sigmoid", "sigmoid"), ("sigmoid_squeezed", "sigmoid"),
+                                              ("logit", "logit")])
+def test_one_score_is_two_classes_whose_cross_entropy_is_the_binary_one(end, binary, trained, zeros_and_ones):
+    _, _, x, y = zeros_and_ones
+    module = with_end(trained, end)
+    classifier = Classifier(export_onnx(module, (1, 28, 28)))
+    assert (classifier.binary, classifier.num_classes) == (binary, 2)
+    logits, loss, grad = classifier.loss_and_grad(x, y, loss="cross_entropy")
+    z64 = with_end(trained, "logit").double()
+    x64 = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    score = z64(x64)[:, 0]
+    np.testing.assert_allclose(logits, torch.stack([-score / 2, score / 2], 1).detach().numpy(),
+                               rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        probability = module.double()(x64).reshape(-1).numpy()
+    np.testing.assert_array_equal(logits.argmax(1), (probability > (0.5 if binary == "sigmoid" else 0)))
+    bce = nn.functional.binary_cross_entropy_with_logits(score, torch.tensor(y, dtype=torch.float64),
+                                                         reduction="none")
+    (reference,) = torch.autograd.grad(bce.sum(), x64)
+    np.testing.assert_allclose(loss, bce.detach().numpy(), rtol=1e-4, atol=1e-6)
+    error = np.linalg.norm((grad - reference.numpy()).reshape(len(x), -1), axis=1)
+    assert (error <= 1e-4 * np.linalg.norm(reference.numpy().reshape(len(x), -1), axis=1) + 1e-7).all()
+
+
+def test_the_default_exporter_s_binary_model_is_read_the_same_way(trained, zeros_and_ones, tmp_path):
+    _, _, x, _ = zeros_and_ones
+    export_default(with_end(trained, "sigmoid"), (1, 28, 28), tmp_path / "binary.onnx")
+    import onnx
+
+    classifier = Classifier(onnx.load(tmp_path / "binary.onnx"))
+    with torch.no_grad():
+        probability = trained(torch.tensor(x))[:, 0].numpy()
+    assert classifier.binary == "sigmoid"
+    np.testing.assert_array_equal(classifier.logits(x).argmax(1), probability > 0.5)
+
+
+def test_a_softmax_over_one_class_is_refused(trained):
+    with pytest.raises(InvalidModelError, match="ends in a Softmax over one class, which is the same"):
+        Classifier(export_onnx(with_end(trained, "softmax"), (1, 28, 28)))
+
+
+def test_an_attack_on_a_binary_classifier_lowers_its_accuracy(trained, zeros_and_ones):
+    _, _, x, y = zeros_and_ones
+    model = export_onnx(with_end(trained, "sigmoid"), (1, 28, 28)).SerializeToString()
+    spec = EvaluationSpec.model_validate({"samples": "all", "attacks": [{"name": "fgsm", "eps": [0.1, 0.3]}]})
+    result = evaluate(model, Dataset(x=x, y=y, source_dtype="float32"), spec).result
+    assert result.model["binary"] == "sigmoid" and result.model["num_classes"] == 2
+    assert result.clean_accuracy > 0.95
+    accuracies = [a.robust_accuracy for a in result.attacks]
+    assert accuracies[0] < result.clean_accuracy and accuracies[1] < 0.5, accuracies
+
+
+def test_the_upload_s_answer_says_the_model_is_binary(trained, tmp_path):
+    from tests.service.conftest import gateway, make_settings
+
+    model = export_onnx(with_end(trained, "sigmoid_squeezed"), (1, 28, 28)).SerializeToString()
+    with gateway(make_settings(tmp_path / "data")) as api:
+        answer = api.post("/v1/models", files={"file": ("detector.onnx", model)})
+    assert answer.status_code == 201, answer.text
+    body = answer.json()
+    assert (body["num_classes"], body["binary"], body["attacks"]) == (2, "sigmoid", "all")
