@@ -71,10 +71,13 @@ def read_model(path: str) -> bytes:
 
 def inspect_model(data: bytes, loss: str) -> dict:
     from service.model_admission import inspect_classifier
+    from workers.onnxgrad.graph import opset_of
+    from workers.onnxgrad.prepare import load_model
 
     found = inspect_classifier(data, loss=loss)
     prepared = found.prepared
     return {
+        "exported_opset": opset_of(load_model(data)),  # as the upload's answer gives it
         "input": {"name": prepared.input_name, "shape": list(prepared.input_shape)},
         "classes": prepared.num_classes,
         "binary": prepared.binary,
@@ -127,8 +130,9 @@ def print_report(report: dict) -> None:
                    "of the score z before it)",
         "logit": "  (one score z, read as a logit: class 1 where z > 0; logits [-z/2, z/2])",
     }.get(report.get("binary") or "", ""))
-    print(f"opset      {report['opset']}" + ("  (ends in Softmax: differentiated before it)"
-                                             if report["ends_in_softmax"] else ""))
+    converted = f" (run as {report['opset']})" if report["opset"] != report["exported_opset"] else ""
+    print(f"opset      {report['exported_opset']}{converted}" + (
+        "  (ends in Softmax: differentiated before it)" if report["ends_in_softmax"] else ""))
     print(f"operators  {', '.join(f'{k} x{v}' for k, v in report['operators'].items())}")
     grads = report["gradients"]
     if grads["available"]:

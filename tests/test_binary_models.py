@@ -132,3 +132,34 @@ def test_the_upload_s_answer_says_the_model_is_binary(trained, tmp_path):
     assert answer.status_code == 201, answer.text
     body = answer.json()
     assert (body["num_classes"], body["binary"], body["attacks"]) == (2, "sigmoid", "all")
+
+
+def test_inspect_says_how_the_score_is_read_and_the_exported_opset(trained, tmp_path, capsys):
+    from client.cli import main
+
+    path = tmp_path / "detector.onnx"
+    path.write_bytes(export_onnx(with_end(trained, "sigmoid"), (1, 28, 28), opset=13).SerializeToString())
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "classes    2  (one score, a Sigmoid's probability: class 1 where it is > 0.5" in out
+    assert "opset      13 (run as 17)" in out
+
+
+def test_inspect_check_warns_where_the_gradient_is_zero_everywhere(tmp_path, capsys):
+    """Scores that do not depend on the image (a thresholded or constant head) leave attacks
+    nothing to follow: the check says so instead of printing a zero among the timings."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from client.cli import main
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "zero"], ["flat"]), helper.make_node("MatMul", ["flat", "W"], ["z"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 3])], [w, zero])
+    path = tmp_path / "constant.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(model.SerializeToString())
+    assert main(["inspect", str(path), "--check", "--batch", "4"]) == 0
+    assert "warning    the gradient is zero at every probe image" in capsys.readouterr().out
