@@ -23,7 +23,7 @@ from client.cli import main
 from infra.records import StoredModel
 from schemas.api import upload_digest
 from service.model_admission import validate_model_upload
-from tests.service.conftest import gateway, make_settings, upload
+from tests.service.conftest import count_validations, gateway, make_settings, upload
 from tests.zoo import export_default, export_onnx, make_model
 from workers.errors import UserError
 from workers.onnxgrad.weights import blob_location
@@ -131,14 +131,7 @@ def test_a_bundle_sent_again_is_found_before_it_is_sent_and_not_validated_again(
     bundle = tmp_path / "lenet.zip"
     bundle.write_bytes(_zip({"lenet.onnx": model, "lenet.onnx.data": data}))
     with gateway(make_settings(tmp_path / "data")) as api:
-        validations = []
-        run = api.app.state.validation.run
-
-        async def counted(*args):
-            validations.append(args[0])
-            return await run(*args)
-
-        api.app.state.validation.run = counted
+        validations = count_validations(api)
         client = RobustnessClient("http://testserver", transport=api._transport)
         first, uploaded = client.ensure_model(bundle)
         assert uploaded and first["source_sha256"] == _sha(bundle.read_bytes()) != first["sha256"]

@@ -95,6 +95,19 @@ def gateway(settings: Settings):
         yield client
 
 
+def count_validations(api: TestClient) -> list[str]:
+    """The kinds ("model", "dataset") of the validations the gateway runs from now on, in order."""
+    validations: list[str] = []
+    run = api.app.state.validation.run
+
+    async def counted(*args):
+        validations.append(args[0])
+        return await run(*args)
+
+    api.app.state.validation.run = counted
+    return validations
+
+
 @contextmanager
 def uvicorn_gateway(settings: Settings):
     """The app on a real port (uvicorn in a thread): for browsers and real HTTP clients."""

@@ -12,7 +12,7 @@ from client.submit_cli import add_submit_parser, run_submit
 from infra.database import migrate, session_factory
 from schemas.evaluation import EvaluationSpec
 from service.auth import create_key
-from tests.service.conftest import MODEL, gateway, upload, wait_for
+from tests.service.conftest import MODEL, count_validations, gateway, upload, wait_for
 from tests.test_image_folders import digit_zip, zipped
 from workers.dataset_files import load_dataset_file
 from workers.evaluate import evaluate
@@ -62,14 +62,7 @@ def test_the_same_zip_with_the_same_processing_is_not_processed_again(settings, 
                             headers=headers)
 
     with gateway(settings) as api:
-        validations = []
-        run = api.app.state.validation.run
-
-        async def counted(*args):
-            validations.append(args[0])
-            return await run(*args)
-
-        api.app.state.validation.run = counted
+        validations = count_validations(api)
         first = send(tenants[0], **DIGITS_28).json()
         again = send(tenants[1], **DIGITS_28)
         assert again.status_code == 201, again.text  # a record of its own, the same stored file
