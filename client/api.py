@@ -252,10 +252,10 @@ class RobustnessClient:
         (schemas.api.upload_digest), since the server stores the self-contained model they make."""
         digest = sha256 or sha256_file(path)
         data = {file.name: sha256_file(file) for file in data_files_of(Path(path))}
-        if data or not str(path).endswith(".onnx"):
+        if data:
             found = self.find_model_made_from(upload_digest(digest, data))
-        else:
-            found = self.find_model(digest)
+        else:  # a plain model is stored as sent; a bundle is what it was made from
+            found = self.find_model(digest) or self.find_model_made_from(digest)
         return (found, False) if found else (self.upload_model(path, name), True)
 
     def find_model_made_from(self, source_sha256: str) -> dict | None:

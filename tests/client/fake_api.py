@@ -61,8 +61,9 @@ class FakeApi:
             if method == "POST":
                 return self._upload(parts[0], store, request)
             if len(parts) == 1:
-                sha = request.url.params.get("sha256")
-                items = [r for r in store.values() if sha is None or r["sha256"] == sha]
+                sha, source = request.url.params.get("sha256"), request.url.params.get("source_sha256")
+                items = [r for r in store.values() if (sha is None or r["sha256"] == sha)
+                         and (source is None or r.get("source_sha256") == source)]
                 return httpx.Response(200, json={"items": items, "count": len(items)})
             return self._get(store, parts[1])
         if parts[0] == "evaluations":

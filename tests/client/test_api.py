@@ -67,6 +67,9 @@ def test_upload_find_and_dedupe(api, fake, tmp_path):
     assert api.find_model(model["sha256"]) == model == api.get_model(model["id"])
     assert api.ensure_model(path) == (model, False)
     assert len(fake.uploads) == 1
+    other = tmp_path / "other.onnx"
+    other.write_bytes(b"other model" * 1000)
+    assert api.ensure_model(other)[1] and len(fake.uploads) == 2  # not mistaken for the first
     dataset, uploaded = api.ensure_dataset(path)
     assert uploaded and dataset["id"].startswith("ds_") and api.find_dataset(dataset["sha256"]) == dataset
 
