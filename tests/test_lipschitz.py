@@ -172,10 +172,10 @@ def test_global_average_pool_and_concat_are_exact():
 @pytest.mark.parametrize("op", sorted(POINTWISE))
 def test_pointwise_bound_is_the_largest_slope(op):
     """Secant slopes of the operator on a fine grid never exceed the bound, and reach it."""
-    model = _model([helper.make_node(op, ["x"], ["logits"])], (1,), opset=20, k=1)
+    model = _model([helper.make_node(op, ["x"], ["logits"])], (2,), opset=20, k=2)  # one score: binary
     bound = lipschitz_bounds(model).network_bound
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = np.arange(-6 * 128, 6 * 128 + 1, dtype=np.float32)[:, None] / 128
+    x = np.repeat(np.arange(-6 * 128, 6 * 128 + 1, dtype=np.float32)[:, None] / 128, 2, axis=1)
     slopes = np.diff(session.run(None, {"x": x})[0][:, 0].astype(np.float64)) / (1 / 128)
     assert np.abs(slopes).max() <= bound * (1 + 1e-3)
     assert np.abs(slopes).max() >= bound * 0.98
