@@ -9,6 +9,7 @@ from workers.attacks import ATTACKS
 from workers.errors import InvalidSpecError
 from workers.image_folders import class_list_mismatch
 from workers.layout import LayoutError, image_nchw, model_layout
+from workers.onnxgrad.losses import MIN_CLASSES
 from workers.spec_checks import held_out_shortfall
 
 
@@ -43,6 +44,12 @@ def check_fit(spec: EvaluationSpec, model: dict, dataset: dict) -> None:
                 f"input.{name} has {len(values)} values; give 1 or one per channel ({channels}, on the "
                 f"channel axis of the {layout} model)"
             )
+    for loss, fewest in MIN_CLASSES.items():
+        wanting = [a.key for a in spec.attacks if a.loss == loss]
+        if wanting and model["num_classes"] < fewest:
+            raise InvalidSpecError(
+                f"{', '.join(wanting)}: loss {loss} needs at least {fewest} classes and the model has "
+                f"{model['num_classes']}; use loss auto or ce")
     shortfall = held_out_shortfall(spec, dataset["samples"])
     if shortfall is not None:
         raise InvalidSpecError(shortfall)

@@ -123,15 +123,28 @@ def test_an_attack_on_a_binary_classifier_lowers_its_accuracy(trained, zeros_and
     assert accuracies[0] < result.clean_accuracy and accuracies[1] < 0.5, accuracies
 
 
-def test_the_upload_s_answer_says_the_model_is_binary(trained, tmp_path):
+def test_the_upload_s_answer_says_the_model_is_binary(trained, zeros_and_ones, tmp_path):
+    """...and a spec whose loss needs more classes than two is refused before it is queued."""
+    import io
+
     from tests.service.conftest import gateway, make_settings
 
+    _, _, x, y = zeros_and_ones
     model = export_onnx(with_end(trained, "sigmoid_squeezed"), (1, 28, 28)).SerializeToString()
+    data = io.BytesIO()
+    np.savez(data, x=x, y=y)
     with gateway(make_settings(tmp_path / "data")) as api:
         answer = api.post("/v1/models", files={"file": ("detector.onnx", model)})
+        dataset = api.post("/v1/datasets", files={"file": ("ones.npz", data.getvalue())}).json()
+        refused = api.post("/v1/evaluations", json={
+            "model_id": answer.json()["id"], "dataset_id": dataset["id"],
+            "attacks": [{"name": "apgd", "eps": 0.1, "loss": "dlr"}]})
     assert answer.status_code == 201, answer.text
     body = answer.json()
     assert (body["num_classes"], body["binary"], body["attacks"]) == (2, "sigmoid", "all")
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"] == ("apgd: loss dlr needs at least 3 classes and the model has 2; "
+                                        "use loss auto or ce")
 
 
 def test_inspect_says_how_the_score_is_read_and_the_exported_opset(trained, tmp_path, capsys):
