@@ -33,6 +33,9 @@ class UnsupportedNode(BaseModel):
 class GradientVerdict(BaseModel):
     available: bool  # False: only black-box attacks (square, noise) can run
     unsupported: list[UnsupportedNode] = []
+    # a model with symbolic image axes (H, W): its gradient graph was built with them pinned to
+    # this side; every evaluation differentiates it at its dataset's image size
+    probed_side: int | None = None
 
 
 class ModelPublic(BaseModel):

@@ -84,7 +84,8 @@ def inspect_model(data: bytes, loss: str) -> dict:
         "opset": prepared.opset,
         "ends_in_softmax": prepared.ends_in_softmax,
         "operators": found.operators,
-        "gradients": {"available": found.gradients_available, "unsupported": found.unsupported},
+        "gradients": {"available": found.gradients_available, "unsupported": found.unsupported,
+                      "probed_side": found.probed_side},
     }
 
 
@@ -135,7 +136,12 @@ def print_report(report: dict) -> None:
         "  (ends in Softmax: differentiated before it)" if report["ends_in_softmax"] else ""))
     print(f"operators  {', '.join(f'{k} x{v}' for k, v in report['operators'].items())}")
     grads = report["gradients"]
-    if grads["available"]:
+    if grads["available"] and grads.get("probed_side"):
+        side = grads["probed_side"]
+        print(f"gradients  available at a fixed image size: every operator on the input -> logits path has "
+              f"a rule once the symbolic image axes are pinned (checked at {side}x{side}; an evaluation "
+              "pins them to its dataset's image size)")
+    elif grads["available"]:
         print("gradients  available: every operator on the input -> logits path has a rule")
     else:
         print("gradients  unavailable; only black-box attacks can evaluate this model:")
@@ -157,6 +163,11 @@ def cmd_inspect(args) -> int:
     data = read_model(args.model)
     report = inspect_model(data, args.loss)
     if args.check and report["gradients"]["available"]:
+        side = report["gradients"]["probed_side"]
+        if side:  # timed at the size the gradients were checked at, not at 1x1 pixels
+            from service.model_admission import with_image_side
+
+            data = with_image_side(data, side).SerializeToString()
         report["check"] = check_gradients(data, args.loss, args.batch)
     lipschitz = None
     if args.lipschitz:

@@ -40,7 +40,7 @@ from workers.onnxgrad import (
 )
 from workers.onnxgrad.dtypes import HALF
 from workers.onnxgrad.external import DataFile, PathFile, assemble_file, is_archive
-from workers.onnxgrad.prepare import image_input, make_batch_dynamic
+from workers.onnxgrad.prepare import image_input, load_model, make_batch_dynamic
 
 MiB = 1 << 20
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -62,6 +62,7 @@ class ModelInfo:
     dtype: str = "float32"  # float16 / bfloat16: predictions in it, gradients of its float32 twin
     output_squeezed_from: list | None = None  # the output's own shape when it was [N, K, 1, 1] or such
     binary: str | None = None  # one score read as two classes: "sigmoid" or "logit" (prepare.py)
+    gradients_probed_side: int | None = None  # symbolic image axes: gradients built with them pinned so
     weights: list[str] = field(default_factory=list)  # sha256 of the data files kept outside the model
 
 
@@ -72,26 +73,57 @@ class Inspection:
     prepared: PreparedClassifier
     operators: dict[str, int]
     unsupported: list[dict]
+    # symbolic image axes (a fully convolutional export's H and W) pinned to this side for the
+    # gradient graph: an evaluation differentiates the model at its dataset's image size
+    probed_side: int | None = None
 
     @property
     def gradients_available(self) -> bool:
         return not self.unsupported
 
 
+PROBE_SIDES = (224, 32)  # pixels, for symbolic image axes: ImageNet's size, then CIFAR's
+
+
 def inspect_classifier(model: onnx.ModelProto | bytes, loss: str = "cross_entropy") -> Inspection:
     """Prepare the classifier and try to build its gradient graph.
 
     Raises the engine's ``InvalidModelError`` for a model it cannot use; operators without a
-    gradient rule are listed in ``unsupported`` instead of raising.
+    gradient rule are listed in ``unsupported`` instead of raising. Rules that need static sizes
+    (Conv, pools) cannot differentiate symbolic image axes, which every evaluation pins to its
+    dataset's image size (workers.preprocess.compose_preprocessing): such a model is tried with
+    them pinned to each of PROBE_SIDES.
     """
     prepared = prepare_classifier(model)
     operators = Counter(node.op_type for node in prepared.model.graph.node)
+    unsupported = _unsupported(model, loss)
+    if unsupported and any(not isinstance(d, int) for d in prepared.input_shape[1:]):
+        for side in PROBE_SIDES:
+            try:
+                found = _unsupported(with_image_side(model, side), loss)
+            except InvalidModelError:  # shape inference fails at that size
+                continue
+            if not found:
+                return Inspection(prepared, dict(sorted(operators.items())), [], side)
+    return Inspection(prepared, dict(sorted(operators.items())), unsupported)
+
+
+def _unsupported(model: onnx.ModelProto | bytes, loss: str) -> list[dict]:
     try:
         build_gradient_model(model, loss=loss)
-        unsupported = []
     except UnsupportedOperatorError as exc:
-        unsupported = [{"op_type": n.op_type, "node": n.node_name, "reason": n.reason} for n in exc.nodes]
-    return Inspection(prepared, dict(sorted(operators.items())), unsupported)
+        return [{"op_type": n.op_type, "node": n.node_name, "reason": n.reason} for n in exc.nodes]
+    return []
+
+
+def with_image_side(model: onnx.ModelProto | bytes, side: int) -> onnx.ModelProto:
+    """``model`` with every symbolic axis of its input but the batch set to ``side``."""
+    model = load_model(model)
+    for dim in list(image_input(model).type.tensor_type.shape.dim)[1:]:
+        if not dim.HasField("dim_value"):
+            dim.Clear()
+            dim.dim_value = side
+    return model
 
 
 DEFAULT_MAX_LOOP_ITERATIONS = 100_000
@@ -141,6 +173,7 @@ def validate_model(path: Path, *, max_bytes: int,
         output_squeezed_from=None if prepared.squeezed_from is None else [
             d if isinstance(d, int) else None for d in prepared.squeezed_from],
         binary=prepared.binary,
+        gradients_probed_side=found.probed_side,
     )
 
 
