@@ -54,7 +54,7 @@ class ModelPublic(BaseModel):
     output_squeezed_from: list[int | None] | None = None  # logits [N, K, 1, 1] or [N, 1, K], squeezed
     # one score per image read as two classes (logits [-z/2, z/2]; class 1: z > 0): z before a
     # final "sigmoid" (class 1 where the model's probability is > 0.5), or the output as a "logit"
-    binary: Literal["sigmoid", "logit"] | None = None
+    binary: Literal["sigmoid", "hard_sigmoid", "logit"] | None = None
     # a model not stored as sent (a bundle, or sent with data files): upload_digest of what was sent
     source_sha256: str | None = None
 

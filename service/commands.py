@@ -129,6 +129,8 @@ def print_report(report: dict) -> None:
     print(f"classes    {report['classes']}" + {
         "sigmoid": "  (one score, a Sigmoid's probability: class 1 where it is > 0.5; logits [-z/2, z/2] "
                    "of the score z before it)",
+        "hard_sigmoid": "  (one score, a HardSigmoid's probability: class 1 where it is > 0.5; logits "
+                        "[-s/2, s/2] of its affine input minus 0.5, s)",
         "logit": "  (one score z, read as a logit: class 1 where z > 0; logits [-z/2, z/2])",
     }.get(report.get("binary") or "", ""))
     converted = f" (run as {report['opset']})" if report["opset"] != report["exported_opset"] else ""

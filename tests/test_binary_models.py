@@ -39,6 +39,8 @@ class Binary(nn.Module):
             return torch.sigmoid(z).reshape(-1)
         if self.end == "softmax":
             return torch.softmax(z, dim=1)
+        if self.end == "hard_sigmoid":
+            return nn.functional.hardsigmoid(4 * z)
         return z
 
 
@@ -105,6 +107,23 @@ def test_the_default_exporter_s_binary_model_is_read_the_same_way(trained, zeros
         probability = trained(torch.tensor(x))[:, 0].numpy()
     assert classifier.binary == "sigmoid"
     np.testing.assert_array_equal(classifier.logits(x).argmax(1), probability > 0.5)
+
+
+def test_a_hard_sigmoid_head_keeps_its_decision_and_a_gradient_where_it_saturates(trained, zeros_and_ones):
+    """hardsigmoid(4 z) is 0 or 1 for |4 z| >= 3, where its own gradient is 0: the score is its
+    affine input minus 1/2 (4 z / 6 here), whose sign is the model's decision."""
+    _, _, x, y = zeros_and_ones
+    module = with_end(trained, "hard_sigmoid")
+    classifier = Classifier(export_onnx(module, (1, 28, 28)))
+    with torch.no_grad():
+        probability = module(torch.tensor(x))[:, 0].numpy()
+        score = trained.score(torch.tensor(x))[:, 0].numpy()
+    logits, _, grad = classifier.loss_and_grad(x, y, loss="cross_entropy")
+    assert classifier.binary == "hard_sigmoid"
+    np.testing.assert_array_equal(logits.argmax(1), probability > 0.5)
+    np.testing.assert_allclose(logits[:, 1], 4 * score / 6 / 2, rtol=1e-4, atol=1e-5)
+    saturated = np.isin(probability, (0.0, 1.0))
+    assert saturated.mean() > 0.5 and (np.abs(grad[saturated]).reshape(saturated.sum(), -1).max(1) > 0).all()
 
 
 def test_a_softmax_over_one_class_is_refused(trained):

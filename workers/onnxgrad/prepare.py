@@ -275,11 +275,13 @@ def two_class_logits(model: onnx.ModelProto, output_name: str, rank: int) -> tup
     logits of two classes, [-z/2, z/2], the first output: their softmax is [1 - sigmoid(z),
     sigmoid(z)], so the cross-entropy is the binary cross-entropy of z and class 1 is z > 0. z is
     the score before a final Sigmoid (reshaped as the model reshapes its probability), so a
-    saturated probability keeps its gradient; without a Sigmoid the score is read as a logit.
-    Returns (the logits' name, "sigmoid" or "logit")."""
+    saturated probability keeps its gradient; before a final HardSigmoid, its affine input minus
+    1/2 (the same decision: class 1 where the probability is > 1/2; its softmax is not the
+    model's probability); without either the score is read as a logit. Returns (the logits'
+    name, "sigmoid", "hard_sigmoid" or "logit")."""
     graph = model.graph
     producers = {name: node for node in graph.node for name in node.output}
-    chain = []  # the shape-only nodes between a final Sigmoid and the output, last first
+    chain = []  # the shape-only nodes between a final (Hard)Sigmoid and the output, last first
     node = producers.get(output_name)
     while node is not None and node.op_type in SHAPE_ONLY and node.domain in ("", "ai.onnx"):
         chain.append(node)
@@ -289,14 +291,23 @@ def two_class_logits(model: onnx.ModelProto, output_name: str, rank: int) -> tup
             f"the model ends in a {node.op_type} over one class, which is the same for every image; "
             "export the score before it (a logit), or end a binary classifier in a Sigmoid")
     score, binary = output_name, "logit"
-    if node is not None and node.op_type == "Sigmoid" and node.domain in ("", "ai.onnx"):
-        score, binary = node.input[0], "sigmoid"
+    elem = next(o for o in graph.output if o.name == output_name).type.tensor_type.elem_type
+    final = node if node is not None and node.domain in ("", "ai.onnx") else onnx.NodeProto()
+    if final.op_type == "Sigmoid":
+        score, binary = final.input[0], "sigmoid"
+    elif final.op_type == "HardSigmoid":  # min(1, max(0, a z + b)) > 1/2 where a z + b - 1/2 > 0
+        score, binary = f"{output_name}/hard_sigmoid_score", "hard_sigmoid"
+        slope, offset = f"{output_name}/hard_sigmoid_slope", f"{output_name}/hard_sigmoid_offset"
+        graph.initializer.extend([helper.make_tensor(slope, elem, [], [attr(final, "alpha", 0.2)]),
+                                  helper.make_tensor(offset, elem, [], [attr(final, "beta", 0.5) - 0.5])])
+        graph.node.extend([helper.make_node("Mul", [final.input[0], slope], [f"{score}/scaled"]),
+                           helper.make_node("Add", [f"{score}/scaled", offset], [score])])
+    if binary != "logit":
         for op in reversed(chain):
             copy = helper.make_node(op.op_type, [score, *op.input[1:]], [f"{op.output[0]}/score"],
                                     **{a.name: helper.get_attribute_value(a) for a in op.attribute})
             graph.node.append(copy)
             score = copy.output[0]
-    elem = next(o for o in graph.output if o.name == output_name).type.tensor_type.elem_type
     column = f"{output_name}/score_column"
     if rank == 1:
         axes = f"{output_name}/axis_1"
