@@ -180,15 +180,13 @@ class FGSM(PGD):
     def __init__(self, *, loss: str = "auto"):
         super().__init__(norm="linf", steps=1, rel_step_size=1.0, random_start=False, loss=loss)
 
-    @property
-    def shares_budgets(self) -> bool:  # type: ignore[override]
-        return not self.random_target
+    shares_budgets = True
 
     def run_budgets(self, model, x, y, budgets, targets, bounds, rng, progress):
         """Every budget from one gradient: each is the step eps * sign(gradient at x) from x, and
         that gradient does not depend on eps (the same float32 operations as one budget's run,
-        so the same images; a random target is drawn per budget, so those run one by one)."""
-        if self.random_target or len(budgets) < 2:
+        so the same images)."""
+        if len(budgets) < 2:
             return super().run_budgets(model, x, y, budgets, targets, bounds, rng, progress)
         labels, sign = (y, 1.0) if targets is None else (targets, -1.0)
         start = clip_to_box(x, bounds)
