@@ -57,12 +57,13 @@ def test_sign_out_revokes_the_session_on_the_server(tmp_path):
 
 
 def test_a_session_expires(tmp_path):
-    settings = make_settings(tmp_path / "data", auth_cache_s=0, session_lifetime_s=1)
+    # 3 s: a 1 s session expired between login and the first request on a loaded 2-core CI machine
+    settings = make_settings(tmp_path / "data", auth_cache_s=0, session_lifetime_s=3)
     (key,) = _keys(settings, "alice")
     with gateway(settings) as api:
         token = _cookie(api.post("/login", data={"key": key}, follow_redirects=False))
         assert api.get("/v1/models").status_code == 200
-        time.sleep(1.3)
+        time.sleep(3.3)
         api.cookies.clear()
         api.cookies.set("robustness_session", token)  # a client that keeps it past its max-age
         assert api.get("/v1/models").status_code == 401
