@@ -36,6 +36,10 @@ class GradientVerdict(BaseModel):
     # a model with symbolic image axes (H, W): its gradient graph was built with them pinned to
     # this side; every evaluation differentiates it at its dataset's image size
     probed_side: int | None = None
+    # a quantized (QDQ) model: its QuantizeLinear -> DequantizeLinear pairs on the image's path, whose
+    # gradient is taken straight through (1 inside the quantized range, 0 where it clamps), as
+    # PyTorch's fake_quantize and BPDA take it; the true gradient is zero almost everywhere
+    straight_through: int = 0
 
 
 class ModelPublic(BaseModel):

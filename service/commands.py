@@ -85,7 +85,8 @@ def inspect_model(data: bytes, loss: str) -> dict:
         "ends_in_softmax": prepared.ends_in_softmax,
         "operators": found.operators,
         "gradients": {"available": found.gradients_available, "unsupported": found.unsupported,
-                      "probed_side": found.probed_side},
+                      "probed_side": found.probed_side,
+                      "straight_through": prepared.straight_through if found.gradients_available else 0},
     }
 
 
@@ -149,6 +150,10 @@ def print_report(report: dict) -> None:
         print("gradients  unavailable; only black-box attacks can evaluate this model:")
         for item in grads["unsupported"]:
             print(f"           - {item['op_type']} (node {item['node']}): {item['reason']}")
+    if grads.get("straight_through"):
+        print(f"           straight through {grads['straight_through']} QuantizeLinear -> DequantizeLinear "
+              "pair(s): a quantized model's true gradient is zero almost everywhere; attacks follow "
+              "1 inside each quantized range, 0 where it clamps (PyTorch's fake_quantize, BPDA)")
     check = report.get("check")
     if check:
         print(f"check      {check['device']}, batch {check['batch']}: forward "

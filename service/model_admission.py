@@ -62,6 +62,7 @@ class ModelInfo:
     dtype: str = "float32"  # float16 / bfloat16: predictions in it, gradients of its float32 twin
     output_squeezed_from: list | None = None  # the output's own shape when it was [N, K, 1, 1] or such
     binary: str | None = None  # one score read as two classes: "sigmoid" or "logit" (prepare.py)
+    gradients_straight_through: int = 0  # QDQ pairs differentiated straight through (rules/quantize.py)
     gradients_probed_side: int | None = None  # symbolic image axes: gradients built with them pinned so
     weights: list[str] = field(default_factory=list)  # sha256 of the data files kept outside the model
 
@@ -174,6 +175,7 @@ def validate_model(path: Path, *, max_bytes: int,
             d if isinstance(d, int) else None for d in prepared.squeezed_from],
         binary=prepared.binary,
         gradients_probed_side=found.probed_side,
+        gradients_straight_through=prepared.straight_through if found.gradients_available else 0,
     )
 
 

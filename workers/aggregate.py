@@ -71,6 +71,12 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
     warnings = [message for message, _ in flags]
     warnings += [f"{entry_label(e.attack, e.eps)}: {component} skipped: {reason}" for e in entries
                  for component, reason in ((e.details or {}).get("skipped") or {}).items()]
+    if classifier.straight_through and any(build_attack(a).needs_gradients for a in spec.attacks):
+        warnings.append(
+            f"quantized model: gradient attacks followed a straight-through gradient through its "
+            f"{classifier.straight_through} QuantizeLinear -> DequantizeLinear pair(s) (its true "
+            "gradient is zero almost everywhere); their robust accuracy is an upper bound that may "
+            "be looser than on a float model: compare with a gradient-free attack (square)")
     clean_accuracy = metrics.accuracy(clean_pred, y)
     certify = None
     if spec.certify is not None:
@@ -107,7 +113,7 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
                "layout": subject.model_layout, "num_classes": classifier.num_classes,
                "ends_in_softmax": classifier.ends_in_softmax, "fixed_batch": classifier.fixed_batch,
                "dtype": classifier.dtype, "output_squeezed_from": _shape(classifier.squeezed_from),
-               "binary": classifier.binary},
+               "binary": classifier.binary, "straight_through": classifier.straight_through},
         dataset={"samples": len(x), "source_dtype": dataset.source_dtype,
                  "sha256": _dataset_digest(dataset, spec)},
         spec=spec, device=classifier.device, clean_accuracy=clean_accuracy, attacks=entries,

@@ -248,6 +248,7 @@ class Classifier:
         self.dtype = prepared.dtype  # float16 / bfloat16: predictions in it, gradients of its float32 twin
         self.squeezed_from = prepared.squeezed_from  # the output's own shape, when [N, K, 1, 1] or such
         self.binary = prepared.binary  # one score read as two classes: "sigmoid" or "logit"
+        self.straight_through = prepared.straight_through  # QDQ pairs differentiated straight through
         self._raw = raw
         forward = self._forward_model(prepared)
         self._feed_dtype = feed_dtype(forward, prepared.input_name)  # float16 for a float16 model

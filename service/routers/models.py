@@ -40,7 +40,8 @@ def public(row: StoredModel) -> ModelPublic:
         num_classes=info["num_classes"],
         opset=info["opset"],
         gradients=GradientVerdict(available=info["gradients_available"], unsupported=info["unsupported"],
-                                  probed_side=info.get("gradients_probed_side")),
+                                  probed_side=info.get("gradients_probed_side"),
+                                  straight_through=info.get("gradients_straight_through", 0)),
         attacks="all" if info["gradients_available"] else "black_box_only",
         dtype=info.get("dtype", "float32"),  # records from before half precision have none
         output_squeezed_from=info.get("output_squeezed_from"),

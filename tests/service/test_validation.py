@@ -515,7 +515,8 @@ def test_an_operator_without_a_gradient_leaves_black_box_attacks(tmp_path, op_ty
             "op_type": op_type,
             "node": "quantise",
             "reason": "its gradient is zero almost everywhere, so gradient attacks would be masked; use "
-            "black-box attacks, or export the model with a straight-through estimator",
+            "black-box attacks, or write the quantization as QuantizeLinear -> DequantizeLinear, which "
+            "is differentiated straight through",
         }
     ]
     assert info.operators == {"MatMul": 1, op_type: 1}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from . import weights
 from .errors import UnsupportedNode, UnsupportedOperatorError
@@ -182,6 +182,51 @@ def _is_float(types: dict[str, onnx.TypeProto], name: str) -> bool:
     return tp is None or tp.tensor_type.elem_type in FLOAT_TYPES
 
 
+def _straight_through(node: onnx.NodeProto) -> bool:
+    """A QuantizeLinear's integer output carries a gradient to its DequantizeLinear (quantize.py)."""
+    return node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx")
+
+
+# Integer outputs that say nothing about the values they were computed from.
+SHAPE_ONLY = frozenset({"Shape", "Size"})
+
+
+def integer_crossings(graph: onnx.GraphProto, wrt: Sequence[str], target: str) -> list[UnsupportedNode]:
+    """The nodes where the only dependence of ``target`` on ``wrt`` leaves float tensors (a Cast
+    to an integer type, an ArgMax, a QOperator model's QLinearConv): each takes an input that
+    depends on ``wrt`` through floats and outputs an integer tensor that ``target`` depends on.
+    ``differentiate`` finds no gradient there; these name why."""
+    types = tensor_types(graph)
+    active, reaches = set(wrt), set(wrt)
+    for node in graph.node:
+        if node.op_type in SHAPE_ONLY:
+            continue
+        if any(name in active for name in node.input if name):
+            active.update(o for o in node.output if o and (_is_float(types, o) or _straight_through(node)))
+        if any(name in reaches for name in node.input if name):
+            reaches.update(o for o in node.output if o)
+    if target not in reaches:
+        return []
+    relevant = {target}
+    for node in reversed(graph.node):
+        if any(o in relevant for o in node.output):
+            relevant.update(i for i in node.input if i)
+    found = []
+    for node in graph.node:
+        ends = [o for o in node.output if o in relevant and o in reaches and o not in active]
+        if node.op_type in SHAPE_ONLY or not ends or not any(i in active for i in node.input if i):
+            continue
+        type_name = TensorProto.DataType.Name(types[ends[0]].tensor_type.elem_type).lower() \
+            if ends[0] in types else "not a float"
+        reason = f"its output {ends[0]!r} is {type_name}, which carries no gradient"
+        if node.op_type.startswith("QLinear") or node.op_type.endswith("Integer"):
+            reason += ("; this is a QOperator-format quantized model: quantize it in the QDQ format "
+                       "(onnxruntime.quantization's QuantFormat.QDQ) for straight-through gradients")
+        domain = f"{node.domain}:" if node.domain not in ("", "ai.onnx") else ""
+        found.append(UnsupportedNode(domain + node.op_type, node.name or node.output[0], reason))
+    return found
+
+
 def differentiate(
     graph: onnx.GraphProto,
     builder: GraphBuilder,
@@ -199,7 +244,7 @@ def differentiate(
     active = set(wrt)
     for node in graph.node:
         if any(name in active for name in node.input if name):
-            active.update(o for o in node.output if o and _is_float(types, o))
+            active.update(o for o in node.output if o and (_is_float(types, o) or _straight_through(node)))
 
     relevant = {target}
     for node in reversed(graph.node):

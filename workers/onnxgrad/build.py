@@ -9,8 +9,8 @@ from . import (
     rules,  # noqa: F401  (fills the registry)
     weights,
 )
-from .autodiff import differentiate
-from .errors import InvalidModelError
+from .autodiff import differentiate, integer_crossings
+from .errors import InvalidModelError, UnsupportedOperatorError
 from .graph import GraphBuilder, opset_of, tensor_types
 from .losses import LOSS_INPUTS, LOSSES, emit_loss
 from .prepare import (
@@ -172,6 +172,9 @@ def build_gradient_model(
     grads = differentiate(graph, builder, [x], logits, seed)
     grad = grads[x]
     if grad is None:
+        crossings = integer_crossings(graph, [x], logits)
+        if crossings:
+            raise UnsupportedOperatorError(crossings)
         raise InvalidModelError("the logits do not depend on the image input")
 
     batch = prepared.input_shape[0] if prepared.input_shape else BATCH_DIM

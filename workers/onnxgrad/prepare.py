@@ -45,6 +45,9 @@ class PreparedClassifier:
     # a binary classifier's one score: "sigmoid" (a probability, differentiated before its
     # Sigmoid) or "logit"; its logits are then the two classes' [-z/2, z/2]
     binary: str | None = None
+    # QuantizeLinear -> DequantizeLinear pairs on the image's path (a QDQ quantized model), whose
+    # gradient is taken straight through (rules/quantize.py)
+    straight_through: int = 0
 
 
 def load_model(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
@@ -263,8 +266,18 @@ def prepare_classifier(
         model=model, input_name=x.name, input_shape=input_shape, logits_name=logits,
         num_classes=num_classes, ends_in_softmax=ends_in_softmax, opset=opset_of(model),
         fixed_batch=fixed_batch, dtype=HALF[half] if half is not None else "float32", forward=forward,
-        squeezed_from=squeezed_from, binary=binary,
+        squeezed_from=squeezed_from, binary=binary, straight_through=_quantized_on_path(model.graph, x.name),
     )
+
+
+def _quantized_on_path(graph: onnx.GraphProto, x: str) -> int:
+    """How many default-domain QuantizeLinear nodes take a tensor that depends on ``x``."""
+    depends, count = {x}, 0
+    for node in graph.node:
+        if any(name in depends for name in node.input if name):
+            depends.update(node.output)
+            count += node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx")
+    return count
 
 
 SHAPE_ONLY = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")

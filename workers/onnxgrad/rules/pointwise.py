@@ -19,7 +19,8 @@ from .ramps import masked_by_steps, ramp_applies, ramp_scale
 
 refuse(
     "its gradient is zero almost everywhere, so gradient attacks would be masked; "
-    "use black-box attacks, or export the model with a straight-through estimator",
+    "use black-box attacks, or write the quantization as QuantizeLinear -> DequantizeLinear, "
+    "which is differentiated straight through",
     "Sign", "Floor", "Ceil", "Round",
 )
 
