@@ -87,7 +87,13 @@ def test_the_gradient_through_qdq_pairs_is_pytorch_s_fake_quantize_gradient(defa
 def quantized_cnn(tmp_path_factory) -> dict[str, bytes]:
     """The digits CNN quantized by ONNX Runtime's quantize_static (uint8 activations, int8
     weights) in both formats; QOperator with Conv only, so every operator is the default domain's."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     folder = tmp_path_factory.mktemp("quantized")
     source = folder / "cnn.onnx"
@@ -107,6 +113,8 @@ def quantized_cnn(tmp_path_factory) -> dict[str, bytes]:
         quantize_static(str(source), str(target), Calibration(), quant_format=form, op_types_to_quantize=ops,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         files[name] = target.read_bytes()
+    quantize_dynamic(str(source), str(folder / "dynamic.onnx"), weight_type=QuantType.QInt8)
+    files["dynamic"] = (folder / "dynamic.onnx").read_bytes()
     return files
 
 
@@ -141,6 +149,16 @@ def test_a_qoperator_model_is_black_box_only_and_told_how_to_get_gradients(quant
     assert info.unsupported[0]["reason"].endswith(
         "is uint8, which carries no gradient; this is a QOperator-format quantized model: quantize it "
         "in the QDQ format (onnxruntime.quantization's QuantFormat.QDQ) for straight-through gradients")
+
+
+def test_a_dynamically_quantized_model_is_black_box_only_and_told_how_to_get_gradients(quantized_cnn):
+    from service.model_admission import inspect_classifier
+
+    found = inspect_classifier(quantized_cnn["dynamic"])
+    assert not found.gradients_available
+    assert {item["op_type"] for item in found.unsupported} == {"DynamicQuantizeLinear"}
+    assert found.unsupported[0]["reason"].endswith(
+        "quantize it statically in the QDQ format (quantize_static, QuantFormat.QDQ)")
 
 
 def test_the_upload_s_answer_and_inspect_say_the_gradient_is_straight_through(quantized_cnn, tmp_path,

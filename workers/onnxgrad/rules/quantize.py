@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from ..autodiff import Context, attr, register, unsupported
+from ..autodiff import Context, attr, refuse, register, unsupported
 
 # Integer ranges of the quantized types whose pairs have a straight-through gradient.
 QUANTIZED_RANGES: dict[int, tuple[int, int]] = {
@@ -30,6 +30,12 @@ QUANTIZED_RANGES: dict[int, tuple[int, int]] = {
     TensorProto.UINT4: (0, 15),
     TensorProto.INT4: (-8, 7),
 }
+
+# quantize_dynamic's scales follow each batch's range, and its ConvInteger / MatMulInteger take
+# integers: no pair to pass straight through
+refuse("a dynamically quantized model (onnxruntime's quantize_dynamic) has no straight-through "
+       "rule; quantize it statically in the QDQ format (quantize_static, QuantFormat.QDQ)",
+       "DynamicQuantizeLinear")
 
 
 def _parameters(ctx: Context, node) -> tuple[np.ndarray, np.ndarray, int]:
