@@ -72,13 +72,15 @@ def read_model(path: str) -> bytes:
 def inspect_model(data: bytes, loss: str) -> dict:
     from service.model_admission import inspect_classifier
     from workers.onnxgrad.graph import opset_of
-    from workers.onnxgrad.prepare import load_model
+    from workers.onnxgrad.prepare import load_model, scores_output
 
     found = inspect_classifier(data, loss=loss)
     prepared = found.prepared
+    source = load_model(data)
     return {
-        "exported_opset": opset_of(load_model(data)),  # as the upload's answer gives it
+        "exported_opset": opset_of(source),  # as the upload's answer gives it
         "input": {"name": prepared.input_name, "shape": list(prepared.input_shape)},
+        "outputs": [o.name for o in source.graph.output], "scores_output": scores_output(source.graph),
         "classes": prepared.num_classes,
         "binary": prepared.binary,
         "opset": prepared.opset,
@@ -127,6 +129,9 @@ def check_gradients(data: bytes, loss: str, batch: int) -> dict:
 def print_report(report: dict) -> None:
     shape = " x ".join(str(d) for d in report["input"]["shape"])
     print(f"input      {report['input']['name']}  [{shape}]")
+    if len(report["outputs"]) > 1:
+        print(f"output     {report['scores_output']}  (read as the scores: the first float output of "
+              f"{', '.join(report['outputs'])})")
     print(f"classes    {report['classes']}" + {
         "sigmoid": "  (one score, a Sigmoid's probability: class 1 where it is > 0.5; logits [-z/2, z/2] "
                    "of the score z before it)",

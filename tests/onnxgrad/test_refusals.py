@@ -104,6 +104,38 @@ def test_output_that_is_not_n_by_k_is_refused():
         build_gradient_model(model)
 
 
+def test_a_label_output_before_the_scores_is_not_read_as_them(tmp_path, capsys):
+    """sklearn-onnx and many Keras heads export [label, probabilities]: read as the scores, the
+    int64 label was one class with no gradient. The first float output is read."""
+    from workers.runtime import Classifier
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Softmax", ["h"], ["probs"]),
+             helper.make_node("ArgMax", ["probs"], ["label"], axis=1, keepdims=0)]
+    outputs = [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+               helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              outputs, [W])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    classifier_ = Classifier(model)
+    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    label, probs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})
+    assert (classifier_.num_classes, classifier_.binary) == (3, None)
+    np.testing.assert_array_equal(classifier_.predict(x), label)
+    _, _, grad = classifier_.loss_and_grad(x, label, loss="cross_entropy")
+    assert np.abs(grad).max() > 0
+    from client.cli import main
+
+    (tmp_path / "two.onnx").write_bytes(model.SerializeToString())
+    assert main(["inspect", str(tmp_path / "two.onnx")]) == 0
+    assert "output     probs  (read as the scores: the first float output of label, probs)" in \
+        capsys.readouterr().out
+    del model.graph.output[1]
+    with pytest.raises(InvalidModelError, match=r"no float tensor output to read as scores \(outputs: "
+                                                r"'label'\); export its logits or probabilities"):
+        build_gradient_model(model)
+
+
 def test_external_data_is_refused_without_opening_the_path(tmp_path):
     model = classifier([helper.make_node("MatMul", ["x", "W"], ["z"])], [W])
     tensor = model.graph.initializer[0]

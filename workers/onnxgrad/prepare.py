@@ -21,7 +21,7 @@ from .autodiff import attr
 from .dtypes import HALF, float32_twin, forward_model, half_dtype, half_inside
 from .errors import InvalidModelError
 from .fold import fold_constants, fold_static_shape_reads
-from .graph import Shape, opset_of, static_shape, tensor_types
+from .graph import FLOAT_TYPES, Shape, opset_of, static_shape, tensor_types
 
 MIN_OPSET = 17
 BATCH_DIM = "N"
@@ -199,6 +199,20 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         raise InvalidModelError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
 
 
+def scores_output(graph: onnx.GraphProto) -> str:
+    """The output read as the classifier's scores: the first float tensor output. Exporters of
+    classifiers with a label output (an ArgMax: sklearn-onnx's and many Keras heads) may put it
+    first; read as scores, an integer label is a wrong class count and no gradient."""
+    if not graph.output:
+        raise InvalidModelError("the model has no outputs")
+    for output in graph.output:
+        if output.type.HasField("tensor_type") and output.type.tensor_type.elem_type in FLOAT_TYPES:
+            return output.name
+    described = ", ".join(f"{o.name!r}" for o in graph.output)
+    raise InvalidModelError(f"the model has no float tensor output to read as scores (outputs: {described}); "
+                            "export its logits or probabilities, [N, K]")
+
+
 def prepare_classifier(
     model: onnx.ModelProto | bytes, output_name: str | None = None
 ) -> PreparedClassifier:
@@ -220,9 +234,7 @@ def prepare_classifier(
 
     outputs = [o.name for o in model.graph.output]
     if output_name is None:
-        if not outputs:
-            raise InvalidModelError("the model has no outputs")
-        output_name = outputs[0]
+        output_name = scores_output(model.graph)
     elif output_name not in outputs:
         raise InvalidModelError(f"the model has no output {output_name!r}; outputs: {outputs}")
     types = tensor_types(model.graph)
