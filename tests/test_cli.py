@@ -30,7 +30,8 @@ def test_inspect_reports_gradients_and_timings(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["input"] == {"name": "image", "shape": ["N", 1, 28, 28]}
     assert report["classes"] == 10
-    assert report["gradients"] == {"available": True, "unsupported": [], "probed_side": None}
+    assert report["gradients"] == {"available": True, "unsupported": [], "probed_side": None,
+                                   "straight_through": 0}
     assert report["check"]["gradient_finite"] is True
     assert report["check"]["mean_gradient_l2"] > 0
 

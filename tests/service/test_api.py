@@ -35,7 +35,8 @@ def test_a_model_upload_reports_its_input_and_gradients(api):
     assert body["id"].startswith("mdl_") and body["name"] == "digits cnn"
     assert body["sha256"] == hashlib.sha256(MODEL.read_bytes()).hexdigest()
     assert body["input"]["shape"][1:] == [1, 28, 28] and body["num_classes"] == 10
-    assert body["gradients"] == {"available": True, "unsupported": [], "probed_side": None}
+    assert body["gradients"] == {"available": True, "unsupported": [], "probed_side": None,
+                                 "straight_through": 0}
     assert body["attacks"] == "all"
     again = upload(api, "models", MODEL)
     assert again.status_code == 200 and again.json()["id"] == body["id"]
