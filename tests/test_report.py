@@ -232,6 +232,14 @@ def test_nhwc_colour_examples_are_shown_in_colour_and_downscaled(run):
     for source in sources:
         image = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
         assert image.mode == "RGB" and image.size == (round(150 * EXAMPLE_SIDE / 200), EXAMPLE_SIDE)
+    assert "true 1 · pred 1" in grid  # no class names: the indices
+    # an image zip's class names (which its labels index) name the classes, with the index as a title
+    document["dataset"]["classes"] = [f"class_{k}" for k in range(document["model"]["num_classes"])]
+    grid = section(render_report(document, {"fgsm@0.1": sample}), "examples")
+    assert 'true <span title="class 1">class_1</span> · pred <span title="class 1">class_1</span>' in grid
+    assert '<span class="failed"><span title="class 3">class_3</span></span>' in grid
+    document["dataset"]["classes"] = ["too", "few"]  # not the model's classes: indices again
+    assert "true 1 · pred 1" in section(render_report(document, {"fgsm@0.1": sample}), "examples")
     with pytest.raises(ValueError, match="adv_pred"):
         render_report(document, {"fgsm@0.1": {k: v for k, v in sample.items() if k != "adv_pred"}})
 
@@ -250,6 +258,7 @@ def test_user_strings_are_escaped(run):
     document["defenses"][1]["curve"][0]["attacks"][0]["attack"] = XSS
     document["lipschitz"]["layers"][0]["node"] = XSS
     document["warnings"] = [XSS]
+    document["dataset"]["classes"] = [XSS] * document["model"]["num_classes"]
     document["attacks"][0]["attack"] = "_fgsm $\\frac{$"  # no mathtext in plots, nor a hidden legend entry
     examples = {**examples, f"{XSS}@0.1": examples["pgd@0.1"]}
     html = render_report(document, examples, model_name=XSS, dataset_name=XSS, evaluation_id=XSS)

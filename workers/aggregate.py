@@ -114,7 +114,7 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
                "ends_in_softmax": classifier.ends_in_softmax, "fixed_batch": classifier.fixed_batch,
                "dtype": classifier.dtype, "output_squeezed_from": _shape(classifier.squeezed_from),
                "binary": classifier.binary, "straight_through": classifier.straight_through},
-        dataset={"samples": len(x), "source_dtype": dataset.source_dtype,
+        dataset={"samples": len(x), "source_dtype": dataset.source_dtype, "classes": dataset.classes,
                  "sha256": _dataset_digest(dataset, spec)},
         spec=spec, device=classifier.device, clean_accuracy=clean_accuracy, attacks=entries,
         warnings=warnings, gates=gates, passed=verdict == "passed", verdict=verdict,

@@ -80,7 +80,7 @@ def validate_dataset(path: Path, out: Path | None = None, *, max_bytes: int, max
         processed = folders.needs_processing(processing)
         images = decoded_images(archive, folders, limits, processing)
         if processed and out is not None:
-            shape = write_npz(Path(out), images, folders.labels, processing.classes)
+            shape = write_npz(Path(out), images, folders.labels, folders.classes)
         else:
             shape = []
             for pixels in images:
@@ -152,7 +152,21 @@ def _uint8_npz(path: Path, archive: zipfile.ZipFile, files: list[zipfile.ZipInfo
     if raw.ndim == 3:  # [N, H, W]: one channel
         raw = raw[:, None]
     return Dataset(x=Pixels(raw, value_range), y=y.astype(np.int64), source_dtype="uint8", t=t,
-                   sha256=_file_sha256(path))
+                   sha256=_file_sha256(path), classes=_stored_classes(archive, files))
+
+
+def _stored_classes(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo]) -> list[str] | None:
+    """The class names a processed image zip's .npz keeps (image_folders.write_npz), if any."""
+    info = next((i for i in files if i.filename == "classes.npy"), None)
+    if info is None:
+        return None
+    header = _npy_header(archive, info)
+    if header.dtype != np.uint8:
+        raise DatasetError("'classes' must hold the class names as UTF-8 bytes, one per line")
+    try:
+        return read_member(archive, info, header.offset).decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise DatasetError("'classes' is not UTF-8 text") from None
 
 
 def _file_sha256(path: Path) -> str:

@@ -22,7 +22,7 @@ import warnings
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -343,11 +343,12 @@ def _pixels(image: Image.Image, name: str) -> np.ndarray:
 
 
 def write_npz(out: Path, images: Iterator[np.ndarray], labels: np.ndarray,
-              classes: tuple[str, ...] | None = None) -> list[int]:
+              classes: Sequence[str] | None = None) -> list[int]:
     """Stream ``images`` (uint8 [C, H, W], one shape) into ``out`` as an .npz with x [N, C, H, W]
-    and y [N], stored uncompressed with fixed timestamps; returns one image's shape. Declared
-    ``classes`` are kept in it too (``classes``: their names, one per line, as UTF-8 bytes), so
-    that its sha256, which names the stored dataset, covers what its labels mean."""
+    and y [N], stored uncompressed with fixed timestamps; returns one image's shape. The
+    ``classes`` the labels index (declared, or the folders sorted) are kept in it too
+    (``classes``: their names, one per line, as UTF-8 bytes), so that its sha256, which names
+    the stored dataset, covers what its labels mean, and reports can name them."""
     count = len(labels)
     shape: list[int] = []
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:

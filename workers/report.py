@@ -371,6 +371,9 @@ def _examples_section(result: EvaluationResult, examples: dict[str, dict]) -> di
     low, high = result.spec.input.range
     layout = result.spec.input.layout
     pending = [(entry, label) for entry in result.attacks if examples.get(label := entry_label(entry))]
+    names = result.dataset.get("classes")  # an image zip's class names, which its labels index
+    if not isinstance(names, list) or len(names) != result.model.get("num_classes"):
+        names = None
     budget = EXAMPLE_BUDGET * 4 // 3  # base64 of the PNG bytes
     grids, left_out, spent = [], [], 0
     for index, (entry, label) in enumerate(pending):
@@ -378,7 +381,7 @@ def _examples_section(result: EvaluationResult, examples: dict[str, dict]) -> di
         share = (budget - spent) / (len(pending) - index)
         rows: list[dict] = []
         size = 0
-        for row in _example_rows(label, sample, low, high, layout):
+        for row in _example_rows(label, sample, low, high, layout, names):
             cost = sum(len(image["src"]) for image in row["images"])
             if size + cost > share and (rows or spent + cost > budget):
                 break
@@ -395,8 +398,10 @@ def _examples_section(result: EvaluationResult, examples: dict[str, dict]) -> di
     return {"grids": grids, "left_out": left_out}
 
 
-def _example_rows(label: str, sample: dict, low: float, high: float, layout: str) -> Iterator[dict]:
-    """One example after the other (encoding is the costly part: the caller stops when full)."""
+def _example_rows(label: str, sample: dict, low: float, high: float, layout: str,
+                  names: list[str] | None = None) -> Iterator[dict]:
+    """One example after the other (encoding is the costly part: the caller stops when full).
+    Classes are shown by ``names`` where given (``class`` maps each to its name and index)."""
     missing = [k for k in _EXAMPLE_KEYS if k not in sample]
     if missing:
         raise ValueError(f"examples[{label!r}] lacks {missing}")
@@ -411,9 +416,13 @@ def _example_rows(label: str, sample: dict, low: float, high: float, layout: str
         r = x_adv[i] - x[i]
         peak = float(np.abs(r).max())
         shown = 0.5 + 0.5 * r / peak if peak > 0 else np.full_like(r, 0.5)
+        y, clean_pred = int(sample["y"][i]), int(sample["clean_pred"][i])
+        adv_pred = int(sample["adv_pred"][i])
         yield {
-            "y": int(sample["y"][i]), "clean_pred": int(sample["clean_pred"][i]),
-            "adv_pred": int(sample["adv_pred"][i]), "confidence": float(sample["adv_confidence"][i]),
+            "y": y, "clean_pred": clean_pred, "adv_pred": adv_pred,
+            "class": {k: {"index": k, "name": names[k] if names else None}
+                      for k in (y, clean_pred, adv_pred)},
+            "confidence": float(sample["adv_confidence"][i]),
             "fooled": int(sample["adv_pred"][i]) != int(sample["y"][i]),
             "linf": peak, "l2": float(np.linalg.norm(r)),
             "amplification": 0.5 * (high - low) / peak if peak > 0 else None,

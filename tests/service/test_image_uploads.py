@@ -179,6 +179,7 @@ def test_a_zip_of_some_classes_is_labelled_by_the_declared_class_list(settings, 
     local = load_dataset_file(zip_path, processing=ImageProcessing.parse(**DIGITS_28, classes=DIGIT_CLASSES))
     assert sorted(set(local.y.tolist())) == [3, 7]
     assert result["clean_accuracy"] >= 0.9  # labelled 0 and 1 it would be near 0
+    assert result["dataset"]["classes"] == DIGIT_CLASSES.split("\n")  # the report names them
 
 
 def test_robustness_submit_sends_the_class_list(settings, tmp_path, capsys):
