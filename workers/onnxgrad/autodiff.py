@@ -73,6 +73,7 @@ class Context:
         self._active = active
         self._constants = weights.values(graph.initializer)
         self._producers = {out: node for node in graph.node for out in node.output if out}
+        self._consumers: dict[str, list[onnx.NodeProto]] | None = None
         for node in graph.node:
             if node.op_type == "Constant" and len(node.output) == 1:
                 value = _constant_node_value(node)
@@ -129,6 +130,15 @@ class Context:
     def is_external(self, name: str) -> bool:
         """Whether ``name`` is a weight kept outside the model (weights.py)."""
         return self._constants.is_external(name)
+
+    def consumers(self, name: str) -> list[onnx.NodeProto]:
+        """The forward nodes that read ``name``."""
+        if self._consumers is None:
+            self._consumers = {}
+            for node in self.graph.node:
+                for input_name in set(node.input):
+                    self._consumers.setdefault(input_name, []).append(node)
+        return self._consumers.get(name, [])
 
     def producer(self, name: str) -> onnx.NodeProto | None:
         """The forward node that outputs ``name`` (None for inputs and initializers)."""

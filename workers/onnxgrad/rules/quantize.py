@@ -65,7 +65,7 @@ def quantize_linear(ctx: Context, node, dy):
     """dx = dy where qmin <= round(x / s) + z <= qmax, else 0 (in x: x / s within half a step
     outside the range's ends)."""
     x, q = node.input[0], node.output[0]
-    others = sorted({n.op_type for n in ctx.graph.node if q in n.input and n.op_type != "DequantizeLinear"})
+    others = sorted({n.op_type for n in ctx.consumers(q) if n.op_type != "DequantizeLinear"})
     if others:
         raise unsupported(node, f"its integer output feeds {', '.join(others)}; only QuantizeLinear -> "
                                 "DequantizeLinear pairs are differentiated (straight through)")
