@@ -36,7 +36,7 @@ class GradientVerdict(BaseModel):
     # a model with symbolic image axes (H, W): its gradient graph was built with them pinned to
     # this side; every evaluation differentiates it at its dataset's image size
     probed_side: int | None = None
-    # a quantized (QDQ) model: its QuantizeLinear -> DequantizeLinear pairs on the image's path, whose
+    # a quantized model: its quantizers on the image's path (QDQ pairs, DynamicQuantizeLinear), whose
     # gradient is taken straight through (1 inside the quantized range, 0 where it clamps), as
     # PyTorch's fake_quantize and BPDA take it; the true gradient is zero almost everywhere
     straight_through: int = 0

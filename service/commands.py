@@ -156,9 +156,10 @@ def print_report(report: dict) -> None:
         for item in grads["unsupported"]:
             print(f"           - {item['op_type']} (node {item['node']}): {item['reason']}")
     if grads.get("straight_through"):
-        print(f"           straight through {grads['straight_through']} QuantizeLinear -> DequantizeLinear "
-              "pair(s): a quantized model's true gradient is zero almost everywhere; attacks follow "
-              "1 inside each quantized range, 0 where it clamps (PyTorch's fake_quantize, BPDA)")
+        print(f"           straight through {grads['straight_through']} quantizer(s) (QuantizeLinear -> "
+              "DequantizeLinear pairs, DynamicQuantizeLinear): a quantized model's true gradient is zero "
+              "almost everywhere; attacks follow 1 inside each quantized range, 0 where it clamps "
+              "(PyTorch's fake_quantize, BPDA)")
     check = report.get("check")
     if check:
         print(f"check      {check['device']}, batch {check['batch']}: forward "

@@ -1,9 +1,10 @@
 """Quantized models. A QDQ model (QuantizeLinear -> DequantizeLinear pairs around float operators:
 ONNX Runtime's quantize_static, PyTorch's fake_quantize exports) is differentiated straight
-through each pair, exactly as PyTorch's fake_quantize backward does it, and says so; a
-QOperator model (QLinearConv: integers between operators) is black-box only, with the reason
-and the way out named. Before, both were refused at upload with "the logits do not depend on
-the image input", which was false."""
+through each pair, exactly as PyTorch's fake_quantize backward does it, and says so; so is a
+dynamically quantized one (quantize_dynamic), run one image per call; a QOperator model
+(QLinearConv: integers between operators) is black-box only, with the reason and the way out
+named. Before, all were refused at upload with "the logits do not depend on the image input",
+which was false, or black-box only."""
 
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ def test_an_onnxruntime_qdq_model_is_attacked_through_its_pairs(quantized_cnn):
     accuracies = [a.robust_accuracy for a in result.attacks]
     assert accuracies[1] < 0.5 * result.clean_accuracy, accuracies
     assert any(w.startswith(f"quantized model: gradient attacks followed a straight-through gradient "
-                            f"through its {pairs} QuantizeLinear") for w in result.warnings)
+                            f"through its {pairs} quantizer(s)") for w in result.warnings)
 
 
 def test_a_qoperator_model_is_black_box_only_and_told_how_to_get_gradients(quantized_cnn, tmp_path):
@@ -151,14 +152,72 @@ def test_a_qoperator_model_is_black_box_only_and_told_how_to_get_gradients(quant
         "in the QDQ format (onnxruntime.quantization's QuantFormat.QDQ) for straight-through gradients")
 
 
-def test_a_dynamically_quantized_model_is_black_box_only_and_told_how_to_get_gradients(quantized_cnn):
+def _dynamic_quantization(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX's DynamicQuantizeLinear of one image, q = x / s + z straight through: (q, s, z)."""
+    low, high = torch.clamp(x.detach().min(), max=0), torch.clamp(x.detach().max(), min=0)
+    scale = (high - low) / 255
+    zero = torch.clamp(torch.round(-low / scale), 0, 255)
+    exact = x / scale + zero
+    return exact + (torch.clamp(torch.round(x.detach() / scale) + zero, 0, 255) - exact).detach(), scale, zero
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_dynamically_quantized_model_is_differentiated_straight_through_one_image_at_a_time(per_channel,
+                                                                                           tmp_path):
+    """quantize_dynamic's DynamicQuantizeLinear -> ConvInteger / MatMulInteger -> Cast -> Mul: the
+    gradient of q = x / s + z (s, z the image's own range) through the integer operators, checked
+    against torch; the range is the whole batch's, so the model runs one image per call."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 5)).eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.rand(2, 3, 8, 8),), buffer, dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}})
+    (tmp_path / "float.onnx").write_bytes(buffer.getvalue())
+    quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dynamic.onnx"),
+                     weight_type=QuantType.QInt8, per_channel=per_channel)
+    model = onnx.load(tmp_path / "dynamic.onnx")
+    w = {i.name: torch.tensor(numpy_helper.to_array(i).astype(np.float32)) for i in model.graph.initializer}
+
+    def forward(x):  # one image
+        q, s, z = _dynamic_quantization(x)
+        kernel = w["0.weight_quantized"] - w["0.weight_zero_point"].reshape(-1, 1, 1, 1)
+        h = nn.functional.conv2d(q - z, kernel, padding=1) * (s * w["0.weight_scale"].reshape(1, -1, 1, 1))
+        q, s, z = _dynamic_quantization(torch.relu(h + w["0.bias"].reshape(1, -1, 1, 1)).flatten(1))
+        matrix = w["3.weight_Transposed_quantized"] - w["3.weight_Transposed_zero_point"]
+        return (q - z) @ matrix * (s * w["3.weight_Transposed_scale"]) + w["3.bias"]
+
+    classifier = Classifier(model)
+    assert (classifier.fixed_batch, classifier.straight_through) == (1, 2)
+    x = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    x[0] *= 40  # a bright image: sharing its range would change its batch mates' quantization
+    v = torch.randn(8, 5, generator=torch.Generator().manual_seed(3))
+    xr = x.clone().requires_grad_(True)
+    reference = torch.cat([forward(xr[i:i + 1]) for i in range(len(x))])
+    (reference * v).sum().backward()
+    assert xr.grad is not None
+    logits, grad = classifier.logits_vjp(x.numpy(), v.numpy())
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    alone = np.concatenate([session.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(len(x))])
+    np.testing.assert_array_equal(classifier.logits(x.numpy()), alone)
+    np.testing.assert_array_equal(logits, alone)  # the gradient graph runs the integer operators too
+    np.testing.assert_allclose(grad, xr.grad.numpy(), rtol=1e-5, atol=1e-6 * np.abs(xr.grad.numpy()).max())
+
+
+def test_a_dynamically_quantized_cnn_is_evaluated(quantized_cnn):
     from service.model_admission import inspect_classifier
 
     found = inspect_classifier(quantized_cnn["dynamic"])
-    assert not found.gradients_available
-    assert {item["op_type"] for item in found.unsupported} == {"DynamicQuantizeLinear"}
-    assert found.unsupported[0]["reason"].endswith(
-        "quantize it statically in the QDQ format (quantize_static, QuantFormat.QDQ)")
+    assert found.gradients_available and found.prepared.straight_through == 4
+    _, _, x, y = digits.digits()
+    spec = EvaluationSpec.model_validate({"samples": 60, "attacks": [{"name": "fgsm", "eps": [0.3]}]})
+    result = evaluate(quantized_cnn["dynamic"], Dataset(x=x, y=y, source_dtype="float32"), spec).result
+    assert (result.model["fixed_batch"], result.model["straight_through"]) == (1, 4)
+    assert result.clean_accuracy > 0.9 and result.attacks[0].robust_accuracy < 0.5 * result.clean_accuracy
 
 
 def test_the_upload_s_answer_and_inspect_say_the_gradient_is_straight_through(quantized_cnn, tmp_path,
@@ -175,7 +234,8 @@ def test_the_upload_s_answer_and_inspect_say_the_gradient_is_straight_through(qu
     path = tmp_path / "int8.onnx"
     path.write_bytes(quantized_cnn["qdq"])
     assert main(["inspect", str(path)]) == 0
-    assert f"straight through {pairs} QuantizeLinear -> DequantizeLinear pair(s)" in capsys.readouterr().out
+    assert f"straight through {pairs} quantizer(s) (QuantizeLinear -> DequantizeLinear pairs" in \
+        capsys.readouterr().out
 
 
 def _linear_model(nodes, initializers) -> onnx.ModelProto:

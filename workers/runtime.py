@@ -232,7 +232,9 @@ class Classifier:
     options.memory_budget) and returns arrays for the whole input. A model exported with a
     fixed batch size that its graph depends on (a constant concatenated along the batch axis,
     say) runs in batches of exactly that size, the last one padded: slower, but what the
-    upload promised (``fixed_batch`` says so).
+    upload promised (``fixed_batch`` says so). A dynamically quantized model, whose
+    DynamicQuantizeLinear takes its range from the whole batch, runs one image per call
+    (``fixed_batch`` 1): its logits of an image are then those of the image alone.
     """
 
     def __init__(self, model: bytes | onnx.ModelProto, options: RuntimeOptions | None = None,
@@ -256,7 +258,11 @@ class Classifier:
         self._forward = _session((self.model_hash, output_name, "forward"),
                                  lambda: self._forward_bytes, self.options)
         self.fixed_batch: int | None = None
-        if prepared.fixed_batch is not None and not self._batch_is_free(prepared.fixed_batch):
+        if prepared.couples_batch:
+            self.fixed_batch = 1
+            log.info("runtime.fixed_batch %s: a DynamicQuantizeLinear takes its range from the whole "
+                     "batch; running one image per call", self.model_hash[:12])
+        elif prepared.fixed_batch is not None and not self._batch_is_free(prepared.fixed_batch):
             self.fixed_batch = prepared.fixed_batch
             log.info("runtime.fixed_batch %s: the graph depends on its batch size %d; running "
                      "batches of exactly that size", self.model_hash[:12], self.fixed_batch)

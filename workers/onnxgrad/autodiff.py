@@ -192,9 +192,15 @@ def _is_float(types: dict[str, onnx.TypeProto], name: str) -> bool:
     return tp is None or tp.tensor_type.elem_type in FLOAT_TYPES
 
 
-def _straight_through(node: onnx.NodeProto) -> bool:
-    """A QuantizeLinear's integer output carries a gradient to its DequantizeLinear (quantize.py)."""
-    return node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx")
+# Integer outputs that carry a gradient, straight through (rules/quantize.py): a QuantizeLinear's
+# to its DequantizeLinear, a DynamicQuantizeLinear's first to ConvInteger / MatMulInteger, theirs
+STRAIGHT_THROUGH = {"QuantizeLinear": 0, "DynamicQuantizeLinear": 0, "ConvInteger": 0, "MatMulInteger": 0}
+
+
+def _carries_gradient(types: dict[str, onnx.TypeProto], node: onnx.NodeProto, position: int) -> bool:
+    name = node.output[position]
+    return bool(name) and (_is_float(types, name) or (
+        STRAIGHT_THROUGH.get(node.op_type) == position and node.domain in ("", "ai.onnx")))
 
 
 # Integer outputs that say nothing about the values they were computed from.
@@ -212,7 +218,7 @@ def integer_crossings(graph: onnx.GraphProto, wrt: Sequence[str], target: str) -
         if node.op_type in SHAPE_ONLY:
             continue
         if any(name in active for name in node.input if name):
-            active.update(o for o in node.output if o and (_is_float(types, o) or _straight_through(node)))
+            active.update(o for i, o in enumerate(node.output) if _carries_gradient(types, node, i))
         if any(name in reaches for name in node.input if name):
             reaches.update(o for o in node.output if o)
     if target not in reaches:
@@ -254,7 +260,7 @@ def differentiate(
     active = set(wrt)
     for node in graph.node:
         if any(name in active for name in node.input if name):
-            active.update(o for o in node.output if o and (_is_float(types, o) or _straight_through(node)))
+            active.update(o for i, o in enumerate(node.output) if _carries_gradient(types, node, i))
 
     relevant = {target}
     for node in reversed(graph.node):

@@ -11,7 +11,7 @@ from . import (
 )
 from .autodiff import differentiate, integer_crossings
 from .errors import InvalidModelError, UnsupportedOperatorError
-from .graph import GraphBuilder, opset_of, tensor_types
+from .graph import FLOAT_TYPES, GraphBuilder, opset_of, tensor_types
 from .losses import LOSS_INPUTS, LOSSES, emit_loss
 from .prepare import (
     BATCH_DIM,
@@ -102,7 +102,9 @@ def _gradient_value_info(graph, builder, nodes, inputs, initializers) -> list[on
     declared = {i.name for i in inputs} | {i.name for i in initializers}
     infos = []
     for grad, forward in builder.gradient_of.items():
-        if grad in produced and grad not in declared and forward in types:
+        # an integer tensor carried straight through (rules/quantize.py) has a float gradient
+        if grad in produced and grad not in declared and forward in types \
+                and types[forward].tensor_type.elem_type in FLOAT_TYPES:
             infos.append(_typed_like(grad, types[forward]))
             declared.add(grad)
     for name, (elem_type, shape) in builder.declared.items():

@@ -45,9 +45,13 @@ class PreparedClassifier:
     # a binary classifier's one score: "sigmoid" (a probability, differentiated before its
     # Sigmoid) or "logit"; its logits are then the two classes' [-z/2, z/2]
     binary: str | None = None
-    # QuantizeLinear -> DequantizeLinear pairs on the image's path (a QDQ quantized model), whose
-    # gradient is taken straight through (rules/quantize.py)
+    # quantizers on the image's path (a QDQ model's QuantizeLinear -> DequantizeLinear pairs, a
+    # dynamically quantized model's DynamicQuantizeLinear), differentiated straight through
+    # (rules/quantize.py)
     straight_through: int = 0
+    # a DynamicQuantizeLinear on the image's path takes its range from the whole batch, so one
+    # image's logits depend on the others in its call: such a model runs one image per call
+    couples_batch: bool = False
 
 
 def load_model(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
@@ -279,16 +283,20 @@ def prepare_classifier(
         num_classes=num_classes, ends_in_softmax=ends_in_softmax, opset=opset_of(model),
         fixed_batch=fixed_batch, dtype=HALF[half] if half is not None else "float32", forward=forward,
         squeezed_from=squeezed_from, binary=binary, straight_through=_quantized_on_path(model.graph, x.name),
+        couples_batch=_quantized_on_path(model.graph, x.name, ("DynamicQuantizeLinear",)) > 0,
     )
 
 
-def _quantized_on_path(graph: onnx.GraphProto, x: str) -> int:
-    """How many default-domain QuantizeLinear nodes take a tensor that depends on ``x``."""
+QUANTIZERS = ("QuantizeLinear", "DynamicQuantizeLinear")
+
+
+def _quantized_on_path(graph: onnx.GraphProto, x: str, quantizers: tuple[str, ...] = QUANTIZERS) -> int:
+    """How many default-domain ``quantizers`` take a tensor that depends on ``x``."""
     depends, count = {x}, 0
     for node in graph.node:
         if any(name in depends for name in node.input if name):
             depends.update(node.output)
-            count += node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx")
+            count += node.op_type in quantizers and node.domain in ("", "ai.onnx")
     return count
 
 

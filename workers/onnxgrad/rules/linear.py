@@ -275,34 +275,38 @@ def conv(ctx, node, dy):
     channels, on CPU) or a stride-1 Conv with the adjoint kernel over (zero-upsampled) dy;
     otherwise ConvTranspose(dy, W), whose output_padding restores the input size.
     """
-    g = ctx.g
     x, w = node.input[0], node.input[1]
     bias = node.input[2] if len(node.input) > 2 else ""
-    spatial_in, spatial_out = spatial_shapes(ctx, node, x, node.output[0])
-    kernel = kernel_shape(ctx, node, w)
+    grads: list[str | None] = [None, None, None]
+    if ctx.needs(x):
+        grads[0] = conv_input_grad(ctx, node, dy[0], w, ctx.constant(w))
+    if bias and ctx.needs(bias):
+        spatial_rank = ctx.require_rank(node.output[0], node) - 2
+        grads[2] = ctx.g.reduce("ReduceSum", dy[0], [0] + list(range(2, 2 + spatial_rank)), False)
+    return grads
+
+
+def conv_input_grad(ctx: Context, node, dy: str, w: str, weight: np.ndarray | None) -> str:
+    """d <dy, Conv(x, W)> / dx for the Conv-like ``node`` (its geometry attributes), whose
+    weights are the tensor ``w`` (``weight``: their value, where constant)."""
+    g = ctx.g
+    spatial_in, spatial_out = spatial_shapes(ctx, node, node.input[0], node.output[0])
+    kernel = (kernel_shape(ctx, node, w) if weight is None
+              else list(attr(node, "kernel_shape", weight.shape[2:])))
     strides, dilations = window_params(node, len(kernel), kernel)
     pads = resolve_pads(node, spatial_in, kernel, strides, dilations)
     group = attr(node, "group", 1)
-    grads: list[str | None] = [None, None, None]
-    weight = ctx.constant(w)
-    if ctx.needs(x) and col2im_applies(g.device, g.opset, weight, group):
-        grads[0] = conv_input_grad_as_col2im(ctx, dy[0], weight, spatial_in,
-                                             kernel, strides, dilations, pads)
-    elif ctx.needs(x) and weight is not None and _adjoint_conv_is_faster(
-            weight, group, strides, spatial_in, spatial_out):
-        grads[0] = conv_input_grad_as_conv(ctx, dy[0], ctx.shape(node.output[0]), weight, group,
-                                           spatial_in, spatial_out,
-                                           kernel, strides, dilations, pads)
-    elif ctx.needs(x):
-        grads[0] = g.op(
-            "ConvTranspose", dy[0], w,
-            strides=strides, dilations=dilations, pads=pads, group=group, kernel_shape=kernel,
-            output_padding=transpose_output_padding(
-                spatial_in, spatial_out, kernel, strides, dilations, pads),
-        )
-    if bias and ctx.needs(bias):
-        grads[2] = g.reduce("ReduceSum", dy[0], [0] + list(range(2, 2 + len(kernel))), False)
-    return grads
+    if col2im_applies(g.device, g.opset, weight, group):
+        assert weight is not None
+        return conv_input_grad_as_col2im(ctx, dy, weight, spatial_in, kernel, strides, dilations, pads)
+    if weight is not None and _adjoint_conv_is_faster(weight, group, strides, spatial_in, spatial_out):
+        return conv_input_grad_as_conv(ctx, dy, ctx.shape(node.output[0]), weight, group,
+                                       spatial_in, spatial_out, kernel, strides, dilations, pads)
+    return g.op(
+        "ConvTranspose", dy, w,
+        strides=strides, dilations=dilations, pads=pads, group=group, kernel_shape=kernel,
+        output_padding=transpose_output_padding(spatial_in, spatial_out, kernel, strides, dilations, pads),
+    )
 
 
 @register("ConvTranspose", inputs=(0, 2))

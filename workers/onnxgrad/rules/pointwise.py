@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from ..autodiff import ALL_INPUTS, Context, attr, refuse, register, unsupported
+from ..graph import FLOAT_TYPES
 from .broadcast import unbroadcast
 from .ramps import masked_by_steps, ramp_applies, ramp_scale
 
@@ -452,6 +453,8 @@ def _strictly_inside(ctx: Context, node, y: str) -> str:
 @register("Cast", "CastLike")
 def cast(ctx, node, dy):
     source_type = ctx.elem_type(node.input[0])
+    if source_type is not None and source_type not in FLOAT_TYPES:
+        return [dy[0]]  # an integer carried straight through (quantize.py): in value units, a float
     if source_type is None:
         return [ctx.g.op("CastLike", dy[0], node.input[0])]
     return [ctx.g.op("Cast", dy[0], to=int(source_type))]

@@ -1,4 +1,4 @@
-"""Quantized models: QuantizeLinear -> DequantizeLinear pairs differentiated straight through.
+"""Quantized models: quantizers differentiated straight through (QDQ pairs, dynamic quantization).
 
 A QDQ model (ONNX Runtime's ``quantize_static``, PyTorch's PT2E export, TensorRT's format)
 simulates int8 arithmetic with pairs y = (clamp(round(x / s) + z, qmin, qmax) - z) * s around
@@ -11,7 +11,7 @@ pass is untouched: predictions are the quantized model's own. The verdict names 
 
 Only the pair is differentiated: the integer tensor between them may feed nothing but
 DequantizeLinear nodes with the same scale and zero point (a QOperator model's QLinearConv
-or MatMulInteger has no rule and is named as blocking gradients).
+has no rule and is named as blocking gradients). Dynamic quantization: below.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from ..autodiff import Context, attr, refuse, register, unsupported
+from ..autodiff import Context, attr, register, unsupported
+from .linear import conv_input_grad
 
 # Integer ranges of the quantized types whose pairs have a straight-through gradient.
 QUANTIZED_RANGES: dict[int, tuple[int, int]] = {
@@ -30,12 +31,6 @@ QUANTIZED_RANGES: dict[int, tuple[int, int]] = {
     TensorProto.UINT4: (0, 15),
     TensorProto.INT4: (-8, 7),
 }
-
-# quantize_dynamic's scales follow each batch's range, and its ConvInteger / MatMulInteger take
-# integers: no pair to pass straight through
-refuse("a dynamically quantized model (onnxruntime's quantize_dynamic) has no straight-through "
-       "rule; quantize it statically in the QDQ format (quantize_static, QuantFormat.QDQ)",
-       "DynamicQuantizeLinear")
 
 
 def _parameters(ctx: Context, node) -> tuple[np.ndarray, np.ndarray, int]:
@@ -104,3 +99,93 @@ def dequantize_linear(ctx: Context, node, dy):
         raise unsupported(node, "it dequantizes with another scale or zero point than its "
                                 "QuantizeLinear used")
     return [dy[0]]
+
+
+# Dynamic quantization (onnxruntime's quantize_dynamic): DynamicQuantizeLinear(x) -> (q, s, z)
+# with s and z from the tensor's own range, so nothing clamps; ConvInteger / MatMulInteger(q - z,
+# Wq - wz) in int32, Cast, times s * ws. Straight through: q is x / s + z, so the product is
+# Conv(x, (Wq - wz) * ws). The integers between carry the gradient in integer units; the path
+# through s (and z) is left out, as it cancels: s * Conv(x / s) does not depend on s.
+
+
+@register("DynamicQuantizeLinear")
+def dynamic_quantize_linear(ctx: Context, node, dy):
+    """dx = dq / s (dy[1]: the scale's path, left out, as it cancels where it only rescales the
+    integer products of q; anything else is refused)."""
+    q, scale, zero = (list(node.output) + ["", ""])[:3]
+    others = sorted({n.op_type for n in ctx.consumers(q) if n.op_type not in INTEGER_LINEAR})
+    if others:
+        raise unsupported(node, f"its integer output feeds {', '.join(others)}; only ConvInteger and "
+                                "MatMulInteger are differentiated straight through")
+    if zero and (any(n.op_type not in INTEGER_LINEAR for n in ctx.consumers(zero))
+                 or any(output.name == zero for output in ctx.graph.output)) or \
+            scale and not _only_rescales(ctx, scale, q):
+        raise unsupported(node, "its scale or zero point is used otherwise than quantize_dynamic uses "
+                                "them (to rescale the integer products of its output); only that form "
+                                "is differentiated straight through")
+    if dy[0] is None:
+        return [None]
+    return [ctx.g.op("Div", dy[0], scale)]
+
+
+def _only_rescales(ctx: Context, scale: str, q: str, constant_factors: int = 1) -> bool:
+    """Whether every use of ``scale`` multiplies a Cast of a ConvInteger / MatMulInteger of ``q``,
+    directly or after Muls by constants (the weights' scale)."""
+    if any(output.name == scale for output in ctx.graph.output):
+        return False
+    for use in ctx.consumers(scale):
+        if use.op_type != "Mul" or list(use.input).count(scale) != 1:
+            return False
+        other = use.input[1 - list(use.input).index(scale)]
+        cast = ctx.produced_by(other, "Cast")
+        product = cast and (ctx.produced_by(cast.input[0], "ConvInteger")
+                            or ctx.produced_by(cast.input[0], "MatMulInteger"))
+        if product and product.input[0] == q:
+            continue
+        if ctx.constant(other) is None or constant_factors == 0 \
+                or not _only_rescales(ctx, use.output[0], q, constant_factors - 1):
+            return False
+    return True
+
+
+def _integer_weight(ctx: Context, node, axis: int) -> np.ndarray:
+    """An integer operator's constant weights minus their zero point, as float32 (per-channel
+    zero points along ``axis``)."""
+    weight = ctx.constant(node.input[1])
+    zero = ctx.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else np.zeros((), np.int64)
+    if weight is None or zero is None:
+        raise unsupported(node, "its weights (or their zero point) are computed in the graph; a "
+                                "straight-through gradient needs them constant")
+    zero = np.asarray(zero, np.float64)
+    if zero.size > 1:
+        shape = [1] * weight.ndim
+        shape[axis] = zero.size
+        zero = zero.reshape(shape)
+    return (weight.astype(np.float64) - zero).astype(np.float32)
+
+
+def _from_dynamic_quantization(ctx: Context, node) -> None:
+    source = ctx.produced_by(node.input[0], "DynamicQuantizeLinear")
+    zero = node.input[2] if len(node.input) > 2 else ""
+    if source is None or zero != source.output[2]:
+        raise unsupported(node, "its image-dependent input is not a DynamicQuantizeLinear's output with "
+                                "that node's zero point; only quantize_dynamic's form is differentiated")
+
+
+@register("ConvInteger")
+def conv_integer(ctx: Context, node, dy):
+    _from_dynamic_quantization(ctx, node)
+    weight = _integer_weight(ctx, node, axis=0)
+    return [conv_input_grad(ctx, node, dy[0], ctx.g.const(weight, np.float32), weight)]
+
+
+@register("MatMulInteger")
+def matmul_integer(ctx: Context, node, dy):
+    _from_dynamic_quantization(ctx, node)
+    if ctx.rank(node.input[1]) != 2:
+        raise unsupported(node, "only a 2-D weight matrix is differentiated")
+    weight = _integer_weight(ctx, node, axis=1)
+    return [ctx.g.op("MatMul", dy[0], ctx.g.const(np.ascontiguousarray(weight.T), np.float32))]
+
+
+INTEGER_LINEAR = ("ConvInteger", "MatMulInteger")
