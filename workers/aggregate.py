@@ -75,9 +75,9 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
         warnings.append(
             f"quantized model: gradient attacks followed a straight-through gradient through its "
             f"{classifier.straight_through} quantizer(s) (QuantizeLinear -> DequantizeLinear pairs, "
-            "DynamicQuantizeLinear) (its true "
-            "gradient is zero almost everywhere); their robust accuracy is an upper bound that may "
-            "be looser than on a float model: compare with a gradient-free attack (square)")
+            "DynamicQuantizeLinear), whose true gradient is zero almost everywhere; their robust "
+            "accuracy is an upper bound that may be looser than on a float model: compare with a "
+            "gradient-free attack (square)")
     clean_accuracy = metrics.accuracy(clean_pred, y)
     certify = None
     if spec.certify is not None:
