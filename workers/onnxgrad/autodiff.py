@@ -203,6 +203,25 @@ def _carries_gradient(types: dict[str, onnx.TypeProto], node: onnx.NodeProto, po
         STRAIGHT_THROUGH.get(node.op_type) == position and node.domain in ("", "ai.onnx")))
 
 
+def _active(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto], wrt: Sequence[str]) -> set[str]:
+    """The tensors that depend on ``wrt`` and carry a gradient (floats, and the integers that
+    quantizers pass straight through)."""
+    active = set(wrt)
+    for node in graph.node:
+        if any(name in active for name in node.input if name):
+            active.update(o for i, o in enumerate(node.output) if _carries_gradient(types, node, i))
+    return active
+
+
+def _relevant(graph: onnx.GraphProto, target: str) -> set[str]:
+    """The tensors ``target`` depends on."""
+    relevant = {target}
+    for node in reversed(graph.node):
+        if any(o in relevant for o in node.output):
+            relevant.update(i for i in node.input if i)
+    return relevant
+
+
 # Integer outputs that say nothing about the values they were computed from.
 SHAPE_ONLY = frozenset({"Shape", "Size"})
 
@@ -213,20 +232,13 @@ def integer_crossings(graph: onnx.GraphProto, wrt: Sequence[str], target: str) -
     depends on ``wrt`` through floats and outputs an integer tensor that ``target`` depends on.
     ``differentiate`` finds no gradient there; these name why."""
     types = tensor_types(graph)
-    active, reaches = set(wrt), set(wrt)
+    active, reaches = _active(graph, types, wrt), set(wrt)
     for node in graph.node:
-        if node.op_type in SHAPE_ONLY:
-            continue
-        if any(name in active for name in node.input if name):
-            active.update(o for i, o in enumerate(node.output) if _carries_gradient(types, node, i))
-        if any(name in reaches for name in node.input if name):
+        if node.op_type not in SHAPE_ONLY and any(name in reaches for name in node.input if name):
             reaches.update(o for o in node.output if o)
     if target not in reaches:
         return []
-    relevant = {target}
-    for node in reversed(graph.node):
-        if any(o in relevant for o in node.output):
-            relevant.update(i for i in node.input if i)
+    relevant = _relevant(graph, target)
     found = []
     for node in graph.node:
         ends = [o for o in node.output if o in relevant and o in reaches and o not in active]
@@ -235,7 +247,7 @@ def integer_crossings(graph: onnx.GraphProto, wrt: Sequence[str], target: str) -
         type_name = TensorProto.DataType.Name(types[ends[0]].tensor_type.elem_type).lower() \
             if ends[0] in types else "not a float"
         reason = f"its output {ends[0]!r} is {type_name}, which carries no gradient"
-        if node.op_type.startswith("QLinear") or node.op_type.endswith("Integer"):
+        if node.op_type.startswith("QLinear"):
             reason += ("; this is a QOperator-format quantized model: quantize it in the QDQ format "
                        "(onnxruntime.quantization's QuantFormat.QDQ) for straight-through gradients")
         domain = f"{node.domain}:" if node.domain not in ("", "ai.onnx") else ""
@@ -257,15 +269,8 @@ def differentiate(
     gradient tensor name per ``wrt`` entry, or None where ``target`` does not depend on it.
     """
     types = tensor_types(graph)
-    active = set(wrt)
-    for node in graph.node:
-        if any(name in active for name in node.input if name):
-            active.update(o for i, o in enumerate(node.output) if _carries_gradient(types, node, i))
-
-    relevant = {target}
-    for node in reversed(graph.node):
-        if any(o in relevant for o in node.output):
-            relevant.update(i for i in node.input if i)
+    active = _active(graph, types, wrt)
+    relevant = _relevant(graph, target)
 
     on_path = [
         node
