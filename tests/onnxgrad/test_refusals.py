@@ -81,7 +81,11 @@ def test_integer_input_is_refused():
     model = classifier([helper.make_node("Cast", ["x"], ["xf"], to=1),
                         helper.make_node("MatMul", ["xf", "W"], ["z"])], [W],
                        input_type=TensorProto.INT64)
-    with pytest.raises(InvalidModelError, match="a float32, float16 or bfloat16 image input is required"):
+    with pytest.raises(InvalidModelError, match="a float32, float16 or bfloat16 image input is required$"):
+        build_gradient_model(model)
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.UINT8
+    with pytest.raises(InvalidModelError, match=r"is required; export the model from its float input on "
+                                                r"\(after the cast from uint8\)"):
         build_gradient_model(model)
 
 

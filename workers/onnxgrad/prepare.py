@@ -147,9 +147,12 @@ def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     tensor_type = inputs[0].type.tensor_type
     if tensor_type.elem_type != TensorProto.FLOAT and half_dtype(inputs[0]) is None:
         got = TensorProto.DataType.Name(tensor_type.elem_type) if tensor_type.elem_type else "no"
+        fix = ("; export the model from its float input on (after the cast from uint8), with the "
+               "spec's input.range set to the pixel range it takes, [0, 255] for raw pixels"
+               if tensor_type.elem_type == TensorProto.UINT8 else "")
         raise InvalidModelError(
             f"input {inputs[0].name!r} has {got} element type; a float32, float16 or bfloat16 image "
-            "input is required"
+            f"input is required{fix}"
         )
     if tensor_type.HasField("shape") and len(tensor_type.shape.dim) < 2:
         raise InvalidModelError(
