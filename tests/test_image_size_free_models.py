@@ -48,7 +48,7 @@ def test_admission_builds_the_gradient_graph_at_a_probe_size(any_size_model, tmp
         job = api.post("/v1/evaluations", json={"model_id": answer["id"], "dataset_id": dataset["id"],
                                                 "attacks": [{"name": "pgd", "eps": 0.03}]})
     assert answer["attacks"] == "all" and answer["gradients"] == {"available": True, "unsupported": [],
-                                                                  "probed_side": 224}
+                                                                  "probed_side": 224, "straight_through": 0}
     assert job.status_code == 202, job.text  # black-box only, it would be a 422
 
 
