@@ -45,7 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 from scipy.sparse.linalg import svds
 
 from workers.onnxgrad import GradientBuildError, build_vjp_model, prepare_classifier, weights
-from workers.onnxgrad.autodiff import attr
+from workers.onnxgrad.autodiff import ancestors, attr
 from workers.onnxgrad.graph import same_dim, static_shape, tensor_types
 from workers.onnxgrad.rules.linear import resolve_pads
 from workers.onnxgrad.rules.pooling import pool_output_sizes
@@ -120,7 +120,7 @@ def lipschitz_bounds(model: bytes | onnx.ModelProto, *, iterations: int = 300, t
     prepared = prepare_classifier(model)
     graph = prepared.model.graph
     ctx = _Context(prepared.model, iterations, tol, seed)
-    needed = _needed(graph, prepared.logits_name)
+    needed = ancestors(graph, prepared.logits_name)
 
     lip: dict[str, float] = {prepared.input_name: 1.0}  # bound of the map input -> tensor
     layers: list[LayerBound] = []
@@ -202,14 +202,6 @@ class _Context:
         if shape is None or not all(isinstance(d, int) for d in shape[1:]):
             raise _NoBound(f"needs a static input shape, got {shape}; export a fixed image size")
         return [1, *shape[1:]]
-
-
-def _needed(graph: onnx.GraphProto, output: str) -> set[str]:
-    needed = {output}
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            needed.update(i for i in node.input if i)
-    return needed
 
 
 def _layer(ctx: _Context, node: onnx.NodeProto, active: dict[str, float]):

@@ -213,8 +213,8 @@ def _active(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto], wrt: Seque
     return active
 
 
-def _relevant(graph: onnx.GraphProto, target: str) -> set[str]:
-    """The tensors ``target`` depends on."""
+def ancestors(graph: onnx.GraphProto, target: str) -> set[str]:
+    """The tensors ``target`` depends on (itself included)."""
     relevant = {target}
     for node in reversed(graph.node):
         if any(o in relevant for o in node.output):
@@ -238,7 +238,7 @@ def integer_crossings(graph: onnx.GraphProto, wrt: Sequence[str], target: str) -
             reaches.update(o for o in node.output if o)
     if target not in reaches:
         return []
-    relevant = _relevant(graph, target)
+    relevant = ancestors(graph, target)
     found = []
     for node in graph.node:
         ends = [o for o in node.output if o in relevant and o in reaches and o not in active]
@@ -270,7 +270,7 @@ def differentiate(
     """
     types = tensor_types(graph)
     active = _active(graph, types, wrt)
-    relevant = _relevant(graph, target)
+    relevant = ancestors(graph, target)
 
     on_path = [
         node

@@ -9,6 +9,7 @@ shape inference.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -281,26 +282,28 @@ def prepare_classifier(
     if half is not None:
         forward = forward_model(model, x.name, logits, half)
         model = float32_twin(model)
+    quantizers = _quantizers_on_path(model.graph, x.name)
     return PreparedClassifier(
         model=model, input_name=x.name, input_shape=input_shape, logits_name=logits,
         num_classes=num_classes, ends_in_softmax=ends_in_softmax, opset=opset_of(model),
         fixed_batch=fixed_batch, dtype=HALF[half] if half is not None else "float32", forward=forward,
-        squeezed_from=squeezed_from, binary=binary, straight_through=_quantized_on_path(model.graph, x.name),
-        couples_batch=_quantized_on_path(model.graph, x.name, ("DynamicQuantizeLinear",)) > 0,
+        squeezed_from=squeezed_from, binary=binary, straight_through=sum(quantizers.values()),
+        couples_batch=quantizers["DynamicQuantizeLinear"] > 0,
     )
 
 
 QUANTIZERS = ("QuantizeLinear", "DynamicQuantizeLinear")
 
 
-def _quantized_on_path(graph: onnx.GraphProto, x: str, quantizers: tuple[str, ...] = QUANTIZERS) -> int:
-    """How many default-domain ``quantizers`` take a tensor that depends on ``x``."""
-    depends, count = {x}, 0
+def _quantizers_on_path(graph: onnx.GraphProto, x: str) -> Counter[str]:
+    """How many default-domain QUANTIZERS of each type take a tensor that depends on ``x``."""
+    depends, found = {x}, Counter[str]()
     for node in graph.node:
         if any(name in depends for name in node.input if name):
             depends.update(node.output)
-            count += node.op_type in quantizers and node.domain in ("", "ai.onnx")
-    return count
+            if node.op_type in QUANTIZERS and node.domain in ("", "ai.onnx"):
+                found[node.op_type] += 1
+    return found
 
 
 SHAPE_ONLY = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
