@@ -374,11 +374,56 @@ class Resize(_RefResize):
         return super()._run(X, roi, scales, sizes, cubic_coeff_a=cubic_coeff_a, **kwargs)
 
 
+class MeanVarianceNormalization(OpRun):
+    """The stock operator runs the schema's function body, whose constants are float32 (a
+    float64 input fails on the mixed Add); this is the body's formula in the input's precision."""
+
+    op_domain = ""
+
+    def _run(self, x, axes=None):
+        axes = tuple(axes) if axes is not None else (0, 2, 3)
+        mean = x.mean(axis=axes, keepdims=True)
+        std = np.sqrt((x * x).mean(axis=axes, keepdims=True) - mean * mean)
+        return ((x - mean) / (std + 1e-9),)
+
+
+class GroupNormalization(OpRun):
+    """The stock operator runs the schema's function body, which computes in stash_type
+    (float32); this is the spec's formula in the input's precision (scale per channel, opset 21)."""
+
+    op_domain = ""
+
+    def _run(self, x, scale, bias, epsilon=None, num_groups=None, stash_type=None):
+        grouped = x.reshape(x.shape[0], num_groups, -1)
+        mean = grouped.mean(axis=2, keepdims=True)
+        variance = ((grouped - mean) ** 2).mean(axis=2, keepdims=True)
+        eps = 1e-5 if epsilon is None else epsilon
+        normal = ((grouped - mean) / np.sqrt(variance + eps)).reshape(x.shape)
+        per_channel = (-1,) + (1,) * (x.ndim - 2)
+        return (normal * scale.reshape(per_channel) + bias.reshape(per_channel),)
+
+
+class LRN(OpRun):
+    """The stock LRN walks the batch axis where it means the channels (``range(x.shape[0])``),
+    right only when N == C; this sums each channel's window."""
+
+    op_domain = ""
+
+    def _run(self, x, alpha=None, beta=None, bias=None, size=None):
+        before, after = (size - 1) // 2, size // 2
+        squares = np.zeros_like(x)
+        for c in range(x.shape[1]):
+            window = x[:, max(0, c - before):min(x.shape[1], c + after + 1)]
+            squares[:, c] = np.sum(window**2, axis=1)
+        return (x / (bias + alpha / size * squares) ** beta,)
+
+
 #: Overrides for :class:`ReferenceEvaluator` used by :func:`run_reference`.
-REFERENCE_FIXES: tuple[type[OpRun], ...] = (Erf, Gelu, ConvTranspose, MaxPool, Pad, Resize)
+REFERENCE_FIXES: tuple[type[OpRun], ...] = (
+    Erf, Gelu, ConvTranspose, MaxPool, Pad, Resize, MeanVarianceNormalization, GroupNormalization, LRN)
 
 # Overrides implementing only the signature of recent opsets: (op, first supported opset).
-_FIX_MIN_OPSET = {"Pad": 11, "Resize": 11}
+_FIX_MIN_OPSET = {"Pad": 11, "Resize": 11, "GroupNormalization": 21}
 
 
 def _fixes_for(model: onnx.ModelProto) -> list[type[OpRun]]:

@@ -52,14 +52,15 @@ RTOL = 1e-5
 RTOL_OVERRIDES = {"test_softmax_large_number": 1e-4, "test_logsoftmax_large_number": 1e-4}
 ORT_RTOL = 1e-4
 
-# The number of cases checked when this file was written (415 of 664), minus a margin.
-MIN_CHECKED = 410
+# The number of cases checked (415 when this file was written; 496 of 807 since the normalisation,
+# Einsum, DepthToSpace, TopK, CumSum, Trilu and inverse-trigonometric rules), minus a margin.
+MIN_CHECKED = 490
 
 # Operators tested at kinks / ties / domain boundaries by their node cases.
 PIECEWISE = {
     "Abs", "Celu", "Clip", "Elu", "GlobalMaxPool", "HardSigmoid", "HardSwish", "LeakyRelu",
-    "Max", "MaxPool", "Min", "Pow", "PRelu", "ReduceL1", "ReduceMax", "ReduceMin", "Relu",
-    "Selu", "ThresholdedRelu",
+    "LpNormalization", "Max", "MaxPool", "Min", "Pow", "PRelu", "ReduceL1", "ReduceMax", "ReduceMin",
+    "Relu", "Selu", "Shrink", "ThresholdedRelu",
 }  # fmt: skip
 
 # Cases whose build is refused by a rule, on purpose: case name -> expected reason (substring).
@@ -93,6 +94,7 @@ EXPECTED_REFUSALS = {
     "test_scatter_elements_with_reduction_max": "reduction 'max' is not supported",
     "test_scatter_elements_with_reduction_min": "reduction 'min' is not supported",
     "test_scatter_elements_with_reduction_mul": "reduction 'mul' is not supported",
+    "test_einsum_batch_diagonal": "repeats a letter",
 }
 
 # Cases the float64 harness cannot check: case name -> reason.
@@ -102,6 +104,8 @@ _ALIGN_CORNERS_DISAGREE = (
     "the rule measures ORT's interpolation, so float64 finite differences of the reference cannot check it"
 )
 HARNESS_SKIPS = {
+    "test_acosh_example": "x = 1 is acosh's branch point: the derivative is infinite there and central "
+                          "differences leave the domain (test_acosh checks the rule inside it)",
     "test_averagepool_3d_default": "too slow: the reference evaluator takes ~13 s on its 1x3x32x32x32 input",
     "test_resize_downsample_scales_linear_align_corners": _ALIGN_CORNERS_DISAGREE,
     "test_resize_downsample_scales_cubic_align_corners": _ALIGN_CORNERS_DISAGREE,

@@ -200,11 +200,38 @@ def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> int | None:
     return fixed
 
 
+# Operators whose output has their first input's type and shape, which ONNX's shape inference
+# leaves unknown (function-defined operators without an inference function of their own).
+_SHAPE_PRESERVING = frozenset({"GroupNormalization", "MeanVarianceNormalization"})
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        if _complete_shape_preserving(inferred.graph):
+            inferred = shape_inference.infer_shapes(inferred, strict_mode=False, data_prop=True)
+        return inferred
     except Exception as exc:  # shape inference raises InferenceError and bare C++ errors
         raise InvalidModelError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+
+
+def _complete_shape_preserving(graph: onnx.GraphProto) -> bool:
+    """Type the outputs of _SHAPE_PRESERVING nodes like their inputs (inference then carries
+    the shapes on past them); True when any was added."""
+    typed = {vi.name: vi for vi in [*graph.input, *graph.value_info, *graph.output]
+             if vi.type.tensor_type.HasField("shape")}
+    added = False
+    for node in graph.node:
+        if node.op_type not in _SHAPE_PRESERVING or node.domain not in ("", "ai.onnx"):
+            continue
+        source, out = node.input[0], node.output[0]
+        if source in typed and out not in typed:
+            info = graph.value_info.add()
+            info.CopyFrom(typed[source])
+            info.name = out
+            typed[out] = info
+            added = True
+    return added
 
 
 def scores_output(graph: onnx.GraphProto) -> str:

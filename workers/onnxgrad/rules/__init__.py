@@ -1,3 +1,14 @@
 """VJP rules, one per operator; importing this package fills the registry."""
 
-from . import linear, normalization, pointwise, pooling, quantize, reduce, resize, shape  # noqa: F401
+from . import (  # noqa: F401
+    einsum,
+    linear,
+    normalization,
+    pointwise,
+    pooling,
+    quantize,
+    reduce,
+    resize,
+    shape,
+    trigonometric,
+)

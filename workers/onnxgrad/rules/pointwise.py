@@ -22,7 +22,7 @@ refuse(
     "its gradient is zero almost everywhere, so gradient attacks would be masked; "
     "use black-box attacks, or write the quantization as QuantizeLinear -> DequantizeLinear, "
     "which is differentiated straight through",
-    "Sign", "Floor", "Ceil", "Round",
+    "Sign", "Floor", "Ceil", "Round", "Hardmax",
 )
 
 
@@ -330,6 +330,35 @@ def tanh(ctx, node, dy):
 @register("Softplus")
 def softplus(ctx, node, dy):
     return [ctx.g.op("Mul", dy[0], ctx.g.op("Sigmoid", node.input[0]))]
+
+
+@register("Mish")
+def mish(ctx, node, dy):
+    """y = x tanh(softplus(x)): dy/dx = t + x (1 - t^2) sigmoid(x), t = tanh(softplus(x))."""
+    g = ctx.g
+    x = node.input[0]
+    t = g.op("Tanh", g.op("Softplus", x))
+    slope = g.op("Mul", g.op("Mul", x, g.op("Sub", g.const(1.0), g.op("Mul", t, t))), g.op("Sigmoid", x))
+    return [g.op("Mul", dy[0], g.op("Add", t, slope))]
+
+
+@register("Swish")
+def swish(ctx, node, dy):
+    """y = x sigmoid(alpha x): dy/dx = s + alpha x s (1 - s), s = sigmoid(alpha x)."""
+    g = ctx.g
+    x = node.input[0]
+    alpha = attr(node, "alpha", 1.0)
+    s = g.op("Sigmoid", g.op("Mul", x, g.const(alpha)))
+    slope = g.op("Mul", g.op("Mul", x, g.const(alpha)), g.op("Mul", s, g.op("Sub", g.const(1.0), s)))
+    return [g.op("Mul", dy[0], g.op("Add", s, slope))]
+
+
+@register("Shrink")
+def shrink(ctx, node, dy):
+    """Slope 1 where |x| > lambd (both shifted branches), 0 in the dead zone."""
+    g = ctx.g
+    lambd = attr(node, "lambd", 0.5)
+    return [masked(ctx, g.op("Greater", g.op("Abs", node.input[0]), g.const(lambd)), dy[0])]
 
 
 @register("Softsign")

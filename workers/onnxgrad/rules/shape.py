@@ -159,3 +159,70 @@ def pad(ctx, node, dy):
     if mode == "wrap":
         raise unsupported(node, "wrap padding is not supported")
     return [replay_on_positions(ctx, node, dy[0], sink_value=(mode == "constant"))]
+
+
+@register("SpaceToDepth")
+def space_to_depth(ctx, node, dy):
+    """A permutation whose inverse is DepthToSpace in DCR mode (ONNX defines them so). CRD
+    mode (opset 28) orders the output channels differently: undo that order first."""
+    g = ctx.g
+    block = attr(node, "blocksize")
+    grad = dy[0]
+    if attr(node, "mode", "DCR") == "CRD":
+        grad = g.op("Gather", grad, g.ints(_crd_positions(ctx, node, node.output[0], block)), axis=1)
+    return [g.op("DepthToSpace", grad, blocksize=block, mode="DCR")]
+
+
+@register("DepthToSpace")
+def depth_to_space(ctx, node, dy):
+    """DCR mode inverts to SpaceToDepth. CRD mode (PyTorch's PixelShuffle) is DCR after a
+    permutation of the input's channels, so its inverse ends with the reverse permutation."""
+    g = ctx.g
+    block = attr(node, "blocksize")
+    dz = g.op("SpaceToDepth", dy[0], blocksize=block)
+    if attr(node, "mode", "DCR") == "DCR":
+        return [dz]
+    crd = _crd_positions(ctx, node, node.input[0], block)
+    inverse = np.empty_like(crd)
+    inverse[crd] = np.arange(len(crd))
+    return [g.op("Gather", dz, g.ints(inverse), axis=1)]
+
+
+def _crd_positions(ctx: Context, node, deep: str, block: int) -> np.ndarray:
+    """For each channel of the deep tensor (``deep``, C * block^2 channels) in DCR order, its
+    position in CRD order: DCR numbers (i, j, c) as (i * block + j) * C + c, CRD as
+    c * block^2 + i * block + j."""
+    shape = ctx.shape(deep)
+    channels = shape[1] if shape is not None and len(shape) == 4 else None
+    if not isinstance(channels, int):
+        raise unsupported(node, "CRD mode needs a known number of channels")
+    i, j, c = np.meshgrid(np.arange(block), np.arange(block), np.arange(channels // (block * block)),
+                          indexing="ij")
+    return (c * block * block + i * block + j).reshape(-1).astype(np.int64)
+
+
+@register("Trilu")
+def trilu(ctx, node, dy):
+    """A mask that keeps one triangle: the same mask on dy."""
+    return [ctx.g.op("Trilu", dy[0], *node.input[1:], upper=attr(node, "upper", 1))]
+
+
+@register("CumSum")
+def cumsum(ctx, node, dy):
+    """Each input adds into the outputs after it (or before it, reversed): the adjoint is the
+    cumulative sum in the other direction, with the same exclusivity."""
+    return [ctx.g.op("CumSum", dy[0], node.input[1], exclusive=attr(node, "exclusive", 0),
+                     reverse=1 - attr(node, "reverse", 0))]
+
+
+@register("TopK")
+def top_k(ctx, node, dy):
+    """The values' gradient goes back to where they were taken (the indices output, named
+    here when the model leaves it unnamed)."""
+    g = ctx.g
+    if len(node.output) < 2 or not node.output[1]:
+        outputs = [node.output[0], g.fresh("topk_indices")]
+        del node.output[:]
+        node.output.extend(outputs)
+    x = node.input[0]
+    return [g.op("ScatterElements", g.zeros_like(x), node.output[1], dy[0], axis=attr(node, "axis", -1))]
