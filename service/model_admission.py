@@ -473,13 +473,18 @@ def _node_label(node: onnx.NodeProto) -> str:
     return node.name or (node.output[0] if node.output else node.op_type)
 
 
+_CONTRIB_HINT = (" (one of ONNX Runtime's contrib operators, which its graph optimizer and optimum's "
+                 "--optimize write into saved models: save the model before those optimizations, "
+                 "e.g. without optimized_model_filepath or --optimize)")
+
+
 def _check_domains(model: onnx.ModelProto) -> None:
     for node in _nodes(model):
         if node.domain not in DEFAULT_DOMAINS:
             hint = (
                 " (a model-local function: inline it with onnx.inliner.inline_local_functions)"
                 if any(f.domain == node.domain and f.name == node.op_type for f in model.functions)
-                else ""
+                else _CONTRIB_HINT if node.domain == "com.microsoft" else ""
             )
             raise InvalidModelError(
                 f"node {quoted(_node_label(node))} uses operator "

@@ -307,6 +307,19 @@ def test_a_custom_domain_operator_is_refused(tmp_path):
     )
 
 
+def test_an_onnx_runtime_contrib_operator_is_refused_with_the_unoptimised_export_hint(tmp_path):
+    model = classifier(
+        nodes=[helper.make_node("FastGelu", ["x"], ["g"], name="fused", domain="com.microsoft"),
+               helper.make_node("MatMul", ["g", "W"], ["logits"])],
+        initializers=[numpy_helper.from_array(np.ones((4, 3), np.float32), "W")],
+    )
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    detail = refused_model(model_file(tmp_path, model)).detail
+    assert ("'FastGelu' from the custom domain 'com.microsoft' (one of ONNX Runtime's contrib "
+            "operators") in detail
+    assert "save the model before those optimizations" in detail
+
+
 def test_a_model_local_function_is_refused_with_the_inlining_hint(tmp_path):
     function = helper.make_function(
         "local",
