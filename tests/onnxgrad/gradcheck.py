@@ -23,6 +23,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _RefConvTranspose
+from onnx.reference.ops.op_grid_sample import GridSample as _RefGridSample
 from onnx.reference.ops.op_max_pool import MaxPool as _RefMaxPool
 from onnx.reference.ops.op_pad import Pad_18 as _RefPad18
 from onnx.reference.ops.op_resize import Resize as _RefResize
@@ -418,9 +419,36 @@ class LRN(OpRun):
         return (x / (bias + alpha / size * squares) ** beta,)
 
 
+class GridSample(_RefGridSample):
+    """The stock GridSample rounds the unnormalised coordinates to float32, which turns float64
+    finite differences with respect to the grid into noise; this keeps them float64."""
+
+    op_domain = ""
+
+    def _gs_denormalize_coordinates(self, n, dims, align_corners: bool):
+        return np.array([self._gs_denormalize(n=v, length=dim, align_corners=align_corners)
+                         for v, dim in zip(n, dims, strict=False)], dtype=np.float64)
+
+
+class AffineGrid(OpRun):
+    """The stock AffineGrid returns float32 whatever theta's type; this keeps theta's precision."""
+
+    op_domain = ""
+
+    def _run(self, theta, size, align_corners=None):
+        spatial = [int(d) for d in size[2:]]
+        axes = [np.linspace(-1.0, 1.0, d) if align_corners else (2 * np.arange(d) + 1) / d - 1
+                for d in spatial]
+        mesh = np.meshgrid(*axes, indexing="ij")
+        positions = np.stack([m for m in reversed(mesh)] + [np.ones_like(mesh[0])], axis=-1)
+        grid = np.einsum("...k,njk->n...j", positions, theta)
+        return (grid.astype(theta.dtype),)
+
+
 #: Overrides for :class:`ReferenceEvaluator` used by :func:`run_reference`.
 REFERENCE_FIXES: tuple[type[OpRun], ...] = (
-    Erf, Gelu, ConvTranspose, MaxPool, Pad, Resize, MeanVarianceNormalization, GroupNormalization, LRN)
+    Erf, Gelu, ConvTranspose, MaxPool, Pad, Resize, MeanVarianceNormalization, GroupNormalization, LRN,
+    GridSample, AffineGrid)
 
 # Overrides implementing only the signature of recent opsets: (op, first supported opset).
 _FIX_MIN_OPSET = {"Pad": 11, "Resize": 11, "GroupNormalization": 21}

@@ -1,7 +1,8 @@
 """Layers beyond the zoo's, as both of PyTorch's exporters write them, differentiated and checked
 against torch.autograd: GroupNorm and InstanceNorm2d (both exported as InstanceNormalization),
 Mish, PixelUnshuffle/PixelShuffle (SpaceToDepth/DepthToSpace), einsum attention (Einsum),
-top-k pooling (TopK), inverse trigonometric and cumulative ops; and the ONNX model zoo's LRN
+top-k pooling (TopK), inverse trigonometric and cumulative ops, spatial transformers
+(GridSample); and the ONNX model zoo's LRN
 (AlexNet, CaffeNet, GoogLeNet), which no PyTorch exporter writes."""
 
 from __future__ import annotations
@@ -97,6 +98,49 @@ def test_gradient_matches_torch_autograd(kind, exporter, tmp_path):
     (grad,) = session.run(["grad"], {session.get_inputs()[0].name: x, "labels": y})
     want = _torch_gradient(_module(kind), x, y)
     assert _relative_error(grad, want) < TOLERANCE
+
+
+class SpatialTransformer(nn.Module):
+    """PyTorch's spatial transformer tutorial network: a localisation net predicts an affine warp
+    of the image (starting near the identity), which is sampled before the classifier."""
+
+    def __init__(self, mode: str, padding: str, align: bool):
+        super().__init__()
+        self.mode, self.padding, self.align = mode, padding, align
+        self.localisation = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
+                                          nn.Linear(4 * 3 * 3, 6))
+        self.head = nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x):
+        identity = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+        theta = (identity + 0.3 * self.localisation(x)).view(-1, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=self.align)
+        warped = F.grid_sample(x, grid, mode=self.mode, padding_mode=self.padding, align_corners=self.align)
+        return self.head(warped.flatten(1))
+
+
+SAMPLINGS = [("bilinear", "zeros", False), ("bilinear", "border", True), ("nearest", "zeros", True)]
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize(("mode", "padding", "align"), SAMPLINGS)
+def test_spatial_transformer_gradient_matches_torch_autograd(mode, padding, align, exporter, tmp_path):
+    """GridSample's gradient reaches the image twice: through the sampled pixels and through the
+    warp the localisation net computed from it (none through nearest sampling's coordinates)."""
+    module = zoo.build_seeded(lambda: SpatialTransformer(mode, padding, align), seed=5)
+    if exporter == "torchscript":  # affine_grid exports from opset 20 on
+        model = zoo.export_onnx(module, SHAPE, opset=20)
+    else:
+        zoo.export_default(module, SHAPE, tmp_path / "stn.onnx")
+        model = onnx.load(str(tmp_path / "stn.onnx"))
+    assert "GridSample" in {node.op_type for node in model.graph.node}
+    session = ort.InferenceSession(build_gradient_model(model, loss="cross_entropy").SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(4)
+    x = rng.random((4, *SHAPE), dtype=np.float32)
+    y = rng.integers(0, 10, 4)
+    (grad,) = session.run(["grad"], {session.get_inputs()[0].name: x, "labels": y})
+    assert _relative_error(grad, _torch_gradient(module, x, y)) < TOLERANCE
 
 
 def _lrn_classifier(size: int, rng: np.random.Generator) -> tuple[onnx.ModelProto, dict]:
