@@ -100,10 +100,10 @@ EXPECTED_REFUSALS = {
     "test_gridsample_bicubic": "not supported (only linear and nearest",
     "test_gridsample_bicubic_align_corners_0_additional_1": "not supported (only linear and nearest",
     "test_gridsample_bicubic_align_corners_1_additional_1": "not supported (only linear and nearest",
-    "test_gridsample_volumetric_nearest_align_corners_0": "only 2-D sampling",
-    "test_gridsample_volumetric_nearest_align_corners_1": "only 2-D sampling",
-    "test_gridsample_volumetric_bilinear_align_corners_0": "only 2-D sampling",
-    "test_gridsample_volumetric_bilinear_align_corners_1": "only 2-D sampling",
+    "test_gridsample_volumetric_nearest_align_corners_0": "only 2-D sampling (a 4-D input)",
+    "test_gridsample_volumetric_nearest_align_corners_1": "only 2-D sampling (a 4-D input)",
+    "test_gridsample_volumetric_bilinear_align_corners_0": "only 2-D sampling (a 4-D input)",
+    "test_gridsample_volumetric_bilinear_align_corners_1": "only 2-D sampling (a 4-D input)",
 }
 
 # Cases the float64 harness cannot check: case name -> reason.

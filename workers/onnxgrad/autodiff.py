@@ -90,9 +90,7 @@ class Context:
     def require_rank(self, name: str, node: onnx.NodeProto) -> int:
         rank = self.rank(name)
         if rank is None:
-            raise UnsupportedOperatorError(
-                [UnsupportedNode(node.op_type, node.name, f"the rank of {name!r} is unknown")]
-            )
+            raise unknown_shape(node, f"the rank of {name!r} is unknown")
         return rank
 
     def reshape_to(self, grad: str, grad_of: str, target: str) -> str:
@@ -185,6 +183,12 @@ def attr(node: onnx.NodeProto, name: str, default=None):
 
 def unsupported(node: onnx.NodeProto, reason: str) -> UnsupportedOperatorError:
     return UnsupportedOperatorError([UnsupportedNode(node.op_type, node.name or "?", reason)])
+
+
+def unknown_shape(node: onnx.NodeProto, reason: str) -> UnsupportedOperatorError:
+    """The rule needs a size that shape inference did not find."""
+    found = UnsupportedNode(node.op_type, node.name or "?", reason, needs_shapes=True)
+    return UnsupportedOperatorError([found])
 
 
 def _is_float(types: dict[str, onnx.TypeProto], name: str) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import onnx
 from onnx import TensorProto, helper
 
@@ -10,11 +12,13 @@ from . import (
     weights,
 )
 from .autodiff import differentiate, integer_crossings
+from .batch_probe import complete_batch_shapes
 from .errors import InvalidModelError, UnsupportedOperatorError
 from .graph import FLOAT_TYPES, GraphBuilder, opset_of, tensor_types
 from .losses import LOSS_INPUTS, LOSSES, emit_loss
 from .prepare import (
     BATCH_DIM,
+    PreparedClassifier,
     infer_shapes,
     load_model,
     normalise_opset,
@@ -148,7 +152,19 @@ def build_gradient_model(
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    prepared = prepare_classifier(model, output_name)
+    try:
+        return _gradient_model(prepare_classifier(model, output_name), loss, device)
+    except UnsupportedOperatorError as exc:
+        if not exc.needs_shapes:
+            raise
+        prepared = prepare_classifier(model, output_name)  # the failed build edited its graph
+        completed = complete_batch_shapes(prepared.model, prepared.input_name)
+        if completed is None:
+            raise
+        return _gradient_model(replace(prepared, model=completed), loss, device)
+
+
+def _gradient_model(prepared: PreparedClassifier, loss: str, device: str) -> onnx.ModelProto:
     if device == "cpu" and prepared.opset < COL2IM_OPSET and wants_col2im(prepared.model.graph):
         prepared = upgrade_opset(prepared, COL2IM_OPSET)
     graph = prepared.model.graph

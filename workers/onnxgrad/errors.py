@@ -22,6 +22,8 @@ class UnsupportedNode:
     op_type: str
     node_name: str
     reason: str = "no gradient rule for this operator"
+    # the rule needs sizes that shape inference left unknown (batch_probe.py may find them)
+    needs_shapes: bool = False
 
     def describe(self) -> str:
         return f"{self.op_type} (node {self.node_name!r}): {self.reason}"
@@ -36,6 +38,7 @@ class UnsupportedOperatorError(GradientBuildError):
     def __init__(self, nodes: list[UnsupportedNode]):
         self.nodes = list(nodes)
         self.op_types = sorted({n.op_type for n in self.nodes})
+        self.needs_shapes = bool(self.nodes) and all(n.needs_shapes for n in self.nodes)
         listed = "; ".join(n.describe() for n in self.nodes[:20])
         more = f" (and {len(self.nodes) - 20} more)" if len(self.nodes) > 20 else ""
         super().__init__(

@@ -125,8 +125,9 @@ def fold_static_shape_reads(model: onnx.ModelProto) -> bool:
         elif node.op_type == "Gather" and node.input[0] in shapes and node.input[1] in constants:
             dims = shapes[node.input[0]]
             index = constants[node.input[1]]
-            picked = np.array(dims, dtype=object)[index]
-            if all(isinstance(d, int) for d in np.atleast_1d(picked)):
+            # an object array even for a scalar index, whose pick numpy would otherwise unwrap
+            picked = np.asarray(np.array(dims, dtype=object)[index], dtype=object)
+            if all(isinstance(d, int) for d in picked.reshape(-1)):
                 value = np.array(picked.tolist(), np.int64).reshape(index.shape)
                 graph.node[position].CopyFrom(_constant_node(node.output[0], value))
                 changed = True

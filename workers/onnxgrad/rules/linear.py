@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..autodiff import Context, attr, register, unsupported
+from ..autodiff import Context, attr, register, unknown_shape, unsupported
 from ..graph import all_static
 from .broadcast import unbroadcast
 
@@ -81,10 +81,10 @@ def spatial_shapes(ctx: Context, node, x: str, y: str) -> tuple[list[int], list[
     """Static spatial sizes of the input and output of a windowed operator."""
     xs, ys = ctx.shape(x), ctx.shape(y)
     if xs is None or ys is None:
-        raise unsupported(node, "input and output shapes must be known")
+        raise unknown_shape(node, "input and output shapes must be known")
     spatial_in, spatial_out = xs[2:], ys[2:]
     if not (all_static(spatial_in) and all_static(spatial_out)):
-        raise unsupported(
+        raise unknown_shape(
             node, f"needs static spatial sizes, got input {xs} and output {ys}; "
             "export the model with a fixed image size"
         )
@@ -131,7 +131,7 @@ def kernel_shape(ctx: Context, node, weight: str) -> list[int]:
     w = ctx.shape(weight)
     spatial = None if w is None else w[2:]
     if spatial is None or not all_static(spatial):
-        raise unsupported(node, "the kernel shape is unknown")
+        raise unknown_shape(node, "the kernel shape is unknown")
     return list(spatial)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import numpy_helper
 
-from ..autodiff import Context, attr, register, unsupported
+from ..autodiff import Context, attr, register, unknown_shape, unsupported
 from .linear import resolve_pads, spatial_shapes, transpose_output_padding
 
 
@@ -155,7 +155,7 @@ def average_pool(ctx, node, dy):
     include_pad = attr(node, "count_include_pad", 0)
     channels = ctx.shape(x)[1]
     if not isinstance(channels, int):
-        raise unsupported(node, "the channel count must be static")
+        raise unknown_shape(node, "the channel count must be static")
 
     divisor = np.ones([1] * (2 + rank))
     transposed_pads = list(pads)

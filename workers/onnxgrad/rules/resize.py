@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from ..autodiff import Context, attr, register, unsupported
+from ..autodiff import Context, attr, register, unknown_shape, unsupported
 from ..graph import same_dim
 
 _COPIED = ("mode", "coordinate_transformation_mode", "nearest_mode", "cubic_coeff_a",
@@ -70,7 +70,7 @@ def resize(ctx: Context, node, dy):
     x, y = node.input[0], node.output[0]
     x_shape, y_shape = ctx.shape(x), ctx.shape(y)
     if x_shape is None or y_shape is None:
-        raise unsupported(node, "input and output shapes must be known")
+        raise unknown_shape(node, "input and output shapes must be known")
     if attr(node, "coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
         raise unsupported(node, "tf_crop_and_resize is not supported")
     if attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
@@ -89,7 +89,7 @@ def resize(ctx: Context, node, dy):
         if scale == 1.0 or (scale is None and same_dim(length, out_length)):
             continue
         if not isinstance(length, int) or not isinstance(out_length, int):
-            raise unsupported(node, f"axis {axis} is resized but its size is not static")
+            raise unknown_shape(node, f"axis {axis} is resized but its size is not static")
         matrix = _axis_matrix(node, axis, rank, length, out_length, scale)
         if axis == rank - 1:
             grad = g.op("MatMul", grad, g.const(matrix))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..autodiff import Context, attr, register, unsupported
+from ..autodiff import Context, attr, register, unknown_shape, unsupported
 from ..graph import all_static
 
 
@@ -24,8 +24,10 @@ def grid_sample(ctx, node, dy):
     mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)  # opset 16's names
     padding = attr(node, "padding_mode", "zeros")
     shape = ctx.shape(x)
-    if shape is None or len(shape) != 4 or not all_static(shape[2:]):
-        raise unsupported(node, "only 2-D sampling of an input with known height and width is supported")
+    if shape is not None and len(shape) != 4:
+        raise unsupported(node, "only 2-D sampling (a 4-D input) is supported")
+    if shape is None or not all_static(shape[2:]):
+        raise unknown_shape(node, "the input's height and width must be known")
     if mode == "cubic" or padding == "reflection":
         raise unsupported(node, f"mode {mode!r} with padding {padding!r} is not supported (only linear and "
                                 "nearest, with zeros or border padding)")
@@ -142,5 +144,5 @@ def _affine_grid_sizes(ctx: Context, node) -> list[int]:
         return list(sizes)
     size = ctx.constant(node.input[1])
     if size is None:
-        raise unsupported(node, "the grid's height and width must be known before the model runs")
+        raise unknown_shape(node, "the grid's height and width must be known before the model runs")
     return [int(d) for d in size.reshape(-1)[2:]]

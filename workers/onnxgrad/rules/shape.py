@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from ..autodiff import Context, attr, register, unsupported
+from ..autodiff import Context, attr, register, unknown_shape, unsupported
 from ..graph import all_static
 from .broadcast import unbroadcast
 from .pooling import scatter_add_flat
@@ -195,7 +195,7 @@ def _crd_positions(ctx: Context, node, deep: str, block: int) -> np.ndarray:
     shape = ctx.shape(deep)
     channels = shape[1] if shape is not None and len(shape) == 4 else None
     if not isinstance(channels, int):
-        raise unsupported(node, "CRD mode needs a known number of channels")
+        raise unknown_shape(node, "CRD mode needs a known number of channels")
     i, j, c = np.meshgrid(np.arange(block), np.arange(block), np.arange(channels // (block * block)),
                           indexing="ij")
     return (c * block * block + i * block + j).reshape(-1).astype(np.int64)
