@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -79,10 +80,8 @@ def test_gradient_matches_torch_at_any_batch(exported, batch):
     assert np.linalg.norm(grad - want.numpy()) / np.linalg.norm(want.numpy()) < 1e-4
 
 
-@pytest.mark.parametrize("index", [np.array(2), np.array([2, 3])], ids=["scalar", "vector"])
-def test_static_dims_read_by_a_gather_of_the_shape_are_folded(index):
-    """x.size(2) exports as Gather(Shape(x), 2) with a scalar index: it is a constant wherever
-    the dim is static, even with a symbolic batch in the same shape (the scalar pick was missed)."""
+def _shape_read(index: np.ndarray) -> onnx.ModelProto:
+    """Gather(Shape(x), index) of an x shaped [N, 3, 7, 9], shape-inferred."""
     graph = helper.make_graph(
         [helper.make_node("Shape", ["x"], ["shape"]),
          helper.make_node("Gather", ["shape", "index"], ["picked"], axis=0),
@@ -90,7 +89,14 @@ def test_static_dims_read_by_a_gather_of_the_shape_are_folded(index):
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 7, 9])],
         [helper.make_tensor_value_info("out", TensorProto.INT64, None)],
         initializer=[numpy_helper.from_array(index.astype(np.int64), "index")])
-    model = infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    return infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("index", [np.array(2), np.array([2, 3])], ids=["scalar", "vector"])
+def test_static_dims_read_by_a_gather_of_the_shape_are_folded(index):
+    """x.size(2) exports as Gather(Shape(x), 2) with a scalar index: it is a constant wherever
+    the dim is static, even with a symbolic batch in the same shape (the scalar pick was missed)."""
+    model = _shape_read(index)
     assert fold_static_shape_reads(model)
     (folded,) = [n for n in model.graph.node if n.output[0] == "picked"]
     assert folded.op_type == "Constant"
@@ -99,12 +105,4 @@ def test_static_dims_read_by_a_gather_of_the_shape_are_folded(index):
 
 
 def test_the_batch_read_is_not_folded():
-    graph = helper.make_graph(
-        [helper.make_node("Shape", ["x"], ["shape"]),
-         helper.make_node("Gather", ["shape", "index"], ["picked"], axis=0),
-         helper.make_node("Identity", ["picked"], ["out"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 7, 9])],
-        [helper.make_tensor_value_info("out", TensorProto.INT64, None)],
-        initializer=[numpy_helper.from_array(np.array(0, np.int64), "index")])
-    model = infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    assert not fold_static_shape_reads(model)
+    assert not fold_static_shape_reads(_shape_read(np.array(0)))

@@ -67,13 +67,11 @@ def _module(kind: str) -> nn.Module:
     return zoo.build_seeded(lambda: Block(kind), seed=3)
 
 
-def _exported(kind: str, exporter: str, tmp_path) -> onnx.ModelProto:
-    module = _module(kind)
+def _exported(module: nn.Module, exporter: str, tmp_path, opset: int = 17) -> onnx.ModelProto:
     if exporter == "torchscript":
-        return zoo.export_onnx(module, SHAPE)
-    path = tmp_path / f"{kind}.onnx"
-    zoo.export_default(module, SHAPE, path)
-    return onnx.load(str(path))
+        return zoo.export_onnx(module, SHAPE, opset=opset)
+    zoo.export_default(module, SHAPE, tmp_path / "model.onnx")
+    return onnx.load(str(tmp_path / "model.onnx"))
 
 
 def _torch_gradient(module: nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -86,18 +84,22 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_gradient_matches_torch_autograd(kind, exporter, tmp_path):
-    model = _exported(kind, exporter, tmp_path)
+def _assert_gradient_matches(model: onnx.ModelProto, module: nn.Module, seed: int) -> None:
+    """The cross-entropy gradient of four random images against torch.autograd's."""
     session = ort.InferenceSession(build_gradient_model(model, loss="cross_entropy").SerializeToString(),
                                    providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     x = rng.random((4, *SHAPE), dtype=np.float32)
     y = rng.integers(0, 10, 4)
     (grad,) = session.run(["grad"], {session.get_inputs()[0].name: x, "labels": y})
-    want = _torch_gradient(_module(kind), x, y)
-    assert _relative_error(grad, want) < TOLERANCE
+    assert _relative_error(grad, _torch_gradient(module, x, y)) < TOLERANCE
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_matches_torch_autograd(kind, exporter, tmp_path):
+    module = _module(kind)
+    _assert_gradient_matches(_exported(module, exporter, tmp_path), module, seed=1)
 
 
 class SpatialTransformer(nn.Module):
@@ -128,19 +130,9 @@ def test_spatial_transformer_gradient_matches_torch_autograd(mode, padding, alig
     """GridSample's gradient reaches the image twice: through the sampled pixels and through the
     warp the localisation net computed from it (none through nearest sampling's coordinates)."""
     module = zoo.build_seeded(lambda: SpatialTransformer(mode, padding, align), seed=5)
-    if exporter == "torchscript":  # affine_grid exports from opset 20 on
-        model = zoo.export_onnx(module, SHAPE, opset=20)
-    else:
-        zoo.export_default(module, SHAPE, tmp_path / "stn.onnx")
-        model = onnx.load(str(tmp_path / "stn.onnx"))
+    model = _exported(module, exporter, tmp_path, opset=20)  # TorchScript writes affine_grid from 20 on
     assert "GridSample" in {node.op_type for node in model.graph.node}
-    session = ort.InferenceSession(build_gradient_model(model, loss="cross_entropy").SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(4)
-    x = rng.random((4, *SHAPE), dtype=np.float32)
-    y = rng.integers(0, 10, 4)
-    (grad,) = session.run(["grad"], {session.get_inputs()[0].name: x, "labels": y})
-    assert _relative_error(grad, _torch_gradient(module, x, y)) < TOLERANCE
+    _assert_gradient_matches(model, module, seed=4)
 
 
 def _lrn_classifier(size: int, rng: np.random.Generator) -> tuple[onnx.ModelProto, dict]:
