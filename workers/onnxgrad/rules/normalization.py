@@ -107,18 +107,14 @@ def instance_normalization(ctx, node, dy):
 
 @register("GroupNormalization")
 def group_normalization(ctx, node, dy):
-    """Statistics over x reshaped to [N, groups, -1]; the scale is per channel since opset 21,
-    per group in opset 18."""
+    """Statistics over x reshaped to [N, groups, -1], a scale per channel (opset 21; ONNX's
+    checker refuses opset 18's per-group form as deprecated, so no model reaches here with it)."""
     g = ctx.g
     x, scale = node.input[0], node.input[1]
     rank = ctx.require_rank(x, node)
-    groups = int(attr(node, "num_groups"))
-    grouped = g.ints([0, groups, -1])
+    grouped = g.ints([0, int(attr(node, "num_groups")), -1])
     centred, inv_std = _statistics(ctx, g.op("Reshape", x, grouped), [2], attr(node, "epsilon", 1e-5))
-    if g.opset >= 21:
-        gs = g.op("Reshape", g.op("Mul", dy[0], _per_channel(ctx, scale, rank)), grouped)
-    else:
-        gs = g.op("Mul", g.op("Reshape", dy[0], grouped), g.op("Reshape", scale, g.ints([-1, 1])))
+    gs = g.op("Reshape", g.op("Mul", dy[0], _per_channel(ctx, scale, rank)), grouped)
     return [g.reshape_like(standardized_vjp(ctx, gs, centred, inv_std, [2]), x)]
 
 
