@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import onnx
 
-from .fold import fold_constants, fold_static_shape_reads
 from .graph import Dim, Shape, static_shape, tensor_types
-from .prepare import infer_shapes
+from .prepare import fold_shape_arithmetic, infer_shapes
 
 PROBE_BATCHES = (2, 3)
-_FOLD_ROUNDS = 8
 
 
 def complete_batch_shapes(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto | None:
@@ -81,11 +79,7 @@ def _shapes_at_batch(model: onnx.ModelProto, input_name: str, size: int) -> dict
     image = next(i for i in pinned.graph.input if i.name == input_name)
     image.type.tensor_type.shape.dim[0].Clear()
     image.type.tensor_type.shape.dim[0].dim_value = size
-    pinned = infer_shapes(pinned)
-    for _ in range(_FOLD_ROUNDS):
-        if not fold_static_shape_reads(pinned):
-            break
-        pinned = infer_shapes(fold_constants(pinned))
+    pinned = fold_shape_arithmetic(infer_shapes(pinned))
     shapes = {}
     for name, tp in tensor_types(pinned.graph).items():
         shape = static_shape(tp)

@@ -234,6 +234,16 @@ def _complete_shape_preserving(graph: onnx.GraphProto) -> bool:
     return added
 
 
+def fold_shape_arithmetic(model: onnx.ModelProto, rounds: int = 8) -> onnx.ModelProto:
+    """A shape-inferred ``model`` with its static shape reads and what they feed folded, round
+    after round (each round can expose more static sizes to the next)."""
+    for _ in range(rounds):
+        if not fold_static_shape_reads(model):
+            break
+        model = infer_shapes(fold_constants(model))
+    return model
+
+
 def scores_output(graph: onnx.GraphProto) -> str:
     """The output read as the classifier's scores: the first float tensor output. Exporters of
     classifiers with a label output (an ArgMax: sklearn-onnx's and many Keras heads) may put it
@@ -261,11 +271,7 @@ def prepare_classifier(
     x = image_input(model)
     model = fold_constants(model)
     fixed_batch = make_batch_dynamic(model, x.name)
-    model = infer_shapes(model)
-    for _ in range(8):  # each round can expose more static sizes to the next
-        if not fold_static_shape_reads(model):
-            break
-        model = infer_shapes(fold_constants(model))
+    model = fold_shape_arithmetic(infer_shapes(model))
 
     outputs = [o.name for o in model.graph.output]
     if output_name is None:
