@@ -193,3 +193,26 @@ def test_einsum_broadcasting_is_refused_by_name():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(UnsupportedOperatorError, match="broadcast"):
         build_vjp_model(model, ["x"], "logits")
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_global_lp_pool_matches_torch(p):
+    """ONNX ships no node case (and its reference evaluator no kernel) for GlobalLpPool:
+    y = (sum |x|^p)^(1/p) over the spatial axes, against torch.autograd in float64."""
+    graph = helper.make_graph(
+        [helper.make_node("GlobalLpPool", ["x"], ["pooled"], p=p),
+         helper.make_node("Flatten", ["pooled"], ["logits"])],
+        "lp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *SHAPE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(build_vjp_model(model, ["x"], "logits").SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(p)
+    x = rng.standard_normal((2, *SHAPE)).astype(np.float32)
+    cotangent = rng.standard_normal((2, 3)).astype(np.float32)
+    logits, grad = session.run(["logits", "grad_x"], {"x": x, "cotangent": cotangent})
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    pooled = (xt.abs() ** p).sum((2, 3)) ** (1 / p)
+    (want,) = torch.autograd.grad((pooled * torch.tensor(cotangent, dtype=torch.float64)).sum(), xt)
+    np.testing.assert_allclose(logits, pooled.detach().numpy(), rtol=1e-5)
+    assert _relative_error(grad, want.numpy()) < TOLERANCE

@@ -143,37 +143,89 @@ def average_pool(ctx, node, dy):
     ceil_mode the last window can overhang; the transposed conv's end padding grows by
     the overhang so its output is exactly the input size.
     """
-    g = ctx.g
-    x = node.input[0]
-    spatial_in, _ = spatial_shapes(ctx, node, x, node.output[0])
-    rank = len(spatial_in)
-    kernel = list(attr(node, "kernel_shape"))
-    strides = list(attr(node, "strides", [1] * rank))
-    dilations = list(attr(node, "dilations", [1] * rank))
-    pads = resolve_pads(node, spatial_in, kernel, strides, dilations)
-    spatial_out = pool_output_sizes(node, spatial_in, kernel, strides, dilations, pads)
+    window = _Window(ctx, node)
     include_pad = attr(node, "count_include_pad", 0)
-    channels = ctx.shape(x)[1]
-    if not isinstance(channels, int):
-        raise unknown_shape(node, "the channel count must be static")
+    divisor = np.ones([1] * (2 + window.rank))
+    for i in range(window.rank):
+        lo, hi = ((-window.pads[i], window.spatial_in[i] + window.pads[window.rank + i]) if include_pad
+                  else (0, window.spatial_in[i]))
+        counts = _window_counts(window.spatial_in[i], window.spatial_out[i], window.kernel[i],
+                                window.strides[i], window.dilations[i], window.pads[i], lo, hi)
+        divisor = divisor * counts.reshape([1] * (2 + i) + [-1] + [1] * (window.rank - 1 - i))
+    return [window.spread(ctx.g.op("Mul", dy[0], ctx.g.const(1.0 / divisor)))]
 
-    divisor = np.ones([1] * (2 + rank))
-    transposed_pads = list(pads)
-    for i in range(rank):
-        lo, hi = (-pads[i], spatial_in[i] + pads[rank + i]) if include_pad else (0, spatial_in[i])
-        counts = _window_counts(spatial_in[i], spatial_out[i], kernel[i], strides[i],
-                                dilations[i], pads[i], lo, hi)
-        divisor = divisor * counts.reshape([1] * (2 + i) + [-1] + [1] * (rank - 1 - i))
-        reach = strides[i] * (spatial_out[i] - 1) + dilations[i] * (kernel[i] - 1) + 1 - pads[i]
-        transposed_pads[rank + i] = max(pads[rank + i], reach - spatial_in[i])
-    scaled = g.op("Mul", dy[0], g.const(1.0 / divisor))
-    ones = g.const(np.ones([channels, 1] + kernel))
-    return [g.op(
-        "ConvTranspose", scaled, ones, group=channels, kernel_shape=kernel,
-        strides=strides, dilations=dilations, pads=transposed_pads,
-        output_padding=transpose_output_padding(
-            spatial_in, spatial_out, kernel, strides, dilations, transposed_pads),
-    )]
+
+@register("LpPool")
+def lp_pool(ctx, node, dy):
+    """y = (sum over the window of |x|^p)^(1/p): dx = sign(x) |x|^(p-1) * (the windows' adjoint
+    sum of dy / y^(p-1)); 0 from windows whose y is 0."""
+    g = ctx.g
+    x, y = node.input[0], node.output[0]
+    p = float(attr(node, "p", 2))
+    return [g.op("Mul", _lp_slope(ctx, x, p), _Window(ctx, node).spread(_over_norm_power(ctx, dy[0], y, p)))]
+
+
+@register("GlobalLpPool")
+def global_lp_pool(ctx, node, dy):
+    """y = (sum over the spatial axes of |x|^p)^(1/p): dx = sign(x) |x|^(p-1) dy / y^(p-1)."""
+    x, y = node.input[0], node.output[0]
+    p = float(attr(node, "p", 2))
+    return [ctx.g.op("Mul", _lp_slope(ctx, x, p), _over_norm_power(ctx, dy[0], y, p))]
+
+
+def _lp_slope(ctx: Context, x: str, p: float) -> str:
+    """d |x|^p / dx divided by p: sign(x) |x|^(p-1) (x itself for p = 2)."""
+    g = ctx.g
+    if p == 2.0:
+        return x
+    return g.op("Mul", g.op("Sign", x), g.op("Pow", g.op("Abs", x), g.const(p - 1.0)))
+
+
+def _over_norm_power(ctx: Context, dy: str, y: str, p: float) -> str:
+    """dy / y^(p-1), 0 where y is 0 (a window of zeros, whose norm has no slope to follow)."""
+    g = ctx.g
+    zero = g.op("Equal", y, g.const(0.0))
+    power = y if p == 2.0 else g.op("Pow", y, g.const(p - 1.0))
+    ratio = g.op("Div", dy, g.op("Where", zero, g.const(1.0), power))
+    return g.op("Where", zero, g.const(0.0), ratio)
+
+
+class _Window:
+    """A pooling node's geometry, and the adjoint of summing over its windows."""
+
+    def __init__(self, ctx: Context, node):
+        self.ctx, self.node = ctx, node
+        x = node.input[0]
+        self.spatial_in, _ = spatial_shapes(ctx, node, x, node.output[0])
+        self.rank = rank = len(self.spatial_in)
+        self.kernel = list(attr(node, "kernel_shape"))
+        self.strides = list(attr(node, "strides", [1] * rank))
+        self.dilations = list(attr(node, "dilations", [1] * rank))
+        self.pads = resolve_pads(node, self.spatial_in, self.kernel, self.strides, self.dilations)
+        self.spatial_out = pool_output_sizes(node, self.spatial_in, self.kernel, self.strides,
+                                             self.dilations, self.pads)
+        channels = (ctx.shape(x) or (None, None))[1]
+        if not isinstance(channels, int):
+            raise unknown_shape(node, "the channel count must be static")
+        self.channels = channels
+
+    def spread(self, grad: str) -> str:
+        """Each output cell's ``grad`` added to every input cell of its window: ConvTranspose of
+        ones, its end padding grown by a ceil_mode window's overhang."""
+        rank, pads = self.rank, self.pads
+        transposed_pads = list(pads)
+        for i in range(rank):
+            reach = (self.strides[i] * (self.spatial_out[i] - 1) + self.dilations[i] * (self.kernel[i] - 1)
+                     + 1 - pads[i])
+            transposed_pads[rank + i] = max(pads[rank + i], reach - self.spatial_in[i])
+        ones = self.ctx.g.const(np.ones([self.channels, 1] + self.kernel))
+        return self.ctx.g.op(
+            "ConvTranspose", grad, ones, group=self.channels, kernel_shape=self.kernel,
+            strides=self.strides, dilations=self.dilations, pads=transposed_pads,
+            output_padding=transpose_output_padding(
+                self.spatial_in, self.spatial_out, self.kernel, self.strides, self.dilations,
+                transposed_pads),
+        )
 
 
 @register("GlobalAveragePool")
