@@ -208,7 +208,7 @@ _SHAPE_PRESERVING = frozenset({"GroupNormalization", "MeanVarianceNormalization"
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         inferred = shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-        if _complete_shape_preserving(inferred.graph):
+        while _complete_shape_preserving(inferred.graph):  # each round types new outputs: it ends
             inferred = shape_inference.infer_shapes(inferred, strict_mode=False, data_prop=True)
         return inferred
     except Exception as exc:  # shape inference raises InferenceError and bare C++ errors
