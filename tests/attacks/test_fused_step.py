@@ -107,3 +107,28 @@ def test_the_step_model_outputs_only_the_next_iterate(classifiers, norm):
     (output,) = [o.name for o in graph.model.graph.output]
     assert graph.writes == {output: classifier.input_name}
     onnx.checker.check_model(graph.model)
+    # the loss value no step reads is gone (ONNX Runtime would compute it every step)
+    produced = {name for node in graph.model.graph.node for name in node.output}
+    assert "loss" not in produced and "logits" in produced
+    full = onnx.load_from_string(classifier._gradient_bytes("auto")).graph.node
+    assert {"loss", "logits", "grad"} <= {name for node in full for name in node.output}
+
+
+def test_set_outputs_keeps_what_subgraphs_read():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from workers.loop_graphs.core import set_outputs
+
+    branch = helper.make_graph([helper.make_node("Neg", ["a"], ["inner"])], "branch", [],
+                               [helper.make_tensor_value_info("inner", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Abs", ["x"], ["a"]), helper.make_node("Exp", ["x"], ["dead"]),
+         helper.make_node("If", ["c"], ["out"], then_branch=branch, else_branch=branch)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+              helper.make_tensor_value_info("c", TensorProto.BOOL, [])], [],
+        initializer=[helper.make_tensor("unused", TensorProto.FLOAT, [1], [0.0])])
+    set_outputs(graph, [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])])
+    assert [node.op_type for node in graph.node] == ["Abs", "If"]
+    assert not graph.initializer
+    onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))

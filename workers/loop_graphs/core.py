@@ -124,8 +124,44 @@ def like(image: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
 
 
 def set_outputs(graph: onnx.GraphProto, outputs: list[onnx.ValueInfoProto]) -> None:
+    """Make ``outputs`` the graph's outputs and drop the nodes none of them depends on (a
+    gradient model's loss where a step reads only the gradient): ONNX Runtime runs every node of
+    a graph, needed or not (PGD-10 on the MLP: 7 of 45 nodes, about 6% of a step)."""
     del graph.output[:]
     graph.output.extend(outputs)
+    # nodes appended by `Update` may feed earlier ones (a cotangent made for the gradient's
+    # nodes), so this follows producers, not the node order
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
+    needed, pending, kept = set(), [output.name for output in outputs], set()
+    while pending:
+        name = pending.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        i = producer.get(name)
+        if i is not None and i not in kept:
+            kept.add(i)
+            node = graph.node[i]
+            pending.extend(n for n in node.input if n)
+            pending.extend(_names_read_inside(node))
+    nodes = [node for i, node in enumerate(graph.node) if i in kept]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    initializers = [tensor for tensor in graph.initializer if tensor.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+
+
+def _names_read_inside(node: onnx.NodeProto) -> set[str]:
+    """Every name a node's subgraphs (If, Loop, Scan) read, their own included: a superset of
+    the outer tensors they use."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            for inner in sub.node:
+                names.update(name for name in inner.input if name)
+                names |= _names_read_inside(inner)
+    return names
 
 
 def rank_of(image: onnx.ValueInfoProto) -> int:
