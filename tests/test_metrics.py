@@ -258,3 +258,12 @@ def test_sanity_flags_refuse_malformed_entries():
         sanity_flags([_entry("pgd", "white_box", 0.1, 0.3)])
     with pytest.raises(ValueError, match="robust_accuracy"):
         sanity_flags([{"attack": "pgd", "kind": "iterative", "eps": 0.1, "norm": "linf"}])
+
+
+def test_nonfinite_adversarial_examples_discredit_their_entry():
+    entry = _entry("pgd", "iterative", 0.15, 0.3, nonfinite_examples=4)
+    assert metrics.masking_warnings([*HEALTHY, entry]) == [(
+        "pgd (linf, eps=0.15): 4 adversarial examples had NaN or infinite pixels (the attack's arithmetic "
+        "overflowed) and were counted as not fooling the model; this robust accuracy cannot be trusted",
+        [len(HEALTHY)])]
+    assert sanity_flags([*HEALTHY, _entry("pgd", "iterative", 0.15, 0.3, nonfinite_examples=0)]) == []

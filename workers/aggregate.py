@@ -62,7 +62,8 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
 
     flags = metrics.masking_warnings([
         {"attack": e.attack, "norm": e.norm, "eps": e.eps, "robust_accuracy": e.robust_accuracy,
-         "kind": e.kind, "gradient_stats": (e.details or {}).get("gradient_stats")}
+         "kind": e.kind, "gradient_stats": (e.details or {}).get("gradient_stats"),
+         "nonfinite_examples": (e.details or {}).get("nonfinite_examples")}
         for e in entries
     ])
     for message, affected in flags:
@@ -175,7 +176,8 @@ def _merge_runs(parts: Sequence[RunOutput], sizes: list[int]) -> RunOutput:
         success=np.concatenate([p.success for p in parts]),
         queries=None if first.queries is None else np.concatenate([p.queries for p in parts]),
         arrays={name: np.concatenate([p.arrays[name] for p in parts]) for name in first.arrays},
-        extra={key: _merge_extra(key, [p.extra[key] for p in parts], sizes) for key in first.extra})
+        extra={key: _merge_extra(key, [p.extra.get(key, _ABSENT_EXTRA.get(key)) for p in parts], sizes)
+               for key in dict.fromkeys(key for p in parts for key in p.extra)})
 
 
 def _sample_mean(values: list, sizes: list[int]):
@@ -194,9 +196,12 @@ def _probe_sum(values: list, sizes: list[int]) -> dict:
 # How the attacks' non-array extras combine across shards, by name: AutoAttack's robust accuracy
 # after each component and a universal perturbation's fooling rate are means over the samples;
 # passes (a whole-set attack's, merged only for completeness) take the largest; the gradient
-# probes' counts add up.
+# probes' counts and the non-finite examples add up.
 _MERGE_EXTRA = {"robust_accuracy": _sample_mean, "fooling_rate": _sample_mean,
-                "passes": lambda values, sizes: max(values), "gradient_probe": _probe_sum}
+                "passes": lambda values, sizes: max(values), "gradient_probe": _probe_sum,
+                "nonfinite_examples": lambda values, sizes: sum(values)}
+# extras a shard may lack, and what that means
+_ABSENT_EXTRA = {"nonfinite_examples": 0}
 
 
 def _merge_extra(key: str, values: list, sizes: list[int]):

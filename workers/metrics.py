@@ -212,6 +212,10 @@ def _gradient_warnings(entry: dict) -> list[str]:
     probed = stats.get("probed")
     among = f" of the {probed} correctly classified samples probed" if probed else ""
     warnings = []
+    if entry.get("nonfinite_examples"):
+        warnings.append(f"{_describe(entry)}: {entry['nonfinite_examples']} adversarial examples had NaN or "
+                        "infinite pixels (the attack's arithmetic overflowed) and were counted as not "
+                        "fooling the model; this robust accuracy cannot be trusted")
     if stats.get("nonfinite", 0) > 0:
         warnings.append(f"{_describe(entry)}: {stats['nonfinite']} non-finite{loss} gradients{among}; "
                         "the evaluation may be masked (the attack followed broken gradients)")
@@ -229,7 +233,9 @@ def masking_warnings(results: Sequence[dict]) -> list[tuple[str, list[int]]]:
 
     Each entry has ``attack``, ``norm``, ``eps``, ``robust_accuracy``, ``kind`` (one of
     ``KINDS``) and optionally ``gradient_stats`` (see gradient_stats; "loss" names the loss
-    probed). Flags, with the entries they discredit:
+    probed) and ``nonfinite_examples`` (adversarial examples with NaN or infinite pixels,
+    counted as failures). Flags, with the entries they discredit:
+    - any non-finite adversarial example: that entry;
     - zero gradients for more than a point of the samples probed, or non-finite ones: that entry;
     - robust accuracy rising by more than a point as eps grows, for one attack and norm (noise
       and minimal entries excepted: noise is not aimed): the entry at the larger eps;

@@ -132,3 +132,34 @@ def test_set_outputs_keeps_what_subgraphs_read():
     assert [node.op_type for node in graph.node] == ["Abs", "If"]
     assert not graph.initializer
     onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _weights_as_constant_nodes(model_bytes: bytes) -> bytes:
+    """The model with every initializer a Constant node, as some exporters and converters write
+    them (the gradient then ends in an adjoint Conv, not in Col2Im)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load_from_string(model_bytes)
+    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in model.graph.initializer]
+    del model.graph.initializer[:]
+    nodes = constants + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("attack", [PGD(steps=5), BIM(steps=3)], ids=["pgd", "bim"])
+def test_the_linf_step_stays_finite_where_the_gradient_ends_in_a_conv(attack, data):
+    """ONNX Runtime folds a constant Mul that follows a Conv into the Conv's weights: the sign
+    must not be made of large factors (2^126 x 2^126 overflowed the folded weights to inf, and
+    every iterate was NaN)."""
+    from tests import digits
+
+    x, y = data[0][:40], data[1][:40]
+    classifier = Classifier(_weights_as_constant_nodes(digits.onnx_bytes("cnn")), LOOPS)
+    fused = attack(classifier, x, y, eps=0.1, seed=2)[0]
+    numpy = attack(CopyLoop(classifier), x, y, eps=0.1, seed=2)[0]
+    assert np.isfinite(fused.x_adv).all() and "nonfinite_examples" not in fused.extra
+    np.testing.assert_array_equal(fused.x_adv, numpy.x_adv)
+    assert fused.success.mean() > 0.5

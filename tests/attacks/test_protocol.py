@@ -203,3 +203,27 @@ def test_each_attack_costs_at_most_the_model_calls_it_declares(name, model, samp
     assert 0 < counting.sample_calls <= declared, (counting.sample_calls, declared)
     if name in ("fgsm", "bim", "pgd", "gaussian_noise", "uniform_noise"):
         assert counting.sample_calls == declared
+
+
+class OverflowingMLP(NumpyMLP):
+    """The fc100 MLP whose input gradient overflows to NaN for every third sample (a graph whose
+    arithmetic broke): its NaN iterates classify as class 0, which is not a success."""
+
+    def _vjp(self, x: np.ndarray, dlogits: np.ndarray):
+        z, g = super()._vjp(x, dlogits)
+        g[::3] = np.nan
+        return z, g
+
+
+def test_adversarial_examples_with_nan_pixels_count_as_failures_and_are_counted(samples):
+    x, y = samples
+    model = OverflowingMLP()
+    (run,) = ATTACKS["pgd"](steps=5)(model, x, y, eps=0.1, seed=0)
+    broken = np.zeros(len(x), bool)
+    broken[::3] = True
+    assert np.isfinite(run.x_adv).all() and run.logits is None
+    np.testing.assert_array_equal(run.x_adv[broken], x[broken])
+    assert not run.success[broken].any() and run.success[~broken].any()
+    assert run.extra["nonfinite_examples"] == broken.sum()
+    (healthy,) = ATTACKS["pgd"](steps=5)(NumpyMLP(), x, y, eps=0.1, seed=0)
+    assert "nonfinite_examples" not in healthy.extra

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -254,7 +254,8 @@ class Attack(ABC):
             for e in values:
                 check(e >= 0 and np.isfinite(e), f"`eps` values must be finite and >= 0, got {e}")
         rng = np.random.default_rng(seed)
-        return self.run_budgets(model, x, y, budgets, targets, bounds, rng, progress)
+        runs = self.run_budgets(model, x, y, budgets, targets, bounds, rng, progress)
+        return [_without_nonfinite(run, x, bounds) for run in runs]
 
     shares_budgets = False  # run_budgets does less than one run per budget (the unit runner asks it at once)
 
@@ -269,6 +270,20 @@ class Attack(ABC):
             targets: np.ndarray | None, bounds: tuple[float, float], rng: np.random.Generator,
             progress: Progress | None) -> AttackRun:
         """Attack every sample at one budget."""
+
+
+def _without_nonfinite(run: AttackRun, x: np.ndarray, bounds: tuple[float, float]) -> AttackRun:
+    """A sample whose adversarial example has a NaN or infinite pixel (arithmetic that
+    overflowed) did not fool the model, whatever its NaN logits' argmax says: it becomes its
+    clean image, unsuccessful, and ``extra["nonfinite_examples"]`` counts it, so that the
+    evaluation warns that this run's robust accuracy cannot be trusted."""
+    finite = np.isfinite(run.x_adv.reshape(len(run.x_adv), -1)).all(axis=1)
+    if finite.all():
+        return run
+    x_adv, success = run.x_adv.copy(), run.success & finite
+    x_adv[~finite] = np.clip(x[~finite], *bounds)
+    extra = {**run.extra, "nonfinite_examples": int(np.count_nonzero(~finite))}
+    return replace(run, x_adv=x_adv, success=success, extra=extra, logits=None)
 
 
 ATTACKS: dict[str, type[Attack]] = {}
