@@ -85,6 +85,7 @@ def inspect_model(data: bytes, loss: str) -> dict:
         "binary": prepared.binary,
         "opset": prepared.opset,
         "ends_in_softmax": prepared.ends_in_softmax,
+        "ends_in_sigmoid": prepared.ends_in_sigmoid,
         "operators": found.operators,
         "gradients": {"available": found.gradients_available, "unsupported": found.unsupported,
                       "probed_side": found.probed_side,
@@ -141,7 +142,8 @@ def print_report(report: dict) -> None:
     }.get(report.get("binary") or "", ""))
     converted = f" (run as {report['opset']})" if report["opset"] != report["exported_opset"] else ""
     print(f"opset      {report['exported_opset']}{converted}" + (
-        "  (ends in Softmax: differentiated before it)" if report["ends_in_softmax"] else ""))
+        "  (ends in Softmax: differentiated before it)" if report["ends_in_softmax"] else
+        "  (ends in a Sigmoid per class: differentiated before it)" if report.get("ends_in_sigmoid") else ""))
     print(f"operators  {', '.join(f'{k} x{v}' for k, v in report['operators'].items())}")
     grads = report["gradients"]
     if grads["available"] and grads.get("probed_side"):

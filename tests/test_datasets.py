@@ -114,6 +114,8 @@ def test_images_that_fit_no_layout_are_refused_with_a_hint():
         model_layout(["N", 3, 32, 32], [3, 32, 32], "NHWC")
     with pytest.raises(LayoutError, match=r"\[N, 3, 32, 32\]"):
         model_layout(["N", 3, 32, 32], [1, 28, 28], "auto")
+    with pytest.raises(LayoutError, match="flat vectors of 64 values .* Flatten in front"):
+        model_layout(["N", 64], [1, 8, 8], "auto")  # a scikit-learn model
 
 
 def test_a_last_axis_larger_than_the_image_is_not_taken_for_channels():

@@ -113,7 +113,8 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
     result = EvaluationResult(
         model={"sha256": hashlib.sha256(model).hexdigest(), "input_shape": subject.model_input,
                "layout": subject.model_layout, "num_classes": classifier.num_classes,
-               "ends_in_softmax": classifier.ends_in_softmax, "fixed_batch": classifier.fixed_batch,
+               "ends_in_softmax": classifier.ends_in_softmax, "ends_in_sigmoid": classifier.ends_in_sigmoid,
+               "fixed_batch": classifier.fixed_batch,
                "dtype": classifier.dtype, "output_squeezed_from": _shape(classifier.squeezed_from),
                "binary": classifier.binary, "straight_through": classifier.straight_through},
         dataset={"samples": len(x), "source_dtype": dataset.source_dtype, "classes": dataset.classes,

@@ -15,6 +15,7 @@ than a known spatial axis: [N, 1, 28, 28] is not an image of 28 channels). When 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -100,5 +101,9 @@ def model_layout(input_shape: Sequence, image: Sequence[int], declared: str = "a
     hint = ""
     if len(dims) == 3 and sorted(map(str, image)) == sorted(str(d) for d in dims if isinstance(d, int)):
         hint = "; the axes are the same sizes in another order: set input.layout to the dataset's layout"
+    if len(dims) == 1 and dims[0] == math.prod(image):
+        hint = (f"; the model takes flat vectors of {dims[0]} values (a scikit-learn model, say): give it an "
+                "image input by putting a Flatten in front of it (onnx.compose, or flatten inside the "
+                "exported module), so that it takes [N, C, H, W]")
     raise LayoutError(f"the images are {image} as (C, H, W) but the model expects {_shown(dims)}, which "
                       f"they fit neither as NCHW nor as NHWC{hint}")

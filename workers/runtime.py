@@ -247,6 +247,7 @@ class Classifier:
         self.input_name = prepared.input_name
         self.input_shape = prepared.input_shape
         self.ends_in_softmax = prepared.ends_in_softmax
+        self.ends_in_sigmoid = prepared.ends_in_sigmoid
         self.dtype = prepared.dtype  # float16 / bfloat16: predictions in it, gradients of its float32 twin
         self.squeezed_from = prepared.squeezed_from  # the output's own shape, when [N, K, 1, 1] or such
         self.binary = prepared.binary  # one score read as two classes: "sigmoid" or "logit"
@@ -288,7 +289,7 @@ class Classifier:
         if prepared.forward is not None:
             return prepared.forward
         model = prepared.model
-        if prepared.ends_in_softmax or model.graph.output[0].name != prepared.logits_name:
+        if model.graph.output[0].name != prepared.logits_name:
             model = onnx.ModelProto()
             model.CopyFrom(prepared.model)
             del model.graph.output[:]

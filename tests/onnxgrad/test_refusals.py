@@ -140,6 +140,21 @@ def test_a_label_output_before_the_scores_is_not_read_as_them(tmp_path, capsys):
         build_gradient_model(model)
 
 
+def test_a_zipmap_output_is_refused_with_the_converter_option_that_removes_it():
+    """sklearn-onnx's classifiers output a label and a ZipMap of the probabilities (a list of
+    dicts, no tensor)."""
+    model = classifier([helper.make_node("MatMul", ["x", "W"], ["z"]),
+                        helper.make_node("ZipMap", ["z"], ["probabilities"], domain="ai.onnx.ml",
+                                         classlabels_int64s=[0, 1, 2])], [W])
+    model.opset_import.append(helper.make_opsetid("ai.onnx.ml", 1))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_value_info(
+        "probabilities", helper.make_sequence_type_proto(helper.make_map_type_proto(
+            onnx.TensorProto.INT64, helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [])))))
+    with pytest.raises(InvalidModelError, match=r"ZipMap .* options=\{id\(model\): \{'zipmap': False\}\}"):
+        build_gradient_model(model)
+
+
 def test_external_data_is_refused_without_opening_the_path(tmp_path):
     model = classifier([helper.make_node("MatMul", ["x", "W"], ["z"])], [W])
     tensor = model.graph.initializer[0]

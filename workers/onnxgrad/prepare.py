@@ -46,6 +46,8 @@ class PreparedClassifier:
     # a binary classifier's one score: "sigmoid" (a probability, differentiated before its
     # Sigmoid) or "logit"; its logits are then the two classes' [-z/2, z/2]
     binary: str | None = None
+    # a multi-label head: a Sigmoid per class at the end, differentiated before it, like a Softmax
+    ends_in_sigmoid: bool = False
     # quantizers on the image's path (a QDQ model's QuantizeLinear -> DequantizeLinear pairs, a
     # dynamically quantized model's DynamicQuantizeLinear), differentiated straight through
     # (rules/quantize.py)
@@ -254,8 +256,12 @@ def scores_output(graph: onnx.GraphProto) -> str:
         if output.type.HasField("tensor_type") and output.type.tensor_type.elem_type in FLOAT_TYPES:
             return output.name
     described = ", ".join(f"{o.name!r}" for o in graph.output)
+    zipmap = ""
+    if any(node.op_type == "ZipMap" for node in graph.node):
+        zipmap = (" (a ZipMap makes them a list of dicts: convert the scikit-learn model with "
+                  "options={id(model): {'zipmap': False}})")
     raise InvalidModelError(f"the model has no float tensor output to read as scores (outputs: {described}); "
-                            "export its logits or probabilities, [N, K]")
+                            f"export its logits or probabilities, [N, K]{zipmap}")
 
 
 def prepare_classifier(
@@ -299,15 +305,8 @@ def prepare_classifier(
         )
     num_classes = out_shape[1] if out_shape is not None and isinstance(out_shape[1], int) else None
 
-    logits, ends_in_softmax = output_name, False
-    producer = next((n for n in model.graph.node if output_name in n.output), None)
-    if producer is not None and producer.op_type == "Softmax":
-        if attr(producer, "axis", -1) not in (-1, 1):
-            raise InvalidModelError(
-                f"the model ends in Softmax over axis {attr(producer, 'axis')}; "
-                "expected the class axis (1 or -1)"
-            )
-        logits, ends_in_softmax = producer.input[0], True
+    logits, ends_in = (output_name, None) if binary else scores_before_activation(
+        model, output_name, types, num_classes)
 
     input_shape = static_shape(types.get(x.name)) or ()
     half = half_dtype(x) or half_inside(model.graph)
@@ -318,7 +317,8 @@ def prepare_classifier(
     quantizers = _quantizers_on_path(model.graph, x.name)
     return PreparedClassifier(
         model=model, input_name=x.name, input_shape=input_shape, logits_name=logits,
-        num_classes=num_classes, ends_in_softmax=ends_in_softmax, opset=opset_of(model),
+        num_classes=num_classes, ends_in_softmax=ends_in == "Softmax", ends_in_sigmoid=ends_in == "Sigmoid",
+        opset=opset_of(model),
         fixed_batch=fixed_batch, dtype=HALF[half] if half is not None else "float32", forward=forward,
         squeezed_from=squeezed_from, binary=binary, straight_through=sum(quantizers.values()),
         couples_batch=quantizers["DynamicQuantizeLinear"] > 0,
@@ -342,6 +342,57 @@ def _quantizers_on_path(graph: onnx.GraphProto, x: str) -> Counter[str]:
 SHAPE_ONLY = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 
+def _final_node(graph: onnx.GraphProto, output_name: str
+                ) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
+    """The node that computes ``output_name`` up to shape-only nodes (an Identity that renames
+    the output, a Flatten, a Reshape), and those nodes, last first."""
+    producers = {name: node for node in graph.node for name in node.output}
+    chain = []
+    node = producers.get(output_name)
+    while node is not None and node.op_type in SHAPE_ONLY and node.domain in ("", "ai.onnx"):
+        chain.append(node)
+        node = producers.get(node.input[0])
+    return node, chain
+
+
+def _replay(graph: onnx.GraphProto, chain: list[onnx.NodeProto], start: str, suffix: str) -> str:
+    """The shape-only ``chain`` (last first) applied to ``start`` instead of its own input."""
+    for op in reversed(chain):
+        copy = helper.make_node(op.op_type, [start, *op.input[1:]], [f"{op.output[0]}/{suffix}"],
+                                **{a.name: helper.get_attribute_value(a) for a in op.attribute})
+        graph.node.append(copy)
+        start = copy.output[0]
+    return start
+
+
+def scores_before_activation(model: onnx.ModelProto, output_name: str, types: dict,
+                             num_classes: int | None) -> tuple[str, str | None]:
+    """The scores before a final Softmax over the classes or a per-class Sigmoid (a multi-label
+    head), through the shape-only nodes after it, and "Softmax" or "Sigmoid"; else the output
+    and None. Both keep every decision (monotone per class) and saturate: differentiated after
+    them, a confident sample's gradient rounds to nothing (a sigmoid head of probabilities read
+    as logits left PGD at 0.375 robust accuracy where its logits give 0)."""
+    final, chain = _final_node(model.graph, output_name)
+    if final is None or final.domain not in ("", "ai.onnx") or final.op_type not in ("Softmax", "Sigmoid"):
+        return output_name, None
+    if final.op_type == "Sigmoid":
+        if num_classes is None or num_classes < 2:
+            return output_name, None
+        return _replay(model.graph, chain, final.input[0], "logits"), "Sigmoid"
+    if not chain:
+        axis = attr(final, "axis", -1)
+        if axis not in (-1, 1):
+            raise InvalidModelError(f"the model ends in Softmax over axis {axis}; expected the class "
+                                    "axis (1 or -1)")
+        return final.input[0], "Softmax"
+    shape = static_shape(types.get(final.input[0]))
+    over_classes = (shape is not None and num_classes is not None and shape[-1] == num_classes
+                    and _over_classes(final, len(shape), len(shape) - 1, opset_of(model)))
+    if not over_classes:  # a softmax over something else, reshaped into the scores
+        return output_name, None
+    return _replay(model.graph, chain, final.input[0], "logits"), "Softmax"
+
+
 def two_class_logits(model: onnx.ModelProto, output_name: str, rank: int) -> tuple[str, str]:
     """A binary classifier's one score per image (an output [N, 1], [N] or [N, 1, 1, 1]) as the
     logits of two classes, [-z/2, z/2], the first output: their softmax is [1 - sigmoid(z),
@@ -352,12 +403,7 @@ def two_class_logits(model: onnx.ModelProto, output_name: str, rank: int) -> tup
     model's probability); without either the score is read as a logit. Returns (the logits'
     name, "sigmoid", "hard_sigmoid" or "logit")."""
     graph = model.graph
-    producers = {name: node for node in graph.node for name in node.output}
-    chain = []  # the shape-only nodes between a final (Hard)Sigmoid and the output, last first
-    node = producers.get(output_name)
-    while node is not None and node.op_type in SHAPE_ONLY and node.domain in ("", "ai.onnx"):
-        chain.append(node)
-        node = producers.get(node.input[0])
+    node, chain = _final_node(graph, output_name)  # chain: between a final (Hard)Sigmoid and the output
     if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
         raise InvalidModelError(
             f"the model ends in a {node.op_type} over one class, which is the same for every image; "
@@ -375,11 +421,7 @@ def two_class_logits(model: onnx.ModelProto, output_name: str, rank: int) -> tup
         graph.node.extend([helper.make_node("Mul", [final.input[0], slope], [f"{score}/scaled"]),
                            helper.make_node("Add", [f"{score}/scaled", offset], [score])])
     if binary != "logit":
-        for op in reversed(chain):
-            copy = helper.make_node(op.op_type, [score, *op.input[1:]], [f"{op.output[0]}/score"],
-                                    **{a.name: helper.get_attribute_value(a) for a in op.attribute})
-            graph.node.append(copy)
-            score = copy.output[0]
+        score = _replay(graph, chain, score, "score")
     column = f"{output_name}/score_column"
     if rank == 1:
         axes = f"{output_name}/axis_1"
