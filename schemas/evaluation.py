@@ -47,6 +47,9 @@ class InputSpec(BaseModel):
         "the layout the model takes: auto reads it from the model's input shape (the one in which "
         "the images fit it, NCHW when both do); NHWC models (tf2onnx, Keras) get a Transpose composed "
         "in front, and per-channel operations use the channel axis of this layout"))
+    model_output: str | None = Field(None, min_length=1, max_length=256, description=(
+        "the model output read as its scores (logits or probabilities, [N, K]): by default the first "
+        "float output; name another where the model returns, say, (features, logits)"))
 
     @field_validator("range")
     @classmethod

@@ -132,7 +132,7 @@ def print_report(report: dict) -> None:
     print(f"input      {report['input']['name']}  [{shape}]")
     if len(report["outputs"]) > 1:
         print(f"output     {report['scores_output']}  (read as the scores: the first float output of "
-              f"{', '.join(report['outputs'])})")
+              f"{', '.join(report['outputs'])}); a spec's input.model_output names another")
     print(f"classes    {report['classes']}" + {
         "sigmoid": "  (one score, a Sigmoid's probability: class 1 where it is > 0.5; logits [-z/2, z/2] "
                    "of the score z before it)",

@@ -20,6 +20,22 @@ def needs_gradients(attack: AttackSpec) -> bool:
 BLACK_BOX = sorted(name for name, cls in ATTACKS.items() if cls.model_calls == ("logits",))
 
 
+def _check_classes(spec: EvaluationSpec, classes: int, dataset: dict) -> None:
+    mismatch = dataset.get("classes") and class_list_mismatch(
+        len(dataset["classes"]), classes, "classes" in (dataset.get("processing") or {}))
+    if mismatch:
+        raise InvalidSpecError(mismatch)
+    if dataset["num_classes"] > classes:
+        raise InvalidSpecError(
+            f"the dataset has labels up to {dataset['num_classes'] - 1} but the model has {classes} classes")
+    for loss, fewest in MIN_CLASSES.items():
+        wanting = [a.key for a in spec.attacks if a.loss == loss]
+        if wanting and classes < fewest:
+            raise InvalidSpecError(
+                f"{', '.join(wanting)}: loss {loss} needs at least {fewest} classes and the model has "
+                f"{classes}; use loss auto or ce")
+
+
 def check_fit(spec: EvaluationSpec, model: dict, dataset: dict) -> None:
     try:
         image = image_nchw(dataset["shape"], spec.input.layout)
@@ -27,15 +43,9 @@ def check_fit(spec: EvaluationSpec, model: dict, dataset: dict) -> None:
     except LayoutError as exc:
         raise InvalidSpecError(f"the dataset's images ({dataset['shape']}, input.layout "
                                f"{spec.input.layout}) do not fit the model: {exc}") from None
-    mismatch = dataset.get("classes") and class_list_mismatch(
-        len(dataset["classes"]), model["num_classes"], "classes" in (dataset.get("processing") or {}))
-    if mismatch:
-        raise InvalidSpecError(mismatch)
-    if dataset["num_classes"] > model["num_classes"]:
-        raise InvalidSpecError(
-            f"the dataset has labels up to {dataset['num_classes'] - 1} but the model has "
-            f"{model['num_classes']} classes"
-        )
+    # the stored class count is the first float output's: another output's is checked when the job runs
+    if spec.input.model_output is None:
+        _check_classes(spec, model["num_classes"], dataset)
     channels = image[0] if len(image) == 3 else None
     for name in ("mean", "std"):
         values = getattr(spec.input, name)
@@ -44,12 +54,6 @@ def check_fit(spec: EvaluationSpec, model: dict, dataset: dict) -> None:
                 f"input.{name} has {len(values)} values; give 1 or one per channel ({channels}, on the "
                 f"channel axis of the {layout} model)"
             )
-    for loss, fewest in MIN_CLASSES.items():
-        wanting = [a.key for a in spec.attacks if a.loss == loss]
-        if wanting and model["num_classes"] < fewest:
-            raise InvalidSpecError(
-                f"{', '.join(wanting)}: loss {loss} needs at least {fewest} classes and the model has "
-                f"{model['num_classes']}; use loss auto or ce")
     shortfall = held_out_shortfall(spec, dataset["samples"])
     if shortfall is not None:
         raise InvalidSpecError(shortfall)

@@ -330,3 +330,61 @@ def test_a_softmax_over_other_values_reshaped_into_the_scores_is_read_as_scores(
     assert not classifier.ends_in_softmax and not classifier.ends_in_sigmoid
     own = ort.InferenceSession(_ending_in(model, nodes, "scores", ["N", 10]))
     np.testing.assert_allclose(classifier.logits(x[:5]), own.run(None, {"input": x[:5]})[0], rtol=1e-6)
+
+
+def _features_first() -> tuple[onnx.ModelProto, str]:
+    """The digits model returning (features [N, 4], logits), as a module returning both would."""
+    model = onnx.load(MODEL)
+    logits = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("Slice", [logits, "start", "end", "axis"], ["features"]))
+    model.graph.initializer.extend([numpy_helper.from_array(np.array([v], np.int64), name)
+                                    for name, v in (("start", 0), ("end", 4), ("axis", 1))])
+    model.graph.output.insert(0, helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["N", 4]))
+    return model, logits
+
+
+def test_input_model_output_picks_the_scores_of_a_model_with_features_first():
+    """Its first float output is read unless the spec names another."""
+    model, logits = _features_first()
+    data = model.SerializeToString()
+    dataset = load_dataset_file(DATA)
+    spec = {"samples": 40, "attacks": [{"name": "fgsm", "eps": 0.1}]}
+    with pytest.raises(UserError, match="labels go up to 9 but the model has 4 classes"):
+        evaluate(data, dataset, EvaluationSpec.model_validate(spec))
+    named = EvaluationSpec.model_validate({**spec, "input": {"model_output": logits}})
+    chosen = evaluate(data, dataset, named)
+    plain = evaluate(MODEL.read_bytes(), dataset, EvaluationSpec.model_validate(spec))
+    assert chosen.result.model["num_classes"] == 10
+    assert chosen.result.clean_accuracy == plain.result.clean_accuracy
+    assert chosen.result.attacks[0].robust_accuracy == plain.result.attacks[0].robust_accuracy
+    with pytest.raises(UserError, match="input.model_output: the model has no output 'scores'; its outputs "
+                                        f"are 'features', '{logits}'"):
+        evaluate(data, dataset, EvaluationSpec.model_validate({**spec, "input": {"model_output": "scores"}}))
+
+
+def test_the_service_checks_the_class_count_of_the_first_output_only_where_no_other_is_named(tmp_path):
+    from tests.service.conftest import gateway, make_settings, upload
+
+    model, logits = _features_first()
+    onnx.save(model, tmp_path / "features-first.onnx")
+    with gateway(make_settings(tmp_path / "data")) as api:
+        model_id = upload(api, "models", tmp_path / "features-first.onnx").json()["id"]
+        dataset_id = upload(api, "datasets", DATA).json()["id"]
+        body = {"model_id": model_id, "dataset_id": dataset_id, "samples": 8,
+                "attacks": [{"name": "fgsm", "eps": 0.1}]}
+        refused = api.post("/v1/evaluations", json=body)
+        assert refused.status_code == 422 and "labels up to 9 but the model has 4 classes" in refused.text
+        named = api.post("/v1/evaluations", json={**body, "input": {"model_output": logits}})
+        assert named.status_code == 202, named.text
+
+
+def test_a_clean_accuracy_below_chance_is_flagged_with_what_to_check():
+    """Features read as 4 class scores (labels moved into 0-3, away from the true class): below chance."""
+    model, _ = _features_first()
+    del model.graph.output[1:]
+    shifted = load_dataset_file(DATA)
+    shifted.y[:] = (shifted.y + 1) % 4
+    result = evaluate(model.SerializeToString(), shifted, EvaluationSpec.model_validate(
+        {"samples": 40, "attacks": [{"name": "fgsm", "eps": 0.1}]})).result
+    assert result.clean_accuracy < 0.25
+    assert any("below chance (1/4)" in w and "input.model_output" in w for w in result.warnings)

@@ -22,7 +22,7 @@ from workers.lipschitz import lipschitz_bounds
 from workers.plan import StageProgress, plan
 from workers.runtime import Classifier
 from workers.spec_checks import build_attack
-from workers.subject import Subject, compose_for, select_samples
+from workers.subject import Subject, compose_subject, select_samples
 from workers.units import RunOutput, UnitOutput
 
 
@@ -80,6 +80,11 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
             "accuracy is an upper bound that may be looser than on a float model: compare with a "
             "gradient-free attack (square)")
     clean_accuracy = metrics.accuracy(clean_pred, y)
+    if len(y) >= CHANCE_SAMPLES and clean_accuracy < 1 / classifier.num_classes:
+        warnings.append(
+            f"clean accuracy {clean_accuracy:.2%} is below chance (1/{classifier.num_classes}): check that "
+            "the pixels are what the model was trained on (input.range, mean, std, layout) and that the "
+            "output read as its scores holds them (the first float output; input.model_output names another)")
     certify = None
     if spec.certify is not None:
         attacked: dict[tuple[str, float], float] = {}
@@ -104,7 +109,7 @@ def finish_on(subject: Subject, model: bytes, dataset: Dataset, spec: Evaluation
     if spec.lipschitz:
         report("lipschitz", 0, 1)
         started_bounds = time.perf_counter()
-        lipschitz = asdict(lipschitz_bounds(compose_for(model, x.shape[1:], spec)[0], seed=spec.seed))
+        lipschitz = asdict(lipschitz_bounds(compose_subject(model, x.shape[1:], spec)[0], seed=spec.seed))
         timing["lipschitz"] = time.perf_counter() - started_bounds
         report("lipschitz", 1, 1)
     timing["finish"] = time.perf_counter() - started
@@ -215,6 +220,7 @@ def _merge_extra(key: str, values: list, sizes: list[int]):
 
 
 EXAMPLES = 8  # per attack entry, for reports
+CHANCE_SAMPLES = 20  # fewer samples may miss chance by bad luck
 
 
 def entry_label(key: str, eps: float | None) -> str:

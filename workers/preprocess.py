@@ -17,6 +17,7 @@ from onnx import helper, numpy_helper
 from workers.layout import LAYOUTS, model_layout
 from workers.onnxgrad import weights
 from workers.onnxgrad.dtypes import half_dtype
+from workers.onnxgrad.errors import InvalidModelError
 from workers.onnxgrad.prepare import image_input, load_model
 
 
@@ -34,6 +35,21 @@ def compose_for_images(model: onnx.ModelProto | bytes, image: Sequence[int], *,
     (workers.layout.model_layout, which raises LayoutError when none does)."""
     layout = model_layout(model_input_shape(model), image, layout)
     return compose_preprocessing(model, mean=mean, std=std, model_layout=layout, image=image), layout
+
+
+def with_scores_output(model: onnx.ModelProto, name: str | None) -> onnx.ModelProto:
+    """``model`` (changed in place) with its output ``name`` first, the output read as the
+    classifier's scores; unchanged for None."""
+    if name is None:
+        return model
+    outputs = list(model.graph.output)
+    chosen = [o for o in outputs if o.name == name]
+    if not chosen:
+        raise InvalidModelError(f"input.model_output: the model has no output {name!r}; its outputs are "
+                                f"{', '.join(repr(o.name) for o in outputs)}")
+    del model.graph.output[:]
+    model.graph.output.extend(chosen + [o for o in outputs if o.name != name])
+    return model
 
 
 def compose_preprocessing(

@@ -12,7 +12,7 @@ from schemas.evaluation import EvaluationSpec
 from workers.datasets import Dataset, DatasetError, Images, Pixels
 from workers.image_folders import class_list_mismatch
 from workers.layout import LayoutError, from_nchw, image_nchw, to_nchw
-from workers.preprocess import compose_for_images, model_input_shape
+from workers.preprocess import compose_for_images, model_input_shape, with_scores_output
 from workers.runtime import Classifier, RuntimeOptions
 from workers.spec_checks import check_spec
 
@@ -50,6 +50,12 @@ def compose_for(model: bytes, image: Sequence[int], spec: EvaluationSpec,
         raise DatasetError(str(exc)) from None
 
 
+def compose_subject(model: bytes, image: Sequence[int], spec: EvaluationSpec) -> tuple[Any, str]:
+    """The evaluated model composed (compose_for), with input.model_output as its first output."""
+    composed, layout = compose_for(model, image, spec)
+    return with_scores_output(composed, spec.input.model_output), layout
+
+
 def prepare(model: bytes, dataset: Dataset, spec: EvaluationSpec,
             options: RuntimeOptions | None) -> Subject:
     check_spec(spec)
@@ -60,7 +66,7 @@ def prepare(model: bytes, dataset: Dataset, spec: EvaluationSpec,
         image = image_nchw(x.shape[1:], spec.input.layout)
     except LayoutError as exc:
         raise DatasetError(str(exc)) from None
-    composed, layout = compose_for(model, image, spec)
+    composed, layout = compose_subject(model, image, spec)
     classifier = Classifier(composed, options or RuntimeOptions(batch_size=spec.batch_size))
     x = to_nchw(x, spec.input.layout)
     t = None if dataset.t is None else np.asarray(select_samples(dataset.t, dataset.y, spec.samples)[0])
