@@ -6,9 +6,11 @@ is read."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import tarfile
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -253,3 +255,48 @@ def test_an_outside_location_a_user_wrote_is_refused(tmp_path):
     location = blob_location("ab" * 32)
     message = _refused(tmp_path, _external_model(tmp_path, location), {"weights.bin": _weights(tmp_path)})
     assert "plain file name" in message
+
+
+def _extended_headers(kind: bytes, size: int, count: int = 1) -> bytes:
+    """A .tar.gz of ``count`` pax or GNU long-name headers (``kind``) of ``size`` bytes each, then a
+    member."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=1) as out:
+        for _ in range(count):
+            header = tarfile.TarInfo("././@PaxHeader")
+            header.type, header.size = kind, size
+            out.write(header.tobuf(format=tarfile.USTAR_FORMAT))
+            out.write(b"9 a=bcde\n" * (size // 9) + b"\n" * (size % 9) + b"\0" * (-size % 512))
+        member = tarfile.TarInfo("model.onnx")
+        member.size = 4
+        out.write(member.tobuf(format=tarfile.USTAR_FORMAT) + b"onnx".ljust(512, b"\0") + b"\0" * 1024)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("kind", "size", "count"), [
+    (tarfile.XHDTYPE, 8 << 20, 1), (tarfile.GNUTYPE_LONGNAME, 8 << 20, 1), (tarfile.XGLTYPE, 64 << 10, 32),
+    (tarfile.XHDTYPE, 0, 2000)], ids=["pax", "gnu-longname", "global-pax-many", "pax-chain"])
+def test_a_tar_bundle_with_huge_headers_is_refused_before_they_are_read(tmp_path, kind, size, count):
+    """tarfile reads a pax or GNU long-name header whole (and a chain of them recursively): they are
+    bounded before it does, however small the compressed bundle."""
+    path = tmp_path / "headers.tar.gz"
+    path.write_bytes(_extended_headers(kind, size, count))
+    tracemalloc.start()
+    try:
+        message = _refused(tmp_path, path, {})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "pax or GNU long-name headers take more than 1048576 bytes" in message, message
+    assert peak < 4 << 20, peak
+
+
+def test_a_tar_bundle_with_a_sparse_member_is_refused(tmp_path):
+    member = tarfile.TarInfo("model.onnx")
+    member.type, member.size = tarfile.GNUTYPE_SPARSE, 0
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb") as out:
+        out.write(member.tobuf(format=tarfile.GNU_FORMAT) + b"\0" * 1024)
+    path = tmp_path / "sparse.tar.gz"
+    path.write_bytes(buffer.getvalue())
+    assert "sparse file" in _refused(tmp_path, path, {})

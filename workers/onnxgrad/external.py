@@ -36,6 +36,11 @@ from .prepare import load_model
 
 PROTOBUF_LIMIT = 2**31 - 1
 _ARCHIVE_MEMBERS = 64  # a model and its data files: a few; more is not a model bundle
+# pax and GNU long-name headers in a .tar.gz, all together: a few hundred bytes per member in a bundle
+MAX_TAR_HEADER_BYTES = 1 << 20
+_HEADERS_IN_A_ROW = 8  # before one member: a global and a member pax header, a long name and a long link
+_EXTENDED_HEADERS = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                     tarfile.GNUTYPE_LONGLINK)
 _PLAIN_NAME = re.compile(r"^[^/\\\x00]+$")
 
 
@@ -334,9 +339,43 @@ def _zip_members(handle: BinaryIO, sink: _Members) -> None:
             raise InvalidModelError(f"the bundle's member {name!r} cannot be read ({exc})") from None
 
 
+class _CheckedHeader(tarfile.TarInfo):
+    """A tar header whose extensions are checked before tarfile reads them: it reads a pax or GNU
+    long-name header whole (a chain of them recursively), and a sparse map block by block, before
+    the member budget sees any size."""
+
+    def _proc_member(self, archive: _BundleTar):
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _sparse_member()
+        if self.type not in _EXTENDED_HEADERS:
+            archive.headers_in_a_row = 0
+            return super()._proc_member(archive)  # type: ignore[misc]  # tarfile's extension point
+        archive.header_bytes += self.size
+        archive.headers_in_a_row += 1
+        if archive.header_bytes > MAX_TAR_HEADER_BYTES or archive.headers_in_a_row > _HEADERS_IN_A_ROW:
+            raise InvalidModelError(
+                f"the bundle's pax or GNU long-name headers take more than {MAX_TAR_HEADER_BYTES} bytes, or "
+                f"more than {_HEADERS_IN_A_ROW} precede one member; re-create it with plain file names, e.g. "
+                "tar -czf model.tar.gz model.onnx model.onnx.data")
+        return super()._proc_member(archive)  # type: ignore[misc]
+
+    def _proc_gnusparse_10(self, next, pax_headers, archive):  # reads its map until a count it declares
+        raise _sparse_member()
+
+
+class _BundleTar(tarfile.TarFile):
+    tarinfo = _CheckedHeader
+    header_bytes = 0  # of the pax and GNU long-name headers read so far
+    headers_in_a_row = 0  # extended headers since the last member's own header
+
+
+def _sparse_member() -> InvalidModelError:
+    return InvalidModelError("the bundle holds a sparse file; bundle regular files (tar without --sparse)")
+
+
 def _tar_members(handle: BinaryIO, sink: _Members) -> None:
     try:
-        with tarfile.open(fileobj=handle, mode="r:gz") as archive:
+        with _BundleTar.open(fileobj=handle, mode="r:gz") as archive:
             for info in archive:
                 if info.isdir():
                     continue
