@@ -319,3 +319,50 @@ def test_the_processed_size_counts_against_the_decoded_budget(tmp_path):
         "10 processed images of 64x64 RGB take 122960 bytes once decoded, over the limit of 100000 bytes; "
         "upload fewer or smaller images, or declare a smaller resize / center_crop"
     )
+
+
+def tall_zip(height: int, count: int = 2) -> bytes:
+    return zipped({f"a/{n}.png": encoded(np.zeros((height, 1), np.uint8), "PNG") for n in range(count)})
+
+
+@pytest.mark.parametrize("height", [24, 300_000])
+def test_a_shorter_side_resize_past_the_side_limit_is_refused_before_decoding(tmp_path, height):
+    """resize=8192 makes a 1x24 image 8192x196608 (4.8 GB were allocated before a 413) and a
+    1x300000 one too large for Pillow (a 500): each is refused from its header."""
+    upload = tmp_path / "tall.zip"
+    upload.write_bytes(tall_zip(height))
+    tracemalloc.start()
+    try:
+        with pytest.raises(TooLargeError) as error:
+            validate_dataset(upload, processing=ImageProcessing.parse(8192), out=tmp_path / "o.npz", **LIMITS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(error.value) == (
+        f"'a/0.png' is 1x{height} and resize=8192 (its shorter side) makes it 8192x{8192 * height}, over the "
+        "limit of 8192 pixels a side; declare a smaller resize, or an exact size (resize=HxW)")
+    assert peak < 8 << 20, peak
+
+
+def test_the_decoded_budget_is_checked_before_an_image_is_resized(tmp_path):
+    upload = tmp_path / "upload.zip"
+    upload.write_bytes(tall_zip(24, count=3))
+    tracemalloc.start()
+    try:
+        with pytest.raises(TooLargeError, match="3 processed images of 8000x8000 L take 192000024 bytes"):
+            validate_dataset(upload, processing=ImageProcessing.parse("8000x8000"),
+                             **{**LIMITS, "max_decoded_bytes": 1 << 20})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak  # one 8000x8000 image would be 64 MB
+
+
+def test_robustness_evaluate_exits_2_for_a_resize_past_the_side_limit(tmp_path, capsys):
+    upload, spec = tmp_path / "tall.zip", tmp_path / "spec.yaml"
+    upload.write_bytes(tall_zip(300_000))
+    spec.write_text("samples: all\nattacks:\n  - {name: fgsm, eps: 0.05}\n")
+    command = ["evaluate", str(DIGITS.parent / "digits-cnn.onnx"), str(upload), "--spec", str(spec),
+               "--resize", "8192", "--out", str(tmp_path / "out.json")]
+    assert main(command) == 2
+    assert "over the limit of 8192 pixels a side; declare a smaller resize" in capsys.readouterr().err

@@ -208,18 +208,19 @@ def _format(head: bytes, name: str) -> str:
 def decoded_images(archive: zipfile.ZipFile, folders: FolderImages, limits: Limits,
                    processing: ImageProcessing = NO_PROCESSING) -> Iterator[np.ndarray]:
     """Each image as uint8 [C, H, W], processed; all have one shape (or DatasetError says why).
-    The first shape is checked against the decoded-size budget before the second is decoded."""
+    Each image's shape is known from its header before it is decoded: the first is checked against
+    the decoded-size budget, the others against the first."""
     first: tuple[str, tuple, tuple] | None = None
     for info in folders.files:
         with _open_image(read_member(archive, info), info.filename) as image:
             source = (image.mode, *image.size)
-            converted = _processed(image, processing, info.filename)
-            pixels = _pixels(converted, info.filename)
-        if first is None:
-            _check_budget(len(folders.files), pixels.shape, limits, processing)
-            first = (info.filename, source, pixels.shape)
-        elif pixels.shape != first[2]:
-            raise DatasetError(_mismatch(info.filename, source, pixels.shape, first, processing))
+            shape = _planned_shape(image, processing, info.filename)
+            if first is None:
+                _check_budget(len(folders.files), shape, limits, processing)
+                first = (info.filename, source, shape)
+            elif shape != first[2]:
+                raise DatasetError(_mismatch(info.filename, source, shape, first, processing))
+            pixels = _pixels(_processed(image, processing, info.filename), info.filename)
         yield pixels
 
 
@@ -291,36 +292,63 @@ def _check_pixels(name: str, width: int, height: int) -> None:
                             "pixels per image")
 
 
-def _processed(image: Image.Image, processing: ImageProcessing, name: str) -> Image.Image:
-    """``image`` converted, resized and cropped as declared (torchvision's eval transforms, PIL path)."""
-    if processing.color is not None:
-        if image.mode not in CONVERTIBLE:
-            raise DatasetError(f"{quoted(name)} has mode {image.mode}; only 8-bit images can be converted: "
-                               "save it with 8 bits per channel")
-        image = _loaded(image, name).convert(COLORS[processing.color])
-    elif image.mode not in MODES:
-        raise DatasetError(
-            f"{quoted(name)} has mode {image.mode}; only 8-bit grayscale (L) and RGB images are accepted "
-            "as they are: declare color=rgb (or grayscale) at upload to convert every image, or convert "
-            "it, e.g. Image.open(p).convert('RGB').save(p)")
-    if processing.resize is not None:
-        width, height = image.size
-        if isinstance(processing.resize, int):  # torchvision's Resize(n): the shorter side to n
-            short, long = sorted((width, height))
-            new_short, new_long = processing.resize, int(processing.resize * long / short)
-            size = (new_short, new_long) if width <= height else (new_long, new_short)
-        else:
-            size = (processing.resize[1], processing.resize[0])
-        if size != image.size:
-            image = _loaded(image, name).resize(size, Image.Resampling.BILINEAR)
+def _planned_shape(image: Image.Image, processing: ImageProcessing, name: str) -> tuple[int, int, int]:
+    """The [C, H, W] that ``image`` becomes, from its header alone; refused where its mode cannot be
+    converted, its resize passes MAX_SIDE or its crop does not fit."""
+    width, height = _resized_size(image.size, processing)
+    if max(width, height) > MAX_SIDE:
+        raise TooLargeError(
+            f"{quoted(name)} is {image.width}x{image.height} and resize={processing.resize} (its shorter "
+            f"side) makes it {width}x{height}, over the limit of {MAX_SIDE} pixels a side; declare a smaller "
+            "resize, or an exact size (resize=HxW)")
     if processing.center_crop is not None:
         crop_height, crop_width = processing.center_crop
-        width, height = image.size
         if crop_height > height or crop_width > width:
             raise DatasetError(
                 f"{quoted(name)} is {width}x{height} (after resize) and center_crop "
                 f"{crop_width}x{crop_height} does not fit in it; declare a resize at least as large as "
                 "the crop (resize=256 center_crop=224)")
+        width, height = crop_width, crop_height
+    return _channels(image, processing, name), height, width
+
+
+def _channels(image: Image.Image, processing: ImageProcessing, name: str) -> int:
+    if processing.color is not None:
+        if image.mode not in CONVERTIBLE:
+            raise DatasetError(f"{quoted(name)} has mode {image.mode}; only 8-bit images can be converted: "
+                               "save it with 8 bits per channel")
+        return MODES[COLORS[processing.color]]
+    if image.mode not in MODES:
+        raise DatasetError(
+            f"{quoted(name)} has mode {image.mode}; only 8-bit grayscale (L) and RGB images are accepted "
+            "as they are: declare color=rgb (or grayscale) at upload to convert every image, or convert "
+            "it, e.g. Image.open(p).convert('RGB').save(p)")
+    return MODES[image.mode]
+
+
+def _resized_size(size: tuple[int, int], processing: ImageProcessing) -> tuple[int, int]:
+    """(width, height) after the declared resize."""
+    if processing.resize is None:
+        return size
+    if isinstance(processing.resize, tuple):
+        return processing.resize[1], processing.resize[0]
+    width, height = size  # torchvision's Resize(n): the shorter side to n
+    short, long = sorted((width, height))
+    new_short, new_long = processing.resize, int(processing.resize * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def _processed(image: Image.Image, processing: ImageProcessing, name: str) -> Image.Image:
+    """``image`` converted, resized and cropped as declared (torchvision's eval transforms, PIL path),
+    once ``_planned_shape`` has checked what it becomes."""
+    if processing.color is not None:
+        image = _loaded(image, name).convert(COLORS[processing.color])
+    size = _resized_size(image.size, processing)
+    if size != image.size:
+        image = _loaded(image, name).resize(size, Image.Resampling.BILINEAR)
+    if processing.center_crop is not None:
+        crop_height, crop_width = processing.center_crop
+        width, height = image.size
         top = int(round((height - crop_height) / 2.0))  # as torchvision's center_crop rounds
         left = int(round((width - crop_width) / 2.0))
         image = _loaded(image, name).crop((left, top, left + crop_width, top + crop_height))
