@@ -80,6 +80,72 @@ def test_a_model_too_large_for_the_budget_at_one_image_is_refused_with_the_setti
             in str(error.value))
 
 
+def expand_bomb(side: int) -> bytes:
+    """x [N, 1, 4, 4] -> Reshape [N, 16, 1, 1] -> Expand to a stored [1, 16, side, side] -> ReduceMean
+    -> MatMul: a model of a few hundred bytes whose calls take 64 x side^2 bytes per image and more."""
+    stored = {"column": np.array([-1, 16, 1, 1], np.int64), "big": np.array([1, 16, side, side], np.int64),
+              "axes": np.array([2, 3], np.int64), "W": np.ones((16, 3), np.float32)}
+    nodes = [helper.make_node("Reshape", ["x", "column"], ["r"]),
+             helper.make_node("Expand", ["r", "big"], ["e"]),
+             helper.make_node("ReduceMean", ["e", "axes"], ["m"], keepdims=0),
+             helper.make_node("MatMul", ["m", "W"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "bomb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(value, name) for name, value in stored.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    return model.SerializeToString()
+
+
+def test_the_probes_of_a_model_whose_one_image_takes_most_of_the_budget_stay_within_it():
+    """A 16 MB tensor per image: one image's gradient call takes 85 MB of a 100 MB budget, so no
+    larger batch is probed (a probe of 4 took 337 MB)."""
+    classifier = Classifier(expand_bomb(512), RuntimeOptions(batch_size=64, intra_op_threads=1,
+                                                             memory_budget=100 * MiB))
+    batches = {}
+    peak = peak_of(lambda: batches.update(gradient=classifier.batch_size("gradient")))
+    assert peak <= 100 * MiB, peak / MiB
+    assert batches["gradient"] == 1
+
+
+def test_a_model_whose_largest_tensor_cannot_fit_the_budget_is_refused_before_a_call():
+    classifier = Classifier(expand_bomb(1024), RuntimeOptions(batch_size=64, intra_op_threads=1,
+                                                              memory_budget=100 * MiB))
+    errors = []
+    peak = peak_of(lambda: errors.append(pytest.raises(OverMemoryBudget, classifier.batch_size, "gradient")))
+    assert peak < 16 * MiB, peak / MiB  # one call would take 337 MB
+    assert str(errors[0].value).startswith(
+        "the model's tensor 'e' takes 64 MB for one image, so a gradient call on one image takes at least "
+        "256 MB, over this worker's memory budget of 100 MB (ROBUSTNESS_WORKER_MEMORY_MB on the server)")
+
+
+@pytest.mark.parametrize(
+    ("base", "per_sample", "budget", "probed", "batch"),
+    [
+        (10, 40, 100, [1, 2], 2),  # 50 at one image: 2 images take at most 100
+        (10, 40, 45, [1], 0),  # one image passes the budget: nothing larger is probed
+        (20, 10, 1000, [1, 4], 64),  # resolved at 4, far within the budget
+        (30, 0.25, 40, [1], 1),  # unresolved when the budget stops the probes: all of it per sample
+        (2, 0.25, 1000, [1, 4, 16, 64], 64),  # growth hidden in the arena's chunks: probes up to the cap
+        (2, 0.25, None, [1, 4, 16, 64], 64),  # no budget: as with a large one
+    ],
+)
+def test_no_probe_is_predicted_to_pass_the_budget(base, per_sample, budget, probed, batch):
+    """Fake measurements in MB (RESOLUTION is 8 MB): each probe's batch is the largest whose peak,
+    scaled from the last as if all of it were per sample, stays within the budget."""
+    measured = []
+
+    def measure(size: int) -> int:
+        measured.append(size)
+        return int((base + per_sample * size) * MiB)
+
+    found = memory_budget.footprint(("fake", base, per_sample, budget), measure, cap=64,
+                                    budget=None if budget is None else budget * MiB)
+    assert measured == probed
+    assert found.batch_within((budget or 1000) * MiB, 64) == batch
+    assert all(base + per_sample * size <= (budget or 1000) for size in measured[1:])
+
+
 @pytest.mark.parametrize(
     ("footprint", "budget", "cap", "want"),
     [

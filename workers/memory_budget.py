@@ -6,7 +6,11 @@ worker. The footprint of a model's calls is measured once per process (and cache
 ONNX Runtime session runs a batch of 1, then of ``PROBE_BATCH`` (larger, up to the spec's batch,
 until memory grows by ``RESOLUTION``), twice each, while the
 process's peak resident memory (Linux's VmHWM, reset through /proc/self/clear_refs) is read,
-and memory is taken as ``base + per_sample x batch``. Twice, because from its second run of a
+and memory is taken as ``base + per_sample x batch``. With a budget, the batch-1 peak is checked
+against it first, and no larger probe is run whose peak, scaled from the last one as if all of it
+grew with the batch, would pass it (a 495-byte model whose Expand makes 1 GiB per image took
+8.7 GB at a probe of 4 under a 1.5 GB budget); where the growth cannot be resolved that way the
+footprint is that scaling itself. Twice, because from its second run of a
 shape ONNX Runtime's memory pattern allocates one block for all the intermediate tensors
 while its arena keeps the first run's: a session's steady state takes about twice a first
 run's peak. Freed heap is handed back to the system (malloc_trim) before each measurement, so
@@ -19,12 +23,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import subprocess
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
 
 from workers.errors import UserError
 
@@ -97,24 +106,57 @@ _FOOTPRINTS: dict[tuple, Footprint] = {}
 _LOCK = threading.Lock()
 
 
-def footprint(key: tuple, measure: Callable[[int], int], cap: int) -> Footprint:
-    """The cached footprint under ``key``, measured with ``measure(batch)`` -> peak bytes."""
+def footprint(key: tuple, measure: Callable[[int], int], cap: int, budget: int | None = None) -> Footprint:
+    """The cached footprint under ``key``, measured with ``measure(batch)`` -> peak bytes; with a
+    ``budget``, no probe is predicted to pass it."""
     with _LOCK:
         if key in _FOOTPRINTS:
             return _FOOTPRINTS[key]
-    probe = min(PROBE_BATCH, cap)
     small = measure(1)
-    large = measure(probe) if probe > 1 else small
-    while large - small < RESOLUTION and probe < cap:  # a small model: its growth hides in the arena's chunks
-        probe = min(cap, probe * 4)
-        large = measure(probe)
-    per_sample = max((large - small) // (probe - 1), 0) if probe > 1 else large
-    found = Footprint(base=max(large - per_sample * probe, 0), per_sample=per_sample)
+    probe, large = 1, small
+    while probe < cap and (probe == 1 or large - small < RESOLUTION):  # a small model: its growth hides
+        larger = min(cap, PROBE_BATCH if probe == 1 else probe * 4, _probe_within(budget, probe, large))
+        if larger <= probe:
+            break
+        probe, large = larger, measure(larger)
+    if probe == 1 or (probe < cap and large - small < RESOLUTION):  # stopped by the budget, unresolved
+        found = Footprint(base=0, per_sample=-(-large // probe))
+    else:
+        per_sample = max((large - small) // (probe - 1), 0)
+        found = Footprint(base=max(large - per_sample * probe, 0), per_sample=per_sample)
     with _LOCK:
         _FOOTPRINTS[key] = found
     log.info("memory.footprint key=%s base=%.1fMB per_sample=%.1fMB", key[0][:12], found.base / MiB,
              found.per_sample / MiB)
     return found
+
+
+def _probe_within(budget: int | None, batch: int, peak: int) -> int:
+    """The largest batch whose peak stays within ``budget`` if ``peak`` at ``batch`` were all per sample
+    (an upper bound: the base does not grow)."""
+    return batch * 4 if budget is None else budget * batch // max(peak, 1)
+
+
+def largest_sample_tensor(graph: onnx.GraphProto) -> tuple[str, int]:
+    """The name and bytes of ``graph``'s largest intermediate tensor for one sample, from the shapes
+    inference gave it (value_info): every call holds at least that much. A symbolic axis (the batch, a
+    free image side) counts as 1; a tensor of unknown shape is skipped."""
+    largest = ("", 0)
+    for value in graph.value_info:
+        size = _sample_bytes(value.type.tensor_type)
+        if size > largest[1]:
+            largest = (value.name, size)
+    return largest
+
+
+def _sample_bytes(tensor_type: onnx.TypeProto.Tensor) -> int:
+    if not tensor_type.HasField("shape"):
+        return 0
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)).itemsize
+    except (KeyError, TypeError, ValueError):  # no element type, or a packed one (4-bit): a small share
+        return 0
+    return itemsize * math.prod(d.dim_value if d.HasField("dim_value") else 1 for d in tensor_type.shape.dim)
 
 
 GPU_SHARE = 0.8  # of the GPU memory free when a model's batch is chosen

@@ -23,6 +23,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from workers import memory_budget
 from workers.bound_loop import BoundLoop, padded
+from workers.errors import quoted
 from workers.loop_graphs import LoopGraph, pgd_step_model
 from workers.loop_graphs import P as LOOP
 from workers.memory_budget import MiB
@@ -253,6 +254,9 @@ class Classifier:
         self.binary = prepared.binary  # one score read as two classes: "sigmoid" or "logit"
         self.straight_through = prepared.straight_through  # QDQ pairs differentiated straight through
         self._raw = raw
+        # (name, bytes) of the model's largest tensor for one image: a model whose one image cannot fit
+        # a budget with it is refused before a call is measured (_check_largest_tensor)
+        self._largest_tensor = memory_budget.largest_sample_tensor(prepared.model.graph)
         forward = self._forward_model(prepared)
         self._feed_dtype = feed_dtype(forward, prepared.input_name)  # float16 for a float16 model
         self._forward_bytes = forward.SerializeToString()
@@ -350,18 +354,33 @@ class Classifier:
         key = (self.model_hash, self._output_name, kind, self.device, self.options.intra_op_threads)
         budget = self.options.memory_budget
         if budget is not None and memory_budget.peak_tracking_available():
+            what = "memory budget of {mb:.0f} MB (ROBUSTNESS_WORKER_MEMORY_MB on the server)"
+            self._check_largest_tensor(kind, budget, what)
             footprint = memory_budget.footprint(
-                key, lambda size: session_peak(model(), self.options, feeds(size)), cap)
-            batch = min(batch, self._within(kind, footprint, budget, cap, "", "memory budget of {mb:.0f} MB "
-                                            "(ROBUSTNESS_WORKER_MEMORY_MB on the server)"))
+                key, lambda size: session_peak(model(), self.options, feeds(size)), cap, budget)
+            batch = min(batch, self._within(kind, footprint, budget, cap, "", what))
         gpu = memory_budget.gpu_memory() if self.device == "cuda" else None
         if gpu is not None:
-            footprint = memory_budget.footprint(
-                key + ("gpu",), lambda size: session_device_peak(model(), self.options, feeds(size)), cap)
             budget = int(gpu[1] * memory_budget.GPU_SHARE)
-            batch = min(batch, self._within(kind, footprint, budget, cap, " of free GPU memory",
-                                            "free GPU memory ({mb:.0f} MB usable)"))
+            what = "free GPU memory ({mb:.0f} MB usable)"
+            self._check_largest_tensor(kind, budget, what)
+            footprint = memory_budget.footprint(
+                key + ("gpu",), lambda size: session_device_peak(model(), self.options, feeds(size)), cap,
+                budget)
+            batch = min(batch, self._within(kind, footprint, budget, cap, " of free GPU memory", what))
         return batch
+
+    def _check_largest_tensor(self, kind: str, budget: int, what: str) -> None:
+        """Refuse a model whose ``kind`` call on one image must pass ``budget``: a session's steady state
+        holds a run's largest tensor twice (memory_budget.py), a gradient call its gradient as well."""
+        name, size = self._largest_tensor
+        least = size * (4 if kind == "gradient" else 2)
+        if least > budget:
+            raise memory_budget.OverMemoryBudget(
+                f"the model's tensor {quoted(name)} takes {size / MiB:.0f} MB for one image, so a {kind} "
+                f"call on one image takes at least {least / MiB:.0f} MB, over this worker's "
+                f"{what.format(mb=budget / MiB)}; run it on a worker with more memory, or evaluate a smaller "
+                "input size")
 
     def _within(self, kind: str, footprint: memory_budget.Footprint, budget: int, cap: int, of: str,
                 what: str) -> int:

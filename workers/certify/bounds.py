@@ -126,7 +126,7 @@ class IntervalBounds:
                 feeds[value.name] = np.zeros(dims if value.shape else [], kind)
             return session_peak(model, self.options, feeds)
 
-        found = memory_budget.footprint((self._key, self.options.intra_op_threads), measure, cap)
+        found = memory_budget.footprint((self._key, self.options.intra_op_threads), measure, cap, budget)
         batch = found.batch_within(budget, cap)
         if batch < 1:
             mib = memory_budget.MiB
