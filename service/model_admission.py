@@ -8,8 +8,9 @@ Models (.onnx, parsed from bytes): no external data, no sparse tensors, every te
 matching its declared shape, only standard ONNX operators (the default domain), an opset that
 ONNX Runtime loads, ``onnx.checker`` and strict shape inference passing, exactly one float32
 input of rank 4 ([N, C, H, W] or [N, H, W, C]) or rank 2 ([N, D]), and constants computed at
-load time within a memory budget. Then the gradient engine prepares the classifier; operators
-without a gradient rule make ``gradients_available`` false (black-box attacks still run).
+load time within a memory budget. Then the gradient engine prepares the classifier, whose
+tensors for one image must stay under MAX_SAMPLE_TENSOR_BYTES; operators without a gradient
+rule make ``gradients_available`` false (black-box attacks still run).
 A refused model raises the engine's InvalidModelError (or TooLargeError), a UserError whose
 message says what is wrong and how to fix it and never names a server path.
 """
@@ -29,6 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from infra.blobs import file_sha256
+from workers import memory_budget
 from workers.errors import TooLargeError, first_lines, quoted
 from workers.onnxgrad import (
     InvalidModelError,
@@ -45,6 +47,9 @@ from workers.onnxgrad.prepare import image_input, load_model, make_batch_dynamic
 MiB = 1 << 20
 DEFAULT_DOMAINS = ("", "ai.onnx")
 MAX_LOAD_TIME_CONSTANT_BYTES = 256 * MiB  # plus 4x the model's size (casts of stored weights)
+# one intermediate tensor for one image, as shape inference sizes it: ResNet-50's largest at 224x224 is
+# 3 MB, a ViT-H's attention at 518x518 120 MB; a few stored bytes can declare gigabytes (Expand)
+MAX_SAMPLE_TENSOR_BYTES = 1 << 30
 INPUT_RANKS = (2, 4)  # [N, D] or [N, C, H, W] / [N, H, W, C]
 
 
@@ -155,6 +160,7 @@ def validate_model(path: Path, *, max_bytes: int,
     _check_load_time_constants(model, budget=MAX_LOAD_TIME_CONSTANT_BYTES + 4 * len(data))
     found = inspect_classifier(model)  # a GradientBuildError is an invalid_model UserError itself
     prepared = found.prepared
+    _check_sample_tensors(prepared.model)
     _check_runtime_loads(prepared.forward or prepared.model)  # what predictions run
     if prepared.num_classes is None:
         raise InvalidModelError(
@@ -229,6 +235,16 @@ def _check_outside_locations(model: onnx.ModelProto) -> None:
             raise InvalidModelError(f"the model names external data {quoted(name)}; upload its data files "
                                     "with it")
     weights.check_resolvable(model)
+
+
+def _check_sample_tensors(model: onnx.ModelProto) -> None:
+    """No intermediate tensor of one image past MAX_SAMPLE_TENSOR_BYTES (``model`` shape-inferred)."""
+    name, size = memory_budget.largest_sample_tensor(model.graph)
+    if size > MAX_SAMPLE_TENSOR_BYTES:
+        raise InvalidModelError(
+            f"the model's tensor {quoted(name)} takes {size} bytes for one image, over the limit of "
+            f"{MAX_SAMPLE_TENSOR_BYTES} bytes; export the model at a smaller input size, or without the "
+            "operator that makes it that large (an Expand or Tile to a fixed large shape, say)")
 
 
 def _check_runtime_loads(model: onnx.ModelProto) -> None:

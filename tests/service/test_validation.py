@@ -452,6 +452,37 @@ def test_a_constant_of_huge_size_is_refused_before_it_is_computed(tmp_path):
     )
 
 
+def expand_bomb(side: int) -> onnx.ModelProto:
+    """x [N, 4] -> Expand to a stored [1, 4, side, side] -> ReduceMean -> MatMul: a few stored bytes
+    make a tensor of 16 x side^2 bytes per image."""
+    return classifier(
+        nodes=[
+            helper.make_node("Reshape", ["x", "column"], ["r"]),
+            helper.make_node("Expand", ["r", "big"], ["e"], name="expand"),
+            helper.make_node("ReduceMean", ["e"], ["m"], axes=[2, 3], keepdims=0),
+            helper.make_node("MatMul", ["m", "W"], ["logits"]),
+        ],
+        initializers=[
+            numpy_helper.from_array(np.array([-1, 4, 1, 1], np.int64), "column"),
+            numpy_helper.from_array(np.array([1, 4, side, side], np.int64), "big"),
+            numpy_helper.from_array(np.ones((4, 3), np.float32), "W"),
+        ],
+    )
+
+
+def test_a_tensor_of_one_image_past_the_limit_is_refused_before_the_model_runs(tmp_path):
+    tracemalloc.start()
+    try:
+        detail = refused_model(model_file(tmp_path, expand_bomb(side=20_000))).detail
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * MiB
+    assert detail.startswith("the model's tensor 'e' takes 6400000000 bytes for one image, over the limit of "
+                             "1073741824 bytes; export the model at a smaller input size")
+    assert validate_model(model_file(tmp_path, expand_bomb(side=64)), max_bytes=MiB).num_classes == 3
+
+
 def test_a_constant_of_unknowable_size_is_refused(tmp_path):
     model = classifier(
         nodes=[
