@@ -150,16 +150,22 @@ class AttackSpec(BaseModel):
 
 ATTACK_PARAMETERS = ("loss", "step_size", "rel_step_size")
 MAX_JSON_DEPTH = 32
+# I-JSON's (RFC 7493) bound on integers, which every JSON parser holds exactly; far above any bound of
+# a parameter, and small enough that each converts to a float or an int64
+MAX_JSON_MAGNITUDE = 2**53
 
 
 def _not_plain_json(value, path: str, depth: int = 0) -> str | None:
-    """What in ``value`` (parsed JSON) is not plain: a NaN or infinite number, a NUL in a string
-    or a key, nesting past MAX_JSON_DEPTH; None when all is plain."""
+    """What in ``value`` (parsed JSON) is not plain: a NaN or infinite number, one past
+    MAX_JSON_MAGNITUDE, a NUL in a string or a key, nesting past MAX_JSON_DEPTH; None when all is plain."""
     where = path or "the spec"
     if depth > MAX_JSON_DEPTH:
         return f"{where}: nested more than {MAX_JSON_DEPTH} levels deep"
     if isinstance(value, float) and not math.isfinite(value):
         return f"{where}: {value} is not a JSON number; give a finite number"
+    if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) > MAX_JSON_MAGNITUDE:
+        return (f"{where}: a number larger than 2**53 ({MAX_JSON_MAGNITUDE:,}) in magnitude, which no field "
+                "accepts; give a smaller one")
     if isinstance(value, str) and "\x00" in value:
         return f"{where}: contains a NUL character (\\u0000), which no field accepts"
     if isinstance(value, dict):

@@ -125,6 +125,8 @@ def test_a_failing_gate_fails_the_result(demo):
     ({"gates": [{"metric": "robust_accuracy", "attack": "fgsm"}]}, "needs `min` or `max`"),
     ({"attack": []}, "attack: Extra inputs are not permitted"),
     ({"attacks": [{"name": "deepfool", "targeted": True}]}, "has no targeted variant"),
+    ({"attacks": [{"name": "pgd", "eps": 0.1, "steps": 10**400}]}, "attacks[0].steps: a number larger"),
+    ({"attacks": [{"name": "deepfool", "overshoot": 10**400}]}, "attacks[0].overshoot: a number larger than"),
 ])
 def test_bad_specs_name_the_field(spec, message, demo, tmp_path, capsys):
     path = tmp_path / "spec.yaml"

@@ -28,6 +28,9 @@ BAD_SPECS = [
     ({"defenses": [{"name": "gaussian_noise", "sigma": 0.1, "label": "x", "extra": {"k\u0000": 1}}]},
      "defenses[0].extra: a key contains a NUL"),
     ({"input": {"mean": ["-Infinity"]}}, "input.mean[0]: -inf is not a JSON number"),
+    ({"attacks": [{"name": "pgd", "eps": [0.1], "steps": 10**400}]}, "attacks[0].steps: a number larger"),
+    ({"seed": 2**64}, "seed: a number larger than 2**53"),
+    ({"input": {"range": [0, 1e300]}}, "input.range[1]: a number larger than 2**53"),
 ]
 
 
@@ -40,7 +43,8 @@ def _raw(body: dict) -> bytes:
     return text.encode()
 
 
-@pytest.mark.parametrize("change, message", BAD_SPECS, ids=["nan", "inf", "nul", "nul-key", "neg-inf"])
+@pytest.mark.parametrize("change, message", BAD_SPECS, ids=["nan", "inf", "nul", "nul-key", "neg-inf",
+                                                            "huge-steps", "huge-seed", "huge-float"])
 def test_nan_infinity_and_nul_are_refused_naming_the_field(any_settings, change, message):
     with gateway(any_settings) as api:
         model = upload(api, "models", MODEL).json()
