@@ -17,8 +17,10 @@ def load_spec(path: str) -> EvaluationSpec:
         raise CommandError(f"{path}: no such spec file")
     try:
         raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as exc:
-        raise CommandError(f"{path}: not valid YAML or JSON ({exc})") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. a date out of range, or an integer of
+        # more digits than Python converts (4,300), whose message advises a setting of Python's
+        reason = str(exc).partition("; use sys.set_int_max_str_digits")[0]
+        raise CommandError(f"{path}: not valid YAML or JSON ({reason})") from None
     if not isinstance(raw, dict):
         raise CommandError(f"{path}: the spec must be a mapping (input, samples, attacks, gates)")
     try:

@@ -136,6 +136,15 @@ def test_bad_specs_name_the_field(spec, message, demo, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_number_longer_than_python_reads_exits_2(demo, tmp_path, capsys):
+    path = tmp_path / "spec.yaml"
+    path.write_text("attacks:\n  - {name: pgd, eps: 0.1, steps: 1" + "0" * 5000 + "}\n")
+    model, data = demo
+    assert main(["evaluate", str(model), str(data), "--spec", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid YAML or JSON (Exceeds the limit (4300 digits)" in err and "set_int_max" not in err
+
+
 def test_cli_prints_a_summary_writes_json_and_exits_1_on_a_failed_gate(demo, tmp_path, capsys):
     model, data = demo
     spec = spec_dict(attacks=[{"name": "fgsm", "eps": [0.1]}],
