@@ -55,8 +55,10 @@ def _entries(spec: EvaluationSpec) -> list[tuple[str, AttackSpec]]:
     return entries
 
 
-def check_bounds(spec: EvaluationSpec, cost: Cost, settings: Settings) -> None:
-    """Raise OverBudget for the first bound ``spec`` (checked by workers.spec_checks) passes."""
+def check_parameter_bounds(spec: EvaluationSpec, settings: Settings) -> None:
+    """Raise OverBudget for the first bound an attack's parameters pass. It runs before
+    workers.spec_checks builds the attacks, whose constructors compute with the parameters, so
+    only numbers are compared: the attacks refuse any other value."""
     entries = _entries(spec)
     if len(entries) > settings.max_attacks:
         raise _over("the number of attacks", len(entries), "max_attacks", settings,
@@ -67,8 +69,16 @@ def check_bounds(spec: EvaluationSpec, cost: Cost, settings: Settings) -> None:
                         "give fewer eps values")
         for name, value in attack.params().items():
             setting = PARAMETER_BOUNDS.get(name)
-            if setting and not isinstance(value, bool) and value > getattr(settings, setting):
+            if setting and _is_number(value) and value > getattr(settings, setting):
                 raise _over(f"{where} ({attack.name}): `{name}`", value, setting, settings, "ask for fewer")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_cost(cost: Cost, settings: Settings) -> None:
+    """Raise OverBudget when the job's estimated cost passes its bound."""
     if cost.total > settings.max_job_cost:
         largest = max(cost.parts, key=lambda part: cost.parts[part])
         raise _over("the estimated cost (model calls x samples)", cost.total, "max_job_cost", settings,

@@ -27,7 +27,7 @@ from schemas.api import (
     JobState,
 )
 from schemas.evaluation import MAIN_MODEL, EvaluationResult, EvaluationSpec
-from service.budgets import check_bounds, check_quota
+from service.budgets import check_cost, check_parameter_bounds, check_quota
 from service.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from service.errors import (
     ERROR_RESPONSES,
@@ -115,7 +115,9 @@ def submit(
             return _replay(db, earlier, request_hash, response)
     model = owned(db, StoredModel, body.model_id, tenant)
     dataset = owned(db, StoredDataset, body.dataset_id, tenant)
-    spec = check_spec(EvaluationSpec.model_validate(body.model_dump(exclude={"model_id", "dataset_id"})))
+    spec = EvaluationSpec.model_validate(body.model_dump(exclude={"model_id", "dataset_id"}))
+    check_parameter_bounds(spec, settings)
+    check_spec(spec)
     check_fit(spec, model.info, dataset.info)
     transfer_models = (
         _transfer_models(db, spec, model, tenant)
@@ -124,7 +126,7 @@ def submit(
     )
     baselines = _baselines(db, spec, tenant)
     cost = estimate(spec, dataset.info["samples"], model.info["num_classes"])
-    check_bounds(spec, cost, settings)
+    check_cost(cost, settings)
     if jobs.active_jobs(db, tenant.id) >= settings.max_concurrent_jobs:
         raise TooManyJobs(
             f"this tenant already has {settings.max_concurrent_jobs} queued or running "

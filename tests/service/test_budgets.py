@@ -58,13 +58,15 @@ def test_the_estimate_counts_defenses_transfer_and_fooling():
 
 @pytest.mark.parametrize("attack, setting", [
     ({**PGD, "steps": 10**9}, "ROBUSTNESS_MAX_STEPS"),
+    ({**PGD, "steps": 2**53}, "ROBUSTNESS_MAX_STEPS"),  # the largest number a spec takes, not yet converted
     ({**PGD, "restarts": 10**6}, "ROBUSTNESS_MAX_RESTARTS"),
     ({"name": "square", "eps": 0.1, "queries": 10**12}, "ROBUSTNESS_MAX_QUERIES"),
     ({"name": "autoattack", "eps": 0.1, "square_queries": 10**7}, "ROBUSTNESS_MAX_QUERIES"),
     ({"name": "cw_l2", "max_iter": 10**9}, "ROBUSTNESS_MAX_ITERATIONS"),
     ({"name": "deepfool", "max_iter": 10**9}, "ROBUSTNESS_MAX_ITERATIONS"),
     ({"name": "fgsm", "eps": [i / 100_000 for i in range(100_000)]}, "ROBUSTNESS_MAX_EPS_VALUES"),
-], ids=["steps", "restarts", "queries", "square_queries", "cw_max_iter", "deepfool_max_iter", "eps_values"])
+], ids=["steps", "steps_2_53", "restarts", "queries", "square_queries", "cw_max_iter", "deepfool_max_iter",
+        "eps_values"])
 def test_a_parameter_over_its_bound_is_refused_naming_the_setting(tmp_path, attack, setting):
     with gateway(make_settings(tmp_path / "data")) as api:
         refused = _submit(api, _uploaded(api), [attack])
