@@ -5,7 +5,7 @@ and its clients. ``python -m schemas`` writes their JSON Schemas.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -23,6 +23,11 @@ GateMetric = Literal[
     "mean_linf", "median_linf", "distortion", "rho", "certified_accuracy",
 ]
 CertifyMethod = Literal["ibp", "crown_ibp", "crown", "alpha_crown"]
+# free text of a spec, bounded: labels are drawn in the report's plots and tables, whose time grows with them
+MAX_NAME = 64  # an attack's or a defense's name
+MAX_LABEL = 100  # an entry's label, and what a gate reads it by
+MAX_REFERENCE = 4096  # a stored id on the service, a file path (PATH_MAX) for the local CLI
+Reference = Annotated[str, Field(max_length=MAX_REFERENCE)]
 
 
 def _default_methods() -> list[CertifyMethod]:
@@ -85,7 +90,7 @@ class AttackSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: str = Field(description="attack name, e.g. fgsm, pgd, deepfool, autoattack")
+    name: str = Field(max_length=MAX_NAME, description="attack name, e.g. fgsm, pgd, deepfool, autoattack")
     eps: list[float] | None = Field(None, description="budgets in pixel units (one or a list)")
     norm: str | None = Field(None, max_length=16, description=NORM_HELP)
     targeted: bool = Field(False, description="a targeted attack with a random target class != label per "
@@ -101,7 +106,8 @@ class AttackSpec(BaseModel):
     rel_step_size: float | None = Field(None, gt=0, description=(
         "bim, pgd: the step as a fraction of eps, so that one value serves every budget of the entry; "
         "neither given: 2.5 / steps (Madry et al.)"))
-    label: str | None = Field(None, description="a name for this entry in results and gates")
+    label: str | None = Field(None, max_length=MAX_LABEL,
+                              description="a name for this entry in results and gates")
 
     @model_validator(mode="before")
     @classmethod
@@ -189,13 +195,14 @@ class GateSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metric: GateMetric
-    attack: str | None = None  # attack name or label; None only for clean_accuracy
+    # attack name or label; None only for clean_accuracy
+    attack: str | None = Field(None, max_length=MAX_LABEL)
     eps: float | None = None
     norm: str | None = Field(None, max_length=16, description="the norm of the entry the gate reads")
     min: float | None = None
     max: float | None = None
-    baseline: str | None = Field(None, description="an earlier evaluation to compare with: its id on the "
-                                 "service, or the path of a result JSON file for the local CLI")
+    baseline: Reference | None = Field(None, description="an earlier evaluation to compare with: its id on "
+                                       "the service, or the path of a result JSON file for the local CLI")
     max_drop: float | None = Field(None, ge=0, description="with `baseline`: pass when the value is at "
                                    "least the baseline's value minus max_drop")
     allow_inconclusive: bool = Field(False, description=(
@@ -237,17 +244,17 @@ class DefenseSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: str = Field(description="pca, gaussian_noise, uniform_noise, downsample, autoencoder, bit_depth, "
-                                  "median, jpeg")
-    label: str | None = Field(None, description="a name for this entry in results")
+    name: str = Field(max_length=MAX_NAME, description="pca, gaussian_noise, uniform_noise, downsample, "
+                                                       "autoencoder, bit_depth, median, jpeg")
+    label: str | None = Field(None, max_length=MAX_LABEL, description="a name for this entry in results")
     # PCA: fit on the last `fit_samples` samples of the dataset, held out from the evaluated ones,
     # or on a separate dataset (an .npz path for the local CLI, a dataset id on the service)
     fit_samples: int | None = Field(None, ge=2, le=100_000)
-    fit_dataset: str | None = None
+    fit_dataset: Reference | None = None
     # noise defenses: accuracy against the noise magnitude (sigma, or the half-width of a
     # symmetric uniform noise), clean and on each attack's examples crafted on the bare model
     curve: list[float] | None = Field(None, min_length=1, max_length=32)
-    model: str | None = None  # autoencoder: an .onnx path (local CLI) or a model id (service)
+    model: Reference | None = None  # autoencoder: an .onnx path (local CLI) or a model id (service)
     adaptive: bool = True  # also attack the defended model end to end (composed graph, EOT or BPDA)
     eot_samples: int = Field(8, ge=1, le=256)  # draws per gradient against a random defense
 
@@ -274,7 +281,7 @@ class TransferSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # name -> the model: a file path (local CLI, relative to the spec file) or a model id (service)
-    models: dict[str, str] = Field(min_length=1, max_length=16)
+    models: dict[str, Reference] = Field(min_length=1, max_length=16)
     # names from `models`, and "model" for the evaluated model; "all": every model
     sources: list[str] | Literal["all"] = "all"
     targets: list[str] | Literal["all"] = "all"

@@ -127,6 +127,7 @@ def test_a_failing_gate_fails_the_result(demo):
     ({"attacks": [{"name": "deepfool", "targeted": True}]}, "has no targeted variant"),
     ({"attacks": [{"name": "pgd", "eps": 0.1, "steps": 10**400}]}, "attacks[0].steps: a number larger"),
     ({"attacks": [{"name": "deepfool", "overshoot": 10**400}]}, "attacks[0].overshoot: a number larger than"),
+    ({"attacks": [{"name": "fgsm", "eps": 0.1, "label": "a" * 101}]}, "label: String should have at most"),
 ])
 def test_bad_specs_name_the_field(spec, message, demo, tmp_path, capsys):
     path = tmp_path / "spec.yaml"

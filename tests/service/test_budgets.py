@@ -76,6 +76,19 @@ def test_a_parameter_over_its_bound_is_refused_naming_the_setting(tmp_path, atta
         assert api.get("/v1/evaluations").json()["count"] == 0  # nothing queued
 
 
+@pytest.mark.parametrize("attack, change, field", [
+    ({**PGD, "label": "a" * 200_000}, {}, "attacks.0.label"),  # drawn in the report's plots
+    ({**PGD, "name": "p" * 200_000}, {}, "attacks.0.name"),
+    (PGD, {"defenses": [{"name": "pca", "fit_dataset": "ds_" * 100_000}]}, "defenses.0.fit_dataset"),
+    (PGD, {"transfer": {"models": {"other": "md_" * 100_000}, "attacks": [PGD]}}, "transfer.models.other"),
+], ids=["label", "name", "fit_dataset", "transfer_model"])
+def test_free_text_in_a_spec_is_bounded(tmp_path, attack, change, field):
+    with gateway(make_settings(tmp_path / "data")) as api:
+        refused = _submit(api, _uploaded(api), [attack], **change)
+        assert refused.status_code == 422, refused.text
+        assert field in refused.text and "String should have at most" in refused.text, refused.text[:300]
+
+
 def test_too_many_attacks_and_too_costly_a_job_are_refused(tmp_path):
     with gateway(make_settings(tmp_path / "data", max_attacks=3, max_job_cost=1000)) as api:
         ids = _uploaded(api)
