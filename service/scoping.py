@@ -94,16 +94,31 @@ def store_record_in(sessions: sessionmaker[Session], table, prefix: str, tenant:
         return store_record(db, table, prefix, tenant, **fields)
 
 
-def refuse_if_in_use(db: Session, kind: str, record_id: str) -> None:
+def refuse_if_in_use(db: Session, kind: str, row) -> None:
+    """409 while a queued or running job of the row's tenant evaluates it or names it in its spec."""
     column = Job.model_id if kind == "model" else Job.dataset_id
-    active = db.scalar(
-        select(func.count()).select_from(Job).where(column == record_id, Job.state.in_(ACTIVE))
-    )
-    if active:
+    active = db.execute(
+        select(column, Job.spec).where(Job.tenant_id == row.tenant_id, Job.state.in_(ACTIVE))
+    ).all()
+    users = sum(1 for evaluated, spec in active if evaluated == row.id or row.id in named_in_spec(spec, kind))
+    if users:
         raise Conflict(
-            f"the {kind} is used by {active} queued or running evaluation(s); cancel them or "
+            f"the {kind} is used by {users} queued or running evaluation(s); cancel them or "
             "wait until they end"
         )
+
+
+def named_in_spec(spec: dict, kind: str) -> set[str]:
+    """The ids of the models (transfer models, autoencoder defenses) or the datasets (PCA fit
+    datasets) a job's stored spec names. Read from the JSON, not validated: a job queued before
+    the schema changed must not make its models undeletable."""
+    defenses = [d for d in spec.get("defenses") or [] if isinstance(d, dict)]
+    if kind == "model":
+        transfer_models = ((spec.get("transfer") or {}).get("models") or {}).values()
+        named = [*transfer_models, *(d.get("model") for d in defenses)]
+    else:
+        named = [d.get("fit_dataset") for d in defenses]
+    return {name for name in named if isinstance(name, str)}
 
 
 def delete_record(db: Session, store: BlobStore, row) -> None:

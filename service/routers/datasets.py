@@ -141,5 +141,5 @@ def get_dataset(dataset_id: str, tenant: TenantDep, db: SessionDep) -> DatasetPu
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_dataset(dataset_id: str, tenant: TenantDep, db: SessionDep, store: StoreDep) -> None:
     row = owned(db, StoredDataset, dataset_id, tenant)
-    refuse_if_in_use(db, "dataset", dataset_id)
+    refuse_if_in_use(db, "dataset", row)
     delete_record(db, store, row)

@@ -125,5 +125,5 @@ def get_model(model_id: str, tenant: TenantDep, db: SessionDep) -> ModelPublic:
 @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_model(model_id: str, tenant: TenantDep, db: SessionDep, store: StoreDep) -> None:
     row = owned(db, StoredModel, model_id, tenant)
-    refuse_if_in_use(db, "model", model_id)
+    refuse_if_in_use(db, "model", row)
     delete_record(db, store, row)

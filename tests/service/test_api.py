@@ -4,8 +4,11 @@ uploads, submission checks, idempotency, tenants, limits and errors."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
+import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from tests.service.conftest import DATA, MODEL, gateway, make_settings, tenant_headers, upload
 
@@ -138,6 +141,48 @@ def test_a_model_in_use_cannot_be_deleted_until_its_jobs_end(api, stored, settin
     assert api.get(f"/v1/models/{model['id']}").status_code == 404
     blob = settings.blob_dir / model["sha256"][:2] / model["sha256"][2:]
     assert not blob.exists()
+
+
+def _linear_classifier(path: Path, weight: float = 0.01) -> Path:
+    """Another [N, 1, 28, 28] -> 10 classifier."""
+    weights = numpy_helper.from_array(np.full((784, 10), weight, np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["image"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "W"], ["logits"])],
+        "linear",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        [weights],
+    )
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                       ir_version=8).SerializeToString())
+    return path
+
+
+def _fit_dataset(path: Path) -> Path:
+    np.savez(path, x=np.random.default_rng(0).random((20, 1, 28, 28), np.float32), y=np.arange(20) % 10)
+    return path
+
+
+def test_models_and_datasets_a_queued_spec_names_cannot_be_deleted(api, stored, tmp_path):
+    model, dataset = stored
+    other = upload(api, "models", _linear_classifier(tmp_path / "linear.onnx")).json()
+    fit = upload(api, "datasets", _fit_dataset(tmp_path / "fit.npz")).json()
+    # the gateway checks only that an autoencoder's model is the tenant's (its shapes, when the job runs)
+    autoencoder = upload(api, "models", _linear_classifier(tmp_path / "ae.onnx", weight=0.02)).json()
+    transfer = {"models": {"linear": other["id"]}, "attacks": [{"name": "fgsm", "eps": [0.1]}]}
+    defenses = [{"name": "pca", "variance": 0.9, "fit_dataset": fit["id"]},
+                {"name": "autoencoder", "model": autoencoder["id"]}]
+    job = api.post("/v1/evaluations", json=spec(model["id"], dataset["id"], transfer=transfer,
+                                                defenses=defenses))
+    assert job.status_code == 202, job.text
+    named = (("models", other), ("datasets", fit), ("models", autoencoder))
+    for kind, record in named:
+        refused = api.delete(f"/v1/{kind}/{record['id']}")
+        assert refused.status_code == 409 and "used by 1 queued or running" in refused.json()["detail"]
+    api.post(f"/v1/evaluations/{job.json()['id']}/cancel")
+    for kind, record in named:
+        assert api.delete(f"/v1/{kind}/{record['id']}").status_code == 204
 
 
 def test_a_tenant_over_its_job_limit_gets_429_with_retry_after(tmp_path):
