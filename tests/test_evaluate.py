@@ -171,6 +171,12 @@ def test_bad_data_exits_2(demo, tmp_path, capsys):
     wrong.write_bytes(buffer.getvalue())
     assert main(["evaluate", str(model), str(wrong), "--spec", str(spec_path)]) == 2
     assert "expects [N, 1, 28, 28]" in capsys.readouterr().err
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.zeros((8, 1, 0, 5), np.float32), y=np.zeros(8, np.int64))
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(buffer.getvalue())
+    assert main(["evaluate", str(model), str(empty), "--spec", str(spec_path)]) == 2
+    assert "'x' holds images of shape [1, 0, 5], with a dimension of size 0" in capsys.readouterr().err
 
 
 def test_committed_json_schemas_are_current():

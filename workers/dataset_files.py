@@ -25,7 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from workers.dataset_archive import NOT_A_DATASET, Limits, member_chunks, open_archive, read_member
-from workers.datasets import MAX_BYTES, MAX_SAMPLES, Dataset, DatasetError, Pixels, check_targets, load_npz
+from workers.datasets import (
+    MAX_BYTES,
+    MAX_SAMPLES,
+    Dataset,
+    DatasetError,
+    Pixels,
+    check_image_size,
+    check_targets,
+    load_npz,
+)
 from workers.errors import TooLargeError, first_lines, quoted
 from workers.image_folders import (
     NO_PROCESSING,
@@ -283,6 +292,7 @@ def _npz_headers(
         raise DatasetError(f"'y' has dtype {y.dtype}; labels must be integers")
     if x.shape[0] == 0:
         raise DatasetError("the dataset holds no samples")
+    check_image_size(x.shape[1:])
     return x, y
 
 

@@ -143,6 +143,7 @@ def load_npz(data: bytes, value_range: tuple[float, float] = (0.0, 1.0)) -> Data
                                f"{y_shape[0]}, got {list(x_shape)}")
         if x_shape[0] > MAX_SAMPLES:
             raise DatasetError(f"{x_shape[0]} samples exceed the limit of {MAX_SAMPLES}")
+        check_image_size(x_shape[1:])
         size = int(np.prod(x_shape)) * x_dtype.itemsize + int(np.prod(y_shape)) * y_dtype.itemsize
         if size > MAX_BYTES:
             raise DatasetError(f"the arrays would take {size / 2**30:.1f} GiB; the limit is "
@@ -178,6 +179,14 @@ def load_npz(data: bytes, value_range: tuple[float, float] = (0.0, 1.0)) -> Data
         t = t.astype(np.int64)
     return Dataset(x=x, y=y.astype(np.int64), source_dtype=str(x_dtype), t=t,
                    sha256=hashlib.sha256(data).hexdigest())
+
+
+def check_image_size(image_shape: tuple[int, ...]) -> None:
+    """Images of no pixel pass every shape check but fail inside the model (a pooling, a
+    reshape), so they are refused with the file."""
+    if 0 in image_shape:
+        raise DatasetError(f"'x' holds images of shape {list(image_shape)}, with a dimension of size 0; "
+                           "each image needs at least one channel, row and column")
 
 
 def check_targets(t: np.ndarray, y: np.ndarray) -> None:

@@ -709,6 +709,11 @@ def test_a_pickle_inside_an_npz_is_refused_and_never_loaded(tmp_path):
             {"x": np.zeros((0, 1, 2, 2), np.float32), "y": np.zeros(0, np.int64)},
             "the dataset holds no samples",
         ),
+        (
+            {"x": np.zeros((8, 1, 0, 5), np.float32), "y": np.zeros(8, np.int64)},
+            "'x' holds images of shape [1, 0, 5], with a dimension of size 0; each image needs at least "
+            "one channel, row and column",
+        ),
     ],
 )
 def test_bad_arrays_are_refused_with_a_reason(tmp_path, arrays, message):
