@@ -179,6 +179,17 @@ def test_bad_data_exits_2(demo, tmp_path, capsys):
     assert "'x' holds images of shape [1, 0, 5], with a dimension of size 0" in capsys.readouterr().err
 
 
+def test_a_model_that_cannot_run_on_the_images_exits_2(tmp_path, capsys):
+    from tests.test_runtime import reshape_to_16_features
+
+    model, data, spec = tmp_path / "reshape.onnx", tmp_path / "5x5.npz", tmp_path / "spec.yaml"
+    model.write_bytes(reshape_to_16_features())
+    np.savez(data, x=np.zeros((4, 1, 5, 5), np.float32), y=np.zeros(4, np.int64))
+    spec.write_text(yaml.safe_dump({"attacks": [{"name": "fgsm", "eps": 0.1}]}))
+    assert main(["evaluate", str(model), str(data), "--spec", str(spec)]) == 2
+    assert "its Reshape node 'flatten' fails in ONNX Runtime" in capsys.readouterr().err
+
+
 def test_committed_json_schemas_are_current():
     from pathlib import Path
 

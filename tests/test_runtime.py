@@ -112,6 +112,43 @@ def test_bad_inputs_are_refused_with_the_expected_shape(lenet):
         lenet.loss_and_grad(x, np.array([0.5, 1.0]))
 
 
+def reshape_to_16_features() -> bytes:
+    """A model with free image axes that runs only on images of 16 pixels (4 x 4)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["image", "shape"], ["flat"], name="flatten"),
+         helper.make_node("MatMul", ["flat", "W"], ["logits"])],
+        "reshape",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(np.ones((16, 3), np.float32), "W"),
+         numpy_helper.from_array(np.array([-1, 16], np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return model.SerializeToString()
+
+
+def test_a_node_that_cannot_run_on_the_inputs_is_the_models_error():
+    classifier = Classifier(reshape_to_16_features(), RuntimeOptions(intra_op_threads=1))
+    assert classifier.logits(np.zeros((2, 1, 4, 4), np.float32)).shape == (2, 3)
+    refusal = (r"cannot run on the inputs of shape \[2, 1, 5, 5\]: its Reshape node 'flatten' fails in ONNX "
+               r"Runtime \(.*cannot be reshaped.*\); check that the model runs with onnxruntime")
+    with pytest.raises(InvalidModelError, match=refusal):
+        classifier.logits(np.zeros((2, 1, 5, 5), np.float32))
+
+
+@pytest.mark.parametrize("message", [
+    "Non-zero status code returned while running Expand node. Name:'e' Status Message: bfc_arena.cc:360 "
+    "Failed to allocate memory for requested buffer of size 4398046511104",
+    "Non-zero status code returned while running Conv node. Name:'c' Status Message: CUDA error "
+    "cudaErrorLaunchFailure:unspecified launch failure",
+])
+def test_a_node_out_of_memory_or_on_a_failed_device_stays_an_internal_error(message):
+    failure = ort.capi.onnxruntime_pybind11_state.Fail(message)
+    assert runtime._failed_run(failure, None) is failure
+
+
 def test_empty_input_gives_empty_results(lenet):
     x = np.zeros((0, 1, 28, 28), np.float32)
     logits, loss, grad = lenet.loss_and_grad(x, np.zeros(0, np.int64))

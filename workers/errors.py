@@ -53,7 +53,7 @@ def quoted(text: str, limit: int = 200) -> str:
     return repr(text[:limit] + "..." if len(text) > limit else text)
 
 
-def first_lines(exc: BaseException, limit: int = 400) -> str:
-    """A library's exception message on one line, shortened for a message."""
+def first_lines(exc: BaseException | str, limit: int = 400) -> str:
+    """A library's exception message (or a part of it) on one line, shortened for a message."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return (text[:limit] + "...") if len(text) > limit else text or type(exc).__name__

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from workers import memory_budget
 from workers.bound_loop import BoundLoop, padded
-from workers.errors import quoted
+from workers.errors import first_lines, quoted
 from workers.loop_graphs import LoopGraph, pgd_step_model
 from workers.loop_graphs import P as LOOP
 from workers.memory_budget import MiB
@@ -136,18 +137,41 @@ def _run(session, outputs, feeds, options=None):
     try:
         return session.run(outputs, feeds, options or _RUN_OPTIONS)
     except Exception as exc:  # ONNX Runtime raises its own exception types
-        if _RUN_OPTIONS.terminate:
-            raise RunsInterrupted("ONNX Runtime calls were interrupted") from exc
-        raise
+        raise _failed_run(exc, feeds) from exc
 
 
 def _run_bound(session, binding) -> None:
     try:
         session.run_with_iobinding(binding, _RUN_OPTIONS)
     except Exception as exc:  # ONNX Runtime raises its own exception types
-        if _RUN_OPTIONS.terminate:
-            raise RunsInterrupted("ONNX Runtime calls were interrupted") from exc
-        raise
+        raise _failed_run(exc, None) from exc
+
+
+# what ONNX Runtime raises for a node that cannot run on its inputs (a Reshape to a size the input's
+# does not divide, a MatMul of mismatched sizes), and also for a node that ran out of memory or hit
+# a device error, which are told apart by their message
+NODE_FAILED = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.RuntimeException)
+NODE_FAILURE = re.compile(r"while running (\S+) node\. Name:'(.*?)' Status Message: (.*)", re.DOTALL)
+RESOURCE_FAILURE = re.compile(r"allocat|out of memory|bad_alloc|cuda|cudnn|cublas|device", re.IGNORECASE)
+
+
+def _failed_run(exc: Exception, feeds: dict[str, np.ndarray] | None) -> Exception:
+    """What a failed run raises: RunsInterrupted after interrupt_runs(); InvalidModelError (the
+    job fails at once) when a node of the model cannot run on these inputs, which would fail
+    again; else ONNX Runtime's error as it is (retried)."""
+    if _RUN_OPTIONS.terminate:
+        return RunsInterrupted("ONNX Runtime calls were interrupted")
+    node = NODE_FAILURE.search(str(exc))
+    if not isinstance(exc, NODE_FAILED) or node is None or RESOURCE_FAILURE.search(str(exc)):
+        return exc
+    op_type, name, reason = node.groups()
+    named = f" {name!r}" if name else ""
+    shapes = "" if feeds is None else " of shape " + ", ".join(str(list(v.shape)) for v in feeds.values())
+    return InvalidModelError(
+        f"the model cannot run on the inputs{shapes}: its {op_type} node{named} fails in ONNX Runtime "
+        f"({first_lines(reason)}); check that the model runs with onnxruntime on inputs of the "
+        "dataset's shape (a model exported for one image size may not run at another: resize the images, "
+        "or export the model at their size)")
 
 
 # what ONNX Runtime raises for a model it cannot load (not for a device or memory failure)

@@ -386,3 +386,23 @@ def test_an_internal_error_is_retried_up_to_the_attempt_limit_then_fails_as_inte
     assert str(settings.blob_dir) not in message and str(settings.data_dir) not in message
     log = worker.log.read_text()
     assert log.count("evaluation.shard_retried") == settings.max_attempts - 1, log[-3000:]
+
+
+def test_a_model_that_cannot_run_on_its_images_fails_at_once(settings, start_worker, tmp_path):
+    """A model with free image axes that runs only at 4 x 4, on 5 x 5 images: accepted at
+    submission (the axes are free), refused by ONNX Runtime's Reshape on every attempt."""
+    from tests.test_runtime import reshape_to_16_features
+
+    model_file, data_file = tmp_path / "reshape.onnx", tmp_path / "5x5.npz"
+    model_file.write_bytes(reshape_to_16_features())
+    np.savez(data_file, x=np.random.default_rng(0).random((4, 1, 5, 5), np.float32), y=np.zeros(4, np.int64))
+    with gateway(settings) as api:
+        model, dataset = upload(api, "models", model_file).json(), upload(api, "datasets", data_file).json()
+        worker = start_worker(settings)
+        job = api.post("/v1/evaluations", json={"model_id": model["id"], "dataset_id": dataset["id"],
+                                                "attacks": [{"name": "fgsm", "eps": [0.1]}]})
+        assert job.status_code == 202, job.text
+        final = wait_for(api, job.json()["id"])
+    assert final["state"] == "failed" and final["error"]["code"] == "invalid_input", final
+    assert "its Reshape node 'flatten' fails in ONNX Runtime" in final["error"]["message"]
+    assert "evaluation.shard_retried" not in worker.log.read_text()
