@@ -25,9 +25,18 @@ def _check_classes(spec: EvaluationSpec, classes: int, dataset: dict) -> None:
         len(dataset["classes"]), classes, "classes" in (dataset.get("processing") or {}))
     if mismatch:
         raise InvalidSpecError(mismatch)
-    if dataset["num_classes"] > classes:
+    if (dataset.get("target_classes") or 0) > classes:
         raise InvalidSpecError(
-            f"the dataset has labels up to {dataset['num_classes'] - 1} but the model has {classes} classes")
+            f"the dataset's target labels t go up to {dataset['target_classes'] - 1} but the model has "
+            f"{classes} classes (0 to {classes - 1}); fix t, or upload the dataset without it"
+        )
+    if dataset["num_classes"] > classes:
+        old_record = dataset.get("targets") and dataset.get("target_classes") is None  # t's not told apart
+        labels = "labels y (or target labels t)" if old_record else "labels"
+        raise InvalidSpecError(
+            f"the dataset has {labels} up to {dataset['num_classes'] - 1} but the model has {classes} "
+            f"classes (0 to {classes - 1})"
+        )
     for loss, fewest in MIN_CLASSES.items():
         wanting = [a.key for a in spec.attacks if a.loss == loss]
         if wanting and classes < fewest:

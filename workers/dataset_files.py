@@ -56,11 +56,12 @@ class DatasetInfo:
     samples: int
     shape: list[int]  # one image: as stored in an .npz, [C, H, W] from images
     source_dtype: str
-    num_classes: int  # the largest label + 1
+    num_classes: int  # the largest label + 1 (of y and t)
     classes: list[str] | None  # an image zip's class names in label order: its folders, or as declared
     targets: bool = False  # an .npz with target labels t (for targets: dataset)
     processing: dict | None = None  # an image zip's declared resize / center_crop / color
     images: dict[str, int] | None = field(default=None)  # an image zip's images by format
+    target_classes: int | None = None  # the largest target label in t + 1
 
 
 def validate_dataset(path: Path, out: Path | None = None, *, max_bytes: int, max_samples: int,
@@ -300,6 +301,7 @@ def _validate_npz(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits
     x, y = _npz_headers(archive, files, limits)
     labels = np.frombuffer(read_member(archive, y.info, y.offset), y.dtype)
     num_classes = _check_labels(labels)
+    target_classes = None
     t_info = next((info for info in files if info.filename == "t.npy"), None)
     if t_info is not None:
         t = _npy_header(archive, t_info)
@@ -308,7 +310,8 @@ def _validate_npz(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits
             check_targets(targets, labels)
         except DatasetError as exc:
             raise DatasetError(str(exc)) from None
-        num_classes = max(num_classes, _check_labels(targets))
+        target_classes = _check_labels(targets)
+        num_classes = max(num_classes, target_classes)
     not_finite = 0
     for chunk in member_chunks(archive, x.info, x.offset):  # all of x: its CRC is checked at the end
         if x.dtype != np.uint8:
@@ -327,6 +330,7 @@ def _validate_npz(archive: zipfile.ZipFile, files: list[zipfile.ZipInfo], limits
         num_classes=num_classes,
         classes=None,
         targets=t_info is not None,
+        target_classes=target_classes,
     )
 
 

@@ -358,6 +358,19 @@ def test_a_fit_dataset_of_another_shape_is_refused_at_submission(api, stored):
     )
 
 
+def test_target_labels_past_the_models_classes_are_named_as_such(api, stored, tmp_path):
+    model, _ = stored
+    path = tmp_path / "targets.npz"
+    np.savez(path, x=np.zeros((4, 1, 28, 28), np.float32), y=np.arange(4), t=np.array([5, 6, 7, 102]))
+    dataset = upload(api, "datasets", path).json()
+    refused = api.post("/v1/evaluations", json=spec(model["id"], dataset["id"]))
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == (
+        "the dataset's target labels t go up to 102 but the model has 10 classes (0 to 9); fix t, or upload "
+        "the dataset without it"
+    )
+
+
 def test_nhwc_models_and_datasets_with_target_labels_are_accepted(api, tmp_path):
     """A channels-last export (tf2onnx, Keras) with channels-last images: layout NHWC; and
     targets: dataset, which needs an .npz with target labels t."""
