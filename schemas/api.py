@@ -49,10 +49,13 @@ class ModelPublic(BaseModel):
     size: int
     created_at: str
     input: ModelInput
-    num_classes: int
+    # "image_to_image": one output shaped like its input (an autoencoder): a defense's model, not
+    # evaluated itself (no classes, no attacks)
+    kind: Literal["classifier", "image_to_image"] = "classifier"
+    num_classes: int | None
     opset: int
     gradients: GradientVerdict
-    attacks: Literal["all", "black_box_only"]
+    attacks: Literal["all", "black_box_only", "none"]
     # float16 / bfloat16: predictions run in it; gradients are its float32 twin's
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     output_squeezed_from: list[int | None] | None = None  # logits [N, K, 1, 1] or [N, 1, K], squeezed

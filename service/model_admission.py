@@ -70,6 +70,8 @@ class ModelInfo:
     gradients_straight_through: int = 0  # QDQ pairs differentiated straight through (rules/quantize.py)
     gradients_probed_side: int | None = None  # symbolic image axes: gradients built with them pinned so
     weights: list[str] = field(default_factory=list)  # sha256 of the data files kept outside the model
+    # "image_to_image": one output shaped like its input (an autoencoder, for a defense), no classes
+    kind: str = "classifier"
 
 
 @dataclass
@@ -158,6 +160,8 @@ def validate_model(path: Path, *, max_bytes: int,
     _check_structure(model)
     _check_input(model)
     _check_load_time_constants(model, budget=MAX_LOAD_TIME_CONSTANT_BYTES + 4 * len(data))
+    if _maps_images_to_images(model):
+        return _image_to_image_info(model, opset)
     found = inspect_classifier(model)  # a GradientBuildError is an invalid_model UserError itself
     prepared = found.prepared
     _check_sample_tensors(prepared.model)
@@ -235,6 +239,48 @@ def _check_outside_locations(model: onnx.ModelProto) -> None:
             raise InvalidModelError(f"the model names external data {quoted(name)}; upload its data files "
                                     "with it")
     weights.check_resolvable(model)
+
+
+def _maps_images_to_images(model: onnx.ModelProto) -> bool:
+    """One output of its input's shape (rank 3 or more, batch first): an autoencoder or a
+    denoiser, which an autoencoder defense puts in front of a classifier."""
+    if len(model.graph.output) != 1:
+        return False
+    try:
+        inferred = shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - the classifier checks that follow say what is wrong
+        return False
+    x = image_input(inferred)
+    dims = [_dim(d) for d in x.type.tensor_type.shape.dim]
+    output = inferred.graph.output[0].type.tensor_type
+    out_dims = [_dim(d) for d in output.shape.dim] if output.HasField("shape") else []
+    return len(dims) >= 3 and len(out_dims) == len(dims) and all(
+        a == b for a, b in zip(dims[1:], out_dims[1:], strict=True) if a is not None and b is not None)
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> int | None:
+    return d.dim_value if d.HasField("dim_value") else None
+
+
+def _image_to_image_info(model: onnx.ModelProto, opset: int) -> ModelInfo:
+    """An image-to-image model, checked as an autoencoder defense checks it (one output of its
+    input's shape; differentiable where its size is static); it can be a defense's model, and
+    is not evaluated itself."""
+    from workers.defenses.autoencoder import Autoencoder
+
+    autoencoder = Autoencoder(model=model)
+    _check_sample_tensors(autoencoder.model)
+    _check_runtime_loads(autoencoder.model)
+    return ModelInfo(
+        kind="image_to_image",
+        input_name=autoencoder.input_name,
+        input_shape=[d if isinstance(d, int) else None for d in autoencoder.input_dims],
+        num_classes=0,
+        opset=opset,
+        gradients_available=True,
+        unsupported=[],
+        operators=dict(Counter(node.op_type for node in autoencoder.model.graph.node)),
+    )
 
 
 def _check_sample_tensors(model: onnx.ModelProto) -> None:

@@ -41,6 +41,7 @@ from service.fit_checks import check_fit, needs_gradients
 from service.scoping import owned
 from workers.cost import estimate
 from workers.errors import InvalidSpecError
+from workers.layout import image_nchw
 from workers.plan import plan, unit_work
 from workers.spec_checks import check_spec
 
@@ -115,13 +116,14 @@ def submit(
             return _replay(db, earlier, request_hash, response)
     model = owned(db, StoredModel, body.model_id, tenant)
     dataset = owned(db, StoredDataset, body.dataset_id, tenant)
+    _refuse_image_to_image(model, "model_id")
     spec = EvaluationSpec.model_validate(body.model_dump(exclude={"model_id", "dataset_id"}))
     check_parameter_bounds(spec, settings)
     check_spec(spec)
     check_fit(spec, model.info, dataset.info)
     transfer_models = (
         _transfer_models(db, spec, model, tenant)
-        | _defense_models(db, spec, model, tenant)
+        | _defense_models(db, spec, dataset, tenant)
         | _fit_datasets(db, spec, dataset, tenant)
     )
     baselines = _baselines(db, spec, tenant)
@@ -198,6 +200,7 @@ def _transfer_models(db, spec: EvaluationSpec, model: StoredModel, tenant) -> di
         other = db.get(StoredModel, model_id) if len(model_id) <= 40 else None
         if other is None or other.tenant_id != tenant.id:
             raise InvalidSpecError(f"transfer.models.{name}: no model with id {model_id!r}; upload it first")
+        _refuse_image_to_image(other, f"transfer.models.{name}")
         ours, theirs = model.info, other.info
         if (
             ours["input_shape"][1:] != theirs["input_shape"][1:]
@@ -217,8 +220,16 @@ def _transfer_models(db, spec: EvaluationSpec, model: StoredModel, tenant) -> di
     return found
 
 
-def _defense_models(db, spec: EvaluationSpec, model: StoredModel, tenant) -> dict[str, str]:
-    """An autoencoder defense's `model` is a model id of this tenant mapping the input to itself."""
+def _refuse_image_to_image(model: StoredModel, field: str) -> None:
+    if model.info.get("kind") == "image_to_image":
+        raise InvalidSpecError(f"{field}: model {model.id} maps images to images (an autoencoder), it has no "
+                               "classes to evaluate; name it as an autoencoder defense's model instead")
+
+
+def _defense_models(db, spec: EvaluationSpec, dataset: StoredDataset, tenant) -> dict[str, str]:
+    """An autoencoder defense's `model` is an image-to-image model id of this tenant that takes
+    the dataset's images (NCHW: defenses run on the pixels, before the model's own layout)."""
+    image = image_nchw(dataset.info["shape"], spec.input.layout)
     found = {}
     for index, defense in enumerate(spec.defenses):
         if defense.model is None:
@@ -227,6 +238,16 @@ def _defense_models(db, spec: EvaluationSpec, model: StoredModel, tenant) -> dic
         if other is None or other.tenant_id != tenant.id:
             raise InvalidSpecError(
                 f"defenses[{index}].model: no model with id {defense.model!r}; upload it first")
+        if other.info.get("kind") != "image_to_image":
+            raise InvalidSpecError(
+                f"defenses[{index}].model: model {other.id} is a classifier; an autoencoder's model has one "
+                "output shaped like its input (the reconstructed images)")
+        takes = other.info["input_shape"][1:]
+        fits = len(takes) == len(image) and all(d in (None, i) for d, i in zip(takes, image, strict=True))
+        if not fits:
+            raise InvalidSpecError(
+                f"defenses[{index}].model: model {other.id} takes {takes}, the dataset's images are {image} "
+                "(NCHW); an autoencoder in front of the model takes the images")
         found[defense.reference_key()] = other.sha256
     return found
 

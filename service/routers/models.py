@@ -30,6 +30,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONS
 
 def public(row: StoredModel) -> ModelPublic:
     info = row.info
+    image_to_image = info.get("kind") == "image_to_image"
     return ModelPublic(
         id=row.id,
         name=row.name,
@@ -37,12 +38,13 @@ def public(row: StoredModel) -> ModelPublic:
         size=row.size,
         created_at=row.created_at.isoformat() + "Z",
         input=ModelInput(name=info["input_name"], shape=info["input_shape"]),
-        num_classes=info["num_classes"],
+        kind=info.get("kind", "classifier"),  # records from before image-to-image models have none
+        num_classes=None if image_to_image else info["num_classes"],
         opset=info["opset"],
         gradients=GradientVerdict(available=info["gradients_available"], unsupported=info["unsupported"],
                                   probed_side=info.get("gradients_probed_side"),
                                   straight_through=info.get("gradients_straight_through", 0)),
-        attacks="all" if info["gradients_available"] else "black_box_only",
+        attacks="none" if image_to_image else "all" if info["gradients_available"] else "black_box_only",
         dtype=info.get("dtype", "float32"),  # records from before half precision have none
         output_squeezed_from=info.get("output_squeezed_from"),
         binary=info.get("binary"),
@@ -71,7 +73,9 @@ async def upload_model(
 ) -> ModelPublic:
     """Validate and store an ONNX classifier; the answer says whether exact gradients are
     available or only black-box attacks, naming the operators that block gradients. A model
-    with external data is stored as one self-contained model (its sha256 is that model's)."""
+    with external data is stored as one self-contained model (its sha256 is that model's). A
+    model with one output shaped like its input (an autoencoder) is stored as `image_to_image`,
+    for an autoencoder defense's `model`."""
     sha256, size, info, source = await uploads.receive_model(
         file,
         data or [],

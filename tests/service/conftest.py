@@ -14,8 +14,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 from fastapi.testclient import TestClient
+from onnx import TensorProto, helper, numpy_helper
 
 from infra.settings import Settings
 
@@ -250,3 +253,17 @@ def wait_for(
             return body
         time.sleep(0.2)
     raise AssertionError(f"evaluation still {body['state']} after {timeout} s: {body}")
+
+
+def denoiser_onnx(path, side: int = 28):
+    """A 3x3 box blur of one-channel side x side images, clipped to [0, 1]."""
+    kernel = numpy_helper.from_array(np.full((1, 1, 3, 3), 1 / 9, np.float32), "kernel")
+    low, high = (numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("low", 0), ("high", 1)))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["images", "kernel"], ["blurred"], pads=[1, 1, 1, 1]),
+         helper.make_node("Clip", ["blurred", "low", "high"], ["reconstruction"])], "denoiser",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 1, side, side])],
+        [helper.make_tensor_value_info("reconstruction", TensorProto.FLOAT, ["N", 1, side, side])],
+        [kernel, low, high])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.service.conftest import DATA, MODEL, gateway, make_settings, tenant_headers, upload
+from tests.service.conftest import DATA, MODEL, denoiser_onnx, gateway, make_settings, tenant_headers, upload
 
 
 def spec(model_id: str, dataset_id: str, **extra) -> dict:
@@ -143,9 +143,9 @@ def test_a_model_in_use_cannot_be_deleted_until_its_jobs_end(api, stored, settin
     assert not blob.exists()
 
 
-def _linear_classifier(path: Path, weight: float = 0.01) -> Path:
+def _linear_classifier(path: Path) -> Path:
     """Another [N, 1, 28, 28] -> 10 classifier."""
-    weights = numpy_helper.from_array(np.full((784, 10), weight, np.float32), "W")
+    weights = numpy_helper.from_array(np.full((784, 10), 0.01, np.float32), "W")
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["image"], ["flat"]),
          helper.make_node("MatMul", ["flat", "W"], ["logits"])],
@@ -168,8 +168,7 @@ def test_models_and_datasets_a_queued_spec_names_cannot_be_deleted(api, stored, 
     model, dataset = stored
     other = upload(api, "models", _linear_classifier(tmp_path / "linear.onnx")).json()
     fit = upload(api, "datasets", _fit_dataset(tmp_path / "fit.npz")).json()
-    # the gateway checks only that an autoencoder's model is the tenant's (its shapes, when the job runs)
-    autoencoder = upload(api, "models", _linear_classifier(tmp_path / "ae.onnx", weight=0.02)).json()
+    autoencoder = upload(api, "models", denoiser_onnx(tmp_path / "ae.onnx")).json()
     transfer = {"models": {"linear": other["id"]}, "attacks": [{"name": "fgsm", "eps": [0.1]}]}
     defenses = [{"name": "pca", "variance": 0.9, "fit_dataset": fit["id"]},
                 {"name": "autoencoder", "model": autoencoder["id"]}]
