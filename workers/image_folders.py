@@ -275,8 +275,10 @@ def _open_image(data: bytes, name: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below
             image = Image.open(io.BytesIO(data), formats=["PNG" if kind == "png" else "JPEG"])
     except _IMAGE_ERRORS as exc:
-        raise DatasetError(f"{quoted(name)} is not a readable {kind.upper()} image "
-                           f"({first_lines(exc)})") from None
+        # Pillow names its in-memory buffer, an address that says nothing to the user
+        reason = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", first_lines(exc))
+        raise DatasetError(f"{quoted(name)} is not a readable {kind.upper()} image ({reason}); save it again "
+                           "with an image editor or Pillow, or leave it out of the zip") from None
     try:
         _check_pixels(name, *image.size)
     except TooLargeError:
