@@ -153,6 +153,9 @@ def _run_bound(session, binding) -> None:
 NODE_FAILED = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.RuntimeException)
 NODE_FAILURE = re.compile(r"while running (\S+) node\. Name:'(.*?)' Status Message: (.*)", re.DOTALL)
 RESOURCE_FAILURE = re.compile(r"allocat|out of memory|bad_alloc|cuda|cudnn|cublas|device", re.IGNORECASE)
+# the nodes this service adds (gradient, loop and bound graphs: GraphBuilder's prefixes): one of
+# them failing is this service's fault, not the model's
+OWN_NODES = ("grad/", "loop/", "ibp/")
 
 
 def _failed_run(exc: Exception, feeds: dict[str, np.ndarray] | None) -> Exception:
@@ -165,6 +168,8 @@ def _failed_run(exc: Exception, feeds: dict[str, np.ndarray] | None) -> Exceptio
     if not isinstance(exc, NODE_FAILED) or node is None or RESOURCE_FAILURE.search(str(exc)):
         return exc
     op_type, name, reason = node.groups()
+    if name.startswith(OWN_NODES):
+        return exc
     named = f" {name!r}" if name else ""
     shapes = "" if feeds is None else " of shape " + ", ".join(str(list(v.shape)) for v in feeds.values())
     return InvalidModelError(
