@@ -125,6 +125,8 @@ def test_a_failing_gate_fails_the_result(demo):
     ({"gates": [{"metric": "robust_accuracy", "attack": "fgsm"}]}, "needs `min` or `max`"),
     ({"attack": []}, "attack: Extra inputs are not permitted"),
     ({"attacks": [{"name": "deepfool", "targeted": True}]}, "has no targeted variant"),
+    ({"attacks": [{"name": "fgsm", "eps": 0.1, "stepz": 5}]},
+     "fgsm has no parameter 'stepz'; its parameters: loss"),
     ({"attacks": [{"name": "pgd", "eps": 0.1, "steps": 10**400}]}, "attacks[0].steps: a number larger"),
     ({"attacks": [{"name": "deepfool", "overshoot": 10**400}]}, "attacks[0].overshoot: a number larger than"),
     ({"attacks": [{"name": "fgsm", "eps": 0.1, "label": "a" * 101}]}, "label: String should have at most"),

@@ -8,6 +8,8 @@ command line) naming the field, e.g. ``attacks[2] (pgd): `steps` must be a posit
 
 from __future__ import annotations
 
+import inspect
+
 from schemas.evaluation import AttackSpec, DefenseSpec, EvaluationSpec, TransferSpec
 from workers.attacks import ATTACKS, Attack
 from workers.defenses import DEFENSES, Defense, build_defense
@@ -32,10 +34,18 @@ def build_attack(spec: AttackSpec) -> Attack:
         raise InvalidSpecError(f"{spec.name} needs `eps`, its budget(s)")
     if cls.minimal and spec.eps is not None:
         raise InvalidSpecError(f"{spec.name} finds minimal perturbations and takes no `eps`")
-    try:
-        return cls(**params)
-    except TypeError as exc:  # an unknown keyword
-        raise InvalidSpecError(str(exc).replace("__init__()", spec.name)) from None
+    accepted = _parameters(cls)
+    unknown = [name for name in params if name not in accepted]
+    if unknown:
+        raise InvalidSpecError(f"{spec.name} has no parameter {', '.join(map(repr, unknown))}; its "
+                               f"parameters: {', '.join(sorted(accepted)) or 'none'}")
+    return cls(**params)
+
+
+def _parameters(cls: type) -> set[str]:
+    """The keyword parameters of a class's constructor."""
+    return {name for name, p in inspect.signature(cls.__init__).parameters.items()
+            if name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
 def defense_class(entry: DefenseSpec) -> type[Defense]:
