@@ -44,8 +44,8 @@ def build_attack(spec: AttackSpec) -> Attack:
 
 def _parameters(cls: type) -> set[str]:
     """The keyword parameters of a class's constructor."""
-    return {name for name, p in inspect.signature(cls.__init__).parameters.items()
-            if name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return {name for name, p in inspect.signature(cls).parameters.items()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
 def defense_class(entry: DefenseSpec) -> type[Defense]:
