@@ -18,7 +18,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, Executable, case, func, select, update
 from sqlalchemy.orm import Session
 
-from infra.records import Job, Shard, utcnow
+from infra.records import Job, Shard, Tenant, utcnow
 
 log = logging.getLogger("robustness.jobs")
 
@@ -480,6 +480,19 @@ def _eta(shards: list, remaining: int, now: datetime) -> float | None:
 
 def counts_by_state(db: Session) -> dict[str, int]:
     return dict(db.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+
+
+def lock_admissions(db: Session, tenant_id: str) -> None:
+    """Serialize the tenant's submissions until this transaction ends, so that counting its active
+    jobs (and their cost) and adding one more is a single step even for concurrent requests: on
+    PostgreSQL a lock on the tenant's row (gateway processes and threads alike; FOR NO KEY UPDATE,
+    so rows that only refer to the tenant are not held up), on SQLite the database's write lock
+    (BEGIN IMMEDIATE: one writer at a time, and what is read after it is the newest)."""
+    if db.get_bind().dialect.name == "sqlite":
+        db.commit()  # end the reads so far: the write transaction starts here, before the counts
+        db.connection().exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        db.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
 
 
 def active_jobs(db: Session, tenant_id: str) -> int:

@@ -96,7 +96,8 @@ def queued_cost(db: Session, tenant_id: str) -> int:
 
 
 def check_quota(db: Session, tenant_id: str, cost: Cost, settings: Settings) -> None:
-    """429 when the tenant's queued and running work plus this job would pass its quota."""
+    """429 when the tenant's queued and running work plus this job would pass its quota. Call it
+    holding the tenant's admission lock (jobs.lock_admissions) until the job is added."""
     quota = settings.tenant_cost_quota
     if cost.total > quota:
         raise _over("the estimated cost (model calls x samples)", cost.total, "tenant_cost_quota", settings,

@@ -129,6 +129,7 @@ def submit(
     baselines = _baselines(db, spec, tenant)
     cost = estimate(spec, dataset.info["samples"], model.info["num_classes"])
     check_cost(cost, settings)
+    jobs.lock_admissions(db, tenant.id)  # until the commit: concurrent submissions count one another
     if jobs.active_jobs(db, tenant.id) >= settings.max_concurrent_jobs:
         raise TooManyJobs(
             f"this tenant already has {settings.max_concurrent_jobs} queued or running "
