@@ -6,11 +6,18 @@ gateway (``PUT``) before the worker records it in the database.
 Every byte that arrives is hashed on the way into the cache and kept only if the hash is the
 blob's name, so a truncated or altered transfer is never used. The cache is bounded
 (``max_cache_bytes``): past it, the blobs used longest ago are removed.
+
+A gateway that does not answer (restarting, redeployed, a dropped connection, a 502/503/504
+from a proxy in front of it) is waited for: each transfer is tried again with backoff for up to
+``retry_s`` seconds (ROBUSTNESS_GATEWAY_RETRY_S), the finished output of a shard waiting in the
+cache meanwhile. Past that, GatewayUnreachable, whose message names "the gateway" but not its
+address (messages reach tenants); the worker's log has the address.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -19,7 +26,10 @@ import httpx
 
 from infra.blobs import CHUNK, BlobStore, LocalBlobStore, check_digest
 
-_ATTEMPTS = 4  # a gateway restarting, a dropped connection: tried again after 0.5, 1, 2 s
+log = logging.getLogger("robustness.gateway_blobs")
+
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.5, 10.0  # doubling from the first to the largest wait
+START_CHECK_S = 3.5  # a worker starting checks the gateway this long, then says what is wrong
 
 
 class GatewayUnreachable(OSError):
@@ -28,9 +38,10 @@ class GatewayUnreachable(OSError):
 
 class GatewayBlobStore(BlobStore):
     def __init__(self, gateway_url: str, token: str, cache_root: Path, max_cache_bytes: int,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, retry_s: float = 120):
         self.cache = LocalBlobStore(cache_root)
         self.max_cache_bytes = max_cache_bytes
+        self.retry_s = retry_s
         self.http = httpx.Client(base_url=gateway_url.rstrip("/"), transport=transport,
                                  headers={"Authorization": f"Bearer {token}"},
                                  timeout=httpx.Timeout(120.0, connect=10.0))
@@ -99,16 +110,16 @@ class GatewayBlobStore(BlobStore):
 
     def reachable(self) -> bool:
         try:
-            return self._request("HEAD", "0" * 64).status_code in (200, 404)
+            return self._request("HEAD", "0" * 64, START_CHECK_S).status_code in (200, 404)
         except GatewayUnreachable:
             return False
 
     def check_token(self) -> str | None:
         """None when the gateway answers and accepts the token, else what is wrong."""
         try:
-            status = self._request("HEAD", "0" * 64).status_code
+            status = self._request("HEAD", "0" * 64, START_CHECK_S).status_code
         except GatewayUnreachable as exc:
-            return str(exc)
+            return f"{exc} (ROBUSTNESS_GATEWAY_URL={self.http.base_url})"
         if status in (401, 403):
             return "the gateway refused the worker token (ROBUSTNESS_WORKER_TOKEN must equal the gateway's)"
         if status not in (200, 404):
@@ -117,18 +128,28 @@ class GatewayBlobStore(BlobStore):
 
     # ------------------------------------------------------------------ plumbing
 
-    def _request(self, method: str, sha256: str) -> httpx.Response:
-        return self._retried(lambda: self.http.request(method, f"/internal/blobs/{sha256}"))
+    def _request(self, method: str, sha256: str, retry_s: float | None = None) -> httpx.Response:
+        return self._retried(lambda: self.http.request(method, f"/internal/blobs/{sha256}"), retry_s)
 
-    def _retried(self, call):
-        for attempt in range(_ATTEMPTS):
+    def _retried(self, call, retry_s: float | None = None):
+        """``call()``, tried again while the gateway does not answer, for up to ``retry_s``
+        seconds (default: the store's), waiting 0.5, 1, 2 ... up to MAX_BACKOFF_S in between."""
+        window = self.retry_s if retry_s is None else retry_s
+        deadline = time.monotonic() + window
+        wait = FIRST_BACKOFF_S
+        while True:
             try:
                 return call()
             except (httpx.TransportError, GatewayUnreachable) as exc:
-                if attempt == _ATTEMPTS - 1:
-                    raise GatewayUnreachable(f"the gateway at {self.http.base_url} failed: {exc}") from None
-                time.sleep(0.5 * 2 ** attempt)
-        raise AssertionError("unreachable")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error("gateway.unreachable url=%s error=%s: giving up after %g s",
+                              self.http.base_url, exc, window)
+                    raise GatewayUnreachable(f"the gateway did not answer for {window:g} s: {exc}") from None
+                log.warning("gateway.unreachable url=%s error=%s: trying again in %.1f s",
+                            self.http.base_url, exc, min(wait, left))
+                time.sleep(min(wait, left))
+                wait = min(2 * wait, MAX_BACKOFF_S)
 
     def _make_room(self) -> None:
         """Remove the least recently used cached blobs while the cache is over its bound."""
@@ -164,5 +185,5 @@ def blob_store_of_worker(settings) -> BlobStore:
     shared folder ``blob_dir``."""
     if settings.gateway_url:
         return GatewayBlobStore(settings.gateway_url, settings.worker_token or "", settings.blob_dir,
-                                settings.blob_cache_mb << 20)
+                                settings.blob_cache_mb << 20, retry_s=settings.gateway_retry_s)
     return LocalBlobStore(settings.blob_dir)

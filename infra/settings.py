@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     gateway_url: str | None = None
     worker_token: str | None = Field(None, min_length=32)
     blob_cache_mb: int = Field(20_000, ge=1)
+    # such a worker rides out a gateway restart or redeploy: a transfer the gateway does not
+    # answer is tried again, with backoff, for up to this many seconds (its shard keeps its lease
+    # and its attempt meanwhile); past it, the shard's attempt ends as an internal error
+    gateway_retry_s: float = Field(120, gt=0)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -169,8 +169,9 @@ def run_shard(job_id: str, position: int) -> None:
 
 
 def _retry_or_fail(sessions, claim: jobs.Claim, exc: Exception, settings) -> None:
-    """An internal error: the shard runs again, up to ROBUSTNESS_MAX_ATTEMPTS runs, after which
-    the job fails with internal_error."""
+    """An internal error (a gateway that did not answer for ROBUSTNESS_GATEWAY_RETRY_S among them):
+    the shard runs again, up to ROBUSTNESS_MAX_ATTEMPTS runs, after which the job fails with
+    internal_error."""
     with sessions() as db:
         if claim.attempt < settings.max_attempts and jobs.requeue_shard(db, claim):
             log.warning("evaluation.shard_retried job=%s shard=%s attempt=%s", claim.job_id, claim.position,
@@ -303,9 +304,11 @@ def _with_weights(store: BlobStore, model: bytes) -> bytes:
 
 
 def _without_paths(message: str, settings) -> str:
-    """Error messages reach users: no server paths in them (the log keeps the details)."""
+    """Error messages reach users: no server paths or addresses in them (the log keeps the details)."""
     for path in sorted({str(settings.blob_dir), str(settings.data_dir)}, key=len, reverse=True):
         message = message.replace(path, "<store>")
+    if settings.gateway_url:
+        message = message.replace(settings.gateway_url.rstrip("/"), "<gateway>")
     return message
 
 

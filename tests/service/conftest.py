@@ -56,6 +56,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "JOB_TIME_LIMIT_S": settings.job_time_limit_s,
         "MAX_CONCURRENT_JOBS": settings.max_concurrent_jobs,
         "ORT_THREADS": settings.ort_threads or 1,
+        "GATEWAY_RETRY_S": settings.gateway_retry_s,
     }
     if settings.worker_memory_mb is not None:
         values["WORKER_MEMORY_MB"] = settings.worker_memory_mb
@@ -112,13 +113,14 @@ def count_validations(api: TestClient) -> list[str]:
 
 
 @contextmanager
-def uvicorn_gateway(settings: Settings):
-    """The app on a real port (uvicorn in a thread): for browsers and real HTTP clients."""
+def uvicorn_gateway(settings: Settings, port: int | None = None):
+    """The app on a real port (uvicorn in a thread): for browsers and real HTTP clients. Given a
+    port, a gateway started again there is the same gateway restarted."""
     import uvicorn
 
     from service.app import create_app
 
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

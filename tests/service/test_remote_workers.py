@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from infra.database import migrate, session_factory
-from infra.gateway_blobs import GatewayBlobStore
+from infra.gateway_blobs import GatewayBlobStore, GatewayUnreachable
 from infra.records import Job, Shard
 from service.auth import create_key
-from tests.service.conftest import ROOT, make_settings, uvicorn_gateway
+from tests.service.conftest import ROOT, free_port, make_settings, tenant_headers, uvicorn_gateway
 from tests.service.test_jobs_end_to_end import QUICK, in_process
 from tests.service.test_models_past_2gib import assert_same_up_to_rounding
 
@@ -27,9 +30,9 @@ def _blobs(folder) -> set[str]:
     return {p.parent.name + p.name for p in folder.glob("??/*")}
 
 
-def _worker_settings(base, folder, url: str, token: str = TOKEN):
+def _worker_settings(base, folder, url: str, token: str = TOKEN, **extra):
     return make_settings(folder, database_url=base.database_url, broker_url=base.broker_url,
-                         gateway_url=url, worker_token=token)
+                         gateway_url=url, worker_token=token, **extra)
 
 
 def test_two_workers_without_a_shared_folder_run_a_job_through_the_gateway(
@@ -182,3 +185,70 @@ def test_a_remote_worker_fetches_the_data_files_of_a_model_past_the_inline_limit
     weights.set_folder(None)
     assert result["clean_accuracy"] == expected["clean_accuracy"]
     assert_same_up_to_rounding(result["attacks"], expected["attacks"])
+
+
+def test_a_blob_transfer_waits_for_a_restarting_gateway_and_gives_up_on_one_that_stays_down(
+        tmp_path, caplog):
+    """A gateway down for 6 s (a restart, a redeploy): the upload is tried again until it is back.
+    One that stays down: GatewayUnreachable after the store's window, saying "the gateway"
+    without its address (the message may reach a tenant); the worker's log has the address."""
+    settings = make_settings(tmp_path / "gateway", worker_token=TOKEN)
+    port = free_port()
+    store = GatewayBlobStore(f"http://127.0.0.1:{port}", TOKEN, tmp_path / "cache", 10**6, retry_s=60)
+    sent: list = []
+    upload = threading.Thread(target=lambda: sent.append(store.put_bytes(b"a shard output")))
+    upload.start()
+    time.sleep(6)
+    with uvicorn_gateway(settings, port):
+        upload.join(timeout=60)
+    assert sent == [hashlib.sha256(b"a shard output").hexdigest()]
+    assert sent[0] in _blobs(settings.blob_dir)  # it reached the gateway
+
+    down = GatewayBlobStore(f"http://127.0.0.1:{port}", TOKEN, tmp_path / "c2", 10**6, retry_s=2)
+    started = time.monotonic()
+    with pytest.raises(GatewayUnreachable) as raised:
+        down.put_bytes(b"another output")
+    assert 2 <= time.monotonic() - started < 10
+    assert str(raised.value).startswith("the gateway did not answer for 2 s: ")
+    assert "127.0.0.1" not in str(raised.value) and f":{port}" not in str(raised.value)
+    assert f"url=http://127.0.0.1:{port}" in caplog.text
+
+
+def test_a_job_rides_out_a_gateway_restart_without_using_an_attempt(
+        distributed_settings, start_worker, tmp_path):
+    """The gateway stops for 12 s while a remote worker runs the job's shards: the worker waits for
+    it (transfers tried again, its lease renewed through the database) and the job succeeds, its
+    shards on their first attempt, although ROBUSTNESS_MAX_ATTEMPTS=1 leaves none to burn."""
+    gateway_settings = make_settings(tmp_path / "gateway", database_url=distributed_settings.database_url,
+                                     broker_url=distributed_settings.broker_url, worker_token=TOKEN,
+                                     max_attempts=1)
+    headers = tenant_headers(gateway_settings, "ci")[0]
+    sessions = session_factory(gateway_settings.database_url)
+    port = free_port()
+    with uvicorn_gateway(gateway_settings, port) as url, \
+            httpx.Client(base_url=url, headers=headers, timeout=60) as api:
+        worker = start_worker(_worker_settings(distributed_settings, tmp_path / "worker", url,
+                                               max_attempts=1))
+        ids = {}
+        for kind, path in (("models", ROOT / "examples" / "digits-cnn.onnx"),
+                           ("datasets", ROOT / "examples" / "digits-test.npz")):
+            with path.open("rb") as handle:
+                ids[kind] = api.post(f"/v1/{kind}", files={"file": handle}).json()["id"]
+        job = api.post("/v1/evaluations", json={
+            **QUICK, "model_id": ids["models"], "dataset_id": ids["datasets"]}).json()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the gateway goes once the first shard runs
+            with sessions() as db:
+                if db.scalar(select(Shard.id).where(Shard.job_id == job["id"], Shard.state == "running")):
+                    break
+            time.sleep(0.05)
+    time.sleep(12)  # the shards finish meanwhile and cannot send their outputs
+    with uvicorn_gateway(gateway_settings, port) as url, \
+            httpx.Client(base_url=url, headers=headers, timeout=60) as api:
+        state = job
+        while state["state"] not in ("succeeded", "failed", "cancelled"):
+            state = api.get(f"/v1/evaluations/{job['id']}", params={"wait": 10}).json()
+    assert state["state"] == "succeeded", state
+    with sessions() as db:
+        assert set(db.scalars(select(Shard.attempts).where(Shard.job_id == job["id"]))) == {1}
+    assert "gateway.unreachable" in worker.log.read_text()  # the outage was met, and waited out
