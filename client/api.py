@@ -16,6 +16,10 @@ Retries: requests that are safe to repeat (GETs, uploads - the server deduplicat
 sha256 -, cancel, and a submit that carries an Idempotency-Key) are retried on connection
 errors and on 502/503/504, with backoff 0.5 s, 1 s, 2 s, ... Any request answered 429 is
 retried after the server's Retry-After. Other requests are sent once.
+
+Deadlines: a client given a ``deadline`` (a `time.monotonic` value), and `RobustnessClient.wait`
+with a ``timeout``, bound every request by the time left: its connect, read and write timeouts
+are cut to that time plus `GRACE_S`, and no retry is made that would start after it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import httpx
 from schemas.api import upload_digest
 
 READ_TIMEOUT_S, CONNECT_TIMEOUT_S = 30.0, 5.0
+GRACE_S = 2.0  # a request's timeouts reach this far past the deadline, so an answer due at it arrives
+MAX_BACKOFF_S = 8.0  # the backoff doubles up to this
 DEFAULT_TIMEOUT = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
 RETRY_STATUSES = frozenset({502, 503, 504})
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
@@ -65,16 +71,19 @@ class ServerUnreachable(ApiError):
 
 
 class WaitTimeout(TimeoutError):
-    """`RobustnessClient.wait` gave up; the evaluation keeps running on the server."""
+    """`RobustnessClient.wait` gave up; the evaluation keeps running on the server. ``cause``:
+    why the last state is older than the deadline (the server stopped answering), if it is."""
 
-    def __init__(self, evaluation: dict, timeout: float):
+    def __init__(self, evaluation: dict, timeout: float, cause: ApiError | None = None):
         self.evaluation = evaluation
         self.timeout = timeout
+        self.cause = cause
         progress = evaluation.get("progress") or {}
         stage = f", stage {progress['stage']} {progress.get('done', 0)}/{progress.get('total', 0)}" \
             if progress.get("stage") else ""
+        last = f"; then the server stopped answering: {cause}" if cause is not None else ""
         super().__init__(f"evaluation {evaluation['id']} did not finish within {timeout:g}s "
-                         f"(state {evaluation['state']}{stage}); it keeps running on the server")
+                         f"(state {evaluation['state']}{stage}{last}); it keeps running on the server")
 
 
 def _processing_record(processing: dict) -> dict | None:
@@ -151,11 +160,12 @@ class RobustnessClient:
     def __init__(self, base_url: str, api_key: str | None = None,
                  timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
                  transport: httpx.BaseTransport | None = None, *, retries: int = 4, backoff: float = 0.5,
-                 max_retry_after: float = 120.0):
+                 max_retry_after: float = 120.0, deadline: float | None = None):
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.retries = retries  # extra attempts after the first, for requests safe to repeat
         self.backoff = backoff  # seconds before the first retry, doubled each time
         self.max_retry_after = max_retry_after  # a longer Retry-After is cut to this
+        self.deadline = deadline  # time.monotonic() after which no request waits or is retried
         headers = {"User-Agent": "robustness-client/0.1", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -174,19 +184,28 @@ class RobustnessClient:
     # ------------------------------------------------------------------------ transport
 
     def _send(self, method: str, path: str, *, retry: bool, stream: bool = False,
-              rewind: Sequence[IO[bytes]] = (), **kwargs) -> httpx.Response:
+              rewind: Sequence[IO[bytes]] = (), deadline: float | None = None,
+              timeout: httpx.Timeout | None = None, **kwargs) -> httpx.Response:
         """One request, retried per the policy in the module docstring; raises `ApiError` on
-        an error status. With ``stream`` the caller reads and closes a successful response."""
+        an error status. With ``stream`` the caller reads and closes a successful response.
+        ``deadline`` (or the client's, whichever is sooner) bounds its timeouts and retries."""
+        deadline = _sooner(self.deadline, deadline)
         attempt = 0
+
+        def again(delay: float) -> bool:
+            """Whether a retry after ``delay`` seconds is within the retry cap and the deadline."""
+            return attempt < self.retries and (deadline is None or time.monotonic() + delay < deadline)
+
         while True:
             for handle in rewind:
                 handle.seek(0)
-            delay = self.backoff * 2 ** attempt
+            delay = min(self.backoff * 2 ** attempt, MAX_BACKOFF_S)
             try:
-                request = self._http.build_request(method, path, **kwargs)
+                request = self._http.build_request(method, path, timeout=self._bounded(timeout, deadline),
+                                                   **kwargs)
                 response = self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
-                if retry and attempt < self.retries:
+                if retry and again(delay):
                     attempt += 1
                     time.sleep(delay)
                     continue
@@ -196,14 +215,23 @@ class RobustnessClient:
             if stream:
                 response.read()
                 response.close()
-            if attempt < self.retries and (response.status_code == 429
-                                           or (retry and response.status_code in RETRY_STATUSES)):
+            if response.status_code == 429:
+                delay = min(retry_after_seconds(response, delay), self.max_retry_after)
+            if again(delay) and (response.status_code == 429
+                                 or (retry and response.status_code in RETRY_STATUSES)):
                 attempt += 1
-                if response.status_code == 429:
-                    delay = min(retry_after_seconds(response, delay), self.max_retry_after)
                 time.sleep(delay)
                 continue
             raise parse_error(response)
+
+    def _bounded(self, timeout: httpx.Timeout | None, deadline: float | None) -> httpx.Timeout:
+        """``timeout`` (else the client's) with each part cut to the time left plus `GRACE_S`."""
+        timeout = timeout or self._http.timeout
+        if deadline is None:
+            return timeout
+        cap = max(deadline - time.monotonic(), 0.0) + GRACE_S
+        return httpx.Timeout(connect=_sooner(timeout.connect, cap), read=_sooner(timeout.read, cap),
+                             write=_sooner(timeout.write, cap), pool=_sooner(timeout.pool, cap))
 
     def _json(self, method: str, path: str, *, retry: bool, **kwargs) -> Any:
         response = self._send(method, path, retry=retry, **kwargs)
@@ -309,13 +337,14 @@ class RobustnessClient:
         return self._json("POST", "/v1/evaluations", retry=idempotency_key is not None, headers=headers,
                           json={**spec, "model_id": model_id, "dataset_id": dataset_id})
 
-    def get_evaluation(self, evaluation_id: str, wait: float = 0) -> dict:
+    def get_evaluation(self, evaluation_id: str, wait: float = 0, deadline: float | None = None) -> dict:
         """The evaluation's status; with ``wait`` seconds (<= 30), a long poll that answers
-        when its state changes or after that long."""
+        when its state changes or after that long. ``deadline``: see the module docstring."""
         if wait <= 0:
-            return self._get(f"/v1/evaluations/{evaluation_id}")
+            return self._json("GET", f"/v1/evaluations/{evaluation_id}", retry=True, deadline=deadline)
         wait = round(min(wait, 30), 3)
         return self._json("GET", f"/v1/evaluations/{evaluation_id}", retry=True, params={"wait": wait},
+                          deadline=deadline,
                           timeout=httpx.Timeout(wait + READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
 
     def list_evaluations(self, state: str | None = None, model_id: str | None = None) -> list[dict]:
@@ -362,8 +391,8 @@ class RobustnessClient:
         seconds (the evaluation is not cancelled). Each poll after the first is a long poll of
         up to ``poll_interval`` seconds, which the server answers as soon as the state changes;
         a server that answers sooner with the same state (an older one) is polled at that pace."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        evaluation = self.get_evaluation(evaluation_id)
+        deadline = _sooner(self.deadline, None if timeout is None else time.monotonic() + timeout)
+        evaluation = self._poll({"id": evaluation_id, "state": "not known yet"}, 0, deadline, timeout)
         while True:
             if on_progress is not None:
                 on_progress(evaluation)
@@ -375,15 +404,35 @@ class RobustnessClient:
                 if wait <= 0:
                     raise WaitTimeout(evaluation, timeout)
             asked = time.monotonic()
-            previous, evaluation = evaluation, self.get_evaluation(evaluation_id, wait=wait)
+            previous, evaluation = evaluation, self._poll(evaluation, wait, deadline, timeout)
             early = wait - (time.monotonic() - asked)
             if evaluation["state"] == previous["state"] and early > 0:
                 time.sleep(early)
 
+    def _poll(self, last: dict, wait: float, deadline: float | None, timeout: float | None) -> dict:
+        """`wait`'s next status of the evaluation ``last``; a server that does not answer (or
+        answers 429 / 5xx) until the deadline is `WaitTimeout`, with ``last`` as the last state."""
+        try:
+            return self.get_evaluation(last["id"], wait=wait, deadline=deadline)
+        except ApiError as exc:
+            if timeout is None or not _transient(exc):
+                raise
+            raise WaitTimeout(last, timeout, cause=exc) from None  # retried up to the deadline
+
+
+def _sooner(a: float | None, b: float | None) -> float | None:
+    """The smaller of two optional bounds (None: no bound)."""
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _transient(error: ApiError) -> bool:
+    """No answer, or an answer that says to come back later (429, 502, 503, 504)."""
+    return error.status in (0, 429, *RETRY_STATUSES)
+
 
 def _describe(exc: httpx.TransportError) -> str:
     if isinstance(exc, httpx.TimeoutException):
-        return f"timed out: {exc}" if str(exc) else "timed out"
+        return f"timed out: {exc}" if str(exc) not in ("", "timed out") else "timed out"
     if isinstance(exc, httpx.ConnectError):
         return f"connection failed: {exc}" if str(exc) else "connection failed"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

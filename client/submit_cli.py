@@ -13,7 +13,9 @@ Without --wait the evaluation id is printed and the command exits 0. With --wait
 is 0 when every gate passed, 1 when a gate failed, 3 when none failed but one is
 inconclusive (its attack showed signs of gradient masking; a gate with allow_inconclusive
 accepts that), 2 when the evaluation failed, was cancelled or did not finish within
---timeout, and 2 on any bad input or server error.
+--timeout, and 2 on any bad input or server error. --timeout counts from the start of the
+command and bounds every request and retry, so a server that stops answering cannot hold the
+command past it by more than a few seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -60,7 +63,8 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
                                                           "(implies --wait)")
     parser.add_argument("--html", metavar="OUT.html", help="write the HTML report (implies --wait)")
     parser.add_argument("--timeout", type=float, metavar="SECONDS",
-                        help="with --wait: give up (exit 2) after this long; the evaluation keeps running")
+                        help="with --wait: give up (exit 2) this long after the command started, however "
+                             "slow or silent the server; the evaluation keeps running")
     parser.add_argument("--poll", type=float, default=2.0, metavar="SECONDS",
                         help="with --wait: seconds between status requests (default 2)")
     parser.add_argument("--idempotency-key", metavar="KEY",
@@ -105,7 +109,9 @@ def _submit(args, transport) -> int:
             raise CommandError(f"{path}: no such file")
     spec_json = spec.model_dump(mode="json")
     api_key = args.api_key or os.environ.get("ROBUSTNESS_API_KEY")
-    with RobustnessClient(args.server, api_key=api_key, transport=transport) as api:
+    waits = bool(args.wait or args.json or args.junit or args.html)
+    deadline = time.monotonic() + args.timeout if waits and args.timeout is not None else None
+    with RobustnessClient(args.server, api_key=api_key, transport=transport, deadline=deadline) as api:
         model = _ensure(api.ensure_model, args.model, args.name, "model")
         dataset = _ensure(partial(api.ensure_dataset, resize=args.resize, center_crop=args.center_crop,
                                   color=args.color, classes=declared_classes(args.classes)),
@@ -115,7 +121,7 @@ def _submit(args, transport) -> int:
         cost = evaluation.get("cost")
         _note(f"evaluation {evaluation['id']} ({evaluation['state']})"
               + (f", estimated cost {cost:,} model calls x samples" if cost is not None else ""))
-        if not (args.wait or args.json or args.junit or args.html):
+        if not waits:
             print(evaluation["id"])
             return 0
         bar = ProgressBar(job_wide=True)

@@ -181,3 +181,23 @@ def test_result_before_success_is_a_conflict_and_wait_times_out(api, fake, clock
     assert "did not finish within 2.5s (state running, stage pgd" in str(timeout.value)
     assert clock.sleeps == [1.0, 1.0, 0.5]
     assert api.cancel(evaluation["id"])["state"] == "cancelled"
+
+
+def test_a_deadline_bounds_each_requests_timeouts_and_its_retries(api, fake, clock, tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"m")
+    evaluation = api.submit({"attacks": []}, api.upload_model(path)["id"], "ds_x")
+    fake.requests.clear()
+    api.deadline = clock.now + 3
+    fake.faults = [httpx.ConnectError("refused")] * 10
+    with pytest.raises(ServerUnreachable):
+        api.get_evaluation(evaluation["id"], wait=2)
+    assert clock.sleeps == [0.5, 1.0]  # a third retry, 2 s later, would start past the deadline
+    timeouts = [r.extensions["timeout"] for r in fake.requests]
+    assert timeouts[0] == {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}  # 3 s left + GRACE_S
+    assert timeouts[-1]["read"] == 3.5  # 1.5 s left
+    api.deadline = None
+    fake.faults = [httpx.ConnectError("refused")]
+    api.get_evaluation(evaluation["id"], wait=2)
+    unbounded = fake.requests[-1].extensions["timeout"]
+    assert (unbounded["connect"], unbounded["read"]) == (5.0, 32.0)

@@ -1,0 +1,67 @@
+"""`robustness submit --wait` against the real gateway (uvicorn on a port, no worker: the job
+stays queued) behind a proxy that fails the way a gateway does: it stops answering, it goes down."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.client.proxy import Proxy
+from tests.client.test_submit_cli import submit
+from tests.service.conftest import DATA, MODEL, make_settings, uvicorn_gateway
+
+SPEC = "samples: 20\nattacks:\n  - {name: fgsm, eps: [0.05]}\n"
+
+
+@pytest.fixture
+def served(tmp_path):
+    """(proxy, gateway URL): one tenant (no API keys), reached through the proxy."""
+    with uvicorn_gateway(make_settings(tmp_path / "data")) as url:
+        proxy = Proxy(url)
+        yield proxy, url
+        proxy.stop()
+
+
+@pytest.fixture
+def spec(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(SPEC)
+    return path
+
+
+def when_submitted(url: str, then, after: float = 1.0) -> threading.Thread:
+    """Run ``then(evaluation_id)`` ``after`` seconds after the gateway has an evaluation (asked
+    directly, not through the proxy), when the client has had its answer and polls."""
+
+    def watch():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            items = httpx.get(f"{url}/v1/evaluations").json()["items"]
+            if items:
+                time.sleep(after)
+                then(items[0]["id"])
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_gateway_that_stops_answering_ends_the_wait_at_the_timeout(served, spec, capsys):
+    proxy, url = served
+    when_submitted(url, lambda _: proxy.freeze())
+    started = time.monotonic()
+    code = submit([MODEL, DATA, "--spec", spec, "--server", proxy.url, "--wait", "--poll", "1",
+                   "--timeout", "6"], None)
+    took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert took < 6 + 4, err  # each request and its retries end by the deadline (was 171 s)
+    last = err.splitlines()[-1]
+    assert "did not finish within 6s (state queued" in last
+    assert f"then the server stopped answering: cannot reach the robustness server at {proxy.url}" in last
+    assert "it keeps running on the server (the same command, run again, waits for this evaluation)" in last
