@@ -14,8 +14,9 @@ server's ``type`` and ``detail``; a server that cannot be reached raises `Server
 
 Retries: requests that are safe to repeat (GETs, uploads - the server deduplicates them by
 sha256 -, cancel, and a submit that carries an Idempotency-Key) are retried on connection
-errors and on 502/503/504, with backoff 0.5 s, 1 s, 2 s, ... Any request answered 429 is
-retried after the server's Retry-After. Other requests are sent once.
+errors and on 502/503/504, with backoff 0.5 s, 1 s, 2 s, ... up to 8 s. Any request answered 429
+is retried after the server's Retry-After (at most 120 s). Other requests are sent once. A
+request is retried 4 times, except that under a deadline a 429 is retried until the deadline.
 
 Deadlines: a client given a ``deadline`` (a `time.monotonic` value), and `RobustnessClient.wait`
 with a ``timeout``, bound every request by the time left: its connect, read and write timeouts
@@ -192,9 +193,11 @@ class RobustnessClient:
         deadline = _sooner(self.deadline, deadline)
         attempt = 0
 
-        def again(delay: float) -> bool:
-            """Whether a retry after ``delay`` seconds is within the retry cap and the deadline."""
-            return attempt < self.retries and (deadline is None or time.monotonic() + delay < deadline)
+        def again(delay: float, uncapped: bool = False) -> bool:
+            """Whether a retry after ``delay`` seconds is within the retry cap (unless ``uncapped``)
+            and starts before the deadline."""
+            return (attempt < self.retries or uncapped) and (deadline is None
+                                                             or time.monotonic() + delay < deadline)
 
         while True:
             for handle in rewind:
@@ -217,8 +220,9 @@ class RobustnessClient:
                 response.close()
             if response.status_code == 429:
                 delay = min(retry_after_seconds(response, delay), self.max_retry_after)
-            if again(delay) and (response.status_code == 429
-                                 or (retry and response.status_code in RETRY_STATUSES)):
+            # a 429 changed nothing and says when to come back: until the deadline, if there is one
+            if again(delay, uncapped=response.status_code == 429 and deadline is not None) and (
+                    response.status_code == 429 or (retry and response.status_code in RETRY_STATUSES)):
                 attempt += 1
                 time.sleep(delay)
                 continue

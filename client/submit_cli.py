@@ -92,6 +92,11 @@ def run_submit(args, transport=None) -> int:
         message = " ".join(str(exc).split())
         if isinstance(exc, ApiError) and exc.status == 401:
             message += "; pass --api-key or set ROBUSTNESS_API_KEY"
+        if isinstance(exc, ApiError) and exc.status == 429:
+            message += (f"; the server stayed busy for all of --timeout {args.timeout:g}s: run the command "
+                        "again later, or with a longer --timeout" if _has_deadline(args) else
+                        "; the server is busy: run the command again later, or with --wait --timeout "
+                        "SECONDS to keep retrying until then")
         if isinstance(exc, WaitTimeout):
             message += " (the same command, run again, waits for this evaluation)"
         print(f"robustness: error: {message}", file=sys.stderr)
@@ -110,7 +115,7 @@ def _submit(args, transport) -> int:
     spec_json = spec.model_dump(mode="json")
     api_key = args.api_key or os.environ.get("ROBUSTNESS_API_KEY")
     waits = bool(args.wait or args.json or args.junit or args.html)
-    deadline = time.monotonic() + args.timeout if waits and args.timeout is not None else None
+    deadline = time.monotonic() + args.timeout if _has_deadline(args) else None
     with RobustnessClient(args.server, api_key=api_key, transport=transport, deadline=deadline) as api:
         model = _ensure(api.ensure_model, args.model, args.name, "model")
         dataset = _ensure(partial(api.ensure_dataset, resize=args.resize, center_crop=args.center_crop,
@@ -145,6 +150,11 @@ def _submit(args, transport) -> int:
         if args.html:
             Path(args.html).write_text(api.report(final["id"]))
     return _report(args, final, document)
+
+
+def _has_deadline(args) -> bool:
+    """Whether the command has a deadline: --timeout, when it waits."""
+    return args.timeout is not None and bool(args.wait or args.json or args.junit or args.html)
 
 
 def add_image_processing_arguments(parser: argparse.ArgumentParser) -> None:

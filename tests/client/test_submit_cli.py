@@ -199,3 +199,43 @@ def test_bad_input_exits_2_before_contacting_the_server(inputs, tmp_path, capsys
     assert submit([model, data, "--spec", spec], fake) == 2
     assert "--server URL is required" in capsys.readouterr().err
     assert fake.requests == []
+
+
+class BusyApi(FakeApi):
+    """Submissions answered 429 too_many_jobs, Retry-After 30, ``busy`` times."""
+
+    def __init__(self, busy: int):
+        super().__init__()
+        self.busy = busy
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/v1/evaluations" and self.busy:
+            self.busy -= 1
+            self.requests.append(request)
+            return httpx.Response(429, headers={"Retry-After": "30"}, json={
+                "type": "too_many_jobs", "detail": "4 evaluations queued or running; the limit is 4"})
+        return super().handle(request)
+
+
+def test_a_busy_server_is_retried_until_the_timeout(inputs, capsys, clock):
+    model, data, spec = inputs
+    fake = BusyApi(busy=8)  # 4 minutes of Retry-After 30
+    assert submit([model, data, "--spec", spec, "--server", SERVER, "--wait", "--timeout", "300"], fake) == 0
+    assert clock.sleeps[:8] == [30.0] * 8 and len(fake.evaluations) == 1
+
+    fake = BusyApi(busy=100)
+    assert submit([model, data, "--spec", spec, "--server", SERVER, "--wait", "--timeout", "300"], fake) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "robustness: error: 4 evaluations queued or running; the limit is 4 (HTTP 429 too_many_jobs); "
+        "the server stayed busy for all of --timeout 300s: run the command again later, or with a longer "
+        "--timeout")
+
+
+def test_a_busy_server_without_a_timeout_says_how_to_retry(inputs, capsys, clock):
+    model, data, spec = inputs
+    assert submit([model, data, "--spec", spec, "--server", SERVER], BusyApi(busy=100)) == 2
+    assert clock.sleeps == [30.0] * 4
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "robustness: error: 4 evaluations queued or running; the limit is 4 (HTTP 429 too_many_jobs); "
+        "the server is busy: run the command again later, or with --wait --timeout SECONDS to keep "
+        "retrying until then")
