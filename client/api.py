@@ -16,7 +16,9 @@ Retries: requests that are safe to repeat (GETs, uploads - the server deduplicat
 sha256 -, cancel, and a submit that carries an Idempotency-Key) are retried on connection
 errors and on 502/503/504, with backoff 0.5 s, 1 s, 2 s, ... up to 8 s. Any request answered 429
 is retried after the server's Retry-After (at most 120 s). Other requests are sent once. A
-request is retried 4 times, except that under a deadline a 429 is retried until the deadline.
+request is retried 4 times, except that under a deadline a 429 is retried until the deadline,
+and `RobustnessClient.wait` treats no answer and 502/503/504 as an outage to wait out: it
+retries until its deadline, or without one for up to ``max_outage`` seconds (5 minutes).
 
 Deadlines: a client given a ``deadline`` (a `time.monotonic` value), and `RobustnessClient.wait`
 with a ``timeout``, bound every request by the time left: its connect, read and write timeouts
@@ -161,12 +163,13 @@ class RobustnessClient:
     def __init__(self, base_url: str, api_key: str | None = None,
                  timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
                  transport: httpx.BaseTransport | None = None, *, retries: int = 4, backoff: float = 0.5,
-                 max_retry_after: float = 120.0, deadline: float | None = None):
+                 max_retry_after: float = 120.0, deadline: float | None = None, max_outage: float = 300.0):
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.retries = retries  # extra attempts after the first, for requests safe to repeat
         self.backoff = backoff  # seconds before the first retry, doubled each time
         self.max_retry_after = max_retry_after  # a longer Retry-After is cut to this
         self.deadline = deadline  # time.monotonic() after which no request waits or is retried
+        self.max_outage = max_outage  # wait() without a deadline retries a silent server this long
         headers = {"User-Agent": "robustness-client/0.1", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
@@ -185,12 +188,14 @@ class RobustnessClient:
     # ------------------------------------------------------------------------ transport
 
     def _send(self, method: str, path: str, *, retry: bool, stream: bool = False,
-              rewind: Sequence[IO[bytes]] = (), deadline: float | None = None,
+              rewind: Sequence[IO[bytes]] = (), deadline: float | None = None, patient: bool = False,
               timeout: httpx.Timeout | None = None, **kwargs) -> httpx.Response:
         """One request, retried per the policy in the module docstring; raises `ApiError` on
         an error status. With ``stream`` the caller reads and closes a successful response.
-        ``deadline`` (or the client's, whichever is sooner) bounds its timeouts and retries."""
+        ``deadline`` (or the client's, whichever is sooner) bounds its timeouts and retries;
+        a ``patient`` request retries an outage until then, or for ``max_outage`` seconds."""
         deadline = _sooner(self.deadline, deadline)
+        outage_end = time.monotonic() + self.max_outage if deadline is None else deadline
         attempt = 0
 
         def again(delay: float, uncapped: bool = False) -> bool:
@@ -208,7 +213,7 @@ class RobustnessClient:
                                                    **kwargs)
                 response = self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
-                if retry and again(delay):
+                if retry and again(delay, uncapped=patient and time.monotonic() + delay < outage_end):
                     attempt += 1
                     time.sleep(delay)
                     continue
@@ -221,7 +226,9 @@ class RobustnessClient:
             if response.status_code == 429:
                 delay = min(retry_after_seconds(response, delay), self.max_retry_after)
             # a 429 changed nothing and says when to come back: until the deadline, if there is one
-            if again(delay, uncapped=response.status_code == 429 and deadline is not None) and (
+            uncapped = (response.status_code == 429 and deadline is not None) or (
+                patient and response.status_code in RETRY_STATUSES and time.monotonic() + delay < outage_end)
+            if again(delay, uncapped) and (
                     response.status_code == 429 or (retry and response.status_code in RETRY_STATUSES)):
                 attempt += 1
                 time.sleep(delay)
@@ -341,14 +348,16 @@ class RobustnessClient:
         return self._json("POST", "/v1/evaluations", retry=idempotency_key is not None, headers=headers,
                           json={**spec, "model_id": model_id, "dataset_id": dataset_id})
 
-    def get_evaluation(self, evaluation_id: str, wait: float = 0, deadline: float | None = None) -> dict:
+    def get_evaluation(self, evaluation_id: str, wait: float = 0, deadline: float | None = None,
+                       patient: bool = False) -> dict:
         """The evaluation's status; with ``wait`` seconds (<= 30), a long poll that answers
-        when its state changes or after that long. ``deadline``: see the module docstring."""
+        when its state changes or after that long. ``deadline``, ``patient``: see `_send`."""
         if wait <= 0:
-            return self._json("GET", f"/v1/evaluations/{evaluation_id}", retry=True, deadline=deadline)
+            return self._json("GET", f"/v1/evaluations/{evaluation_id}", retry=True, deadline=deadline,
+                              patient=patient)
         wait = round(min(wait, 30), 3)
         return self._json("GET", f"/v1/evaluations/{evaluation_id}", retry=True, params={"wait": wait},
-                          deadline=deadline,
+                          deadline=deadline, patient=patient,
                           timeout=httpx.Timeout(wait + READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
 
     def list_evaluations(self, state: str | None = None, model_id: str | None = None) -> list[dict]:
@@ -394,7 +403,8 @@ class RobustnessClient:
         EvaluationPublic; ``on_progress`` sees every polled one. `WaitTimeout` after ``timeout``
         seconds (the evaluation is not cancelled). Each poll after the first is a long poll of
         up to ``poll_interval`` seconds, which the server answers as soon as the state changes;
-        a server that answers sooner with the same state (an older one) is polled at that pace."""
+        a server that answers sooner with the same state (an older one) is polled at that pace.
+        A server that does not answer is waited for: see the module docstring."""
         deadline = _sooner(self.deadline, None if timeout is None else time.monotonic() + timeout)
         evaluation = self._poll({"id": evaluation_id, "state": "not known yet"}, 0, deadline, timeout)
         while True:
@@ -414,10 +424,11 @@ class RobustnessClient:
                 time.sleep(early)
 
     def _poll(self, last: dict, wait: float, deadline: float | None, timeout: float | None) -> dict:
-        """`wait`'s next status of the evaluation ``last``; a server that does not answer (or
-        answers 429 / 5xx) until the deadline is `WaitTimeout`, with ``last`` as the last state."""
+        """`wait`'s next status of the evaluation ``last``, waiting out an outage (no answer,
+        429, 502-504); one that lasts until the deadline is `WaitTimeout`, with ``last`` as the
+        last state, and without a deadline, one longer than ``max_outage`` is its error."""
         try:
-            return self.get_evaluation(last["id"], wait=wait, deadline=deadline)
+            return self.get_evaluation(last["id"], wait=wait, deadline=deadline, patient=True)
         except ApiError as exc:
             if timeout is None or not _transient(exc):
                 raise

@@ -45,6 +45,14 @@ class EvaluationFailed(Exception):
     """The evaluation ended failed or cancelled: exit 2 with the server's error."""
 
 
+class Progress:
+    """How far the command got, for its message when it stops early: the evaluation's id once
+    the server has it."""
+
+    def __init__(self) -> None:
+        self.evaluation_id: str | None = None
+
+
 def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("submit", help="run an evaluation spec on a robustness server",
                                    description=__doc__.split("\n")[0])
@@ -86,8 +94,9 @@ def idempotency_key(model: dict, dataset: dict, spec_json: dict, run_id: str | N
 
 def run_submit(args, transport=None) -> int:
     """The `submit` command; ``transport`` replaces the network (tests)."""
+    progress = Progress()
     try:
-        return _submit(args, transport)
+        return _submit(args, transport, progress)
     except (ApiError, EvaluationFailed, WaitTimeout, CommandError, OSError) as exc:
         message = " ".join(str(exc).split())
         if isinstance(exc, ApiError) and exc.status == 401:
@@ -99,11 +108,14 @@ def run_submit(args, transport=None) -> int:
                         "SECONDS to keep retrying until then")
         if isinstance(exc, WaitTimeout):
             message += " (the same command, run again, waits for this evaluation)"
+        elif isinstance(exc, ApiError) and progress.evaluation_id:  # the server stopped answering, say
+            message += (f"; evaluation {progress.evaluation_id} keeps running on the server: the same "
+                        "command, run again, waits for it")
         print(f"robustness: error: {message}", file=sys.stderr)
         return 2
 
 
-def _submit(args, transport) -> int:
+def _submit(args, transport, progress: Progress) -> int:
     if not args.server:
         raise CommandError("--server URL is required (or set ROBUSTNESS_SERVER)")
     if args.poll <= 0 or (args.timeout is not None and args.timeout <= 0):
@@ -123,6 +135,7 @@ def _submit(args, transport) -> int:
                           args.data, None, "dataset")
         key = idempotency_key(model, dataset, spec_json, args.idempotency_key)
         evaluation = api.submit(spec_json, model["id"], dataset["id"], idempotency_key=key)
+        progress.evaluation_id = evaluation["id"]
         cost = evaluation.get("cost")
         _note(f"evaluation {evaluation['id']} ({evaluation['state']})"
               + (f", estimated cost {cost:,} model calls x samples" if cost is not None else ""))

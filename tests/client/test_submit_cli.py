@@ -239,3 +239,45 @@ def test_a_busy_server_without_a_timeout_says_how_to_retry(inputs, capsys, clock
         "robustness: error: 4 evaluations queued or running; the limit is 4 (HTTP 429 too_many_jobs); "
         "the server is busy: run the command again later, or with --wait --timeout SECONDS to keep "
         "retrying until then")
+
+
+class OutageApi(FakeApi):
+    """The ``outage`` requests after the submission find no server (connection refused)."""
+
+    def __init__(self, outage: int, outcome: str = "pass"):
+        super().__init__(outcome)
+        self.outage = outage
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if self.evaluations and self.outage:
+            self.outage -= 1
+            self.requests.append(request)
+            raise httpx.ConnectError("[Errno 111] Connection refused")
+        return super().handle(request)
+
+
+def test_wait_rides_out_an_outage_until_the_timeout(inputs, capsys, clock):
+    model, data, spec = inputs
+    fake = OutageApi(outage=12)  # about a minute of backoff, 0.5 s doubling up to 8 s
+    assert submit([model, data, "--spec", spec, "--server", SERVER, "--wait", "--timeout", "300"], fake) == 0
+    assert clock.sleeps[:6] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+
+    fake = OutageApi(outage=10_000)
+    assert submit([model, data, "--spec", spec, "--server", SERVER, "--wait", "--timeout", "300"], fake) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert f"evaluation {next(iter(fake.evaluations))} did not finish within 300s (state not known yet; " \
+           f"then the server stopped answering: cannot reach the robustness server at {SERVER}" in last
+    assert last.endswith("it keeps running on the server (the same command, run again, waits for this "
+                         "evaluation)")
+
+
+def test_wait_without_a_timeout_gives_up_on_a_long_outage_saying_how_to_reattach(inputs, capsys, clock):
+    model, data, spec = inputs
+    fake = OutageApi(outage=10_000)
+    started = clock.now
+    assert submit([model, data, "--spec", spec, "--server", SERVER, "--wait"], fake) == 2
+    assert 300 - 8 <= clock.now - started <= 300  # max_outage
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"robustness: error: cannot reach the robustness server at {SERVER} (connection failed: [Errno 111] "
+        f"Connection refused); evaluation {next(iter(fake.evaluations))} keeps running on the server: the "
+        "same command, run again, waits for it")

@@ -65,3 +65,24 @@ def test_a_gateway_that_stops_answering_ends_the_wait_at_the_timeout(served, spe
     assert "did not finish within 6s (state queued" in last
     assert f"then the server stopped answering: cannot reach the robustness server at {proxy.url}" in last
     assert "it keeps running on the server (the same command, run again, waits for this evaluation)" in last
+
+
+def test_wait_rides_out_a_gateway_restart(served, spec, capsys):
+    proxy, url = served
+
+    def restart(evaluation_id: str) -> None:
+        proxy.stop()  # connections refused for longer than 4 retries with backoff (7.5 s) last
+        time.sleep(10)
+        proxy.start()
+        time.sleep(1)
+        httpx.post(f"{url}/v1/evaluations/{evaluation_id}/cancel").raise_for_status()
+
+    watcher = when_submitted(url, restart)
+    code = submit([MODEL, DATA, "--spec", spec, "--server", proxy.url, "--wait", "--poll", "1",
+                   "--timeout", "60"], None)
+    watcher.join()
+    err = capsys.readouterr().err
+    assert code == 2, err
+    last = err.splitlines()[-1]  # the cancel, seen after the outage: not "cannot reach the server"
+    assert last.startswith("robustness: error: evaluation ev_"), err
+    assert last.endswith(" cancelled on request"), err
