@@ -6,7 +6,9 @@ Idempotency-Key derived from the two hashes, the server's ids for them, the cano
 JSON and a run id: ``--idempotency-key``, else $GITHUB_RUN_ID (GitHub Actions) or
 $CI_PIPELINE_ID (GitLab CI). A retried CI job therefore gets the evaluation its first
 attempt started, and so does a repeated local command (pass a new --idempotency-key to force
-a fresh evaluation).
+a fresh evaluation) - unless that evaluation failed or was cancelled: then the command submits
+a new one under the key "<key>/after-<that evaluation's id>", the same for every retry, so
+concurrent retries share the new evaluation and a chain of failures goes on the same way.
 
 Without --wait the evaluation id is printed and the command exits 0. With --wait (implied by
 --json and --junit) progress goes to stderr, the summary table to stdout, and the exit code
@@ -77,7 +79,8 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
                         help="with --wait: seconds between status requests (default 2)")
     parser.add_argument("--idempotency-key", metavar="KEY",
                         help="run id mixed into the Idempotency-Key (default: $GITHUB_RUN_ID or "
-                             "$CI_PIPELINE_ID); a new value forces a new evaluation")
+                             "$CI_PIPELINE_ID); a new value forces a new evaluation, as does an earlier "
+                             "one that failed or was cancelled")
     parser.set_defaults(run=run_submit)
     return parser
 
@@ -135,6 +138,15 @@ def _submit(args, transport, progress: Progress) -> int:
                           args.data, None, "dataset")
         key = idempotency_key(model, dataset, spec_json, args.idempotency_key)
         evaluation = api.submit(spec_json, model["id"], dataset["id"], idempotency_key=key)
+        while evaluation["state"] in ("failed", "cancelled"):  # an earlier attempt's, which ended
+            ended = evaluation
+            evaluation = api.submit(spec_json, model["id"], dataset["id"],
+                                    idempotency_key=f"{key}/after-{ended['id']}")
+            if evaluation["id"] == ended["id"]:
+                raise EvaluationFailed(f"the server returned evaluation {ended['id']}, {ended['state']}, "
+                                       "for a new idempotency key; pass a new --idempotency-key")
+            _note(f"evaluation {ended['id']}, an earlier attempt of this command, {ended['state']}; "
+                  f"submitted a new one in its place")
         progress.evaluation_id = evaluation["id"]
         cost = evaluation.get("cost")
         _note(f"evaluation {evaluation['id']} ({evaluation['state']})"

@@ -281,3 +281,27 @@ def test_wait_without_a_timeout_gives_up_on_a_long_outage_saying_how_to_reattach
         f"robustness: error: cannot reach the robustness server at {SERVER} (connection failed: [Errno 111] "
         f"Connection refused); evaluation {next(iter(fake.evaluations))} keeps running on the server: the "
         "same command, run again, waits for it")
+
+
+def test_a_rerun_after_a_failed_evaluation_submits_a_new_one(inputs, capsys, clock, monkeypatch):
+    model, data, spec = inputs
+    monkeypatch.setenv("GITHUB_RUN_ID", "8812")
+    fake = FakeApi("error")
+    command = [model, data, "--spec", spec, "--server", SERVER, "--wait"]
+    assert submit(command, fake) == 2
+    first = next(iter(fake.evaluations))
+    capsys.readouterr()
+    assert submit(command, fake) == 2  # "Re-run failed jobs": the same GITHUB_RUN_ID
+    second = list(fake.evaluations)[1]
+    err = capsys.readouterr().err
+    assert f"evaluation {first}, an earlier attempt of this command, failed; submitted a new one" in err
+    assert f"robustness: error: evaluation {second} failed" in err
+    keys = {evaluation_id: k for k, evaluation_id in fake.keys.items()}
+    assert keys[second] == f"{keys[first]}/after-{first}"
+
+    fake.outcome = "never"
+    assert submit([*command, "--timeout", "5"], fake) == 2  # a third attempt: still the same key chain
+    third = list(fake.evaluations)[2]
+    assert {k: e for k, e in fake.keys.items() if e == third} == {f"{keys[first]}/after-{second}": third}
+    assert submit(command[:-1], fake) == 0  # the running one is returned, as before
+    assert capsys.readouterr().out.strip() == third and len(fake.evaluations) == 3

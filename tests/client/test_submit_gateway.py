@@ -86,3 +86,21 @@ def test_wait_rides_out_a_gateway_restart(served, spec, capsys):
     last = err.splitlines()[-1]  # the cancel, seen after the outage: not "cannot reach the server"
     assert last.startswith("robustness: error: evaluation ev_"), err
     assert last.endswith(" cancelled on request"), err
+
+
+def test_a_ci_rerun_after_a_cancelled_evaluation_gets_a_new_one(served, spec, capsys, monkeypatch):
+    _, url = served
+    monkeypatch.setenv("GITHUB_RUN_ID", "4411")
+    command = [MODEL, DATA, "--spec", spec, "--server", url]
+    assert submit(command, None) == 0
+    first = capsys.readouterr().out.strip()
+    httpx.post(f"{url}/v1/evaluations/{first}/cancel").raise_for_status()
+    assert submit(command, None) == 0  # a re-run of the job: the same run id
+    out, err = capsys.readouterr()
+    second = out.strip()
+    assert second != first
+    assert f"evaluation {first}, an earlier attempt of this command, cancelled; submitted a new one" in err
+    assert submit(command, None) == 0  # and again: the queued new one
+    assert capsys.readouterr().out.strip() == second
+    states = {e["id"]: e["state"] for e in httpx.get(f"{url}/v1/evaluations").json()["items"]}
+    assert states == {first: "cancelled", second: "queued"}
