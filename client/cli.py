@@ -13,7 +13,7 @@ they live in service/commands.py and are listed here only when it is installed.
 
 Exit codes: 0 success, 1 a gate failed (evaluate, submit), 2 bad input (the message says what is
 wrong and how to fix it), 3 no gate failed but one is inconclusive: its attack showed signs of
-gradient masking (evaluate, submit).
+gradient masking (evaluate, submit); submit exits 130 on Ctrl-C (SIGINT) and 143 on SIGTERM.
 """
 
 from __future__ import annotations

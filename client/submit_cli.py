@@ -15,7 +15,9 @@ Without --wait the evaluation id is printed and the command exits 0. With --wait
 is 0 when every gate passed, 1 when a gate failed, 3 when none failed but one is
 inconclusive (its attack showed signs of gradient masking; a gate with allow_inconclusive
 accepts that), 2 when the evaluation failed, was cancelled or did not finish within
---timeout, and 2 on any bad input or server error. --timeout counts from the start of the
+--timeout, and 2 on any bad input or server error. Ctrl-C (SIGINT) exits 130 and SIGTERM (a CI
+job cancelled) 143, each with one line saying what was interrupted and, once the server has the
+evaluation, that it keeps running and how to get its result. --timeout counts from the start of the
 command and bounds every request and retry, so a server that stops answering cannot hold the
 command past it by more than a few seconds.
 """
@@ -26,7 +28,9 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -47,12 +51,28 @@ class EvaluationFailed(Exception):
     """The evaluation ended failed or cancelled: exit 2 with the server's error."""
 
 
+class Stopped(BaseException):
+    """SIGTERM arrived (a cancelled CI job); like KeyboardInterrupt, not an error to catch."""
+
+
 class Progress:
-    """How far the command got, for its message when it stops early: the evaluation's id once
-    the server has it."""
+    """How far the command got, for its message when it stops early: what it is doing, and the
+    evaluation's id once the server has it."""
 
     def __init__(self) -> None:
+        self.doing = "starting"
         self.evaluation_id: str | None = None
+
+    def interrupted(self, signal_name: str, server: str) -> str:
+        """The one line for a signal that stops the command now."""
+        message = f"interrupted ({signal_name}) while {self.doing}"
+        if self.evaluation_id:
+            where = "has finished" if self.doing == "fetching the result" else "keeps running on the server"
+            return (f"{message}; evaluation {self.evaluation_id} {where}: run the same command again to get "
+                    f"its result, or GET {server.rstrip('/')}/v1/evaluations/{self.evaluation_id}")
+        if self.doing == "submitting the evaluation":
+            return f"{message}; the server may have it: the same command, run again, finds it"
+        return f"{message}; nothing was submitted"
 
 
 def add_submit_parser(subparsers) -> argparse.ArgumentParser:
@@ -98,8 +118,14 @@ def idempotency_key(model: dict, dataset: dict, spec_json: dict, run_id: str | N
 def run_submit(args, transport=None) -> int:
     """The `submit` command; ``transport`` replaces the network (tests)."""
     progress = Progress()
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if on_main_thread else None
     try:
         return _submit(args, transport, progress)
+    except (KeyboardInterrupt, Stopped) as exc:
+        sigint = isinstance(exc, KeyboardInterrupt)
+        _note(progress.interrupted("SIGINT" if sigint else "SIGTERM", args.server or ""))
+        return 128 + (signal.SIGINT if sigint else signal.SIGTERM)  # 130, 143: the shells' convention
     except (ApiError, EvaluationFailed, WaitTimeout, CommandError, OSError) as exc:
         message = " ".join(str(exc).split())
         if isinstance(exc, ApiError) and exc.status == 401:
@@ -116,6 +142,13 @@ def run_submit(args, transport=None) -> int:
                         "command, run again, waits for it")
         print(f"robustness: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped()
 
 
 def _submit(args, transport, progress: Progress) -> int:
@@ -132,11 +165,12 @@ def _submit(args, transport, progress: Progress) -> int:
     waits = bool(args.wait or args.json or args.junit or args.html)
     deadline = time.monotonic() + args.timeout if _has_deadline(args) else None
     with RobustnessClient(args.server, api_key=api_key, transport=transport, deadline=deadline) as api:
-        model = _ensure(api.ensure_model, args.model, args.name, "model")
+        model = _ensure(api.ensure_model, args.model, args.name, "model", progress)
         dataset = _ensure(partial(api.ensure_dataset, resize=args.resize, center_crop=args.center_crop,
                                   color=args.color, classes=declared_classes(args.classes)),
-                          args.data, None, "dataset")
+                          args.data, None, "dataset", progress)
         key = idempotency_key(model, dataset, spec_json, args.idempotency_key)
+        progress.doing = "submitting the evaluation"
         evaluation = api.submit(spec_json, model["id"], dataset["id"], idempotency_key=key)
         while evaluation["state"] in ("failed", "cancelled"):  # an earlier attempt's, which ended
             ended = evaluation
@@ -154,17 +188,14 @@ def _submit(args, transport, progress: Progress) -> int:
         if not waits:
             print(evaluation["id"])
             return 0
+        progress.doing = "waiting for the evaluation"
         bar = ProgressBar(job_wide=True)
         try:
             final = api.wait(evaluation["id"], poll_interval=args.poll, timeout=args.timeout,
                              on_progress=lambda ev: _show_progress(bar, ev))
-        except KeyboardInterrupt:
-            final = None
         finally:
             bar.close()
-        if final is None:
-            _note(f"interrupted; evaluation {evaluation['id']} keeps running on the server")
-            return 130
+        progress.doing = "fetching the result"
         if final["state"] != "succeeded":
             error = final.get("error") or {}
             what = f"evaluation {final['id']} {final['state']}"
@@ -215,9 +246,11 @@ def declared_classes(value: str | None) -> list[str] | None:
     return names
 
 
-def _ensure(ensure, path: str, name: str | None, kind: str) -> dict:
+def _ensure(ensure, path: str, name: str | None, kind: str, progress: Progress) -> dict:
     """The server's record of a file, uploaded only if its sha256 is new to the server."""
+    progress.doing = f"hashing the {kind} {path}"
     digest = sha256_file(path)
+    progress.doing = f"uploading the {kind} {path}"
     record, uploaded = ensure(path, name, sha256=digest)
     where = f"uploaded as {record['id']}" if uploaded else f"already on the server as {record['id']}"
     if record.get("processing"):

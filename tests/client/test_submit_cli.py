@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import xml.etree.ElementTree as ET
 
 import httpx
@@ -305,3 +307,41 @@ def test_a_rerun_after_a_failed_evaluation_submits_a_new_one(inputs, capsys, clo
     assert {k: e for k, e in fake.keys.items() if e == third} == {f"{keys[first]}/after-{second}": third}
     assert submit(command[:-1], fake) == 0  # the running one is returned, as before
     assert capsys.readouterr().out.strip() == third and len(fake.evaluations) == 3
+
+
+class SignalApi(FakeApi):
+    """Ctrl-C (KeyboardInterrupt) during the ``at``-th request, or a real SIGTERM to this process."""
+
+    def __init__(self, at: int, outcome: str = "never", sigterm: bool = False):
+        super().__init__(outcome)
+        self.at = at
+        self.sigterm = sigterm
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if len(self.requests) == self.at:
+            if self.sigterm:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled in this thread before the answer returns
+            else:
+                raise KeyboardInterrupt
+        return super().handle(request)
+
+
+def test_ctrl_c_during_the_upload_exits_130_with_one_line(inputs, capsys):
+    model, data, spec = inputs
+    fake = SignalApi(at=1)  # the model's upload, after its lookup
+    assert submit([model, data, "--spec", spec, "--server", SERVER, "--wait"], fake) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"robustness: interrupted (SIGINT) while uploading the model {model}; nothing was submitted")
+
+
+def test_ctrl_c_or_sigterm_while_waiting_says_how_to_get_the_result(inputs, capsys, clock):
+    model, data, spec = inputs
+    for sigterm, code, name in ((False, 130, "SIGINT"), (True, 143, "SIGTERM")):
+        fake = SignalApi(at=7, sigterm=sigterm)  # the second poll
+        assert submit([model, data, "--spec", spec, "--server", SERVER, "--wait"], fake) == code
+        evaluation_id = next(iter(fake.evaluations))
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"robustness: interrupted ({name}) while waiting for the evaluation; evaluation {evaluation_id} "
+            f"keeps running on the server: run the same command again to get its result, or GET "
+            f"{SERVER}/v1/evaluations/{evaluation_id}")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back

@@ -3,6 +3,9 @@ stays queued) behind a proxy that fails the way a gateway does: it stops answeri
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,7 +14,7 @@ import pytest
 
 from tests.client.proxy import Proxy
 from tests.client.test_submit_cli import submit
-from tests.service.conftest import DATA, MODEL, make_settings, uvicorn_gateway
+from tests.service.conftest import DATA, MODEL, ROOT, make_settings, uvicorn_gateway
 
 SPEC = "samples: 20\nattacks:\n  - {name: fgsm, eps: [0.05]}\n"
 
@@ -104,3 +107,27 @@ def test_a_ci_rerun_after_a_cancelled_evaluation_gets_a_new_one(served, spec, ca
     assert capsys.readouterr().out.strip() == second
     states = {e["id"]: e["state"] for e in httpx.get(f"{url}/v1/evaluations").json()["items"]}
     assert states == {first: "cancelled", second: "queued"}
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_waiting_exits_cleanly_saying_how_to_get_the_result(served, spec, signum, code):
+    _, url = served
+    process = subprocess.Popen(
+        [sys.executable, "-m", "client.cli", "submit", str(MODEL), str(DATA), "--spec", str(spec),
+         "--server", url, "--wait"], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert process.stderr is not None
+    lines = []
+    while not (lines and lines[-1].startswith("robustness: evaluation ev_")):
+        lines.append(process.stderr.readline())
+        assert lines[-1], lines
+    time.sleep(1)  # waiting now
+    process.send_signal(signum)
+    rest = process.communicate(timeout=30)[1]
+    assert process.returncode == code, rest
+    evaluation_id = lines[-1].split()[2]
+    name = signal.Signals(signum).name
+    assert rest.splitlines()[-1] == (
+        f"robustness: interrupted ({name}) while waiting for the evaluation; evaluation {evaluation_id} "
+        f"keeps running on the server: run the same command again to get its result, or GET "
+        f"{url}/v1/evaluations/{evaluation_id}")
+    assert "Traceback" not in rest
