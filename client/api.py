@@ -50,16 +50,18 @@ CHUNK = 1 << 20
 
 
 class ApiError(Exception):
-    """The server answered with an error: ``status`` (0: no answer), ``type``, ``detail``."""
+    """The server answered with an error: ``status`` (0: no answer), ``type``, ``detail``, and
+    the client's ``hint`` at the cause, if it has one."""
 
-    def __init__(self, status: int, type: str, detail: str):
+    def __init__(self, status: int, type: str, detail: str, hint: str = ""):
         super().__init__(detail)
         self.status = status
         self.type = type
         self.detail = detail
+        self.hint = hint
 
     def __str__(self) -> str:
-        return f"{self.detail} (HTTP {self.status} {self.type})"
+        return f"{self.detail} (HTTP {self.status} {self.type})" + (f"; {self.hint}" if self.hint else "")
 
 
 class ServerUnreachable(ApiError):
@@ -233,7 +235,11 @@ class RobustnessClient:
                 attempt += 1
                 time.sleep(delay)
                 continue
-            raise parse_error(response)
+            error = parse_error(response)
+            if response.status_code == 404 and _no_such_route(response):
+                error.hint = (f"the server URL {self.base_url} is probably wrong: it should be the gateway's "
+                              "base URL, the one /v1 lies under, e.g. http://host:8000")
+            raise error
 
     def _bounded(self, timeout: httpx.Timeout | None, deadline: float | None) -> httpx.Timeout:
         """``timeout`` (else the client's) with each part cut to the time left plus `GRACE_S`."""
@@ -443,6 +449,16 @@ def _sooner(a: float | None, b: float | None) -> float | None:
 def _transient(error: ApiError) -> bool:
     """No answer, or an answer that says to come back later (429, 502, 503, 504)."""
     return error.status in (0, 429, *RETRY_STATUSES)
+
+
+def _no_such_route(response: httpx.Response) -> bool:
+    """A 404 for the path itself (the gateway's bare "Not Found", another server's page), not
+    for a record the path names."""
+    try:
+        body = response.json()
+    except ValueError:
+        return True
+    return not isinstance(body, dict) or body.get("detail") in (None, "Not Found")
 
 
 def _describe(exc: httpx.TransportError) -> str:

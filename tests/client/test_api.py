@@ -201,3 +201,13 @@ def test_a_deadline_bounds_each_requests_timeouts_and_its_retries(api, fake, clo
     api.get_evaluation(evaluation["id"], wait=2)
     unbounded = fake.requests[-1].extensions["timeout"]
     assert (unbounded["connect"], unbounded["read"]) == (5.0, 32.0)
+
+
+def test_a_404_for_the_path_itself_hints_at_the_server_url(api, fake):
+    fake.faults = [httpx.Response(404, text="<html><body>nginx</body></html>")]
+    with pytest.raises(ApiError) as info:
+        api.list_evaluations()
+    assert "the server URL http://robustness.test is probably wrong" in str(info.value)
+    with pytest.raises(ApiError) as info:
+        api.get_model("mdl_missing")  # a record the server lacks: no hint
+    assert info.value.hint == ""

@@ -131,3 +131,11 @@ def test_a_signal_while_waiting_exits_cleanly_saying_how_to_get_the_result(serve
         f"keeps running on the server: run the same command again to get its result, or GET "
         f"{url}/v1/evaluations/{evaluation_id}")
     assert "Traceback" not in rest
+
+
+def test_a_server_url_with_a_wrong_path_gets_a_hint(served, spec, capsys):
+    _, url = served
+    assert submit([MODEL, DATA, "--spec", spec, "--server", f"{url}/api/foo"], None) == 2
+    assert capsys.readouterr().err == (
+        f"robustness: error: Not Found (HTTP 404 not_found); the server URL {url}/api/foo is probably wrong: "
+        "it should be the gateway's base URL, the one /v1 lies under, e.g. http://host:8000\n")
