@@ -140,6 +140,8 @@ def run_submit(args, transport=None) -> int:
         elif isinstance(exc, ApiError) and progress.evaluation_id:  # the server stopped answering, say
             message += (f"; evaluation {progress.evaluation_id} keeps running on the server: the same "
                         "command, run again, waits for it")
+        elif isinstance(exc, ApiError) and exc.status == 0 and progress.doing == "submitting the evaluation":
+            message += "; the server may have the evaluation: the same command, run again, finds it"
         print(f"robustness: error: {message}", file=sys.stderr)
         return 2
     finally:

@@ -345,3 +345,23 @@ def test_ctrl_c_or_sigterm_while_waiting_says_how_to_get_the_result(inputs, caps
             f"keeps running on the server: run the same command again to get its result, or GET "
             f"{SERVER}/v1/evaluations/{evaluation_id}")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+
+
+def test_no_answer_to_the_submission_says_a_rerun_finds_it(inputs, capsys, clock):
+    model, data, spec = inputs
+    fake = SubmitLostApi()
+    assert submit([model, data, "--spec", spec, "--server", SERVER, "--wait"], fake) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"robustness: error: cannot reach the robustness server at {SERVER} (timed out); the server may have "
+        "the evaluation: the same command, run again, finds it")
+    assert len(fake.evaluations) == 1
+
+
+class SubmitLostApi(FakeApi):
+    """Every answer to a submission is lost (the server has the evaluation, the client times out)."""
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle(request)
+        if request.method == "POST" and request.url.path == "/v1/evaluations":
+            raise httpx.ReadTimeout("timed out")
+        return response
