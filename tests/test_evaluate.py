@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -163,22 +162,18 @@ def test_cli_prints_a_summary_writes_json_and_exits_1_on_a_failed_gate(demo, tmp
     assert document["passed"] is False and document["attacks"][0]["attack"] == "fgsm"
 
 
-def test_bad_data_exits_2(demo, tmp_path, capsys):
+@pytest.mark.parametrize(("shape", "message"), [
+    ((3, 3, 32, 32), "expects [N, 1, 28, 28]"),
+    ((8, 1, 0, 5), "'x' holds images of shape [1, 0, 5], with a dimension of size 0"),
+], ids=["wrong-size", "empty-side"])
+def test_bad_data_exits_2(demo, tmp_path, capsys, shape, message):
     model, _ = demo
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump({"attacks": [{"name": "fgsm", "eps": 0.1}]}))
-    buffer = io.BytesIO()
-    np.savez(buffer, x=np.zeros((3, 3, 32, 32), np.float32), y=np.zeros(3, np.int64))
-    wrong = tmp_path / "wrong.npz"
-    wrong.write_bytes(buffer.getvalue())
-    assert main(["evaluate", str(model), str(wrong), "--spec", str(spec_path)]) == 2
-    assert "expects [N, 1, 28, 28]" in capsys.readouterr().err
-    buffer = io.BytesIO()
-    np.savez(buffer, x=np.zeros((8, 1, 0, 5), np.float32), y=np.zeros(8, np.int64))
-    empty = tmp_path / "empty.npz"
-    empty.write_bytes(buffer.getvalue())
-    assert main(["evaluate", str(model), str(empty), "--spec", str(spec_path)]) == 2
-    assert "'x' holds images of shape [1, 0, 5], with a dimension of size 0" in capsys.readouterr().err
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.zeros(shape, np.float32), y=np.zeros(shape[0], np.int64))
+    assert main(["evaluate", str(model), str(data), "--spec", str(spec_path)]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_a_model_that_cannot_run_on_the_images_exits_2(tmp_path, capsys):
