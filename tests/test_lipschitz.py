@@ -171,8 +171,10 @@ def test_global_average_pool_and_concat_are_exact():
 
 @pytest.mark.parametrize("op", sorted(POINTWISE))
 def test_pointwise_bound_is_the_largest_slope(op):
-    """Secant slopes of the operator on a fine grid never exceed the bound, and reach it."""
-    model = _model([helper.make_node(op, ["x"], ["logits"])], (2,), opset=20, k=2)  # one score: binary
+    """Secant slopes of the operator on a fine grid never exceed the bound, and reach it. A unit
+    scale follows the operator: a final Sigmoid is a multi-label head, bounded before it."""
+    nodes = [helper.make_node(op, ["x"], ["y"]), helper.make_node("Mul", ["y", "one"], ["logits"])]
+    model = _model(nodes, (2,), [("one", 1.0)], opset=20, k=2)
     bound = lipschitz_bounds(model).network_bound
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.repeat(np.arange(-6 * 128, 6 * 128 + 1, dtype=np.float32)[:, None] / 128, 2, axis=1)
