@@ -163,7 +163,7 @@ def test_a_remote_worker_fetches_the_data_files_of_a_model_past_the_inline_limit
             "attacks": [{"name": "pgd", "eps": [0.1], "steps": 5, "random_start": True}]}
     with uvicorn_gateway(gateway_settings) as url, httpx.Client(base_url=url, timeout=60) as api:
         worker = _worker_settings(distributed_settings, tmp_path / "worker", url)
-        start_worker(worker)
+        process = start_worker(worker)
         model = api.post("/v1/models", headers=headers, files=[
             ("file", ("wide.onnx", (tmp_path / "wide.onnx").read_bytes())),
             ("data", ("wide.onnx.data", data))]).json()
@@ -176,6 +176,7 @@ def test_a_remote_worker_fetches_the_data_files_of_a_model_past_the_inline_limit
             state = api.get(f"/v1/evaluations/{job['id']}", params={"wait": 10}, headers=headers).json()
         assert state["state"] == "succeeded", state
         result = api.get(f"/v1/evaluations/{job['id']}/result", headers=headers).json()
+        process.stop()  # while its gateway answers: a worker stopping waits for an absent one
     data_sha = hashlib.sha256(data).hexdigest()
     assert {model["sha256"], data_sha} <= _blobs(worker.blob_dir)  # both fetched into its own cache
     assert data_sha in _blobs(gateway_settings.blob_dir)
@@ -248,6 +249,7 @@ def test_a_job_rides_out_a_gateway_restart_without_using_an_attempt(
         state = job
         while state["state"] not in ("succeeded", "failed", "cancelled"):
             state = api.get(f"/v1/evaluations/{job['id']}", params={"wait": 10}).json()
+        worker.stop()  # while its gateway answers: a worker stopping waits for an absent one
     assert state["state"] == "succeeded", state
     with sessions() as db:
         assert set(db.scalars(select(Shard.attempts).where(Shard.job_id == job["id"]))) == {1}
