@@ -250,16 +250,12 @@ def _maps_images_to_images(model: onnx.ModelProto) -> bool:
         inferred = shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - the classifier checks that follow say what is wrong
         return False
-    x = image_input(inferred)
-    dims = [_dim(d) for d in x.type.tensor_type.shape.dim]
-    output = inferred.graph.output[0].type.tensor_type
-    out_dims = [_dim(d) for d in output.shape.dim] if output.HasField("shape") else []
-    return len(dims) >= 3 and len(out_dims) == len(dims) and all(
-        a == b for a, b in zip(dims[1:], out_dims[1:], strict=True) if a is not None and b is not None)
+    from workers.defenses.base import input_dims
 
-
-def _dim(d: onnx.TensorShapeProto.Dimension) -> int | None:
-    return d.dim_value if d.HasField("dim_value") else None
+    dims, out_dims = input_dims(image_input(inferred)), input_dims(inferred.graph.output[0])
+    pairs = zip(dims[1:], out_dims[1:], strict=False)
+    clash = any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in pairs)
+    return len(dims) >= 3 and len(out_dims) == len(dims) and not clash
 
 
 def _image_to_image_info(model: onnx.ModelProto, opset: int) -> ModelInfo:
